@@ -1,0 +1,476 @@
+"""The engine facade: one async API over any backend's engine hooks.
+
+The facade owns the behaviour every backend must share, so plugins stay small and the semantics
+cannot drift between engines:
+
+* state: generating while asleep, or after a sleep that discarded the weights and before new weights
+  arrived, is a defined error; a torn-down engine refuses everything;
+* capabilities: a call or sampling parameter the backend declares unsupported is rejected before
+  the backend sees it, naming the capability;
+* validation: sampling parameters are canonical and validated; weight updates are checked name by
+  name against the engine's parameters before anything is applied (atomic updates);
+* bookkeeping: ``n > 1`` expansion with per-sample seeds, request ids, in-flight tracking so sleep
+  can abort and drain, the weight version stamped on every completion, loaded LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pluggy
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.errors import (
+    EngineAsleepError,
+    EngineClosedError,
+    EngineStateError,
+    LoraAdapterError,
+    SamplingParamsError,
+    UnsupportedCapabilityError,
+    WeightsNotLoadedError,
+    WeightUpdateError,
+)
+from skyrl_backends.hookspecs import PROJECT, EngineHookSpecs
+from skyrl_backends.sampling import PARAMETER_CAPABILITIES, SamplingParams
+from skyrl_backends.types import (
+    MEMORY_TAGS,
+    Capabilities,
+    Completion,
+    GenerateOutput,
+    GenerateRequest,
+    ParallelSizes,
+    TensorSpec,
+    WeightSyncInitInfo,
+    WeightUpdateRequest,
+)
+
+logger = logging.getLogger(__name__)
+TRACE_ENV = "SKYRL_BACKENDS_TRACE"
+
+# Hooks every engine must implement, and those a declared capability makes mandatory.
+_REQUIRED_HOOKS = ("skyrl_backends_generate", "skyrl_backends_weight_specs",
+                   "skyrl_backends_update_named_weights", "skyrl_backends_teardown")
+_CAPABILITY_HOOKS = {
+    "sleep": ("skyrl_backends_sleep", "skyrl_backends_wake_up"),
+    "lora": ("skyrl_backends_load_lora_adapter", "skyrl_backends_unload_lora_adapter"),
+    "abort": ("skyrl_backends_abort",),
+    "native_pause": ("skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
+    "prefix_caching": ("skyrl_backends_reset_prefix_cache",),
+}
+
+
+def make_engine_manager(engine_impl: object, name: str, capabilities: Capabilities) -> pluggy.PluginManager:
+    """A plugin manager holding one engine object, validated against the engine hook specs."""
+    from skyrl_backends.discovery import _check_unknown_hooks
+
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(EngineHookSpecs)
+    manager.register(engine_impl, name=name)
+    _check_unknown_hooks(manager, engine_impl, name)
+    missing = [h for h in _REQUIRED_HOOKS if not getattr(manager.hook, h).get_hookimpls()]
+    for capability, hooks in _CAPABILITY_HOOKS.items():
+        if capabilities.has(capability):
+            missing += [f"{h} (needed by declared capability {capability!r})"
+                        for h in hooks if not getattr(manager.hook, h).get_hookimpls()]
+    if missing:
+        raise pluggy.PluginValidationError(engine_impl, f"engine of {name!r} lacks hooks: {', '.join(missing)}")
+    if os.environ.get(TRACE_ENV):
+        manager.trace.root.setwriter(lambda message: logger.warning("trace: %s", message.rstrip()))
+        manager.enable_tracing()
+    return manager
+
+
+class InferenceEngine:
+    """An engine of any backend, behind one async API. Create it with
+    :func:`skyrl_backends.create_engine`."""
+
+    def __init__(self, backend: str, engine_impl: object, config: GeneratorConfig,
+                 capabilities: Capabilities, backend_hooks: Any, distribution: str | None = None) -> None:
+        self.backend = backend
+        self.config = config
+        self.capabilities = capabilities
+        self.distribution = distribution
+        self.impl = engine_impl
+        self._manager = make_engine_manager(engine_impl, backend, capabilities)
+        self._hooks = self._manager.hook
+        self._backend_hooks = backend_hooks
+        self.weight_version = 0
+        self._asleep: set[str] = set()
+        self._weights_discarded = False
+        self._weights_received_since_discard: set[str] = set()
+        self._closed = False
+        self._paused = False
+        self._inflight: dict[str, asyncio.Event] = {}
+        self._loras: dict[str, str] = {}
+        self._weight_specs: dict[str, TensorSpec] | None = None
+
+    # -- introspection -----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<InferenceEngine backend={self.backend!r} model={self.config.model!r} version={self.weight_version}>"
+
+    @property
+    def asleep_tags(self) -> frozenset[str]:
+        return frozenset(self._asleep)
+
+    @property
+    def weights_loaded(self) -> bool:
+        return not self._weights_discarded
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        return dict(self._loras)
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def parallel_sizes(self) -> ParallelSizes:
+        sizes = self._hooks.skyrl_backends_parallel_sizes()
+        return sizes if sizes is not None else ParallelSizes()
+
+    def tp_size(self) -> int:
+        return self.parallel_sizes().tensor
+
+    def pp_size(self) -> int:
+        return self.parallel_sizes().pipeline
+
+    def dp_size(self) -> int:
+        return self.parallel_sizes().data
+
+    def ep_size(self) -> int:
+        return self.parallel_sizes().expert
+
+    def engine_version(self) -> str | None:
+        return self._hooks.skyrl_backends_engine_version()
+
+    def weight_specs(self) -> dict[str, TensorSpec]:
+        """Every updatable parameter by name (cached: parameters do not change shape)."""
+        if self._weight_specs is None:
+            specs = self._hooks.skyrl_backends_weight_specs()
+            self._weight_specs = {s.name: s for s in specs}
+        return self._weight_specs
+
+    def translate_sampling_params(self, params: SamplingParams | dict[str, Any]) -> Any:
+        params = SamplingParams.from_dict(params) if isinstance(params, dict) else params
+        self._check_sampling_capabilities(params)
+        return self._backend_hooks.skyrl_backends_translate_sampling_params(params=params, config=self.config)
+
+    # -- generation --------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest | Sequence[Sequence[int]],
+                       sampling_params: SamplingParams | dict[str, Any] | None = None,
+                       **request_fields: Any) -> GenerateOutput:
+        """Generate for a batch of token-id prompts. Accepts a GenerateRequest, or prompts plus
+        sampling parameters (and GenerateRequest's other fields as keywords)."""
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+                                      sampling_params=SamplingParams.from_dict(sampling_params)
+                                      if not isinstance(sampling_params, SamplingParams) else sampling_params,
+                                      **request_fields)
+        elif sampling_params is not None or request_fields:
+            raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
+        self._check_can_generate()
+        params = request.sampling_params
+        self._check_sampling_capabilities(params)
+        # Surface the backend's own rejections before any work starts.
+        self._backend_hooks.skyrl_backends_translate_sampling_params(params=params, config=self.config)
+        if request.lora_name is not None:
+            if not self.capabilities.lora:
+                raise UnsupportedCapabilityError(self.backend, "lora")
+            if request.lora_name not in self._loras:
+                raise LoraAdapterError(
+                    f"No LoRA adapter named {request.lora_name!r} is loaded. Loaded: "
+                    f"{', '.join(sorted(self._loras)) or 'none'}. Load it with load_lora_adapter(name, path).")
+        batches = _expand_samples(request)
+        version = self.weight_version
+        all_ids = [rid for b in batches for rid in b.request_ids]
+        events = {rid: asyncio.Event() for rid in all_ids}
+        self._inflight.update(events)
+        try:
+            outputs = await asyncio.gather(*(self._call("skyrl_backends_generate", request=b) for b in batches))
+        finally:
+            for rid in all_ids:
+                self._inflight.pop(rid, None)
+                events[rid].set()
+        completions: list[Completion] = []
+        for batch, output in zip(batches, outputs):
+            if not isinstance(output, GenerateOutput) or len(output) != len(batch):
+                got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
+                raise EngineStateError(
+                    f"backend {self.backend!r} returned {got} completions for {len(batch)} prompts")
+            for completion, rid in zip(output.completions, batch.request_ids):
+                completion.request_id = completion.request_id or rid
+                completion.weight_version = version
+            completions.extend(output.completions)
+        return GenerateOutput(_sample_major(completions, len(request), params.n))
+
+    def _check_can_generate(self) -> None:
+        if self._closed:
+            raise EngineClosedError()
+        if self._asleep:
+            raise EngineAsleepError(self._asleep)
+        if self._weights_discarded:
+            raise WeightsNotLoadedError()
+
+    def _check_sampling_capabilities(self, params: SamplingParams) -> None:
+        caps = self.capabilities
+        for name in params.uses():
+            capability = PARAMETER_CAPABILITIES.get(name)
+            if capability and not caps.has(capability):
+                raise SamplingParamsError(
+                    name, f"backend {self.backend!r} does not support it (capability {capability!r} is "
+                          f"declared absent). Remove the parameter or choose another backend.")
+        if params.logprobs:
+            if not caps.top_logprobs:
+                raise SamplingParamsError(
+                    "logprobs", f"backend {self.backend!r} returns only the chosen token's log-probability; "
+                                f"use logprobs=0.")
+            if params.logprobs > caps.max_top_logprobs:
+                raise SamplingParamsError.out_of_range(
+                    "logprobs", params.logprobs, f"at most {caps.max_top_logprobs} on backend {self.backend!r}")
+
+    # -- abort / pause -----------------------------------------------------------------------
+    async def abort(self, request_ids: Sequence[str] | None = None) -> None:
+        """Abort in-flight requests (all when None); their callers get partial output with finish
+        reason ``"abort"``."""
+        if not self.capabilities.abort:
+            raise UnsupportedCapabilityError(self.backend, "abort")
+        ids = list(request_ids) if request_ids is not None else None
+        await self._call("skyrl_backends_abort", request_ids=ids)
+
+    async def pause_generation(self) -> None:
+        """Hold in-flight requests between steps until :meth:`resume_generation` (native pause)."""
+        if not self.capabilities.native_pause:
+            raise UnsupportedCapabilityError(
+                self.backend, "native_pause",
+                "The engine client pauses such engines by aborting and resubmitting instead.")
+        await self._call("skyrl_backends_pause_generation")
+        self._paused = True
+
+    async def resume_generation(self) -> None:
+        if not self.capabilities.native_pause:
+            raise UnsupportedCapabilityError(self.backend, "native_pause")
+        await self._call("skyrl_backends_resume_generation")
+        self._paused = False
+
+    async def _drain(self, timeout: float) -> None:
+        events = list(self._inflight.values())
+        if events:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
+
+    # -- memory ------------------------------------------------------------------------------
+    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, *, abort_first: bool = True,
+                    drain_timeout: float = 5.0) -> None:
+        """Release memory: ``tags`` among ``"weights"`` and ``"kv_cache"`` (None: both).
+
+        In-flight requests are aborted (their callers get partial output) and drained first, and the
+        prefix cache is reset, so no stale cache survives a wake (vLLM issue #17103)."""
+        self._check_open()
+        caps = self.capabilities
+        if not caps.sleep:
+            raise UnsupportedCapabilityError(self.backend, "sleep")
+        if level not in caps.sleep_levels:
+            raise UnsupportedCapabilityError(
+                self.backend, f"sleep level {level}", f"Declared levels: {list(caps.sleep_levels)}.")
+        tag_list = _check_tags(tags)
+        if tags is not None and set(tag_list) != set(MEMORY_TAGS) and not caps.sleep_tags:
+            raise UnsupportedCapabilityError(self.backend, "sleep_tags", "Call sleep() without tags.")
+        if self._inflight:
+            if abort_first and caps.abort:
+                await self._call("skyrl_backends_abort", request_ids=None)
+            try:
+                await self._drain(drain_timeout)
+            except asyncio.TimeoutError:
+                raise EngineStateError(
+                    f"{len(self._inflight)} request(s) still running after {drain_timeout}s; "
+                    "sleep refused. Abort them or raise drain_timeout.") from None
+        if caps.prefix_caching:
+            await self._call("skyrl_backends_reset_prefix_cache")
+        await self._call("skyrl_backends_sleep", tags=tag_list, level=level)
+        self._asleep.update(tag_list)
+        if ("weights" in tag_list and caps.discards_weights_at_level is not None
+                and level >= caps.discards_weights_at_level):
+            self._weights_discarded = True
+            self._weights_received_since_discard.clear()
+
+    async def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take back memory released by :meth:`sleep` (None: everything asleep)."""
+        self._check_open()
+        if not self.capabilities.sleep:
+            raise UnsupportedCapabilityError(self.backend, "sleep")
+        tag_list = _check_tags(tags) if tags is not None else sorted(self._asleep)
+        tag_list = [t for t in tag_list if t in self._asleep]
+        if not tag_list:
+            return
+        await self._call("skyrl_backends_wake_up", tags=tag_list)
+        self._asleep.difference_update(tag_list)
+
+    # -- weights -----------------------------------------------------------------------------
+    async def init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
+        self._check_open()
+        if init_info.strategy not in self.capabilities.weight_sync_strategies:
+            raise UnsupportedCapabilityError(
+                self.backend, f"weight sync strategy {init_info.strategy!r}",
+                f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
+        await self._call("skyrl_backends_init_weight_update_communicator", init_info=init_info)
+
+    def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+        """Raise WeightUpdateError naming every tensor whose name, shape or dtype does not match."""
+        specs = self.weight_specs()
+        problems: dict[str, str] = {}
+        for name, shape, dtype in zip(request.names, request.shapes, request.dtypes):
+            spec = specs.get(name)
+            if spec is None:
+                from skyrl_backends.errors import closest_match
+
+                hint = closest_match(name, specs)
+                problems[name] = "no such parameter" + (f" (did you mean {hint!r}?)" if hint else "")
+            elif tuple(shape) != tuple(spec.shape):
+                problems[name] = f"shape {tuple(shape)} does not match the engine's {tuple(spec.shape)}"
+            elif dtype != spec.dtype:
+                problems[name] = f"dtype {dtype} does not match the engine's {spec.dtype}; convert before sending"
+        if problems:
+            raise WeightUpdateError(problems)
+        if request.strategy not in self.capabilities.weight_sync_strategies:
+            raise UnsupportedCapabilityError(
+                self.backend, f"weight sync strategy {request.strategy!r}",
+                f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
+
+    async def update_named_weights(self, request: WeightUpdateRequest) -> int:
+        """Apply a weight update atomically; returns the new weight version.
+
+        Everything is validated first, so a bad update changes nothing. After a sleep that
+        discarded the weights, generation stays refused until every parameter has been received."""
+        self._check_open()
+        if "weights" in self._asleep:
+            raise EngineAsleepError(["weights"])
+        self.validate_weight_update(request)
+        await self._call("skyrl_backends_update_named_weights", request=request)
+        self.weight_version += 1
+        if self._weights_discarded:
+            self._weights_received_since_discard.update(request.names)
+            if self._weights_received_since_discard >= set(self.weight_specs()):
+                self._weights_discarded = False
+        return self.weight_version
+
+    async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
+        """Convenience for a trainer in the same process: ``[(name, tensor), ...]``."""
+        return await self.update_named_weights(WeightUpdateRequest.from_named_tensors(list(named_tensors)))
+
+    # -- LoRA --------------------------------------------------------------------------------
+    async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str], pinned: bool = False) -> None:
+        self._check_open()
+        if not self.capabilities.lora:
+            raise UnsupportedCapabilityError(self.backend, "lora")
+        if not self.config.enable_lora:
+            raise EngineStateError("LoRA is off for this engine; create it with enable_lora=True.")
+        path = os.fspath(lora_path)
+        if not os.path.isdir(path):
+            raise LoraAdapterError(f"lora_path {path!r} is not a directory holding a PEFT adapter.")
+        if lora_name in self._loras:
+            raise LoraAdapterError(f"A LoRA adapter named {lora_name!r} is already loaded; unload it first.")
+        await self._call("skyrl_backends_load_lora_adapter", lora_name=lora_name, lora_path=path, pinned=pinned)
+        self._loras[lora_name] = path
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        self._check_open()
+        if not self.capabilities.lora:
+            raise UnsupportedCapabilityError(self.backend, "lora")
+        if lora_name not in self._loras:
+            raise LoraAdapterError(
+                f"No LoRA adapter named {lora_name!r} is loaded. Loaded: {', '.join(sorted(self._loras)) or 'none'}.")
+        await self._call("skyrl_backends_unload_lora_adapter", lora_name=lora_name)
+        del self._loras[lora_name]
+
+    # -- cache and lifecycle -----------------------------------------------------------------
+    async def reset_prefix_cache(self) -> None:
+        self._check_open()
+        if not self.capabilities.prefix_caching:
+            raise UnsupportedCapabilityError(self.backend, "prefix_caching")
+        await self._call("skyrl_backends_reset_prefix_cache")
+
+    async def teardown(self) -> None:
+        """Stop the engine. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._call("skyrl_backends_teardown")
+
+    async def __aenter__(self) -> InferenceEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.teardown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError()
+
+    async def _call(self, hook_name: str, **kwargs: Any) -> Any:
+        hook = getattr(self._hooks, hook_name)
+        started = time.perf_counter()
+        result = hook(**kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        logger.debug("%s.%s took %.3fs", self.backend, hook_name, time.perf_counter() - started)
+        return result
+
+
+def _check_tags(tags: Sequence[str] | None) -> list[str]:
+    if tags is None:
+        return list(MEMORY_TAGS)
+    if isinstance(tags, str):
+        tags = [tags]
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown or not tags:
+        raise SamplingParamsError.out_of_range("tags", list(tags), f"a non-empty subset of {list(MEMORY_TAGS)}")
+    return list(dict.fromkeys(tags))
+
+
+def _expand_samples(request: GenerateRequest) -> list[GenerateRequest]:
+    """Turn ``n`` samples per prompt into batches with ``n=1``, ordered so that concatenating their
+    outputs and calling :func:`_sample_major` gives prompt-major order.
+
+    Unseeded: one batch with every prompt repeated ``n`` times. Seeded: one batch per sample ``j``
+    with ``seed + j``, since a batch carries one SamplingParams and every backend must then draw the
+    same independent streams."""
+    params = request.sampling_params
+    if params.n == 1:
+        return [request]
+    n = params.n
+    batches = []
+    for j in range(n):
+        batches.append(GenerateRequest(
+            prompt_token_ids=request.prompt_token_ids,
+            sampling_params=params.replace(n=1, seed=None if params.seed is None else params.seed + j),
+            request_ids=[f"{rid}-{j}" for rid in request.request_ids],
+            session_ids=request.session_ids, lora_name=request.lora_name))
+    if params.seed is None:
+        merged = GenerateRequest(
+            prompt_token_ids=[p for b in batches for p in b.prompt_token_ids],
+            sampling_params=batches[0].sampling_params,
+            request_ids=[r for b in batches for r in b.request_ids],
+            session_ids=[s for b in batches for s in b.session_ids] if request.session_ids else None,
+            lora_name=request.lora_name)
+        return [merged]
+    return batches
+
+
+def _sample_major(completions: list[Completion], num_prompts: int, n: int) -> list[Completion]:
+    """Reorder sample-major completions (all prompts for sample 0, then sample 1...) prompt-major."""
+    if n == 1:
+        return completions
+    return [completions[j * num_prompts + i] for i in range(num_prompts) for j in range(n)]

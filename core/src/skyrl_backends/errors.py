@@ -1,0 +1,156 @@
+"""Every error the framework raises on purpose.
+
+Each error says what was wrong *and* what to do about it, so a user who reads only the last line of
+a traceback can fix the problem. All of them derive from :class:`SkyRLBackendsError`, so a trainer
+can catch the framework's errors apart from an engine's own crashes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SkyRLBackendsError(Exception):
+    """Base class of every error raised by skyrl_backends on purpose."""
+
+
+def closest_match(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate that ``name`` most likely misspells, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    suggestion = closest_match(name, candidates)
+    return f" Did you mean {suggestion!r}?" if suggestion else ""
+
+
+class ConfigError(SkyRLBackendsError, ValueError):
+    """A configuration value (generator config or sampling parameter) is unknown or out of range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+    @classmethod
+    def unknown_key(cls, key: str, valid: Iterable[str], where: str) -> ConfigError:
+        valid = sorted(valid)
+        return cls(
+            key,
+            f"unknown key in {where}.{_did_you_mean(key, valid)} Valid keys: {', '.join(valid)}.",
+        )
+
+    @classmethod
+    def out_of_range(cls, field: str, value: object, accepted: str) -> ConfigError:
+        return cls(field, f"got {value!r}; accepted: {accepted}.")
+
+
+class SamplingParamsError(ConfigError):
+    """A sampling parameter is unknown, out of range, or not honoured by the selected backend."""
+
+
+class BackendNotFoundError(SkyRLBackendsError, LookupError):
+    """No installed backend has the requested name."""
+
+    def __init__(self, name: str, installed: Iterable[str]) -> None:
+        installed = sorted(installed)
+        self.name = name
+        listing = ", ".join(installed) if installed else "none"
+        super().__init__(
+            f"No backend named {name!r} is installed.{_did_you_mean(name, installed)} "
+            f"Install it with `pip install skyrl-backend-{name}` (in its own environment if its "
+            f"engine conflicts with others). Installed backends: {listing}."
+        )
+
+
+class BackendLoadError(SkyRLBackendsError, ImportError):
+    """A backend plugin failed to import or failed validation."""
+
+    def __init__(self, name: str, distribution: str | None, cause: BaseException | str) -> None:
+        self.name = name
+        self.distribution = distribution
+        self.cause = cause
+        dist = f" (distribution {distribution})" if distribution else ""
+        super().__init__(f"Backend {name!r}{dist} failed to load: {cause}")
+
+
+class EngineVersionError(SkyRLBackendsError):
+    """The installed engine is missing or outside the versions a backend supports."""
+
+    def __init__(self, backend: str, engine: str, installed: str | None, supported: str) -> None:
+        self.backend = backend
+        self.engine = engine
+        self.installed = installed
+        self.supported = supported
+        have = f"version {installed} is installed" if installed else "it is not installed"
+        super().__init__(
+            f"Backend {backend!r} supports {engine} {supported}, but {have}. "
+            f"Install a supported version: `pip install '{engine}{supported}'`."
+        )
+
+
+class UnsupportedCapabilityError(SkyRLBackendsError, NotImplementedError):
+    """The selected backend declares that it does not support what was asked."""
+
+    def __init__(self, backend: str, capability: str, detail: str = "") -> None:
+        self.backend = backend
+        self.capability = capability
+        extra = f" {detail}" if detail else ""
+        super().__init__(
+            f"Backend {backend!r} does not support {capability!r}.{extra} "
+            f"Run `skyrl-backends plugins` to see which backends declare it."
+        )
+
+
+class EngineStateError(SkyRLBackendsError, RuntimeError):
+    """The engine is in a state where the call is not allowed (asleep, torn down, weights missing)."""
+
+
+class EngineAsleepError(EngineStateError):
+    """Generation was requested while part of the engine's memory is released."""
+
+    def __init__(self, asleep_tags: Iterable[str]) -> None:
+        self.asleep_tags = sorted(asleep_tags)
+        super().__init__(
+            f"The engine is asleep (released: {', '.join(self.asleep_tags)}). "
+            f"Call `await engine.wake_up()` before generating."
+        )
+
+
+class WeightsNotLoadedError(EngineStateError):
+    """The engine discarded its weights while asleep and has not received new ones."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The engine discarded its weights when it went to sleep and has not been given new "
+            "ones. Push weights with `await engine.update_named_weights(...)` (or a weight-sync "
+            "strategy) before generating."
+        )
+
+
+class EngineClosedError(EngineStateError):
+    """The engine has been torn down."""
+
+    def __init__(self) -> None:
+        super().__init__("The engine has been torn down; create a new one with create_engine().")
+
+
+class WeightUpdateError(SkyRLBackendsError, ValueError):
+    """A weight update was rejected; the engine keeps serving its previous weights."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = dict(problems)
+        lines = [f"  {name}: {why}" for name, why in sorted(self.problems.items())]
+        super().__init__(
+            f"Weight update rejected ({len(self.problems)} offending tensor(s)); nothing was "
+            f"applied and the engine keeps its previous weights:\n" + "\n".join(lines)
+        )
+
+
+class LoraAdapterError(SkyRLBackendsError, LookupError):
+    """An unknown LoRA adapter was named, or an adapter could not be loaded."""
+
+
+class EngineDeadError(SkyRLBackendsError, RuntimeError):
+    """An engine stopped responding or crashed; its requests could not be completed."""

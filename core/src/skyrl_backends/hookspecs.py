@@ -1,0 +1,155 @@
+"""Hook specifications: the contract between skyrl_backends and a backend plugin.
+
+There are two kinds of hooks, both specified here:
+
+* **Backend hooks** are implemented by the plugin object an entry point in the ``skyrl_backends``
+  group points at (usually a module). They describe the backend and create engines. They are
+  called without an engine existing, so they must not import the engine at module import time.
+* **Engine hooks** are implemented by the engine object that ``skyrl_backends_create_engine``
+  returns. Each engine is registered in a plugin manager of its own, so its hooks are called with
+  the engine as ``self`` and never see another engine.
+
+pluggy hooks are synchronous. Engine hooks that do I/O are written as ``async def``: pluggy calls
+them like any function and gets a coroutine back, which :class:`skyrl_backends.engine.InferenceEngine`
+awaits. A synchronous implementation may return a plain value instead; the facade accepts both. All
+engine hooks are ``firstresult``: the engine's own implementation answers, and a wrapper plugin
+(``wrapper=True``) may still observe or adjust every call.
+
+Implementations may take fewer arguments than a spec lists (so a hook can gain arguments without
+breaking plugins); an argument the spec lacks, or a hook name with the ``skyrl_backends_`` prefix that
+no spec defines, is rejected when the plugin is loaded, with the plugin's name in the error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from skyrl_backends.config import GeneratorConfig
+    from skyrl_backends.sampling import SamplingParams
+    from skyrl_backends.types import (
+        BackendInfo,
+        Capabilities,
+        GenerateOutput,
+        GenerateRequest,
+        ParallelSizes,
+        TensorSpec,
+        WeightSyncInitInfo,
+        WeightUpdateRequest,
+    )
+
+PROJECT = "skyrl_backends"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class BackendHookSpecs:
+    """Hooks of the backend plugin (the entry point's target)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_backend_info(self) -> BackendInfo:
+        """Describe the backend: its name, the engine distribution it drives and the engine versions
+        it supports. Called at discovery, for every installed plugin, so it must be cheap and must
+        not import the engine."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_capabilities(self, config: GeneratorConfig | None) -> Capabilities:
+        """Declare what the backend supports for ``config`` (None: the defaults on this machine).
+        Capabilities may depend on the machine (for example no sleep on CPU); they must be true:
+        the conformance suite fails a declared capability that does not work."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_create_engine(self, config: GeneratorConfig) -> Any:
+        """Start one engine for ``config`` and return the engine object, whose methods implement the
+        engine hooks below. The engine is imported here, not before. Raise
+        :class:`~skyrl_backends.errors.ConfigError` for options the engine cannot take."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_translate_sampling_params(self, params: SamplingParams, config: GeneratorConfig | None) -> Any:
+        """Translate canonical sampling parameters into the engine's own format (a dict or the
+        engine's object). Must raise :class:`~skyrl_backends.errors.SamplingParamsError` naming any
+        parameter the engine cannot honour: nothing is silently dropped. Pure: needs no running
+        engine, so it is unit-testable without the engine installed."""
+
+
+class EngineHookSpecs:
+    """Hooks of an engine object (the value ``skyrl_backends_create_engine`` returned).
+
+    The facade checks state and capabilities before calling any of them: a backend never sees a
+    request while asleep, a sleep level it does not declare, or an unvalidated weight update.
+    """
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+        """Generate for every prompt of ``request`` (async). Return completions in prompt order, with
+        ``n`` already expanded by the facade (``request.sampling_params.n == 1``). A prompt aborted
+        through ``skyrl_backends_abort`` returns the tokens generated so far with finish reason
+        ``"abort"``; it never raises."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_abort(self, request_ids: list[str] | None) -> None:
+        """Abort the named in-flight requests (None: all) (async). Their generate calls return
+        partial output with finish reason ``"abort"``."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_pause_generation(self) -> None:
+        """Stop scheduling new decode steps, keeping in-flight requests and their caches (async).
+        Only called when the backend declares ``native_pause``."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_resume_generation(self) -> None:
+        """Resume after ``skyrl_backends_pause_generation`` (async)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
+        """Release the memory of ``tags`` (``"weights"``, ``"kv_cache"``) (async). The facade aborts
+        and drains in-flight requests and resets the prefix cache first. At a level at or above the
+        declared ``discards_weights_at_level`` the weights may be dropped."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_wake_up(self, tags: list[str]) -> None:
+        """Take back the memory of ``tags`` (async)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
+        """Name, shape and dtype of every parameter that weight updates may target, in the
+        trainer's (Hugging Face) naming. The facade checks updates against this before applying."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
+        """Join the trainer's process group for broadcast weight sync (async)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+        """Load the weights of an already validated request and invalidate the prefix cache (async).
+        Must be all-or-nothing: if it fails, the previous weights stay in place."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
+        """Load a PEFT LoRA adapter from ``lora_path`` under ``lora_name`` (async)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
+        """Unload the adapter ``lora_name`` (async). Raise LoraAdapterError if it is unknown."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_reset_prefix_cache(self) -> None:
+        """Drop every cached prefix (async)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_parallel_sizes(self) -> ParallelSizes:
+        """The engine's tensor, pipeline, data and expert parallel sizes."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_engine_version(self) -> str:
+        """The version of the engine this object runs on (for reports)."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_teardown(self) -> None:
+        """Stop the engine and free everything it holds (async). Called once."""
+
+
+BACKEND_HOOKS = tuple(n for n in vars(BackendHookSpecs) if n.startswith(PROJECT + "_"))
+ENGINE_HOOKS = tuple(n for n in vars(EngineHookSpecs) if n.startswith(PROJECT + "_"))

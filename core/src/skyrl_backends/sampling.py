@@ -1,0 +1,164 @@
+"""The one canonical set of sampling parameters every backend accepts.
+
+Validation happens here, before any engine sees a request: an unknown key or an out-of-range value
+raises :class:`~skyrl_backends.errors.SamplingParamsError` naming the field, the value and what is
+accepted. Backends translate a valid ``SamplingParams`` into their engine's own format through the
+``skyrl_backends_translate_sampling_params`` hook, and must reject (never drop) what they cannot
+honour.
+
+Semantics shared by every backend (the conformance suite checks them):
+
+* ``max_generate_length`` is exact: a sequence that does not stop earlier has exactly that many
+  response tokens, finish reason ``"length"``.
+* ``stop_token_ids`` and EOS end a sequence *with* that token as the last response token, finish
+  reason ``"stop"`` (unless ``ignore_eos`` for EOS).
+* ``stop`` strings end a sequence at the first token whose decoded text completes a match; that
+  token is the last response token, and the response text ends exactly where the stop string ends
+  (the string is included). ``stop_reason`` holds the matched string.
+* ``min_new_tokens`` suppresses EOS and stop token ids until that many tokens were generated.
+* ``logprobs=None`` returns no log-probabilities, ``0`` the chosen token's, ``N`` the chosen token's
+  plus the top ``N`` alternatives.
+* ``seed`` makes sampling reproducible per sequence, whatever else is in the batch. With ``n > 1``
+  sample ``j`` of a prompt uses ``seed + j``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from skyrl_backends.errors import SamplingParamsError
+
+# Names the design's configuration uses for the same thing, accepted on input so a SkyRL-style
+# config works unchanged. They are translated, never stored under the alias.
+_ALIASES = {"max_tokens": "max_generate_length", "max_new_tokens": "max_generate_length",
+            "min_tokens": "min_new_tokens"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Canonical sampling parameters (immutable; use :meth:`replace` to derive new ones)."""
+
+    max_generate_length: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen into tuples so params stay hashable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, accepted: str) -> None:
+            raise SamplingParamsError.out_of_range(name, getattr(self, name), accepted)
+
+        if not _is_int(self.max_generate_length) or self.max_generate_length < 1:
+            fail("max_generate_length", "an integer >= 1")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            fail("temperature", "a finite number >= 0 (0 means greedy)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", "a number in (0, 1]")
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
+            fail("top_k", "-1 (disabled) or an integer >= 1")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", "a number in [0, 1]")
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            fail("repetition_penalty", "a number > 0 (1.0 disables it)")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            fail("logprobs", "None (off), 0 (chosen token only) or N >= 1 (chosen plus top N)")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", "a list of non-empty strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "a list of non-negative integer token ids")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            fail("min_new_tokens", "an integer >= 0")
+        if self.min_new_tokens > self.max_generate_length:
+            raise SamplingParamsError.out_of_range(
+                "min_new_tokens", self.min_new_tokens,
+                f"at most max_generate_length ({self.max_generate_length})")
+        if not isinstance(self.ignore_eos, bool):
+            fail("ignore_eos", "true or false")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            fail("seed", "None or an integer >= 0")
+        if not _is_int(self.n) or self.n < 1:
+            fail("n", "an integer >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> SamplingParams:
+        """Build from a plain mapping (YAML, JSON, a SkyRL config), rejecting unknown keys."""
+        if values is None:
+            return cls()
+        if isinstance(values, SamplingParams):
+            return values
+        names = set(cls.field_names())
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            canonical = _ALIASES.get(key, key)
+            if canonical not in names:
+                raise SamplingParamsError.unknown_key(key, names, "sampling_params")
+            if canonical in kwargs:
+                raise SamplingParamsError(key, f"given twice (as {key!r} and {canonical!r}).")
+            kwargs[canonical] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["stop"] = list(self.stop)
+        values["stop_token_ids"] = list(self.stop_token_ids)
+        return values
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        unknown = set(changes) - set(self.field_names())
+        if unknown:
+            raise SamplingParamsError.unknown_key(sorted(unknown)[0], self.field_names(), "sampling_params")
+        return dataclasses.replace(self, **changes)
+
+    def uses(self) -> set[str]:
+        """The fields set to something other than their default (what a backend must honour)."""
+        default = SamplingParams()
+        return {f for f in self.field_names() if getattr(self, f) != getattr(default, f)}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each non-default parameter requires of a backend, by capability name. A parameter whose
+# capability the backend declares absent is rejected by the engine facade before reaching it.
+PARAMETER_CAPABILITIES: dict[str, str] = {
+    "stop": "stop_strings",
+    "min_new_tokens": "min_new_tokens",
+    "seed": "seeded_sampling",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+__all__ = ["SamplingParams", "PARAMETER_CAPABILITIES"]

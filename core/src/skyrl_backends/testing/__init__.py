@@ -1,0 +1,1 @@
+"""Test helpers that ship with the core: the tiny offline model and the conformance suite."""

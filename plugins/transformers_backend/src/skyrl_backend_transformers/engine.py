@@ -1,0 +1,437 @@
+"""The reference engine: Hugging Face transformers and torch, on CPU or GPU.
+
+It implements every engine hook for real and is meant to be read: a backend author can copy its
+shape. Generation is a batched decode loop with a KV cache over left-padded prompts; each forward
+pass runs on one worker thread (so torch never competes with itself for the cores and the event
+loop stays free), and between steps the loop honours abort and pause. Concurrent ``generate`` calls
+interleave step by step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.errors import ConfigError, LoraAdapterError
+from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.stopping import StopStringMatcher
+from skyrl_backends.types import (
+    Completion,
+    GenerateOutput,
+    GenerateRequest,
+    ParallelSizes,
+    TensorSpec,
+    WeightSyncInitInfo,
+    WeightUpdateRequest,
+)
+from skyrl_backend_transformers.sampler import apply_repetition_penalty, choose_tokens, token_logprobs
+
+logger = logging.getLogger(__name__)
+_PAUSE_POLL_S = 0.002
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_dir: str) -> torch.dtype:
+    if name != "auto":
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError.out_of_range("dtype", name, "auto, float32, bfloat16 or float16")
+        return dtype
+    from transformers import AutoConfig
+
+    configured = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    return configured if isinstance(configured, torch.dtype) else torch.float32
+
+
+@dataclass
+class _Sequence:
+    """Decoding state of one prompt in a batch."""
+
+    request_id: str
+    prompt: list[int]
+    generator: torch.Generator | None
+    stop_matcher: StopStringMatcher
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str | None = None
+
+
+class TransformersEngine:
+    """One model on one device. Hook methods carry the ``skyrl_backends_`` prefix."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if config.model is None or not os.path.isdir(config.model):
+            raise ConfigError("model", f"{config.model!r} is not a local model folder (nothing is downloaded).")
+        for name in ("inference_engine_tensor_parallel_size", "inference_engine_pipeline_parallel_size",
+                     "inference_engine_data_parallel_size", "inference_engine_expert_parallel_size"):
+            if getattr(config, name) != 1:
+                raise ConfigError.out_of_range(name, getattr(config, name),
+                                               "1 (the transformers backend runs one device per engine)")
+        unknown = set(config.engine_init_kwargs) - {"attn_implementation"}
+        if unknown:
+            raise ConfigError("engine_init_kwargs", f"unknown option(s) {sorted(unknown)} for the transformers "
+                                                    "backend; accepted: attn_implementation.")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=self.dtype, **dict(config.engine_init_kwargs)).to(self.device).eval()
+        self.peft_model: Any = None
+        self.max_model_len = config.max_model_len or getattr(self.model.config, "max_position_embeddings", 4096)
+        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # transformers 5.x renamed the forward argument ``past_key_values`` to ``cache``.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        # One worker thread: forwards, weight copies and adapter changes never overlap.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-transformers")
+        self._aborted: set[str] = set()
+        self._abort_epoch = 0
+        self._paused = False
+        self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self._communicator: Any = None
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+
+    # -- helpers -------------------------------------------------------------------------------
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters under the trainer's (Hugging Face) names, hiding peft's wrapping: a LoRA-wrapped
+        ``q_proj.weight`` lives at ``q_proj.base_layer.weight`` once an adapter is loaded."""
+        params: dict[str, torch.nn.Parameter] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if "lora_" in name:
+                continue
+            params[name.replace(".base_layer.", ".")] = param
+        return params
+
+    # -- generation ----------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+        params = request.sampling_params
+        too_long = [i for i, p in enumerate(request.prompt_token_ids) if len(p) >= self.max_model_len]
+        if too_long:
+            raise ConfigError(f"prompt_token_ids[{too_long[0]}]",
+                              f"has {len(request.prompt_token_ids[too_long[0]])} tokens; the model's limit "
+                              f"(max_model_len) is {self.max_model_len}. Shorten the prompt.")
+        vocab = self.model.config.vocab_size
+        bad = [(i, t) for i, p in enumerate(request.prompt_token_ids) for t in p if t >= vocab]
+        if bad:
+            raise ConfigError(f"prompt_token_ids[{bad[0][0]}]", f"token id {bad[0][1]} is outside the vocabulary "
+                                                                f"(size {vocab}).")
+        sequences = [
+            _Sequence(rid, list(prompt), self._generator(params), StopStringMatcher(params.stop, self._decode))
+            for rid, prompt in zip(request.request_ids, request.prompt_token_ids)
+        ]
+        epoch = self._abort_epoch
+        budget = [min(params.max_generate_length, self.max_model_len - len(s.prompt)) for s in sequences]
+        logits, cache, mask = await self._run(self._prefill, [s.prompt for s in sequences], request.lora_name)
+        while True:
+            self._apply_aborts(sequences, epoch)
+            live = [i for i, s in enumerate(sequences) if s.finish_reason is None]
+            if live:
+                self._advance(sequences, live, logits, params, budget)
+            if all(s.finish_reason is not None for s in sequences):
+                break
+            await self._wait_while_paused(sequences, epoch)
+            if all(s.finish_reason is not None for s in sequences):
+                break
+            last = [s.tokens[-1] if s.tokens else self.pad_token_id for s in sequences]
+            logits, cache, mask = await self._run(self._decode_step, last, cache, mask, request.lora_name)
+        self._aborted.difference_update(s.request_id for s in sequences)
+        return GenerateOutput([self._completion(s, params) for s in sequences])
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed)
+        return generator
+
+    def _apply_aborts(self, sequences: list[_Sequence], epoch: int) -> None:
+        for s in sequences:
+            if s.finish_reason is None and (self._abort_epoch != epoch or s.request_id in self._aborted):
+                s.finish_reason = "abort"
+
+    async def _wait_while_paused(self, sequences: list[_Sequence], epoch: int) -> None:
+        while self._paused:
+            self._apply_aborts(sequences, epoch)
+            if all(s.finish_reason is not None for s in sequences):
+                return
+            await asyncio.sleep(_PAUSE_POLL_S)
+
+    def _advance(self, sequences: list[_Sequence], live: list[int], logits: torch.Tensor,
+                 params: SamplingParams, budget: list[int]) -> None:
+        """Choose the next token of every live sequence and apply the stop conditions."""
+        raw = logits[live].float()
+        processed = apply_repetition_penalty(
+            raw, [sequences[i].prompt + sequences[i].tokens for i in live], params.repetition_penalty)
+        banned = self._banned_until_min_length(params)
+        if banned:
+            short = torch.tensor([len(sequences[i].tokens) < params.min_new_tokens for i in live])
+            if short.any():
+                processed = processed.clone()
+                rows = short.nonzero().squeeze(-1).to(processed.device)
+                processed[rows.unsqueeze(-1), torch.tensor(banned, device=processed.device)] = float("-inf")
+        chosen = choose_tokens(processed, params, [sequences[i].generator for i in live])
+        top_n = params.logprobs or 0
+        chosen_lp, top = token_logprobs(raw, chosen, top_n) if params.logprobs is not None else (None, None)
+        for row, i in enumerate(live):
+            s = sequences[i]
+            token = int(chosen[row])
+            s.tokens.append(token)
+            if chosen_lp is not None:
+                s.logprobs.append(chosen_lp[row])
+            if top is not None:
+                s.top_logprobs.append(top[row])
+            self._check_stop(s, token, params, budget[i])
+
+    def _banned_until_min_length(self, params: SamplingParams) -> list[int]:
+        if params.min_new_tokens == 0:
+            return []
+        banned = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            banned |= self.eos_token_ids
+        return sorted(banned)
+
+    def _check_stop(self, s: _Sequence, token: int, params: SamplingParams, budget: int) -> None:
+        if token in params.stop_token_ids:
+            s.finish_reason, s.stop_reason = "stop", token
+            return
+        if token in self.eos_token_ids and not params.ignore_eos:
+            s.finish_reason = "stop"
+            return
+        match = s.stop_matcher.feed(s.tokens)
+        if match is not None:
+            s.finish_reason, s.stop_reason = "stop", match[0]
+            s.text = match[1]
+            return
+        if len(s.tokens) >= budget:
+            s.finish_reason = "length"
+
+    def _completion(self, s: _Sequence, params: SamplingParams) -> Completion:
+        return Completion(
+            token_ids=s.tokens,
+            finish_reason=s.finish_reason or "abort",  # type: ignore[arg-type]
+            logprobs=s.logprobs if params.logprobs is not None else None,
+            top_logprobs=s.top_logprobs if params.logprobs else None,
+            text=s.text if s.text is not None else self._decode(s.tokens),
+            stop_reason=s.stop_reason,
+            request_id=s.request_id,
+        )
+
+    # -- forward passes (run on the worker thread) -------------------------------------------
+    def _active_model(self, lora_name: str | None) -> Any:
+        if self.peft_model is None:
+            return self.model
+        if lora_name is None:
+            return None  # the caller disables adapters around the forward
+        self.peft_model.set_adapter(lora_name)
+        return self.peft_model
+
+    @torch.inference_mode()
+    def _forward(self, lora_name: str | None, **inputs: Any) -> Any:
+        model = self._active_model(lora_name)
+        if model is None:
+            with self.peft_model.disable_adapter():
+                return self.peft_model(**inputs)
+        return model(**inputs)
+
+    def _prefill(self, prompts: list[list[int]], lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(lora_name, input_ids=ids, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{self._cache_arg: cache})
+        return out.logits[:, -1, :], cache, mask
+
+    def _decode_step(self, last_tokens: list[int], cache: Any, mask: torch.Tensor,
+                     lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=-1)
+        positions = (mask.sum(-1, keepdim=True) - 1)
+        out = self._forward(lora_name, input_ids=ids, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{self._cache_arg: cache})
+        return out.logits[:, -1, :], cache, mask
+
+    # -- abort and pause -----------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_abort(self, request_ids: list[str] | None) -> None:
+        if request_ids is None:
+            self._abort_epoch += 1
+        else:
+            self._aborted.update(request_ids)
+
+    @hookimpl
+    async def skyrl_backends_pause_generation(self) -> None:
+        self._paused = True
+
+    @hookimpl
+    async def skyrl_backends_resume_generation(self) -> None:
+        self._paused = False
+
+    # -- memory --------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
+        # KV caches live only while a request runs and the facade drains requests before sleep, so
+        # the "kv_cache" tag holds nothing here. Weights: level 2 drops them (memory is really
+        # freed); level 1 offloads them to host memory when they are on an accelerator, and on the
+        # CPU keeps them where they are (nothing is freed, nothing is claimed).
+        if "weights" not in tags:
+            return
+        await self._run(self._release_weights, level)
+
+    def _release_weights(self, level: int) -> None:
+        params = self._named_parameters()
+        self._param_shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
+        for param in {id(p): p for p in params.values()}.values():
+            if level >= 2:
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            elif param.device.type != "cpu":
+                param.data = param.data.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @hookimpl
+    async def skyrl_backends_wake_up(self, tags: list[str]) -> None:
+        if "weights" in tags:
+            await self._run(self._restore_weights)
+
+    def _restore_weights(self) -> None:
+        for name, param in self._named_parameters().items():
+            if param.numel() == 0 and name in self._param_shapes:
+                # Discarded at level 2: allocate; the facade refuses to generate until weights arrive.
+                shape, dtype = self._param_shapes[name]
+                param.data = torch.empty(shape, dtype=dtype, device=self.device)
+            elif param.device != self.device:
+                param.data = param.data.to(self.device)
+
+    # -- weights -------------------------------------------------------------------------------
+    @hookimpl
+    def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
+        specs = []
+        for name, param in self._named_parameters().items():
+            shape, dtype = (param.shape, param.dtype)
+            if param.numel() == 0 and name in self._param_shapes:  # discarded while asleep
+                shape, dtype = self._param_shapes[name]
+            specs.append(TensorSpec(name, tuple(shape), str(dtype).removeprefix("torch.")))
+        return specs
+
+    @hookimpl
+    async def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
+        from skyrl_backends.weight_sync import make_receiver
+
+        self._communicator = await self._run(make_receiver, init_info, self.device)
+
+    @hookimpl
+    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+        await self._run(self._load_weights, request)
+
+    def _load_weights(self, request: WeightUpdateRequest) -> None:
+        # Everything is received and staged on the device before the first parameter changes, so a
+        # transfer that fails midway leaves the previous weights intact.
+        if request.strategy == "tensors":
+            staged = [(n, t.to(self.device)) for n, t in zip(request.names, request.payload)]
+        else:
+            from skyrl_backends.weight_sync import receive_named_tensors
+
+            staged = [(n, t.to(self.device)) for n, t in
+                      receive_named_tensors(request, device=self.device, communicator=self._communicator)]
+        params = self._named_parameters()
+        with torch.no_grad():
+            for name, tensor in staged:
+                params[name].data.copy_(tensor)
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
+        await self._run(self._load_lora, lora_name, lora_path)
+
+    def _load_lora(self, lora_name: str, lora_path: str) -> None:
+        from peft import PeftModel
+
+        try:
+            if self.peft_model is None:
+                self.peft_model = PeftModel.from_pretrained(self.model, lora_path, adapter_name=lora_name)
+            else:
+                self.peft_model.load_adapter(lora_path, adapter_name=lora_name)
+        except Exception as exc:
+            raise LoraAdapterError(f"could not load LoRA adapter {lora_name!r} from {lora_path}: {exc}") from exc
+        self.peft_model.eval()
+
+    @hookimpl
+    async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
+        await self._run(self._unload_lora, lora_name)
+
+    def _unload_lora(self, lora_name: str) -> None:
+        remaining = [n for n in self.peft_model.peft_config if n != lora_name]
+        if not remaining:
+            # Removing the last adapter restores the plain model (and the plain parameter names).
+            self.model = self.peft_model.unload()
+            self.peft_model = None
+        else:
+            self.peft_model.delete_adapter(lora_name)
+
+    # -- the rest ------------------------------------------------------------------------------
+    @hookimpl
+    def skyrl_backends_parallel_sizes(self) -> ParallelSizes:
+        return ParallelSizes()
+
+    @hookimpl
+    def skyrl_backends_engine_version(self) -> str:
+        import transformers
+
+        return transformers.__version__
+
+    @hookimpl
+    async def skyrl_backends_teardown(self) -> None:
+        self._abort_epoch += 1
+        self._executor.shutdown(wait=True)
+        self.model = None
+        self.peft_model = None
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,73 @@
+"""The ``transformers`` backend plugin: the entry point's target.
+
+Importing this module imports neither torch nor transformers; the engine is imported when an engine
+is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.errors import SamplingParamsError
+from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.types import BackendInfo, Capabilities
+
+NAME = "transformers"
+SUPPORTED_TRANSFORMERS = ">=4.56,<6"
+
+
+@hookimpl
+def skyrl_backends_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        engine="transformers",
+        supported_versions=SUPPORTED_TRANSFORMERS,
+        description="Reference backend on Hugging Face transformers and torch; runs anywhere, CPU included.",
+        engine_import="transformers",
+    )
+
+
+@hookimpl
+def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
+    return Capabilities(
+        sleep_levels=(1, 2),
+        discards_weights_at_level=2,
+        sleep_tags=True,
+        lora=True,
+        top_logprobs=True,
+        max_top_logprobs=20,
+        stop_strings=True,
+        min_new_tokens=True,
+        seeded_sampling=True,
+        min_p=True,
+        repetition_penalty=True,
+        prefix_caching=False,
+        abort=True,
+        native_pause=True,
+        weight_sync_strategies=_weight_sync_strategies(),
+    )
+
+
+def _weight_sync_strategies() -> tuple[str, ...]:
+    try:
+        from skyrl_backends.weight_sync import RECEIVER_STRATEGIES
+    except ImportError:  # weight_sync needs torch; without it only in-process tensors work
+        return ("tensors",)
+    return ("tensors", *RECEIVER_STRATEGIES)
+
+
+@hookimpl
+def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> dict[str, Any]:
+    """The engine consumes canonical parameters as they are; only limits are checked here."""
+    if params.logprobs is not None and params.logprobs > 20:
+        raise SamplingParamsError.out_of_range("logprobs", params.logprobs, "at most 20 on the transformers backend")
+    return params.to_dict()
+
+
+@hookimpl
+def skyrl_backends_create_engine(config: GeneratorConfig) -> Any:
+    from skyrl_backend_transformers.engine import TransformersEngine
+
+    return TransformersEngine(config)
