@@ -66,7 +66,9 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def fail(name: str, accepted: str) -> None:
-            raise SamplingParamsError.out_of_range(name, getattr(self, name), accepted)
+            value = getattr(self, name)
+            # Show lists as the user wrote them, not as the tuples they were frozen into.
+            raise SamplingParamsError.out_of_range(name, list(value) if isinstance(value, tuple) else value, accepted)
 
         if not _is_int(self.max_generate_length) or self.max_generate_length < 1:
             fail("max_generate_length", "an integer >= 1")

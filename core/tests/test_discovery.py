@@ -1,0 +1,159 @@
+"""Discovery through entry points, with real (throw-away) distributions written to a temp site dir."""
+
+import textwrap
+
+import pytest
+
+import skyrl_backends as sb
+from skyrl_backends import BackendLoadError, BackendNotFoundError, EngineVersionError
+from skyrl_backends.discovery import discover_backends, get_backend
+
+GOOD_PLUGIN = """
+from skyrl_backends import hookimpl
+from skyrl_backends.types import BackendInfo, Capabilities
+
+@hookimpl
+def skyrl_backends_backend_info():
+    return BackendInfo(name="{name}", engine="{engine}", supported_versions="{supported}")
+
+@hookimpl
+def skyrl_backends_capabilities(config):
+    return Capabilities(lora=True)
+
+@hookimpl
+def skyrl_backends_create_engine(config):
+    raise RuntimeError("not needed by these tests")
+"""
+
+
+def make_dist(site, dist, module, source, entry_points, version="1.0"):
+    """Write an installed distribution (dist-info with entry points) and its module into ``site``."""
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[skyrl_backends]\n{lines}\n")
+    if module:
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    # An "engine" distribution at a known version, for the version checks.
+    make_dist(site, "fake-engine", None, "", {}, version="0.5.0")
+    return site
+
+
+def test_broken_plugin_is_reported_and_others_still_load(site):
+    make_dist(site, "skyrl-backend-good", "good_plugin",
+              GOOD_PLUGIN.format(name="good", engine="fake-engine", supported=">=0.5"), {"good": "good_plugin"})
+    make_dist(site, "skyrl-backend-broken", "broken_plugin", "import engine_that_does_not_exist\n",
+              {"broken": "broken_plugin"})
+    backends = discover_backends()
+    assert backends["good"].status == "ok"
+    assert backends["good"].engine_version == "0.5.0"
+    broken = backends["broken"]
+    assert broken.status == "error"
+    assert broken.distribution == "skyrl-backend-broken"
+    assert "engine_that_does_not_exist" in broken.reason
+    with pytest.raises(BackendLoadError) as info:
+        get_backend("broken")
+    assert "skyrl-backend-broken" in str(info.value) and "engine_that_does_not_exist" in str(info.value)
+    assert get_backend("good").name == "good"
+
+
+def test_unknown_backend_lists_installed_and_names_the_package(site):
+    make_dist(site, "skyrl-backend-good", "good_plugin2",
+              GOOD_PLUGIN.format(name="good", engine="fake-engine", supported=""), {"good": "good_plugin2"})
+    with pytest.raises(BackendNotFoundError) as info:
+        sb.create_engine("sglangg", model="/nowhere")
+    message = str(info.value)
+    assert "pip install skyrl-backend-sglangg" in message
+    assert "good" in message
+
+
+def test_engine_version_out_of_range_is_skipped_with_reason(site):
+    make_dist(site, "skyrl-backend-old", "old_plugin",
+              GOOD_PLUGIN.format(name="old", engine="fake-engine", supported=">=0.6,<0.7"), {"old": "old_plugin"})
+    backend = discover_backends()["old"]
+    assert backend.status == "skipped"
+    assert "0.5.0 is outside >=0.6,<0.7" in backend.reason
+    with pytest.raises(EngineVersionError, match="supports fake-engine >=0.6,<0.7, but version 0.5.0 is installed"):
+        get_backend("old")
+
+
+def test_engine_not_installed_is_skipped(site):
+    make_dist(site, "skyrl-backend-missing", "missing_plugin",
+              GOOD_PLUGIN.format(name="missing", engine="no-such-engine", supported=""),
+              {"missing": "missing_plugin"})
+    backend = discover_backends()["missing"]
+    assert backend.status == "skipped"
+    assert backend.reason == "engine no-such-engine is not installed"
+    with pytest.raises(EngineVersionError, match="it is not installed"):
+        get_backend("missing")
+
+
+def test_misspelled_hook_is_an_error_naming_the_plugin(site):
+    source = GOOD_PLUGIN.format(name="typo", engine="fake-engine", supported="") + textwrap.dedent("""
+        @hookimpl
+        def skyrl_backends_genrate(request):
+            pass
+    """)
+    make_dist(site, "skyrl-backend-typo", "typo_plugin", source, {"typo": "typo_plugin"})
+    backend = discover_backends()["typo"]
+    assert backend.status == "error"
+    assert "typo" in backend.reason and "skyrl_backends_genrate" in backend.reason
+
+
+def test_argument_the_spec_lacks_is_an_error_naming_the_plugin(site):
+    source = GOOD_PLUGIN.format(name="extra", engine="fake-engine", supported="").replace(
+        "def skyrl_backends_capabilities(config):", "def skyrl_backends_capabilities(config, gpu_count):")
+    make_dist(site, "skyrl-backend-extra", "extra_plugin", source, {"extra": "extra_plugin"})
+    backend = discover_backends()["extra"]
+    assert backend.status == "error"
+    assert "gpu_count" in backend.reason and "extra" in backend.reason
+
+
+def test_entry_point_name_must_match_the_plugin(site):
+    make_dist(site, "skyrl-backend-liar", "liar_plugin",
+              GOOD_PLUGIN.format(name="truth", engine="fake-engine", supported=""), {"liar": "liar_plugin"})
+    backend = discover_backends()["liar"]
+    assert backend.status == "error"
+    assert "calls itself 'truth'" in backend.reason
+
+
+def test_disabled_backend_is_listed_but_not_loaded(site, monkeypatch):
+    make_dist(site, "skyrl-backend-off", "off_plugin", "raise SystemExit('must not be imported')\n",
+              {"off": "off_plugin"})
+    monkeypatch.setenv("SKYRL_BACKENDS_DISABLE", "off")
+    backend = discover_backends()["off"]
+    assert backend.status == "disabled"
+    with pytest.raises(BackendLoadError, match="disabled by SKYRL_BACKENDS_DISABLE"):
+        get_backend("off")
+
+
+def test_discovery_does_not_import_the_engine(site):
+    import sys
+
+    make_dist(site, "skyrl-backend-lazy", "lazy_plugin",
+              GOOD_PLUGIN.format(name="lazy", engine="fake-engine", supported="") +
+              "\ndef _later():\n    import lazy_engine_module\n", {"lazy": "lazy_plugin"})
+    assert discover_backends()["lazy"].status == "ok"
+    assert "lazy_engine_module" not in sys.modules
+
+
+def test_plugins_command_lists_status_capabilities_and_errors(site, capsys):
+    from skyrl_backends.cli import main
+
+    make_dist(site, "skyrl-backend-good", "good_plugin3",
+              GOOD_PLUGIN.format(name="good", engine="fake-engine", supported=">=0.5"), {"good": "good_plugin3"})
+    make_dist(site, "skyrl-backend-broken", "broken_plugin2", "raise ImportError('boom')\n",
+              {"broken": "broken_plugin2"})
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "good: ok" in out and "skyrl-backend-good 1.0" in out and "fake-engine 0.5.0" in out
+    assert "capabilities: lora" in out
+    assert "broken: error" in out and "boom" in out

@@ -1,0 +1,219 @@
+"""The facade's own rules, checked on the arithmetic test double (no engine needed)."""
+
+import asyncio
+
+import pytest
+from doubles import DOUBLE_CAPABILITIES, DoublePlugin
+
+import skyrl_backends as sb
+from skyrl_backends import (
+    EngineAsleepError,
+    EngineClosedError,
+    LoraAdapterError,
+    SamplingParamsError,
+    UnsupportedCapabilityError,
+    WeightsNotLoadedError,
+    WeightUpdateError,
+)
+from skyrl_backends.types import Capabilities, WeightUpdateRequest
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def engine(double_backend, tmp_path):
+    return sb.create_engine("double", model=str(tmp_path), enable_lora=True)
+
+
+def update(names, shapes, dtypes=None):
+    dtypes = dtypes or ["float32"] * len(names)
+    return WeightUpdateRequest(names=names, shapes=shapes, dtypes=dtypes, payload=[None] * len(names))
+
+
+def test_outputs_keep_prompt_order_and_carry_request_ids(engine):
+    out = run(engine.generate([[10], [20], [30]], {"max_generate_length": 2}, request_ids=["a", "b", "c"]))
+    assert out.response_ids == [[11, 12], [21, 22], [31, 32]]
+    assert [c.request_id for c in out] == ["a", "b", "c"]
+
+
+def test_n_samples_are_prompt_major_and_seeded_samples_use_seed_plus_j(tmp_path):
+    import dataclasses
+
+    sb.register_backend(DoublePlugin("seeded", dataclasses.replace(DOUBLE_CAPABILITIES, seeded_sampling=True)), "seeded")
+    try:
+        engine = sb.create_engine("seeded", model=str(tmp_path))
+    finally:
+        sb.unregister_backend("seeded")
+    out = run(engine.generate([[10], [20]], {"max_generate_length": 1, "n": 3, "seed": 100}))
+    # sample j of a prompt was generated with seed 100 + j (the double adds the seed to its output)
+    assert out.response_ids == [[111], [112], [113], [121], [122], [123]]
+    unseeded = run(engine.generate([[10], [20]], {"max_generate_length": 1, "n": 2}))
+    assert unseeded.response_ids == [[11], [11], [21], [21]]
+
+
+def test_generate_while_asleep_then_after_discarding_weights(engine):
+    run(engine.sleep(level=2))
+    with pytest.raises(EngineAsleepError, match="wake_up"):
+        run(engine.generate([[1]], {"max_generate_length": 1}))
+    run(engine.wake_up())
+    with pytest.raises(WeightsNotLoadedError):
+        run(engine.generate([[1]], {"max_generate_length": 1}))
+    # a partial update is not enough: every parameter must arrive before generation resumes
+    run(engine.update_named_weights(update(["w"], [(2, 2)])))
+    with pytest.raises(WeightsNotLoadedError):
+        run(engine.generate([[1]], {"max_generate_length": 1}))
+    run(engine.update_named_weights(update(["b"], [(2,)])))
+    assert run(engine.generate([[1]], {"max_generate_length": 1})).response_ids == [[2]]
+
+
+def test_level_one_sleep_keeps_weights(engine):
+    run(engine.sleep(level=1))
+    run(engine.wake_up())
+    assert run(engine.generate([[1]], {"max_generate_length": 1})).response_ids == [[2]]
+
+
+def test_undeclared_sleep_level_and_unknown_tag_are_rejected(engine):
+    with pytest.raises(UnsupportedCapabilityError, match="sleep level 3"):
+        run(engine.sleep(level=3))
+    with pytest.raises(SamplingParamsError, match="tags"):
+        run(engine.sleep(tags=["gpu"]))
+
+
+def test_weights_cannot_be_updated_while_asleep(engine):
+    run(engine.sleep(tags=["weights"], level=1))
+    with pytest.raises(EngineAsleepError):
+        run(engine.update_named_weights(update(["w"], [(2, 2)])))
+
+
+def test_bad_weight_update_names_every_offender_and_applies_nothing(engine):
+    with pytest.raises(WeightUpdateError) as info:
+        run(engine.update_named_weights(update(["w", "bb", "b"], [(2, 3), (2,), (2,)], ["float32", "float32", "bfloat16"])))
+    problems = info.value.problems
+    assert problems["w"].startswith("shape (2, 3) does not match")
+    assert "did you mean 'b'" in problems["bb"]
+    assert "dtype bfloat16" in problems["b"]
+    assert ("update", ["w", "bb", "b"]) not in engine.impl.calls
+    assert engine.weight_version == 0
+
+
+def test_weight_version_is_bumped_and_stamped(engine):
+    assert run(engine.update_named_weights(update(["w"], [(2, 2)]))) == 1
+    out = run(engine.generate([[1]], {"max_generate_length": 1}))
+    assert out[0].weight_version == 1
+
+
+def test_lora_bookkeeping(engine, tmp_path):
+    with pytest.raises(LoraAdapterError, match="No LoRA adapter named 'x'"):
+        run(engine.generate([[1]], {"max_generate_length": 1}, lora_name="x"))
+    with pytest.raises(LoraAdapterError, match="not a directory"):
+        run(engine.load_lora_adapter("x", tmp_path / "missing"))
+    run(engine.load_lora_adapter("x", tmp_path))
+    with pytest.raises(LoraAdapterError, match="already loaded"):
+        run(engine.load_lora_adapter("x", tmp_path))
+    run(engine.generate([[1]], {"max_generate_length": 1}, lora_name="x"))
+    run(engine.unload_lora_adapter("x"))
+    with pytest.raises(LoraAdapterError, match="Loaded: none"):
+        run(engine.unload_lora_adapter("x"))
+
+
+def test_parameters_needing_absent_capabilities_are_rejected_not_dropped(engine):
+    for params, field in [({"stop": ["x"]}, "stop"), ({"min_new_tokens": 1}, "min_new_tokens"),
+                          ({"seed": 1}, "seed"), ({"min_p": 0.1}, "min_p")]:
+        with pytest.raises(SamplingParamsError) as info:
+            run(engine.generate([[1]], params))
+        assert info.value.field == field
+    with pytest.raises(SamplingParamsError, match="at most 5"):
+        run(engine.generate([[1]], {"logprobs": 6}))
+
+
+def test_absent_capability_calls_are_rejected_with_its_name(tmp_path):
+    sb.register_backend(DoublePlugin("bare", Capabilities()), "bare")
+    try:
+        engine = sb.create_engine("bare", model=str(tmp_path))
+        with pytest.raises(UnsupportedCapabilityError, match="'sleep'"):
+            run(engine.sleep())
+        with pytest.raises(UnsupportedCapabilityError, match="'abort'"):
+            run(engine.abort())
+        with pytest.raises(UnsupportedCapabilityError, match="'native_pause'"):
+            run(engine.pause_generation())
+        with pytest.raises(UnsupportedCapabilityError, match="'prefix_caching'"):
+            run(engine.reset_prefix_cache())
+        with pytest.raises(SamplingParamsError, match="logprobs=0"):
+            run(engine.generate([[1]], {"logprobs": 1}))
+    finally:
+        sb.unregister_backend("bare")
+
+
+def test_declared_capability_without_its_hooks_fails_validation(tmp_path):
+    import pluggy
+
+    caps = Capabilities(native_pause=True, prefix_caching=True)
+    sb.register_backend(DoublePlugin("liar", caps), "liar")
+    try:
+        with pytest.raises(pluggy.PluginValidationError) as info:
+            sb.create_engine("liar", model=str(tmp_path))
+        assert "skyrl_backends_pause_generation" in str(info.value)
+        assert "skyrl_backends_reset_prefix_cache" in str(info.value)
+    finally:
+        sb.unregister_backend("liar")
+
+
+def test_torn_down_engine_refuses_everything(engine):
+    run(engine.teardown())
+    run(engine.teardown())  # idempotent
+    assert [c for c in engine.impl.calls if c[0] == "teardown"] == [("teardown", None)]
+    with pytest.raises(EngineClosedError):
+        run(engine.generate([[1]], {"max_generate_length": 1}))
+
+
+def test_sleep_aborts_and_drains_in_flight_requests(tmp_path):
+    from doubles import ArithmeticEngineDouble
+
+    class SlowDouble(ArithmeticEngineDouble):
+        """Holds generation until aborted, like a real engine mid-decode."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.release = asyncio.Event()
+
+        async def skyrl_backends_generate(self, request):
+            await self.release.wait()
+            return await super().skyrl_backends_generate(request)
+
+        async def skyrl_backends_abort(self, request_ids):
+            self.calls.append(("abort", request_ids))
+            self.release.set()
+
+    for name in ("skyrl_backends_generate", "skyrl_backends_abort"):
+        setattr(SlowDouble, name, sb.hookimpl(getattr(SlowDouble, name)))
+
+    class SlowPlugin(DoublePlugin):
+        @sb.hookimpl
+        def skyrl_backends_create_engine(self, config):
+            return SlowDouble(config)
+
+    sb.register_backend(SlowPlugin("slow"), "slow")
+    try:
+        engine = sb.create_engine("slow", model=str(tmp_path))
+    finally:
+        sb.unregister_backend("slow")
+
+    async def scenario():
+        task = asyncio.create_task(engine.generate([[1]], {"max_generate_length": 1}))
+        await asyncio.sleep(0.01)
+        assert engine.num_inflight == 1
+        await engine.sleep(level=1)
+        await task
+        return engine.impl.calls
+
+    calls = run(scenario())
+    names = [c[0] for c in calls]
+    assert names.index("abort") < names.index("sleep")
+    assert engine.num_inflight == 0
+
+
+def test_capabilities_of_the_double_are_listed_by_name():
+    assert "sleep(levels 1,2)" in DOUBLE_CAPABILITIES.names()
+    assert "weight_sync(tensors)" in DOUBLE_CAPABILITIES.names()

@@ -1,0 +1,37 @@
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    path = os.environ.get("SKYRL_TEST_MODEL")
+    if not path:
+        from skyrl_backends.testing.tiny_model import build_tiny_model
+
+        path = str(build_tiny_model(Path(__file__).resolve().parents[3] / ".cache" / "tiny-model"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """The same weights loaded by plain transformers: the independent oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    import skyrl_backends as sb
+
+    eng = sb.create_engine("transformers", model=model_dir, enable_lora=True, dtype="float32")
+    yield eng
+    asyncio.run(eng.teardown())
+
+
+def run(coro):
+    return asyncio.run(coro)
