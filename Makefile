@@ -18,12 +18,20 @@ TF_ENV := $(VENV)/transformers
 VLLM_ENV := $(VENV)/vllm
 SGLANG_ENV := $(VENV)/sglang
 
-.PHONY: demo test test-core test-transformers test-conformance test-vllm test-sglang envs model clean parity
+.PHONY: demo test test-core test-transformers test-conformance envs model clean
+
+# Each feature area adds its own targets in mk/<area>.mk: extra test targets to EXTRA_TESTS,
+# extra packages for the transformers environment to TF_EXTRA_PIP / TF_EXTRA_EDITABLE.
+EXTRA_TESTS :=
+TF_EXTRA_PIP :=
+TF_EXTRA_EDITABLE :=
+CORE_EXTRA_PIP :=
+-include mk/*.mk
 
 demo: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	$(TF_ENV)/bin/python examples/lifecycle_demo.py --backend $(BACKEND) --model $(MODEL)
 
-test: test-core test-transformers test-conformance
+test: test-core test-transformers test-conformance $(EXTRA_TESTS)
 
 test-core: $(CORE_ENV)/.ready
 	$(CORE_ENV)/bin/python -m pytest -q core/tests
@@ -43,13 +51,14 @@ $(MODEL)/.skyrl_tiny_model: $(TF_ENV)/.ready core/src/skyrl_backends/testing/tin
 $(CORE_ENV)/.ready: core/pyproject.toml
 	rm -rf $(CORE_ENV) && $(PYTHON) -m venv $(CORE_ENV)
 	$(CORE_ENV)/bin/python $(PIP) $(TORCH)
-	$(CORE_ENV)/bin/python $(PIP) -e 'core[dev,torch]'
+	$(CORE_ENV)/bin/python $(PIP) -e 'core[dev,torch,http]' $(CORE_EXTRA_PIP)
 	touch $@
 
 $(TF_ENV)/.ready: core/pyproject.toml plugins/transformers_backend/pyproject.toml
 	rm -rf $(TF_ENV) && $(PYTHON) -m venv $(TF_ENV)
 	$(TF_ENV)/bin/python $(PIP) $(TORCH)
-	$(TF_ENV)/bin/python $(PIP) -e 'core[dev,testing]' -e plugins/transformers_backend
+	$(TF_ENV)/bin/python $(PIP) -e 'core[dev,testing,http,ray]' -e plugins/transformers_backend \
+		$(foreach p,$(TF_EXTRA_EDITABLE),-e $(p)) $(TF_EXTRA_PIP)
 	touch $@
 
 envs: $(CORE_ENV)/.ready $(TF_ENV)/.ready
