@@ -100,7 +100,8 @@ class EngineHookSpecs:
 
     @hookspec(firstresult=True)
     def skyrl_backends_resume_generation(self) -> None:
-        """Resume after ``skyrl_backends_pause_generation`` (async)."""
+        """Resume decoding after ``skyrl_backends_pause_generation`` (async); held requests continue
+        from where they stopped, with their caches."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
