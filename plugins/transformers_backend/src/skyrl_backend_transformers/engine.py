@@ -33,6 +33,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backend_transformers.prefix_cache import LayerKV, PrefixCache
 from skyrl_backend_transformers.sampler import apply_repetition_penalty, choose_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -88,16 +89,18 @@ class TransformersEngine:
             if getattr(config, name) != 1:
                 raise ConfigError.out_of_range(name, getattr(config, name),
                                                "1 (the transformers backend runs one device per engine)")
-        unknown = set(config.engine_init_kwargs) - {"attn_implementation"}
+        unknown = set(config.engine_init_kwargs) - {"attn_implementation", "prefix_cache_max_tokens"}
         if unknown:
             raise ConfigError("engine_init_kwargs", f"unknown option(s) {sorted(unknown)} for the transformers "
-                                                    "backend; accepted: attn_implementation.")
+                                                    "backend; accepted: attn_implementation, prefix_cache_max_tokens.")
+        init_kwargs = dict(config.engine_init_kwargs)
+        cache_tokens = int(init_kwargs.pop("prefix_cache_max_tokens", 65536))
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=self.dtype, **dict(config.engine_init_kwargs)).to(self.device).eval()
+            config.model, dtype=self.dtype, **init_kwargs).to(self.device).eval()
         self.peft_model: Any = None
         self.max_model_len = config.max_model_len or getattr(self.model.config, "max_position_embeddings", 4096)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
@@ -111,6 +114,9 @@ class TransformersEngine:
         self._paused = False
         self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._communicator: Any = None
+        self.prefix_cache = PrefixCache(cache_tokens) if config.enable_prefix_caching else None
+        # Bumped by every weight update: cached prefixes of older weights are never matched again.
+        self._weights_epoch = 0
         if config.seed is not None:
             torch.manual_seed(config.seed)
 
@@ -150,8 +156,10 @@ class TransformersEngine:
             for rid, prompt in zip(request.request_ids, request.prompt_token_ids)
         ]
         epoch = self._abort_epoch
+        weights_epoch = self._weights_epoch
         budget = [min(params.max_generate_length, self.max_model_len - len(s.prompt)) for s in sequences]
         logits, cache, mask = await self._run(self._prefill, [s.prompt for s in sequences], request.lora_name)
+        fed = [list(s.prompt) for s in sequences]  # the tokens whose keys/values each cache row holds
         while True:
             self._apply_aborts(sequences, epoch)
             live = [i for i, s in enumerate(sequences) if s.finish_reason is None]
@@ -162,8 +170,15 @@ class TransformersEngine:
             await self._wait_while_paused(sequences, epoch)
             if all(s.finish_reason is not None for s in sequences):
                 break
-            last = [s.tokens[-1] if s.tokens else self.pad_token_id for s in sequences]
-            logits, cache, mask = await self._run(self._decode_step, last, cache, mask, request.lora_name)
+            live_rows = [s.finish_reason is None for s in sequences]
+            last = [s.tokens[-1] if live else self.pad_token_id for s, live in zip(sequences, live_rows)]
+            for row, live in enumerate(live_rows):
+                if live:
+                    fed[row].append(last[row])
+            logits, cache, mask = await self._run(self._decode_step, last, live_rows, cache, mask,
+                                                  request.lora_name)
+        if self.prefix_cache is not None:
+            await self._run(self._remember_prefixes, fed, cache, mask, request.lora_name, weights_epoch)
         self._aborted.difference_update(s.request_id for s in sequences)
         return GenerateOutput([self._completion(s, params) for s in sequences])
 
@@ -264,26 +279,69 @@ class TransformersEngine:
         return model(**inputs)
 
     def _prefill(self, prompts: list[list[int]], lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Feed every prompt, reusing cached prefixes. The batch cache is laid out as
+        ``[left pad | cached prefix]`` followed by ``[left pad | new tokens]`` per row; the attention
+        mask marks the real columns, so positions and attention ignore the padding in between."""
         from transformers import DynamicCache
 
-        width = max(len(p) for p in prompts)
+        hits = [self._lookup_prefix(prompt, lora_name) for prompt in prompts]
+        past_width = max(length for length, _ in hits)
+        suffixes = [prompt[length:] for prompt, (length, _) in zip(prompts, hits)]
+        width = max(len(s) for s in suffixes)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        mask = torch.zeros((len(prompts), past_width + width), dtype=torch.long)
+        for row, (suffix, (length, _)) in enumerate(zip(suffixes, hits)):
+            ids[row, width - len(suffix):] = torch.tensor(suffix)
+            mask[row, past_width - length: past_width] = 1
+            mask[row, past_width + width - len(suffix):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_width:]
         cache = DynamicCache()
+        if past_width:
+            self._seed_cache(cache, hits, past_width)
         out = self._forward(lora_name, input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_arg: cache})
         return out.logits[:, -1, :], cache, mask
 
-    def _decode_step(self, last_tokens: list[int], cache: Any, mask: torch.Tensor,
+    def _lookup_prefix(self, prompt: list[int], lora_name: str | None) -> tuple[int, list[LayerKV] | None]:
+        if self.prefix_cache is None:
+            return 0, None
+        return self.prefix_cache.lookup((lora_name, self._weights_epoch), prompt)
+
+    def _seed_cache(self, cache: Any, hits: list[tuple[int, list[LayerKV] | None]], width: int) -> None:
+        """Fill a fresh batch cache with each row's cached prefix, right-aligned in ``width`` columns."""
+        num_layers = self.model.config.num_hidden_layers
+        template = next(layers for _, layers in hits if layers is not None)
+        for layer in range(num_layers):
+            heads, _, dim = template[layer][0].shape
+            keys = torch.zeros((len(hits), heads, width, dim), dtype=template[layer][0].dtype, device=self.device)
+            values = torch.zeros_like(keys)
+            for row, (length, layers) in enumerate(hits):
+                if layers is not None:
+                    keys[row, :, width - length:] = layers[layer][0]
+                    values[row, :, width - length:] = layers[layer][1]
+            cache.update(keys, values, layer)
+
+    def _remember_prefixes(self, fed: list[list[int]], cache: Any, mask: torch.Tensor, lora_name: str | None,
+                           weights_epoch: int) -> None:
+        if weights_epoch != self._weights_epoch:
+            return  # the weights changed while this batch ran: its keys/values are of no single model
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for row, tokens in enumerate(fed):
+            columns = mask[row].bool()
+            if int(columns.sum()) != len(tokens):  # defensive: never cache misaligned keys
+                continue
+            self.prefix_cache.insert((lora_name, self._weights_epoch), tokens,
+                                     [(k[row][:, columns], v[row][:, columns]) for k, v in layers])
+
+    def _decode_step(self, last_tokens: list[int], live_rows: list[bool], cache: Any, mask: torch.Tensor,
                      lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
         ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=-1)
-        positions = (mask.sum(-1, keepdim=True) - 1)
+        # Finished rows still ride along in the batch; their new column is masked out so the cache
+        # stays exact for the prefix cache.
+        column = torch.tensor(live_rows, dtype=mask.dtype, device=mask.device).unsqueeze(-1)
+        mask = torch.cat([mask, column], dim=-1)
+        positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
         out = self._forward(lora_name, input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_arg: cache})
         return out.logits[:, -1, :], cache, mask
@@ -375,6 +433,16 @@ class TransformersEngine:
         with torch.no_grad():
             for name, tensor in staged:
                 params[name].data.copy_(tensor)
+        self._invalidate_prefixes()
+
+    def _invalidate_prefixes(self) -> None:
+        self._weights_epoch += 1
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    @hookimpl
+    async def skyrl_backends_reset_prefix_cache(self) -> None:
+        await self._run(self._invalidate_prefixes)
 
     # -- LoRA ----------------------------------------------------------------------------------
     @hookimpl
@@ -392,12 +460,14 @@ class TransformersEngine:
         except Exception as exc:
             raise LoraAdapterError(f"could not load LoRA adapter {lora_name!r} from {lora_path}: {exc}") from exc
         self.peft_model.eval()
+        self._invalidate_prefixes()  # adapter names may be reused for different weights
 
     @hookimpl
     async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
         await self._run(self._unload_lora, lora_name)
 
     def _unload_lora(self, lora_name: str) -> None:
+        self._invalidate_prefixes()
         remaining = [n for n in self.peft_model.peft_config if n != lora_name]
         if not remaining:
             # Removing the last adapter restores the plain model (and the plain parameter names).

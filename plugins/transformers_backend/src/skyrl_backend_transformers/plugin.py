@@ -43,7 +43,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         seeded_sampling=True,
         min_p=True,
         repetition_penalty=True,
-        prefix_caching=False,
+        prefix_caching=config.enable_prefix_caching if config is not None else True,
         abort=True,
         native_pause=True,
         weight_sync_strategies=_weight_sync_strategies(),
