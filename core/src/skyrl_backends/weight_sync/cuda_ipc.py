@@ -1,0 +1,148 @@
+"""Colocated weight sync on GPU: one CUDA IPC handle per packed bucket (zero copy).
+
+The sender packs each bucket into a CUDA buffer it keeps (and reuses while the layout stays the
+same, so the engine's opened handles stay valid and are not reopened every step) and sends, per
+bucket, the handle's fields as JSON: raw handle bytes in base64 and integers. The receiver rebuilds
+the storage with torch's CUDA IPC machinery from fixed, known classes, never from anything the
+request names, so nothing is unpickled. The GPU is identified by its UUID so that sender and engine
+may see different ``CUDA_VISIBLE_DEVICES`` orderings.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync.chunks import PackPlan, pack_into, unpack
+from skyrl_backends.weight_sync.manifest import parse_buckets
+
+STRATEGY = "cuda_ipc"
+# Opened storages of the last update, kept so that the next update with the same handles rebuilds
+# them from torch's cache instead of opening the handles again (cudaIpcOpenMemHandle is slow).
+_open_storages: dict[bytes, torch.Tensor] = {}
+
+
+def device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _local_index(uuid: str | None, fallback: torch.device) -> int:
+    if uuid:
+        for i in range(torch.cuda.device_count()):
+            if device_uuid(i) == uuid:
+                return i
+    if fallback.type == "cuda":
+        return fallback.index if fallback.index is not None else torch.cuda.current_device()
+    raise WeightUpdateError({"payload.device_uuid": f"GPU {uuid!r} is not visible to this engine; CUDA IPC "
+                                                    f"needs the trainer and the engine on the same GPU node"})
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def encode_handle(buffer: torch.Tensor) -> dict[str, Any]:
+    """JSON-able fields of a CUDA IPC handle of the uint8 tensor ``buffer``."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(buffer)
+    (_cls, size, stride, offset, _storage_cls, _dtype, device, handle, storage_nbytes, storage_offset,
+     _grad, ref_handle, ref_offset, event_handle, event_sync) = args
+    return {"device_uuid": device_uuid(device), "handle": _b64(handle), "storage_nbytes": int(storage_nbytes),
+            "storage_offset": int(storage_offset), "tensor_offset": int(offset), "ref_counter_handle": _b64(ref_handle),
+            "ref_counter_offset": int(ref_offset), "event_handle": _b64(event_handle),
+            "event_sync_required": bool(event_sync)}
+
+
+def _decode_bytes(value: Any, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise WeightUpdateError({field: f"expected base64 text, got {type(value).__name__}"})
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise WeightUpdateError({field: "is not valid base64"}) from None
+
+
+def _int_field(ipc: dict[str, Any], key: str, where: str) -> int:
+    value = ipc.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise WeightUpdateError({f"{where}.{key}": f"expected a non-negative integer, got {value!r}"})
+    return value
+
+
+def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torch.Tensor:
+    """The sender's buffer (``nbytes`` uint8) from the JSON fields of its handle."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if not isinstance(ipc, dict):
+        raise WeightUpdateError({f"{where}.ipc": f"expected an object, got {type(ipc).__name__}"})
+    handle = _decode_bytes(ipc.get("handle"), f"{where}.ipc.handle")
+    ref_handle = _decode_bytes(ipc.get("ref_counter_handle"), f"{where}.ipc.ref_counter_handle")
+    event = ipc.get("event_handle")
+    event_handle = None if event is None else _decode_bytes(event, f"{where}.ipc.event_handle")
+    storage_nbytes = _int_field(ipc, "storage_nbytes", f"{where}.ipc")
+    storage_offset = _int_field(ipc, "storage_offset", f"{where}.ipc")
+    tensor_offset = _int_field(ipc, "tensor_offset", f"{where}.ipc")
+    ref_offset = _int_field(ipc, "ref_counter_offset", f"{where}.ipc")
+    if tensor_offset + nbytes > storage_nbytes:
+        raise WeightUpdateError({f"{where}.ipc": f"the shared storage holds {storage_nbytes} bytes but the bucket "
+                                                 f"needs [{tensor_offset}, {tensor_offset + nbytes})"})
+    index = _local_index(ipc.get("device_uuid"), device)
+    try:
+        tensor = rebuild_cuda_tensor(
+            torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,
+            handle, storage_nbytes, storage_offset, False, ref_handle, ref_offset, event_handle,
+            bool(ipc.get("event_sync_required", True)))
+    except RuntimeError as exc:
+        raise WeightUpdateError({f"{where}.ipc": f"could not open the CUDA IPC handle: {exc}"}) from None
+    return tensor
+
+
+class CudaIpcSender:
+    """Packs buckets into CUDA buffers it owns and describes them by IPC handle.
+
+    Keep one sender across steps: buffers (and so handles) are reused while the layout is the same.
+    The caller must not :meth:`write` again before the engines applied the previous update."""
+
+    strategy = STRATEGY
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._buffers: list[torch.Tensor] = []
+        self._handles: list[dict[str, Any]] = []
+
+    def write(self, layout: PackPlan) -> dict[str, Any]:
+        sizes = [b.nbytes for b in layout.buckets]
+        if [b.numel() for b in self._buffers] != sizes:
+            self._buffers = [torch.empty(max(n, 1), dtype=torch.uint8, device=self.device)[:n] for n in sizes]
+            self._handles = [encode_handle(b) if b.numel() else {} for b in self._buffers]
+        for buffer, manifest in zip(self._buffers, layout.buckets):
+            pack_into(buffer, manifest, layout.tensors)
+        # The engine reads on its own stream: every copy must be finished before the handles are used.
+        torch.cuda.current_stream(self.device).synchronize()
+        return {"buckets": [{"ipc": h, **m.to_json()} for h, m in zip(self._handles, layout.buckets)]}
+
+    def close(self) -> None:
+        self._buffers, self._handles = [], []
+
+
+def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Open every bucket's handle (validating fields and sizes) before yielding views into them."""
+    device = torch.device(device)
+    staged = []
+    keep: dict[bytes, torch.Tensor] = {}
+    for b, (manifest, raw) in enumerate(parse_buckets(request, extra_fields=("ipc",))):
+        if manifest.nbytes == 0:
+            staged.append((manifest, torch.empty(0, dtype=torch.uint8, device=device)))
+            continue
+        buffer = open_handle(raw["ipc"], manifest.nbytes, device, f"payload.buckets[{b}]")
+        keep[_decode_bytes(raw["ipc"]["handle"], "handle")] = buffer
+        staged.append((manifest, buffer))
+    _open_storages.clear()
+    _open_storages.update(keep)
+    return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))

@@ -1,0 +1,226 @@
+"""The wire format of a weight update: what crosses a process boundary, and its strict validation.
+
+A non-``"tensors"`` :class:`~skyrl_backends.types.WeightUpdateRequest` carries a JSON-able
+``payload``: a list of *buckets*, each one contiguous byte buffer holding several tensors, described
+by a manifest of ``(name, dtype, shape, offset)``. Where the bytes live depends on the strategy (a
+shared-memory segment, a CUDA IPC handle, the next ``broadcast`` of the process group); the manifest
+is the same for all of them. Nothing here is ever unpickled: requests are plain JSON values and every
+field is checked (types, dtype allow-list, bounds, overlaps, agreement with the request's top-level
+names, dtypes and shapes that the engine facade validated) before a byte is interpreted.
+
+This module does not import torch, so a server can validate a request before handing it on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+
+WIRE_VERSION = 1
+# Offsets of tensors inside a bucket are multiples of this, so every view is aligned for any dtype
+# and for vectorised copies on CPU and GPU.
+ALIGNMENT = 256
+# Upper bound on one bucket, to reject absurd sizes before any allocation (1 TiB).
+MAX_BUCKET_BYTES = 1 << 40
+
+# dtype name (torch spelling, without "torch.") -> bytes per element. Only these travel.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+TRANSPORT_STRATEGIES: tuple[str, ...] = ("shared_memory", "cuda_ipc", "broadcast")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives inside its bucket."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class BucketManifest:
+    """The layout of one packed bucket: ``nbytes`` bytes holding ``tensors``."""
+
+    nbytes: int
+    tensors: tuple[TensorEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nbytes": self.nbytes, "tensors": [t.to_json() for t in self.tensors]}
+
+
+def aligned(n: int, alignment: int = ALIGNMENT) -> int:
+    return -(-n // alignment) * alignment
+
+
+def plan_buckets(specs: list[tuple[str, str, tuple[int, ...]]], bucket_bytes: int,
+                 alignment: int = ALIGNMENT) -> list[BucketManifest]:
+    """Group ``(name, dtype, shape)`` in order into buckets of at most ``bucket_bytes`` bytes (a
+    tensor larger than that gets a bucket of its own)."""
+    if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+        raise WeightUpdateError({"bucket_bytes": f"got {bucket_bytes!r}; give a positive number of bytes"})
+    buckets: list[BucketManifest] = []
+    current: list[TensorEntry] = []
+    used = 0
+    for name, dtype, shape in specs:
+        if dtype not in DTYPE_ITEMSIZE:
+            raise WeightUpdateError({name: f"dtype {dtype!r} cannot be sent; allowed: {sorted(DTYPE_ITEMSIZE)}"})
+        size = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+        start = aligned(used, alignment)
+        if current and start + size > bucket_bytes:
+            buckets.append(BucketManifest(used, tuple(current)))
+            current, used, start = [], 0, 0
+        current.append(TensorEntry(name, dtype, tuple(shape), start))
+        used = start + size
+    if current:
+        buckets.append(BucketManifest(used, tuple(current)))
+    return buckets
+
+
+# -- validation of what arrives ----------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_buckets(request: WeightUpdateRequest, extra_fields: tuple[str, ...] = ()) -> list[tuple[BucketManifest, dict[str, Any]]]:
+    """Validate ``request.payload["buckets"]`` and return ``(manifest, bucket_dict)`` per bucket.
+
+    Raises :class:`WeightUpdateError` naming every problem: a field of the wrong type, a dtype off the
+    allow-list, a negative dimension, a tensor outside its bucket or overlapping another, a tensor
+    missing from the payload or one the request did not declare, or a payload entry whose dtype or
+    shape disagrees with the validated top-level request. ``extra_fields`` are strategy-specific
+    keys each bucket must carry (checked for presence only; the strategy checks their values)."""
+    problems: dict[str, str] = {}
+    payload = request.payload
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("buckets"), list):
+        raise WeightUpdateError({"payload": f"expected an object with a 'buckets' list for strategy "
+                                            f"{request.strategy!r}, got {type(payload).__name__}"})
+    declared = {n: (d, tuple(s)) for n, d, s in zip(request.names, request.dtypes, request.shapes)}
+    seen: set[str] = set()
+    result: list[tuple[BucketManifest, dict[str, Any]]] = []
+    for b, bucket in enumerate(payload["buckets"]):
+        where = f"payload.buckets[{b}]"
+        if not isinstance(bucket, Mapping):
+            problems[where] = f"expected an object, got {type(bucket).__name__}"
+            continue
+        missing = [k for k in ("nbytes", "tensors", *extra_fields) if k not in bucket]
+        if missing:
+            problems[where] = f"missing field(s) {missing}"
+            continue
+        nbytes = bucket["nbytes"]
+        if not _is_int(nbytes) or not 0 <= nbytes <= MAX_BUCKET_BYTES:
+            problems[f"{where}.nbytes"] = f"got {nbytes!r}; expected an integer in [0, {MAX_BUCKET_BYTES}]"
+            continue
+        if not isinstance(bucket["tensors"], list):
+            problems[f"{where}.tensors"] = "expected a list"
+            continue
+        entries: list[TensorEntry] = []
+        for t, raw in enumerate(bucket["tensors"]):
+            entry = _parse_entry(raw, f"{where}.tensors[{t}]", nbytes, problems)
+            if entry is None:
+                continue
+            if entry.name in seen:
+                problems[entry.name] = "appears more than once in the payload"
+                continue
+            seen.add(entry.name)
+            if entry.name not in declared:
+                problems[entry.name] = "is in the payload but not among the request's names"
+            elif declared[entry.name] != (entry.dtype, entry.shape):
+                problems[entry.name] = (f"payload says {entry.dtype}{list(entry.shape)} but the request declares "
+                                        f"{declared[entry.name][0]}{list(declared[entry.name][1])}")
+            entries.append(entry)
+        ordered = sorted(entries, key=lambda e: e.offset)
+        for prev, nxt in zip(ordered, ordered[1:]):
+            if prev.offset + prev.nbytes > nxt.offset:
+                problems[nxt.name] = f"overlaps {prev.name!r} in {where}"
+        result.append((BucketManifest(nbytes, tuple(entries)), dict(bucket)))
+    for name in request.names:
+        if name not in seen:
+            problems.setdefault(name, "is declared in the request but missing from the payload")
+    if problems:
+        raise WeightUpdateError(problems)
+    return result
+
+
+def _parse_entry(raw: Any, where: str, bucket_nbytes: int, problems: dict[str, str]) -> TensorEntry | None:
+    if not isinstance(raw, Mapping):
+        problems[where] = f"expected an object, got {type(raw).__name__}"
+        return None
+    name, dtype, shape, offset = raw.get("name"), raw.get("dtype"), raw.get("shape"), raw.get("offset")
+    if not isinstance(name, str) or not name:
+        problems[where] = f"name must be a non-empty string, got {name!r}"
+        return None
+    if dtype not in DTYPE_ITEMSIZE:
+        problems[name] = f"dtype {dtype!r} is not allowed; allowed: {sorted(DTYPE_ITEMSIZE)}"
+        return None
+    if not isinstance(shape, (list, tuple)) or not all(_is_int(d) and d >= 0 for d in shape):
+        problems[name] = f"shape must be a list of non-negative integers, got {shape!r}"
+        return None
+    if not _is_int(offset) or offset < 0:
+        problems[name] = f"offset must be a non-negative integer, got {offset!r}"
+        return None
+    entry = TensorEntry(name, dtype, tuple(shape), offset)
+    if offset % DTYPE_ITEMSIZE[dtype]:
+        problems[name] = f"offset {offset} is not a multiple of the {dtype} item size"
+        return None
+    if offset + entry.nbytes > bucket_nbytes:
+        problems[name] = (f"bytes [{offset}, {offset + entry.nbytes}) lie outside its bucket of "
+                          f"{bucket_nbytes} bytes")
+        return None
+    return entry
+
+
+# -- whole requests as JSON ---------------------------------------------------------------------
+def request_to_json(request: WeightUpdateRequest) -> dict[str, Any]:
+    """A JSON-able form of a request whose bytes travel out of band (every strategy but "tensors")."""
+    if request.strategy not in TRANSPORT_STRATEGIES:
+        raise WeightUpdateError({"strategy": f"{request.strategy!r} cannot cross a process boundary; use one of "
+                                             f"{list(TRANSPORT_STRATEGIES)}"})
+    return {"wire_version": WIRE_VERSION, "names": list(request.names), "dtypes": list(request.dtypes),
+            "shapes": [list(s) for s in request.shapes], "strategy": request.strategy, "payload": request.payload}
+
+
+def request_from_json(obj: Any) -> WeightUpdateRequest:
+    """Rebuild a request from :func:`request_to_json`'s output (e.g. parsed from an HTTP body), checking
+    the top-level fields; the payload is checked by the receiver (:func:`parse_buckets`)."""
+    if not isinstance(obj, Mapping):
+        raise WeightUpdateError({"request": f"expected a JSON object, got {type(obj).__name__}"})
+    if obj.get("wire_version") != WIRE_VERSION:
+        raise WeightUpdateError({"wire_version": f"got {obj.get('wire_version')!r}; this side speaks {WIRE_VERSION}"})
+    strategy = obj.get("strategy")
+    if strategy not in TRANSPORT_STRATEGIES:
+        raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(TRANSPORT_STRATEGIES)}"})
+    names, dtypes, shapes = obj.get("names"), obj.get("dtypes"), obj.get("shapes")
+    problems: dict[str, str] = {}
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        problems["names"] = "must be a list of non-empty strings"
+    if not isinstance(dtypes, list) or not all(d in DTYPE_ITEMSIZE for d in dtypes):
+        problems["dtypes"] = f"must be a list of dtype names among {sorted(DTYPE_ITEMSIZE)}"
+    if not isinstance(shapes, list) or not all(
+            isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in shapes):
+        problems["shapes"] = "must be a list of shapes, each a list of non-negative integers"
+    if problems:
+        raise WeightUpdateError(problems)
+    from skyrl_backends.errors import ConfigError
+
+    try:
+        return WeightUpdateRequest(names=names, dtypes=dtypes, shapes=[tuple(s) for s in shapes],
+                                   strategy=strategy, payload=obj.get("payload"))
+    except ConfigError as exc:
+        raise WeightUpdateError({exc.field: str(exc)}) from None

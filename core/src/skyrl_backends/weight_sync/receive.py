@@ -1,0 +1,59 @@
+"""Engine side: what a backend calls to receive a weight update, whatever the strategy.
+
+Every receiver stages the whole update before yielding its first tensor (segments mapped, handles
+opened, broadcasts received, every manifest checked), so an engine that loads the yielded tensors
+only fails midway for its own reasons, and one that stages them too (as the transformers backend
+does) is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
+from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
+
+
+def receiver_strategies() -> tuple[str, ...]:
+    """Strategies a backend in this process can receive (CUDA IPC only where CUDA is available)."""
+    strategies = [shared_memory.STRATEGY, broadcast.STRATEGY]
+    if torch.cuda.is_available():
+        strategies.insert(1, cuda_ipc.STRATEGY)
+    return tuple(strategies)
+
+
+def make_receiver(init_info: WeightSyncInitInfo, device: torch.device | str, local_rank: int = 0) -> Any:
+    """Join the trainer's group for ``init_info.strategy`` (blocks until every rank joined) and return
+    the communicator to pass to :func:`receive_named_tensors`. Colocated strategies need none."""
+    if init_info.strategy == broadcast.STRATEGY:
+        return broadcast.BroadcastReceiver(init_info, device, local_rank=local_rank)
+    if init_info.strategy in (shared_memory.STRATEGY, cuda_ipc.STRATEGY):
+        return None
+    raise WeightUpdateError({"strategy": f"got {init_info.strategy!r}; expected one of {list(receiver_strategies())}"})
+
+
+def receive_named_tensors(request: WeightUpdateRequest, device: torch.device | str,
+                          communicator: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``(name, tensor)`` pairs of ``request``, all received and validated before the first is
+    yielded. Tensors may be views into transfer buffers that are valid only while the update is being
+    applied: copy them into the engine's parameters, do not keep them."""
+    strategy = request.strategy
+    if strategy == "tensors":
+        return iter(list(zip(request.names, request.payload)))
+    if strategy == shared_memory.STRATEGY:
+        return shared_memory.receive(request)
+    if strategy == cuda_ipc.STRATEGY:
+        if not torch.cuda.is_available():
+            raise WeightUpdateError({"strategy": "cuda_ipc needs CUDA in the engine process; use shared_memory on CPU"})
+        return cuda_ipc.receive(request, device)
+    if strategy == broadcast.STRATEGY:
+        if not isinstance(communicator, broadcast.BroadcastReceiver):
+            raise WeightUpdateError({"communicator": "broadcast needs the group first: call "
+                                                     "init_weight_update_communicator(init_info) on the engine"})
+        return communicator.receive(request)
+    raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of "
+                                         f"{['tensors', *receiver_strategies()]}"})

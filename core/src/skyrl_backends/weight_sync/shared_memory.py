@@ -1,0 +1,148 @@
+"""Colocated weight sync on CPU: packed buckets in POSIX shared-memory segments.
+
+The sender writes each bucket into a segment named ``skyrl_ws_<hex>`` and sends only the segment
+names and manifests. The receiver maps every segment (checking its name, its size and the manifest)
+before it yields a single tensor, and yields views into the mappings: the engine's own copy into its
+parameters is the only copy on the receiving side. The sender keeps its segments alive until the
+engine has acknowledged the update, reuses them for the next update of the same layout (so pages are
+not faulted in again) and unlinks them on :meth:`SharedMemorySender.close` (and, as a safety net,
+Python's resource tracker unlinks them if the trainer dies).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from typing import Any
+
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync.chunks import PackPlan, pack_into, unpack
+from skyrl_backends.weight_sync.manifest import BucketManifest, parse_buckets
+
+STRATEGY = "shared_memory"
+SEGMENT_PREFIX = "skyrl_ws_"
+# Segment names come from another process: only our own pattern is ever opened, so a request
+# cannot make the engine map an arbitrary object (no "/", no "..").
+_SEGMENT_NAME = re.compile(r"^skyrl_ws_[0-9a-f]{16,64}$")
+
+
+class _Segment:
+    """A segment this process created, with a uint8 tensor over it."""
+
+    def __init__(self, nbytes: int) -> None:
+        name = SEGMENT_PREFIX + secrets.token_hex(12)
+        # SharedMemory refuses size 0; an empty bucket still gets a (1-byte) segment.
+        self.shm = shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1))
+        self.nbytes = nbytes
+        self.tensor = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=nbytes) if nbytes else \
+            torch.empty(0, dtype=torch.uint8)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name.lstrip("/")
+
+    def release(self) -> None:
+        self.tensor = None  # drop the export of shm.buf before closing
+        try:
+            self.shm.close()
+        except BufferError:  # a view is still referenced somewhere; the mapping goes with it
+            pass
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class SharedMemorySender:
+    """Writes packed buckets into shared memory and describes them in a request payload.
+
+    Keep one sender for repeated syncs: segments are reused while the bucket layout stays the same.
+    The caller must not start the next :meth:`write` before every engine has applied the previous
+    update (``sync_weights`` awaits the engines)."""
+
+    strategy = STRATEGY
+
+    def __init__(self) -> None:
+        self._segments: list[_Segment] = []
+
+    def write(self, layout: PackPlan) -> dict[str, Any]:
+        sizes = [b.nbytes for b in layout.buckets]
+        if [s.nbytes for s in self._segments] != sizes:
+            self.close()
+            self._segments = [_Segment(n) for n in sizes]
+        buckets = []
+        for segment, manifest in zip(self._segments, layout.buckets):
+            pack_into(segment.tensor, manifest, layout.tensors)
+            buckets.append({"segment": segment.name, **manifest.to_json()})
+        return {"buckets": buckets}
+
+    def close(self) -> None:
+        for segment in self._segments:
+            segment.release()
+        self._segments = []
+
+    def __enter__(self) -> SharedMemorySender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_segment(name: str) -> tuple[int, Any]:
+    """File descriptor of an existing POSIX shared-memory object, without registering it with the
+    resource tracker (which would unlink the trainer's segment when this process exits)."""
+    try:
+        import _posixshmem
+
+        return _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600), None
+    except ImportError:  # pragma: no cover - non-POSIX platforms
+        shm = shared_memory.SharedMemory(name=name)
+        return -1, shm
+
+
+def _map(name: str, nbytes: int, where: str) -> torch.Tensor:
+    if not isinstance(name, str) or not _SEGMENT_NAME.match(name):
+        raise WeightUpdateError({f"{where}.segment": f"{name!r} is not a segment name this library creates "
+                                                     f"({_SEGMENT_NAME.pattern})"})
+    try:
+        fd, fallback = _open_segment(name)
+    except FileNotFoundError:
+        raise WeightUpdateError({f"{where}.segment": f"shared-memory segment {name!r} does not exist (the sender "
+                                                     f"closed it, or sender and engine are on different machines)"}) from None
+    if fallback is not None:  # pragma: no cover
+        buf = fallback.buf
+        size = fallback.size
+    else:
+        try:
+            size = os.fstat(fd).st_size
+            if size < nbytes:
+                raise WeightUpdateError({f"{where}.segment": f"segment {name!r} holds {size} bytes but the manifest "
+                                                             f"needs {nbytes}; the buffer is truncated"})
+            buf = mmap.mmap(fd, max(nbytes, 1)) if nbytes else None
+        finally:
+            os.close(fd)
+    if size < nbytes:
+        raise WeightUpdateError({f"{where}.segment": f"segment {name!r} holds {size} bytes but the manifest needs "
+                                                     f"{nbytes}; the buffer is truncated"})
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    # The tensor keeps the mapping alive; unlinking by the sender does not invalidate it.
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+
+
+def receive(request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map and validate every bucket first, then return an iterator of views into the segments.
+
+    The views are valid while the engine applies the update (the sender keeps the segments until it
+    is acknowledged); an engine must copy them into its parameters, never keep them."""
+    staged: list[tuple[BucketManifest, torch.Tensor]] = []
+    for b, (manifest, raw) in enumerate(parse_buckets(request, extra_fields=("segment",))):
+        staged.append((manifest, _map(raw["segment"], manifest.nbytes, f"payload.buckets[{b}]")))
+    return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))

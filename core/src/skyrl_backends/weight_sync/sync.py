@@ -1,0 +1,158 @@
+"""The one call a trainer makes: push a model's weights into one or many engines.
+
+::
+
+    versions = await sync_weights(engines, model, strategy="shared_memory")
+
+``engines`` is one engine or a list of them: an :class:`~skyrl_backends.InferenceEngine`, or any
+object with ``update_named_weights(request) -> version`` (a client or a proxy of an engine in
+another process; a client over several engines may return a list of versions). The whole model
+travels as ONE :class:`~skyrl_backends.types.WeightUpdateRequest`, so each engine validates all of
+it before applying anything and bumps its weight version once. Tensors are converted to the dtype
+each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import TensorSpec, WeightUpdateRequest
+from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
+from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, plan
+
+STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
+_ENGINE_DTYPES = "engine"
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _as_list(targets: Any) -> list[Any]:
+    if isinstance(targets, Sequence) and not isinstance(targets, (str, bytes)):
+        return list(targets)
+    return [targets]
+
+
+async def _engine_dtypes(targets: list[Any]) -> dict[str, str] | None:
+    for target in targets:
+        if hasattr(target, "weight_specs"):
+            specs = await _maybe_await(target.weight_specs())
+            values = specs.values() if isinstance(specs, Mapping) else specs
+            return {s.name: s.dtype for s in values if isinstance(s, TensorSpec)}
+    return None
+
+
+def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
+    """A reusable sender for a colocated strategy. Keep it across steps: it reuses its buffers (and
+    so the engines' mappings and opened handles). For broadcast use :func:`connect_broadcast`."""
+    if strategy == shared_memory.STRATEGY:
+        return shared_memory.SharedMemorySender()
+    if strategy == cuda_ipc.STRATEGY:
+        return cuda_ipc.CudaIpcSender(device)
+    if strategy == broadcast.STRATEGY:
+        raise WeightUpdateError({"strategy": "broadcast needs a process group: create its sender with "
+                                             "`await connect_broadcast(engines, ...)`"})
+    raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(STRATEGIES)}"})
+
+
+def _num_ranks(target: Any) -> int:
+    sizes = getattr(target, "parallel_sizes", None)
+    if callable(sizes):
+        result = sizes()
+        if hasattr(result, "tensor"):
+            return int(result.tensor) * int(result.pipeline)
+    return 1
+
+
+async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", master_port: int = 0,
+                            backend: str | None = None, group_name: str = "skyrl_weight_sync",
+                            device: torch.device | str | None = None, ranks_per_engine: Sequence[int] | None = None,
+                            timeout_s: float = broadcast.DEFAULT_TIMEOUT_S) -> broadcast.BroadcastSender:
+    """Create the trainer's group (rank 0) and have every engine join it through its
+    ``init_weight_update_communicator`` hook. ``backend`` defaults to nccl when ``device`` is CUDA,
+    gloo otherwise; ``master_port=0`` picks a free port."""
+    engines = _as_list(targets)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    ranks = list(ranks_per_engine) if ranks_per_engine is not None else [_num_ranks(e) for e in engines]
+    if len(ranks) != len(engines):
+        raise WeightUpdateError({"ranks_per_engine": f"has {len(ranks)} entries for {len(engines)} engines"})
+    sender = broadcast.BroadcastSender(1 + sum(ranks), master_addr, master_port, backend, group_name, device,
+                                       timeout_s)
+    offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
+    joins = [_maybe_await(e.init_weight_update_communicator(sender.init_info(o))) for e, o in zip(engines, offsets)]
+    await asyncio.gather(asyncio.to_thread(sender.join), *joins)
+    return sender
+
+
+async def sync_weights(targets: Any, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
+                       sender: Any = None) -> list[int]:
+    """Push ``weights`` (a module, a state dict or ``(name, tensor)`` pairs) into every engine of
+    ``targets`` and return the weight version each engine serves afterwards, in order.
+
+    ``strategy``: ``"shared_memory"`` (same machine, CPU buffers), ``"cuda_ipc"`` (same GPU node),
+    ``"broadcast"`` (anywhere; pass ``sender=await connect_broadcast(engines)``) or ``"tensors"``
+    (engines in this process). ``bucket_bytes`` bounds each packed buffer. A sender passed in is
+    reused and left open; one made here is closed before returning."""
+    engines = _as_list(targets)
+    if not engines:
+        raise WeightUpdateError({"targets": "no engine given"})
+    if dtype_for == _ENGINE_DTYPES:
+        dtype_for = await _engine_dtypes(engines)
+    layout = plan(weights, bucket_bytes, dtype_for)
+    if strategy == "tensors":
+        tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes)]
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors)
+        return await _apply(engines, request)
+    if strategy == broadcast.STRATEGY:
+        if not isinstance(sender, broadcast.BroadcastSender):
+            raise WeightUpdateError({"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
+        return await _broadcast(engines, layout, sender)
+    own_sender = sender is None
+    sender = sender or make_sender(strategy)
+    if sender.strategy != strategy:
+        raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
+    try:
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout))
+        return await _apply(engines, request)
+    finally:
+        if own_sender:
+            sender.close()
+
+
+async def _validate(engines: list[Any], request: WeightUpdateRequest) -> None:
+    for engine in engines:
+        if hasattr(engine, "validate_weight_update"):
+            await _maybe_await(engine.validate_weight_update(request))
+
+
+async def _apply(engines: list[Any], request: WeightUpdateRequest) -> list[int]:
+    await _validate(engines, request)
+    results = await asyncio.gather(*(_maybe_await(e.update_named_weights(request)) for e in engines))
+    return _flatten(results)
+
+
+async def _broadcast(engines: list[Any], layout: PackPlan, sender: broadcast.BroadcastSender) -> list[int]:
+    request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, broadcast.STRATEGY,
+                                  sender.payload(layout))
+    # Every engine must take part in every broadcast: check them all before the first byte moves,
+    # since an engine that refuses would leave the others waiting until the group's timeout.
+    await _validate(engines, request)
+    results = await asyncio.gather(asyncio.to_thread(sender.send, layout),
+                                   *(_maybe_await(e.update_named_weights(request)) for e in engines))
+    return _flatten(results[1:])
+
+
+def _flatten(results: Sequence[Any]) -> list[int]:
+    versions: list[int] = []
+    for result in results:
+        versions.extend(int(v) for v in (result if isinstance(result, (list, tuple)) else [result]))
+    return versions

@@ -1,0 +1,139 @@
+"""Packing a model into buckets and the strict validation of the wire format (no engine involved)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync import iter_weight_chunks, request_from_json, request_to_json
+from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.manifest import ALIGNMENT, parse_buckets, plan_buckets
+
+
+def _state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "embed.weight": torch.randn(10, 8, generator=g),
+        "layer.0.weight": torch.randn(8, 8, generator=g),
+        "layer.0.bias": torch.randn(8, generator=g),
+        "layer.1.weight": torch.randn(8, 8, generator=g),
+        "big.weight": torch.randn(64, 64, generator=g),
+        "step": torch.tensor([3], dtype=torch.int64),
+    }
+
+
+def test_chunks_round_trip_values_and_respect_bucket_size():
+    sd = _state_dict()
+    chunks = list(iter_weight_chunks(sd, bucket_bytes=1024))
+    assert [n for c in chunks for n in c.names] == list(sd)
+    for chunk in chunks:
+        # A bucket exceeds the limit only when it holds one tensor larger than the limit.
+        assert chunk.manifest.nbytes <= 1024 or len(chunk.manifest.tensors) == 1
+        assert chunk.buffer.dtype == torch.uint8 and chunk.buffer.numel() == chunk.manifest.nbytes
+        for entry in chunk.manifest.tensors:
+            assert entry.offset % ALIGNMENT == 0
+        for name, tensor in chunk.views():
+            assert torch.equal(tensor, sd[name])
+    assert len(chunks) >= 3
+
+
+def test_chunks_convert_to_the_requested_dtype_and_module_input():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    chunks = list(iter_weight_chunks(model, dtype_for="bfloat16"))
+    assert len(chunks) == 1
+    got = dict(chunks[0].views())
+    assert set(got) == set(model.state_dict())
+    for name, ref in model.state_dict().items():
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], ref.to(torch.bfloat16))
+
+
+def test_dtype_for_mapping_converts_only_named_tensors():
+    sd = _state_dict()
+    layout = plan(sd, dtype_for={"embed.weight": "float16"})
+    dtypes = dict(zip(layout.names, layout.dtypes))
+    assert dtypes["embed.weight"] == "float16" and dtypes["layer.0.weight"] == "float32" and dtypes["step"] == "int64"
+
+
+def test_bad_bucket_size_and_dtype_are_rejected():
+    with pytest.raises(WeightUpdateError, match="bucket_bytes"):
+        plan_buckets([("a", "float32", (2,))], 0)
+    with pytest.raises(WeightUpdateError, match="complex64"):
+        plan_buckets([("a", "complex64", (2,))], 1024)
+
+
+def _request(buckets, names=("a", "b"), dtypes=("float32", "float32"), shapes=((2, 2), (3,)), strategy="broadcast"):
+    return WeightUpdateRequest(list(names), list(dtypes), [tuple(s) for s in shapes], strategy, {"buckets": buckets})
+
+
+def _good_bucket():
+    return {"nbytes": 256 + 12, "tensors": [{"name": "a", "dtype": "float32", "shape": [2, 2], "offset": 0},
+                                            {"name": "b", "dtype": "float32", "shape": [3], "offset": 256}]}
+
+
+def test_parse_buckets_accepts_a_consistent_payload():
+    [(manifest, raw)] = parse_buckets(_request([_good_bucket()]))
+    assert [e.name for e in manifest.tensors] == ["a", "b"] and manifest.nbytes == 268
+
+
+@pytest.mark.parametrize("mutate, offender, words", [
+    (lambda b: b["tensors"][1].update(offset=260), "b", "outside its bucket"),
+    (lambda b: b["tensors"][1].update(offset=8), "b", "overlaps"),
+    (lambda b: b["tensors"][1].update(offset=2), "b", "multiple"),
+    (lambda b: b["tensors"][1].update(offset=-4), "b", "non-negative"),
+    (lambda b: b["tensors"][1].update(dtype="object"), "b", "not allowed"),
+    (lambda b: b["tensors"][1].update(shape=[-3]), "b", "non-negative"),
+    (lambda b: b["tensors"][1].update(shape=[1]), "b", "request declares"),
+    (lambda b: b["tensors"][1].update(dtype="int32"), "b", "request declares"),
+    (lambda b: b["tensors"].pop(), "b", "missing from the payload"),
+    (lambda b: (b.update(nbytes=513), b["tensors"].append({"name": "c", "dtype": "uint8", "shape": [1],
+                                                           "offset": 512})), "c",
+     "not among the request's names"),
+    (lambda b: b["tensors"].append(dict(b["tensors"][0])), "a", "more than once"),
+    (lambda b: b.update(nbytes="268"), "payload.buckets[0].nbytes", "integer"),
+    (lambda b: b["tensors"][0].update(name=7), "payload.buckets[0].tensors[0]", "non-empty string"),
+])
+def test_parse_buckets_names_every_problem(mutate, offender, words):
+    bucket = _good_bucket()
+    mutate(bucket)
+    with pytest.raises(WeightUpdateError) as info:
+        parse_buckets(_request([bucket]))
+    assert offender in info.value.problems, info.value.problems
+    assert words in info.value.problems[offender]
+
+
+def test_parse_buckets_rejects_a_payload_without_buckets():
+    for payload in (None, [1, 2], {"buckets": "x"}):
+        request = WeightUpdateRequest(["a"], ["float32"], [(1,)], "broadcast", payload)
+        with pytest.raises(WeightUpdateError, match="payload"):
+            parse_buckets(request)
+
+
+def test_request_json_round_trip_through_text():
+    request = _request([_good_bucket()], strategy="shared_memory")
+    text = json.dumps(request_to_json(request))
+    back = request_from_json(json.loads(text))
+    assert (back.names, back.dtypes, back.shapes, back.strategy) == (request.names, request.dtypes,
+                                                                    request.shapes, request.strategy)
+    assert back.payload == request.payload
+
+
+@pytest.mark.parametrize("field, value", [
+    ("wire_version", 99), ("strategy", "pickle"), ("names", [1, 2]), ("dtypes", ["float32", "object"]),
+    ("shapes", [[2, 2], [-1]]), ("names", ["a", "a"]),
+])
+def test_request_from_json_rejects_bad_top_level_fields(field, value):
+    obj = request_to_json(_request([_good_bucket()], strategy="shared_memory"))
+    obj[field] = value
+    with pytest.raises(WeightUpdateError):
+        request_from_json(obj)
+
+
+def test_in_process_tensors_cannot_be_serialised():
+    request = WeightUpdateRequest.from_named_tensors([("a", torch.zeros(2))])
+    with pytest.raises(WeightUpdateError, match="cannot cross a process boundary"):
+        request_to_json(request)
