@@ -1,0 +1,590 @@
+"""InferenceEngineClient: one async API over many engines.
+
+The trainer talks to this object as it would to one :class:`~skyrl_backends.engine.InferenceEngine`
+(the same ``generate``, ``sleep``, ``wake_up``, weight and LoRA calls), and the client:
+
+* splits a batch across engines and returns completions in the caller's order;
+* routes every prompt with a session id to the engine the consistent-hash ring gives that session,
+  and balances the rest by the number of sequences in flight;
+* pauses generation for in-flight weight updates: natively where the engine can pause, otherwise by
+  aborting and resubmitting each sequence as a continuation (see
+  :mod:`skyrl_backends.client.continuation`), otherwise by holding new requests until in-flight ones
+  drain;
+* fails over: an engine that raises an engine failure (dead Ray actor, torn-down engine, timeout)
+  is marked unhealthy and its pending prompts are sent to the others (sessions move to the ring's
+  next engine), or fail with :class:`~skyrl_backends.errors.EngineDeadError` when none is left.
+
+Engines are anything with the engine API: in-process ``InferenceEngine`` objects and Ray actor
+proxies (:mod:`skyrl_backends.ray_wrapper`) alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from skyrl_backends.client.continuation import Continuation, Decode
+from skyrl_backends.client.hashing import DEFAULT_VIRTUAL_NODES, ConsistentHashRing
+from skyrl_backends.client.routing import LoadTracker, Router, SessionRouting, reassemble
+from skyrl_backends.errors import (
+    EngineClosedError,
+    EngineDeadError,
+    EngineStateError,
+    UnsupportedCapabilityError,
+)
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, WeightUpdateRequest
+
+logger = logging.getLogger(__name__)
+
+PauseMode = Literal["auto", "abort"]
+_ABORT_CALL_TIMEOUT_S = 10.0
+
+
+def is_engine_failure(exc: BaseException) -> bool:
+    """Errors that say the engine is gone or unresponsive (fail over), as opposed to errors about
+    the request itself (bad parameters: raised to the caller, the engine stays healthy)."""
+    return isinstance(exc, (EngineDeadError, EngineClosedError, TimeoutError, ConnectionError))
+
+
+@dataclass
+class EngineStats:
+    """What the client has seen of one engine (for health reports and benchmarks)."""
+
+    sequences_submitted: int = 0
+    sequences_completed: int = 0
+    continuations: int = 0
+    failovers: int = 0
+
+
+@dataclass
+class _EngineSlot:
+    engine_id: str
+    engine: Any
+    healthy: bool = True
+    failure: str | None = None
+    stats: EngineStats = field(default_factory=EngineStats)
+    # engine-level request id -> client request id, for the segments running there now
+    inflight: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def capabilities(self) -> Any:
+        return self.engine.capabilities
+
+
+@dataclass
+class _Segment:
+    """One engine call of part of a batch, and the client state it started under.
+
+    ``client_ids[i]`` is the caller's request id of prompt ``i`` (continuation pieces carry their
+    own engine-level ids, so the two differ)."""
+
+    slot: _EngineSlot
+    request: GenerateRequest
+    client_ids: list[str]
+    abort_epoch: int
+    fallback_pauses: int = 0
+
+
+class InferenceEngineClient:
+    """Routes requests over several engines; see the module docstring.
+
+    ``request_timeout`` bounds each engine call in seconds (None: unbounded); an engine that
+    exceeds it is marked unhealthy and its prompts fail over. ``tokenizer`` (anything with
+    ``decode(ids, skip_special_tokens=True)``) or ``decode`` lets continuations re-check stop strings
+    across the seam and decode their text whole. ``pause_mode="abort"`` forces the
+    abort-and-resubmit pause even on engines with a native pause.
+    """
+
+    def __init__(self, engines: Sequence[Any], *, request_timeout: float | None = None,
+                 session_routing: SessionRouting = "consistent_hash", pause_mode: PauseMode = "auto",
+                 tokenizer: Any = None, decode: Decode | None = None,
+                 virtual_nodes: int = DEFAULT_VIRTUAL_NODES, max_failovers: int | None = None) -> None:
+        if pause_mode not in ("auto", "abort"):
+            raise ValueError(f"pause_mode must be 'auto' or 'abort', got {pause_mode!r}")
+        if request_timeout is not None and request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout!r}")
+        self.request_timeout = request_timeout
+        self.pause_mode = pause_mode
+        if decode is None and tokenizer is not None:
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        self._decode = decode
+        self._slots: dict[str, _EngineSlot] = {}
+        self._ids = itertools.count()
+        self._ring = ConsistentHashRing(virtual_nodes=virtual_nodes)
+        self._load = LoadTracker()
+        self._router = Router(self._ring, self._load, session_routing)
+        self._max_failovers = max_failovers
+        self._closed = False
+        # Pause state. New requests and continuations wait while paused; ``_state_changed`` is set
+        # (and replaced) whenever pause or abort state changes, waking every waiter.
+        self._paused = False
+        self._fallback_pauses = 0
+        self._state_changed = asyncio.Event()
+        self._abort_epoch = 0
+        self._user_aborted: set[str] = set()
+        self.weight_version = 0
+        for engine in engines:
+            self.add_engine(engine)
+        if not self._slots:
+            raise ValueError("InferenceEngineClient needs at least one engine")
+
+    # -- the pool ----------------------------------------------------------------------------
+    def add_engine(self, engine: Any, engine_id: str | None = None) -> str:
+        """Add an engine to the pool; returns its id. Only the sessions the ring now gives the new
+        engine move to it."""
+        engine_id = engine_id or f"engine-{next(self._ids)}"
+        if engine_id in self._slots:
+            raise ValueError(f"an engine with id {engine_id!r} is already in the pool")
+        self._slots[engine_id] = _EngineSlot(engine_id, engine)
+        self._ring.add(engine_id)
+        return engine_id
+
+    def remove_engine(self, engine_id: str) -> Any:
+        """Take an engine out of the pool (it is not torn down); returns it. Requests running
+        there finish there."""
+        slot = self._slot(engine_id)
+        self._ring.remove(engine_id)
+        del self._slots[engine_id]
+        return slot.engine
+
+    @property
+    def engine_ids(self) -> list[str]:
+        return list(self._slots)
+
+    @property
+    def engines(self) -> list[Any]:
+        return [s.engine for s in self._slots.values()]
+
+    def engine(self, engine_id: str) -> Any:
+        return self._slot(engine_id).engine
+
+    def route_session(self, session_id: str) -> str | None:
+        """The engine id that serves ``session_id`` now (None when no engine is healthy)."""
+        return self._router.engine_for_session(session_id, self._usable_ids())
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        return {s.engine_id: {"healthy": s.healthy, "failure": s.failure, "inflight": len(s.inflight),
+                              **vars(s.stats)} for s in self._slots.values()}
+
+    def mark_unhealthy(self, engine_id: str, reason: str) -> None:
+        slot = self._slot(engine_id)
+        if slot.healthy:
+            logger.warning("engine %s marked unhealthy: %s", engine_id, reason)
+        slot.healthy, slot.failure = False, reason
+
+    def mark_healthy(self, engine_id: str) -> None:
+        """Put a recovered engine back into rotation (its sessions return to it). Its weights may
+        be stale: push weights before relying on it."""
+        slot = self._slot(engine_id)
+        slot.healthy, slot.failure = True, None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _slot(self, engine_id: str) -> _EngineSlot:
+        try:
+            return self._slots[engine_id]
+        except KeyError:
+            raise KeyError(f"no engine {engine_id!r} in the pool; engines: {', '.join(self._slots)}") from None
+
+    def _usable_ids(self) -> list[str]:
+        return [s.engine_id for s in self._slots.values() if s.healthy]
+
+    def _usable(self) -> list[_EngineSlot]:
+        return [s for s in self._slots.values() if s.healthy]
+
+    def _require_usable(self) -> list[_EngineSlot]:
+        slots = self._usable()
+        if not slots:
+            reasons = "; ".join(f"{s.engine_id}: {s.failure}" for s in self._slots.values())
+            raise EngineDeadError(f"no healthy engine is left in the pool ({reasons}).")
+        return slots
+
+    # -- generation --------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest | Sequence[Sequence[int]],
+                       sampling_params: SamplingParams | dict[str, Any] | None = None,
+                       **request_fields: Any) -> GenerateOutput:
+        """Generate for a batch over the pool; completions come back in the batch's order
+        (``n`` per prompt, prompt-major). Same arguments as ``InferenceEngine.generate``."""
+        if not isinstance(request, GenerateRequest):
+            params = sampling_params if isinstance(sampling_params, SamplingParams) \
+                else SamplingParams.from_dict(sampling_params)
+            request = GenerateRequest(prompt_token_ids=[list(p) for p in request], sampling_params=params,
+                                      **request_fields)
+        elif sampling_params is not None or request_fields:
+            raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
+        self._check_open()
+        epoch = self._abort_epoch
+        try:
+            completions = await self._generate_routed(request, list(request.request_ids), epoch, attempts=0)
+        finally:
+            self._user_aborted.difference_update(request.request_ids)
+        return GenerateOutput(completions)
+
+    async def _generate_routed(self, request: GenerateRequest, client_ids: list[str], epoch: int,
+                               attempts: int) -> list[Completion]:
+        """Route ``request`` over the usable engines and run every part; a part whose engine fails
+        is routed again over the engines left."""
+        await self._wait_while_paused(client_ids, epoch)
+        self._require_usable()
+        n = request.sampling_params.n
+        assignment = self._router.assign(request.session_ids, len(request), self._usable_ids(), weight=n)
+        parts = [(indices, self._slots[engine_id], request.subset(indices), [client_ids[i] for i in indices])
+                 for engine_id, indices in assignment.items()]
+        results = await _gather_or_cancel(
+            [self._run_part(slot, sub, ids, epoch, attempts) for _, slot, sub, ids in parts])
+        return reassemble(len(request), n, [(part[0], out) for part, out in zip(parts, results)])
+
+    async def _run_part(self, slot: _EngineSlot, request: GenerateRequest, client_ids: list[str], epoch: int,
+                        attempts: int) -> list[Completion]:
+        try:
+            segment, output = await self._call_generate(slot, request, client_ids, epoch)
+        except Exception as exc:
+            if not is_engine_failure(exc):
+                raise
+            return await self._fail_over(slot, request, client_ids, epoch, attempts, exc)
+        completions = list(output.completions)
+        n = request.sampling_params.n
+        pending = [i for i, c in enumerate(completions) if self._should_continue(segment, c, client_ids[i // n])]
+        if pending:
+            continued = await _gather_or_cancel([
+                self._continue(segment, i // n, i % n, completions[i], epoch) for i in pending])
+            for i, completion in zip(pending, continued):
+                completions[i] = completion
+        return completions
+
+    async def _fail_over(self, slot: _EngineSlot, request: GenerateRequest, client_ids: list[str], epoch: int,
+                         attempts: int, exc: BaseException) -> list[Completion]:
+        self.mark_unhealthy(slot.engine_id, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        limit = self._max_failovers if self._max_failovers is not None else len(self._slots)
+        if attempts >= limit or not self._usable():
+            why = "no healthy engine is left" if not self._usable() else f"{attempts} failover(s) were already tried"
+            raise EngineDeadError(
+                f"engine {slot.engine_id} failed ({slot.failure}) with {len(request)} prompt(s) pending and "
+                f"{why}.") from exc
+        slot.stats.failovers += 1
+        logger.warning("failing over %d prompt(s) from %s", len(request), slot.engine_id)
+        return await self._generate_routed(request, client_ids, epoch, attempts + 1)
+
+    def _should_continue(self, segment: _Segment, completion: Completion, client_rid: str) -> bool:
+        """An aborted sequence is resubmitted when the client's pause (not the caller) aborted it,
+        or when its engine was torn down under it."""
+        if completion.finish_reason != "abort":
+            return False
+        if self._is_user_aborted(client_rid, segment.abort_epoch):
+            return False
+        if self._fallback_pauses != segment.fallback_pauses:
+            return True
+        return bool(getattr(segment.slot.engine, "closed", False))
+
+    async def _continue(self, first: _Segment, prompt_index: int, sample: int, completion: Completion,
+                        epoch: int) -> Completion:
+        """Resubmit one aborted sequence until it finishes (see continuation.py)."""
+        request = first.request
+        client_rid = first.client_ids[prompt_index]
+        session_id = request.session_ids[prompt_index] if request.session_ids else None
+        params = request.sampling_params.replace(n=1)
+        if request.sampling_params.n > 1 and params.seed is not None:
+            params = params.replace(seed=params.seed + sample)  # the facade's seed for sample j
+        piece_base = completion.request_id or f"{client_rid}-{sample}"
+        state = Continuation(prompt=list(request.prompt_token_ids[prompt_index]), params=params,
+                             request_id=completion.request_id)
+        state.absorb(completion)
+        slot = first.slot
+        for piece in itertools.count(1):
+            if not state.needs_more:
+                break
+            if getattr(slot.engine, "closed", False) and slot.healthy:
+                self.mark_unhealthy(slot.engine_id, "engine was torn down")
+            if not slot.healthy:
+                slot = self._pick_engine(session_id)
+            sub = GenerateRequest(prompt_token_ids=[state.next_prompt()], sampling_params=state.next_params(),
+                                  request_ids=[f"{piece_base}~{piece}"], session_ids=[session_id],
+                                  lora_name=request.lora_name)
+            try:
+                segment, output = await self._call_generate(slot, sub, [client_rid], epoch)
+            except Exception as exc:
+                if not is_engine_failure(exc):
+                    raise
+                self.mark_unhealthy(slot.engine_id, f"{type(exc).__name__}: {exc}")
+                slot.stats.failovers += 1
+                continue
+            slot.stats.continuations += 1
+            piece_completion = output.completions[0]
+            state.absorb(piece_completion)
+            if state.finish_reason == "abort" and not self._should_continue(segment, piece_completion, client_rid):
+                break
+        return state.result(self._decode)
+
+    def _pick_engine(self, session_id: str | None) -> _EngineSlot:
+        self._require_usable()
+        assignment = self._router.assign([session_id], 1, self._usable_ids())
+        return self._slots[next(iter(assignment))]
+
+    async def _call_generate(self, slot: _EngineSlot, request: GenerateRequest, client_ids: list[str],
+                             epoch: int) -> tuple[_Segment, GenerateOutput]:
+        """One engine call, with pause, load and in-flight bookkeeping, the timeout, and abort of
+        the engine's requests when the caller cancels or the call times out."""
+        await self._wait_while_paused(client_ids, epoch)
+        if all(self._is_user_aborted(rid, epoch) for rid in client_ids):
+            segment = _Segment(slot, request, client_ids, epoch, self._fallback_pauses)
+            return segment, GenerateOutput(_empty_aborted(request))
+        # From here to the engine call nothing awaits, so a pause either came before (and we waited)
+        # or sees these ids in ``slot.inflight`` and aborts them.
+        segment = _Segment(slot, request, client_ids, epoch, self._fallback_pauses)
+        n = request.sampling_params.n
+        engine_ids = _engine_request_ids(request)
+        for k, engine_rid in enumerate(engine_ids):
+            slot.inflight[engine_rid] = client_ids[k // n]
+        self._load.add(slot.engine_id, len(engine_ids))
+        slot.stats.sequences_submitted += len(engine_ids)
+        try:
+            call = slot.engine.generate(request)
+            if self.request_timeout is None:
+                output = await call
+            else:
+                try:
+                    output = await asyncio.wait_for(call, self.request_timeout)
+                except TimeoutError:
+                    self._abort_in_background(slot, engine_ids)
+                    raise TimeoutError(f"engine {slot.engine_id} did not answer within "
+                                       f"{self.request_timeout}s (request_timeout)") from None
+        except asyncio.CancelledError:
+            self._abort_in_background(slot, engine_ids)
+            raise
+        finally:
+            for engine_rid in engine_ids:
+                slot.inflight.pop(engine_rid, None)
+            self._load.done(slot.engine_id, len(engine_ids))
+        if not isinstance(output, GenerateOutput) or len(output) != len(engine_ids):
+            got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
+            raise EngineStateError(f"engine {slot.engine_id} returned {got} completions for "
+                                   f"{len(request)} prompt(s) x {n} sample(s)")
+        slot.stats.sequences_completed += len(output)
+        return segment, output
+
+    def _abort_in_background(self, slot: _EngineSlot, engine_ids: list[str]) -> None:
+        if not slot.capabilities.abort:
+            return
+
+        async def abort() -> None:
+            try:
+                await asyncio.wait_for(slot.engine.abort(engine_ids), _ABORT_CALL_TIMEOUT_S)
+            except Exception as exc:  # the engine may be the thing that is broken
+                logger.debug("abort on %s failed: %r", slot.engine_id, exc)
+
+        _spawn(abort())
+
+    # -- pause, resume, abort ------------------------------------------------------------------
+    async def pause_generation(self) -> None:
+        """Stop generating on every engine without losing in-flight requests; new requests wait.
+
+        Engines with a native pause hold their sequences; others have their sequences aborted and
+        resubmitted as continuations on :meth:`resume_generation`; engines that can do neither are
+        drained (in-flight requests finish, new ones wait)."""
+        self._check_open()
+        if self._paused:
+            return
+        self._paused = True
+        self._notify()
+        native, aborting, draining = [], [], []
+        for slot in self._usable():
+            caps = slot.capabilities
+            if caps.native_pause and self.pause_mode == "auto":
+                native.append(slot)
+            elif caps.abort:
+                aborting.append(slot)
+            else:
+                draining.append(slot)
+        if aborting:
+            self._fallback_pauses += 1
+        await _gather_or_cancel(
+            [self._engine_call(s, s.engine.pause_generation) for s in native]
+            + [self._engine_call(s, s.engine.abort, list(s.inflight)) for s in aborting if s.inflight])
+        if draining:
+            await self._drain(draining)
+
+    async def resume_generation(self) -> None:
+        """Resume every engine paused by :meth:`pause_generation`; waiting requests and
+        continuations go ahead."""
+        self._check_open()
+        if not self._paused:
+            return
+        native = [s for s in self._usable() if s.capabilities.native_pause and self.pause_mode == "auto"]
+        await _gather_or_cancel([self._engine_call(s, s.engine.resume_generation) for s in native])
+        self._paused = False
+        self._notify()
+
+    async def abort(self, request_ids: Sequence[str] | None = None) -> None:
+        """Abort requests (None: every request); their callers get what was generated so far with
+        finish reason ``"abort"``, also while the client is paused."""
+        if request_ids is None:
+            self._abort_epoch += 1
+        else:
+            self._user_aborted.update(request_ids)
+        self._notify()
+        wanted = None if request_ids is None else set(request_ids)
+        calls = []
+        for slot in self._usable():
+            ids = [rid for rid, client_rid in slot.inflight.items() if wanted is None or client_rid in wanted]
+            if ids and slot.capabilities.abort:
+                calls.append(self._engine_call(slot, slot.engine.abort, ids))
+        await _gather_or_cancel(calls)
+
+    def _is_user_aborted(self, client_rid: str, epoch: int) -> bool:
+        return self._abort_epoch != epoch or client_rid in self._user_aborted
+
+    async def _wait_while_paused(self, request_ids: Sequence[str], epoch: int) -> None:
+        while self._paused and not self._closed:
+            if all(self._is_user_aborted(rid, epoch) for rid in request_ids):
+                return
+            await self._state_changed.wait()
+        self._check_open()
+
+    def _notify(self) -> None:
+        event, self._state_changed = self._state_changed, asyncio.Event()
+        event.set()
+
+    async def _drain(self, slots: list[_EngineSlot], poll_s: float = 0.01) -> None:
+        while any(s.inflight for s in slots):
+            await asyncio.sleep(poll_s)
+
+    # -- fan-out of the engine API -------------------------------------------------------------
+    async def update_named_weights(self, request: WeightUpdateRequest) -> int:
+        """Push a weight update to every healthy engine; returns the client's new weight version.
+
+        Every engine validates the update before any applies it, so a bad update changes no engine.
+        Safe between :meth:`pause_generation` and :meth:`resume_generation`."""
+        self._check_open()
+        slots = self._require_usable()
+        await _gather_or_cancel([_maybe_await(s.engine.validate_weight_update(request)) for s in slots])
+        await _gather_or_cancel([self._engine_call(s, s.engine.update_named_weights, request) for s in slots])
+        self.weight_version += 1
+        return self.weight_version
+
+    async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
+        return await self.update_named_weights(WeightUpdateRequest.from_named_tensors(list(named_tensors)))
+
+    async def init_weight_update_communicator(self, init_infos: Sequence[Any] | Any) -> None:
+        """One ``WeightSyncInitInfo`` per engine (in pool order), or one shared by all."""
+        slots = self._require_usable()
+        infos = list(init_infos) if isinstance(init_infos, (list, tuple)) else [init_infos] * len(slots)
+        if len(infos) != len(slots):
+            raise ValueError(f"got {len(infos)} init infos for {len(slots)} engines; give one per engine")
+        await _gather_or_cancel([self._engine_call(s, s.engine.init_weight_update_communicator, info)
+                                 for s, info in zip(slots, infos)])
+
+    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, **kwargs: Any) -> None:
+        await self._fan_out("sleep", tags, level, **kwargs)
+
+    async def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        await self._fan_out("wake_up", tags)
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> None:
+        await self._fan_out("load_lora_adapter", lora_name, lora_path, pinned)
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        await self._fan_out("unload_lora_adapter", lora_name)
+
+    async def reset_prefix_cache(self) -> None:
+        """Reset the prefix cache of every engine that has one (engines without one have nothing
+        to reset)."""
+        self._check_open()
+        slots = [s for s in self._require_usable() if s.capabilities.prefix_caching]
+        await _gather_or_cancel([self._engine_call(s, s.engine.reset_prefix_cache) for s in slots])
+
+    async def teardown(self) -> None:
+        """Tear down every engine, healthy or not; errors from dead engines are logged."""
+        if self._closed:
+            return
+        self._closed = True
+        self._notify()
+        results = await asyncio.gather(*(_maybe_await(s.engine.teardown()) for s in self._slots.values()),
+                                       return_exceptions=True)
+        for slot, result in zip(self._slots.values(), results):
+            if isinstance(result, BaseException):
+                logger.warning("teardown of %s failed: %r", slot.engine_id, result)
+
+    async def __aenter__(self) -> InferenceEngineClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.teardown()
+
+    async def _fan_out(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self._check_open()
+        slots = self._require_usable()
+        unsupported = [s.engine_id for s in slots if not hasattr(s.engine, method)]
+        if unsupported:
+            raise UnsupportedCapabilityError(", ".join(unsupported), method)
+        await _gather_or_cancel([self._engine_call(s, getattr(s.engine, method), *args, **kwargs) for s in slots])
+
+    async def _engine_call(self, slot: _EngineSlot, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A control call (pause, weights, sleep...) with failure detection: an engine failure marks
+        the engine unhealthy and is raised with the engine named."""
+        try:
+            result = fn(*args, **kwargs)
+            if self.request_timeout is not None and asyncio.iscoroutine(result):
+                return await asyncio.wait_for(result, self.request_timeout)
+            return await _maybe_await(result)
+        except Exception as exc:
+            if is_engine_failure(exc):
+                self.mark_unhealthy(slot.engine_id, f"{type(exc).__name__}: {exc}")
+                raise EngineDeadError(f"engine {slot.engine_id} failed during "
+                                      f"{getattr(fn, '__name__', 'a call')}: {exc!r}") from exc
+            raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError()
+
+
+def _engine_request_ids(request: GenerateRequest) -> list[str]:
+    """The ids the engine sees: the facade names sample ``j`` of request ``r`` ``r-j`` when n > 1."""
+    n = request.sampling_params.n
+    if n == 1:
+        return list(request.request_ids)
+    return [f"{rid}-{j}" for rid in request.request_ids for j in range(n)]
+
+
+def _empty_aborted(request: GenerateRequest) -> list[Completion]:
+    n = request.sampling_params.n
+    return [Completion(token_ids=[], finish_reason="abort", request_id=rid, text="")
+            for rid in request.request_ids for _ in range(n)]
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) or hasattr(value, "__await__"):
+        return await value
+    return value
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(coro)
+    _background.add(task)  # keep a reference until done, or the task may be collected mid-flight
+    task.add_done_callback(_background.discard)
+
+
+async def _gather_or_cancel(awaitables: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Run concurrently; on the first error cancel the rest and raise that error (not a group)."""
+    if not awaitables:
+        return []
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
