@@ -40,8 +40,15 @@ def _as_list(targets: Any) -> list[Any]:
     return [targets]
 
 
+def _pool(target: Any) -> list[Any] | None:
+    """The engines of a client (an object with an ``engines`` list), else None."""
+    engines = getattr(target, "engines", None)
+    return list(engines) if isinstance(engines, (list, tuple)) else None
+
+
 async def _engine_dtypes(targets: list[Any]) -> dict[str, str] | None:
     for target in targets:
+        target = (_pool(target) or [target])[0]
         if hasattr(target, "weight_specs"):
             specs = await _maybe_await(target.weight_specs())
             values = specs.values() if isinstance(specs, Mapping) else specs
@@ -63,6 +70,9 @@ def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
 
 
 def _num_ranks(target: Any) -> int:
+    pool = _pool(target)
+    if pool is not None:
+        return sum(_num_ranks(e) for e in pool)
     sizes = getattr(target, "parallel_sizes", None)
     if callable(sizes):
         result = sizes()
@@ -87,7 +97,17 @@ async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", mas
     sender = broadcast.BroadcastSender(1 + sum(ranks), master_addr, master_port, backend, group_name, device,
                                        timeout_s)
     offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
-    joins = [_maybe_await(e.init_weight_update_communicator(sender.init_info(o))) for e, o in zip(engines, offsets)]
+    joins = []
+    for engine, offset in zip(engines, offsets):
+        pool = _pool(engine)
+        if pool is None:
+            joins.append(_maybe_await(engine.init_weight_update_communicator(sender.init_info(offset))))
+        else:  # a client: one init info per engine of its pool, consecutive ranks
+            infos, next_offset = [], offset
+            for member in pool:
+                infos.append(sender.init_info(next_offset))
+                next_offset += _num_ranks(member)
+            joins.append(_maybe_await(engine.init_weight_update_communicator(infos)))
     await asyncio.gather(asyncio.to_thread(sender.join), *joins)
     return sender
 
@@ -137,7 +157,7 @@ async def _validate(engines: list[Any], request: WeightUpdateRequest) -> None:
 async def _apply(engines: list[Any], request: WeightUpdateRequest) -> list[int]:
     await _validate(engines, request)
     results = await asyncio.gather(*(_maybe_await(e.update_named_weights(request)) for e in engines))
-    return _flatten(results)
+    return _versions(engines, results)
 
 
 async def _broadcast(engines: list[Any], layout: PackPlan, sender: broadcast.BroadcastSender) -> list[int]:
@@ -148,11 +168,17 @@ async def _broadcast(engines: list[Any], layout: PackPlan, sender: broadcast.Bro
     await _validate(engines, request)
     results = await asyncio.gather(asyncio.to_thread(sender.send, layout),
                                    *(_maybe_await(e.update_named_weights(request)) for e in engines))
-    return _flatten(results[1:])
+    return _versions(engines, results[1:])
 
 
-def _flatten(results: Sequence[Any]) -> list[int]:
+def _versions(targets: list[Any], results: Sequence[Any]) -> list[int]:
+    """One weight version per engine: a client's result stands for its pool, whose engines report
+    their own versions."""
     versions: list[int] = []
-    for result in results:
-        versions.extend(int(v) for v in (result if isinstance(result, (list, tuple)) else [result]))
+    for target, result in zip(targets, results):
+        pool = _pool(target)
+        if pool is not None and all(isinstance(getattr(e, "weight_version", None), int) for e in pool):
+            versions.extend(e.weight_version for e in pool)
+        else:
+            versions.extend(int(v) for v in (result if isinstance(result, (list, tuple)) else [result]))
     return versions

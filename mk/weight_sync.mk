@@ -1,0 +1,12 @@
+# Weight sync (issue 8): trainer and engine processes exchanging weights over shared memory and a
+# gloo broadcast, against real engines. Unit tests of the wire format run in test-core.
+EXTRA_TESTS += test-weight-sync
+
+.PHONY: test-weight-sync bench-weight-sync
+
+test-weight-sync: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q tests/weight_sync
+
+# Not a test: prints the strategies' timings against baselines measured in the same run.
+bench-weight-sync: $(TF_ENV)/.ready
+	$(TF_ENV)/bin/python benchmarks/bench_weight_sync.py --mode cpu

@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    path = os.environ.get("SKYRL_TEST_MODEL")
+    if not path or not os.path.isdir(path):
+        pytest.skip("SKYRL_TEST_MODEL is not set to a model folder (run `make model`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def backend() -> str:
+    """The backend whose engines run in the engine processes (``SKYRL_WEIGHT_SYNC_BACKEND``)."""
+    return os.environ.get("SKYRL_WEIGHT_SYNC_BACKEND", "transformers")

@@ -1,0 +1,195 @@
+"""A trainer process and engine processes exchange weights over shared memory and a gloo broadcast.
+
+The engines are real engines of the selected backend (``SKYRL_WEIGHT_SYNC_BACKEND``, default
+transformers), each in its own OS process, reached over loopback. The oracle is independent of the
+engines: Hugging Face greedy decoding, in the trainer process, of the very weights that were sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync import SharedMemorySender, connect_broadcast, sync_weights
+from skyrl_backends.weight_sync.chunks import plan
+from remote_engine import RemoteEngine
+
+PROMPTS = [[5, 6, 7, 8], [100, 42, 17]]
+MAX_TOKENS = 8
+GREEDY = {"max_generate_length": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+SMALL_BUCKETS = 64 * 1024  # several buckets for the tiny model, so "midway" failures are possible
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def trainer_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engines(backend, model_dir):
+    started = [RemoteEngine(backend, model_dir, wait=False, dtype="float32") for _ in range(2)]
+    for engine in started:
+        engine.wait_ready()
+    yield started
+    for engine in started:
+        engine.close()
+
+
+def perturbed(model, seed: int) -> dict[str, torch.Tensor]:
+    """The model's weights plus seeded noise (a 'training step' that changes greedy outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: t + 0.5 * t.float().std().nan_to_num(0.1) * torch.randn(t.shape, generator=g)
+            for name, t in model.state_dict().items()}
+
+
+def oracle_greedy(model, weights: dict[str, torch.Tensor]) -> list[list[int]]:
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(weights)
+    outputs = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, pad_token_id=0)
+            outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+async def greedy(engine: RemoteEngine) -> tuple[list[list[int]], list[int]]:
+    out = await engine.generate(PROMPTS, GREEDY)
+    return [c["token_ids"] for c in out], [c["weight_version"] for c in out]
+
+
+async def versions(engines) -> list[int]:
+    return [(await e.state())["weight_version"] for e in engines]
+
+
+def test_shared_memory_sync_into_two_engine_processes(engines, trainer_model):
+    weights = perturbed(trainer_model, seed=1)
+    expected = oracle_greedy(trainer_model, weights)
+
+    async def scenario():
+        before = await versions(engines)
+        got_versions = await sync_weights(engines, weights, "shared_memory", bucket_bytes=SMALL_BUCKETS)
+        assert got_versions == [v + 1 for v in before]
+        for engine, version in zip(engines, got_versions):
+            tokens, stamped = await greedy(engine)
+            assert tokens == expected
+            assert stamped == [version] * len(PROMPTS)
+
+    run(scenario())
+
+
+def test_gloo_broadcast_into_two_engine_processes(engines, trainer_model):
+    first, second = perturbed(trainer_model, seed=2), perturbed(trainer_model, seed=3)
+
+    async def scenario():
+        sender = await connect_broadcast(engines, backend="gloo", timeout_s=120)
+        assert sender.world_size == 3
+        try:
+            for weights in (first, second):  # the group stays usable from one update to the next
+                before = await versions(engines)
+                got = await sync_weights(engines, weights, "broadcast", sender=sender, bucket_bytes=SMALL_BUCKETS)
+                assert got == [v + 1 for v in before]
+                expected = oracle_greedy(trainer_model, weights)
+                for engine, version in zip(engines, got):
+                    tokens, stamped = await greedy(engine)
+                    assert tokens == expected and stamped == [version] * len(PROMPTS)
+            # A bad update is refused before a byte is broadcast, and the group stays in step.
+            bad = dict(first)
+            bad["model.norm.weight"] = bad["model.norm.weight"][:-1]
+            with pytest.raises(WeightUpdateError) as info:
+                await sync_weights(engines, bad, "broadcast", sender=sender)
+            assert "model.norm.weight" in info.value.problems
+            tokens, _ = await greedy(engines[0])
+            assert tokens == oracle_greedy(trainer_model, second)
+            got = await sync_weights(engines, first, "broadcast", sender=sender)
+            tokens, _ = await greedy(engines[1])
+            assert tokens == oracle_greedy(trainer_model, first)
+        finally:
+            sender.close()
+
+    run(scenario())
+
+
+def _tamper(request: WeightUpdateRequest, mutate) -> WeightUpdateRequest:
+    payload = copy.deepcopy(request.payload)
+    mutate(payload)
+    return WeightUpdateRequest(request.names, request.dtypes, request.shapes, request.strategy, payload)
+
+
+def _last_segment_missing(payload):
+    payload["buckets"][-1]["segment"] = "skyrl_ws_" + "0" * 24
+
+
+def _last_segment_truncated(payload):
+    payload["buckets"][-1]["nbytes"] += 1 << 20
+
+
+def _offset_out_of_range(payload):
+    payload["buckets"][-1]["tensors"][-1]["offset"] = payload["buckets"][-1]["nbytes"]
+
+
+@pytest.mark.parametrize("mutate, offender, words", [
+    (_last_segment_missing, "payload.buckets[{last}].segment", "does not exist"),
+    (_last_segment_truncated, "payload.buckets[{last}].segment", "truncated"),
+    (_offset_out_of_range, "{last_tensor}", "outside its bucket"),
+])
+def test_transfer_failing_midway_changes_nothing(engines, trainer_model, mutate, offender, words):
+    """Every bucket but the last is fine: the engine must still apply none of them."""
+    served, update = perturbed(trainer_model, seed=4), perturbed(trainer_model, seed=5)
+    engine = engines[0]
+
+    async def scenario():
+        await sync_weights(engine, served, "shared_memory")
+        tokens_before, _ = await greedy(engine)
+        [version_before] = await versions([engine])
+        with SharedMemorySender() as sender:
+            layout = plan(update, SMALL_BUCKETS)
+            good = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "shared_memory",
+                                       sender.write(layout))
+            assert len(good.payload["buckets"]) >= 3
+            bad = _tamper(good, mutate)
+            with pytest.raises(WeightUpdateError) as info:
+                await engine.update_named_weights(bad)
+        name = offender.format(last=len(good.payload["buckets"]) - 1,
+                               last_tensor=good.payload["buckets"][-1]["tensors"][-1]["name"])
+        assert words in info.value.problems[name]
+        tokens_after, stamped = await greedy(engine)
+        assert tokens_after == tokens_before == oracle_greedy(trainer_model, served)
+        assert await versions([engine]) == [version_before] and stamped == [version_before] * len(PROMPTS)
+
+    run(scenario())
+
+
+def test_mismatched_update_is_rejected_naming_every_offender(engines, trainer_model):
+    served = perturbed(trainer_model, seed=6)
+    bad = perturbed(trainer_model, seed=7)
+    bad["model.layers.0.mlp.up_proj.weight"] = bad["model.layers.0.mlp.up_proj.weight"].t().contiguous()
+    bad["model.layers.0.self_attn.q_proj.weigth"] = bad.pop("model.layers.0.self_attn.q_proj.weight")
+
+    async def scenario():
+        await sync_weights(engines, served, "shared_memory")
+        before = await versions(engines)
+        with pytest.raises(WeightUpdateError) as info:
+            await sync_weights(engines, bad, "shared_memory")
+        problems = info.value.problems
+        assert "does not match" in problems["model.layers.0.mlp.up_proj.weight"]
+        assert "q_proj.weight" in problems["model.layers.0.self_attn.q_proj.weigth"]  # the did-you-mean hint
+        assert await versions(engines) == before
+        for engine in engines:
+            tokens, _ = await greedy(engine)
+            assert tokens == oracle_greedy(trainer_model, served)
+
+    run(scenario())
