@@ -246,7 +246,7 @@ class InferenceEngineClient:
         try:
             segment, output = await self._call_generate(slot, request, client_ids, epoch)
         except Exception as exc:
-            if not is_engine_failure(exc):
+            if not self._is_failure_of(slot, exc):
                 raise
             return await self._fail_over(slot, request, client_ids, epoch, attempts, exc)
         completions = list(output.completions)
@@ -310,7 +310,7 @@ class InferenceEngineClient:
             try:
                 segment, output = await self._call_generate(slot, sub, [client_rid], epoch)
             except Exception as exc:
-                if not is_engine_failure(exc):
+                if not self._is_failure_of(slot, exc):
                     raise
                 self.mark_unhealthy(slot.engine_id, f"{type(exc).__name__}: {exc}")
                 slot.stats.failovers += 1
@@ -321,6 +321,12 @@ class InferenceEngineClient:
             if state.finish_reason == "abort" and not self._should_continue(segment, piece_completion, client_rid):
                 break
         return state.result(self._decode)
+
+    @staticmethod
+    def _is_failure_of(slot: _EngineSlot, exc: BaseException) -> bool:
+        """An engine failure, or any error from an engine that has since been torn down (its
+        executor refusing work, say): both mean "try elsewhere", not "bad request"."""
+        return is_engine_failure(exc) or bool(getattr(slot.engine, "closed", False))
 
     def _pick_engine(self, session_id: str | None) -> _EngineSlot:
         self._require_usable()
@@ -462,11 +468,16 @@ class InferenceEngineClient:
         Every engine validates the update before any applies it, so a bad update changes no engine.
         Safe between :meth:`pause_generation` and :meth:`resume_generation`."""
         self._check_open()
+        await self.validate_weight_update(request)
         slots = self._require_usable()
-        await _gather_or_cancel([_maybe_await(s.engine.validate_weight_update(request)) for s in slots])
         await _gather_or_cancel([self._engine_call(s, s.engine.update_named_weights, request) for s in slots])
         self.weight_version += 1
         return self.weight_version
+
+    async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+        """Raise WeightUpdateError if any healthy engine would reject ``request``."""
+        await _gather_or_cancel([_maybe_await(s.engine.validate_weight_update(request))
+                                 for s in self._require_usable()])
 
     async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
         return await self.update_named_weights(WeightUpdateRequest.from_named_tensors(list(named_tensors)))

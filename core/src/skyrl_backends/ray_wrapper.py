@@ -1,0 +1,289 @@
+"""Engines as Ray actors, behind the same async API as an in-process engine.
+
+* :class:`RayWrappedInferenceEngine` is the actor: it builds its engine with
+  :func:`skyrl_backends.create_engine` inside the actor process (the engine is never pickled) and
+  forwards every call to it.
+* :class:`RayEngineProxy` is what the trainer and :class:`~skyrl_backends.client.InferenceEngineClient`
+  hold: the engine API over the actor handle, so the client cannot tell it from a local engine. A
+  dead or unreachable actor surfaces as :class:`~skyrl_backends.errors.EngineDeadError` (which the
+  client fails over); the engine's own errors (bad sampling parameters, a rejected weight update)
+  arrive as the same exception types as in-process.
+* :func:`create_ray_engines` places the actors: on a placement group of their own (one bundle per
+  engine, ``num_gpus_per_engine`` GPUs each), or on bundles of the trainer's placement group with a
+  fractional GPU each (``colocate``), as the design's ``colocate_all`` does.
+
+This is the only module that imports ray; ``pip install 'skyrl-backends[ray]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from skyrl_backends.errors import ConfigError, EngineDeadError
+from skyrl_backends.types import Capabilities, GenerateOutput, GenerateRequest, ParallelSizes, WeightUpdateRequest
+
+DEFAULT_START_TIMEOUT_S = 300.0
+
+# Errors meaning "the actor is gone or cannot be reached", as opposed to an error the engine raised.
+_ACTOR_FAILURES: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(ray.exceptions, name, None) for name in (
+        "RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError",
+        "WorkerCrashedError", "NodeDiedError", "LocalRaySystemError", "RaySystemError", "ObjectLostError",
+        "OwnerDiedError"))
+    if isinstance(cls, type))
+
+
+class RayWrappedInferenceEngine:
+    """The actor body. Created through :func:`create_ray_engines` (or ``ray.remote(...)`` of this
+    class); ``options`` are ``create_engine`` keywords (a generator config's fields)."""
+
+    def __init__(self, backend: str, model: str | None, options: dict[str, Any]) -> None:
+        from skyrl_backends.api import create_engine
+
+        self.engine = create_engine(backend, model=model, **options)
+
+    def describe(self) -> dict[str, Any]:
+        """What the proxy caches: fixed for the engine's life."""
+        engine = self.engine
+        return {"backend": engine.backend, "capabilities": engine.capabilities, "config": engine.config,
+                "distribution": engine.distribution, "parallel_sizes": engine.parallel_sizes(),
+                "engine_version": engine.engine_version(), "pid": os.getpid()}
+
+    def ping(self) -> bool:
+        return True
+
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        return await self.engine.generate(request)
+
+    async def abort(self, request_ids: list[str] | None) -> None:
+        await self.engine.abort(request_ids)
+
+    async def pause_generation(self) -> None:
+        await self.engine.pause_generation()
+
+    async def resume_generation(self) -> None:
+        await self.engine.resume_generation()
+
+    async def sleep(self, tags: list[str] | None, level: int, kwargs: dict[str, Any]) -> None:
+        await self.engine.sleep(tags, level, **kwargs)
+
+    async def wake_up(self, tags: list[str] | None) -> None:
+        await self.engine.wake_up(tags)
+
+    def weight_specs(self) -> dict[str, Any]:
+        return self.engine.weight_specs()
+
+    def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+        self.engine.validate_weight_update(request)
+
+    async def init_weight_update_communicator(self, init_info: Any) -> None:
+        await self.engine.init_weight_update_communicator(init_info)
+
+    async def update_named_weights(self, request: WeightUpdateRequest) -> int:
+        return await self.engine.update_named_weights(request)
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
+        await self.engine.load_lora_adapter(lora_name, lora_path, pinned)
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        await self.engine.unload_lora_adapter(lora_name)
+
+    async def reset_prefix_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
+    def state(self) -> dict[str, Any]:
+        engine = self.engine
+        return {"weight_version": engine.weight_version, "asleep": sorted(engine.asleep_tags),
+                "weights_loaded": engine.weights_loaded, "closed": engine.closed, "paused": engine.paused,
+                "num_inflight": engine.num_inflight, "lora_adapters": engine.lora_adapters}
+
+    async def teardown(self) -> None:
+        await self.engine.teardown()
+
+
+@dataclass
+class RayEngineProxy:
+    """The engine API over a :class:`RayWrappedInferenceEngine` actor handle."""
+
+    actor: Any
+    name: str
+    backend: str
+    capabilities: Capabilities
+    config: Any
+    distribution: str | None = None
+    _parallel_sizes: ParallelSizes = ParallelSizes()
+    _engine_version: str | None = None
+    pid: int | None = None
+    weight_version: int = 0
+    closed: bool = False
+
+    def __repr__(self) -> str:
+        return f"<RayEngineProxy {self.name} backend={self.backend!r} pid={self.pid}>"
+
+    @classmethod
+    def from_actor(cls, actor: Any, name: str, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> RayEngineProxy:
+        """Wait for the actor's engine to start and cache what never changes."""
+        try:
+            info = ray.get(actor.describe.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineDeadError(f"Ray engine {name} did not start within {timeout_s}s; check that the "
+                                  f"cluster has the CPUs/GPUs its placement asks for.") from None
+        except _ACTOR_FAILURES as exc:
+            raise EngineDeadError(f"Ray engine {name} failed to start: {exc}") from exc
+        return cls(actor=actor, name=name, backend=info["backend"], capabilities=info["capabilities"],
+                   config=info["config"], distribution=info["distribution"], _parallel_sizes=info["parallel_sizes"],
+                   _engine_version=info["engine_version"], pid=info["pid"])
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.actor, method).remote(*args)
+        except _ACTOR_FAILURES as exc:
+            # An engine error raised inside the actor arrives as RayTaskError, which is also an
+            # instance of the original class; only failures of the actor itself land here.
+            raise EngineDeadError(f"Ray engine {self.name} is unreachable ({type(exc).__name__}): "
+                                  f"{_first_line(exc)}") from exc
+
+    async def generate(self, request: GenerateRequest | Sequence[Sequence[int]],
+                       sampling_params: Any = None, **request_fields: Any) -> GenerateOutput:
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+                                      sampling_params=sampling_params or {}, **request_fields)
+        return await self._call("generate", request)
+
+    async def abort(self, request_ids: Sequence[str] | None = None) -> None:
+        await self._call("abort", list(request_ids) if request_ids is not None else None)
+
+    async def pause_generation(self) -> None:
+        await self._call("pause_generation")
+
+    async def resume_generation(self) -> None:
+        await self._call("resume_generation")
+
+    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, **kwargs: Any) -> None:
+        await self._call("sleep", list(tags) if tags is not None else None, level, kwargs)
+
+    async def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        await self._call("wake_up", list(tags) if tags is not None else None)
+
+    async def weight_specs(self) -> dict[str, Any]:
+        return await self._call("weight_specs")
+
+    async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+        # Validation needs names, shapes and dtypes only: do not ship the tensors twice.
+        described = WeightUpdateRequest(names=request.names, dtypes=request.dtypes, shapes=request.shapes,
+                                        strategy=request.strategy, payload=None)
+        await self._call("validate_weight_update", described)
+
+    async def init_weight_update_communicator(self, init_info: Any) -> None:
+        await self._call("init_weight_update_communicator", init_info)
+
+    async def update_named_weights(self, request: WeightUpdateRequest) -> int:
+        self.weight_version = await self._call("update_named_weights", request)
+        return self.weight_version
+
+    async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
+        return await self.update_named_weights(WeightUpdateRequest.from_named_tensors(list(named_tensors)))
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> None:
+        await self._call("load_lora_adapter", lora_name, os.fspath(lora_path), pinned)
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        await self._call("unload_lora_adapter", lora_name)
+
+    async def reset_prefix_cache(self) -> None:
+        await self._call("reset_prefix_cache")
+
+    async def state(self) -> dict[str, Any]:
+        return await self._call("state")
+
+    async def ping(self) -> bool:
+        return await self._call("ping")
+
+    def parallel_sizes(self) -> ParallelSizes:
+        return self._parallel_sizes
+
+    def engine_version(self) -> str | None:
+        return self._engine_version
+
+    async def teardown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self._call("teardown")
+        finally:
+            ray.kill(self.actor, no_restart=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def engine_placement_group(num_engines: int, num_gpus_per_engine: float = 0.0, num_cpus_per_engine: float = 1.0,
+                           strategy: str = "PACK", timeout_s: float = DEFAULT_START_TIMEOUT_S) -> PlacementGroup:
+    """A placement group with one bundle per engine (engines on their own GPUs), ready to use."""
+    if num_engines < 1:
+        raise ConfigError.out_of_range("num_inference_engines", num_engines, "an integer >= 1")
+    bundle: dict[str, float] = {"CPU": num_cpus_per_engine}
+    if num_gpus_per_engine:
+        bundle["GPU"] = num_gpus_per_engine
+    group = placement_group([dict(bundle) for _ in range(num_engines)], strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(group)
+        raise EngineDeadError(f"placement group of {num_engines} bundle(s) {bundle} was not scheduled within "
+                              f"{timeout_s}s; the cluster has {ray.cluster_resources()}.")
+    return group
+
+
+def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[str] | None = None, *,
+                       num_gpus_per_engine: float = 0.0, num_cpus_per_engine: float = 1.0,
+                       placement_group: PlacementGroup | None = None, bundle_indices: Sequence[int] | None = None,
+                       colocate: bool = False, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                       actor_options: dict[str, Any] | None = None, **engine_options: Any) -> list[RayEngineProxy]:
+    """Start ``num_engines`` engine actors and return their proxies (ready to use).
+
+    * Own GPUs (default): a new placement group with one bundle of ``num_gpus_per_engine`` GPUs and
+      ``num_cpus_per_engine`` CPUs per engine.
+    * Colocated with training (``colocate=True``): pass the trainer's ``placement_group``; engine
+      ``i`` is scheduled on bundle ``bundle_indices[i]`` (default ``i``) with a fractional
+      ``num_gpus_per_engine`` (for example 0.2), leaving the rest of the GPU to the training actor.
+
+    ``engine_options`` are ``create_engine`` keywords (a generator config's fields).
+    """
+    if colocate and placement_group is None:
+        raise ConfigError("placement_group", "colocate=True needs the trainer's placement group to share.")
+    if colocate and not 0 < num_gpus_per_engine < 1 and num_gpus_per_engine != 0:
+        raise ConfigError.out_of_range("num_gpus_per_engine", num_gpus_per_engine,
+                                       "a fraction in (0, 1) when colocated with training (or 0 on CPU)")
+    own_group = placement_group is None
+    group = placement_group or engine_placement_group(num_engines, num_gpus_per_engine, num_cpus_per_engine,
+                                                      timeout_s=start_timeout_s)
+    indices = list(bundle_indices) if bundle_indices is not None else list(range(num_engines))
+    if len(indices) != num_engines:
+        raise ConfigError("bundle_indices", f"has {len(indices)} entries for {num_engines} engines.")
+    actor_class = ray.remote(RayWrappedInferenceEngine)
+    model_path = os.fspath(model) if model is not None else None
+    actors = []
+    for index in indices:
+        options = {"num_cpus": num_cpus_per_engine, "num_gpus": num_gpus_per_engine, "max_restarts": 0,
+                   "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                       placement_group=group, placement_group_bundle_index=index),
+                   **(actor_options or {})}
+        actors.append(actor_class.options(**options).remote(backend, model_path, dict(engine_options)))
+    try:
+        return [RayEngineProxy.from_actor(actor, f"ray-engine-{i}", start_timeout_s) for i, actor in enumerate(actors)]
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if own_group:
+            ray.util.remove_placement_group(group)
+        raise

@@ -1,0 +1,12 @@
+# The engine client, the Ray wrapper and the OpenAI-compatible HTTP endpoint (issue 6).
+# Unit tests of the routing logic run in the core env as part of test-core (core/tests/client);
+# the tests on real engines (in-process and Ray actors, HTTP with the openai client) run here.
+EXTRA_TESTS += test-client
+
+CLIENT_TESTS := tests/integration/client
+
+.PHONY: test-client
+
+test-client: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q -p no:cacheprovider \
+		$(CLIENT_TESTS) --client-backend transformers

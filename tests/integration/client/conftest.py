@@ -1,0 +1,129 @@
+"""Fixtures for the client tests on real engines.
+
+The backend comes from ``--client-backend`` or ``SKYRL_CLIENT_BACKEND`` (default ``transformers``);
+the model from ``SKYRL_TEST_MODEL``. Engines are expensive to start, so each pool is built once
+per session: ``local`` (several engines in this process) and ``ray`` (engine actors on a local Ray
+started here, ``ray.init(num_cpus=2)``; skipped where ray is not installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Engine options per backend for the tiny CPU model (a backend not listed gets none).
+BACKEND_OPTIONS: dict[str, dict] = {
+    "transformers": {"dtype": "float32"},
+    "vllm": {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5},
+}
+NUM_LOCAL_ENGINES = 3
+NUM_RAY_ENGINES = 2
+
+
+def pytest_addoption(parser):
+    parser.addoption("--client-backend", default=None,
+                     help="backend the client tests run on (default: $SKYRL_CLIENT_BACKEND or transformers)")
+
+
+@pytest.fixture(scope="session")
+def backend(request) -> str:
+    return request.config.getoption("--client-backend") or os.environ.get("SKYRL_CLIENT_BACKEND", "transformers")
+
+
+@pytest.fixture(scope="session")
+def engine_options(backend) -> dict:
+    return dict(BACKEND_OPTIONS.get(backend, {}))
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    path = os.environ.get("SKYRL_TEST_MODEL")
+    if not path or not os.path.isdir(path):
+        pytest.skip("SKYRL_TEST_MODEL is not set to the tiny model folder (make model)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_local_engine(backend, model_path, engine_options):
+    import skyrl_backends as sb
+
+    started = []
+
+    def make():
+        engine = sb.create_engine(backend, model=model_path, **engine_options)
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        asyncio.run(engine.teardown())
+
+
+@pytest.fixture(scope="session")
+def local_engines(make_local_engine):
+    return [make_local_engine() for _ in range(NUM_LOCAL_ENGINES)]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_ray_engines(ray_session, backend, model_path, engine_options):
+    from skyrl_backends.ray_wrapper import create_ray_engines
+
+    started = []
+
+    def make(count):
+        # Half a CPU each: two shared engines and one to kill fit the two CPUs of the local Ray.
+        engines = create_ray_engines(count, backend, model_path, num_cpus_per_engine=0.5, **engine_options)
+        started.extend(engines)
+        return engines
+
+    yield make
+    for engine in started:
+        try:
+            asyncio.run(asyncio.wait_for(engine.teardown(), 30))
+        except Exception:
+            pass  # killed by a test
+
+
+@pytest.fixture(scope="session")
+def ray_engines(make_ray_engines):
+    return make_ray_engines(NUM_RAY_ENGINES)
+
+
+@pytest.fixture(params=["local", "ray"])
+def placement(request):
+    return request.param
+
+
+@pytest.fixture
+def engines(placement, request):
+    return request.getfixturevalue(f"{placement}_engines")
+
+
+@pytest.fixture(scope="session")
+def model_weights(model_path):
+    """The model's own weights, as (name, tensor) pairs: an update that must change nothing."""
+    from safetensors.torch import load_file
+
+    return sorted(load_file(os.path.join(model_path, "model.safetensors")).items())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,223 @@
+"""The engine client over real engines: several in this process, and Ray actors.
+
+Every assertion is checked against the engines themselves: outputs against the same engine's
+uninterrupted output for the same request, routing against the request ids each engine received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from observers import EngineObserver
+
+from skyrl_backends.client import InferenceEngineClient
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def run(coro, timeout=300):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def prompts(count, length=6, start=10):
+    # Distinct prompts of one length (no padding differences between batch shapes).
+    return [[start + (i * 7 + j * 3) % 400 for j in range(length)] for i in range(count)]
+
+
+async def one_by_one(client, batch, params):
+    outs = await asyncio.gather(*(client.generate([p], params) for p in batch))
+    return [o[0].token_ids for o in outs]
+
+
+def test_batch_split_across_engines_comes_back_in_order(engines):
+    observed = [EngineObserver(e) for e in engines]
+
+    async def main():
+        client = InferenceEngineClient(observed)
+        batch = prompts(12)
+        params = {"max_generate_length": 12, **GREEDY}
+        out = await client.generate(batch, params, request_ids=[f"order-{i}" for i in range(12)])
+        reference = await one_by_one(client, batch, params)
+        assert out.response_ids == reference
+        assert len({tuple(r) for r in reference}) > 1, "distinct prompts should give distinct outputs"
+        assert [c.request_id for c in out] == [f"order-{i}" for i in range(12)]
+        # The batch really was split: every engine got a share.
+        shares = [sum(rid.startswith("order-") for rid in o.request_ids) for o in observed]
+        assert all(s > 0 for s in shares) and sum(shares) == 12
+
+    run(main())
+
+
+def test_every_turn_of_a_session_lands_on_the_same_engine(engines):
+    observed = [EngineObserver(e) for e in engines]
+
+    async def main():
+        client = InferenceEngineClient(observed)
+        sessions = [f"conversation-{i}" for i in range(16)]
+        history = prompts(16, length=4)
+        for turn in range(3):
+            out = await client.generate(history, {"max_generate_length": 4, **GREEDY}, session_ids=sessions,
+                                        request_ids=[f"{s}/turn-{turn}" for s in sessions])
+            history = [h + c.token_ids + [20 + turn] for h, c in zip(history, out)]
+        engines_of = {s: {k for k, o in enumerate(observed) if any(r.startswith(s + "/") for r in o.request_ids)}
+                      for s in sessions}
+        assert all(len(where) == 1 for where in engines_of.values()), engines_of
+        assert len({next(iter(w)) for w in engines_of.values()}) > 1, "sessions should spread over engines"
+
+    run(main())
+
+
+def test_adding_an_engine_moves_only_the_sessions_it_takes(local_engines, make_local_engine):
+    pool = [EngineObserver(e) for e in local_engines[:2]]
+
+    async def served(client, tag, sessions):
+        await client.generate([[11, 12, 13]] * len(sessions), {"max_generate_length": 1, **GREEDY},
+                              session_ids=sessions, request_ids=[f"{tag}/{s}" for s in sessions])
+        where = {}
+        for k, o in enumerate(client.engines):
+            for rid in o.request_ids:
+                if rid.startswith(tag + "/"):
+                    where[rid.split("/", 1)[1]] = k
+        return where
+
+    async def main():
+        client = InferenceEngineClient(pool)
+        sessions = [f"s{i}" for i in range(240)]
+        before = await served(client, "before", sessions)
+        client.add_engine(EngineObserver(make_local_engine()))
+        after = await served(client, "after", sessions)
+        moved = [s for s in sessions if before[s] != after[s]]
+        assert all(after[s] == 2 for s in moved), "a session may only move to the new engine"
+        assert 0.15 < len(moved) / len(sessions) < 0.5, len(moved)  # ideal: one third
+
+    run(main())
+
+
+@pytest.mark.parametrize("pause_mode", ["auto", "abort"])
+def test_pause_update_resume_with_64_requests_in_flight(engines, placement, pause_mode, model_weights):
+    """64 requests in flight; pause, push weights, resume: none is lost and each has its exact
+    length. The weights pushed are the model's own, so every output must equal the uninterrupted
+    one token for token: the pause is invisible. ``abort`` forces the abort-and-resubmit pause."""
+    batch = prompts(64, length=5)
+    lengths = [16 + (i * 5) % 29 for i in range(64)]
+
+    async def main():
+        client = InferenceEngineClient(engines, pause_mode=pause_mode)
+        reference = await asyncio.gather(*(client.generate([p], {"max_generate_length": n, **GREEDY})
+                                           for p, n in zip(batch, lengths)))
+        tasks = [asyncio.create_task(client.generate([p], {"max_generate_length": n, **GREEDY}))
+                 for p, n in zip(batch, lengths)]
+        await _until_in_flight(client, 64)
+        await asyncio.sleep(0.3)
+        await client.pause_generation()
+        if pause_mode == "auto":  # natively paused sequences stay in their engines
+            assert sum(h["inflight"] for h in client.health().values()) > 0
+        if placement == "ray":
+            from skyrl_backends.weight_sync import sync_weights
+
+            versions = await sync_weights(client, model_weights, strategy="shared_memory")
+            assert len(versions) == len(engines)
+        else:
+            await client.update_weights_from_tensors(model_weights)
+        await client.resume_generation()
+        outs = await asyncio.gather(*tasks)
+        for out, ref, n in zip(outs, reference, lengths):
+            assert out[0].finish_reason == "length"
+            assert len(out[0].token_ids) == n
+            assert out[0].token_ids == ref[0].token_ids
+        continuations = sum(h["continuations"] for h in client.health().values())
+        if pause_mode == "abort":
+            assert continuations > 0, "the pause should have cut requests mid-way"
+        else:
+            assert continuations == 0
+
+    run(main())
+
+
+def test_new_weights_during_pause_reach_every_engine_and_lengths_stay_exact(engines, placement, model_weights):
+    changed = [(name, t * 1.5 if t.dim() > 1 else t) for name, t in model_weights]
+    probe = [[30, 31, 32, 33]]
+
+    async def push(client, weights):
+        if placement == "ray":
+            from skyrl_backends.weight_sync import sync_weights
+
+            await sync_weights(client, weights, strategy="shared_memory")
+        else:
+            await client.update_weights_from_tensors(weights)
+
+    async def main():
+        client = InferenceEngineClient(engines)
+        before = [(await e.generate(probe, {"max_generate_length": 8, **GREEDY}))[0].token_ids for e in engines]
+        tasks = [asyncio.create_task(client.generate([p], {"max_generate_length": 48, **GREEDY}))
+                 for p in prompts(16)]
+        await _until_in_flight(client, 16)
+        await client.pause_generation()
+        await push(client, changed)
+        await client.resume_generation()
+        outs = await asyncio.gather(*tasks)
+        try:
+            assert all(o[0].finish_reason == "length" and len(o[0].token_ids) == 48 for o in outs)
+            after = [(await e.generate(probe, {"max_generate_length": 8, **GREEDY}))[0].token_ids for e in engines]
+            assert len({tuple(a) for a in after}) == 1, "every engine serves the same new weights"
+            assert after[0] != before[0], "the new weights change the output"
+        finally:
+            await push(client, model_weights)
+        restored = [(await e.generate(probe, {"max_generate_length": 8, **GREEDY}))[0].token_ids for e in engines]
+        assert restored == before
+
+    run(main())
+
+
+def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(engines, placement, make_local_engine,
+                                                                      request):
+    """One engine of the pool dies while it serves requests: they complete on the others, with
+    the same tokens as an uninterrupted run."""
+    if placement == "ray":
+        victim = request.getfixturevalue("make_ray_engines")(1)[0]
+    else:
+        victim = make_local_engine()
+    batch = prompts(24, length=5, start=50)
+    params = {"max_generate_length": 40, **GREEDY}
+
+    async def kill():
+        if placement == "ray":
+            import ray
+
+            ray.kill(victim.actor, no_restart=True)
+        else:
+            await victim.teardown()
+
+    async def main():
+        client = InferenceEngineClient(list(engines) + [victim])
+        victim_id = client.engine_ids[-1]
+        reference = await one_by_one(InferenceEngineClient(engines), batch, params)
+        task = asyncio.create_task(client.generate(batch, params))
+        await _until_in_flight(client, 1, engine_id=victim_id)
+        await asyncio.sleep(0.2)
+        await kill()
+        out = await task
+        assert out.response_ids == reference
+        health = client.health()
+        assert health[victim_id]["healthy"] is False and health[victim_id]["failure"]
+        assert health[victim_id]["sequences_submitted"] > 0
+        # Afterwards nothing is routed to it.
+        again = await client.generate(batch[:6], params)
+        assert again.response_ids == reference[:6]
+        assert client.health()[victim_id]["sequences_submitted"] == health[victim_id]["sequences_submitted"]
+
+    run(main())
+
+
+async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):
+    """Wait (bounded) until the client has ``count`` sequences in flight (on one engine if given)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        health = client.health()
+        inflight = health[engine_id]["inflight"] if engine_id else sum(h["inflight"] for h in health.values())
+        if inflight >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"fewer than {count} requests were ever in flight")
