@@ -1,0 +1,56 @@
+"""The tensors a weight update may target, in the trainer's (Hugging Face) naming.
+
+vLLM serves fused parameters (``qkv_proj``, ``gate_up_proj``) that the trainer never sees, and on
+CPU the served linear weights are repacked. The names and shapes a trainer sends are those of the
+checkpoint, so they are read from the checkpoint's safetensors headers (JSON; no tensor is loaded
+and no torch import is needed). The dtype is the one the engine serves: updates are converted to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from skyrl_backends.errors import ConfigError
+from skyrl_backends.types import TensorSpec
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    root = Path(model_dir)
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [root / f for f in sorted(set(weight_map.values()))]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ConfigError("model", f"{model_dir} holds no safetensors checkpoint; the vLLM backend reads "
+                                   "parameter names and shapes from it.")
+    return files
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> list[TensorSpec]:
+    """Every tensor of the checkpoint, with the served dtype. A model with tied embeddings also
+    accepts ``lm_head.weight`` (a trainer's state dict holds it), which vLLM maps onto the embedding."""
+    specs: dict[str, TensorSpec] = {}
+    for path in safetensors_files(model_dir):
+        for name, entry in read_header(path).items():
+            specs[name] = TensorSpec(name, tuple(int(d) for d in entry["shape"]), served_dtype)
+    config_path = Path(model_dir) / "config.json"
+    if config_path.is_file() and "lm_head.weight" not in specs:
+        config = json.loads(config_path.read_text())
+        embed = specs.get("model.embed_tokens.weight")
+        if config.get("tie_word_embeddings") and embed is not None:
+            specs["lm_head.weight"] = TensorSpec("lm_head.weight", embed.shape, served_dtype)
+    return list(specs.values())

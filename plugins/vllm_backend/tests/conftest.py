@@ -1,0 +1,64 @@
+"""Fixtures for the vLLM backend's tests: real vLLM engines on the tiny test model.
+
+Engines are shared per session (each start costs seconds to a minute on two cores) and all tests
+run on one event loop (see ``[tool.pytest.ini_options]``), the loop the engines' background tasks
+live on. Most engines use vLLM's ``uni`` executor, which runs the worker inside the engine-core
+process (one process fewer to start); ``test_topology.py`` covers the default topology with
+separate worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import skyrl_backends as sb
+
+FAST_EXECUTOR = {"distributed_executor_backend": "uni"}
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    path = os.environ.get("SKYRL_TEST_MODEL")
+    if not path or not Path(path, "config.json").is_file():
+        pytest.skip("SKYRL_TEST_MODEL does not point at the tiny test model (run `make model`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_dir(model_dir: str) -> str:
+    return str(Path(model_dir) / "lora")
+
+
+def make_engine(model_dir: str, **options) -> sb.InferenceEngine:
+    options.setdefault("engine_init_kwargs", dict(FAST_EXECUTOR))
+    return sb.create_engine("vllm", model=model_dir, dtype="float32", max_model_len=512, seed=0, **options)
+
+
+@pytest.fixture(scope="session")
+async def engine(model_dir: str):
+    """A plain engine (prefix caching on, LoRA off)."""
+    eng = make_engine(model_dir)
+    yield eng
+    await eng.teardown()
+
+
+@pytest.fixture(scope="session")
+async def lora_engine(model_dir: str):
+    """An engine with LoRA enabled: vLLM wraps the target layers (``base_layer``)."""
+    eng = make_engine(model_dir, enable_lora=True, max_lora_rank=8, max_loras=2)
+    yield eng
+    await eng.teardown()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(model_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+GREEDY = {"max_generate_length": 16, "temperature": 0}
+PROMPTS = [[5, 6, 7, 8], [40, 41, 42], [100, 200, 300, 400, 50]]
