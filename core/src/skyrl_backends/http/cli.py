@@ -1,0 +1,86 @@
+"""``skyrl-backends serve``: engines, the client and the OpenAI-compatible endpoint in one command.
+
+    skyrl-backends serve --backend transformers --model DIR [--num-engines N] [--host 127.0.0.1]
+                         [--port 8000] [--api-key KEY] [--ray]
+
+Picked up by the core CLI when this module imports; it imports nothing heavy until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from typing import Any
+
+
+def add_subcommand(subparsers: Any) -> None:
+    serve = subparsers.add_parser("serve", help="serve engines behind an OpenAI-compatible HTTP endpoint")
+    serve.add_argument("--backend", default="transformers", help="backend name (see `skyrl-backends plugins`)")
+    serve.add_argument("--model", required=True, help="model folder (also the tokenizer unless --tokenizer)")
+    serve.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    serve.add_argument("--served-model-name", default=None, help="name clients use in `model` (default: folder name)")
+    serve.add_argument("--num-engines", type=int, default=1)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default loopback; 0.0.0.0 exposes the server: use --api-key)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("SKYRL_BACKENDS_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $SKYRL_BACKENDS_API_KEY)")
+    serve.add_argument("--max-body-bytes", type=int, default=None)
+    serve.add_argument("--ray", action="store_true", help="run each engine as a Ray actor (local Ray if none)")
+    serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a generator-config option for every engine (YAML value), repeatable")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _engine_options(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-option expects KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.num_engines < 1:
+        raise SystemExit("--num-engines must be >= 1")
+    asyncio.run(_serve(args))
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from skyrl_backends.client import InferenceEngineClient
+    from skyrl_backends.http.app import create_app
+    from skyrl_backends.http.guards import DEFAULT_MAX_BODY_BYTES
+    from skyrl_backends.http.server import serve
+
+    options = _engine_options(args.engine_option)
+    if args.ray:
+        import ray
+
+        from skyrl_backends.ray_wrapper import create_ray_engines
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False)
+        engines = create_ray_engines(args.num_engines, args.backend, args.model, **options)
+    else:
+        import skyrl_backends as sb
+
+        engines = [sb.create_engine(args.backend, model=args.model, **options) for _ in range(args.num_engines)]
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    client = InferenceEngineClient(engines, tokenizer=tokenizer)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    print(f"serving {name!r} ({args.backend}, {args.num_engines} engine(s)) on http://{args.host}:{args.port}/v1",
+          flush=True)
+    try:
+        await serve(app, args.host, args.port, api_key=args.api_key)
+    finally:
+        await client.teardown()

@@ -1,0 +1,108 @@
+"""Running the app with uvicorn: in this process (``serve``) or on a background thread
+(``BackgroundServer``, for tests and notebooks). Loopback by default; binding any other address is
+the caller's explicit choice."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+logger = logging.getLogger(__name__)
+DEFAULT_HOST = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str = DEFAULT_HOST, port: int = 0) -> socket.socket:
+    """A listening socket (``port=0``: a free port, with no window for another process to take it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:
+    options = {"log_level": "warning", "access_log": False, "timeout_keep_alive": 30, "backlog": 2048,
+               "timeout_graceful_shutdown": 5}
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+async def serve(app: Any, host: str = DEFAULT_HOST, port: int = 8000, api_key: str | None = None,
+                **uvicorn_options: Any) -> None:
+    """Serve until interrupted. A non-loopback ``host`` without an API key is allowed (it is the
+    caller's choice) but logged as a warning."""
+    if not is_loopback(host) and not api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this port can generate", host)
+    sock = bind_socket(host, port)
+    server = uvicorn.Server(uvicorn_config(app, **uvicorn_options))
+    await server.serve(sockets=[sock])
+
+
+class BackgroundServer:
+    """The app served by uvicorn on a thread of its own (its own event loop), on loopback.
+
+    Everything the app uses (client, engines) is then driven from that loop only::
+
+        with BackgroundServer(app) as server:
+            openai.OpenAI(base_url=server.url + "/v1", api_key="x")...
+    """
+
+    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0, **uvicorn_options: Any) -> None:
+        self._sock = bind_socket(host, port)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._server = uvicorn.Server(uvicorn_config(app, **uvicorn_options))
+        self._thread = threading.Thread(target=self._run, name="skyrl-http", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._server.serve(sockets=[self._sock]))
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self._thread.is_alive():
+            if self._server.started:
+                return self
+            time.sleep(0.01)
+        raise RuntimeError(f"the HTTP server did not start within {timeout_s}s")
+
+    def run_coroutine(self, coro: Any, timeout_s: float = 120.0) -> Any:
+        """Run a coroutine on the server's loop (to drive the client it serves)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
