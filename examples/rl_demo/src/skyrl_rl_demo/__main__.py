@@ -1,0 +1,5 @@
+import sys
+
+from skyrl_rl_demo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""``python -m skyrl_rl_demo``: train the tiny policy with RL on the backend named on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from typing import Any
+
+import yaml
+
+from skyrl_rl_demo.trainer import TrainerConfig, train
+
+
+def _engine_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. dtype=bfloat16), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainerConfig(model="")
+    p = argparse.ArgumentParser(prog="python -m skyrl_rl_demo", description=__doc__)
+    p.add_argument("--backend", default=defaults.backend, help="backend name (see `skyrl-backends plugins`)")
+    p.add_argument("--model", required=True, help="local Hugging Face model folder (e.g. .cache/tiny-model)")
+    p.add_argument("--out", default=defaults.out_dir, help="output folder for metrics.csv, reward_curve.png, "
+                                                           "summary.json")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--prompts-per-step", type=int, default=defaults.prompts_per_step)
+    p.add_argument("--group-size", type=int, default=defaults.group_size)
+    p.add_argument("--lr", type=float, default=defaults.learning_rate)
+    p.add_argument("--max-generate-length", type=int, default=defaults.max_generate_length)
+    p.add_argument("--temperature", type=float, default=defaults.temperature)
+    p.add_argument("--no-colocate", action="store_true", help="keep the engine awake (no sleep/wake cycle)")
+    p.add_argument("--sleep-level", type=int, default=None, help="default: the backend's highest level")
+    p.add_argument("--num-engines", type=int, default=defaults.num_engines,
+                   help="engines behind the client (each gets a share of every batch)")
+    p.add_argument("--weight-sync", default=defaults.weight_sync,
+                   choices=["auto", "tensors", "shared_memory", "cuda_ipc"],
+                   help="auto: CUDA IPC for a GPU trainer, else shared memory, when the engines support it")
+    p.add_argument("--trainer-device", default=defaults.trainer_device, help="device of the trainer's model")
+    p.add_argument("--engine-option", type=_engine_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="generator config option for the engine (repeatable), e.g. dtype=bfloat16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar on screen: the training loop's
+    config = TrainerConfig(
+        model=args.model, backend=args.backend, out_dir=args.out, steps=args.steps, seed=args.seed,
+        prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr,
+        max_generate_length=args.max_generate_length, temperature=args.temperature,
+        colocate=not args.no_colocate, sleep_level=args.sleep_level, num_engines=args.num_engines,
+        weight_sync=args.weight_sync, trainer_device=args.trainer_device, engine_options=dict(args.engine_option))
+    summary = asyncio.run(train(config, progress=not args.no_progress))
+    print(format_summary(summary, args.out))
+    return 0
+
+
+def format_summary(s: dict[str, Any], out_dir: str) -> str:
+    w = s["window"]
+    ratio = "inf" if math.isinf(s["reward_ratio"]) else f"{s['reward_ratio']:.1f}x"
+    verdict = "learned" if s["learned"] else "did NOT learn (last-window reward < 2x the first)"
+    cycle = (f"colocated, sleep level {s['sleep_level']}" if s["colocate"] else "not colocated (no sleep/wake)")
+    lines = [
+        f"{s['backend']} backend, seed {s['seed']}, {s['steps']} steps in {s['wall_s']:.0f}s ({cycle})",
+        f"  mean reward, first {w} steps: {s['reward_first']:.3f}   last {w} steps: {s['reward_last']:.3f}"
+        f"   ({ratio}): {verdict}",
+        f"  exact answers, first {w} steps: {s['exact_first']:.1%}   last {w} steps: {s['exact_last']:.1%}",
+        f"  per step: generation {s.get('generation_s_mean', 0):.3f}s "
+        f"({s.get('generation_tokens_per_s_mean', 0):.0f} tok/s), update {s.get('update_s_mean', 0):.3f}s, "
+        f"weight sync ({s['weight_sync']}) {s.get('weight_sync_s_mean', 0) * 1e3:.1f}ms",
+    ]
+    if s["colocate"]:
+        lines.append(f"  sleep {s.get('sleep_s_mean', 0) * 1e3:.1f}ms, wake kv_cache "
+                     f"{s.get('wake_kv_cache_s_mean', 0) * 1e3:.1f}ms, wake weights "
+                     f"{s.get('wake_weights_s_mean', 0) * 1e3:.1f}ms")
+    lines.append(f"  engine vs trainer log-probabilities: max |diff| {s.get('logprob_abs_diff_max', float('nan')):.2e}")
+    lines.append(f"  wrote {out_dir}/metrics.csv, {out_dir}/reward_curve.png, {out_dir}/summary.json")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The multi-turn environment interface, and the demo's task.
+
+An environment is what the agent loop talks to, one conversation at a time (the design's
+``Environment.init(chat_history) -> prompt`` and ``Environment.step(response) -> reward,
+observation, done``). It sees text only; tokens are the agent loop's business.
+
+The task, *say the digit*, is two turns long::
+
+    user:      Say 7.
+    assistant: 7                      <- turn 1, scored against 7
+    user:      Correct. Now say 3.    <- the observation: feedback on turn 1 and the next request
+    assistant: 3                      <- turn 2, scored against 3; done
+
+Each turn scores the requested digit's share of the answer: 1.0 for exactly the digit, 0.5 for the
+digit and one stray character, 0 for an answer without it (see :func:`score_answer`). The
+episode's return (the sum of its step rewards) is the mean of its turns' scores. A randomly initialised model answers with digits
+about once in a hundred tokens, so it starts near 0; a policy that has learned the task gets 1.
+The partial credit gives the policy gradient something to climb before the first exact answer: first
+to say the digit, then to stop right after it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What :meth:`Environment.step` returns: the turn's reward, the messages the environment adds
+    to the conversation (empty when done), and whether the episode is over."""
+
+    reward: float
+    observation: list[Message]
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Environment(Protocol):
+    """A multi-turn text environment, one instance per episode."""
+
+    def init(self, chat_history: list[Message]) -> list[Message]:
+        """Start the episode after ``chat_history`` (may be empty); return the prompt messages."""
+        ...
+
+    def step(self, response: str) -> StepResult:
+        """Score the policy's response to the last prompt and say what comes next."""
+        ...
+
+
+def score_answer(response: str, target: str) -> float:
+    """1.0 for exactly ``target``, 0.5 when ``target`` is in the answer among other text, 0.1 for
+    another single digit, else 0."""
+    answer = response.strip()
+    if answer == target:
+        return 1.0
+    if target in answer:
+        return 0.5
+    if len(answer) == 1 and answer.isdigit():
+        return 0.1
+    return 0.0
+
+
+class SayTheDigitEnv:
+    """The demo task: in each turn the user asks for one digit, the policy must answer with it."""
+
+    def __init__(self, targets: Sequence[int]) -> None:
+        if not targets or not all(isinstance(t, int) and 0 <= t <= 9 for t in targets):
+            raise ValueError(f"targets must be a non-empty list of digits 0-9, got {list(targets)!r}")
+        self.targets = [str(t) for t in targets]
+        self.turn = 0
+        self.scores: list[float] = []
+
+    @property
+    def max_turns(self) -> int:
+        return len(self.targets)
+
+    def init(self, chat_history: list[Message]) -> list[Message]:
+        self.turn = 0
+        self.scores = []
+        return [*chat_history, {"role": "user", "content": f"Say {self.targets[0]}."}]
+
+    def step(self, response: str) -> StepResult:
+        if self.turn >= len(self.targets):
+            raise RuntimeError("step() after the episode ended; call init() to start a new one")
+        target = self.targets[self.turn]
+        score = score_answer(response, target)
+        self.scores.append(score)
+        self.turn += 1
+        info = {"target": target, "exact": score == 1.0}
+        # Each turn pays its share, so the episode's return (the sum of its step rewards) is the mean
+        # score over turns, in [0, 1].
+        done = self.turn == len(self.targets)
+        reward = score / len(self.targets)
+        if done:
+            return StepResult(reward, [], True, info)
+        feedback = "Correct." if score == 1.0 else "Wrong."
+        observation = [{"role": "user", "content": f"{feedback} Now say {self.targets[self.turn]}."}]
+        return StepResult(reward, observation, False, info)
+
+
+def sample_targets(rng: random.Random, turns: int) -> list[int]:
+    """Digits for one episode; consecutive turns ask for different digits, so that repeating the
+    previous answer is not a way to score."""
+    digits = [rng.randrange(10)]
+    while len(digits) < turns:
+        digit = rng.randrange(10)
+        if digit != digits[-1]:
+            digits.append(digit)
+    return digits

@@ -1,0 +1,103 @@
+"""GRPO: group-normalised advantages and the clipped policy-gradient loss.
+
+Each prompt is played ``group_size`` times; an episode's advantage is its return minus the mean of
+its group, divided by the group's standard deviation, and applies to every token the policy
+generated in it. The loss is PPO's clipped surrogate with the importance ratio taken against the
+rollout log-probabilities, those the engine reported while sampling::
+
+    ratio = exp(logprob_trainer - logprob_rollout)
+    loss  = mean over generated tokens of  -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+
+With one update per batch the trainer's weights equal the engine's, the ratio is 1 up to numerics,
+and the loss is the plain policy gradient; the ratio is what keeps it correct when they differ
+(several updates per batch, an engine in another precision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """``(r - mean(group)) / (std(group) + eps)`` for consecutive groups of ``group_size``."""
+    if returns.ndim != 1 or returns.numel() % group_size:
+        raise ValueError(f"expected a flat tensor whose length is a multiple of group_size={group_size}, "
+                         f"got shape {tuple(returns.shape)}")
+    grouped = returns.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True, unbiased=False)
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+@dataclass
+class PackedBatch:
+    """Episodes as right-padded tensors. ``targets_mask``, ``rollout_logprobs`` are aligned with
+    ``input_ids[:, 1:]`` (the token each position predicts)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                           self.rollout_logprobs.to(device))
+
+
+def pack_episodes(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                  loss_masks: Sequence[Sequence[int]], rollout_logprobs: Sequence[Sequence[float]],
+                  pad_token_id: int) -> PackedBatch:
+    """Concatenate prompt and response per episode, right-pad, and shift masks to prediction order."""
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    loss_mask = torch.zeros((batch, width - 1), dtype=torch.float32)
+    old = torch.zeros((batch, width - 1), dtype=torch.float32)
+    for b, (prompt, row, mask, lps) in enumerate(zip(prompt_ids, rows, loss_masks, rollout_logprobs)):
+        if not (len(mask) == len(lps) == len(row) - len(prompt)):
+            raise ValueError(f"episode {b}: loss mask ({len(mask)}), rollout logprobs ({len(lps)}) and response "
+                             f"({len(row) - len(prompt)}) must have one entry per response token")
+        input_ids[b, :len(row)] = torch.tensor(row)
+        attention[b, :len(row)] = 1
+        # The token at position t is predicted at position t - 1.
+        start = len(prompt) - 1
+        loss_mask[b, start:start + len(mask)] = torch.tensor(mask, dtype=torch.float32)
+        old[b, start:start + len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    return PackedBatch(input_ids, attention, loss_mask, old)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-probability of each next token, shape ``[batch, seq - 1]``."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class LossStats:
+    loss: float
+    clip_fraction: float
+    ratio_mean: float
+
+
+def policy_loss(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, advantages: torch.Tensor,
+                loss_mask: torch.Tensor, clip_ratio: float = 0.2) -> tuple[torch.Tensor, LossStats]:
+    """The clipped surrogate, averaged over the tokens where ``loss_mask`` is 1.
+
+    ``advantages`` has one value per episode and applies to each of its generated tokens."""
+    ratio = torch.exp(logprobs - rollout_logprobs)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    tokens = loss_mask.sum().clamp(min=1.0)
+    loss = (per_token * loss_mask).sum() / tokens
+    with torch.no_grad():
+        was_clipped = ((ratio - 1.0).abs() > clip_ratio).float()
+        stats = LossStats(loss=float(loss), clip_fraction=float((was_clipped * loss_mask).sum() / tokens),
+                          ratio_mean=float((ratio * loss_mask).sum() / tokens))
+    return loss, stats

@@ -1,0 +1,269 @@
+"""The RL training loop: an engine chosen by name, multi-turn rollouts, GRPO, weight sync.
+
+One training step, in the design's order (colocated mode, where trainer and engine share the
+device and the engine gives its memory back while the trainer works)::
+
+    1. wake_up(["kv_cache"])      the engine takes back its KV cache memory
+    2. generate                   the agent loop plays every episode through the engine
+    3. sleep(level)               the engine releases its memory (at level 2 its weights too)
+    4. update                     GRPO on the trainer's own copy of the model (torch, AdamW)
+    5. wake_up(["weights"])       the engine takes back its weight memory
+    6. sync weights               the trainer's weights go into the engine; back to 1
+
+At a sleep level where the backend discards its weights (level 2 on the transformers and vLLM
+backends, every sleep on SGLang) the engine refuses to generate until step 6 has delivered every
+parameter, so each step checks the sync end to end. Without ``colocate`` steps 1, 3 and 5 are
+skipped; the sync still happens every step.
+
+Before its update the trainer recomputes, teacher-forced, the log-probabilities of the tokens the
+engine sampled; both hold the same weights then, so they must agree (``logprob_abs_diff_max``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import skyrl_backends
+from skyrl_backends.client import InferenceEngineClient
+from skyrl_backends.sampling import SamplingParams
+
+from skyrl_rl_demo import grpo
+from skyrl_rl_demo.agent_loop import ChatTokens, Generates, RolloutBatch, run_agent_loops
+from skyrl_rl_demo.env import SayTheDigitEnv, sample_targets
+from skyrl_rl_demo.metrics import MetricsCSV, summarize
+from skyrl_rl_demo.plots import plot_reward_curve
+from skyrl_rl_demo.weight_transfer import WeightSync, choose_strategy
+
+
+@dataclass
+class TrainerConfig:
+    """Everything a run depends on. The defaults are the ``make demo`` run."""
+
+    model: str
+    backend: str = skyrl_backends.DEFAULT_BACKEND
+    out_dir: str = "out/demo"
+    steps: int = 200
+    seed: int = 0
+    prompts_per_step: int = 8
+    group_size: int = 8
+    turns: int = 2
+    learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    clip_ratio: float = 0.2
+    max_generate_length: int = 4
+    temperature: float = 1.0
+    colocate: bool = True
+    sleep_level: int | None = None  # None: the highest level the backend supports
+    num_engines: int = 1
+    weight_sync: str = "auto"  # auto, tensors, shared_memory, cuda_ipc (see weight_transfer)
+    trainer_device: str = "cpu"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "turns", "max_generate_length", "num_engines"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), "
+                             f"got {self.group_size}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: greedy rollouts give a group nothing to compare")
+
+
+class RLTrainer:
+    """Owns the engine, the trainer's model and optimizer, and the step described in the module
+    docstring."""
+
+    def __init__(self, config: TrainerConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        self.device = torch.device(config.trainer_device)
+        options = {"seed": config.seed, **config.engine_options}
+        # The backend is chosen by name; the trainer talks to its engines through the client only.
+        self.engines = [skyrl_backends.create_engine(config.backend, model=config.model, **options)
+                        for _ in range(config.num_engines)]
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.client = InferenceEngineClient(self.engines, tokenizer=self.tokenizer)
+        self.generator: Generates = self.client
+        self.chat = ChatTokens(self.tokenizer)
+        self.policy = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(self.device)
+        self.policy.train()
+        self.weight_sync = WeightSync(
+            choose_strategy(config.weight_sync, [e.capabilities.weight_sync_strategies for e in self.engines],
+                            self.device), self.device)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.sampling = SamplingParams(max_generate_length=config.max_generate_length,
+                                       temperature=config.temperature, logprobs=0,
+                                       stop_token_ids=(self.chat.end_of_turn_id,))
+        self.sleep_level = self._choose_sleep_level()
+        self.colocate = config.colocate and self.sleep_level is not None
+        self.last_rollout: RolloutBatch | None = None
+
+    @property
+    def engine(self) -> Any:
+        """The first engine (they are identical; for capabilities and inspection)."""
+        return self.engines[0]
+
+    def _choose_sleep_level(self) -> int | None:
+        levels = set.intersection(*(set(e.capabilities.sleep_levels) for e in self.engines))
+        if not levels:
+            return None
+        if self.config.sleep_level is None:
+            return max(levels)
+        if self.config.sleep_level not in levels:
+            raise ValueError(f"sleep_level {self.config.sleep_level} is not supported by backend "
+                             f"{self.config.backend!r}; it supports {sorted(levels)}")
+        return self.config.sleep_level
+
+    @property
+    def discards_weights(self) -> bool:
+        caps = self.engine.capabilities
+        return (self.sleep_level is not None and caps.discards_weights_at_level is not None
+                and self.sleep_level >= caps.discards_weights_at_level)
+
+    def make_envs(self) -> list[SayTheDigitEnv]:
+        """``prompts_per_step`` tasks, each played ``group_size`` times (consecutive: one group)."""
+        envs = []
+        for _ in range(self.config.prompts_per_step):
+            targets = sample_targets(self.rng, self.config.turns)
+            envs.extend(SayTheDigitEnv(targets) for _ in range(self.config.group_size))
+        return envs
+
+    async def train_step(self, step: int) -> dict[str, Any]:
+        """One step (generate, update, sync); returns its metrics."""
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {"step": step}
+        timer = _PhaseTimer(metrics)
+        engine = self.client
+
+        if self.colocate:
+            async with timer("wake_kv_cache_s"):
+                await engine.wake_up(["kv_cache"])
+        rollout = await run_agent_loops(self.generator, self.make_envs(), self.chat, self.sampling,
+                                        max_turns=self.config.turns)
+        self.last_rollout = rollout
+        metrics.update(rollout_metrics(rollout))
+        if self.colocate:
+            async with timer("sleep_s"):
+                await engine.sleep(level=self.sleep_level)
+
+        update_started = time.perf_counter()
+        metrics.update(self.update(rollout))
+        metrics["update_s"] = time.perf_counter() - update_started
+
+        if self.colocate:
+            async with timer("wake_weights_s"):
+                await engine.wake_up(["weights"])
+        async with timer("weight_sync_s"):
+            metrics["weight_version"] = await self.weight_sync.push(engine, self.policy)
+        metrics["step_s"] = time.perf_counter() - started
+        return metrics
+
+    def update(self, rollout: RolloutBatch) -> dict[str, float]:
+        """One GRPO step on the trainer's model."""
+        states = rollout.states
+        packed = grpo.pack_episodes([s.prompt_ids for s in states], [s.response_ids for s in states],
+                                    [s.loss_mask for s in states], [s.rollout_logprobs for s in states],
+                                    self.pad_token_id).to(self.device)
+        returns = torch.tensor([s.total_reward for s in states], dtype=torch.float32)
+        advantages = grpo.group_advantages(returns, self.config.group_size)
+        logprobs = grpo.token_logprobs(self.policy, packed.input_ids, packed.attention_mask)
+        with torch.no_grad():
+            # The engine sampled with the weights the trainer holds now: the two must agree.
+            diff = ((logprobs - packed.rollout_logprobs).abs() * packed.loss_mask).max()
+        loss, stats = grpo.policy_loss(logprobs, packed.rollout_logprobs, advantages, packed.loss_mask,
+                                       self.config.clip_ratio)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        return {"loss": stats.loss, "grad_norm": float(grad_norm), "clip_fraction": stats.clip_fraction,
+                "logprob_abs_diff_max": float(diff)}
+
+    async def close(self) -> None:
+        self.weight_sync.close()
+        await self.client.teardown()
+
+
+def rollout_metrics(rollout: RolloutBatch) -> dict[str, Any]:
+    states = rollout.states
+    turns = [t for s in states for t in s.turns]
+    exact = [bool(t.info.get("exact")) for t in turns]
+    returns = [s.total_reward for s in states]
+    return {
+        "reward_mean": sum(returns) / len(returns),
+        "exact_rate": sum(exact) / len(exact),
+        "response_tokens_mean": sum(t.num_generated for t in turns) / len(turns),
+        "truncated_rate": sum(t.added_eos for t in turns) / len(turns),
+        "generation_tokens": rollout.generated_tokens,
+        "generation_s": rollout.generation_s,
+        "generation_tokens_per_s": rollout.tokens_per_s,
+    }
+
+
+class _PhaseTimer:
+    """``async with timer("name_s"): ...`` records the block's wall time into the metrics."""
+
+    def __init__(self, metrics: dict[str, Any]) -> None:
+        self.metrics = metrics
+
+    def __call__(self, key: str) -> _Phase:
+        return _Phase(self.metrics, key)
+
+
+class _Phase:
+    def __init__(self, metrics: dict[str, Any], key: str) -> None:
+        self.metrics, self.key = metrics, key
+
+    async def __aenter__(self) -> None:
+        self.started = time.perf_counter()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.metrics[self.key] = time.perf_counter() - self.started
+
+
+async def train(config: TrainerConfig, progress: bool = True,
+                on_step: Callable[[RLTrainer, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``config.steps`` steps; write metrics.csv, reward_curve.png and summary.json into
+    ``config.out_dir``; return the summary."""
+    from tqdm.auto import tqdm
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wall_started = time.perf_counter()
+    trainer = RLTrainer(config)
+    csv = MetricsCSV(out / "metrics.csv")
+    try:
+        bar = tqdm(range(1, config.steps + 1), desc=f"RL on {config.backend}", unit="step", disable=not progress)
+        for step in bar:
+            metrics = await trainer.train_step(step)
+            csv.write(metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", exact=f"{metrics['exact_rate']:.2f}",
+                            tok_s=f"{metrics['generation_tokens_per_s']:.0f}")
+            if on_step is not None:
+                on_step(trainer, metrics)
+        bar.close()
+    finally:
+        csv.close()
+        await trainer.close()
+    summary = summarize(csv.rows)
+    summary.update(backend=config.backend, seed=config.seed, sleep_level=trainer.sleep_level,
+                   colocate=trainer.colocate, weight_sync=trainer.weight_sync.strategy, wall_s=time.perf_counter() - wall_started,
+                   config={k: v for k, v in dataclasses.asdict(config).items()})
+    plot_reward_curve(csv.rows, out / "reward_curve.png",
+                      title=f"Say the digit: GRPO on the tiny model ({config.backend} backend, seed {config.seed})")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
