@@ -28,8 +28,8 @@ TF_EXTRA_EDITABLE :=
 CORE_EXTRA_PIP :=
 -include mk/*.mk
 
-demo: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
-	$(TF_ENV)/bin/python examples/lifecycle_demo.py --backend $(BACKEND) --model $(MODEL)
+demo: $(DEMO_READY) $(MODEL)/.skyrl_tiny_model
+	$(DEMO_ENV)/bin/python -m skyrl_rl_demo --backend $(BACKEND) --model $(MODEL) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: test-core test-transformers test-conformance $(EXTRA_TESTS)
 
