@@ -137,3 +137,15 @@ def test_in_process_tensors_cannot_be_serialised():
     request = WeightUpdateRequest.from_named_tensors([("a", torch.zeros(2))])
     with pytest.raises(WeightUpdateError, match="cannot cross a process boundary"):
         request_to_json(request)
+
+
+def test_a_rejection_reported_as_text_by_a_worker_is_recovered():
+    from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
+
+    original = WeightUpdateError({"a.weight": "shape (1,) does not match the engine's (2,)",
+                                  "payload.buckets[3].segment": "segment 'skyrl_ws_00' does not exist"})
+    wrapped = f"Call to collective_rpc method failed: Worker failed with error '{original}', please check the logs"
+    for text in (str(original), wrapped):
+        recovered = weight_update_error_from_text(text)
+        assert isinstance(recovered, WeightUpdateError) and recovered.problems == original.problems
+    assert weight_update_error_from_text("RuntimeError: CUDA out of memory") is None

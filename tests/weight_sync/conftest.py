@@ -19,3 +19,9 @@ def model_dir() -> str:
 def backend() -> str:
     """The backend whose engines run in the engine processes (``SKYRL_WEIGHT_SYNC_BACKEND``)."""
     return os.environ.get("SKYRL_WEIGHT_SYNC_BACKEND", "transformers")
+
+
+@pytest.fixture(scope="session")
+def num_engines() -> int:
+    """How many engine processes the trainer feeds at once (``SKYRL_WEIGHT_SYNC_ENGINES``, default 2)."""
+    return int(os.environ.get("SKYRL_WEIGHT_SYNC_ENGINES", "2"))

@@ -34,12 +34,13 @@ class RemoteEngine:
             self.wait_ready()
 
     def wait_ready(self) -> RemoteEngine:
-        line = self.process.stdout.readline()
-        if not line.startswith("READY"):
-            self.process.kill()
-            raise RuntimeError(f"engine server failed to start (exit code {self.process.wait()})")
-        self.port = int(line.split()[1])
-        return self
+        # Engines may print their own lines on stdout before the server announces itself.
+        for line in self.process.stdout:
+            if line.startswith("READY "):
+                self.port = int(line.split()[1])
+                return self
+            sys.stderr.write(line)
+        raise RuntimeError(f"engine server failed to start (exit code {self.process.wait()})")
 
     async def _call(self, op: str, **fields: Any) -> Any:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 26)

@@ -5,9 +5,22 @@ tensor-parallel, joins with ``rank_offset + local_rank`` per worker). The group 
 gloo on CPU. It is built directly on its own ``TCPStore`` (prefixed with the group name), never as
 torch's default process group, because the engine may already own one (vLLM and SGLang do).
 
+The group's store keys follow torch's own layout for a process group made by
+``_new_process_group_helper`` over a ``tcp://`` rendezvous (``tcp://addr:port`` / ``<group_name>/`` /
+``<device>/``), which is also how SGLang's ``init_weights_update_group`` (and SkyRL, OpenRLHF) build
+theirs, so an engine that joins with its own native code meets the trainer in the same group.
+
 Per update the request carries only the manifests (names, dtypes, shapes, offsets); the bytes follow
-as one ``broadcast`` per packed bucket from rank 0. The receiver receives every bucket before it
-yields a tensor, so a transfer that fails midway (a timeout, a dead trainer) changes nothing.
+from rank 0 in one of two layouts, named in the payload:
+
+``packed`` (default)
+    one ``broadcast`` per packed bucket (few large collectives);
+``per_tensor``
+    one ``broadcast`` per tensor, typed, in the order of the request's names: the protocol of
+    engines that receive natively (SGLang's ``update_weights_from_distributed``).
+
+The receiver receives everything before it yields a tensor, so a transfer that fails midway (a
+timeout, a dead trainer) changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from skyrl_backends.weight_sync.manifest import parse_buckets
 
 STRATEGY = "broadcast"
 BACKENDS = ("gloo", "nccl")
+LAYOUTS = ("packed", "per_tensor")
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -43,11 +57,19 @@ def _check_init_info(info: WeightSyncInitInfo) -> None:
         raise WeightUpdateError(problems)
 
 
+def init_method(master_addr: str, master_port: int) -> str:
+    return f"tcp://{master_addr}:{master_port}"
+
+
 def new_group(store: dist.Store, rank: int, world_size: int, backend: str, group_name: str, host: str,
-              timeout_s: float) -> Any:
-    """A process group of ``world_size`` ranks over ``store`` (blocks until every rank joins)."""
+              timeout_s: float, rendezvous: str) -> Any:
+    """A process group of ``world_size`` ranks over ``store`` (blocks until every rank joins).
+
+    ``rendezvous`` is the ``tcp://addr:port`` the store was reached by: with it the keys are laid
+    out as torch lays them out for a group of that name, so engines joining natively interoperate."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    prefixed = dist.PrefixStore(group_name, store)
+    device = "cpu" if backend == "gloo" else "cuda"
+    prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(rendezvous, store)))
     if backend == "gloo":
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
@@ -80,7 +102,8 @@ class BroadcastReceiver:
         self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.group = new_group(self.store, self.rank, info.world_size, info.backend, info.group_name,
-                               _local_host(info.master_addr), timeout_s)
+                               _local_host(info.master_addr), timeout_s,
+                               init_method(info.master_addr, info.master_port))
 
     def receive(self, request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
         buckets = parse_buckets(request)
@@ -88,6 +111,11 @@ class BroadcastReceiver:
         if group_name != self.info.group_name:
             raise WeightUpdateError({"payload.group_name": f"got {group_name!r} but this engine joined "
                                                            f"{self.info.group_name!r}"})
+        layout = request.payload.get("layout", "packed")
+        if layout not in LAYOUTS:
+            raise WeightUpdateError({"payload.layout": f"got {layout!r}; expected one of {list(LAYOUTS)}"})
+        if layout == "per_tensor":
+            return iter(self._receive_per_tensor(request))
         staged = []
         for manifest, _ in buckets:
             buffer = torch.empty(manifest.nbytes, dtype=torch.uint8, device=self.device)
@@ -96,6 +124,16 @@ class BroadcastReceiver:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))
+
+    def _receive_per_tensor(self, request: WeightUpdateRequest) -> list[tuple[str, torch.Tensor]]:
+        received = []
+        for name, dtype, shape in zip(request.names, request.dtypes, request.shapes):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self.group.broadcast([tensor], _root0()).wait()
+            received.append((name, tensor))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return received
 
     def close(self) -> None:
         self.group = None
@@ -119,9 +157,12 @@ class BroadcastSender:
 
     def __init__(self, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 0,
                  backend: str = "gloo", group_name: str = "skyrl_weight_sync", device: torch.device | str = "cpu",
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, layout: str = "packed") -> None:
         if backend not in BACKENDS:
             raise WeightUpdateError({"backend": f"got {backend!r}; expected one of {list(BACKENDS)}"})
+        if layout not in LAYOUTS:
+            raise WeightUpdateError({"layout": f"got {layout!r}; expected one of {list(LAYOUTS)}"})
+        self.layout = layout
         self.world_size = world_size
         self.master_addr = master_addr
         self.backend = backend
@@ -142,16 +183,25 @@ class BroadcastSender:
     def join(self) -> None:
         """Blocks until every engine rank has joined."""
         self.group = new_group(self.store, 0, self.world_size, self.backend, self.group_name,
-                               _local_host(self.master_addr), self.timeout_s)
+                               _local_host(self.master_addr), self.timeout_s,
+                               init_method(self.master_addr, self.master_port))
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
-        return {"group_name": self.group_name, "buckets": [b.to_json() for b in layout.buckets]}
+        return {"group_name": self.group_name, "layout": self.layout,
+                "buckets": [b.to_json() for b in layout.buckets]}
 
     def send(self, layout: PackPlan) -> None:
         """Pack and broadcast every bucket in order (blocking). One staging buffer of the largest
         bucket is reused: the sender never holds more than one packed bucket."""
         if self.group is None:
             raise WeightUpdateError({"communicator": "the group is not joined; call join() first"})
+        if self.layout == "per_tensor":
+            for name, dtype in zip(layout.names, layout.dtypes):
+                tensor = layout.tensors[name].to(device=self.device, dtype=getattr(torch, dtype)).contiguous()
+                self.group.broadcast([tensor], _root0()).wait()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            return
         largest = max((b.nbytes for b in layout.buckets), default=0)
         if self._buffer is None or self._buffer.numel() < largest:
             self._buffer = torch.empty(largest, dtype=torch.uint8, device=self.device)

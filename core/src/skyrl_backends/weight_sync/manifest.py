@@ -186,6 +186,36 @@ def _parse_entry(raw: Any, where: str, bucket_nbytes: int, problems: dict[str, s
     return entry
 
 
+# -- errors that crossed a process boundary as text ---------------------------------------------
+_REJECTED = "Weight update rejected ("
+
+
+def weight_update_error_from_text(text: str) -> WeightUpdateError | None:
+    """The :class:`WeightUpdateError` whose message is embedded in ``text``, or None.
+
+    Engines that run their workers in other processes (vLLM's ``collective_rpc``, SGLang's
+    scheduler) hand a worker's exception back as a string; a backend calls this on that string to
+    raise the same error, with the same offending tensors, to the trainer."""
+    start = text.find(_REJECTED)
+    if start < 0:
+        return None
+    # A wrapper that quoted the message ("... error '<message>', see above") ends it with that quote.
+    quote = text[start - 1] if start and text[start - 1] in "'\"" else None
+    problems: dict[str, str] = {}
+    lines = text[start:].splitlines()[1:]
+    for i, line in enumerate(lines):
+        if not line.startswith("  "):
+            break
+        name, sep, why = line[2:].partition(": ")
+        if not sep:
+            break
+        last = i + 1 == len(lines) or not lines[i + 1].startswith("  ")
+        if last and quote and quote in why:
+            why = why[:why.rindex(quote)]
+        problems[name] = why.rstrip()
+    return WeightUpdateError(problems) if problems else None
+
+
 # -- whole requests as JSON ---------------------------------------------------------------------
 def request_to_json(request: WeightUpdateRequest) -> dict[str, Any]:
     """A JSON-able form of a request whose bytes travel out of band (every strategy but "tensors")."""

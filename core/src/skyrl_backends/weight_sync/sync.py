@@ -27,6 +27,9 @@ from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, plan
 
 STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
+# Backends whose engines receive broadcasts with their own native code, one typed broadcast per
+# tensor (SGLang's update_weights_from_distributed), rather than with skyrl's packed receiver.
+PER_TENSOR_BROADCAST_BACKENDS: tuple[str, ...] = ("sglang",)
 _ENGINE_DTYPES = "engine"
 
 
@@ -84,18 +87,24 @@ def _num_ranks(target: Any) -> int:
 async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", master_port: int = 0,
                             backend: str | None = None, group_name: str = "skyrl_weight_sync",
                             device: torch.device | str | None = None, ranks_per_engine: Sequence[int] | None = None,
-                            timeout_s: float = broadcast.DEFAULT_TIMEOUT_S) -> broadcast.BroadcastSender:
+                            timeout_s: float = broadcast.DEFAULT_TIMEOUT_S,
+                            layout: str | None = None) -> broadcast.BroadcastSender:
     """Create the trainer's group (rank 0) and have every engine join it through its
     ``init_weight_update_communicator`` hook. ``backend`` defaults to nccl when ``device`` is CUDA,
-    gloo otherwise; ``master_port=0`` picks a free port."""
+    gloo otherwise; ``master_port=0`` picks a free port. ``layout`` defaults to ``"packed"``, or
+    ``"per_tensor"`` when an engine's backend receives natively (SGLang)."""
     engines = _as_list(targets)
+    if layout is None:
+        members = [m for e in engines for m in (_pool(e) or [e])]
+        native = any(getattr(m, "backend", None) in PER_TENSOR_BROADCAST_BACKENDS for m in members)
+        layout = "per_tensor" if native else "packed"
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     ranks = list(ranks_per_engine) if ranks_per_engine is not None else [_num_ranks(e) for e in engines]
     if len(ranks) != len(engines):
         raise WeightUpdateError({"ranks_per_engine": f"has {len(ranks)} entries for {len(engines)} engines"})
     sender = broadcast.BroadcastSender(1 + sum(ranks), master_addr, master_port, backend, group_name, device,
-                                       timeout_s)
+                                       timeout_s, layout)
     offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
     joins = []
     for engine, offset in zip(engines, offsets):

@@ -1,0 +1,458 @@
+"""Weight-sync benchmark: every strategy against baselines measured in the same run (not a test).
+
+A full sync moves a whole Qwen2.5-shaped model with random weights from a trainer process into an
+engine process, which copies every received tensor into its own parameters (what a backend's
+``load_weights`` does) before acknowledging. Printed: median seconds, GB/s, and the ratio to the
+baseline each strategy is judged against.
+
+CPU mode (``--mode cpu``, runs anywhere)::
+
+    shared_memory   vs (a) memcpy of the same bytes in one process
+    broadcast/gloo  vs (c) raw torch.distributed broadcast of the same tensors (one per tensor)
+
+GPU mode (``--mode gpu``)::
+
+    cuda_ipc        vs (a) device-to-device copy of the same bytes  [engine process on the same GPU]
+    broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
+    --engine vllm|sglang: also a full sync into a real engine through skyrl_backends (cuda_ipc, or
+    what the backend declares) vs (b) the engine's own update path called directly (vLLM: per-tensor
+    CUDA IPC handles through collective_rpc into load_weights; SGLang: update_weights_from_tensor).
+
+Examples::
+
+    python core/benchmarks/bench_weight_sync.py --mode cpu --shape qwen2.5-0.5b
+    python core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine vllm
+
+The engine process and the trainer exchange only JSON over a pipe; the bytes move by the strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import torch
+
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync import SharedMemorySender, make_receiver, receive_named_tensors
+from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
+from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
+
+# name: (hidden, layers, intermediate, vocab, heads, kv_heads, tied embeddings)
+SHAPES = {
+    "tiny": (128, 2, 256, 512, 4, 2, False),
+    "qwen2.5-0.5b": (896, 24, 4864, 151936, 14, 2, True),
+    "qwen2.5-1.5b": (1536, 28, 8960, 151936, 12, 2, True),
+}
+
+
+def qwen2_specs(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a Qwen2 checkpoint, in checkpoint order."""
+    hidden, layers, inter, vocab, heads, kv_heads, tied = SHAPES[shape]
+    head_dim = hidden // heads
+    kv = kv_heads * head_dim
+    specs = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (hidden,)),
+                  (p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.q_proj.bias", (hidden,)),
+                  (p + "self_attn.k_proj.weight", (kv, hidden)), (p + "self_attn.k_proj.bias", (kv,)),
+                  (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.v_proj.bias", (kv,)),
+                  (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                  (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                  (p + "mlp.down_proj.weight", (hidden, inter)),
+                  (p + "post_attention_layernorm.weight", (hidden,))]
+    specs.append(("model.norm.weight", (hidden,)))
+    if not tied:
+        specs.append(("lm_head.weight", (vocab, hidden)))
+    return specs
+
+
+def random_weights(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {name: torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype)
+            for name, s in qwen2_specs(shape)}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> list[float]:
+    return [float(t.float().sum()) for _, t in sorted(tensors.items())]
+
+
+# -- the engine process ---------------------------------------------------------------------------
+def engine_main(conn: Any, shape: str, dtype_name: str, device: str) -> None:
+    """Holds parameters of the model's shape; receives updates and copies them in (like load_weights)."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dtype = getattr(torch, dtype_name)
+    params = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in qwen2_specs(shape)}
+    communicator = None
+    raw_group = None
+    conn.send_bytes(b'{"ready": true}')
+    while True:
+        msg = json.loads(conn.recv_bytes())
+        op = msg["op"]
+        reply: dict[str, Any] = {"ok": True}
+        if op == "stop":
+            conn.send_bytes(json.dumps(reply).encode())
+            return
+        if op == "init":
+            from skyrl_backends.types import WeightSyncInitInfo
+
+            communicator = make_receiver(WeightSyncInitInfo(**msg["init_info"]), device)
+        elif op == "raw_init":
+            store = torch.distributed.TCPStore(msg["addr"], msg["port"], 2, is_master=False)
+            raw_group = new_group(store, 1, 2, msg["backend"], "raw", "127.0.0.1" if msg["addr"] == "127.0.0.1" else "",
+                                  300, "raw")
+        elif op == "update":
+            request = request_from_json(msg["request"])
+            t0 = time.perf_counter()
+            staged = list(receive_named_tensors(request, device=device, communicator=communicator))
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                for name, tensor in staged:
+                    params[name].copy_(tensor, non_blocking=True)
+            sync(device)
+            reply.update(receive_s=t1 - t0, apply_s=time.perf_counter() - t1)
+            del staged
+        elif op == "raw_receive":
+            options = torch.distributed.BroadcastOptions()
+            for name, _ in qwen2_specs(shape):
+                raw_group.broadcast([params[name]], options).wait()
+            sync(device)
+        elif op == "digest":
+            reply["digest"] = digest(params)
+        conn.send_bytes(json.dumps(reply).encode())
+
+
+class EngineProcess:
+    def __init__(self, shape: str, dtype: str, device: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=engine_main, args=(child, shape, dtype, device), daemon=True)
+        self.process.start()
+        json.loads(self.conn.recv_bytes())
+
+    def send(self, **msg: Any) -> None:
+        self.conn.send_bytes(json.dumps(msg).encode())
+
+    def reply(self) -> dict[str, Any]:
+        return json.loads(self.conn.recv_bytes())
+
+    def call(self, **msg: Any) -> dict[str, Any]:
+        self.send(**msg)
+        return self.reply()
+
+    def stop(self) -> None:
+        self.call(op="stop")
+        self.process.join(30)
+
+
+# -- measurements -----------------------------------------------------------------------------------
+def timed(fn, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_copy(weights: dict[str, torch.Tensor], device: str, repeats: int, warmup: int) -> list[float]:
+    """(a) One copy of the same number of bytes between two preallocated buffers."""
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    src = torch.empty(total, dtype=torch.uint8, device=device)
+    offset = 0
+    for t in weights.values():  # the same bytes, flattened
+        n = t.numel() * t.element_size()
+        src[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        offset += n
+    dst = torch.empty_like(src)
+
+    def run() -> None:
+        dst.copy_(src)
+        sync(device)
+
+    return timed(run, repeats, warmup)
+
+
+def bench_colocated(engine: EngineProcess, sender: Any, weights: dict[str, torch.Tensor], bucket_bytes: int,
+                    device: str, repeats: int, warmup: int) -> tuple[list[float], dict[str, float]]:
+    """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack."""
+    parts: dict[str, list[float]] = {"pack_s": [], "receive_s": [], "apply_s": []}
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        layout = plan(weights, bucket_bytes)
+        payload = sender.write(layout)
+        parts["pack_s"].append(time.perf_counter() - t0)
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, sender.strategy, payload)
+        reply = engine.call(op="update", request=request_to_json(request))
+        parts["receive_s"].append(reply["receive_s"])
+        parts["apply_s"].append(reply["apply_s"])
+
+    times = timed(run, repeats, warmup)
+    return times, {k: statistics.median(v[warmup:]) for k, v in parts.items()}
+
+
+def bench_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
+                    bucket_bytes: int, repeats: int, warmup: int) -> list[float]:
+    sender = BroadcastSender(2, "127.0.0.1", 0, backend, "bench", device)
+    joiner = threading.Thread(target=sender.join)
+    joiner.start()
+    engine.call(op="init", init_info={**sender.init_info(1).__dict__})
+    joiner.join()
+
+    def run() -> None:
+        layout = plan(weights, bucket_bytes)
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout))
+        engine.send(op="update", request=request_to_json(request))
+        sender.send(layout)
+        engine.reply()
+
+    try:
+        return timed(run, repeats, warmup)
+    finally:
+        sender.close()
+
+
+def bench_raw_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
+                        repeats: int, warmup: int) -> list[float]:
+    """(c) torch.distributed broadcast of each tensor, straight into the engine's parameters."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    holder: dict[str, Any] = {}
+    joiner = threading.Thread(target=lambda: holder.update(
+        group=new_group(store, 0, 2, backend, "raw", "127.0.0.1", 300, "raw")))
+    joiner.start()
+    engine.send(op="raw_init", addr="127.0.0.1", port=store.port, backend=backend)
+    joiner.join()
+    engine.reply()
+    group = holder["group"]
+    options = torch.distributed.BroadcastOptions()
+    ordered = [weights[name] for name in weights]
+
+    def run() -> None:
+        engine.send(op="raw_receive")
+        for tensor in ordered:
+            group.broadcast([tensor], options).wait()
+        sync(device)
+        engine.reply()
+
+    return timed(run, repeats, warmup)
+
+
+# -- real engines (GPU) ---------------------------------------------------------------------------
+def write_model_folder(shape: str, weights: dict[str, torch.Tensor], folder: str) -> str:
+    """A Qwen2 checkpoint folder with these weights (no tokenizer: engines run with token ids)."""
+    from safetensors.torch import save_file
+
+    hidden, layers, inter, vocab, heads, kv_heads, tied = SHAPES[shape]
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
+              "num_hidden_layers": layers, "intermediate_size": inter, "vocab_size": vocab,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "tie_word_embeddings": tied,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+              "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file({k: v.contiguous().cpu() for k, v in weights.items()}, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.Tensor], bucket_bytes: int,
+                            repeats: int, warmup: int, rows: list[dict[str, Any]]) -> None:
+    import skyrl_backends as sb
+    from skyrl_backends.weight_sync import make_sender, sync_weights
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_model_folder(shape, weights, folder)
+        engine = sb.create_engine(backend, model=folder, dtype="bfloat16", skip_tokenizer_init=True,
+                                  gpu_memory_utilization=0.3)
+        try:
+            strategy = "cuda_ipc" if "cuda_ipc" in engine.capabilities.weight_sync_strategies else "tensors"
+            sender = make_sender(strategy) if strategy != "tensors" else None
+
+            async def ours() -> None:
+                await sync_weights(engine, weights, strategy, bucket_bytes=bucket_bytes, sender=sender)
+
+            own = await _own_path(backend, engine, weights)
+            for label, fn in ((f"{backend}: skyrl {strategy}", ours), (f"{backend}: own path (b)", own)):
+                for _ in range(warmup):
+                    await fn()
+                times = []
+                for _ in range(repeats):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    await fn()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                rows.append({"strategy": label, "times": times})
+            if sender is not None:
+                sender.close()
+        finally:
+            await engine.teardown()
+
+
+async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor]):
+    """(b) The engine's own update path, called on the engine object directly (no skyrl validation)."""
+    named = list(weights.items())
+    if backend == "vllm":
+        from skyrl_backend_vllm import transfer
+
+        llm = engine.impl._engine  # the plugin's AsyncLLM
+
+        async def run() -> None:
+            with transfer.pack_tensors([n for n, _ in named], [t for _, t in named]) as message:
+                await llm.collective_rpc("skyrl_apply_weights", args=(message.message,))
+        return run
+    if backend == "sglang":
+        native = getattr(engine.impl, "_engine", None) or getattr(engine.impl, "engine")
+
+        async def run() -> None:
+            result = native.update_weights_from_tensor(named_tensors=named, flush_cache=True)
+            if hasattr(result, "__await__"):
+                await result
+        return run
+    raise SystemExit(f"no own-path baseline for backend {backend!r}")
+
+
+# -- report -------------------------------------------------------------------------------------------
+def hardware(mode: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores visible"
+    if mode == "gpu":
+        text += "; " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return text
+
+
+def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, ntensors: int) -> None:
+    by_label = {r["strategy"]: statistics.median(r["times"]) for r in rows}
+    print(f"\n# weight sync, {args.mode}, shape {args.shape} ({ntensors} tensors, {nbytes / 1e9:.3f} GB {args.dtype}), "
+          f"bucket {args.bucket_bytes / 2**20:.0f} MiB, {args.repeats} repeats (median)")
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {hardware(args.mode)}; "
+          f"torch {torch.__version__}")
+    print(f"| {'transfer':44} | {'median':>10} | {'GB/s':>7} | {'vs baseline':>24} |")
+    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 9}|{'-' * 26}|")
+    for row in rows:
+        t = by_label[row["strategy"]]
+        base = row.get("baseline")
+        # speed relative to the baseline: 100% = as fast, 50% = takes twice as long
+        versus = f"{by_label[base] / t:.0%} of {base.split()[0]} speed" if base in by_label else ""
+        print(f"| {row['strategy']:44} | {t * 1e3:8.1f}ms | {nbytes / t / 1e9:7.2f} | {versus:>24} |")
+        if "parts" in row:
+            parts = ", ".join(f"{k[:-2]} {v * 1e3:.1f}ms" for k, v in row["parts"].items())
+            print(f"|   {'(' + parts + ')':42} | {'':10} | {'':7} | {'':24} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "nbytes": nbytes, "hardware": hardware(args.mode), "rows": rows}, f, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="default: qwen2.5-0.5b on CPU, qwen2.5-1.5b on GPU")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--bucket-bytes", type=int, default=None, help="default: 256 MiB on CPU, 1 GiB on GPU")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--engine", choices=("none", "vllm", "sglang"), default="none",
+                        help="GPU: also sync into a real engine and compare with its own update path")
+    parser.add_argument("--skip", default="", help="comma-separated rows to skip: copy,colocated,broadcast,raw")
+    parser.add_argument("--json", default=None, help="also write the raw timings here")
+    args = parser.parse_args()
+    gpu = args.mode == "gpu"
+    args.shape = args.shape or ("qwen2.5-1.5b" if gpu else "qwen2.5-0.5b")
+    args.bucket_bytes = args.bucket_bytes or ((1 << 30) if gpu else (256 << 20))
+    args.repeats = args.repeats or (10 if gpu else 3)
+    skip = set(filter(None, args.skip.split(",")))
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--mode gpu needs CUDA")
+    device = "cuda:0" if gpu else "cpu"
+    dtype = getattr(torch, args.dtype)
+    weights = random_weights(args.shape, dtype, device)
+    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    rows: list[dict[str, Any]] = []
+    copy_label = "(a) device-to-device copy" if gpu else "(a) memcpy, one process"
+    if "copy" not in skip:
+        rows.append({"strategy": copy_label, "times": bench_copy(weights, device, args.repeats, args.warmup)})
+    expected = digest(weights)
+
+    if "colocated" not in skip:
+        engine = EngineProcess(args.shape, args.dtype, device)  # same device: colocated
+        try:
+            if gpu:
+                from skyrl_backends.weight_sync import CudaIpcSender
+
+                sender, label = CudaIpcSender(device), "cuda_ipc (warm: buffers reused)"
+            else:
+                sender, label = SharedMemorySender(), "shared_memory (warm: segments reused)"
+            times, parts = bench_colocated(engine, sender, weights, args.bucket_bytes, device, args.repeats,
+                                           args.warmup)
+            rows.append({"strategy": label, "times": times, "parts": parts, "baseline": copy_label})
+            sender.close()
+            if not gpu:  # cold: a new sender each time (fresh segments, pages faulted in again)
+                def cold() -> None:
+                    with SharedMemorySender() as fresh:
+                        bench_colocated(engine, fresh, weights, args.bucket_bytes, device, 1, 0)
+                rows.append({"strategy": "shared_memory (cold: new segments)", "times": timed(cold, args.repeats, 0),
+                             "baseline": copy_label})
+            assert engine.call(op="digest")["digest"] == expected, "engine weights differ from the trainer's"
+        finally:
+            engine.stop()
+
+    backend = "nccl" if gpu else "gloo"
+    if {"broadcast", "raw"} - skip:
+        if gpu and torch.cuda.device_count() < 2:
+            print("broadcast: skipped (needs 2 GPUs)", file=sys.stderr)
+        else:
+            engine = EngineProcess(args.shape, args.dtype, "cuda:1" if gpu else "cpu")
+            raw_label = f"(c) raw {backend} broadcast, per tensor"
+            try:
+                if "raw" not in skip:
+                    rows.append({"strategy": raw_label, "times": bench_raw_broadcast(
+                        engine, weights, backend, device, args.repeats, args.warmup)})
+                    assert engine.call(op="digest")["digest"] == expected
+                if "broadcast" not in skip:
+                    rows.append({"strategy": f"broadcast ({backend}, packed buckets)", "times": bench_broadcast(
+                        engine, weights, backend, device, args.bucket_bytes, args.repeats, args.warmup),
+                        "baseline": raw_label})
+                    assert engine.call(op="digest")["digest"] == expected
+            finally:
+                engine.stop()
+
+    if gpu and args.engine != "none":
+        import asyncio
+
+        asyncio.run(bench_real_engine(args.engine, args.shape, weights, args.bucket_bytes, args.repeats,
+                                      args.warmup, rows))
+        ours = next(r for r in rows if r["strategy"].startswith(f"{args.engine}: skyrl"))
+        ours["baseline"] = f"{args.engine}: own path (b)"
+    report(rows, nbytes, args, len(weights))
+
+
+if __name__ == "__main__":
+    main()

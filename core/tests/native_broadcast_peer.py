@@ -1,0 +1,54 @@
+"""Engine-side peers for the broadcast tests, run in spawned processes.
+
+``join_like_native_engines`` joins the trainer's group the way engines with their own weight-sync
+code do (SGLang's ``init_weights_update_group``, SkyRL, OpenRLHF): a ``tcp://`` rendezvous, a
+``PrefixStore`` named after it, and torch's ``_new_process_group_helper``; then it receives one
+typed broadcast per tensor. It shares no code with skyrl_backends.weight_sync on purpose.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+
+def join_like_native_engines(conn: Any, addr: str, port: int, rank: int, world_size: int, group_name: str,
+                             specs: list[list[Any]]) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    init_method = f"tcp://{addr}:{port}"
+    timeout = datetime.timedelta(seconds=120)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store = PrefixStore(init_method, store)
+    pg, _ = _new_process_group_helper(world_size, rank, [], "gloo", store, group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    sums = []
+    for _name, dtype, shape in specs:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+        dist.broadcast(tensor, src=0, group=pg)
+        sums.append(float(tensor.double().sum()))
+    conn.send_bytes(json.dumps(sums).encode())
+
+
+def receive_with_skyrl(conn: Any, init_info: dict[str, Any]) -> None:
+    """A skyrl receiver in its own process: joins, then answers each request (JSON) with sums."""
+    from skyrl_backends.errors import WeightUpdateError
+    from skyrl_backends.types import WeightSyncInitInfo
+    from skyrl_backends.weight_sync import make_receiver, receive_named_tensors
+    from skyrl_backends.weight_sync.manifest import request_from_json
+
+    communicator = make_receiver(WeightSyncInitInfo(**init_info), "cpu")
+    conn.send_bytes(b"joined")
+    while True:
+        msg = conn.recv_bytes()
+        if msg == b"stop":
+            return
+        try:
+            named = receive_named_tensors(request_from_json(json.loads(msg)), "cpu", communicator)
+            reply: Any = {name: float(t.double().sum()) for name, t in named}
+        except WeightUpdateError as exc:
+            reply = {"error": exc.problems}
+        conn.send_bytes(json.dumps(reply).encode())

@@ -1,0 +1,102 @@
+"""Broadcast over gloo between a trainer (this process) and engine-side peers in other processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import threading
+
+import pytest
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync.broadcast import BroadcastSender
+from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.manifest import request_to_json
+
+import native_broadcast_peer
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"embed.weight": torch.randn(40, 16, generator=g), "layer.weight": torch.randn(16, 16, generator=g),
+            "layer.bias": torch.randn(16, generator=g).to(torch.bfloat16), "steps": torch.arange(5)}
+
+
+def _sums(weights, dtypes=None) -> dict[str, float]:
+    return {n: float(t.to(getattr(torch, dtypes[n]) if dtypes else t.dtype).double().sum()) for n, t in weights.items()}
+
+
+def _join(sender: BroadcastSender, peers: list) -> None:
+    joiner = threading.Thread(target=sender.join)
+    joiner.start()
+    for peer in peers:
+        peer.start()
+    joiner.join(120)
+    assert sender.group is not None
+
+
+def test_per_tensor_layout_meets_engines_that_join_natively():
+    """The trainer's group is laid out like torch's own, so an engine joining with SGLang-style native
+    code (no skyrl code) lands in it and receives every tensor."""
+    weights = _weights()
+    layout = plan(weights, dtype_for={"embed.weight": "bfloat16"})
+    specs = [[n, d, list(s)] for n, d, s in zip(layout.names, layout.dtypes, layout.shapes)]
+    sender = BroadcastSender(2, "127.0.0.1", 0, "gloo", "native_group", layout="per_tensor", timeout_s=120)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    peer = ctx.Process(target=native_broadcast_peer.join_like_native_engines,
+                       args=(child, "127.0.0.1", sender.master_port, 1, 2, "native_group", specs))
+    _join(sender, [peer])
+    sender.send(layout)
+    got = json.loads(parent.recv_bytes())
+    peer.join(60)
+    dtypes = dict(zip(layout.names, layout.dtypes))
+    assert got == pytest.approx(list(_sums(weights, dtypes).values()))
+    sender.close()
+
+
+def test_packed_and_per_tensor_layouts_into_skyrl_receivers_of_two_processes():
+    weights = _weights()
+    sender = BroadcastSender(3, "127.0.0.1", 0, "gloo", "two_peers", timeout_s=120)
+    ctx = mp.get_context("spawn")
+    pipes, peers = [], []
+    for offset in (1, 2):
+        parent, child = ctx.Pipe()
+        info = {**sender.init_info(offset).__dict__}
+        peers.append(ctx.Process(target=native_broadcast_peer.receive_with_skyrl, args=(child, info)))
+        pipes.append(parent)
+    _join(sender, peers)
+    assert [p.recv_bytes() for p in pipes] == [b"joined", b"joined"]
+    try:
+        for layout_name in ("packed", "per_tensor"):
+            sender.layout = layout_name
+            layout = plan(weights, bucket_bytes=2048)
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout))
+            for pipe in pipes:
+                pipe.send_bytes(json.dumps(request_to_json(request)).encode())
+            sender.send(layout)
+            for pipe in pipes:
+                assert json.loads(pipe.recv_bytes()) == pytest.approx(_sums(weights))
+        # A request for another group is refused by every receiver before it waits for any bytes.
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
+                                      {**sender.payload(layout), "group_name": "someone_else"})
+        for pipe in pipes:
+            pipe.send_bytes(json.dumps(request_to_json(request)).encode())
+            assert "payload.group_name" in json.loads(pipe.recv_bytes())["error"]
+    finally:
+        for pipe in pipes:
+            pipe.send_bytes(b"stop")
+        for peer in peers:
+            peer.join(60)
+        sender.close()
+
+
+def test_bad_sender_settings_are_named():
+    with pytest.raises(WeightUpdateError) as info:
+        BroadcastSender(2, backend="mpi")
+    assert "backend" in info.value.problems
+    with pytest.raises(WeightUpdateError) as info:
+        BroadcastSender(2, layout="zigzag")
+    assert "layout" in info.value.problems
