@@ -1,0 +1,63 @@
+"""The conformance suite's test groups and the class that bundles them.
+
+Each group is a plain class whose name does not start with ``Test``, so pytest collects nothing
+until a backend's test module subclasses it (usually :class:`BackendConformanceSuite`, which
+bundles every group)::
+
+    from skyrl_backends.conformance import BackendConformanceSuite
+
+    class TestMyBackend(BackendConformanceSuite):
+        backend = "mybackend"
+"""
+
+from __future__ import annotations
+
+from skyrl_backends.conformance.suite.abort_pause import AbortPauseTests
+from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.conformance.suite.concurrency import ConcurrencyTests
+from skyrl_backends.conformance.suite.generation import GenerationContractTests
+from skyrl_backends.conformance.suite.lifecycle import LifecycleStateMachine
+from skyrl_backends.conformance.suite.logprobs import LogprobTests
+from skyrl_backends.conformance.suite.lora import LoraTests
+from skyrl_backends.conformance.suite.prefix_cache import PrefixCacheTests
+from skyrl_backends.conformance.suite.sampling import SamplingParamsTests
+from skyrl_backends.conformance.suite.sleep_wake import SleepWakeTests
+from skyrl_backends.conformance.suite.stopping import StopConditionTests
+from skyrl_backends.conformance.suite.weight_sync import WeightSyncTests
+
+GROUPS: tuple[type[ConformanceTestBase], ...] = (
+    GenerationContractTests,
+    SamplingParamsTests,
+    StopConditionTests,
+    LogprobTests,
+    SleepWakeTests,
+    WeightSyncTests,
+    LoraTests,
+    PrefixCacheTests,
+    AbortPauseTests,
+    ConcurrencyTests,
+    LifecycleStateMachine,
+)
+
+
+class BackendConformanceSuite(*GROUPS):  # type: ignore[misc]
+    """Every conformance test group. Subclass it, set ``backend``, and pytest runs the lot."""
+
+
+def feature_rows() -> list[str]:
+    """Parity-table rows in suite order (the order of groups, then of tests within a group)."""
+    from skyrl_backends.conformance.markers import FEATURE_MARK
+
+    rows: list[str] = []
+    for group in GROUPS:
+        for name, value in vars(group).items():
+            if not name.startswith("test_"):
+                continue
+            marks = [m for m in getattr(value, "pytestmark", []) if m.name == FEATURE_MARK]
+            row = marks[0].args[0] if marks else group.feature_row
+            if row not in rows:
+                rows.append(row)
+    return rows
+
+
+__all__ = ["GROUPS", "BackendConformanceSuite", "ConformanceTestBase", "feature_rows", *(g.__name__ for g in GROUPS)]

@@ -1,0 +1,119 @@
+"""Abort, pause and resume: an aborted request returns what it generated with finish reason
+``"abort"``; pausing holds requests without corrupting them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from skyrl_backends.conformance.harness import ConformanceHarness
+from skyrl_backends.conformance.markers import feature, requires
+from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.sampling import SamplingParams
+
+LONG = 900  # long enough that the abort below always lands mid-generation
+
+
+async def _until_inflight(engine, count: int = 1) -> None:
+    while engine.num_inflight < count:
+        await asyncio.sleep(0.005)
+
+
+class AbortPauseTests(ConformanceTestBase):
+    feature_row = "Abort"
+
+    def _assert_prefix_of_reference(self, conformance: ConformanceHarness, prompt: list[int], tokens: list[int]) -> None:
+        if not tokens:
+            return
+        expected = conformance.reference.greedy(prompt, len(tokens), ignore_eos=True)
+        if conformance.greedy_margin == 0.0:
+            assert tuple(tokens) == expected.token_ids, "the partial output of an aborted request is wrong"
+
+    @requires("abort")
+    def test_abort_one_request(self, conformance: ConformanceHarness) -> None:
+        engine = conformance.engine
+        prompts = conformance.reference.prompts(2, seed=91)
+        long = SamplingParams(max_generate_length=LONG, temperature=0.0, ignore_eos=True)
+        short = SamplingParams(max_generate_length=6, temperature=0.0)
+
+        async def abort_first():
+            victim = asyncio.ensure_future(engine.generate([prompts[0]], long, request_ids=["victim"]))
+            await _until_inflight(engine)
+            await asyncio.sleep(0.05)
+            await engine.abort(["victim"])
+            bystander = await engine.generate([prompts[1]], short)
+            return await victim, bystander
+
+        victim, bystander = conformance.run(abort_first())
+        c = victim[0]
+        assert c.finish_reason == "abort", f"an aborted request must finish with 'abort', got {c.finish_reason!r}"
+        assert len(c.token_ids) < LONG
+        self._assert_prefix_of_reference(conformance, prompts[0], c.token_ids)
+        conformance.assert_greedy_parity(prompts[1], bystander[0], 6)
+        assert engine.num_inflight == 0
+
+    @requires("abort")
+    def test_abort_all(self, conformance: ConformanceHarness) -> None:
+        engine = conformance.engine
+        prompts = conformance.reference.prompts(3, seed=92)
+        long = SamplingParams(max_generate_length=LONG, temperature=0.0, ignore_eos=True)
+
+        async def abort_everything():
+            tasks = [asyncio.ensure_future(engine.generate([p], long)) for p in prompts]
+            await _until_inflight(engine, len(prompts))
+            await asyncio.sleep(0.05)
+            await engine.abort()
+            return await asyncio.gather(*tasks)
+
+        for prompt, out in zip(prompts, conformance.run(abort_everything())):
+            assert out[0].finish_reason == "abort" and len(out[0].token_ids) < LONG
+            self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)
+        prompt = prompts[0]
+        conformance.assert_greedy_parity(prompt, conformance.greedy([prompt], 6)[0], 6)
+
+    @requires("abort")
+    def test_abort_unknown_id_is_harmless(self, conformance: ConformanceHarness) -> None:
+        conformance.run(conformance.engine.abort(["no-such-request"]))
+        prompt = conformance.reference.prompts(1, seed=93)[0]
+        conformance.assert_greedy_parity(prompt, conformance.greedy([prompt], 6)[0], 6)
+
+    @feature("Pause / resume")
+    @requires("native_pause")
+    def test_pause_resume_keeps_requests(self, conformance: ConformanceHarness) -> None:
+        engine = conformance.engine
+        prompt = conformance.reference.prompts(1, seed=94)[0]
+        params = SamplingParams(max_generate_length=40, temperature=0.0, ignore_eos=True)
+
+        async def paused_midway():
+            task = asyncio.ensure_future(engine.generate([prompt], params))
+            await _until_inflight(engine)
+            await engine.pause_generation()
+            assert engine.paused
+            await asyncio.sleep(0.1)
+            paused_done = task.done()
+            await engine.resume_generation()
+            return paused_done, await task
+
+        paused_done, out = conformance.run(paused_midway())
+        assert not paused_done, "a paused engine finished a 40-token request while paused"
+        assert out[0].finish_reason == "length"
+        conformance.assert_greedy_parity(prompt, out[0], 40, ignore_eos=True)
+
+    @feature("Pause / resume")
+    @requires("native_pause", "abort")
+    def test_abort_while_paused(self, conformance: ConformanceHarness) -> None:
+        engine = conformance.engine
+        prompt = conformance.reference.prompts(1, seed=95)[0]
+        params = SamplingParams(max_generate_length=LONG, temperature=0.0, ignore_eos=True)
+
+        async def abort_paused():
+            task = asyncio.ensure_future(engine.generate([prompt], params))
+            await _until_inflight(engine)
+            await engine.pause_generation()
+            await engine.abort()
+            out = await task
+            await engine.resume_generation()
+            return out
+
+        out = conformance.run(abort_paused())
+        assert out[0].finish_reason == "abort"
+        self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)

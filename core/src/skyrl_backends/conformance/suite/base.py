@@ -1,0 +1,114 @@
+"""What every conformance test group shares: the capability gate and the shared-engine guard."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+
+from skyrl_backends.conformance.harness import ConformanceHarness
+from skyrl_backends.conformance.markers import (
+    FEATURE_MARK,
+    REJECTED_PREFIX,
+    REQUIRES_MARK,
+    capability_present,
+    missing_capabilities,
+    unsupported_reason,
+)
+from skyrl_backends.errors import SamplingParamsError, UnsupportedCapabilityError
+
+FAILED_KEY = pytest.StashKey[bool]()
+
+
+class ConformanceTestBase:
+    """Base of every test group. Subclasses set ``feature_row``, the parity-table row their tests feed
+    unless a test says otherwise with ``@feature(...)``.
+
+    A backend's suite subclass may set:
+
+    * ``backend``: the backend's name (its entry-point name);
+    * ``model``: a model folder (default: the suite's tiny model);
+    * ``engine_options``: extra :func:`~skyrl_backends.create_engine` options;
+    * ``expected_failures``: ``{"test_name": "reason"}`` for standard tests the backend is known to
+      fail (strict: a test listed here that passes is reported, so the list cannot go stale);
+    * ``conformance_overrides``: ConformanceConfig fields (tolerances, bounds).
+    """
+
+    feature_row: ClassVar[str] = "Other"
+    backend: ClassVar[str | None] = None
+    model: ClassVar[str | None] = None
+    engine_options: ClassVar[dict[str, Any]] = {}
+    expected_failures: ClassVar[dict[str, str]] = {}
+    conformance_overrides: ClassVar[dict[str, Any]] = {}
+
+    @pytest.fixture(autouse=True)
+    def _conformance_guard(self, request: pytest.FixtureRequest, conformance: ConformanceHarness) -> Iterator[None]:
+        required = tuple(arg for mark in request.node.iter_markers(REQUIRES_MARK) for arg in mark.args)
+        missing = missing_capabilities(conformance.capabilities, required)
+        if missing:
+            pytest.skip(unsupported_reason(missing))
+        yield
+        if request.node.stash.get(FAILED_KEY, False) or not conformance.shared_engine_is_clean():
+            conformance.discard_shared()
+
+
+def expect_rejection_or_skip(error: BaseException, field: str) -> None:
+    """A parameter the backend rejects must be rejected by name; such a test is then reported as
+    unsupported rather than passed."""
+    if isinstance(error, SamplingParamsError):
+        assert error.field == field, f"rejected with an error naming {error.field!r}, not {field!r}: {error}"
+    elif isinstance(error, UnsupportedCapabilityError):
+        assert field in str(error), f"rejected without naming {field!r}: {error}"
+    else:
+        raise error
+    pytest.skip(f"{REJECTED_PREFIX}{field}: {error}")
+
+
+def require_parameter(conformance: ConformanceHarness, capability: str, field: str, params: dict[str, Any]) -> None:
+    """Gate a test of a sampling parameter on its capability. When the backend declares it absent,
+    check that using it is rejected with an error naming the parameter (never silently dropped),
+    then report the test as unsupported."""
+    if capability_present(conformance.capabilities, capability):
+        return
+    prompt = conformance.reference.prompts(1, seed=99)[0]
+    try:
+        conformance.generate([prompt], params)
+    except SamplingParamsError as error:
+        assert error.field == field, f"rejected with an error naming {error.field!r}, not {field!r}: {error}"
+    else:
+        pytest.fail(f"{field}={params[field]!r} was accepted although capability {capability!r} is declared "
+                    f"absent: the parameter must be rejected, not dropped")
+    pytest.skip(unsupported_reason([capability]))
+
+
+def standard_tests(cls: type) -> dict[str, Any]:
+    """Every standard test a suite class inherits, by name, as the function the suite defines."""
+    tests: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__.startswith("skyrl_backends.conformance.suite"):
+            for name, value in vars(klass).items():
+                if name.startswith("test_") and inspect.isfunction(value):
+                    tests[name] = value
+    return tests
+
+
+def defining_group(cls: type, name: str) -> type | None:
+    """The suite group class that defines standard test ``name`` for ``cls``."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("skyrl_backends.conformance.suite") and name in vars(klass):
+            return klass
+    return None
+
+
+def feature_of(item: pytest.Item) -> tuple[str, str]:
+    """(group name, parity-table row) of a collected test."""
+    name = getattr(item, "originalname", item.name)
+    group = defining_group(item.cls, name) if getattr(item, "cls", None) else None
+    mark = item.get_closest_marker(FEATURE_MARK)
+    if mark is not None:
+        row = mark.args[0]
+    else:
+        row = getattr(group, "feature_row", None) or getattr(item.cls, "feature_row", "Other")
+    return (group.__name__ if group else item.cls.__name__), row

@@ -1,0 +1,115 @@
+"""Stop conditions: stop token ids, EOS, stop strings, min_new_tokens; the same semantics on every
+backend (written in :mod:`skyrl_backends.sampling`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from skyrl_backends.conformance.harness import ConformanceHarness
+from skyrl_backends.conformance.markers import feature
+from skyrl_backends.conformance.oracles import expected_stop_string_cut
+from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
+
+
+def _first_repeat_free_index(tokens: tuple[int, ...] | list[int], start: int) -> int:
+    """An index >= start whose token does not occur earlier in ``tokens``."""
+    for i in range(start, len(tokens)):
+        if tokens[i] not in tokens[:i]:
+            return i
+    raise AssertionError(f"suite self-check: no fresh token after position {start} in {tokens}")
+
+
+class StopConditionTests(ConformanceTestBase):
+    feature_row = "Stop token ids and EOS"
+
+    def test_stop_token_ids_end_output(self, conformance: ConformanceHarness) -> None:
+        prompts = conformance.reference.prompts(3, seed=21)
+        for prompt in prompts:
+            full = conformance.reference.greedy(prompt, 16, ignore_eos=True).token_ids
+            k = _first_repeat_free_index(full, 3)
+            c = conformance.greedy([prompt], 16, stop_token_ids=[full[k]], ignore_eos=True)[0]
+            assert c.token_ids == list(full[: k + 1]), (
+                f"stop token {full[k]} must end the output right after it (kept as the last token): "
+                f"got {c.token_ids}, expected {list(full[: k + 1])}")
+            assert c.finish_reason == "stop"
+            assert c.stop_reason in (full[k], None), f"stop_reason {c.stop_reason!r}, expected {full[k]}"
+
+    def test_eos_stops_unless_ignored(self, conformance: ConformanceHarness) -> None:
+        found = conformance.reference.prompt_reaching_eos()
+        if found is None:
+            pytest.fail("suite self-check: no prompt of the test model reaches EOS; use a model that can emit it")
+        prompt, position = found
+        c = conformance.greedy([prompt], position + 8)[0]
+        assert c.finish_reason == "stop" and len(c.token_ids) == position + 1, (
+            f"EOS at step {position} must end the output: got {len(c.token_ids)} tokens, finish {c.finish_reason!r}")
+        assert c.token_ids[-1] in conformance.reference.eos_token_ids, "EOS is kept as the last response token"
+        ignored = conformance.greedy([prompt], position + 8, ignore_eos=True)[0]
+        assert ignored.finish_reason == "length" and len(ignored.token_ids) == position + 8
+        assert ignored.token_ids[: position + 1] == c.token_ids
+
+    @feature("Stop strings")
+    def test_stop_strings(self, conformance: ConformanceHarness) -> None:
+        require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
+        decode = conformance.reference.decode
+        checked = 0
+        for prompt in conformance.reference.prompts(6, seed=22):
+            full = conformance.reference.greedy(prompt, 24, ignore_eos=True).token_ids
+            text = decode(full)
+            # A two-character stop string from the middle of the text, so it may end inside a token.
+            middle = len(text) // 2
+            stop = text[middle:middle + 2]
+            if len(stop) < 2 or "\ufffd" in stop or not stop.strip():
+                continue
+            expected = expected_stop_string_cut(full, stop, decode)
+            assert expected is not None
+            k, expected_text = expected
+            c = conformance.greedy([prompt], 24, stop=[stop], ignore_eos=True)[0]
+            assert c.token_ids == list(full[:k]), (
+                f"stop string {stop!r}: output must end at the token completing it; got {c.token_ids}, "
+                f"expected {list(full[:k])}")
+            assert c.finish_reason == "stop"
+            assert c.stop_reason == stop, f"stop_reason {c.stop_reason!r}, expected {stop!r}"
+            if c.text is not None:
+                assert c.text == expected_text, f"text must end with the stop string: {c.text!r} vs {expected_text!r}"
+            checked += 1
+        assert checked >= 2, "suite self-check: too few usable stop strings in the test model's output"
+
+    @feature("Stop strings")
+    def test_stop_string_not_reached(self, conformance: ConformanceHarness) -> None:
+        require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
+        prompt = conformance.reference.prompts(1, seed=23)[0]
+        full = conformance.reference.greedy(prompt, 10, ignore_eos=True)
+        never = "\u2603\u2603"  # a snowman pair: not in the byte-level vocabulary's likely output
+        assert never not in conformance.reference.decode(full.token_ids)
+        c = conformance.greedy([prompt], 10, stop=[never], ignore_eos=True)[0]
+        assert c.token_ids == list(full.token_ids) and c.finish_reason == "length"
+
+    @feature("min_new_tokens")
+    def test_min_new_tokens_defers_stop(self, conformance: ConformanceHarness) -> None:
+        require_parameter(conformance, "min_new_tokens", "min_new_tokens",
+                          {"max_generate_length": 4, "min_new_tokens": 2})
+        prompt = conformance.reference.prompts(1, seed=24)[0]
+        full = conformance.reference.greedy(prompt, 16, ignore_eos=True).token_ids
+        k = _first_repeat_free_index(full, 1)
+        stop_id = full[k]
+        expected = conformance.reference.greedy(prompt, 16, stop_token_ids=[stop_id], min_new_tokens=k + 4,
+                                                ignore_eos=True)
+        c = conformance.greedy([prompt], 16, stop_token_ids=[stop_id], min_new_tokens=k + 4, ignore_eos=True)[0]
+        assert stop_id not in c.token_ids[: k + 3], "a stop token id was generated before min_new_tokens"
+        assert len(c.token_ids) >= k + 4
+        conformance.assert_greedy_parity(prompt, c, 16, stop_token_ids=[stop_id], min_new_tokens=k + 4,
+                                         ignore_eos=True)
+        assert c.finish_reason == expected.finish_reason
+
+    @feature("min_new_tokens")
+    def test_min_new_tokens_defers_eos(self, conformance: ConformanceHarness) -> None:
+        require_parameter(conformance, "min_new_tokens", "min_new_tokens",
+                          {"max_generate_length": 4, "min_new_tokens": 2})
+        found = conformance.reference.prompt_reaching_eos()
+        if found is None:
+            pytest.fail("suite self-check: no prompt of the test model reaches EOS")
+        prompt, position = found
+        c = conformance.greedy([prompt], position + 6, min_new_tokens=position + 3)[0]
+        assert len(c.token_ids) >= position + 3, "EOS ended the output before min_new_tokens"
+        assert not set(c.token_ids[: position + 2]) & conformance.reference.eos_token_ids
+        conformance.assert_greedy_parity(prompt, c, position + 6, min_new_tokens=position + 3)
