@@ -375,7 +375,9 @@ class TransformersEngine:
 
     def _release_weights(self, level: int) -> None:
         params = self._named_parameters()
-        self._param_shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
+        # A second sleep while the weights are already discarded must not record their empty shapes.
+        self._param_shapes.update({n: (p.shape, p.dtype) for n, p in params.items()
+                                   if not (p.numel() == 0 and n in self._param_shapes)})
         for param in {id(p): p for p in params.values()}.values():
             if level >= 2:
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
