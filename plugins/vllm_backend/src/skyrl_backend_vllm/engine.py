@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 _ABORT_RETRY_S = 0.05
 _ABORT_RETRIES = 20
 _MAX_REMEMBERED_ABORTS = 10_000
+_REAP_TIMEOUT_S = 15.0
 
 
 class VLLMEngine:
@@ -58,7 +59,10 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         _check_engine_args(kwargs, AsyncEngineArgs)
+        before = _child_processes()
         self._engine: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        # The engine core and its workers, so teardown can make sure they are gone.
+        self._processes = [p for pid, p in _child_processes().items() if pid not in before]
         model_config = self._engine.model_config
         self.served_dtype = str(model_config.dtype).removeprefix("torch.")
         self.max_model_len = int(model_config.max_model_len)
@@ -235,8 +239,36 @@ class VLLMEngine:
             await engine.abort(sorted(self._inflight))
         for task in list(self._background):
             task.cancel()
-        # Stops the engine-core process and its workers and waits for them.
         engine.shutdown()
+        # vLLM signals its processes and returns; wait until they are really gone (a worker
+        # still exiting holds memory, and on GPU the device), and kill any that hang.
+        await asyncio.to_thread(_reap, self._processes)
+
+
+def _child_processes() -> dict[int, Any]:
+    import psutil
+
+    processes = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "multiprocessing.resource_tracker" not in " ".join(process.cmdline()):
+                processes[process.pid] = process
+        except psutil.Error:
+            continue
+    return processes
+
+
+def _reap(processes: list[Any], timeout: float = _REAP_TIMEOUT_S) -> None:
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        logger.warning("vLLM process %d did not exit after shutdown; killing it", process.pid)
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 def _check_engine_args(kwargs: dict[str, Any], engine_args_cls: type) -> None:

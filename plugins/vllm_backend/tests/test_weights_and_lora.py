@@ -1,0 +1,190 @@
+"""Weight updates and LoRA adapters on a real vLLM engine.
+
+Every update is checked by its effect on what is served (greedy output changes, and restoring the
+original weights restores the original output exactly), for each way tensors reach vLLM's workers
+and with LoRA enabled, where vLLM wraps the target layers (``base_layer``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import GREEDY, PROMPTS
+from skyrl_backends.errors import LoraAdapterError, WeightUpdateError
+
+GREEDY_LONG = {**GREEDY, "ignore_eos": True}
+
+
+async def greedy(engine, **fields) -> list[list[int]]:
+    return (await engine.generate(PROMPTS, GREEDY_LONG, **fields)).response_ids
+
+
+def perturbed(checkpoint: dict, names: list[str]) -> list[tuple[str, object]]:
+    return [(name, -checkpoint[name]) for name in names]
+
+
+async def test_tensor_update_changes_output_and_restoring_restores_it_exactly(engine, checkpoint):
+    base = await greedy(engine)
+    version = engine.weight_version
+    await engine.update_weights_from_tensors(perturbed(checkpoint, ["lm_head.weight"]))
+    assert await greedy(engine) != base
+    await engine.update_weights_from_tensors(list(checkpoint.items()))
+    assert await greedy(engine) == base
+    assert engine.weight_version == version + 2
+
+
+async def test_partial_update_of_one_fused_shard(engine, checkpoint):
+    # q_proj is one third of vLLM's fused qkv_proj: k and v must stay as they were.
+    base = await greedy(engine)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    await engine.update_weights_from_tensors([(name, checkpoint[name] * 3.0)])
+    changed = await greedy(engine)
+    await engine.update_weights_from_tensors([(name, checkpoint[name])])
+    assert changed != base and await greedy(engine) == base
+
+
+async def test_rejected_update_leaves_the_weights_as_they_were(engine, checkpoint):
+    base = await greedy(engine)
+    bad = [("lm_head.weight", -checkpoint["lm_head.weight"]),
+           ("model.norm.weight", checkpoint["model.norm.weight"][:3])]
+    with pytest.raises(WeightUpdateError, match="model.norm.weight"):
+        await engine.update_weights_from_tensors(bad)
+    with pytest.raises(WeightUpdateError, match="did you mean"):
+        await engine.update_weights_from_tensors([("lm_head.weigth", checkpoint["lm_head.weight"])])
+    assert await greedy(engine) == base
+
+
+async def test_update_converts_nothing_silently(engine, checkpoint):
+    import torch
+
+    with pytest.raises(WeightUpdateError, match="dtype"):
+        await engine.update_weights_from_tensors([("lm_head.weight", checkpoint["lm_head.weight"].to(torch.bfloat16))])
+
+
+async def test_core_shared_memory_strategy(engine, checkpoint):
+    from skyrl_backends.weight_sync import sync_weights
+
+    base = await greedy(engine)
+    await sync_weights(engine, {**checkpoint, "lm_head.weight": -checkpoint["lm_head.weight"]}, "shared_memory")
+    assert await greedy(engine) != base
+    await sync_weights(engine, checkpoint, "shared_memory", bucket_bytes=1 << 16)  # many buckets
+    assert await greedy(engine) == base
+
+
+async def test_core_broadcast_strategy_into_the_workers(engine, checkpoint):
+    from skyrl_backends.weight_sync import connect_broadcast, sync_weights
+
+    base = await greedy(engine)
+    sender = await connect_broadcast(engine, timeout_s=120)
+    try:
+        await sync_weights(engine, {**checkpoint, "lm_head.weight": -checkpoint["lm_head.weight"]}, "broadcast",
+                           sender=sender)
+        assert await greedy(engine) != base
+        await sync_weights(engine, checkpoint, "broadcast", sender=sender)
+        assert await greedy(engine) == base
+    finally:
+        sender.close()
+
+
+async def test_update_during_native_pause_applies_to_the_resumed_requests(engine, checkpoint):
+    import asyncio
+
+    task = asyncio.create_task(engine.generate(PROMPTS[:1], {"max_generate_length": 150, "temperature": 0,
+                                                             "ignore_eos": True}))
+    while not engine.impl._inflight:
+        await asyncio.sleep(0.05)
+    await engine.pause_generation()
+    try:
+        await engine.update_weights_from_tensors(perturbed(checkpoint, ["lm_head.weight"]))
+    finally:
+        await engine.resume_generation()
+    out = await task
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 150
+    await engine.update_weights_from_tensors(list(checkpoint.items()))
+
+
+# -- with LoRA enabled ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj.weight",   # a LoRA-wrapped layer
+                                  "model.layers.1.self_attn.v_proj.weight",   # a shard of wrapped qkv_proj
+                                  "lm_head.weight"])
+async def test_updates_reach_lora_wrapped_layers(lora_engine, checkpoint, name):
+    base = await greedy(lora_engine)
+    await lora_engine.update_weights_from_tensors([(name, checkpoint[name] * -2.0)])
+    changed = await greedy(lora_engine)
+    await lora_engine.update_weights_from_tensors([(name, checkpoint[name])])
+    assert changed != base and await greedy(lora_engine) == base
+
+
+@pytest.fixture(scope="session")
+def second_adapter(lora_dir: str, tmp_path_factory) -> str:
+    """A second adapter: the first one's weights scaled, so both are valid and differ."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("lora2")
+    for f in Path(lora_dir).iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: v * (-1.5 if "lora_B" in k else 1.0) for k, v in weights.items()},
+              str(out / "adapter_model.safetensors"))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def peft_reference(model_dir: str):
+    """Teacher-forced log-probabilities of the base model plus an adapter, in HF transformers + peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def logprobs(adapter: str, prompt: list[int], response: list[int]):
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + response])).logits[0].float()
+        lp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+        return [float(lp[i, t]) for i, t in enumerate(response)]
+
+    return logprobs
+
+
+async def test_several_adapters_load_serve_and_unload(lora_engine, lora_dir, second_adapter, peft_reference):
+    base = await greedy(lora_engine)
+    await lora_engine.load_lora_adapter("first", lora_dir)
+    await lora_engine.load_lora_adapter("second", second_adapter)
+    try:
+        first = await lora_engine.generate(PROMPTS, {**GREEDY_LONG, "logprobs": 0}, lora_name="first")
+        second = await greedy(lora_engine, lora_name="second")
+        assert first.response_ids != base and second != base and second != first.response_ids
+        assert await greedy(lora_engine) == base  # the base model is untouched
+        # The adapter is applied as peft applies it.
+        for prompt, c in zip(PROMPTS, first):
+            assert c.logprobs == pytest.approx(peft_reference(lora_dir, prompt, c.token_ids), abs=2e-3)
+        await lora_engine.unload_lora_adapter("first")
+        with pytest.raises(LoraAdapterError, match="first"):
+            await greedy(lora_engine, lora_name="first")
+        assert await greedy(lora_engine, lora_name="second") == second
+    finally:
+        for name in list(lora_engine.lora_adapters):
+            await lora_engine.unload_lora_adapter(name)
+    assert lora_engine.lora_adapters == {}
+
+
+async def test_adapters_survive_a_base_weight_update(lora_engine, lora_dir, checkpoint):
+    await lora_engine.load_lora_adapter("kept", lora_dir)
+    try:
+        before = await greedy(lora_engine, lora_name="kept")
+        await lora_engine.update_weights_from_tensors(list(checkpoint.items()))
+        assert await greedy(lora_engine, lora_name="kept") == before
+    finally:
+        await lora_engine.unload_lora_adapter("kept")
+
+
+async def test_a_broken_adapter_is_refused_with_its_name(lora_engine, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(LoraAdapterError, match="broken"):
+        await lora_engine.load_lora_adapter("broken", str(tmp_path))
+    assert "broken" not in lora_engine.lora_adapters
+    assert await greedy(lora_engine)  # the engine still serves
