@@ -9,4 +9,4 @@ test-weight-sync: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 
 # Not a test: prints the strategies' timings against baselines measured in the same run.
 bench-weight-sync: $(TF_ENV)/.ready
-	$(TF_ENV)/bin/python benchmarks/bench_weight_sync.py --mode cpu
+	$(TF_ENV)/bin/python core/benchmarks/bench_weight_sync.py --mode cpu

@@ -166,18 +166,18 @@ class EngineProcess:
 
 
 # -- measurements -----------------------------------------------------------------------------------
-def timed(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+# Each case is set up first and returns a function doing one full sync; the cases then run in turns
+# (case 1, case 2, ..., case 1, ...), so a load that comes and goes on the machine hits the baselines
+# and the strategies alike.
+class Case:
+    def __init__(self, label: str, run, baseline: str | None = None, parts: dict[str, list[float]] | None = None,
+                 close=None) -> None:
+        self.label, self.run, self.baseline, self.parts = label, run, baseline, parts
+        self.close = close or (lambda: None)
+        self.times: list[float] = []
 
 
-def bench_copy(weights: dict[str, torch.Tensor], device: str, repeats: int, warmup: int) -> list[float]:
+def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case:
     """(a) One copy of the same number of bytes between two preallocated buffers."""
     total = sum(t.numel() * t.element_size() for t in weights.values())
     src = torch.empty(total, dtype=torch.uint8, device=device)
@@ -192,15 +192,18 @@ def bench_copy(weights: dict[str, torch.Tensor], device: str, repeats: int, warm
         dst.copy_(src)
         sync(device)
 
-    return timed(run, repeats, warmup)
+    return Case(label, run)
 
 
-def bench_colocated(engine: EngineProcess, sender: Any, weights: dict[str, torch.Tensor], bucket_bytes: int,
-                    device: str, repeats: int, warmup: int) -> tuple[list[float], dict[str, float]]:
-    """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack."""
+def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor], bucket_bytes: int,
+                   label: str, baseline: str, fresh_sender: bool = False) -> Case:
+    """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
+    A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold)."""
     parts: dict[str, list[float]] = {"pack_s": [], "receive_s": [], "apply_s": []}
+    kept = None if fresh_sender else make_sender()
 
     def run() -> None:
+        sender = make_sender() if fresh_sender else kept
         t0 = time.perf_counter()
         layout = plan(weights, bucket_bytes)
         payload = sender.write(layout)
@@ -209,13 +212,14 @@ def bench_colocated(engine: EngineProcess, sender: Any, weights: dict[str, torch
         reply = engine.call(op="update", request=request_to_json(request))
         parts["receive_s"].append(reply["receive_s"])
         parts["apply_s"].append(reply["apply_s"])
+        if fresh_sender:
+            sender.close()
 
-    times = timed(run, repeats, warmup)
-    return times, {k: statistics.median(v[warmup:]) for k, v in parts.items()}
+    return Case(label, run, baseline, parts, close=kept.close if kept is not None else None)
 
 
-def bench_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
-                    bucket_bytes: int, repeats: int, warmup: int) -> list[float]:
+def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
+                   bucket_bytes: int, label: str, baseline: str) -> Case:
     sender = BroadcastSender(2, "127.0.0.1", 0, backend, "bench", device)
     joiner = threading.Thread(target=sender.join)
     joiner.start()
@@ -229,14 +233,11 @@ def bench_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor], bac
         sender.send(layout)
         engine.reply()
 
-    try:
-        return timed(run, repeats, warmup)
-    finally:
-        sender.close()
+    return Case(label, run, baseline, close=sender.close)
 
 
-def bench_raw_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
-                        repeats: int, warmup: int) -> list[float]:
+def raw_broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
+                       label: str) -> Case:
     """(c) torch.distributed broadcast of each tensor, straight into the engine's parameters."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     holder: dict[str, Any] = {}
@@ -248,7 +249,7 @@ def bench_raw_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor],
     engine.reply()
     group = holder["group"]
     options = torch.distributed.BroadcastOptions()
-    ordered = [weights[name] for name in weights]
+    ordered = list(weights.values())
 
     def run() -> None:
         engine.send(op="raw_receive")
@@ -257,13 +258,31 @@ def bench_raw_broadcast(engine: EngineProcess, weights: dict[str, torch.Tensor],
         sync(device)
         engine.reply()
 
-    return timed(run, repeats, warmup)
+    return Case(label, run)
+
+
+def run_interleaved(cases: list[Case], repeats: int, warmup: int) -> None:
+    for case in cases:
+        for _ in range(warmup):
+            case.run()
+        if case.parts:
+            for values in case.parts.values():
+                values.clear()
+    for _ in range(repeats):
+        for case in cases:
+            t0 = time.perf_counter()
+            case.run()
+            case.times.append(time.perf_counter() - t0)
 
 
 # -- real engines (GPU) ---------------------------------------------------------------------------
 def write_model_folder(shape: str, weights: dict[str, torch.Tensor], folder: str) -> str:
-    """A Qwen2 checkpoint folder with these weights (no tokenizer: engines run with token ids)."""
+    """A Qwen2 checkpoint folder with these weights and a small tokenizer (engines get token ids)."""
+    from pathlib import Path
+
     from safetensors.torch import save_file
+
+    from skyrl_backends.testing.tiny_model import build_tokenizer
 
     hidden, layers, inter, vocab, heads, kv_heads, tied = SHAPES[shape]
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
@@ -274,6 +293,7 @@ def write_model_folder(shape: str, weights: dict[str, torch.Tensor], folder: str
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     save_file({k: v.contiguous().cpu() for k, v in weights.items()}, os.path.join(folder, "model.safetensors"))
+    build_tokenizer(Path(folder))
     return folder
 
 
@@ -284,8 +304,8 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
 
     with tempfile.TemporaryDirectory() as folder:
         write_model_folder(shape, weights, folder)
-        engine = sb.create_engine(backend, model=folder, dtype="bfloat16", skip_tokenizer_init=True,
-                                  gpu_memory_utilization=0.3)
+        engine = sb.create_engine(backend, model=folder, dtype="bfloat16", gpu_memory_utilization=0.3,
+                                  max_model_len=2048)
         try:
             strategy = "cuda_ipc" if "cuda_ipc" in engine.capabilities.weight_sync_strategies else "tensors"
             sender = make_sender(strategy) if strategy != "tensors" else None
@@ -294,6 +314,7 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
                 await sync_weights(engine, weights, strategy, bucket_bytes=bucket_bytes, sender=sender)
 
             own = await _own_path(backend, engine, weights)
+            # Label "skyrl" rows by strategy; "tensors" means the backend declares no faster one here.
             for label, fn in ((f"{backend}: skyrl {strategy}", ours), (f"{backend}: own path (b)", own)):
                 for _ in range(warmup):
                     await fn()
@@ -312,26 +333,14 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
 
 
 async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor]):
-    """(b) The engine's own update path, called on the engine object directly (no skyrl validation)."""
-    named = list(weights.items())
-    if backend == "vllm":
-        from skyrl_backend_vllm import transfer
+    """(b) The engine's own update path, called on the backend's engine object directly (no facade
+    validation): the plugins' "tensors" path is the engine's native one (vLLM: one CUDA IPC handle
+    per tensor through collective_rpc into load_weights; SGLang: update_weights_from_tensor)."""
+    request = WeightUpdateRequest.from_named_tensors(list(weights.items()))
 
-        llm = engine.impl._engine  # the plugin's AsyncLLM
-
-        async def run() -> None:
-            with transfer.pack_tensors([n for n, _ in named], [t for _, t in named]) as message:
-                await llm.collective_rpc("skyrl_apply_weights", args=(message.message,))
-        return run
-    if backend == "sglang":
-        native = getattr(engine.impl, "_engine", None) or getattr(engine.impl, "engine")
-
-        async def run() -> None:
-            result = native.update_weights_from_tensor(named_tensors=named, flush_cache=True)
-            if hasattr(result, "__await__"):
-                await result
-        return run
-    raise SystemExit(f"no own-path baseline for backend {backend!r}")
+    async def run() -> None:
+        await engine.impl.skyrl_backends_update_named_weights(request=request)
+    return run
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -381,69 +390,62 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--engine", choices=("none", "vllm", "sglang"), default="none",
                         help="GPU: also sync into a real engine and compare with its own update path")
-    parser.add_argument("--skip", default="", help="comma-separated rows to skip: copy,colocated,broadcast,raw")
+    parser.add_argument("--skip", default="", help="comma-separated cases to skip: colocated,cold,broadcast,raw")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     args = parser.parse_args()
     gpu = args.mode == "gpu"
     args.shape = args.shape or ("qwen2.5-1.5b" if gpu else "qwen2.5-0.5b")
     args.bucket_bytes = args.bucket_bytes or ((1 << 30) if gpu else (256 << 20))
-    args.repeats = args.repeats or (10 if gpu else 3)
+    args.repeats = args.repeats or (10 if gpu else 5)
     skip = set(filter(None, args.skip.split(",")))
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA")
     device = "cuda:0" if gpu else "cpu"
-    dtype = getattr(torch, args.dtype)
-    weights = random_weights(args.shape, dtype, device)
+    weights = random_weights(args.shape, getattr(torch, args.dtype), device)
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-    rows: list[dict[str, Any]] = []
-    copy_label = "(a) device-to-device copy" if gpu else "(a) memcpy, one process"
-    if "copy" not in skip:
-        rows.append({"strategy": copy_label, "times": bench_copy(weights, device, args.repeats, args.warmup)})
     expected = digest(weights)
-
-    if "colocated" not in skip:
-        engine = EngineProcess(args.shape, args.dtype, device)  # same device: colocated
-        try:
+    copy_label = "(a) device-to-device copy" if gpu else "(a) memcpy, one process"
+    cases = [copy_case(weights, device, copy_label)]
+    engines: list[EngineProcess] = []
+    try:
+        if "colocated" not in skip:
+            colocated = EngineProcess(args.shape, args.dtype, device)  # same device: colocated
+            engines.append(colocated)
             if gpu:
                 from skyrl_backends.weight_sync import CudaIpcSender
 
-                sender, label = CudaIpcSender(device), "cuda_ipc (warm: buffers reused)"
+                cases.append(colocated_case(colocated, lambda: CudaIpcSender(device), weights, args.bucket_bytes,
+                                            "cuda_ipc (warm: buffers reused)", copy_label))
             else:
-                sender, label = SharedMemorySender(), "shared_memory (warm: segments reused)"
-            times, parts = bench_colocated(engine, sender, weights, args.bucket_bytes, device, args.repeats,
-                                           args.warmup)
-            rows.append({"strategy": label, "times": times, "parts": parts, "baseline": copy_label})
-            sender.close()
-            if not gpu:  # cold: a new sender each time (fresh segments, pages faulted in again)
-                def cold() -> None:
-                    with SharedMemorySender() as fresh:
-                        bench_colocated(engine, fresh, weights, args.bucket_bytes, device, 1, 0)
-                rows.append({"strategy": "shared_memory (cold: new segments)", "times": timed(cold, args.repeats, 0),
-                             "baseline": copy_label})
-            assert engine.call(op="digest")["digest"] == expected, "engine weights differ from the trainer's"
-        finally:
-            engine.stop()
-
-    backend = "nccl" if gpu else "gloo"
-    if {"broadcast", "raw"} - skip:
-        if gpu and torch.cuda.device_count() < 2:
-            print("broadcast: skipped (needs 2 GPUs)", file=sys.stderr)
-        else:
-            engine = EngineProcess(args.shape, args.dtype, "cuda:1" if gpu else "cpu")
-            raw_label = f"(c) raw {backend} broadcast, per tensor"
-            try:
+                cases.append(colocated_case(colocated, SharedMemorySender, weights, args.bucket_bytes,
+                                            "shared_memory (warm: segments reused)", copy_label))
+                if "cold" not in skip:
+                    cases.append(colocated_case(colocated, SharedMemorySender, weights, args.bucket_bytes,
+                                                "shared_memory (cold: new segments)", copy_label, fresh_sender=True))
+        backend = "nccl" if gpu else "gloo"
+        if {"broadcast", "raw"} - skip:
+            if gpu and torch.cuda.device_count() < 2:
+                print("broadcast: skipped (needs 2 GPUs)", file=sys.stderr)
+            else:
+                remote = EngineProcess(args.shape, args.dtype, "cuda:1" if gpu else "cpu")
+                engines.append(remote)
+                raw_label = f"(c) raw {backend} broadcast, per tensor"
                 if "raw" not in skip:
-                    rows.append({"strategy": raw_label, "times": bench_raw_broadcast(
-                        engine, weights, backend, device, args.repeats, args.warmup)})
-                    assert engine.call(op="digest")["digest"] == expected
+                    cases.append(raw_broadcast_case(remote, weights, backend, device, raw_label))
                 if "broadcast" not in skip:
-                    rows.append({"strategy": f"broadcast ({backend}, packed buckets)", "times": bench_broadcast(
-                        engine, weights, backend, device, args.bucket_bytes, args.repeats, args.warmup),
-                        "baseline": raw_label})
-                    assert engine.call(op="digest")["digest"] == expected
-            finally:
-                engine.stop()
-
+                    cases.append(broadcast_case(remote, weights, backend, device, args.bucket_bytes,
+                                                f"broadcast ({backend}, packed buckets)", raw_label))
+        run_interleaved(cases, args.repeats, args.warmup)
+        for engine in engines:  # every engine ends up holding exactly the trainer's weights
+            assert engine.call(op="digest")["digest"] == expected, "engine weights differ from the trainer's"
+    finally:
+        for case in cases:
+            case.close()
+        for engine in engines:
+            engine.stop()
+    rows = [{"strategy": c.label, "times": c.times, "baseline": c.baseline,
+             **({"parts": {k: statistics.median(v) for k, v in c.parts.items()}} if c.parts else {})}
+            for c in cases]
     if gpu and args.engine != "none":
         import asyncio
 

@@ -98,6 +98,7 @@ class BroadcastReceiver:
         if info.backend == "nccl" and self.device.type != "cuda":
             raise WeightUpdateError({"backend": "nccl needs a CUDA device; use gloo on CPU"})
         self.rank = info.rank_offset + local_rank
+        self._staging: list[torch.Tensor] = []
         timeout_s = float(info.extra.get("timeout_s", DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
         self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
@@ -116,11 +117,15 @@ class BroadcastReceiver:
             raise WeightUpdateError({"payload.layout": f"got {layout!r}; expected one of {list(LAYOUTS)}"})
         if layout == "per_tensor":
             return iter(self._receive_per_tensor(request))
-        staged = []
-        for manifest, _ in buckets:
-            buffer = torch.empty(manifest.nbytes, dtype=torch.uint8, device=self.device)
-            self.group.broadcast([buffer], _root0()).wait()
-            staged.append((manifest, buffer))
+        # Staging buffers are kept for the next update of the same layout (no new allocation, no
+        # page faults); the views yielded last time have been copied into the engine by then.
+        sizes = [m.nbytes for m, _ in buckets]
+        if [b.numel() for b in self._staging] != sizes:
+            self._staging = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
+        works = [self.group.broadcast([buffer], _root0()) for buffer in self._staging]
+        for work in works:
+            work.wait()
+        staged = [(manifest, buffer) for (manifest, _), buffer in zip(buckets, self._staging)]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))
@@ -138,6 +143,7 @@ class BroadcastReceiver:
     def close(self) -> None:
         self.group = None
         self.store = None
+        self._staging = []
 
 
 def _root0() -> Any:
@@ -173,7 +179,7 @@ class BroadcastSender:
                                    timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
         self.master_port = self.store.port
         self.group: Any = None
-        self._buffer: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor] = []
 
     def init_info(self, rank_offset: int) -> WeightSyncInitInfo:
         return WeightSyncInitInfo(master_addr=self.master_addr, master_port=self.master_port, rank_offset=rank_offset,
@@ -191,8 +197,9 @@ class BroadcastSender:
                 "buckets": [b.to_json() for b in layout.buckets]}
 
     def send(self, layout: PackPlan) -> None:
-        """Pack and broadcast every bucket in order (blocking). One staging buffer of the largest
-        bucket is reused: the sender never holds more than one packed bucket."""
+        """Pack and broadcast every bucket in order (blocking). Two buffers of the largest bucket
+        alternate, so packing the next bucket overlaps the collective of the previous one; the
+        sender never holds more than two packed buckets."""
         if self.group is None:
             raise WeightUpdateError({"communicator": "the group is not joined; call join() first"})
         if self.layout == "per_tensor":
@@ -203,16 +210,24 @@ class BroadcastSender:
                 torch.cuda.current_stream(self.device).synchronize()
             return
         largest = max((b.nbytes for b in layout.buckets), default=0)
-        if self._buffer is None or self._buffer.numel() < largest:
-            self._buffer = torch.empty(largest, dtype=torch.uint8, device=self.device)
-        for manifest in layout.buckets:
-            buffer = self._buffer[:manifest.nbytes]
+        count = min(2, len(layout.buckets))
+        if len(self._buffers) < count or any(b.numel() < largest for b in self._buffers[:count]):
+            self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        pending: list[Any] = [None, None]
+        for i, manifest in enumerate(layout.buckets):
+            slot = i % 2
+            if pending[slot] is not None:  # the collective that last read this buffer
+                pending[slot].wait()
+            buffer = self._buffers[slot][:manifest.nbytes]
             pack_into(buffer, manifest, layout.tensors)
-            self.group.broadcast([buffer], _root0()).wait()
+            pending[slot] = self.group.broadcast([buffer], _root0())
+        for work in pending:
+            if work is not None:
+                work.wait()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
     def close(self) -> None:
         self.group = None
-        self._buffer = None
+        self._buffers = []
         self.store = None

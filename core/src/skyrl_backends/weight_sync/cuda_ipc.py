@@ -24,7 +24,7 @@ from skyrl_backends.weight_sync.manifest import parse_buckets
 STRATEGY = "cuda_ipc"
 # Opened storages of the last update, kept so that the next update with the same handles rebuilds
 # them from torch's cache instead of opening the handles again (cudaIpcOpenMemHandle is slow).
-_open_storages: dict[bytes, torch.Tensor] = {}
+_open_storages: dict[tuple[bytes, int], torch.Tensor] = {}
 
 
 def device_uuid(index: int) -> str:
@@ -135,13 +135,14 @@ def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterato
     """Open every bucket's handle (validating fields and sizes) before yielding views into them."""
     device = torch.device(device)
     staged = []
-    keep: dict[bytes, torch.Tensor] = {}
+    keep: dict[tuple[bytes, int], torch.Tensor] = {}
     for b, (manifest, raw) in enumerate(parse_buckets(request, extra_fields=("ipc",))):
         if manifest.nbytes == 0:
             staged.append((manifest, torch.empty(0, dtype=torch.uint8, device=device)))
             continue
         buffer = open_handle(raw["ipc"], manifest.nbytes, device, f"payload.buckets[{b}]")
-        keep[_decode_bytes(raw["ipc"]["handle"], "handle")] = buffer
+        # Buckets may share one CUDA allocation (one handle) at different offsets.
+        keep[(_decode_bytes(raw["ipc"]["handle"], "handle"), raw["ipc"]["storage_offset"])] = buffer
         staged.append((manifest, buffer))
     _open_storages.clear()
     _open_storages.update(keep)

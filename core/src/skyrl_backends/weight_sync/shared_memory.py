@@ -107,6 +107,12 @@ def _open_segment(name: str) -> tuple[int, Any]:
         return -1, shm
 
 
+# Mappings of the segments of the last update, by name, with the inode they map: a sender reuses its
+# segments from step to step, and a mapping that is kept is not faulted in again. Each update still
+# opens every segment by name and compares the inode, so an unlinked or replaced segment is noticed.
+_mapped: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+
 def _map(name: str, nbytes: int, where: str) -> torch.Tensor:
     if not isinstance(name, str) or not _SEGMENT_NAME.match(name):
         raise WeightUpdateError({f"{where}.segment": f"{name!r} is not a segment name this library creates "
@@ -121,13 +127,21 @@ def _map(name: str, nbytes: int, where: str) -> torch.Tensor:
         size = fallback.size
     else:
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            size = stat.st_size
             if size < nbytes:
                 raise WeightUpdateError({f"{where}.segment": f"segment {name!r} holds {size} bytes but the manifest "
                                                              f"needs {nbytes}; the buffer is truncated"})
+            cached = _mapped.get(name)
+            if cached is not None and cached[0] == stat.st_ino and cached[1] >= nbytes:
+                return cached[2][:nbytes]
             buf = mmap.mmap(fd, max(nbytes, 1)) if nbytes else None
         finally:
             os.close(fd)
+        if nbytes:
+            tensor = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+            _mapped[name] = (stat.st_ino, nbytes, tensor)
+            return tensor
     if size < nbytes:
         raise WeightUpdateError({f"{where}.segment": f"segment {name!r} holds {size} bytes but the manifest needs "
                                                      f"{nbytes}; the buffer is truncated"})
@@ -143,6 +157,10 @@ def receive(request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
     The views are valid while the engine applies the update (the sender keeps the segments until it
     is acknowledged); an engine must copy them into its parameters, never keep them."""
     staged: list[tuple[BucketManifest, torch.Tensor]] = []
-    for b, (manifest, raw) in enumerate(parse_buckets(request, extra_fields=("segment",))):
+    buckets = parse_buckets(request, extra_fields=("segment",))
+    for b, (manifest, raw) in enumerate(buckets):
         staged.append((manifest, _map(raw["segment"], manifest.nbytes, f"payload.buckets[{b}]")))
+    current = {raw["segment"] for _, raw in buckets}
+    for name in [n for n in _mapped if n not in current]:  # segments of older layouts
+        del _mapped[name]
     return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))
