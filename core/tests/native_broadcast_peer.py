@@ -33,21 +33,26 @@ def join_like_native_engines(conn: Any, addr: str, port: int, rank: int, world_s
     conn.send_bytes(json.dumps(sums).encode())
 
 
-def receive_with_skyrl(conn: Any, init_info: dict[str, Any]) -> None:
-    """A skyrl receiver in its own process: joins, then answers each request (JSON) with sums."""
+def receive_with_skyrl(conn: Any, init_info: dict[str, Any] | None, device: str = "cpu") -> None:
+    """A skyrl receiver in its own process: joins (broadcast; None for colocated strategies), then
+    answers each request (JSON) with the sum of every received tensor, or the rejection."""
     from skyrl_backends.errors import WeightUpdateError
     from skyrl_backends.types import WeightSyncInitInfo
     from skyrl_backends.weight_sync import make_receiver, receive_named_tensors
     from skyrl_backends.weight_sync.manifest import request_from_json
 
-    communicator = make_receiver(WeightSyncInitInfo(**init_info), "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
+    communicator = make_receiver(WeightSyncInitInfo(**init_info), device) if init_info else None
     conn.send_bytes(b"joined")
     while True:
         msg = conn.recv_bytes()
         if msg == b"stop":
             return
         try:
-            named = receive_named_tensors(request_from_json(json.loads(msg)), "cpu", communicator)
+            named = receive_named_tensors(request_from_json(json.loads(msg)), device, communicator)
             reply: Any = {name: float(t.double().sum()) for name, t in named}
         except WeightUpdateError as exc:
             reply = {"error": exc.problems}

@@ -1,0 +1,146 @@
+"""GPU proofs: CUDA IPC into another process and into real engines, NCCL broadcast between two GPUs.
+
+Skipped without CUDA. Run on the GPU machine in an environment with the engine installed, e.g.::
+
+    SKYRL_TEST_MODEL=... python -m pytest -q tests/weight_sync/test_gpu.py          # 1 GPU: IPC, engines
+    (on nvidia-h100-x2 the NCCL test runs too)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync import CudaIpcSender, sync_weights
+from skyrl_backends.weight_sync.broadcast import BroadcastSender
+from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.manifest import request_to_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "core" / "tests"))
+import native_broadcast_peer  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _weights(device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {f"layers.{i}.weight": torch.randn(256, 256, generator=g, device=device).to(torch.bfloat16)
+            for i in range(8)} | {"norm.weight": torch.ones(256, device=device)}
+
+
+def _sums(weights) -> dict[str, float]:
+    return {n: float(t.double().sum()) for n, t in weights.items()}
+
+
+def _peer(init_info, device):
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=native_broadcast_peer.receive_with_skyrl, args=(child, init_info, device))
+    return parent, process
+
+
+def _ask(pipe, request: WeightUpdateRequest):
+    pipe.send_bytes(json.dumps(request_to_json(request)).encode())
+    return json.loads(pipe.recv_bytes())
+
+
+def test_cuda_ipc_into_another_process_reuses_handles_and_refuses_bad_ones():
+    pipe, peer = _peer(None, "cuda:0")
+    peer.start()
+    assert pipe.recv_bytes() == b"joined"
+    sender = CudaIpcSender("cuda:0")
+    try:
+        handles = None
+        for seed in (1, 2):  # the second update reuses the buffers, hence the same handles
+            weights = _weights("cuda:0", seed)
+            layout = plan(weights, bucket_bytes=300 * 1024)
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
+            assert len(request.payload["buckets"]) > 1
+            assert _ask(pipe, request) == pytest.approx(_sums(weights))
+            current = [b["ipc"]["handle"] for b in request.payload["buckets"]]
+            assert handles is None or current == handles
+            handles = current
+        bad = copy.deepcopy(request.payload)
+        bad["buckets"][-1]["ipc"]["storage_nbytes"] = 16
+        reply = _ask(pipe, WeightUpdateRequest(request.names, request.dtypes, request.shapes, "cuda_ipc", bad))
+        assert "holds 16 bytes" in reply["error"][f"payload.buckets[{len(bad['buckets']) - 1}].ipc"]
+    finally:
+        pipe.send_bytes(b"stop")
+        peer.join(60)
+        sender.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_broadcast_between_two_gpus_in_both_layouts():
+    sender = BroadcastSender(2, "127.0.0.1", 0, "nccl", "nccl_test", device="cuda:0", timeout_s=120)
+    pipe, peer = _peer({**sender.init_info(1).__dict__}, "cuda:1")
+    joiner = threading.Thread(target=sender.join)
+    joiner.start()
+    peer.start()
+    joiner.join(120)
+    assert pipe.recv_bytes() == b"joined"
+    try:
+        weights = _weights("cuda:0", 3)
+        for layout_name in ("packed", "per_tensor"):
+            sender.layout = layout_name
+            layout = plan(weights, bucket_bytes=300 * 1024)
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
+                                          sender.payload(layout))
+            pipe.send_bytes(json.dumps(request_to_json(request)).encode())
+            sender.send(layout)
+            assert json.loads(pipe.recv_bytes()) == pytest.approx(_sums(weights))
+    finally:
+        pipe.send_bytes(b"stop")
+        peer.join(60)
+        sender.close()
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_cuda_ipc_into_a_real_engine_matches_its_own_update_path(backend, model_dir):
+    """After a cuda_ipc sync the engine serves exactly what it serves after its own ("tensors")
+    path loaded the same weights, and that differs from before; a bad update changes nothing."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed in this environment")
+    import skyrl_backends as sb
+
+    async def scenario():
+        engine = sb.create_engine(backend, model=model_dir, dtype="float32", gpu_memory_utilization=0.3)
+        try:
+            if "cuda_ipc" not in engine.capabilities.weight_sync_strategies:
+                pytest.skip(f"backend {backend!r} does not declare weight sync strategy 'cuda_ipc'")
+            params = {"max_generate_length": 8, "temperature": 0.0, "ignore_eos": True}
+            prompts = [[5, 6, 7, 8], [100, 42, 17]]
+            before = (await engine.generate(prompts, params)).response_ids
+            from transformers import AutoModelForCausalLM
+
+            state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+            g = torch.Generator().manual_seed(5)
+            weights = {n: (t + 0.5 * t.std().nan_to_num(0.1) * torch.randn(t.shape, generator=g)).cuda()
+                       for n, t in state.items()}
+            sender = CudaIpcSender("cuda:0")
+            [version] = await sync_weights(engine, weights, "cuda_ipc", sender=sender, bucket_bytes=64 * 1024)
+            ours = await engine.generate(prompts, params)
+            assert ours.response_ids != before and ours[0].weight_version == version
+            await engine.update_weights_from_tensors(list(weights.items()))
+            assert (await engine.generate(prompts, params)).response_ids == ours.response_ids
+            bad = dict(weights)
+            bad["model.norm.weight"] = bad["model.norm.weight"][:-1]
+            with pytest.raises(WeightUpdateError):
+                await sync_weights(engine, bad, "cuda_ipc", sender=sender)
+            assert (await engine.generate(prompts, params)).response_ids == ours.response_ids
+            sender.close()
+        finally:
+            await engine.teardown()
+
+    asyncio.run(scenario())

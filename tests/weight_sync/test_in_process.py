@@ -1,0 +1,99 @@
+"""sync_weights into real engines of the trainer's own process: one engine, a client over several,
+dtype conversion to the engine's dtype, and the versions it returns."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import skyrl_backends as sb
+from skyrl_backends.client import InferenceEngineClient
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.weight_sync import iter_weight_chunks, make_sender, sync_weights
+
+PROMPT = [[5, 6, 7, 8]]
+GREEDY = {"max_generate_length": 6, "temperature": 0.0, "ignore_eos": True}
+
+
+def _noisy(engine: sb.InferenceEngine, seed: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = engine.impl.model.state_dict()
+    return {n: (t + 0.5 * t.std().nan_to_num(0.1) * torch.randn(t.shape, generator=g)).to(dtype or t.dtype)
+            for n, t in state.items()}
+
+
+async def _greedy(engine) -> tuple[list[int], int]:
+    out = await engine.generate(PROMPT, GREEDY)
+    return out[0].token_ids, out[0].weight_version
+
+
+def test_one_engine_each_strategy_and_versions(model_dir):
+    async def scenario():
+        engine = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        reference = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        try:
+            sender = make_sender("shared_memory")
+            for version, strategy in enumerate(("tensors", "shared_memory", "shared_memory"), start=1):
+                weights = _noisy(engine, seed=version)
+                kwargs = {"sender": sender} if strategy != "tensors" else {}
+                assert await sync_weights(engine, weights, strategy, bucket_bytes=32 * 1024, **kwargs) == [version]
+                # The oracle: a second engine loaded through the plain in-process path.
+                await reference.update_weights_from_tensors(list(weights.items()))
+                tokens, stamped = await _greedy(engine)
+                assert tokens == (await _greedy(reference))[0] and stamped == version
+            sender.close()
+        finally:
+            await engine.teardown()
+            await reference.teardown()
+
+    asyncio.run(scenario())
+
+
+def test_trainer_dtype_is_converted_to_the_engines(model_dir):
+    """A bfloat16 trainer feeding a float32 engine: the engine's weight_specs decide the dtype."""
+    async def scenario():
+        engine = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        try:
+            weights = _noisy(engine, seed=11, dtype=torch.bfloat16)
+            await sync_weights(engine, weights, "shared_memory")
+            served = engine.impl.model.state_dict()
+            for name, tensor in weights.items():
+                assert served[name].dtype == torch.float32
+                assert torch.equal(served[name], tensor.float())
+            with pytest.raises(WeightUpdateError) as info:  # sending as-is is refused, naming the dtype
+                await sync_weights(engine, weights, "shared_memory", dtype_for=None)
+            assert "dtype bfloat16" in next(iter(info.value.problems.values()))
+        finally:
+            await engine.teardown()
+
+    asyncio.run(scenario())
+
+
+def test_client_pool_gets_one_version_per_engine(model_dir):
+    async def scenario():
+        engines = [sb.create_engine("transformers", model=model_dir, dtype="float32") for _ in range(2)]
+        client = InferenceEngineClient(engines)
+        try:
+            weights = _noisy(engines[0], seed=21)
+            assert await sync_weights(client, weights, "shared_memory") == [1, 1]
+            first, second = await _greedy(engines[0]), await _greedy(engines[1])
+            assert first == second and first[1] == 1
+        finally:
+            for engine in engines:
+                await engine.teardown()
+
+    asyncio.run(scenario())
+
+
+def test_chunks_of_a_real_model_cover_its_parameters(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    chunks = list(iter_weight_chunks(model, bucket_bytes=64 * 1024, dtype_for="bfloat16"))
+    assert len(chunks) > 1
+    state = model.state_dict()
+    got = {name: t for chunk in chunks for name, t in chunk.views()}
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[n], state[n].to(torch.bfloat16)) for n in state)
