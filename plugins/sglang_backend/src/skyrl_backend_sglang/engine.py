@@ -1,0 +1,480 @@
+"""The SGLang engine: every engine hook on ``sglang.Engine`` in token-in-token-out mode.
+
+SGLang's ``TokenizerManager`` binds itself to the first event loop that uses it, and its sockets
+are not thread-safe. Callers, though, come from any loop (a trainer's, a Ray actor's, one per test).
+So the engine owns one event loop on a private thread (:class:`EngineLoop`), every call into SGLang
+runs there, and the hooks hand their coroutines over and await the result. A request crosses threads
+once; its tokens stream inside the engine loop.
+
+What SGLang cannot do in token-in mode is done here, with the canonical semantics:
+
+* stop strings: streamed through :class:`~skyrl_backend_sglang.stop_strings.StopStringWatch`,
+  aborted at the first match, trimmed;
+* ``min_new_tokens`` and seeds: the plugin's logit processor
+  (:mod:`skyrl_backend_sglang.logit_processor`);
+* log-probabilities of the unaltered model whenever that processor or a repetition penalty changed
+  the distribution SGLang reports: recomputed by a teacher-forced prefill (``max_new_tokens=0``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError, WeightUpdateError
+from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.types import (
+    Completion,
+    GenerateOutput,
+    GenerateRequest,
+    ParallelSizes,
+    TensorSpec,
+    WeightSyncInitInfo,
+    WeightUpdateRequest,
+)
+
+from skyrl_backend_sglang import logprobs as lp
+from skyrl_backend_sglang.logit_processor import SkyRLLogitProcessor
+from skyrl_backend_sglang.stop_strings import StopStringWatch
+from skyrl_backend_sglang.translation import (
+    SGLangSampling,
+    check_server_arg_names,
+    engine_kwargs,
+    is_cpu,
+    translate_sampling,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Memory release and resume move gigabytes; a stuck scheduler must not hang a trainer forever.
+MEMORY_TIMEOUT_S = 120.0
+# Defaults for SGLang's CPU path, which cannot size its KV cache from device memory.
+CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 16384, "disable_cuda_graph": True}
+# SGLang's memory tags for what the canonical tags name; CUDA graphs go with the weights they run.
+_SGLANG_TAGS = {"weights": ("weights", "cuda_graph"), "kv_cache": ("kv_cache",)}
+
+
+class EngineLoop:
+    """An event loop on a private daemon thread, where every SGLang coroutine runs."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="skyrl-sglang-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine loop and await it from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+
+@dataclasses.dataclass
+class _Result:
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: str | int | None
+    text: str | None
+    meta_info: dict[str, Any]
+
+
+class SGLangEngine:
+    """One ``sglang.Engine``. Hook methods carry the ``skyrl_backends_`` prefix."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        if config.model is None or not os.path.isdir(config.model):
+            raise ConfigError("model", f"{config.model!r} is not a local model folder (nothing is downloaded).")
+        self.config = config
+        self.cpu = is_cpu(config)
+        # Log-probabilities of the model itself (before temperature), as every backend reports them.
+        # Read by SGLang's scheduler processes at import, so it must be set before they start.
+        os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+        if self.cpu:
+            os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        import sglang
+        from sglang.srt.server_args import ServerArgs
+
+        # ServerArgs is a dataclass in 0.5.17 and a msgspec Struct in 0.5.23; both have a signature.
+        check_server_arg_names(set(config.engine_init_kwargs), set(inspect.signature(ServerArgs).parameters))
+        kwargs = engine_kwargs(config)
+        if self.cpu:
+            for key, value in CPU_DEFAULTS.items():
+                kwargs.setdefault(key, value)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.version = sglang.__version__
+        self.engine = sglang.Engine(**kwargs)
+        self.tm = self.engine.tokenizer_manager
+        self.loop = EngineLoop()
+        self.eos_token_ids = sorted(_eos_token_ids(config.model, self.tokenizer))
+        self.tp_size = int(kwargs.get("tp_size", 1))
+        # 0.5.23 opens a weight-update session around tensor and broadcast updates; 0.5.17 has none.
+        self.has_update_session = hasattr(self.tm, "begin_weight_update")
+        self._processor = SkyRLLogitProcessor.to_str()
+        self._live: set[str] = set()  # requests submitted to SGLang and not yet returned
+        self._aborted: set[str] = set()
+        self._paused = False
+        self._flush_when_idle = False
+        self._weight_specs: list[TensorSpec] | None = None
+        self._weight_group: str | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await self.loop.call(coro)
+
+    # -- generation ----------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+        params = request.sampling_params
+        plan = translate_sampling(params)
+        results = await self._on_loop(self._generate_all(request, plan))
+        completions = []
+        for rid, prompt, result in zip(request.request_ids, request.prompt_token_ids, results):
+            completions.append(self._completion(rid, result, plan, params))
+        if plan.rescore_logprobs:
+            await self._on_loop(self._rescore(request, completions, plan))
+        return GenerateOutput(completions)
+
+    async def _generate_all(self, request: GenerateRequest, plan: SGLangSampling) -> list[_Result]:
+        return list(await asyncio.gather(*(
+            self._generate_one(rid, prompt, plan, request.lora_name)
+            for rid, prompt in zip(request.request_ids, request.prompt_token_ids))))
+
+    def _request_kwargs(self, rid: str, prompt: list[int], plan: SGLangSampling, lora: str | None) -> dict[str, Any]:
+        sp = dict(plan.sampling_params)
+        if not sp.get("ignore_eos") and self.eos_token_ids:
+            # SGLang stops on the EOS ids of the model config; the tokenizer's count too, as on
+            # every other backend.
+            sp["stop_token_ids"] = sorted(set(sp.get("stop_token_ids", ())) | set(self.eos_token_ids))
+        kwargs: dict[str, Any] = {"input_ids": prompt, "sampling_params": sp, "rid": rid}
+        if plan.needs_processor:
+            custom = dict(plan.processor_params, eos_token_ids=self.eos_token_ids)
+            sp["custom_params"] = custom
+            kwargs["custom_logit_processor"] = self._processor
+        if plan.return_logprob:
+            kwargs["return_logprob"] = True
+            if plan.top_logprobs_num:
+                kwargs["top_logprobs_num"] = plan.top_logprobs_num
+        if lora is not None:
+            kwargs["lora_path"] = lora
+        return kwargs
+
+    async def _generate_one(self, rid: str, prompt: list[int], plan: SGLangSampling, lora: str | None) -> _Result:
+        if self._flush_when_idle and not self._live:
+            await self._flush()
+        kwargs = self._request_kwargs(rid, prompt, plan, lora)
+        self._live.add(rid)
+        try:
+            if plan.stop_strings:
+                return await self._generate_streamed(rid, kwargs, plan)
+            out = await self.engine.async_generate(**kwargs)
+            return self._result(out)
+        except asyncio.CancelledError:
+            self.tm.abort_request(rid)
+            raise
+        finally:
+            self._live.discard(rid)
+            self._aborted.discard(rid)
+            if self._flush_when_idle and not self._live:
+                await self._flush()
+
+    async def _generate_streamed(self, rid: str, kwargs: dict[str, Any], plan: SGLangSampling) -> _Result:
+        watch = StopStringWatch(plan.stop_strings, self._decode)
+        last: dict[str, Any] | None = None
+        stream = await self.engine.async_generate(stream=True, **kwargs)
+        async for chunk in stream:
+            last = chunk
+            if watch.match is None and watch.feed(chunk["output_ids"]) is not None:
+                # Abort at once; keep reading so SGLang finishes the request's bookkeeping.
+                self.tm.abort_request(rid)
+        assert last is not None
+        result = self._result(last)
+        if watch.match is not None and rid not in self._aborted:
+            match = watch.match
+            result.token_ids = result.token_ids[:match.num_tokens]
+            result.finish_reason, result.stop_reason, result.text = "stop", match.stop, match.text
+        return result
+
+    def _result(self, out: dict[str, Any]) -> _Result:
+        meta = out.get("meta_info", {})
+        reason = meta.get("finish_reason") or {}
+        kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+        matched = reason.get("matched") if isinstance(reason, dict) else None
+        finish = {"stop": "stop", "length": "length"}.get(kind or "", "abort")
+        return _Result(token_ids=list(out.get("output_ids") or []), finish_reason=finish,
+                       stop_reason=matched if isinstance(matched, int) else None, text=None, meta_info=meta)
+
+    def _completion(self, rid: str, result: _Result, plan: SGLangSampling, params: SamplingParams) -> Completion:
+        tokens = result.token_ids
+        logprobs = top = None
+        if plan.return_logprob and not plan.rescore_logprobs:
+            logprobs, top = lp.from_output(result.meta_info, tokens, plan.top_logprobs_num)
+        stop_reason = result.stop_reason
+        if isinstance(stop_reason, int) and stop_reason not in params.stop_token_ids:
+            stop_reason = None  # EOS: no stop reason, as on every backend
+        return Completion(
+            token_ids=tokens,
+            finish_reason=result.finish_reason,  # type: ignore[arg-type]
+            logprobs=logprobs if plan.return_logprob else None,
+            top_logprobs=top if plan.top_logprobs_num else None,
+            text=result.text if result.text is not None else self._decode(tokens),
+            stop_reason=stop_reason,
+            request_id=rid,
+        )
+
+    async def _rescore(self, request: GenerateRequest, completions: list[Completion], plan: SGLangSampling) -> None:
+        """Teacher-forced log-probabilities of the generated tokens under the unaltered model."""
+        async def one(prompt: list[int], completion: Completion) -> None:
+            if not completion.token_ids:
+                completion.logprobs = []
+                completion.top_logprobs = [] if plan.top_logprobs_num else None
+                return
+            kwargs: dict[str, Any] = {
+                "input_ids": prompt + completion.token_ids,
+                "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                "return_logprob": True,
+                # The entry at logprob_start_len itself carries no value; start one token earlier.
+                "logprob_start_len": len(prompt) - 1,
+            }
+            if plan.top_logprobs_num:
+                kwargs["top_logprobs_num"] = plan.top_logprobs_num
+            if request.lora_name is not None:
+                kwargs["lora_path"] = request.lora_name
+            out = await self.engine.async_generate(**kwargs)
+            chosen, top = lp.from_prefill(out["meta_info"], completion.token_ids, plan.top_logprobs_num)
+            completion.logprobs = chosen
+            completion.top_logprobs = top
+        await asyncio.gather(*(one(p, c) for p, c in zip(request.prompt_token_ids, completions)))
+
+    # -- abort and pause -----------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_abort(self, request_ids: list[str] | None) -> None:
+        await self._on_loop(self._abort(request_ids))
+
+    async def _abort(self, request_ids: list[str] | None) -> None:
+        if request_ids is None:
+            request_ids = list(self._live)
+        for rid in request_ids:
+            if rid in self._live:
+                self._aborted.add(rid)
+                if rid in self.tm.rid_to_state:
+                    self.tm.abort_request(rid)
+                else:
+                    # Submitted but not registered yet: SGLang ignores aborts of unknown ids.
+                    asyncio.get_running_loop().create_task(self._abort_when_registered(rid))
+
+    async def _abort_when_registered(self, rid: str) -> None:
+        while rid in self._live:
+            if rid in self.tm.rid_to_state:
+                self.tm.abort_request(rid)
+                return
+            await asyncio.sleep(0.002)
+
+    @hookimpl
+    async def skyrl_backends_pause_generation(self) -> None:
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        # In place: running requests keep their KV cache and continue after resume.
+        await self._on_loop(self.tm.pause_generation(PauseGenerationReqInput(mode="in_place")))
+        self._paused = True
+
+    @hookimpl
+    async def skyrl_backends_resume_generation(self) -> None:
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
+
+        await self._on_loop(self.tm.continue_generation(ContinueGenerationReqInput(torch_empty_cache=not self.cpu)))
+        self._paused = False
+
+    # -- memory --------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
+        from sglang.srt.managers.io_struct import ReleaseMemoryOccupationReqInput
+
+        obj = ReleaseMemoryOccupationReqInput(tags=_sglang_tags(tags))
+        await asyncio.wait_for(self._on_loop(self.tm.release_memory_occupation(obj, None)), MEMORY_TIMEOUT_S)
+
+    @hookimpl
+    async def skyrl_backends_wake_up(self, tags: list[str]) -> None:
+        from sglang.srt.managers.io_struct import ResumeMemoryOccupationReqInput
+
+        obj = ResumeMemoryOccupationReqInput(tags=_sglang_tags(tags))
+        await asyncio.wait_for(self._on_loop(self.tm.resume_memory_occupation(obj, None)), MEMORY_TIMEOUT_S)
+
+    # -- weights -------------------------------------------------------------------------------
+    @hookimpl
+    def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
+        if self._weight_specs is None:
+            self._weight_specs = hf_weight_specs(self.config.model, _dtype_name(self.tm.model_config.dtype))
+        return self._weight_specs
+
+    @hookimpl
+    async def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
+        from sglang.srt.managers.io_struct import InitWeightsUpdateGroupReqInput
+
+        obj = InitWeightsUpdateGroupReqInput(
+            master_address=init_info.master_addr, master_port=init_info.master_port,
+            rank_offset=init_info.rank_offset, world_size=init_info.world_size,
+            group_name=init_info.group_name, backend=init_info.backend)
+        success, message = await self._on_loop(self.tm.init_weights_update_group(obj, None))
+        if not success:
+            raise EngineStateError(f"SGLang could not join the weight-sync group {init_info.group_name!r}: {message}")
+        self._weight_group = init_info.group_name
+
+    @hookimpl
+    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+        from sglang.srt.managers import io_struct
+
+        # While paused with requests in flight SGLang cannot flush (it flushes only when idle): the
+        # flush then happens as soon as the last of them finishes.
+        flush_now = not (self._paused and self._live)
+        if request.strategy == "tensors":
+            from sglang.srt.utils import MultiprocessingSerializer
+
+            named = list(zip(request.names, request.payload))
+            obj: Any = io_struct.UpdateWeightsFromTensorReqInput(
+                serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.tp_size)],
+                load_format=None, flush_cache=flush_now)
+            call = self.tm.update_weights_from_tensor
+        elif request.strategy == "broadcast":
+            if self._weight_group is None:
+                raise EngineStateError("broadcast weight sync needs init_weight_update_communicator() first.")
+            obj = io_struct.UpdateWeightsFromDistributedReqInput(
+                names=list(request.names), dtypes=list(request.dtypes), shapes=[list(s) for s in request.shapes],
+                group_name=self._weight_group, flush_cache=flush_now)
+            call = self.tm.update_weights_from_distributed
+        else:
+            raise WeightUpdateError({"<strategy>": f"strategy {request.strategy!r} is not supported by SGLang here"})
+        success, message = await self._on_loop(self._update_in_session(call, obj))
+        if not success:
+            raise EngineStateError(f"SGLang failed to load the weights: {message}")
+        if not flush_now:
+            self._flush_when_idle = True
+
+    async def _update_in_session(self, call: Any, obj: Any) -> tuple[bool, str]:
+        if not self.has_update_session:
+            return await call(obj, None)
+        from sglang.srt.managers.io_struct import BeginWeightUpdateReqInput, EndWeightUpdateReqInput
+
+        began, message = await self.tm.begin_weight_update(BeginWeightUpdateReqInput(), None)
+        if not began:
+            return False, f"begin_weight_update: {message}"
+        try:
+            return await call(obj, None)
+        finally:
+            ended, end_message = await self.tm.end_weight_update(EndWeightUpdateReqInput(), None)
+            if not ended:
+                logger.error("SGLang end_weight_update failed: %s", end_message)
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
+
+        out = await self._on_loop(self.tm.load_lora_adapter(
+            LoadLoRAAdapterReqInput(lora_name=lora_name, lora_path=lora_path, pinned=pinned), None))
+        if not getattr(out, "success", False):
+            raise LoraAdapterError(f"SGLang could not load LoRA adapter {lora_name!r} from {lora_path}: "
+                                   f"{getattr(out, 'error_message', out)}")
+
+    @hookimpl
+    async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
+        from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
+
+        out = await self._on_loop(self.tm.unload_lora_adapter(UnloadLoRAAdapterReqInput(lora_name=lora_name), None))
+        if not getattr(out, "success", False):
+            raise LoraAdapterError(f"SGLang could not unload LoRA adapter {lora_name!r}: "
+                                   f"{getattr(out, 'error_message', out)}")
+
+    # -- cache and lifecycle -------------------------------------------------------------------
+    @hookimpl
+    async def skyrl_backends_reset_prefix_cache(self) -> None:
+        await self._on_loop(self._flush(required=True))
+
+    async def _flush(self, required: bool = False) -> None:
+        out = await self.tm.flush_cache()
+        if getattr(out, "success", True):
+            self._flush_when_idle = False
+        elif required:
+            raise EngineStateError("SGLang flushes its prefix cache only when no request is running: "
+                                   f"{getattr(out, 'message', '')} Abort or finish requests first.")
+
+    @hookimpl
+    def skyrl_backends_parallel_sizes(self) -> ParallelSizes:
+        c = self.config
+        return ParallelSizes(tensor=c.inference_engine_tensor_parallel_size,
+                             pipeline=c.inference_engine_pipeline_parallel_size,
+                             data=c.inference_engine_data_parallel_size,
+                             expert=c.inference_engine_expert_parallel_size)
+
+    @hookimpl
+    def skyrl_backends_engine_version(self) -> str:
+        return self.version
+
+    @hookimpl
+    async def skyrl_backends_teardown(self) -> None:
+        await self._on_loop(self._abort(None))
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        self.loop.stop()
+
+
+def _sglang_tags(tags: list[str]) -> list[str]:
+    return [t for tag in tags for t in _SGLANG_TAGS[tag]]
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def hf_weight_specs(model_dir: str, dtype: str) -> list[TensorSpec]:
+    """Every parameter under the trainer's (Hugging Face) names, with the engine's dtype.
+
+    SGLang fuses parameters (``qkv_proj``, ``gate_up_proj``) and loads Hugging Face names through
+    ``load_weights``; the names a trainer sends are those of the Hugging Face model, built here on
+    the meta device (no memory, no weights read). Tied parameters are listed under every name, as a
+    trainer's ``state_dict`` has them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return [TensorSpec(name, tuple(param.shape), dtype)
+            for name, param in model.named_parameters(remove_duplicate=False)]
+
+
+def _eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
+    """EOS ids from the model config, its generation config and the tokenizer (all of them count)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,73 @@
+"""The ``sglang`` backend plugin: the entry point's target.
+
+Importing this module imports neither SGLang nor torch: discovery and the sampling translation run
+without the engine installed. SGLang is imported when an engine is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.types import BackendInfo, Capabilities
+
+from skyrl_backend_sglang.translation import MAX_TOP_LOGPROBS, is_cpu, translate_sampling
+
+NAME = "sglang"
+# 0.5.17 is the GPU authority (docs/parity.md); 0.5.23 runs the CPU smoke tests. Releases differ in
+# the weight-update API (0.5.23 wraps tensor updates in begin/end_weight_update); the engine detects
+# that by feature, not by version.
+SUPPORTED_SGLANG = ">=0.5.17,<0.6"
+
+
+@hookimpl
+def skyrl_backends_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        engine="sglang",
+        supported_versions=SUPPORTED_SGLANG,
+        description="SGLang (sglang.Engine) in token-in-token-out mode, with exact stop strings, "
+                    "min_new_tokens and seeded sampling done by the plugin.",
+        engine_import="sglang",
+    )
+
+
+@hookimpl
+def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
+    """Everything on GPU. On SGLang's CPU path, memory release (it synchronizes CUDA) and LoRA (it
+    pins host memory) crash, so sleep and LoRA are declared absent there."""
+    cpu = is_cpu(config)
+    return Capabilities(
+        # SGLang has no sleep levels: releasing the "weights" tag always discards them, so both
+        # levels are accepted and both discard (a trainer written for vLLM's levels still works).
+        sleep_levels=() if cpu else (1, 2),
+        discards_weights_at_level=None if cpu else 1,
+        sleep_tags=not cpu,
+        lora=not cpu,
+        top_logprobs=True,
+        max_top_logprobs=MAX_TOP_LOGPROBS,
+        stop_strings=True,
+        min_new_tokens=True,
+        seeded_sampling=True,
+        min_p=True,
+        repetition_penalty=True,
+        prefix_caching=True,
+        abort=True,
+        native_pause=True,
+        weight_sync_strategies=("tensors",) if cpu else ("tensors", "broadcast"),
+    )
+
+
+@hookimpl
+def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> dict[str, Any]:
+    """What ``async_generate`` receives and what the plugin does around it (see translation.py)."""
+    return translate_sampling(params).to_dict()
+
+
+@hookimpl
+def skyrl_backends_create_engine(config: GeneratorConfig) -> Any:
+    from skyrl_backend_sglang.engine import SGLangEngine
+
+    return SGLangEngine(config)
