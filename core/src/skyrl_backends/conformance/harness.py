@@ -126,6 +126,13 @@ class ConformanceHarness:
     def greedy_margin(self) -> float:
         return self.config.greedy_margin_for(self.engine_dtype)
 
+    @property
+    def long_generation(self) -> int:
+        """A response length that takes long enough for an abort or a sleep to land mid-way, within
+        the engine's context (``max_model_len`` when the options set it)."""
+        context = self.config.engine_options.get("max_model_len") or self.reference.max_positions
+        return max(64, min(900, int(context) - 40))
+
     # -- helpers the tests share -----------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Mapping[str, Any] | None = None,
                  engine: InferenceEngine | None = None, **request_fields: Any) -> GenerateOutput:

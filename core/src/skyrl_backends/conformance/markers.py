@@ -1,5 +1,8 @@
 """Markers that tie a conformance test to capabilities and to a row of the parity table.
 
+Both are plain function attributes rather than pytest marks, so importing the suite never needs
+the plugin's mark registration.
+
 ``@requires("lora")`` makes a test *unsupported (declared)* when the backend declares the capability
 absent: the test is skipped with a reason that starts with :data:`UNSUPPORTED_PREFIX` and names the
 capability, so the report and the parity table can tell it from any other skip. A declared
@@ -14,27 +17,43 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-import pytest
-
 from skyrl_backends.types import Capabilities
 
 UNSUPPORTED_PREFIX = "unsupported (declared): "
 REJECTED_PREFIX = "unsupported (rejected): "
-REQUIRES_MARK = "conformance_requires"
-FEATURE_MARK = "conformance_feature"
+REQUIRES_ATTR = "__conformance_requires__"
+FEATURE_ATTR = "__conformance_feature__"
 
 F = TypeVar("F", bound=Callable[..., object])
 
 
-def requires(*capabilities: str) -> pytest.MarkDecorator:
+def requires(*capabilities: str) -> Callable[[F], F]:
     """Mark a test as needing every named capability (see :func:`capability_present`)."""
     for name in capabilities:
         capability_present(Capabilities(), name)  # reject misspelled names at import time
-    return getattr(pytest.mark, REQUIRES_MARK)(*capabilities)
+
+    def mark(test: F) -> F:
+        setattr(test, REQUIRES_ATTR, tuple(getattr(test, REQUIRES_ATTR, ())) + capabilities)
+        return test
+
+    return mark
 
 
-def feature(row: str) -> pytest.MarkDecorator:
-    return getattr(pytest.mark, FEATURE_MARK)(row)
+def feature(row: str) -> Callable[[F], F]:
+    """Name the parity-table row a test feeds."""
+    def mark(test: F) -> F:
+        setattr(test, FEATURE_ATTR, row)
+        return test
+
+    return mark
+
+
+def required_capabilities(test: object) -> tuple[str, ...]:
+    return tuple(getattr(test, REQUIRES_ATTR, ()))
+
+
+def feature_of_function(test: object, default: str) -> str:
+    return getattr(test, FEATURE_ATTR, default)
 
 
 def capability_present(caps: Capabilities, name: str) -> bool:
@@ -53,8 +72,35 @@ def capability_present(caps: Capabilities, name: str) -> bool:
     return caps.has(name)
 
 
+# Capabilities that only mean something when their root is declared: a backend without sleep is
+# reported as lacking "sleep", not each sleep level.
+_ROOTS = {"discards_weights": "sleep", "sleep_tags": "sleep"}
+
+
+def _root(name: str) -> str:
+    return "sleep" if name.startswith("sleep_level:") else _ROOTS.get(name, name)
+
+
 def missing_capabilities(caps: Capabilities, names: tuple[str, ...]) -> list[str]:
-    return [n for n in names if not capability_present(caps, n)]
+    missing: list[str] = []
+    for name in names:
+        if capability_present(caps, name):
+            continue
+        root = _root(name)
+        reported = root if root != name and not capability_present(caps, root) else name
+        if reported not in missing:
+            missing.append(reported)
+    return missing
+
+
+def merge_unsupported(reasons: list[str]) -> str:
+    """One reason naming every absent capability of several skipped tests, each once."""
+    names: list[str] = []
+    for reason in reasons:
+        for name in reason.removeprefix(UNSUPPORTED_PREFIX).split(", "):
+            if name and name not in names:
+                names.append(name)
+    return unsupported_reason(names)
 
 
 def unsupported_reason(missing: list[str]) -> str:

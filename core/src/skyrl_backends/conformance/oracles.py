@@ -37,6 +37,7 @@ class ReferenceModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.vocab_size = int(base.config.vocab_size)
+        self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
         self.eos_token_ids = _eos_token_ids(base, self.tokenizer)
         self._original_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self._variants: dict[tuple[str, str | None], Any] = {("original", None): base}

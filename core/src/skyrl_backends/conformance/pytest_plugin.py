@@ -22,7 +22,6 @@ import pytest
 
 from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop
-from skyrl_backends.conformance.markers import FEATURE_MARK, REQUIRES_MARK
 from skyrl_backends.conformance.report import ResultCollector
 from skyrl_backends.conformance.suite.base import FAILED_KEY, ConformanceTestBase, standard_tests
 
@@ -53,8 +52,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{REQUIRES_MARK}(*capabilities): conformance test needing capabilities")
-    config.addinivalue_line("markers", f"{FEATURE_MARK}(row): the parity-table row a conformance test feeds")
     config.stash[_COLLECTOR] = ResultCollector()
     config.stash[_HARNESSES] = {}
     config.pluginmanager.register(_ReportingPlugin(config), "skyrl-backends-conformance-report")
@@ -209,8 +206,10 @@ def _apply_expected_failure(item: pytest.Item, cls: type) -> None:
                 f"Mark the override @pytest.mark.xfail(reason=...) or list it in `expected_failures`.")
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    message = item.stash.get(_OVERRIDE, None)
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
+    # In place of the override's body: the test fails, and says why.
+    message = pyfuncitem.stash.get(_OVERRIDE, None)
     if message:
         pytest.fail(message, pytrace=False)
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from skyrl_backends.conformance.markers import REJECTED_PREFIX, UNSUPPORTED_PREFIX
+from skyrl_backends.conformance.markers import REJECTED_PREFIX, UNSUPPORTED_PREFIX, merge_unsupported
 
 if TYPE_CHECKING:
     import pytest
@@ -31,7 +31,7 @@ REPORT_FORMAT = 1
 
 
 @dataclass
-class TestResult:
+class CaseResult:
     nodeid: str
     test: str
     group: str
@@ -48,14 +48,18 @@ class FeatureResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def aggregate(feature: str, results: list[TestResult]) -> FeatureResult:
+def aggregate(feature: str, results: list[CaseResult]) -> FeatureResult:
     """One parity-table cell from the tests of one row."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
 
     def details(status: str) -> str:
-        return "; ".join(sorted({r.detail for r in results if r.status == status and r.detail}))
+        found = list(dict.fromkeys(r.detail for r in results if r.status == status and r.detail))
+        if status == "unsupported":
+            declared = [d for d in found if d.startswith(UNSUPPORTED_PREFIX)]
+            found = ([merge_unsupported(declared)] if declared else []) + [d for d in found if d not in declared]
+        return "; ".join(found)
 
     if counts.get("fail"):
         return FeatureResult(feature, "fail", "; ".join(r.test for r in results if r.status == "fail"), counts)
@@ -97,14 +101,14 @@ class ResultCollector:
     """Collects results during a session and writes the report."""
 
     def __init__(self) -> None:
-        self.tests: dict[str, TestResult] = {}
+        self.tests: dict[str, CaseResult] = {}
         self.harness: ConformanceHarness | None = None
 
     def register(self, item: pytest.Item) -> None:
         from skyrl_backends.conformance.suite.base import feature_of
 
         group, row = feature_of(item)
-        self.tests[item.nodeid] = TestResult(item.nodeid, item.name, group, row)
+        self.tests[item.nodeid] = CaseResult(item.nodeid, item.name, group, row)
 
     def describe(self, harness: ConformanceHarness) -> None:
         self.harness = harness
@@ -126,7 +130,7 @@ class ResultCollector:
         return self.harness is not None and any(t.status != "skipped" or t.detail for t in self.tests.values())
 
     def features(self) -> list[FeatureResult]:
-        rows: dict[str, list[TestResult]] = {}
+        rows: dict[str, list[CaseResult]] = {}
         for result in self.tests.values():
             rows.setdefault(result.feature, []).append(result)
         return [aggregate(name, results) for name, results in rows.items()]
@@ -141,14 +145,18 @@ class ResultCollector:
         target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     def summary_lines(self) -> list[str]:
-        lines = []
-        for row in self.features():
-            extra = f" ({row.detail})" if row.detail and row.status != "pass" else ""
-            lines.append(f"{row.feature}: {row.status}{extra}")
-        return lines
+        return [summary_line(row.feature, row.status, row.detail) for row in self.features()]
 
 
-def build_report(harness: ConformanceHarness, tests: list[TestResult], features: list[FeatureResult]) -> dict[str, Any]:
+def summary_line(feature: str, status: str, detail: str) -> str:
+    """One feature's verdict as the terminal summary prints it."""
+    if status == "unsupported":
+        return f"{feature}: {detail}"
+    extra = f" ({detail})" if detail and status != "pass" else ""
+    return f"{feature}: {status}{extra}"
+
+
+def build_report(harness: ConformanceHarness, tests: list[CaseResult], features: list[FeatureResult]) -> dict[str, Any]:
     backend = harness.backend
     return {
         "format": REPORT_FORMAT,

@@ -46,15 +46,14 @@ class BackendConformanceSuite(*GROUPS):  # type: ignore[misc]
 
 def feature_rows() -> list[str]:
     """Parity-table rows in suite order (the order of groups, then of tests within a group)."""
-    from skyrl_backends.conformance.markers import FEATURE_MARK
+    from skyrl_backends.conformance.markers import feature_of_function
 
     rows: list[str] = []
     for group in GROUPS:
         for name, value in vars(group).items():
             if not name.startswith("test_"):
                 continue
-            marks = [m for m in getattr(value, "pytestmark", []) if m.name == FEATURE_MARK]
-            row = marks[0].args[0] if marks else group.feature_row
+            row = feature_of_function(value, group.feature_row)
             if row not in rows:
                 rows.append(row)
     return rows

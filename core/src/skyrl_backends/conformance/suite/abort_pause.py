@@ -10,9 +10,6 @@ from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.sampling import SamplingParams
 
-LONG = 900  # long enough that the abort below always lands mid-generation
-
-
 async def _until_inflight(engine, count: int = 1) -> None:
     while engine.num_inflight < count:
         await asyncio.sleep(0.005)
@@ -32,7 +29,7 @@ class AbortPauseTests(ConformanceTestBase):
     def test_abort_one_request(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(2, seed=91)
-        long = SamplingParams(max_generate_length=LONG, temperature=0.0, ignore_eos=True)
+        long = SamplingParams(max_generate_length=conformance.long_generation, temperature=0.0, ignore_eos=True)
         short = SamplingParams(max_generate_length=6, temperature=0.0)
 
         async def abort_first():
@@ -46,7 +43,7 @@ class AbortPauseTests(ConformanceTestBase):
         victim, bystander = conformance.run(abort_first())
         c = victim[0]
         assert c.finish_reason == "abort", f"an aborted request must finish with 'abort', got {c.finish_reason!r}"
-        assert len(c.token_ids) < LONG
+        assert len(c.token_ids) < conformance.long_generation
         self._assert_prefix_of_reference(conformance, prompts[0], c.token_ids)
         conformance.assert_greedy_parity(prompts[1], bystander[0], 6)
         assert engine.num_inflight == 0
@@ -55,7 +52,7 @@ class AbortPauseTests(ConformanceTestBase):
     def test_abort_all(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(3, seed=92)
-        long = SamplingParams(max_generate_length=LONG, temperature=0.0, ignore_eos=True)
+        long = SamplingParams(max_generate_length=conformance.long_generation, temperature=0.0, ignore_eos=True)
 
         async def abort_everything():
             tasks = [asyncio.ensure_future(engine.generate([p], long)) for p in prompts]
@@ -65,7 +62,7 @@ class AbortPauseTests(ConformanceTestBase):
             return await asyncio.gather(*tasks)
 
         for prompt, out in zip(prompts, conformance.run(abort_everything())):
-            assert out[0].finish_reason == "abort" and len(out[0].token_ids) < LONG
+            assert out[0].finish_reason == "abort" and len(out[0].token_ids) < conformance.long_generation
             self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)
         prompt = prompts[0]
         conformance.assert_greedy_parity(prompt, conformance.greedy([prompt], 6)[0], 6)
@@ -103,7 +100,7 @@ class AbortPauseTests(ConformanceTestBase):
     def test_abort_while_paused(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=95)[0]
-        params = SamplingParams(max_generate_length=LONG, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_generate_length=conformance.long_generation, temperature=0.0, ignore_eos=True)
 
         async def abort_paused():
             task = asyncio.ensure_future(engine.generate([prompt], params))

@@ -10,11 +10,11 @@ import pytest
 
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import (
-    FEATURE_MARK,
     REJECTED_PREFIX,
-    REQUIRES_MARK,
     capability_present,
+    feature_of_function,
     missing_capabilities,
+    required_capabilities,
     unsupported_reason,
 )
 from skyrl_backends.errors import SamplingParamsError, UnsupportedCapabilityError
@@ -45,7 +45,7 @@ class ConformanceTestBase:
 
     @pytest.fixture(autouse=True)
     def _conformance_guard(self, request: pytest.FixtureRequest, conformance: ConformanceHarness) -> Iterator[None]:
-        required = tuple(arg for mark in request.node.iter_markers(REQUIRES_MARK) for arg in mark.args)
+        required = required_capabilities(request.function)
         missing = missing_capabilities(conformance.capabilities, required)
         if missing:
             pytest.skip(unsupported_reason(missing))
@@ -106,9 +106,6 @@ def feature_of(item: pytest.Item) -> tuple[str, str]:
     """(group name, parity-table row) of a collected test."""
     name = getattr(item, "originalname", item.name)
     group = defining_group(item.cls, name) if getattr(item, "cls", None) else None
-    mark = item.get_closest_marker(FEATURE_MARK)
-    if mark is not None:
-        row = mark.args[0]
-    else:
-        row = getattr(group, "feature_row", None) or getattr(item.cls, "feature_row", "Other")
+    default = getattr(group, "feature_row", None) or getattr(item.cls, "feature_row", "Other")
+    row = feature_of_function(getattr(item, "function", None), default)
     return (group.__name__ if group else item.cls.__name__), row

@@ -22,6 +22,7 @@ def _discards(conformance: ConformanceHarness, level: int) -> bool:
 class SleepWakeTests(ConformanceTestBase):
     feature_row = "Sleep / wake"
 
+    @requires("sleep")
     @pytest.mark.parametrize("level", [1, 2])
     def test_sleep_wake_cycle(self, conformance: ConformanceHarness, level: int) -> None:
         if level not in conformance.capabilities.sleep_levels:
@@ -82,7 +83,7 @@ class SleepWakeTests(ConformanceTestBase):
     def test_sleep_aborts_inflight_requests(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=54)[0]
-        long = SamplingParams(max_generate_length=900, temperature=0.0, ignore_eos=True)
+        long = SamplingParams(max_generate_length=conformance.long_generation, temperature=0.0, ignore_eos=True)
         level = min(conformance.capabilities.sleep_levels)
 
         async def sleep_while_generating():
@@ -94,7 +95,7 @@ class SleepWakeTests(ConformanceTestBase):
 
         out = conformance.run(sleep_while_generating())
         assert out[0].finish_reason == "abort", "a request in flight when sleep() is called must end as 'abort'"
-        assert len(out[0].token_ids) < 900
+        assert len(out[0].token_ids) < conformance.long_generation
         conformance.run(engine.wake_up())
         if _discards(conformance, level):
             conformance.push_weights(conformance.reference.original_state)

@@ -1,0 +1,1 @@
+"""skyrl-backend-minimal: the backend that docs/writing-a-backend.md builds."""

@@ -1,0 +1,5 @@
+from skyrl_backends.conformance import BackendConformanceSuite
+
+
+class TestMinimalBackend(BackendConformanceSuite):
+    backend = "minimal"

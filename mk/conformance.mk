@@ -1,0 +1,36 @@
+# The conformance suite: the example plugin's run, the parity table and its CI check.
+# `make test-conformance` (Makefile) runs the suite against the transformers backend and leaves its
+# report in $(CONFORMANCE_OUT); the targets here add the example plugin and compare both reports
+# with the committed table.
+TF_EXTRA_EDITABLE += examples/minimal_backend
+EXTRA_TESTS += test-conformance-example test-parity-table
+
+CONFORMANCE_OUT := .cache/conformance
+PARITY_DIR := docs/parity
+PARITY_TABLE := docs/parity.md
+# The CPU columns CI regenerates; GPU columns (docs/parity/*-gpu.json) come from the GPU machine.
+PARITY_CPU_BACKENDS := transformers minimal
+
+.PHONY: test-conformance-example test-parity-table parity parity-table
+
+# The walk-through's way: the example's own tests folder, then the no-test-code CLI.
+test-conformance-example: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q examples/minimal_backend/tests \
+		--conformance-report $(CONFORMANCE_OUT)/minimal.json
+	$(TF_ENV)/bin/skyrl-backends conformance minimal --model $(MODEL) -k "max_length or abort_one"
+
+test-parity-table: test-conformance test-conformance-example
+	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity check $(PARITY_TABLE) $(wildcard $(PARITY_DIR)/*.json) \
+		--fresh $(foreach b,$(PARITY_CPU_BACKENDS),$(CONFORMANCE_OUT)/$(b).json)
+
+# Regenerate the CPU columns' reports from real runs, then the whole table (GPU reports as committed).
+parity: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q tests/conformance --backend transformers \
+		--conformance-report $(PARITY_DIR)/transformers-cpu.json
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q examples/minimal_backend/tests \
+		--conformance-report $(PARITY_DIR)/minimal-cpu.json
+	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity generate $(PARITY_DIR)/*.json -o $(PARITY_TABLE)
+
+# Re-render the table from the committed reports only (after adding a GPU column's report).
+parity-table: $(TF_ENV)/.ready
+	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity generate $(PARITY_DIR)/*.json -o $(PARITY_TABLE)
