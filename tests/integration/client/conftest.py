@@ -4,11 +4,13 @@ The backend comes from ``--client-backend`` or ``SKYRL_CLIENT_BACKEND`` (default
 the model from ``SKYRL_TEST_MODEL``. Engines are expensive to start, so each pool is built once
 per session: ``local`` (several engines in this process) and ``ray`` (engine actors on a local Ray
 started here, ``ray.init(num_cpus=2)``; skipped where ray is not installed).
+
+Every engine is created and driven on one event loop (``aio``, a loop thread): some engines bind
+background tasks to their first loop (vLLM), and the HTTP tests serve from the same loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -22,7 +24,8 @@ BACKEND_OPTIONS: dict[str, dict] = {
     "transformers": {"dtype": "float32"},
     "vllm": {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5},
 }
-NUM_LOCAL_ENGINES = 3
+NUM_LOCAL_ENGINES = {"vllm": 2}  # each vLLM engine is a process with its own KV cache
+DEFAULT_LOCAL_ENGINES = 3
 NUM_RAY_ENGINES = 2
 
 
@@ -50,24 +53,33 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def make_local_engine(backend, model_path, engine_options):
+def aio():
+    from skyrl_backends.client.loop_thread import LoopThread
+
+    loop = LoopThread("client-tests")
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture(scope="session")
+def make_local_engine(aio, backend, model_path, engine_options):
     import skyrl_backends as sb
 
     started = []
 
     def make():
-        engine = sb.create_engine(backend, model=model_path, **engine_options)
+        engine = aio.call(sb.create_engine, backend, model=model_path, **engine_options)
         started.append(engine)
         return engine
 
     yield make
     for engine in started:
-        asyncio.run(engine.teardown())
+        aio.run(engine.teardown(), 120)
 
 
 @pytest.fixture(scope="session")
-def local_engines(make_local_engine):
-    return [make_local_engine() for _ in range(NUM_LOCAL_ENGINES)]
+def local_engines(make_local_engine, backend):
+    return [make_local_engine() for _ in range(NUM_LOCAL_ENGINES.get(backend, DEFAULT_LOCAL_ENGINES))]
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +92,7 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def make_ray_engines(ray_session, backend, model_path, engine_options):
+def make_ray_engines(aio, ray_session, backend, model_path, engine_options):
     from skyrl_backends.ray_wrapper import create_ray_engines
 
     started = []
@@ -94,7 +106,7 @@ def make_ray_engines(ray_session, backend, model_path, engine_options):
     yield make
     for engine in started:
         try:
-            asyncio.run(asyncio.wait_for(engine.teardown(), 30))
+            aio.run(engine.teardown(), 30)
         except Exception:
             pass  # killed by a test
 

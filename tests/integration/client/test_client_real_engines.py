@@ -16,10 +16,6 @@ from skyrl_backends.client import InferenceEngineClient
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
-def run(coro, timeout=300):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
 def prompts(count, length=6, start=10):
     # Distinct prompts of one length (no padding differences between batch shapes).
     return [[start + (i * 7 + j * 3) % 400 for j in range(length)] for i in range(count)]
@@ -30,7 +26,7 @@ async def one_by_one(client, batch, params):
     return [o[0].token_ids for o in outs]
 
 
-def test_batch_split_across_engines_comes_back_in_order(engines):
+def test_batch_split_across_engines_comes_back_in_order(aio, engines):
     observed = [EngineObserver(e) for e in engines]
 
     async def main():
@@ -46,10 +42,10 @@ def test_batch_split_across_engines_comes_back_in_order(engines):
         shares = [sum(rid.startswith("order-") for rid in o.request_ids) for o in observed]
         assert all(s > 0 for s in shares) and sum(shares) == 12
 
-    run(main())
+    aio.run(main(), 300)
 
 
-def test_every_turn_of_a_session_lands_on_the_same_engine(engines):
+def test_every_turn_of_a_session_lands_on_the_same_engine(aio, engines):
     observed = [EngineObserver(e) for e in engines]
 
     async def main():
@@ -65,10 +61,10 @@ def test_every_turn_of_a_session_lands_on_the_same_engine(engines):
         assert all(len(where) == 1 for where in engines_of.values()), engines_of
         assert len({next(iter(w)) for w in engines_of.values()}) > 1, "sessions should spread over engines"
 
-    run(main())
+    aio.run(main(), 300)
 
 
-def test_adding_an_engine_moves_only_the_sessions_it_takes(local_engines, make_local_engine):
+def test_adding_an_engine_moves_only_the_sessions_it_takes(aio, local_engines, make_local_engine):
     pool = [EngineObserver(e) for e in local_engines[:2]]
 
     async def served(client, tag, sessions):
@@ -81,21 +77,23 @@ def test_adding_an_engine_moves_only_the_sessions_it_takes(local_engines, make_l
                     where[rid.split("/", 1)[1]] = k
         return where
 
+    newcomer = EngineObserver(make_local_engine())
+
     async def main():
         client = InferenceEngineClient(pool)
         sessions = [f"s{i}" for i in range(240)]
         before = await served(client, "before", sessions)
-        client.add_engine(EngineObserver(make_local_engine()))
+        client.add_engine(newcomer)
         after = await served(client, "after", sessions)
         moved = [s for s in sessions if before[s] != after[s]]
         assert all(after[s] == 2 for s in moved), "a session may only move to the new engine"
         assert 0.15 < len(moved) / len(sessions) < 0.5, len(moved)  # ideal: one third
 
-    run(main())
+    aio.run(main(), 300)
 
 
 @pytest.mark.parametrize("pause_mode", ["auto", "abort"])
-def test_pause_update_resume_with_64_requests_in_flight(engines, placement, pause_mode, model_weights):
+def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement, pause_mode, model_weights):
     """64 requests in flight; pause, push weights, resume: none is lost and each has its exact
     length. The weights pushed are the model's own, so every output must equal the uninterrupted
     one token for token: the pause is invisible. ``abort`` forces the abort-and-resubmit pause."""
@@ -132,10 +130,10 @@ def test_pause_update_resume_with_64_requests_in_flight(engines, placement, paus
         else:
             assert continuations == 0
 
-    run(main())
+    aio.run(main(), 300)
 
 
-def test_new_weights_during_pause_reach_every_engine_and_lengths_stay_exact(engines, placement, model_weights):
+def test_new_weights_during_pause_reach_every_engine_and_lengths_stay_exact(aio, engines, placement, model_weights):
     changed = [(name, t * 1.5 if t.dim() > 1 else t) for name, t in model_weights]
     probe = [[30, 31, 32, 33]]
 
@@ -167,10 +165,10 @@ def test_new_weights_during_pause_reach_every_engine_and_lengths_stay_exact(engi
         restored = [(await e.generate(probe, {"max_generate_length": 8, **GREEDY}))[0].token_ids for e in engines]
         assert restored == before
 
-    run(main())
+    aio.run(main(), 300)
 
 
-def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(engines, placement, make_local_engine,
+def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engines, placement, make_local_engine,
                                                                       request):
     """One engine of the pool dies while it serves requests: they complete on the others, with
     the same tokens as an uninterrupted run."""
@@ -207,7 +205,7 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(engines, p
         assert again.response_ids == reference[:6]
         assert client.health()[victim_id]["sequences_submitted"] == health[victim_id]["sequences_submitted"]
 
-    run(main())
+    aio.run(main(), 300)
 
 
 async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):

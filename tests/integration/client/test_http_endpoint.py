@@ -22,14 +22,14 @@ BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(make_local_engine, tokenizer):
+def server(aio, local_engines, tokenizer):
     from skyrl_backends.client import InferenceEngineClient
     from skyrl_backends.http import BackgroundServer, create_app
 
-    observed = [EngineObserver(make_local_engine()) for _ in range(2)]
+    observed = [EngineObserver(e) for e in local_engines[:2]]
     client = InferenceEngineClient(observed, tokenizer=tokenizer)
     app = create_app(client, tokenizer, model_name=MODEL, api_key=API_KEY, max_body_bytes=BODY_LIMIT)
-    with BackgroundServer(app) as running:
+    with BackgroundServer(app, loop=aio) as running:
         running.client = client
         running.observed = observed
         yield running

@@ -4,15 +4,15 @@ the caller's explicit choice."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
-import threading
 import time
 from typing import Any
 
 import uvicorn
+
+from skyrl_backends.client.loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
@@ -57,49 +57,54 @@ async def serve(app: Any, host: str = DEFAULT_HOST, port: int = 8000, api_key: s
 
 
 class BackgroundServer:
-    """The app served by uvicorn on a thread of its own (its own event loop), on loopback.
-
-    Everything the app uses (client, engines) is then driven from that loop only::
+    """The app served by uvicorn on a loop thread (its own, or ``loop`` to share one with the
+    engines), on loopback by default::
 
         with BackgroundServer(app) as server:
             openai.OpenAI(base_url=server.url + "/v1", api_key="x")...
+
+    Everything the app uses (client, engines) must be driven from that loop only.
     """
 
-    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0, **uvicorn_options: Any) -> None:
+    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0, loop: LoopThread | None = None,
+                 **uvicorn_options: Any) -> None:
         self._sock = bind_socket(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
         self._server = uvicorn.Server(uvicorn_config(app, **uvicorn_options))
-        self._thread = threading.Thread(target=self._run, name="skyrl-http", daemon=True)
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self._own_loop = loop is None
+        self.loop_thread = loop or LoopThread("skyrl-http")
+        self._serving: Any = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._server.serve(sockets=[self._sock]))
-
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
-        self._thread.start()
+        self._serving = self.loop_thread.submit(self._server.serve(sockets=[self._sock]))
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self._thread.is_alive():
+        while time.monotonic() < deadline and not self._serving.done():
             if self._server.started:
                 return self
             time.sleep(0.01)
+        if self._serving.done():
+            self._serving.result()  # raises the startup error
         raise RuntimeError(f"the HTTP server did not start within {timeout_s}s")
 
     def run_coroutine(self, coro: Any, timeout_s: float = 120.0) -> Any:
         """Run a coroutine on the server's loop (to drive the client it serves)."""
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+        return self.loop_thread.run(coro, timeout_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout_s)
+        if self._serving is not None:
+            try:
+                self._serving.result(timeout_s)
+            except Exception:  # already reported by uvicorn; stopping must not fail
+                logger.debug("server task ended with an error", exc_info=True)
         self._sock.close()
+        if self._own_loop:
+            self.loop_thread.stop()
 
     def __enter__(self) -> BackgroundServer:
         return self.start()
