@@ -1,0 +1,62 @@
+"""A Qwen2.5-1.5B-shaped model with random weights, for benchmarks on the GPU machine (no downloads).
+
+Shape of Qwen2.5-1.5B: hidden 1536, 28 layers, 12 attention heads, 2 key-value heads, MLP 8960,
+vocabulary 151936, tied embeddings, bfloat16: 338 tensors, about 3.09 GB. The tokenizer is the
+project's small test tokenizer (engines are given token ids; it only has to load)::
+
+    python scripts/gpu/make_random_qwen.py /tmp/models/qwen2.5-1.5b-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from skyrl_backends.testing.tiny_model import build_tokenizer
+
+QWEN25_1P5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                   intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
+                   max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu")
+
+
+def make_model(out: Path, layers: int, device: str, seed: int = 0) -> dict:
+    config = Qwen2Config(**{**QWEN25_1P5B, "num_hidden_layers": layers},
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    build_tokenizer(out)
+    tensors, nbytes = 0, 0
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                tensors += 1
+                shape = tensor.get_shape()
+                nbytes += 2 * int(torch.tensor(shape).prod()) if shape else 2
+    return {"path": str(out), "layers": layers, "tensors": tensors, "GB": round(nbytes / 1e9, 3),
+            "parameters_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--layers", type=int, default=QWEN25_1P5B["num_hidden_layers"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    summary = make_model(Path(args.out), args.layers, args.device)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    print("MODEL", json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The project's GPU proofs, run on the lent GPU machine (the device tool) from the repository root:
+#
+#   scripts/gpu/run_on_gpu.sh STEP[@SECONDS] ...
+#
+# Steps run in order, each bounded by `timeout` (default limits below, or @SECONDS); the whole log
+# goes to $OUT/log and results to $OUT/*.json (the device tool brings back at most 8 files).
+#
+#   probe                     the GPU, Python and the packages the suite needs -> $OUT/probe.txt
+#   stage:ENGINE              keep this call's carried parts .gpu/ENGINE/part* in /tmp/stage/ENGINE: an
+#                             engine travels in parts, one per call, and the machine keeps /tmp while warm
+#   model                     a random Qwen2.5-1.5B-shaped model in /tmp/models (make_random_qwen.py)
+#   conformance:ENGINE        tests/conformance --backend ENGINE -> $OUT/ENGINE-gpu.json
+#   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate.json
+#   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
+#                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
+#   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path
+#   broadcast                 bench_weight_sync.py GPU mode without an engine (NCCL needs 2 GPUs)
+#
+# ENGINE is vllm or sglang (the builds of ../shared/gpu/stage.py); engine steps unpack the staged
+# parts once into /tmp/ENGINEsite. Nothing is installed: the project runs from its source folders, and
+# scripts/gpu/write_dist_info.py gives them the entry points an installation would have.
+set -uo pipefail
+
+REPO=$(pwd)
+OUT=${OUT:-$REPO/out/gpu}
+MODEL15=/tmp/models/qwen2.5-1.5b-random
+TINY=/tmp/tiny-model
+mkdir -p "$OUT"
+
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export VLLM_USE_FLASHINFER_SAMPLER=0   # flashinfer is not in the vLLM build
+# NVLink multicast stays off (it can take a shared host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export SKYRL_TEST_MODEL=$TINY
+# Engines started by code that takes no engine options (see with_engine_defaults.py): vLLM without
+# torch.compile (starts faster; weight loading is the same), SGLang with the kernels the build has.
+SGLANG_KERNELS='"attention_backend": "triton", "sampling_backend": "pytorch", "disable_cuda_graph": true'
+export SKYRL_ENGINE_DEFAULTS="{\"vllm\": {\"engine_init_kwargs\": {\"enforce_eager\": true}},
+  \"sglang\": {\"engine_init_kwargs\": {$SGLANG_KERNELS}}}"
+
+WHEELS=
+declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=300
+                  [weight-sync-tests]=200 [broadcast]=150)
+
+log() { echo "=== $(date -u +%H:%M:%S) $*"; }
+
+bounded() {  # SECONDS CMD...: SIGINT first (pytest then still writes its report), KILL 45 s later
+    local seconds=$1; shift
+    timeout -s INT -k 45 "$seconds" "$@"
+}
+
+stage() {  # ENGINE
+    mkdir -p "/tmp/stage/$1"
+    for part in .gpu/"$1"/part*; do
+        [ -f "$part" ] && cp "$part" "/tmp/stage/$1/" && log "staged $part"
+    done
+    ls -l "/tmp/stage/$1"
+}
+
+unpack() {  # ENGINE -> /tmp/ENGINEsite (once per machine)
+    local site=/tmp/${1}site
+    stage "$1" >/dev/null
+    [ -f "$site/.complete" ] && return 0
+    log "unpacking $1 from $(ls /tmp/stage/"$1" | tr '\n' ' ')"
+    rm -rf "$site" && mkdir -p "$site"
+    cat /tmp/stage/"$1"/part* | xz -d -T4 | tar xf - -C "$site" || { log "unpack of $1 failed"; return 1; }
+    touch "$site/.complete"
+}
+
+core_env() {
+    prepare
+    python3 scripts/gpu/write_dist_info.py /tmp/skyrl_dist/core core >/dev/null
+    export PYTHONPATH=/tmp/skyrl_dist/core:$REPO/core/src${WHEELS:+:$WHEELS}
+}
+
+engine_env() {  # ENGINE: its unpacked build, the core and its plugin, discoverable by entry point
+    prepare; unpack "$1" || return 1
+    python3 scripts/gpu/write_dist_info.py "/tmp/skyrl_dist/$1" core "plugins/$1_backend" >/dev/null
+    export PYTHONPATH=/tmp/${1}site:/tmp/skyrl_dist/$1:$REPO/core/src:$REPO/plugins/$1_backend/src${WHEELS:+:$WHEELS}
+}
+
+prepare() {  # once per machine: wheels carried in .whl/ (packages missing there), the tiny test model
+    if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/wheels ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/wheels .whl/*.whl
+    fi
+    [ -d /tmp/wheels ] && WHEELS=/tmp/wheels
+    [ -d .cache/tiny-model ] && [ ! -d $TINY ] && cp -r .cache/tiny-model $TINY
+    [ -d $TINY ] || log "no tiny model in $TINY: carry .cache/tiny-model once"
+}
+
+probe() {
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+    nproc; free -g | head -2; df -h /tmp | tail -1
+    python3 - <<'PY'
+import sys, importlib.metadata as m
+print("python", sys.version.split()[0])
+for d in ["torch", "transformers", "tokenizers", "safetensors", "pytest", "pytest-timeout", "pytest-asyncio",
+          "hypothesis", "pluggy", "PyYAML", "packaging", "psutil", "peft", "setuptools", "numpy", "triton"]:
+    try:
+        print(f"{d}=={m.version(d)}")
+    except m.PackageNotFoundError:
+        print(f"{d}: MISSING")
+import torch
+print("cuda", torch.version.cuda, "devices", torch.cuda.device_count(), torch.cuda.get_device_name(0))
+PY
+}
+
+conformance() {  # ENGINE SECONDS
+    local options
+    case $1 in
+        # the suite class's own options plus what a shared GPU needs: a memory share, no compilation
+        vllm) options='{"distributed_executor_backend": "uni", "enforce_eager": true}' ;;
+        sglang) options="{$SGLANG_KERNELS}" ;;
+    esac
+    bounded "$2" python3 -m pytest -p no:cacheprovider -q -rfEs tests/conformance --backend "$1" \
+        --timeout "$(( $2 - 60 ))" --conformance-report "$OUT/$1-gpu.json" \
+        --conformance-engine-option gpu_memory_utilization=0.2 \
+        --conformance-engine-option "engine_init_kwargs=$options"
+}
+
+generate() {  # ENGINE SECONDS
+    local bench=plugins/$1_backend/benchmarks/bench_generate.py kwargs
+    [ -f "$bench" ] || { log "no $bench"; return 1; }
+    case $1 in
+        vllm) kwargs='{"enforce_eager": true}' ;;
+        sglang) kwargs="{$SGLANG_KERNELS}" ;;
+    esac
+    bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --max-tokens 128 --dtype bfloat16 \
+        --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --output "$OUT/$1-generate.json"
+}
+
+run_step() {  # STEP[:ENGINE][@SECONDS]
+    local spec=$1 name engine seconds
+    seconds=${spec#*@}; [ "$seconds" = "$spec" ] && seconds=
+    spec=${spec%@*}
+    name=${spec%%:*}; engine=${spec#*:}; [ "$engine" = "$spec" ] && engine=
+    seconds=${seconds:-${LIMIT[$name]:-120}}
+    log "step $name ${engine:+($engine) }limit ${seconds}s"
+    case $name in
+        probe) prepare; probe | tee "$OUT/probe.txt" ;;
+        stage) stage "$engine" ;;
+        model) core_env && bounded "$seconds" python3 scripts/gpu/make_random_qwen.py "$MODEL15" ;;
+        conformance) engine_env "$engine" && conformance "$engine" "$seconds" ;;
+        generate) engine_env "$engine" && generate "$engine" "$seconds" ;;
+        weight-sync) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
+            core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
+            --json "$OUT/$engine-weight-sync.json" ;;
+        weight-sync-tests) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
+            -m pytest -p no:cacheprovider -q -rA tests/weight_sync/test_gpu.py ;;
+        broadcast) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
+            --shape qwen2.5-1.5b --skip colocated --json "$OUT/broadcast.json" ;;
+        *) log "unknown step $name"; return 2 ;;
+    esac
+}
+
+main() {
+    local status=0 step start rc
+    for step in "$@"; do
+        start=$SECONDS
+        run_step "$step"; rc=$?
+        log "step $step exit $rc after $(( SECONDS - start ))s"
+        [ $rc -ne 0 ] && status=$rc
+    done
+    return $status
+}
+
+main "$@" 2>&1 | tee -a "$OUT/log"
+exit "${PIPESTATUS[0]}"
