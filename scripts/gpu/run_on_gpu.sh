@@ -20,9 +20,14 @@
 # ENGINE is vllm or sglang (the builds of ../shared/gpu/stage.py); engine steps unpack the staged
 # parts once into /tmp/ENGINEsite. Nothing is installed: the project runs from its source folders, and
 # scripts/gpu/write_dist_info.py gives them the entry points an installation would have.
+#
+# Run from a committed snapshot (`git archive HEAD | tar -x -C .gpu/src`, carried) so that results
+# belong to a commit: `cd .gpu/src && ASSETS=../.. scripts/gpu/run_on_gpu.sh ...`. ASSETS is the
+# folder holding the ignored things a call carries: .gpu/ENGINE/part*, .whl/, .cache/tiny-model.
 set -uo pipefail
 
 REPO=$(pwd)
+ASSETS=$(cd "${ASSETS:-.}" && pwd)
 OUT=${OUT:-$REPO/out/gpu}
 MODEL15=/tmp/models/qwen2.5-1.5b-random
 TINY=/tmp/tiny-model
@@ -52,7 +57,7 @@ bounded() {  # SECONDS CMD...: SIGINT first (pytest then still writes its report
 
 stage() {  # ENGINE
     mkdir -p "/tmp/stage/$1"
-    for part in .gpu/"$1"/part*; do
+    for part in "$ASSETS"/.gpu/"$1"/part*; do
         [ -f "$part" ] && cp "$part" "/tmp/stage/$1/" && log "staged $part"
     done
     ls -l "/tmp/stage/$1"
@@ -81,11 +86,11 @@ engine_env() {  # ENGINE: its unpacked build, the core and its plugin, discovera
 }
 
 prepare() {  # once per machine: wheels carried in .whl/ (packages missing there), the tiny test model
-    if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/wheels ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/wheels .whl/*.whl
+    if compgen -G "$ASSETS/.whl/*.whl" >/dev/null && [ ! -d /tmp/wheels ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/wheels "$ASSETS"/.whl/*.whl
     fi
     [ -d /tmp/wheels ] && WHEELS=/tmp/wheels
-    [ -d .cache/tiny-model ] && [ ! -d $TINY ] && cp -r .cache/tiny-model $TINY
+    [ -d "$ASSETS/.cache/tiny-model" ] && [ ! -d $TINY ] && cp -r "$ASSETS/.cache/tiny-model" $TINY
     [ -d $TINY ] || log "no tiny model in $TINY: carry .cache/tiny-model once"
 }
 
