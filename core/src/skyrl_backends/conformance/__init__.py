@@ -24,29 +24,28 @@ Needs the ``testing`` extra (torch, transformers, peft) in the backend's environ
 reference model and the tiny test model.
 """
 
-from skyrl_backends.conformance.config import ConformanceConfig
-from skyrl_backends.conformance.markers import UNSUPPORTED_PREFIX, feature, requires
-from skyrl_backends.conformance.suite import (
-    GROUPS,
-    AbortPauseTests,
-    BackendConformanceSuite,
-    ConcurrencyTests,
-    ConformanceTestBase,
-    GenerationContractTests,
-    LifecycleStateMachine,
-    LogprobTests,
-    LoraTests,
-    PrefixCacheTests,
-    SamplingParamsTests,
-    SleepWakeTests,
-    StopConditionTests,
-    WeightSyncTests,
-    feature_rows,
-)
+from __future__ import annotations
 
-__all__ = [
-    "GROUPS", "UNSUPPORTED_PREFIX", "AbortPauseTests", "BackendConformanceSuite", "ConcurrencyTests",
-    "ConformanceConfig", "ConformanceTestBase", "GenerationContractTests", "LifecycleStateMachine", "LogprobTests",
-    "LoraTests", "PrefixCacheTests", "SamplingParamsTests", "SleepWakeTests", "StopConditionTests",
-    "WeightSyncTests", "feature", "feature_rows", "requires",
-]
+import importlib
+from typing import Any
+
+# Names are imported on first use, so that `skyrl-backends` (which looks for this package's CLI)
+# starts without torch, and pytest can rewrite the suite's asserts when its plugin loads first.
+_EXPORTS = {
+    "ConformanceConfig": "skyrl_backends.conformance.config",
+    "UNSUPPORTED_PREFIX": "skyrl_backends.conformance.markers",
+    "feature": "skyrl_backends.conformance.markers",
+    "requires": "skyrl_backends.conformance.markers",
+    **{name: "skyrl_backends.conformance.suite" for name in (
+        "GROUPS", "AbortPauseTests", "BackendConformanceSuite", "ConcurrencyTests", "ConformanceTestBase",
+        "GenerationContractTests", "LifecycleStateMachine", "LogprobTests", "LoraTests", "PrefixCacheTests",
+        "SamplingParamsTests", "SleepWakeTests", "StopConditionTests", "WeightSyncTests", "feature_rows")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -30,10 +30,11 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def pytest_arguments(args: argparse.Namespace) -> list[str]:
-    from skyrl_backends.conformance import standalone_suite
-
-    argv = [str(Path(standalone_suite.__file__)), "-p", "skyrl_backends.conformance.pytest_plugin",
-            "-p", "no:cacheprovider", "--rootdir", os.getcwd(), "--conformance-backend", args.backend]
+    # The suite module's path, without importing it (pytest must import it itself to rewrite asserts).
+    suite_module = Path(__file__).with_name("standalone_suite.py")
+    argv = [str(suite_module), "-p", "skyrl_backends.conformance.pytest_plugin", "-p", "no:cacheprovider",
+            "-W", "ignore::pytest.PytestAssertRewriteWarning", "--rootdir", os.getcwd(),
+            "--conformance-backend", args.backend]
     if args.model:
         argv += ["--conformance-model", os.path.abspath(args.model)]
     if args.report:

@@ -10,6 +10,7 @@ plugin adds the options below, the fixtures the suite needs (``conformance_confi
 ``conformance``), the capability skips, the expected-failure rules and the JSON report.
 """
 
+# ruff: noqa: E402  (the suite is imported after its asserts are registered for rewriting)
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Before the suite is imported, so its asserts report the values they compared.
+pytest.register_assert_rewrite("skyrl_backends.conformance.suite", "skyrl_backends.conformance.harness")
 
 from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop

@@ -69,8 +69,7 @@ class StopConditionTests(ConformanceTestBase):
                 f"expected {list(full[:k])}")
             assert c.finish_reason == "stop"
             assert c.stop_reason == stop, f"stop_reason {c.stop_reason!r}, expected {stop!r}"
-            if c.text is not None:
-                assert c.text == expected_text, f"text must end with the stop string: {c.text!r} vs {expected_text!r}"
+            assert c.text == expected_text, f"text must end with the stop string: {c.text!r} vs {expected_text!r}"
             checked += 1
         assert checked >= 2, "suite self-check: too few usable stop strings in the test model's output"
 
