@@ -19,6 +19,8 @@ What SGLang cannot do in token-in mode is done here, with the canonical semantic
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError, WeightUpdateError
+from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
@@ -125,7 +127,19 @@ class SGLangEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.version = sglang.__version__
+        import psutil
+
+        # SGLang's own shutdown kills every child of this process, other engines' included; this
+        # engine ends only the processes it started, found by comparing children before and after.
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         self.engine = sglang.Engine(**kwargs)
+        # multiprocessing's resource tracker may start with the engine but serves the whole process.
+        from multiprocessing import resource_tracker
+
+        before.add(getattr(resource_tracker._resource_tracker, "_pid", None))
+        self._pids = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        atexit.unregister(self.engine.shutdown)
+        atexit.register(self._stop_processes)
         self.tm = self.engine.tokenizer_manager
         self.loop = EngineLoop()
         self.eos_token_ids = sorted(_eos_token_ids(config.model, self.tokenizer))
@@ -352,28 +366,38 @@ class SGLangEngine:
         # While paused with requests in flight SGLang cannot flush (it flushes only when idle): the
         # flush then happens as soon as the last of them finishes.
         flush_now = not (self._paused and self._live)
-        if request.strategy == "tensors":
+        if request.strategy != "broadcast":
             from sglang.srt.utils import MultiprocessingSerializer
 
-            named = list(zip(request.names, request.payload))
+            named = await asyncio.to_thread(self._received_tensors, request)
             obj: Any = io_struct.UpdateWeightsFromTensorReqInput(
                 serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.tp_size)],
                 load_format=None, flush_cache=flush_now)
             call = self.tm.update_weights_from_tensor
-        elif request.strategy == "broadcast":
+        else:
             if self._weight_group is None:
                 raise EngineStateError("broadcast weight sync needs init_weight_update_communicator() first.")
             obj = io_struct.UpdateWeightsFromDistributedReqInput(
                 names=list(request.names), dtypes=list(request.dtypes), shapes=[list(s) for s in request.shapes],
                 group_name=self._weight_group, flush_cache=flush_now)
             call = self.tm.update_weights_from_distributed
-        else:
-            raise WeightUpdateError({"<strategy>": f"strategy {request.strategy!r} is not supported by SGLang here"})
         success, message = await self._on_loop(self._update_in_session(call, obj))
         if not success:
             raise EngineStateError(f"SGLang failed to load the weights: {message}")
         if not flush_now:
             self._flush_when_idle = True
+
+    def _received_tensors(self, request: WeightUpdateRequest) -> list[tuple[str, Any]]:
+        """The update's tensors, owned by this process: SGLang re-shares them with its scheduler
+        (CUDA IPC or shared memory), which cannot re-export memory this process only maps (a shared
+        memory buffer or another process's CUDA IPC handle), so received tensors are copied once."""
+        if request.strategy == "tensors":
+            return list(zip(request.names, request.payload))
+        from skyrl_backends.weight_sync import receive_named_tensors
+
+        device = "cpu" if self.cpu else "cuda"
+        return [(name, tensor.to(device, copy=True))
+                for name, tensor in receive_named_tensors(request, device=device)]
 
     async def _update_in_session(self, call: Any, obj: Any) -> tuple[bool, str]:
         if not self.has_update_session:
@@ -438,8 +462,31 @@ class SGLangEngine:
     @hookimpl
     async def skyrl_backends_teardown(self) -> None:
         await self._on_loop(self._abort(None))
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_processes)
         self.loop.stop()
+
+    def _stop_processes(self, timeout_s: float = 20.0) -> None:
+        import psutil
+
+        # The watchdog first: it takes the whole process down when a scheduler dies.
+        watchdog = getattr(self.tm, "_subprocess_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
+        procs = []
+        for pid in self._pids:
+            try:
+                proc = psutil.Process(pid)
+                procs += [proc, *proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        self._pids = []
 
 
 def _sglang_tags(tags: list[str]) -> list[str]:

@@ -41,11 +41,11 @@ def test_gpu_declares_everything_and_sleep_discards_weights():
     caps = plugin.skyrl_backends_capabilities(GeneratorConfig(model="/m"))
     assert caps.sleep_levels == (1, 2) and caps.discards_weights_at_level == 1 and caps.sleep_tags
     assert caps.lora and caps.stop_strings and caps.min_new_tokens and caps.seeded_sampling and caps.native_pause
-    assert caps.weight_sync_strategies == ("tensors", "broadcast")
+    assert caps.weight_sync_strategies == ("tensors", "shared_memory", "cuda_ipc", "broadcast")
 
 
 def test_cpu_declares_sleep_and_lora_absent():
     caps = plugin.skyrl_backends_capabilities(GeneratorConfig(model="/m", device="cpu"))
     assert not caps.sleep and not caps.lora and caps.discards_weights_at_level is None
     assert caps.stop_strings and caps.min_new_tokens and caps.seeded_sampling and caps.abort
-    assert caps.weight_sync_strategies == ("tensors",)
+    assert caps.weight_sync_strategies == ("tensors", "shared_memory")
