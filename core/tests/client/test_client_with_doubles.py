@@ -289,3 +289,22 @@ def test_fan_out_reaches_every_healthy_engine_and_teardown_every_engine():
         assert all(e.closed for e in engines)
 
     run(main())
+
+
+def test_engines_that_can_neither_pause_nor_abort_are_drained():
+    engines = doubles(1, step_s=0.002, abortable=False)
+
+    async def main():
+        client = InferenceEngineClient(engines)
+        running = asyncio.create_task(client.generate([[3]], {"max_generate_length": 30}))
+        await asyncio.sleep(0.01)
+        await client.pause_generation()  # returns once the running request has finished
+        assert running.done() and len(running.result()[0].token_ids) == 30
+        waiting = asyncio.create_task(client.generate([[4]], {"max_generate_length": 5}))
+        await asyncio.sleep(0.02)
+        assert not waiting.done() and len(engines[0].requests) == 1
+        await client.resume_generation()
+        assert (await waiting)[0].token_ids == expected([4], 5)
+        assert not any(kind == "abort" for kind, _ in engines[0].calls)
+
+    run(main())

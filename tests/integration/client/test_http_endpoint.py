@@ -226,3 +226,22 @@ def test_unknown_route_and_method_are_openai_errors(server):
 def test_server_still_serves_after_errors(oai):
     response = oai.completions.create(model=MODEL, prompt="Hello", max_tokens=3)
     assert response.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_body_that_never_arrives_gets_408_not_a_hung_connection(aio, local_engines, tokenizer):
+    import socket
+
+    from skyrl_backends.client import InferenceEngineClient
+    from skyrl_backends.http import BackgroundServer, create_app
+    from skyrl_backends.http.guards import BodySizeGuard
+
+    app = create_app(InferenceEngineClient(local_engines[:1]), tokenizer, model_name=MODEL)
+    guard = app if isinstance(app, BodySizeGuard) else None
+    assert guard is not None
+    guard.read_timeout_s = 1.0
+    with BackgroundServer(app, loop=aio) as running:
+        with socket.create_connection((running.host, running.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\":")
+            reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply

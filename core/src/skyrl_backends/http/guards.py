@@ -2,11 +2,13 @@
 
 Both answer with OpenAI-style JSON errors before the app sees the request. The body limit reads at
 most ``max_body_bytes + 1`` bytes, so an oversize upload is refused without being buffered whole,
-whether or not it declares a Content-Length.
+whether or not it declares a Content-Length; a body that stops arriving gets 408 after
+``read_timeout_s`` instead of holding the connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -19,6 +21,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
 OPEN_PATHS = ("/health",)  # reachable without the API key (load balancers, liveness probes)
 
 
@@ -59,9 +62,11 @@ class ApiKeyGuard:
 class BodySizeGuard:
     """Refuses request bodies over ``max_bytes`` with 413; passes the body on otherwise."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +85,13 @@ class BodySizeGuard:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                # A client that announces a body and stops sending must not hold the request forever.
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                await send_error(send, 408, f"The request body did not arrive within {self.read_timeout_s}s.",
+                                 "invalid_request_error", code="request_timeout")
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
