@@ -18,7 +18,9 @@ DEFAULT_LOGPROB_TOLERANCE: dict[str, float] = {"float32": 1e-3, "bfloat16": 0.25
 # For engines not in float32, greedy output is checked token by token: each chosen token's
 # reference log-probability may fall short of the reference maximum by at most this (a near tie
 # that rounding may break either way). float32 engines must match the reference decode exactly.
-DEFAULT_GREEDY_MARGIN: dict[str, float] = {"float32": 0.0, "bfloat16": 0.3, "float16": 0.06}
+# Measured with the transformers backend in bfloat16 on the tiny model: log-probability errors up to
+# about 0.2 and greedy margins up to about 0.36, hence 0.25 and 0.5.
+DEFAULT_GREEDY_MARGIN: dict[str, float] = {"float32": 0.0, "bfloat16": 0.5, "float16": 0.1}
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,16 @@ class ConformanceHarness:
             assert completion.finish_reason == expected.finish_reason, (
                 f"finish reason {completion.finish_reason!r}, reference {expected.finish_reason!r}")
             return
-        margins = self.reference.greedy_margins(prompt, completion.token_ids, weights=weights, lora=lora,
-                                                **greedy_params)
+        tokens = completion.token_ids
+        enders = set(greedy_params.get("stop_token_ids", ())) | (
+            set() if greedy_params.get("ignore_eos") else self.reference.eos_token_ids)
+        if completion.finish_reason == "length":
+            assert len(tokens) == max_new_tokens, f"finish reason 'length' after {len(tokens)} of {max_new_tokens} tokens"
+        else:
+            assert completion.finish_reason == "stop" and tokens and tokens[-1] in enders, (
+                f"finish reason {completion.finish_reason!r} with last token {tokens[-1:]} (stop tokens {sorted(enders)})")
+        assert not set(tokens[:-1]) & enders, "the output continued past a stop token"
+        margins = self.reference.greedy_margins(prompt, tokens, weights=weights, lora=lora, **greedy_params)
         worst = max(margins, default=0.0)
         assert worst <= self.greedy_margin, (
             f"greedy token at position {margins.index(worst)} is {worst:.4f} nats below the reference "

@@ -133,19 +133,19 @@ class ReferenceModel:
         if not response:
             return []
         ids = torch.tensor([list(prompt) + list(response)[:-1]], dtype=torch.long)
+        enders = set(stop_token_ids) | (set() if ignore_eos else self.eos_token_ids)
         with torch.inference_mode():
             logits = self._model(weights, lora)(input_ids=ids).logits[0, len(prompt) - 1:, :].float().clone()
-        enders = set(stop_token_ids) | (set() if ignore_eos else self.eos_token_ids)
-        for i in range(len(response)):
-            if repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(prompt) | set(response[:i])))
-                values = logits[i, seen]
-                logits[i, seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
-            if i < min_new_tokens and enders:
-                logits[i, torch.tensor(sorted(enders))] = float("-inf")
-        lp = torch.log_softmax(logits, dim=-1)
-        chosen = lp.gather(-1, torch.tensor(list(response)).unsqueeze(-1)).squeeze(-1)
-        return (lp.max(dim=-1).values - chosen).tolist()
+            for i in range(len(response)):
+                if repetition_penalty != 1.0:
+                    seen = torch.tensor(sorted(set(prompt) | set(response[:i])))
+                    values = logits[i, seen]
+                    logits[i, seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
+                if i < min_new_tokens and enders:
+                    logits[i, torch.tensor(sorted(enders))] = float("-inf")
+            lp = torch.log_softmax(logits, dim=-1)
+            chosen = lp.gather(-1, torch.tensor(list(response)).unsqueeze(-1)).squeeze(-1)
+            return (lp.max(dim=-1).values - chosen).tolist()
 
     # -- fixtures derived from the model ---------------------------------------------------------
     def decode(self, token_ids: Sequence[int]) -> str:

@@ -48,7 +48,11 @@ class GenerationContractTests(ConformanceTestBase):
         batched = conformance.greedy(prompts, 12)
         for prompt, completion in zip(prompts, batched):
             alone = conformance.greedy([prompt], 12)[0]
-            assert completion.token_ids == alone.token_ids, f"prompt {prompt}: batch changes greedy output"
+            if conformance.greedy_margin == 0.0:
+                assert completion.token_ids == alone.token_ids, f"prompt {prompt}: batch changes greedy output"
+            else:  # half precision need not be batch-invariant; both must still be greedy
+                conformance.assert_greedy_parity(prompt, completion, 12)
+                conformance.assert_greedy_parity(prompt, alone, 12)
 
     def test_text_is_decoded_response(self, conformance: ConformanceHarness) -> None:
         prompt = conformance.reference.prompts(1, seed=5)[0]
