@@ -131,7 +131,7 @@ generate() {  # ENGINE SECONDS
         vllm) kwargs='{"enforce_eager": true}' ;;
         sglang) kwargs="{$SGLANG_KERNELS}" ;;
     esac
-    bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --max-tokens 128 --dtype bfloat16 \
+    bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --prompt-len 128 --max-tokens 128 --dtype bfloat16 \
         --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --output "$OUT/$1-generate.json"
 }
 
