@@ -16,13 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Before the suite is imported, so its asserts report the values they compared.
-pytest.register_assert_rewrite("skyrl_backends.conformance.suite", "skyrl_backends.conformance.harness")
+# Before the suite is imported, so its asserts report the values they compared. (When something
+# imported the suite first, its asserts still work, only without the values: nothing to warn about.)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", pytest.PytestAssertRewriteWarning)
+    pytest.register_assert_rewrite("skyrl_backends.conformance.suite", "skyrl_backends.conformance.harness")
 
 from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop
