@@ -61,6 +61,8 @@ T = TypeVar("T")
 
 # Memory release and resume move gigabytes; a stuck scheduler must not hang a trainer forever.
 MEMORY_TIMEOUT_S = 120.0
+# How long a required prefix-cache flush waits for the scheduler to become idle.
+FLUSH_WAIT_S = 10.0
 # Defaults for SGLang's CPU path, which cannot size its KV cache from device memory.
 CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 16384, "disable_cuda_graph": True}
 # SGLang's memory tags for what the canonical tags name; CUDA graphs go with the weights they run.
@@ -175,45 +177,55 @@ class SGLangEngine:
         return GenerateOutput(completions)
 
     async def _generate_all(self, request: GenerateRequest, plan: SGLangSampling) -> list[_Result]:
-        return list(await asyncio.gather(*(
-            self._generate_one(rid, prompt, plan, request.lora_name)
-            for rid, prompt in zip(request.request_ids, request.prompt_token_ids))))
+        """One batched ``async_generate`` (the way SGLang is cheapest to drive); requests with stop
+        strings stream one by one instead, each with its own watch."""
+        rids, prompts, lora = list(request.request_ids), request.prompt_token_ids, request.lora_name
+        if plan.stop_strings:
+            return list(await asyncio.gather(*(self._submit([rid], [prompt], plan, lora, streamed=True)
+                                               for rid, prompt in zip(rids, prompts))))
+        return await self._submit(rids, prompts, plan, lora, streamed=False)
 
-    def _request_kwargs(self, rid: str, prompt: list[int], plan: SGLangSampling, lora: str | None) -> dict[str, Any]:
+    def _request_kwargs(self, rids: list[str], prompts: list[list[int]], plan: SGLangSampling,
+                        lora: str | None) -> dict[str, Any]:
         sp = dict(plan.sampling_params)
         if not sp.get("ignore_eos") and self.eos_token_ids:
             # SGLang stops on the EOS ids of the model config; the tokenizer's count too, as on
             # every other backend.
             sp["stop_token_ids"] = sorted(set(sp.get("stop_token_ids", ())) | set(self.eos_token_ids))
-        kwargs: dict[str, Any] = {"input_ids": prompt, "sampling_params": sp, "rid": rid}
+        kwargs: dict[str, Any] = {"input_ids": prompts, "sampling_params": sp, "rid": rids}
         if plan.needs_processor:
-            custom = dict(plan.processor_params, eos_token_ids=self.eos_token_ids)
-            sp["custom_params"] = custom
+            # SGLang copies custom_params per request (and adds the request object to the copy).
+            sp["custom_params"] = dict(plan.processor_params, eos_token_ids=self.eos_token_ids)
             kwargs["custom_logit_processor"] = self._processor
         if plan.return_logprob:
             kwargs["return_logprob"] = True
             if plan.top_logprobs_num:
                 kwargs["top_logprobs_num"] = plan.top_logprobs_num
         if lora is not None:
-            kwargs["lora_path"] = lora
+            kwargs["lora_path"] = [lora] * len(rids)
         return kwargs
 
-    async def _generate_one(self, rid: str, prompt: list[int], plan: SGLangSampling, lora: str | None) -> _Result:
+    async def _submit(self, rids: list[str], prompts: list[list[int]], plan: SGLangSampling, lora: str | None,
+                      streamed: bool) -> Any:
         if self._flush_when_idle and not self._live:
             await self._flush()
-        kwargs = self._request_kwargs(rid, prompt, plan, lora)
-        self._live.add(rid)
+        kwargs = self._request_kwargs(rids, prompts, plan, lora)
+        self._live.update(rids)
         try:
-            if plan.stop_strings:
-                return await self._generate_streamed(rid, kwargs, plan)
-            out = await self.engine.async_generate(**kwargs)
-            return self._result(out)
+            if streamed:
+                kwargs.update(input_ids=prompts[0], rid=rids[0])
+                if lora is not None:
+                    kwargs["lora_path"] = lora
+                return await self._generate_streamed(rids[0], kwargs, plan)
+            outs = await self.engine.async_generate(**kwargs)
+            return [self._result(out) for out in outs]
         except asyncio.CancelledError:
-            self.tm.abort_request(rid)
+            for rid in rids:
+                self.tm.abort_request(rid)
             raise
         finally:
-            self._live.discard(rid)
-            self._aborted.discard(rid)
+            self._live.difference_update(rids)
+            self._aborted.difference_update(rids)
             if self._flush_when_idle and not self._live:
                 await self._flush()
 
@@ -329,6 +341,9 @@ class SGLangEngine:
     async def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
         from sglang.srt.managers.io_struct import ReleaseMemoryOccupationReqInput
 
+        # SGLang's scheduler asserts it is idle on release (a failed assertion kills it); a flush
+        # succeeds only when idle, so it doubles as the wait.
+        await self._on_loop(self._flush(required=True))
         obj = ReleaseMemoryOccupationReqInput(tags=_sglang_tags(tags))
         await asyncio.wait_for(self._on_loop(self.tm.release_memory_occupation(obj, None)), MEMORY_TIMEOUT_S)
 
@@ -440,10 +455,18 @@ class SGLangEngine:
         await self._on_loop(self._flush(required=True))
 
     async def _flush(self, required: bool = False) -> None:
-        out = await self.tm.flush_cache()
-        if getattr(out, "success", True):
-            self._flush_when_idle = False
-        elif required:
+        # Right after an abort the scheduler may still be retiring requests; a required flush (before
+        # sleep, or asked for) waits for it to go idle, for a bounded time.
+        deadline = asyncio.get_running_loop().time() + (FLUSH_WAIT_S if required else 0.0)
+        while True:
+            out = await self.tm.flush_cache()
+            if getattr(out, "success", True):
+                self._flush_when_idle = False
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        if required:
             raise EngineStateError("SGLang flushes its prefix cache only when no request is running: "
                                    f"{getattr(out, 'message', '')} Abort or finish requests first.")
 
