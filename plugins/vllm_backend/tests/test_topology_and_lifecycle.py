@@ -6,7 +6,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from conftest import GREEDY, PROMPTS, make_engine
+from conftest import GREEDY, MULTIPROCESSING_ENV, PROMPTS, make_engine
 from skyrl_backends.errors import UnsupportedCapabilityError
 from skyrl_backend_vllm.engine_platform import detect_platform
 
@@ -27,13 +27,18 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
-async def test_default_multiprocess_topology_serves_updates_and_tears_down_completely(model_dir, checkpoint):
+async def test_default_multiprocess_topology_serves_updates_and_tears_down_completely(model_dir, checkpoint,
+                                                                                      monkeypatch):
     before = _children()
-    # No executor override: vLLM's own default, with the worker in a process of its own.
-    engine = make_engine(model_dir, engine_init_kwargs={})
+    # vLLM's own default: the worker in a process of its own, beside the engine core.
+    monkeypatch.setenv(MULTIPROCESSING_ENV, "1")
+    engine = make_engine(model_dir)
     try:
         spawned = _children() - before
         assert len(spawned) >= 2  # the engine core and at least one worker
+        workers = await engine.impl._engine.collective_rpc("skyrl_pid")
+        # The worker runs in a process of its own, started by the engine-core process.
+        assert all(psutil.Process(pid).ppid() in spawned for pid in workers)
         assert await engine.impl._engine.collective_rpc("skyrl_platform") == ["cpu" if ON_CPU else "cuda"]
         base = (await engine.generate(PROMPTS, {**GREEDY, "ignore_eos": True})).response_ids
         await engine.update_weights_from_tensors([("lm_head.weight", -checkpoint["lm_head.weight"])])

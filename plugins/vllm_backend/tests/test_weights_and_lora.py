@@ -91,18 +91,23 @@ async def test_core_broadcast_strategy_into_the_workers(engine, checkpoint):
 async def test_update_during_native_pause_applies_to_the_resumed_requests(engine, checkpoint):
     import asyncio
 
-    task = asyncio.create_task(engine.generate(PROMPTS[:1], {"max_generate_length": 150, "temperature": 0,
-                                                             "ignore_eos": True}))
+    params = {"max_generate_length": 1000, "temperature": 0, "ignore_eos": True}
+    base = (await engine.generate(PROMPTS[:1], params))[0].token_ids
+    task = asyncio.create_task(engine.generate(PROMPTS[:1], params))
     while not engine.impl._inflight:
         await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
     await engine.pause_generation()
     try:
+        assert not task.done()
         await engine.update_weights_from_tensors(perturbed(checkpoint, ["lm_head.weight"]))
     finally:
         await engine.resume_generation()
-    out = await task
-    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 150
+    out = (await task)[0]
     await engine.update_weights_from_tensors(list(checkpoint.items()))
+    # The held request finished, and under the new weights: its greedy tokens left the old path.
+    assert out.finish_reason == "length" and len(out.token_ids) == 1000
+    assert out.token_ids != base
 
 
 # -- with LoRA enabled ----------------------------------------------------------------------------

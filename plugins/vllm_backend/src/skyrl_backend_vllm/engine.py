@@ -6,6 +6,15 @@ request id, so abort reaches it by name. Requests ask for the final output only
 (``RequestOutputKind.FINAL_ONLY``): vLLM still returns the partial output of an aborted request,
 with finish reason ``"abort"``, and nothing is streamed that nobody reads.
 
+Text and stop strings. vLLM's detokenizer is primed with the prompt; when the prompt's text ends in
+an incomplete UTF-8 character (a byte-level BPE prompt cut mid-character), vLLM 0.32 emits the whole
+prompt's text as part of the response, and matches stop strings against it. So the response text is
+decoded here from the response tokens alone (vLLM skips detokenizing: ``detokenize=False``), and stop
+strings are left to vLLM only where its matching is the canonical one: the prompt's text ends cleanly
+and no ``min_new_tokens`` is set (vLLM defers stop strings until ``min_tokens`` too, the canonical
+rule does not). Otherwise the plugin streams the tokens through the core's exact matcher
+(:class:`~skyrl_backends.stopping.StopStringMatcher`) and aborts the request at the match.
+
 Weights reach the workers through the plugin's worker extension
 (:mod:`skyrl_backend_vllm.worker_extension`) and ``collective_rpc``; the prefix cache is reset
 after every update, preempting running requests if needed, so no cache entry computed with old
@@ -23,6 +32,7 @@ from typing import Any
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, LoraAdapterError, closest_match
 from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.stopping import StopStringMatcher
 from skyrl_backends.types import (
     Completion,
     GenerateOutput,
@@ -39,10 +49,11 @@ from skyrl_backend_vllm.engine_platform import detect_platform
 
 logger = logging.getLogger(__name__)
 
-# Aborting an id the engine has not registered yet is a no-op in vLLM; an abort is repeated for a
-# short while so a request caught between submission and registration is still stopped.
+# Aborting an id the engine core has not registered yet is a no-op in vLLM: a request caught
+# between submission and registration, or whose submission the engine core queued while paused,
+# would run on. So an abort is repeated, with growing intervals, until the request has ended.
 _ABORT_RETRY_S = 0.05
-_ABORT_RETRIES = 20
+_ABORT_RETRY_MAX_S = 0.5
 _MAX_REMEMBERED_ABORTS = 10_000
 _REAP_TIMEOUT_S = 15.0
 
@@ -68,6 +79,9 @@ class VLLMEngine:
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
         self.max_logprobs = options.max_logprobs(config)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self._inflight: set[str] = set()
         self._aborted: OrderedDict[str, None] = OrderedDict()
         self._loras: dict[str, Any] = {}
@@ -82,16 +96,33 @@ class VLLMEngine:
 
         self._check_prompts(request.prompt_token_ids)
         params = request.sampling_params
-        vllm_params = SamplingParams(**sampling.translate(params, self.max_logprobs),
-                                     output_kind=RequestOutputKind.FINAL_ONLY)
+        kwargs = sampling.translate(params, self.max_logprobs)
+        stop = kwargs.pop("stop", None)
+        kwargs.pop("include_stop_str_in_output", None)
+        # Text is decoded here (see the module docstring), so vLLM only detokenizes to match stop strings.
+        plain = SamplingParams(**kwargs, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        native_stop = streamed_stop = None
+        if stop:
+            native_stop = SamplingParams(**kwargs, stop=stop, include_stop_str_in_output=True,
+                                         output_kind=RequestOutputKind.FINAL_ONLY)
+            streamed_stop = SamplingParams(**kwargs, detokenize=False, output_kind=RequestOutputKind.DELTA)
         lora_request = self._loras[request.lora_name] if request.lora_name is not None else None
-        completions = await asyncio.gather(*(
-            self._generate_one(prompt, vllm_params, rid, lora_request, params.logprobs)
-            for prompt, rid in zip(request.prompt_token_ids, request.request_ids)))
+
+        async def one(prompt: list[int], request_id: str) -> Completion:
+            if not stop:
+                return await self._generate_one(prompt, plain, request_id, lora_request, params.logprobs)
+            if params.min_new_tokens == 0 and not self._ends_mid_character(prompt):
+                return await self._generate_one(prompt, native_stop, request_id, lora_request, params.logprobs,
+                                                vllm_text=True)
+            return await self._generate_matching_stop(prompt, streamed_stop, stop, request_id, lora_request,
+                                                      params.logprobs)
+
+        completions = await asyncio.gather(*(one(p, rid) for p, rid in
+                                             zip(request.prompt_token_ids, request.request_ids)))
         return GenerateOutput(list(completions))
 
-    async def _generate_one(self, prompt: list[int], vllm_params: Any, request_id: str,
-                            lora_request: Any, top_n: int | None) -> Completion:
+    async def _generate_one(self, prompt: list[int], vllm_params: Any, request_id: str, lora_request: Any,
+                            top_n: int | None, vllm_text: bool = False) -> Completion:
         if request_id in self._aborted:  # aborted before it was submitted
             self._aborted.pop(request_id, None)
             return outputs.empty_aborted(request_id, top_n)
@@ -106,7 +137,60 @@ class VLLMEngine:
             self._aborted.pop(request_id, None)
         if final is None or not final.outputs:
             return outputs.empty_aborted(request_id, top_n)
-        return outputs.to_completion(final.outputs[0], request_id, top_n)
+        completion = outputs.to_completion(final.outputs[0], request_id, top_n)
+        if not vllm_text or completion.finish_reason != "stop" or not isinstance(completion.stop_reason, str):
+            completion.text = self._decode(completion.token_ids)
+        return completion
+
+    async def _generate_matching_stop(self, prompt: list[int], vllm_params: Any, stop: list[str], request_id: str,
+                                      lora_request: Any, top_n: int | None) -> Completion:
+        """Stream the response through the exact stop-string matcher; abort at the first match."""
+        if request_id in self._aborted:
+            self._aborted.pop(request_id, None)
+            return outputs.empty_aborted(request_id, top_n)
+        matcher = StopStringMatcher(stop, self._decode)
+        tokens: list[int] = []
+        per_token: list[Any] = []
+        finish, stop_reason, text = "abort", None, None
+        self._inflight.add(request_id)
+        try:
+            stream = self._engine.generate({"prompt_token_ids": prompt}, vllm_params, request_id,
+                                           lora_request=lora_request)
+            async for out in stream:
+                o = out.outputs[0]
+                new = list(o.token_ids)
+                for i, token in enumerate(new):
+                    tokens.append(token)
+                    if o.logprobs is not None:
+                        per_token.append(o.logprobs[i])
+                    # A stop token id or EOS ends the sequence before any stop string is checked.
+                    if o.finish_reason == "stop" and i == len(new) - 1:
+                        break
+                    match = matcher.feed(tokens)
+                    if match is not None:
+                        finish, (stop_reason, text) = "stop", match
+                        break
+                if finish == "stop":
+                    await stream.aclose()  # vLLM aborts the request when its stream is closed
+                    break
+                if o.finish_reason is not None:
+                    finish = o.finish_reason if o.finish_reason in ("stop", "length") else "abort"
+                    stop_reason = o.stop_reason if finish == "stop" else None
+        finally:
+            self._inflight.discard(request_id)
+            self._aborted.pop(request_id, None)
+        logprobs, top = outputs.split_logprobs(tokens, per_token if top_n is not None else None, top_n)
+        return Completion(token_ids=tokens, finish_reason=finish, logprobs=logprobs, top_logprobs=top,  # type: ignore[arg-type]
+                          text=text if text is not None else self._decode(tokens), stop_reason=stop_reason,
+                          request_id=request_id)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _ends_mid_character(self, prompt: list[int]) -> bool:
+        """Whether the prompt's text ends in an incomplete UTF-8 character (a UTF-8 character spans
+        at most four byte-level tokens, so the last few tokens decide)."""
+        return self.tokenizer.decode(prompt[-8:], skip_special_tokens=True).endswith("\ufffd")
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
         for i, prompt in enumerate(prompts):
@@ -128,6 +212,7 @@ class VLLMEngine:
         for rid in ids:
             if rid not in self._inflight:
                 self._remember_abort(rid)
+        logger.debug("abort %s (in flight: %s)", ids, sorted(self._inflight))
         await self._engine.abort(ids)
         task = asyncio.create_task(self._repeat_abort(set(ids)))
         self._background.add(task)
@@ -139,12 +224,15 @@ class VLLMEngine:
             self._aborted.popitem(last=False)
 
     async def _repeat_abort(self, ids: set[str]) -> None:
-        for _ in range(_ABORT_RETRIES):
-            await asyncio.sleep(_ABORT_RETRY_S)
+        delay = _ABORT_RETRY_S
+        while self._engine is not None:
+            await asyncio.sleep(delay)
             pending = ids & self._inflight
-            if not pending:
+            if not pending or self._engine is None:
                 return
+            logger.debug("abort again %s", sorted(pending))
             await self._engine.abort(sorted(pending))
+            delay = min(delay * 2, _ABORT_RETRY_MAX_S)
 
     @hookimpl
     async def skyrl_backends_pause_generation(self) -> None:

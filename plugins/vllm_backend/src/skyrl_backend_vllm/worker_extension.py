@@ -55,6 +55,9 @@ class SkyRLWorkerExtension:
         self._skyrl_load(named)
         return len(named)
 
+    def skyrl_pid(self) -> int:
+        return os.getpid()
+
     def skyrl_platform(self) -> str:
         return "cpu" if self._skyrl_device().type == "cpu" else "cuda"
 
