@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ import pytest
 
 # Before the suite is imported, so its asserts report the values they compared. (When something
 # imported the suite first, its asserts still work, only without the values: nothing to warn about.)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", pytest.PytestAssertRewriteWarning)
-    pytest.register_assert_rewrite("skyrl_backends.conformance.suite", "skyrl_backends.conformance.harness")
+_REWRITTEN = [m for m in ("skyrl_backends.conformance.suite", "skyrl_backends.conformance.harness")
+              if m not in sys.modules]
+if _REWRITTEN:
+    pytest.register_assert_rewrite(*_REWRITTEN)
 
 from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop
