@@ -42,6 +42,7 @@ class ConformanceHarness:
         self._shared: InferenceEngine | None = None
         self._reference: ReferenceModel | None = None
         self._engine_dtype: str | None = None
+        self._second_lora: str | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
     def run(self, awaitable: Awaitable[T]) -> T:
@@ -55,6 +56,23 @@ class ConformanceHarness:
     @property
     def lora_dir(self) -> str:
         return os.path.join(self.model_dir, LORA_SUBDIR)
+
+    def second_lora_dir(self) -> str:
+        """Another adapter for the same model (the first one's B matrices doubled), written once
+        per session, so tests can tell two adapters apart."""
+        if self._second_lora is None:
+            import shutil
+            import tempfile
+
+            from safetensors.torch import load_file, save_file
+
+            target = os.path.join(tempfile.mkdtemp(prefix="skyrl-conformance-"), "lora-doubled")
+            shutil.copytree(self.lora_dir, target)
+            weights_file = os.path.join(target, "adapter_model.safetensors")
+            weights = load_file(weights_file)
+            save_file({k: (v * 2 if "lora_B" in k else v).contiguous() for k, v in weights.items()}, weights_file)
+            self._second_lora = target
+        return self._second_lora
 
     def engine_options(self, **overrides: Any) -> dict[str, Any]:
         options = dict(self.config.engine_options)
@@ -101,6 +119,10 @@ class ConformanceHarness:
 
     def close(self) -> None:
         self.discard_shared()
+        if self._second_lora is not None:
+            import shutil
+
+            shutil.rmtree(os.path.dirname(self._second_lora), ignore_errors=True)
 
     # -- the oracle ------------------------------------------------------------------------------
     @property

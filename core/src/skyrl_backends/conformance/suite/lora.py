@@ -39,6 +39,28 @@ class LoraTests(ConformanceTestBase):
             conformance.generate(prompts, {"max_generate_length": 4}, lora_name=ADAPTER)
 
     @requires("lora")
+    def test_reload_under_same_name_uses_new_adapter(self, conformance: ConformanceHarness) -> None:
+        # Engines that cache adapters by name or id must not serve the unloaded adapter again.
+        engine = conformance.engine
+        prompts = conformance.reference.prompts(2, seed=73)
+        params = {"max_generate_length": 10, "temperature": 0.0}
+        second = conformance.second_lora_dir()
+        conformance.run(engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
+        try:
+            first_out = conformance.generate(prompts, params, lora_name=ADAPTER)
+        finally:
+            conformance.run(engine.unload_lora_adapter(ADAPTER))
+        conformance.run(engine.load_lora_adapter(ADAPTER, second))
+        try:
+            second_out = conformance.generate(prompts, params, lora_name=ADAPTER)
+        finally:
+            conformance.run(engine.unload_lora_adapter(ADAPTER))
+        assert second_out.response_ids != first_out.response_ids, (
+            "after unloading an adapter and loading another under the same name, output did not change")
+        for prompt, c in zip(prompts, second_out):
+            conformance.assert_greedy_parity(prompt, c, 10, lora=second)
+
+    @requires("lora")
     def test_base_and_adapter_requests_concurrently(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(4, seed=72)
