@@ -43,7 +43,6 @@ import time
 from typing import Any
 
 import torch
-
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, make_receiver, receive_named_tensors
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
@@ -286,7 +285,6 @@ def write_model_folder(shape: str, weights: dict[str, torch.Tensor], folder: str
     from pathlib import Path
 
     from safetensors.torch import save_file
-
     from skyrl_backends.testing.tiny_model import build_tokenizer
 
     hidden, layers, inter, vocab, heads, kv_heads, tied = SHAPES[shape]
@@ -366,7 +364,7 @@ def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, nt
     by_label = {r["strategy"]: statistics.median(r["times"]) for r in rows}
     print(f"\n# weight sync, {args.mode}, shape {args.shape} ({ntensors} tensors, {nbytes / 1e9:.3f} GB {args.dtype}), "
           f"bucket {args.bucket_bytes / 2**20:.0f} MiB, {args.repeats} repeats (median)")
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {hardware(args.mode)}; "
+    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {hardware(args.mode)}; "
           f"torch {torch.__version__}; {args.threads} torch thread(s) per process; cases run in turns")
     print(f"| {'transfer':44} | {'median':>10} | {'GB/s':>7} | {'vs baseline':>24} |")
     print(f"|{'-' * 46}|{'-' * 12}|{'-' * 9}|{'-' * 26}|")
@@ -381,7 +379,8 @@ def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, nt
             print(f"|   {'(' + parts + ')':42} | {'':10} | {'':7} | {'':24} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "nbytes": nbytes, "hardware": hardware(args.mode), "rows": rows}, f, indent=1)
+            json.dump({"args": vars(args), "nbytes": nbytes, "hardware": hardware(args.mode), "rows": rows}, f,
+                      indent=1)
 
 
 def main() -> None:
@@ -395,7 +394,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--engine", choices=("none", "vllm", "sglang"), default="none",
                         help="GPU: also sync into a real engine and compare with its own update path")
-    parser.add_argument("--skip", default="", help="comma-separated cases to skip: colocated,cold,broadcast,per_tensor,raw")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated cases to skip: colocated,cold,broadcast,per_tensor,raw")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the trainer and of each engine process (default: 1 on CPU, where "
@@ -453,7 +453,7 @@ def main() -> None:
         run_interleaved(cases, args.repeats, args.warmup)
         for engine in engines:  # every engine ends up holding the trainer's weights
             got = engine.call(op="digest")["digest"]
-            assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-3) for a, b in zip(got, expected)), \
+            assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-3) for a, b in zip(got, expected, strict=False)), \
                 "engine weights differ from the trainer's"
     finally:
         for case in cases:

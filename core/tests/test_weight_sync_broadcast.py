@@ -6,16 +6,14 @@ import json
 import multiprocessing as mp
 import threading
 
+import native_broadcast_peer
 import pytest
 import torch
-
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync.broadcast import BroadcastSender
 from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_to_json
-
-import native_broadcast_peer
 
 
 def _weights() -> dict[str, torch.Tensor]:
@@ -42,7 +40,7 @@ def test_per_tensor_layout_meets_engines_that_join_natively():
     code (no skyrl code) lands in it and receives every tensor."""
     weights = _weights()
     layout = plan(weights, dtype_for={"embed.weight": "bfloat16"})
-    specs = [[n, d, list(s)] for n, d, s in zip(layout.names, layout.dtypes, layout.shapes)]
+    specs = [[n, d, list(s)] for n, d, s in zip(layout.names, layout.dtypes, layout.shapes, strict=False)]
     sender = BroadcastSender(2, "127.0.0.1", 0, "gloo", "native_group", layout="per_tensor", timeout_s=120)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -52,7 +50,7 @@ def test_per_tensor_layout_meets_engines_that_join_natively():
     sender.send(layout)
     got = json.loads(parent.recv_bytes())
     peer.join(60)
-    dtypes = dict(zip(layout.names, layout.dtypes))
+    dtypes = dict(zip(layout.names, layout.dtypes, strict=False))
     assert got == pytest.approx(list(_sums(weights, dtypes).values()))
     sender.close()
 
@@ -73,7 +71,8 @@ def test_packed_and_per_tensor_layouts_into_skyrl_receivers_of_two_processes():
         for layout_name in ("packed", "per_tensor"):
             sender.layout = layout_name
             layout = plan(weights, bucket_bytes=2048)
-            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout))
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
+                                          sender.payload(layout))
             for pipe in pipes:
                 pipe.send_bytes(json.dumps(request_to_json(request)).encode())
             sender.send(layout)

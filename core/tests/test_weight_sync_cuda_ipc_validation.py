@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import cuda_ipc

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import iter_weight_chunks, request_from_json, request_to_json
@@ -55,7 +54,7 @@ def test_chunks_convert_to_the_requested_dtype_and_module_input():
 def test_dtype_for_mapping_converts_only_named_tensors():
     sd = _state_dict()
     layout = plan(sd, dtype_for={"embed.weight": "float16"})
-    dtypes = dict(zip(layout.names, layout.dtypes))
+    dtypes = dict(zip(layout.names, layout.dtypes, strict=False))
     assert dtypes["embed.weight"] == "float16" and dtypes["layer.0.weight"] == "float32" and dtypes["step"] == "int64"
 
 

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, make_receiver, receive_named_tensors

@@ -12,12 +12,11 @@ import copy
 
 import pytest
 import torch
-
+from remote_engine import RemoteEngine
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.chunks import plan
-from remote_engine import RemoteEngine
 
 PROMPTS = [[5, 6, 7, 8], [100, 42, 17]]
 MAX_TOKENS = 8
@@ -83,7 +82,7 @@ def test_shared_memory_sync_into_engine_processes(engines, trainer_model):
         before = await versions(engines)
         got_versions = await sync_weights(engines, weights, "shared_memory", bucket_bytes=SMALL_BUCKETS)
         assert got_versions == [v + 1 for v in before]
-        for engine, version in zip(engines, got_versions):
+        for engine, version in zip(engines, got_versions, strict=False):
             tokens, stamped = await greedy(engine)
             assert tokens == expected
             assert stamped == [version] * len(PROMPTS)
@@ -103,7 +102,7 @@ def test_gloo_broadcast_into_engine_processes(engines, trainer_model):
                 got = await sync_weights(engines, weights, "broadcast", sender=sender, bucket_bytes=SMALL_BUCKETS)
                 assert got == [v + 1 for v in before]
                 expected = oracle_greedy(trainer_model, weights)
-                for engine, version in zip(engines, got):
+                for engine, version in zip(engines, got, strict=False):
                     tokens, stamped = await greedy(engine)
                     assert tokens == expected and stamped == [version] * len(PROMPTS)
             # A bad update is refused before a byte is broadcast, and the group stays in step.

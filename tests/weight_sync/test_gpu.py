@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, sync_weights

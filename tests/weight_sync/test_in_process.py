@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-
 import skyrl_backends as sb
+import torch
 from skyrl_backends.client import InferenceEngineClient
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync import iter_weight_chunks, make_sender, sync_weights

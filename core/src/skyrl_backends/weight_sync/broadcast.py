@@ -126,7 +126,7 @@ class BroadcastReceiver:
         works = [self.group.broadcast([buffer], _root0()) for buffer in self._staging]
         for work in works:
             work.wait()
-        staged = [(manifest, buffer) for (manifest, _), buffer in zip(buckets, self._staging)]
+        staged = [(manifest, buffer) for (manifest, _), buffer in zip(buckets, self._staging, strict=False)]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))
@@ -135,7 +135,7 @@ class BroadcastReceiver:
         received = []
         staging: dict[str, torch.Tensor] = {}
         works = []
-        for name, dtype, shape in zip(request.names, request.dtypes, request.shapes):
+        for name, dtype, shape in zip(request.names, request.dtypes, request.shapes, strict=False):
             tensor = self._per_tensor_staging.get(name)
             if tensor is None or tensor.dtype != getattr(torch, dtype) or tuple(tensor.shape) != tuple(shape):
                 tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
@@ -214,7 +214,7 @@ class BroadcastSender:
             raise WeightUpdateError({"communicator": "the group is not joined; call join() first"})
         if self.layout == "per_tensor":
             in_flight = []  # (tensor, work): a converted tensor must live until its collective is done
-            for name, dtype in zip(layout.names, layout.dtypes):
+            for name, dtype in zip(layout.names, layout.dtypes, strict=False):
                 tensor = layout.tensors[name].to(device=self.device, dtype=getattr(torch, dtype)).contiguous()
                 in_flight.append((tensor, self.group.broadcast([tensor], _root0())))
             for _, work in in_flight:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -18,8 +18,8 @@ from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, BucketManifest, plan_buckets
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB
-DtypeFor = Union[None, str, torch.dtype, Mapping[str, Any], Callable[[str, torch.Tensor], Any]]
-Weights = Union[torch.nn.Module, Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+DtypeFor = None | str | torch.dtype | Mapping[str, Any] | Callable[[str, torch.Tensor], Any]
+Weights = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,7 +103,7 @@ def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: 
         names.append(name)
         dtypes.append(dtype_name(target(name, tensor)))
         shapes.append(tuple(tensor.shape))
-    buckets = plan_buckets(list(zip(names, dtypes, shapes)), bucket_bytes)
+    buckets = plan_buckets(list(zip(names, dtypes, shapes, strict=False)), bucket_bytes)
     return PackPlan(dict(pairs), names, dtypes, shapes, buckets)
 
 

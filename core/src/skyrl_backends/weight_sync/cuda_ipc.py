@@ -121,11 +121,11 @@ class CudaIpcSender:
         if [b.numel() for b in self._buffers] != sizes:
             self._buffers = [torch.empty(max(n, 1), dtype=torch.uint8, device=self.device)[:n] for n in sizes]
             self._handles = [encode_handle(b) if b.numel() else {} for b in self._buffers]
-        for buffer, manifest in zip(self._buffers, layout.buckets):
+        for buffer, manifest in zip(self._buffers, layout.buckets, strict=False):
             pack_into(buffer, manifest, layout.tensors)
         # The engine reads on its own stream: every copy must be finished before the handles are used.
         torch.cuda.current_stream(self.device).synchronize()
-        return {"buckets": [{"ipc": h, **m.to_json()} for h, m in zip(self._handles, layout.buckets)]}
+        return {"buckets": [{"ipc": h, **m.to_json()} for h, m in zip(self._handles, layout.buckets, strict=False)]}
 
     def close(self) -> None:
         self._buffers, self._handles = [], []

@@ -98,7 +98,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_buckets(request: WeightUpdateRequest, extra_fields: tuple[str, ...] = ()) -> list[tuple[BucketManifest, dict[str, Any]]]:
+def parse_buckets(request: WeightUpdateRequest,
+                  extra_fields: tuple[str, ...] = ()) -> list[tuple[BucketManifest, dict[str, Any]]]:
     """Validate ``request.payload["buckets"]`` and return ``(manifest, bucket_dict)`` per bucket.
 
     Raises :class:`WeightUpdateError` naming every problem: a field of the wrong type, a dtype off the
@@ -111,7 +112,7 @@ def parse_buckets(request: WeightUpdateRequest, extra_fields: tuple[str, ...] = 
     if not isinstance(payload, Mapping) or not isinstance(payload.get("buckets"), list):
         raise WeightUpdateError({"payload": f"expected an object with a 'buckets' list for strategy "
                                             f"{request.strategy!r}, got {type(payload).__name__}"})
-    declared = {n: (d, tuple(s)) for n, d, s in zip(request.names, request.dtypes, request.shapes)}
+    declared = {n: (d, tuple(s)) for n, d, s in zip(request.names, request.dtypes, request.shapes, strict=False)}
     seen: set[str] = set()
     result: list[tuple[BucketManifest, dict[str, Any]]] = []
     for b, bucket in enumerate(payload["buckets"]):
@@ -146,7 +147,7 @@ def parse_buckets(request: WeightUpdateRequest, extra_fields: tuple[str, ...] = 
                                         f"{declared[entry.name][0]}{list(declared[entry.name][1])}")
             entries.append(entry)
         ordered = sorted(entries, key=lambda e: e.offset)
-        for prev, nxt in zip(ordered, ordered[1:]):
+        for prev, nxt in zip(ordered, ordered[1:], strict=False):
             if prev.offset + prev.nbytes > nxt.offset:
                 problems[nxt.name] = f"overlaps {prev.name!r} in {where}"
         result.append((BucketManifest(nbytes, tuple(entries)), dict(bucket)))

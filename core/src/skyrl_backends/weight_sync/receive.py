@@ -43,7 +43,7 @@ def receive_named_tensors(request: WeightUpdateRequest, device: torch.device | s
     applied: copy them into the engine's parameters, do not keep them."""
     strategy = request.strategy
     if strategy == "tensors":
-        return iter(list(zip(request.names, request.payload)))
+        return iter(list(zip(request.names, request.payload, strict=False)))
     if strategy == shared_memory.STRATEGY:
         return shared_memory.receive(request)
     if strategy == cuda_ipc.STRATEGY:

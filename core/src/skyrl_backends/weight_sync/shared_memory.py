@@ -78,7 +78,7 @@ class SharedMemorySender:
             self.close()
             self._segments = [_Segment(n) for n in sizes]
         buckets = []
-        for segment, manifest in zip(self._segments, layout.buckets):
+        for segment, manifest in zip(self._segments, layout.buckets, strict=False):
             pack_into(segment.tensor, manifest, layout.tensors)
             buckets.append({"segment": segment.name, **manifest.to_json()})
         return {"buckets": buckets}
@@ -120,8 +120,9 @@ def _map(name: str, nbytes: int, where: str) -> torch.Tensor:
     try:
         fd, fallback = _open_segment(name)
     except FileNotFoundError:
-        raise WeightUpdateError({f"{where}.segment": f"shared-memory segment {name!r} does not exist (the sender "
-                                                     f"closed it, or sender and engine are on different machines)"}) from None
+        raise WeightUpdateError({f"{where}.segment": (
+            f"shared-memory segment {name!r} does not exist (the sender closed it, or sender and engine are "
+            f"on different machines)")}) from None
     if fallback is not None:  # pragma: no cover
         buf = fallback.buf
         size = fallback.size

@@ -107,7 +107,7 @@ async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", mas
                                        timeout_s, layout)
     offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
     joins = []
-    for engine, offset in zip(engines, offsets):
+    for engine, offset in zip(engines, offsets, strict=False):
         pool = _pool(engine)
         if pool is None:
             joins.append(_maybe_await(engine.init_weight_update_communicator(sender.init_info(offset))))
@@ -138,12 +138,13 @@ async def sync_weights(targets: Any, weights: Weights, strategy: str = shared_me
         dtype_for = await _engine_dtypes(engines)
     layout = plan(weights, bucket_bytes, dtype_for)
     if strategy == "tensors":
-        tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes)]
+        tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors)
         return await _apply(engines, request)
     if strategy == broadcast.STRATEGY:
         if not isinstance(sender, broadcast.BroadcastSender):
-            raise WeightUpdateError({"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
+            raise WeightUpdateError(
+                {"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
         return await _broadcast(engines, layout, sender)
     own_sender = sender is None
     sender = sender or make_sender(strategy)
@@ -184,7 +185,7 @@ def _versions(targets: list[Any], results: Sequence[Any]) -> list[int]:
     """One weight version per engine: a client's result stands for its pool, whose engines report
     their own versions."""
     versions: list[int] = []
-    for target, result in zip(targets, results):
+    for target, result in zip(targets, results, strict=False):
         pool = _pool(target)
         if pool is not None and all(isinstance(getattr(e, "weight_version", None), int) for e in pool):
             versions.extend(e.weight_version for e in pool)
