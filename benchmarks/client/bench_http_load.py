@@ -76,8 +76,10 @@ def main() -> None:
     p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
     print()
     print(f"{args.requests} requests, {args.concurrency} concurrent, backend {args.backend} x {args.num_engines} "
-          f"engines, {args.max_tokens} output tokens; {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| requests | 200 OK | server errors (5xx) | other statuses | transport errors | wall (s) | p99 latency (s) |")
+          f"engines, {args.max_tokens} output tokens; {machine()}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("| requests | 200 OK | server errors (5xx) | other statuses | transport errors | wall (s) "
+          "| p99 latency (s) |")
     print("|---|---|---|---|---|---|---|")
     others = {k: v for k, v in statuses.items() if k != 200 and k < 500}
     print(f"| {args.requests} | {statuses.get(200, 0)} | {server_errors} | {others or 0} | {transport or 0} | "

@@ -28,18 +28,20 @@ def our_server(args: argparse.Namespace, port: int) -> ServerProcess:
     argv = [sys.executable, "-m", "skyrl_backends.cli", "serve", "--backend", "vllm", "--model", args.model,
             "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--num-engines", "1",
             "--engine-option", "dtype=float32", "--engine-option", f"max_model_len={args.max_model_len}",
-            "--engine-option", "seed=0",
+            "--engine-option", "seed=0", "--engine-option", f"max_num_seqs={args.max_num_seqs}",
+            "--engine-option", f"max_num_batched_tokens={args.max_num_batched_tokens}",
             "--engine-option", f"engine_init_kwargs={{distributed_executor_backend: {args.executor}}}"]
     return ServerProcess("skyrl", argv, port)
 
 
 def vllm_server(args: argparse.Namespace, port: int) -> ServerProcess:
-    # The same engine arguments the vLLM plugin derives on CPU: eager mode, no stats logging,
-    # prefix caching on, float32, seed 0.
+    # The same engine arguments the vLLM plugin derives on CPU (eager mode, no stats logging, prefix
+    # caching on, float32, seed 0) and the same scheduler limits.
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
             "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--seed", "0", "--enforce-eager",
-            "--disable-log-stats", "--enable-prefix-caching", "--distributed-executor-backend", args.executor]
+            "--disable-log-stats", "--enable-prefix-caching", "--distributed-executor-backend", args.executor,
+            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     return ServerProcess("vllm", argv, port)
 
 
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--executor", default="uni", help="vLLM distributed executor backend for both servers")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

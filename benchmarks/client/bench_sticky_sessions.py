@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import statistics
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import skyrl_backends as sb
+from http_load import machine
 from skyrl_backends.client import InferenceEngineClient
 
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
@@ -174,14 +174,8 @@ def summarize(results: list[RunResult], args: argparse.Namespace) -> dict[str, A
             "prefix_tokens": args.prefix_tokens, "turn_tokens": args.turn_tokens, "max_tokens": args.max_tokens,
             "rounds": args.rounds, "sticky": sticky, "random": rand,
             "tokens_per_s_ratio": sticky["tokens_per_s"] / rand["tokens_per_s"],
-            "machine": f"{platform.machine()} {platform.processor() or ''} {_cpu_count()} cpus".strip(),
+            "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -193,7 +187,8 @@ def print_table(summary: dict[str, Any]) -> None:
           f"{summary['machine']}, {summary['date']}")
     print("| routing | prefix-cache hit rate (all turns) | hit rate (follow-up turns) | output tokens/s | ratio |")
     print("|---|---|---|---|---|")
-    print(f"| random (baseline) | {r['hit_rate']:.3f} | {r['followup_hit_rate']:.3f} | {r['tokens_per_s']:.1f} | 1.00 |")
+    print(f"| random (baseline) | {r['hit_rate']:.3f} | {r['followup_hit_rate']:.3f} | "
+          f"{r['tokens_per_s']:.1f} | 1.00 |")
     print(f"| sticky (consistent hash) | {s['hit_rate']:.3f} | {s['followup_hit_rate']:.3f} | "
           f"{s['tokens_per_s']:.1f} | {summary['tokens_per_s_ratio']:.2f} |")
 
@@ -205,8 +200,8 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--turns", type=int, default=8)
-    parser.add_argument("--prefix-tokens", type=int, default=512)
-    parser.add_argument("--turn-tokens", type=int, default=8)
+    parser.add_argument("--prefix-tokens", type=int, default=768)
+    parser.add_argument("--turn-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,6 @@
 """Assembling one sequence from segments: lengths, budgets, log-probs and the stop-string seam."""
 
 from engine_doubles import decode, next_token
-
 from skyrl_backends.client.continuation import Continuation
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion

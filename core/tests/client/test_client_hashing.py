@@ -3,7 +3,6 @@
 from collections import Counter
 
 import pytest
-
 from skyrl_backends.client.hashing import ConsistentHashRing, stable_hash
 
 SESSIONS = [f"session-{i}" for i in range(4000)]

@@ -1,7 +1,6 @@
 """Batch assignment and reassembly."""
 
 import pytest
-
 from skyrl_backends.client.hashing import ConsistentHashRing
 from skyrl_backends.client.routing import LoadTracker, Router, reassemble
 from skyrl_backends.types import Completion

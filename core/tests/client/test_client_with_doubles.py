@@ -8,7 +8,6 @@ import asyncio
 
 import pytest
 from engine_doubles import RecordingEngineDouble, next_token
-
 from skyrl_backends.client import InferenceEngineClient
 from skyrl_backends.errors import EngineDeadError, SamplingParamsError, WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest

@@ -10,7 +10,6 @@ import asyncio
 
 import pytest
 from observers import EngineObserver
-
 from skyrl_backends.client import InferenceEngineClient
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}

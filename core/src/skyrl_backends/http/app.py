@@ -46,7 +46,8 @@ class ServingState:
             raise APIError(404, f"The model `{name}` does not exist. Served: `{self.model_name}`.",
                            param="model", code="model_not_found")
 
-    async def generate(self, prompts: list[list[int]], fields: dict[str, Any], session_id: str | None) -> GenerateOutput:
+    async def generate(self, prompts: list[list[int]], fields: dict[str, Any],
+                       session_id: str | None) -> GenerateOutput:
         params = SamplingParams.from_dict(fields)
         request = GenerateRequest(prompt_token_ids=prompts, sampling_params=params,
                                   session_ids=[session_id] * len(prompts) if session_id else None)
@@ -75,9 +76,9 @@ def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "skyrl-backends"}]}
+    async def models() -> JSONResponse:
+        model = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "skyrl-backends"}
+        return JSONResponse({"object": "list", "data": [model]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -86,7 +87,7 @@ def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         prompt = state.codec.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
         output = await state.generate([prompt], body.sampling_fields(body.limit(), body.logprobs_count()),
                                       body.session_id)
-        return _chat_response(state, body, prompt, output)
+        return _json_or_stream(_chat_response(state, body, prompt, output))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -95,7 +96,7 @@ def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         raw_prompts = body.prompts()
         prompts = [state.codec.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
         output = await state.generate(prompts, body.sampling_fields(body.max_tokens, body.logprobs), body.session_id)
-        return _completion_response(state, body, raw_prompts, prompts, output)
+        return _json_or_stream(_completion_response(state, body, raw_prompts, prompts, output))
 
     guarded: Any = BodySizeGuard(app, max_body_bytes)
     if api_key:
@@ -271,6 +272,11 @@ def _completion_chunks(state: ServingState, body: CompletionRequest, response_id
     if include_usage:
         yield {"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
                "choices": [], "usage": _usage(prompt_tokens, output)}
+
+
+def _json_or_stream(body: Any) -> Any:
+    # Plain JSON types only: skip FastAPI's jsonable_encoder pass over the body.
+    return body if isinstance(body, StreamingResponse) else JSONResponse(body)
 
 
 def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:

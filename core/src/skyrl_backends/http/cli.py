@@ -48,7 +48,12 @@ def _engine_options(pairs: list[str]) -> dict[str, Any]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.num_engines < 1:
         raise SystemExit("--num-engines must be >= 1")
-    asyncio.run(_serve(args))
+    try:  # uvicorn.run would pick uvloop too; vLLM's own server runs on it
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve(args))
+    else:
+        uvloop.run(_serve(args))
     return 0
 
 
