@@ -128,3 +128,15 @@ def test_cli_runs_the_shipped_suite_module() -> None:
     assert ["-p", "skyrl_backends.conformance.pytest_plugin"] == argv[1:3]
     assert "--conformance-backend" in argv and "minimal" in argv
     assert argv[-3:] == ["-k", "logprobs", "-x"]
+
+
+def test_a_parameter_may_be_rejected_by_name_but_not_ignored() -> None:
+    from skyrl_backends.conformance.suite.base import honoured_or_rejected
+    from skyrl_backends.errors import SamplingParamsError
+
+    with pytest.raises(pytest.skip.Exception, match=r"unsupported \(rejected\): top_p"):
+        with honoured_or_rejected("top_p"):
+            raise SamplingParamsError("top_p", "not on this engine")
+    with pytest.raises(SamplingParamsError):  # rejected under another parameter's name: a real error
+        with honoured_or_rejected("top_p"):
+            raise SamplingParamsError("top_k", "not on this engine")

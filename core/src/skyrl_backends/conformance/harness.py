@@ -3,8 +3,8 @@
 Engines are expensive (a GPU engine takes tens of seconds to start), so tests share one engine per
 configuration. A test that leaves the shared engine in any state other than clean (asleep, weights
 missing, an adapter still loaded, closed, requests still running) or that fails, gets it torn down,
-and the next test starts a fresh one: a broken test never poisons the next. Destructive tests that
-want an engine of their own use :meth:`ConformanceHarness.fresh_engine`.
+and the next test starts a fresh one: a broken test never poisons the next, and destructive tests
+(sleep that discards weights, weight updates) restore what they changed through the API itself.
 
 Every engine runs on the harness's single event loop, for its whole life, since some engines bind
 background tasks to the loop they first see.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from skyrl_backends.api import create_engine
@@ -94,17 +94,6 @@ class ConformanceHarness:
         if self._shared is None or self._shared.closed:
             self._shared = self.create()
         return self._shared
-
-    @contextlib.contextmanager
-    def fresh_engine(self, **overrides: Any) -> Iterator[InferenceEngine]:
-        """An engine of the test's own, torn down afterwards. The shared one is stopped first so
-        two engines never compete for one accelerator."""
-        self.discard_shared()
-        engine = self.create(**overrides)
-        try:
-            yield engine
-        finally:
-            self.run(engine.teardown())
 
     def shared_engine_is_clean(self) -> bool:
         engine = self._shared
