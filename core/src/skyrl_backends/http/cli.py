@@ -27,6 +27,9 @@ def add_subcommand(subparsers: Any) -> None:
     serve.add_argument("--api-key", default=os.environ.get("SKYRL_BACKENDS_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $SKYRL_BACKENDS_API_KEY)")
     serve.add_argument("--max-body-bytes", type=int, default=None)
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds an engine may take for one call before it is marked unhealthy and its "
+                            "requests fail over (0: no limit)")
     serve.add_argument("--ray", action="store_true", help="run each engine as a Ray actor (local Ray if none)")
     serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                        help="a generator-config option for every engine (YAML value), repeatable")
@@ -79,7 +82,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
         engines = [sb.create_engine(args.backend, model=args.model, **options) for _ in range(args.num_engines)]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    client = InferenceEngineClient(engines, tokenizer=tokenizer)
+    client = InferenceEngineClient(engines, tokenizer=tokenizer, request_timeout=args.request_timeout or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(client, tokenizer, model_name=name, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
