@@ -14,7 +14,7 @@ best of ``--repeats`` runs of each side is compared. One process, one run (not a
         --engine-kwargs '{"attention_backend": "triton", "sampling_backend": "pytorch", "disable_cuda_graph": true}'
     # CPU (SGLang's CPU path; needs the test-only hook, see plugins/sglang_backend/tests/cpu/hook)
     PYTHONPATH=plugins/sglang_backend/tests/cpu/hook python bench_generate.py --model .cache/tiny-model \\
-        --device cpu --dtype float32 --prompts 16 --max-tokens 32
+        --device cpu --dtype float32 --max-model-len 512 --prompts 16 --max-tokens 32
 
 Prints a table of tokens/s and the plugin/native ratio (target >= 0.98) with hardware, SGLang version
 and date; ``--output`` writes the same as JSON.

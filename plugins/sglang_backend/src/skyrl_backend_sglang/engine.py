@@ -305,14 +305,31 @@ class SGLangEngine:
     async def _abort(self, request_ids: list[str] | None) -> None:
         if request_ids is None:
             request_ids = list(self._live)
+        running = []
         for rid in request_ids:
             if rid in self._live:
                 self._aborted.add(rid)
                 if rid in self.tm.rid_to_state:
                     self.tm.abort_request(rid)
+                    running.append(rid)
                 else:
                     # Submitted but not registered yet: SGLang ignores aborts of unknown ids.
                     asyncio.get_running_loop().create_task(self._abort_when_registered(rid))
+        if running and self._paused:
+            await self._retire_while_paused(running)
+
+    async def _retire_while_paused(self, rids: list[str]) -> None:
+        """SGLang retires an aborted request at its next scheduling step, and an in-place pause runs
+        none: resume just long enough for the aborted requests to come back, then pause again."""
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
+
+        await self.tm.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
+        try:
+            deadline = asyncio.get_running_loop().time() + FLUSH_WAIT_S
+            while any(rid in self.tm.rid_to_state for rid in rids) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.002)
+        finally:
+            await self.tm.pause_generation(PauseGenerationReqInput(mode="in_place"))
 
     async def _abort_when_registered(self, rid: str) -> None:
         while rid in self._live:

@@ -200,3 +200,26 @@ def test_misspelled_engine_option_names_the_right_one(model_dir):
 
     with pytest.raises(ConfigError, match="attention_backend"):
         sb.create_engine("sglang", model=model_dir, device="cpu", engine_init_kwargs={"attention_backnd": "x"})
+
+
+def test_abort_while_paused_returns_and_others_stay_paused(engine):
+    async def scenario():
+        long = {"max_generate_length": 300, "temperature": 0, "ignore_eos": True}
+        victim = asyncio.create_task(engine.generate([PROMPTS[0]], long, request_ids=["paused-victim"]))
+        keeper = asyncio.create_task(engine.generate([PROMPTS[1]], long, request_ids=["paused-keeper"]))
+        state = engine.impl.tm.rid_to_state
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            if "paused-victim" in state and "paused-keeper" in state:
+                break
+        await engine.pause_generation()
+        await engine.abort(["paused-victim"])
+        aborted = await asyncio.wait_for(victim, 60)
+        await asyncio.sleep(0.5)
+        keeper_held = not keeper.done()
+        await engine.resume_generation()
+        return aborted, keeper_held, await keeper
+
+    aborted, keeper_held, kept = run(scenario())
+    assert aborted[0].finish_reason == "abort" and keeper_held
+    assert kept[0].finish_reason == "length" and len(kept[0].token_ids) == 300
