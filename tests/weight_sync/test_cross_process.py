@@ -90,12 +90,13 @@ def test_shared_memory_sync_into_engine_processes(engines, trainer_model):
     run(scenario())
 
 
-def test_gloo_broadcast_into_engine_processes(engines, trainer_model):
+@pytest.mark.parametrize("layout", ["packed", "per_tensor"])
+def test_gloo_broadcast_into_engine_processes(engines, trainer_model, layout):
     first, second = perturbed(trainer_model, seed=2), perturbed(trainer_model, seed=3)
 
     async def scenario():
-        sender = await connect_broadcast(engines, backend="gloo", timeout_s=120)
-        assert sender.world_size == 1 + len(engines)
+        sender = await connect_broadcast(engines, backend="gloo", timeout_s=120, layout=layout)
+        assert sender.world_size == 1 + len(engines) and sender.layout == layout
         try:
             for weights in (first, second):  # the group stays usable from one update to the next
                 before = await versions(engines)

@@ -91,15 +91,17 @@ async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", mas
                             layout: str | None = None) -> broadcast.BroadcastSender:
     """Create the trainer's group (rank 0) and have every engine join it through its
     ``init_weight_update_communicator`` hook. ``backend`` defaults to nccl when ``device`` is CUDA,
-    gloo otherwise; ``master_port=0`` picks a free port. ``layout`` defaults to ``"packed"``, or
-    ``"per_tensor"`` when an engine's backend receives natively (SGLang)."""
+    gloo otherwise; ``master_port=0`` picks a free port. ``layout`` defaults to ``"packed"`` on NCCL
+    and ``"per_tensor"`` on gloo, where packing costs a copy as slow as the transfer itself
+    (docs/benchmarks.md), and to ``"per_tensor"`` whenever an engine's backend receives natively
+    (SGLang)."""
     engines = _as_list(targets)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if layout is None:
         members = [m for e in engines for m in (_pool(e) or [e])]
         native = any(getattr(m, "backend", None) in PER_TENSOR_BROADCAST_BACKENDS for m in members)
-        layout = "per_tensor" if native else "packed"
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        layout = "per_tensor" if native or backend == "gloo" else "packed"
     ranks = list(ranks_per_engine) if ranks_per_engine is not None else [_num_ranks(e) for e in engines]
     if len(ranks) != len(engines):
         raise WeightUpdateError({"ranks_per_engine": f"has {len(ranks)} entries for {len(engines)} engines"})
