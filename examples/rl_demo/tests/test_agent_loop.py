@@ -42,7 +42,7 @@ def test_turn_loss_mask_masks_an_appended_end_of_turn_and_observations():
 def test_observation_ids_continue_the_chat_template_token_for_token(tokenizer):
     chat = ChatTokens(tokenizer)
     conversation = [{"role": "user", "content": "Say 7."}, {"role": "assistant", "content": "7"},
-                    {"role": "user", "content": "Correct. Now say 3."}]
+                    {"role": "user", "content": "Correct. Say 3."}]
     by_turns = (chat.prompt_ids(conversation[:1]) + ids(tokenizer, "7") + [chat.end_of_turn_id]
                 + chat.observation_ids(conversation[2:]))
     whole = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -67,8 +67,8 @@ def test_loss_mask_logprobs_and_input_ids_over_two_turns(tokenizer):
     batch = asyncio.run(run_agent_loops(generator, envs, chat, SamplingParams(logprobs=0, max_generate_length=8)))
     first, second = batch.states
 
-    obs_ok = chat.observation_ids([{"role": "user", "content": "Correct. Now say 3."}])
-    obs_wrong = chat.observation_ids([{"role": "user", "content": "Wrong. Now say 3."}])
+    obs_ok = chat.observation_ids([{"role": "user", "content": "Correct. Say 3."}])
+    obs_wrong = chat.observation_ids([{"role": "user", "content": "Wrong. Say 3."}])
     assert first.response_ids == seven + [eot] + obs_ok + three + junk + [eot]
     assert first.loss_mask == [1] * 2 + [0] * len(obs_ok) + [1] * (1 + len(junk)) + [0]
     assert first.rollout_logprobs == [-0.1, -0.2] + [0.0] * len(obs_ok) + [-0.3] + [-0.4] * len(junk) + [0.0]
@@ -80,7 +80,7 @@ def test_loss_mask_logprobs_and_input_ids_over_two_turns(tokenizer):
                                     second.prompt_ids + junk + [eot] + obs_wrong]
     assert first.input_ids == first.prompt_ids + first.response_ids
     assert (first.total_reward, second.total_reward) == (0.75, 0.5)  # 7 right, "3ab" half; "ab" wrong, 3 right
-    assert first.chat_history[-2:] == [{"role": "user", "content": "Correct. Now say 3."},
+    assert first.chat_history[-2:] == [{"role": "user", "content": "Correct. Say 3."},
                                        {"role": "assistant", "content": "3ab"}]
     assert batch.generated_tokens == 2 + len(junk) + 1 + len(junk) + 2
 

@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--prompts-per-step", type=int, default=defaults.prompts_per_step)
     p.add_argument("--group-size", type=int, default=defaults.group_size)
+    p.add_argument("--digits", default=defaults.digits, help="the digits the task asks for")
     p.add_argument("--lr", type=float, default=defaults.learning_rate)
+    p.add_argument("--entropy-coef", type=float, default=defaults.entropy_coef,
+                   help="weight of the entropy bonus in the loss")
     p.add_argument("--max-generate-length", type=int, default=defaults.max_generate_length)
     p.add_argument("--temperature", type=float, default=defaults.temperature)
     p.add_argument("--no-colocate", action="store_true", help="keep the engine awake (no sleep/wake cycle)")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # one progress bar on screen: the training loop's
     config = TrainerConfig(
         model=args.model, backend=args.backend, out_dir=args.out, steps=args.steps, seed=args.seed,
-        prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr,
+        digits=args.digits, prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr, entropy_coef=args.entropy_coef,
         max_generate_length=args.max_generate_length, temperature=args.temperature,
         colocate=not args.no_colocate, sleep_level=args.sleep_level, num_engines=args.num_engines,
         weight_sync=args.weight_sync, trainer_device=args.trainer_device, engine_options=dict(args.engine_option))

@@ -53,15 +53,12 @@ class Environment(Protocol):
 
 
 def score_answer(response: str, target: str) -> float:
-    """1.0 for exactly ``target``, 0.5 when ``target`` is in the answer among other text, 0.1 for
-    another single digit, else 0."""
+    """1.0 for exactly ``target``, 0.5 when ``target`` is in the answer among other text, else 0."""
     answer = response.strip()
     if answer == target:
         return 1.0
     if target in answer:
         return 0.5
-    if len(answer) == 1 and answer.isdigit():
-        return 0.1
     return 0.0
 
 
@@ -99,16 +96,11 @@ class SayTheDigitEnv:
         if done:
             return StepResult(reward, [], True, info)
         feedback = "Correct." if score == 1.0 else "Wrong."
-        observation = [{"role": "user", "content": f"{feedback} Now say {self.targets[self.turn]}."}]
+        observation = [{"role": "user", "content": f"{feedback} Say {self.targets[self.turn]}."}]
         return StepResult(reward, observation, False, info)
 
 
-def sample_targets(rng: random.Random, turns: int) -> list[int]:
-    """Digits for one episode; consecutive turns ask for different digits, so that repeating the
-    previous answer is not a way to score."""
-    digits = [rng.randrange(10)]
-    while len(digits) < turns:
-        digit = rng.randrange(10)
-        if digit != digits[-1]:
-            digits.append(digit)
-    return digits
+def sample_targets(rng: random.Random, turns: int, digits: Sequence[int] = tuple(range(10))) -> list[int]:
+    """Targets for one episode: one digit drawn from ``digits``, asked for in every turn (each turn
+    after the first is a second chance, after feedback on the previous answer)."""
+    return [rng.choice(list(digits))] * turns

@@ -71,10 +71,17 @@ def pack_episodes(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Se
     return PackedBatch(input_ids, attention, loss_mask, old)
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced log-probability of each next token, shape ``[batch, seq - 1]``."""
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probability of each next token, shape ``[batch, seq - 1]``, and with
+    ``with_entropy`` the entropy of each position's distribution (differentiable)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    all_logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = all_logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return chosen
+    entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)
+    return chosen, entropy
 
 
 @dataclass
@@ -85,8 +92,10 @@ class LossStats:
 
 
 def policy_loss(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, advantages: torch.Tensor,
-                loss_mask: torch.Tensor, clip_ratio: float = 0.2) -> tuple[torch.Tensor, LossStats]:
-    """The clipped surrogate, averaged over the tokens where ``loss_mask`` is 1.
+                loss_mask: torch.Tensor, clip_ratio: float = 0.2, entropy: torch.Tensor | None = None,
+                entropy_coef: float = 0.0) -> tuple[torch.Tensor, LossStats]:
+    """The clipped surrogate, averaged over the tokens where ``loss_mask`` is 1, minus
+    ``entropy_coef`` times the mean entropy there (a bonus that keeps the policy exploring).
 
     ``advantages`` has one value per episode and applies to each of its generated tokens."""
     ratio = torch.exp(logprobs - rollout_logprobs)
@@ -96,6 +105,8 @@ def policy_loss(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, advantag
     per_token = -torch.minimum(unclipped, clipped)
     tokens = loss_mask.sum().clamp(min=1.0)
     loss = (per_token * loss_mask).sum() / tokens
+    if entropy is not None and entropy_coef:
+        loss = loss - entropy_coef * (entropy * loss_mask).sum() / tokens
     with torch.no_grad():
         was_clipped = ((ratio - 1.0).abs() > clip_ratio).float()
         stats = LossStats(loss=float(loss), clip_fraction=float((was_clipped * loss_mask).sum() / tokens),

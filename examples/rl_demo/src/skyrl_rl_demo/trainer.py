@@ -56,9 +56,11 @@ class TrainerConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     turns: int = 2
+    digits: str = "0123456789"  # the digits the task asks for
     learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
     clip_ratio: float = 0.2
+    entropy_coef: float = 0.0
     max_generate_length: int = 4
     temperature: float = 1.0
     colocate: bool = True
@@ -138,7 +140,7 @@ class RLTrainer:
         """``prompts_per_step`` tasks, each played ``group_size`` times (consecutive: one group)."""
         envs = []
         for _ in range(self.config.prompts_per_step):
-            targets = sample_targets(self.rng, self.config.turns)
+            targets = sample_targets(self.rng, self.config.turns, [int(d) for d in self.config.digits])
             envs.extend(SayTheDigitEnv(targets) for _ in range(self.config.group_size))
         return envs
 
@@ -147,18 +149,18 @@ class RLTrainer:
         started = time.perf_counter()
         metrics: dict[str, Any] = {"step": step}
         timer = _PhaseTimer(metrics)
-        engine = self.client
+        client = self.client
 
         if self.colocate:
             async with timer("wake_kv_cache_s"):
-                await engine.wake_up(["kv_cache"])
+                await client.wake_up(["kv_cache"])
         rollout = await run_agent_loops(self.generator, self.make_envs(), self.chat, self.sampling,
                                         max_turns=self.config.turns)
         self.last_rollout = rollout
         metrics.update(rollout_metrics(rollout))
         if self.colocate:
             async with timer("sleep_s"):
-                await engine.sleep(level=self.sleep_level)
+                await client.sleep(level=self.sleep_level)
 
         update_started = time.perf_counter()
         metrics.update(self.update(rollout))
@@ -166,9 +168,9 @@ class RLTrainer:
 
         if self.colocate:
             async with timer("wake_weights_s"):
-                await engine.wake_up(["weights"])
+                await client.wake_up(["weights"])
         async with timer("weight_sync_s"):
-            metrics["weight_version"] = await self.weight_sync.push(engine, self.policy)
+            metrics["weight_version"] = await self.weight_sync.push(client, self.policy)
         metrics["step_s"] = time.perf_counter() - started
         return metrics
 
@@ -179,19 +181,21 @@ class RLTrainer:
                                     [s.loss_mask for s in states], [s.rollout_logprobs for s in states],
                                     self.pad_token_id).to(self.device)
         returns = torch.tensor([s.total_reward for s in states], dtype=torch.float32)
-        advantages = grpo.group_advantages(returns, self.config.group_size)
-        logprobs = grpo.token_logprobs(self.policy, packed.input_ids, packed.attention_mask)
+        advantages = grpo.group_advantages(returns, self.config.group_size).to(self.device)
+        logprobs, entropy = grpo.token_logprobs(self.policy, packed.input_ids, packed.attention_mask,
+                                                with_entropy=True)
         with torch.no_grad():
             # The engine sampled with the weights the trainer holds now: the two must agree.
             diff = ((logprobs - packed.rollout_logprobs).abs() * packed.loss_mask).max()
+            mean_entropy = (entropy * packed.loss_mask).sum() / packed.loss_mask.sum().clamp(min=1.0)
         loss, stats = grpo.policy_loss(logprobs, packed.rollout_logprobs, advantages, packed.loss_mask,
-                                       self.config.clip_ratio)
+                                       self.config.clip_ratio, entropy, self.config.entropy_coef)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         return {"loss": stats.loss, "grad_norm": float(grad_norm), "clip_fraction": stats.clip_fraction,
-                "logprob_abs_diff_max": float(diff)}
+                "entropy": float(mean_entropy), "logprob_abs_diff_max": float(diff)}
 
     async def close(self) -> None:
         self.weight_sync.close()
@@ -203,9 +207,14 @@ def rollout_metrics(rollout: RolloutBatch) -> dict[str, Any]:
     turns = [t for s in states for t in s.turns]
     exact = [bool(t.info.get("exact")) for t in turns]
     returns = [s.total_reward for s in states]
+    per_turn = {}
+    for k in range(max(len(s.turns) for s in states)):
+        kth = [bool(s.turns[k].info.get("exact")) for s in states if len(s.turns) > k]
+        per_turn[f"exact_rate_turn{k + 1}"] = sum(kth) / len(kth)
     return {
         "reward_mean": sum(returns) / len(returns),
         "exact_rate": sum(exact) / len(exact),
+        **per_turn,
         "response_tokens_mean": sum(t.num_generated for t in turns) / len(turns),
         "truncated_rate": sum(t.added_eos for t in turns) / len(turns),
         "generation_tokens": rollout.generated_tokens,
