@@ -9,7 +9,6 @@ import copy
 from pathlib import Path
 
 import pytest
-
 from skyrl_backends.conformance import parity
 from skyrl_backends.conformance.cli import pytest_arguments
 from skyrl_backends.conformance.markers import capability_present, merge_unsupported, missing_capabilities, requires

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from skyrl_backends.conformance.report import summary_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +38,8 @@ def test_doc_block_is_the_file(path: str) -> None:
 
 def test_doc_summary_matches_the_committed_report() -> None:
     text = DOC.read_text()
-    summary = text.split("The run ends with one verdict per feature", 1)[1].split("```text\n", 1)[1].split("\n```", 1)[0]
+    after_intro = text.split("The run ends with one verdict per feature", 1)[1]
+    summary = after_intro.split("```text\n", 1)[1].split("\n```", 1)[0]
     report = json.loads(REPORT.read_text())
     expected = [summary_line(row["feature"], row["status"], row["detail"]) for row in report["features"]]
     assert summary.splitlines() == expected, (

@@ -192,10 +192,12 @@ class ConformanceHarness:
         enders = set(greedy_params.get("stop_token_ids", ())) | (
             set() if greedy_params.get("ignore_eos") else self.reference.eos_token_ids)
         if completion.finish_reason == "length":
-            assert len(tokens) == max_new_tokens, f"finish reason 'length' after {len(tokens)} of {max_new_tokens} tokens"
+            assert len(tokens) == max_new_tokens, (
+                f"finish reason 'length' after {len(tokens)} of {max_new_tokens} tokens")
         else:
             assert completion.finish_reason == "stop" and tokens and tokens[-1] in enders, (
-                f"finish reason {completion.finish_reason!r} with last token {tokens[-1:]} (stop tokens {sorted(enders)})")
+                f"finish reason {completion.finish_reason!r} with last token {tokens[-1:]} "
+                f"(stop tokens {sorted(enders)})")
         assert not set(tokens[:-1]) & enders, "the output continued past a stop token"
         margins = self.reference.greedy_margins(prompt, tokens, weights=weights, lora=lora, **greedy_params)
         worst = max(margins, default=0.0)

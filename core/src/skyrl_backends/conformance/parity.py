@@ -10,7 +10,8 @@ exactly what the committed reports generate, or when a fresh report (from this C
 with the committed report of the same column::
 
     python -m skyrl_backends.conformance.parity generate docs/parity/*.json -o docs/parity.md
-    python -m skyrl_backends.conformance.parity check docs/parity.md docs/parity/*.json --fresh .cache/conformance/*.json
+    python -m skyrl_backends.conformance.parity check docs/parity.md docs/parity/*.json \\
+        --fresh .cache/conformance/*.json
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def check(table: Path, committed: list[dict[str, Any]], fresh: list[dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skyrl_backends.conformance.parity", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m skyrl_backends.conformance.parity",
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write the parity table from reports")
     gen.add_argument("reports", nargs="+")

@@ -182,7 +182,7 @@ def _in_suite_order(items: list[pytest.Item]) -> list[pytest.Item]:
                  if getattr(item, "cls", None) is not None and issubclass(item.cls, ConformanceTestBase)]
     ordered = sorted((items[i] for i in positions), key=rank)
     result = list(items)
-    for i, item in zip(positions, ordered):
+    for i, item in zip(positions, ordered, strict=True):
         result[i] = item
     return result
 
@@ -207,7 +207,8 @@ def _apply_expected_failure(item: pytest.Item, cls: type) -> None:
     standard = standard_tests(cls).get(name)
     if standard is None:
         return
-    if getattr(item, "function", None) is not None and getattr(item.function, "__func__", item.function) is not standard:
+    function = getattr(item, "function", None)
+    if function is not None and getattr(function, "__func__", function) is not standard:
         mark = item.get_closest_marker("xfail")
         if mark is None or not (mark.kwargs.get("reason") or (mark.args[1:] if len(mark.args) > 1 else None)):
             item.stash[_OVERRIDE] = (

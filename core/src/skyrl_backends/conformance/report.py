@@ -168,7 +168,7 @@ def build_report(harness: ConformanceHarness, tests: list[CaseResult], features:
         "engine_version": backend.engine_version,
         "hardware": hardware_description(harness),
         "dtype": harness._engine_dtype,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
         "python": platform.python_version(),
         "engine_options": {k: repr(v) if not isinstance(v, (str, int, float, bool, type(None))) else v
                            for k, v in harness.config.engine_options.items()},

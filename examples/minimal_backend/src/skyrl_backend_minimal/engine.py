@@ -10,8 +10,6 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from skyrl_backends import (
     Completion,
     ConfigError,
@@ -23,6 +21,7 @@ from skyrl_backends import (
     WeightUpdateRequest,
     hookimpl,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class MinimalEngine:
@@ -46,7 +45,7 @@ class MinimalEngine:
                                                             f"than the model's {self.max_len} positions.")
         completions = await asyncio.gather(*(
             self.generate_one(request_id, prompt, request.sampling_params)
-            for request_id, prompt in zip(request.request_ids, request.prompt_token_ids)))
+            for request_id, prompt in zip(request.request_ids, request.prompt_token_ids, strict=True)))
         return GenerateOutput(list(completions))
 
     async def generate_one(self, request_id: str, prompt: list[int], params: SamplingParams) -> Completion:
@@ -99,7 +98,7 @@ class MinimalEngine:
     def copy_weights(self, request: WeightUpdateRequest) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, tensor in zip(request.names, request.payload):
+            for name, tensor in zip(request.names, request.payload, strict=True):
                 params[name].copy_(tensor)
 
     # -- the rest -----------------------------------------------------------------------------

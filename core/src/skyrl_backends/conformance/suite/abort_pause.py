@@ -10,6 +10,7 @@ from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.sampling import SamplingParams
 
+
 async def _until_inflight(engine, count: int = 1) -> None:
     while engine.num_inflight < count:
         await asyncio.sleep(0.005)
@@ -18,7 +19,8 @@ async def _until_inflight(engine, count: int = 1) -> None:
 class AbortPauseTests(ConformanceTestBase):
     feature_row = "Abort"
 
-    def _assert_prefix_of_reference(self, conformance: ConformanceHarness, prompt: list[int], tokens: list[int]) -> None:
+    def _assert_prefix_of_reference(self, conformance: ConformanceHarness, prompt: list[int],
+                                    tokens: list[int]) -> None:
         if not tokens:
             return
         expected = conformance.reference.greedy(prompt, len(tokens), ignore_eos=True)
@@ -61,7 +63,7 @@ class AbortPauseTests(ConformanceTestBase):
             await engine.abort()
             return await asyncio.gather(*tasks)
 
-        for prompt, out in zip(prompts, conformance.run(abort_everything())):
+        for prompt, out in zip(prompts, conformance.run(abort_everything()), strict=True):
             assert out[0].finish_reason == "abort" and len(out[0].token_ids) < conformance.long_generation
             self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)
         prompt = prompts[0]

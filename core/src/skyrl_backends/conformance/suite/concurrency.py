@@ -23,7 +23,7 @@ class ConcurrencyTests(ConformanceTestBase):
 
         outputs = conformance.run(all_at_once())
         assert len(outputs) == count
-        for prompt, out in zip(prompts, outputs):
+        for prompt, out in zip(prompts, outputs, strict=True):
             assert len(out) == 1
             conformance.assert_greedy_parity(prompt, out[0], 8)
         assert engine.num_inflight == 0
@@ -33,7 +33,7 @@ class ConcurrencyTests(ConformanceTestBase):
         prompts = conformance.reference.prompts(count, seed=42, min_len=1, max_len=20)
         out = conformance.greedy(prompts, 8)
         assert len(out) == count
-        for prompt, c in zip(prompts, out):
+        for prompt, c in zip(prompts, out, strict=True):
             conformance.assert_greedy_parity(prompt, c, 8)
 
     def test_mixed_parameters_concurrently(self, conformance: ConformanceHarness) -> None:
@@ -46,9 +46,9 @@ class ConcurrencyTests(ConformanceTestBase):
                     for i in range(len(prompts))]
 
         async def mixed() -> list:
-            return await asyncio.gather(*(engine.generate([p], v) for p, v in zip(prompts, variants)))
+            return await asyncio.gather(*(engine.generate([p], v) for p, v in zip(prompts, variants, strict=True)))
 
-        for prompt, params, out in zip(prompts, variants, conformance.run(mixed())):
+        for prompt, params, out in zip(prompts, variants, conformance.run(mixed()), strict=True):
             c = out[0]
             conformance.assert_greedy_parity(prompt, c, params.max_generate_length)
             assert (c.logprobs is not None) == (params.logprobs is not None), "logprobs leaked between requests"

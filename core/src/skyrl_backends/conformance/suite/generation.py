@@ -32,21 +32,21 @@ class GenerationContractTests(ConformanceTestBase):
         ids = [f"req-{i}" for i in range(len(prompts))]
         out = conformance.generate(prompts, {"max_generate_length": 5, "temperature": 0.0}, request_ids=ids)
         assert [c.request_id for c in out] == ids
-        for prompt, completion in zip(prompts, out):
+        for prompt, completion in zip(prompts, out, strict=True):
             conformance.assert_greedy_parity(prompt, completion, 5)
 
     @feature("Greedy parity with the reference decode")
     def test_greedy_matches_reference_decode(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(4, seed=3)
         out = conformance.greedy(prompts, 24)
-        for prompt, completion in zip(prompts, out):
+        for prompt, completion in zip(prompts, out, strict=True):
             conformance.assert_greedy_parity(prompt, completion, 24)
 
     @feature("Greedy parity with the reference decode")
     def test_batched_equals_alone(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(5, seed=4, min_len=1, max_len=30)
         batched = conformance.greedy(prompts, 12)
-        for prompt, completion in zip(prompts, batched):
+        for prompt, completion in zip(prompts, batched, strict=True):
             alone = conformance.greedy([prompt], 12)[0]
             if conformance.greedy_margin == 0.0:
                 assert completion.token_ids == alone.token_ids, f"prompt {prompt}: batch changes greedy output"

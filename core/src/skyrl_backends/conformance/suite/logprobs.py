@@ -38,7 +38,7 @@ class LogprobTests(ConformanceTestBase):
     def test_greedy_logprobs_match_reference(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(4, seed=31, min_len=1, max_len=30)
         out = conformance.greedy(prompts, 16, logprobs=0)
-        for prompt, c in zip(prompts, out):
+        for prompt, c in zip(prompts, out, strict=True):
             assert_logprobs_match(conformance, prompt, c)
 
     def test_sampled_logprobs_are_raw(self, conformance: ConformanceHarness) -> None:
@@ -46,7 +46,7 @@ class LogprobTests(ConformanceTestBase):
         prompts = conformance.reference.prompts(3, seed=32)
         for params in ({"temperature": 1.0}, {"temperature": 0.5, "top_k": 20}, {"temperature": 1.3, "top_p": 0.9}):
             out = conformance.generate(prompts, {"max_generate_length": 12, "logprobs": 0, **params})
-            for prompt, c in zip(prompts, out):
+            for prompt, c in zip(prompts, out, strict=True):
                 assert_logprobs_match(conformance, prompt, c)
 
     def test_logprobs_with_stop_and_length(self, conformance: ConformanceHarness) -> None:
@@ -63,7 +63,7 @@ class LogprobTests(ConformanceTestBase):
         prompts = conformance.reference.prompts(2, seed=34)
         out = conformance.generate(prompts, {"max_generate_length": 8, "temperature": 1.0, "logprobs": n})
         tolerance = conformance.logprob_tolerance
-        for prompt, c in zip(prompts, out):
+        for prompt, c in zip(prompts, out, strict=True):
             assert_logprobs_match(conformance, prompt, c)
             assert c.top_logprobs is not None and len(c.top_logprobs) == len(c.token_ids)
             reference = conformance.reference.teacher_forced_logprobs(prompt, c.token_ids)

@@ -28,7 +28,7 @@ class LoraTests(ConformanceTestBase):
         try:
             adapted = conformance.generate(prompts, {"max_generate_length": 12, "temperature": 0.0}, lora_name=ADAPTER)
             assert adapted.response_ids != base, "the LoRA adapter did not change greedy output"
-            for prompt, c in zip(prompts, adapted):
+            for prompt, c in zip(prompts, adapted, strict=True):
                 conformance.assert_greedy_parity(prompt, c, 12, lora=conformance.lora_dir)
             assert conformance.greedy(prompts, 12).response_ids == base, (
                 "requests without lora_name must use the base model while an adapter is loaded")
@@ -57,7 +57,7 @@ class LoraTests(ConformanceTestBase):
             conformance.run(engine.unload_lora_adapter(ADAPTER))
         assert second_out.response_ids != first_out.response_ids, (
             "after unloading an adapter and loading another under the same name, output did not change")
-        for prompt, c in zip(prompts, second_out):
+        for prompt, c in zip(prompts, second_out, strict=True):
             conformance.assert_greedy_parity(prompt, c, 10, lora=second)
 
     @requires("lora")
@@ -74,7 +74,7 @@ class LoraTests(ConformanceTestBase):
             results = conformance.run(both())
         finally:
             conformance.run(engine.unload_lora_adapter(ADAPTER))
-        for i, (prompt, out) in enumerate(zip(prompts, results)):
+        for i, (prompt, out) in enumerate(zip(prompts, results, strict=True)):
             conformance.assert_greedy_parity(prompt, out[0], 10, lora=conformance.lora_dir if i % 2 else None)
 
     @requires("lora")

@@ -88,7 +88,7 @@ class SamplingParamsTests(ConformanceTestBase):
     def test_tiny_temperature_is_greedy(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(3, seed=12)
         out = conformance.generate(prompts, {"max_generate_length": 8, "temperature": 1e-4})
-        for prompt, c in zip(prompts, out):
+        for prompt, c in zip(prompts, out, strict=True):
             margins = conformance.reference.greedy_margins(prompt, c.token_ids)
             assert max(margins) <= max(conformance.greedy_margin, 1e-3), (
                 f"temperature=1e-4 should be (nearly) greedy; token margins {margins}")
@@ -99,7 +99,7 @@ class SamplingParamsTests(ConformanceTestBase):
             self._check_first_token_distribution(conformance, top_k=3)
         prompts = conformance.reference.prompts(3, seed=13)
         out = conformance.generate(prompts, {"max_generate_length": 8, "top_k": 1, "temperature": 1.0})
-        for prompt, c in zip(prompts, out):
+        for prompt, c in zip(prompts, out, strict=True):
             conformance.assert_greedy_parity(prompt, c, 8)
 
     @feature("Sampling: temperature, top_p, top_k")
@@ -121,7 +121,7 @@ class SamplingParamsTests(ConformanceTestBase):
                    != conformance.reference.greedy(p, 16).token_ids]
         assert changed, "suite self-check: repetition_penalty=2.0 changes no reference output for these prompts"
         out = conformance.greedy(prompts, 16, repetition_penalty=2.0)
-        for prompt, c in zip(prompts, out):
+        for prompt, c in zip(prompts, out, strict=True):
             conformance.assert_greedy_parity(prompt, c, 16, repetition_penalty=2.0)
 
     @feature("Sampling: seed")

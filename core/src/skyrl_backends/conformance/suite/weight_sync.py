@@ -34,7 +34,7 @@ class WeightSyncTests(ConformanceTestBase):
         assert new_version == version + 1 == engine.weight_version
         changed = conformance.greedy(prompts, 16)
         assert changed.response_ids != original.response_ids, "pushing different weights did not change output"
-        for prompt, c in zip(prompts, changed):
+        for prompt, c in zip(prompts, changed, strict=True):
             conformance.assert_greedy_parity(prompt, c, 16, weights=PERTURBED)
             assert c.weight_version == new_version
         conformance.push_weights(conformance.reference.original_state)
@@ -75,7 +75,7 @@ class WeightSyncTests(ConformanceTestBase):
             other = torch.float16 if tensor.dtype != torch.float16 else torch.float32
             bad = [(name, tensor.to(other))]
         else:  # every tensor valid and perturbed except the last: nothing at all may be applied
-            pairs = list(zip(good.names, good.payload))
+            pairs = list(zip(good.names, good.payload, strict=True))
             bad = pairs[:-1] + [(pairs[-1][0], torch.zeros(3, dtype=pairs[-1][1].dtype))]
         with pytest.raises(WeightUpdateError) as error:
             conformance.run(engine.update_named_weights(WeightUpdateRequest.from_named_tensors(bad)))
@@ -86,7 +86,7 @@ class WeightSyncTests(ConformanceTestBase):
         assert after.token_ids == before.token_ids, "a rejected weight update changed the model's output"
         # Not bit-exact: the second run may be served from a prefix cache; any applied tensor of
         # the perturbed set moves log-probabilities far more than the tolerance.
-        drift = max(abs(a - b) for a, b in zip(after.logprobs or [], before.logprobs or []))
+        drift = max(abs(a - b) for a, b in zip(after.logprobs or [], before.logprobs or [], strict=True))
         assert drift <= conformance.logprob_tolerance, (
             f"a rejected weight update changed the model (log-probabilities moved by {drift:.2e})")
 
