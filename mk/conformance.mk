@@ -8,8 +8,7 @@ EXTRA_TESTS += test-conformance-example test-parity-table
 CONFORMANCE_OUT := .cache/conformance
 PARITY_DIR := docs/parity
 PARITY_TABLE := docs/parity.md
-# The CPU columns CI regenerates; GPU columns (docs/parity/*-gpu.json) come from the GPU machine.
-PARITY_CPU_BACKENDS := transformers minimal
+# GPU columns (docs/parity/*-gpu.json) come from the GPU machine; the CPU columns from `make parity`.
 
 .PHONY: test-conformance-example test-parity-table parity parity-table
 
@@ -19,16 +18,24 @@ test-conformance-example: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 		--conformance-report $(CONFORMANCE_OUT)/minimal.json
 	$(TF_ENV)/bin/skyrl-backends conformance minimal --model $(MODEL) -k "max_length or abort_one"
 
-test-parity-table: test-conformance test-conformance-example
+# Every report this make run produced (transformers, the example, and vLLM's CPU build when
+# test-vllm ran the suite) must agree with the committed table. Secondary expansion lets the rule
+# wait for test-vllm, whose fragment is read after this one.
+.SECONDEXPANSION:
+test-parity-table: test-conformance test-conformance-example $$(filter test-vllm,$$(EXTRA_TESTS))
 	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity check $(PARITY_TABLE) $(wildcard $(PARITY_DIR)/*.json) \
-		--fresh $(foreach b,$(PARITY_CPU_BACKENDS),$(CONFORMANCE_OUT)/$(b).json)
+		--fresh $(wildcard $(CONFORMANCE_OUT)/*.json)
 
-# Regenerate the CPU columns' reports from real runs, then the whole table (GPU reports as committed).
+# Regenerate the CPU columns' reports from real runs (vLLM's when its environment is built), then
+# the whole table (GPU reports as committed).
 parity: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q tests/conformance --backend transformers \
 		--conformance-report $(PARITY_DIR)/transformers-cpu.json
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q examples/minimal_backend/tests \
 		--conformance-report $(PARITY_DIR)/minimal-cpu.json
+	$(if $(wildcard $(VLLM_ENV)/.ready),SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm \
+		--conformance-report $(PARITY_DIR)/vllm-cpu.json,@echo "no $(VLLM_ENV): vllm-cpu column kept as committed")
 	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity generate $(PARITY_DIR)/*.json -o $(PARITY_TABLE)
 
 # Re-render the table from the committed reports only (after adding a GPU column's report).

@@ -107,7 +107,7 @@ def test_parity_check(tmp_path: Path) -> None:
     assert len(problems) == 1 and "transformers-cpu / Abort" in problems[0]
     table.write_text(table.read_text().replace("| pass |", "| fail |", 1))
     assert any("not what its reports generate" in p for p in parity.check(table, committed, []))
-    assert "no committed report" in parity.check(table, committed, [report("sglang-gpu", LoRA="pass")])[-1]
+    assert "has no committed report" in parity.check(table, committed, [report("sglang-gpu", LoRA="pass")])[-1]
 
 
 def test_parity_reports_must_be_unique(tmp_path: Path) -> None:

@@ -135,7 +135,8 @@ def check(table: Path, committed: list[dict[str, Any]], fresh: list[dict[str, An
     for report in fresh:
         column = report["column"]
         if column not in by_column:
-            problems.append(f"column {column!r} was run in CI but has no committed report; run `make parity`")
+            problems.append(f"column {column!r} was run but has no committed report: commit its report under "
+                            f"docs/parity/ (`make parity` for CPU columns), or delete the stale fresh report")
             continue
         old, new = cells(by_column[column]), cells(report)
         for feature in sorted(set(old) | set(new)):
