@@ -114,21 +114,23 @@ class CudaIpcSender:
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         self._buffers: list[torch.Tensor] = []
-        self._handles: list[dict[str, Any]] = []
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
         sizes = [b.nbytes for b in layout.buckets]
         if [b.numel() for b in self._buffers] != sizes:
             self._buffers = [torch.empty(max(n, 1), dtype=torch.uint8, device=self.device)[:n] for n in sizes]
-            self._handles = [encode_handle(b) if b.numel() else {} for b in self._buffers]
         for buffer, manifest in zip(self._buffers, layout.buckets, strict=False):
             pack_into(buffer, manifest, layout.tensors)
         # The engine reads on its own stream: every copy must be finished before the handles are used.
         torch.cuda.current_stream(self.device).synchronize()
-        return {"buckets": [{"ipc": h, **m.to_json()} for h, m in zip(self._handles, layout.buckets, strict=False)]}
+        # A fresh share per update: the handle (same memory, so the engine finds it among its opened
+        # storages) comes with a new reference count, which the engine releases once per share. Reusing
+        # one share for several updates would release the same count several times.
+        handles = [encode_handle(b) if b.numel() else {} for b in self._buffers]
+        return {"buckets": [{"ipc": h, **m.to_json()} for h, m in zip(handles, layout.buckets, strict=False)]}
 
     def close(self) -> None:
-        self._buffers, self._handles = [], []
+        self._buffers = []
 
 
 def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
