@@ -10,7 +10,8 @@
 #   stage:ENGINE              keep this call's carried parts .gpu/ENGINE/part* in /tmp/stage/ENGINE: an
 #                             engine travels in parts, one per call, and the machine keeps /tmp while warm
 #   model                     a random Qwen2.5-1.5B-shaped model in /tmp/models (make_random_qwen.py)
-#   conformance:ENGINE        tests/conformance --backend ENGINE -> $OUT/ENGINE-gpu.json
+#   conformance:ENGINE        tests/conformance --backend ENGINE -> $OUT/ENGINE-gpu.json (more options:
+#                             CONFORMANCE_OPTIONS="--conformance-engine-option KEY=VALUE ...")
 #   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate.json
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
 #                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
@@ -118,10 +119,12 @@ conformance() {  # ENGINE SECONDS
         vllm) options='{"distributed_executor_backend": "uni", "enforce_eager": true}' ;;
         sglang) options="{$SGLANG_KERNELS}" ;;
     esac
-    bounded "$2" python3 -m pytest -p no:cacheprovider -q -rfEs tests/conformance --backend "$1" \
+    # -s: engine processes log straight to $OUT/log (an engine that kills its process group on a
+    # failed start would otherwise take pytest's captured output with it)
+    bounded "$2" python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/conformance --backend "$1" \
         --timeout "$(( $2 - 60 ))" --conformance-report "$OUT/$1-gpu.json" \
         --conformance-engine-option gpu_memory_utilization=0.2 \
-        --conformance-engine-option "engine_init_kwargs=$options"
+        --conformance-engine-option "engine_init_kwargs=$options" ${CONFORMANCE_OPTIONS:-}
 }
 
 generate() {  # ENGINE SECONDS

@@ -22,6 +22,7 @@ from skyrl_backend_vllm.sampling import DEFAULT_MAX_LOGPROBS
 
 WORKER_EXTENSION = "skyrl_backend_vllm.worker_extension.SkyRLWorkerExtension"
 CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+SPAWN_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
 DEFAULT_CPU_KVCACHE_GIB = "1"
 
 # Arguments the plugin sets itself because its behaviour depends on them.
@@ -99,7 +100,13 @@ def max_logprobs(config: GeneratorConfig | None) -> int:
 
 def prepare_process_environment(platform: Platform) -> None:
     """Environment the engine's processes inherit: a KV-cache size on CPU unless the user chose one,
-    and offline model loading (models are local folders; nothing is downloaded)."""
+    offline model loading (models are local folders; nothing is downloaded), and on CUDA processes
+    started with spawn unless the user chose otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if platform == "cpu":
         os.environ.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
+    else:
+        # vLLM forks its engine core unless it sees CUDA initialized in this process; but a trainer
+        # (or transformers) that only queried the device already makes a forked child fail with
+        # "Cannot re-initialize CUDA in forked subprocess" (seen on the GPU machine).
+        os.environ.setdefault(SPAWN_ENV, "spawn")
