@@ -235,8 +235,12 @@ class InferenceEngineClient:
         self._require_usable()
         n = request.sampling_params.n
         assignment = self._router.assign(request.session_ids, len(request), self._usable_ids(), weight=n)
-        parts = [(indices, self._slots[engine_id], request.subset(indices), [client_ids[i] for i in indices])
-                 for engine_id, indices in assignment.items()]
+        if len(assignment) == 1:  # the common case of one prompt: no copy of the request
+            engine_id = next(iter(assignment))
+            parts = [(list(range(len(request))), self._slots[engine_id], request, client_ids)]
+        else:
+            parts = [(indices, self._slots[engine_id], request.subset(indices), [client_ids[i] for i in indices])
+                     for engine_id, indices in assignment.items()]
         results = await _gather_or_cancel(
             [self._run_part(slot, sub, ids, epoch, attempts) for _, slot, sub, ids in parts])
         return reassemble(len(request), n, [(part[0], out) for part, out in zip(parts, results)])
