@@ -1,10 +1,10 @@
 """Generation throughput through the plugin against vLLM's own AsyncLLM, same engine, same batch.
 
 One engine is started through ``skyrl_backends.create_engine("vllm", ...)``. The baseline calls the
-very ``AsyncLLM`` object inside it directly (``AsyncLLM.generate`` per prompt, final output only,
-the cheapest way to drive vLLM), so both sides share model, configuration, memory and warm-up, and
-only the plugin's own work differs: canonical parameter validation and translation, request
-bookkeeping and building canonical completions. Runs alternate (baseline, plugin, baseline, ...)
+very ``AsyncLLM`` object inside it directly (``AsyncLLM.generate`` per prompt, final output only and
+no detokenization: the cheapest way to drive vLLM), so both sides share model, configuration,
+memory and warm-up, and only the plugin's own work differs: canonical parameter validation and
+translation, request bookkeeping, decoding the response text and building canonical completions. Runs alternate (baseline, plugin, baseline, ...)
 so drift in machine load hits both; the best of ``--repeats`` runs of each is compared.
 
     # GPU (the issue's setting): 256 prompts x 128 new tokens
@@ -71,7 +71,7 @@ async def run_native(llm: Any, prompts: list[list[int]], args: argparse.Namespac
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True, logprobs=args.logprobs,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def one(i: int, prompt: list[int]) -> int:
         final = None

