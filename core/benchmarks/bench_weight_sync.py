@@ -119,7 +119,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
         elif op == "raw_init":
             store = torch.distributed.TCPStore(msg["addr"], msg["port"], 2, is_master=False)
             raw_group = new_group(store, 1, 2, msg["backend"], "raw", "127.0.0.1" if msg["addr"] == "127.0.0.1" else "",
-                                  300, "raw")
+                                  300)
         elif op == "update":
             request = request_from_json(msg["request"])
             t0 = time.perf_counter()
@@ -244,7 +244,7 @@ def raw_broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], 
     store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     holder: dict[str, Any] = {}
     joiner = threading.Thread(target=lambda: holder.update(
-        group=new_group(store, 0, 2, backend, "raw", "127.0.0.1", 300, "raw")))
+        group=new_group(store, 0, 2, backend, "raw", "127.0.0.1", 300)))
     joiner.start()
     engine.send(op="raw_init", addr="127.0.0.1", port=store.port, backend=backend)
     joiner.join()

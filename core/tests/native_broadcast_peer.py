@@ -1,9 +1,10 @@
 """Engine-side peers for the broadcast tests, run in spawned processes.
 
-``join_like_native_engines`` joins the trainer's group the way engines with their own weight-sync
-code do (SGLang's ``init_weights_update_group``, SkyRL, OpenRLHF): a ``tcp://`` rendezvous, a
-``PrefixStore`` named after it, and torch's ``_new_process_group_helper``; then it receives one
-typed broadcast per tensor. It shares no code with skyrl_backends.weight_sync on purpose.
+``join_like_native_engines`` joins the trainer's group the way SGLang's ``init_weights_update_group``
+does (its ``init_custom_process_group``, 0.5.17 and 0.5.23): a ``tcp://`` rendezvous, a
+``PrefixStore`` named after the group, and torch's ``_new_process_group_helper``; then it receives
+one typed broadcast per tensor, as SGLang's ``update_weights_from_distributed`` does. It shares no
+code with skyrl_backends.weight_sync on purpose.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def join_like_native_engines(conn: Any, addr: str, port: int, rank: int, world_s
     init_method = f"tcp://{addr}:{port}"
     timeout = datetime.timedelta(seconds=120)
     store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store = PrefixStore(init_method, store)
+    store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], "gloo", store, group_name=group_name, timeout=timeout)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     sums = []

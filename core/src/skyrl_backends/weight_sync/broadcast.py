@@ -5,10 +5,10 @@ tensor-parallel, joins with ``rank_offset + local_rank`` per worker). The group 
 gloo on CPU. It is built directly on its own ``TCPStore`` (prefixed with the group name), never as
 torch's default process group, because the engine may already own one (vLLM and SGLang do).
 
-The group's store keys follow torch's own layout for a process group made by
-``_new_process_group_helper`` over a ``tcp://`` rendezvous (``tcp://addr:port`` / ``<group_name>/`` /
-``<device>/``), which is also how SGLang's ``init_weights_update_group`` (and SkyRL, OpenRLHF) build
-theirs, so an engine that joins with its own native code meets the trainer in the same group.
+The group's store keys are laid out as SGLang's ``init_custom_process_group`` lays them out (behind
+its ``init_weights_update_group``; SkyRL and verl copy it): a ``tcp://`` rendezvous store, prefixed
+with the group name, then torch's ``_new_process_group_helper`` prefixes ``<group_name>/`` and
+``<device>/``. So an engine that joins with that native code meets the trainer in the same group.
 
 Per update the request carries only the manifests (names, dtypes, shapes, offsets); the bytes follow
 from rank 0 in one of two layouts, named in the payload:
@@ -57,19 +57,13 @@ def _check_init_info(info: WeightSyncInitInfo) -> None:
         raise WeightUpdateError(problems)
 
 
-def init_method(master_addr: str, master_port: int) -> str:
-    return f"tcp://{master_addr}:{master_port}"
-
-
 def new_group(store: dist.Store, rank: int, world_size: int, backend: str, group_name: str, host: str,
-              timeout_s: float, rendezvous: str) -> Any:
-    """A process group of ``world_size`` ranks over ``store`` (blocks until every rank joins).
-
-    ``rendezvous`` is the ``tcp://addr:port`` the store was reached by: with it the keys are laid
-    out as torch lays them out for a group of that name, so engines joining natively interoperate."""
+              timeout_s: float) -> Any:
+    """A process group of ``world_size`` ranks over ``store`` (blocks until every rank joins), with
+    its keys where engines joining natively (SGLang) look for them."""
     timeout = datetime.timedelta(seconds=timeout_s)
     device = "cpu" if backend == "gloo" else "cuda"
-    prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(rendezvous, store)))
+    prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
     if backend == "gloo":
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
@@ -104,8 +98,7 @@ class BroadcastReceiver:
         self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.group = new_group(self.store, self.rank, info.world_size, info.backend, info.group_name,
-                               _local_host(info.master_addr), timeout_s,
-                               init_method(info.master_addr, info.master_port))
+                               _local_host(info.master_addr), timeout_s)
 
     def receive(self, request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
         buckets = parse_buckets(request)
@@ -199,8 +192,7 @@ class BroadcastSender:
     def join(self) -> None:
         """Blocks until every engine rank has joined."""
         self.group = new_group(self.store, 0, self.world_size, self.backend, self.group_name,
-                               _local_host(self.master_addr), self.timeout_s,
-                               init_method(self.master_addr, self.master_port))
+                               _local_host(self.master_addr), self.timeout_s)
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
         return {"group_name": self.group_name, "layout": self.layout,
