@@ -118,6 +118,18 @@ def test_lora_bookkeeping(engine, tmp_path):
         run(engine.unload_lora_adapter("x"))
 
 
+def test_lora_changes_are_refused_while_weights_sleep(engine, tmp_path):
+    run(engine.sleep(tags=["weights"], level=1))
+    with pytest.raises(EngineAsleepError, match="weights"):
+        run(engine.load_lora_adapter("x", tmp_path))
+    run(engine.wake_up())
+    run(engine.load_lora_adapter("x", tmp_path))
+    run(engine.sleep(level=1))
+    with pytest.raises(EngineAsleepError):
+        run(engine.unload_lora_adapter("x"))
+    assert engine.lora_adapters == {"x": str(tmp_path)}
+
+
 def test_parameters_needing_absent_capabilities_are_rejected_not_dropped(engine):
     for params, field in [({"stop": ["x"]}, "stop"), ({"min_new_tokens": 1}, "min_new_tokens"),
                           ({"seed": 1}, "seed"), ({"min_p": 0.1}, "min_p")]:

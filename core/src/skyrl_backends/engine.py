@@ -377,6 +377,7 @@ class InferenceEngine:
             raise UnsupportedCapabilityError(self.backend, "lora")
         if not self.config.enable_lora:
             raise EngineStateError("LoRA is off for this engine; create it with enable_lora=True.")
+        self._check_weights_awake()
         path = os.fspath(lora_path)
         if not os.path.isdir(path):
             raise LoraAdapterError(f"lora_path {path!r} is not a directory holding a PEFT adapter.")
@@ -392,6 +393,7 @@ class InferenceEngine:
         if lora_name not in self._loras:
             raise LoraAdapterError(
                 f"No LoRA adapter named {lora_name!r} is loaded. Loaded: {', '.join(sorted(self._loras)) or 'none'}.")
+        self._check_weights_awake()
         await self._call("skyrl_backends_unload_lora_adapter", lora_name=lora_name)
         del self._loras[lora_name]
 
@@ -414,6 +416,11 @@ class InferenceEngine:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.teardown()
+
+    def _check_weights_awake(self) -> None:
+        # Adapters are applied to the weights; engines cannot attach them to released memory.
+        if "weights" in self._asleep:
+            raise EngineAsleepError(["weights"])
 
     def _check_open(self) -> None:
         if self._closed:
