@@ -148,3 +148,21 @@ def test_a_rejection_reported_as_text_by_a_worker_is_recovered():
         recovered = weight_update_error_from_text(text)
         assert isinstance(recovered, WeightUpdateError) and recovered.problems == original.problems
     assert weight_update_error_from_text("RuntimeError: CUDA out of memory") is None
+
+
+def test_tied_weights_of_a_module_are_sent_once_under_the_first_name():
+    import torch
+
+    from skyrl_backends.weight_sync.chunks import named_tensors
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(4, 3)
+            self.head = torch.nn.Linear(3, 4, bias=False)
+            self.head.weight = self.embed.weight
+
+    names = [name for name, _ in named_tensors(Tied())]
+    assert names == ["embed.weight"]
+    # a plain state dict is sent as given: the caller chose those names
+    assert [n for n, _ in named_tensors(Tied().state_dict())] == ["embed.weight", "head.weight"]

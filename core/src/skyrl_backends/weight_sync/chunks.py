@@ -38,7 +38,7 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs of a module (its state dict: parameters and persistent buffers, tied
     weights once), a state dict, or an iterable of pairs. Tensors are referenced, not copied."""
     if isinstance(weights, torch.nn.Module):
-        items: Iterable[tuple[str, Any]] = weights.state_dict(keep_vars=False).items()
+        items: Iterable[tuple[str, Any]] = _without_tied_aliases(weights.state_dict(keep_vars=False))
     elif isinstance(weights, Mapping):
         items = weights.items()
     else:
@@ -49,6 +49,21 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
             raise WeightUpdateError({str(name): f"expected (str, torch.Tensor), got ({type(name).__name__}, "
                                                 f"{type(tensor).__name__})"})
         pairs.append((name, tensor.detach()))
+    return pairs
+
+
+def _without_tied_aliases(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """A module's state dict lists a tied tensor under every name (``lm_head.weight`` beside
+    ``model.embed_tokens.weight``); engines that load tied checkpoints hold it once, under the first
+    name, and would reject the alias. Send each storage once."""
+    seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
+    pairs = []
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        pairs.append((name, tensor))
     return pairs
 
 
