@@ -26,4 +26,4 @@ test-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 # Throughput through the plugin against AsyncLLM called directly (CPU-sized batch).
 bench-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	$(VLLM_ENV)/bin/python plugins/vllm_backend/benchmarks/bench_generate.py --model $(MODEL) \
-		--dtype float32 --prompts 32 --prompt-len 32 --max-tokens 64 --max-model-len 512 --repeats 5
+		--dtype float32 --prompts 64 --prompt-len 32 --max-tokens 128 --max-model-len 512 --repeats 7
