@@ -126,5 +126,4 @@ def test_cli_run_writes_metrics_plot_and_summary(model_dir, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["backend"] == "transformers" and summary["weight_sync"] == "shared_memory"
     assert summary["reward_first"] == pytest.approx(sum(float(r["reward_mean"]) for r in rows[:2]) / 2, abs=1e-5)
-    assert summary["learned"] == (summary["reward_last"] >= 2 * summary["reward_first"] and
-                                  summary["reward_last"] > summary["reward_first"])
+    assert summary["learned"] is None and "too short to judge" in printed  # 4 steps < two 10-step windows

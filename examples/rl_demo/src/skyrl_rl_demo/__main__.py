@@ -2,4 +2,6 @@ import sys
 
 from skyrl_rl_demo.cli import main
 
-sys.exit(main())
+# Guarded: engines such as vLLM start worker processes that import the main module again.
+if __name__ == "__main__":
+    sys.exit(main())

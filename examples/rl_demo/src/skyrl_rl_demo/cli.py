@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from skyrl_rl_demo.metrics import WINDOW
 from skyrl_rl_demo.trainer import TrainerConfig, train
 
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def format_summary(s: dict[str, Any], out_dir: str) -> str:
     w = s["window"]
     ratio = "inf" if math.isinf(s["reward_ratio"]) else f"{s['reward_ratio']:.1f}x"
-    verdict = "learned" if s["learned"] else "did NOT learn (last-window reward < 2x the first)"
+    verdict = {True: "learned", False: "did NOT learn (last-window reward < 2x the first)",
+               None: f"too short to judge (needs {2 * WINDOW} steps)"}[s["learned"]]
     cycle = (f"colocated, sleep level {s['sleep_level']}" if s["colocate"] else "not colocated (no sleep/wake)")
     lines = [
         f"{s['backend']} backend, seed {s['seed']}, {s['steps']} steps in {s['wall_s']:.0f}s ({cycle})",

@@ -4,19 +4,20 @@ An environment is what the agent loop talks to, one conversation at a time (the 
 ``Environment.init(chat_history) -> prompt`` and ``Environment.step(response) -> reward,
 observation, done``). It sees text only; tokens are the agent loop's business.
 
-The task, *say the digit*, is two turns long::
+The task, *say the digit*, gives the policy two tries::
 
-    user:      Say 7.
-    assistant: 7                      <- turn 1, scored against 7
-    user:      Correct. Now say 3.    <- the observation: feedback on turn 1 and the next request
-    assistant: 3                      <- turn 2, scored against 3; done
+    user:      Say 5.
+    assistant: 8                      <- turn 1, scored against 5
+    user:      Wrong. Say 5.          <- the observation: feedback on turn 1, and the request again
+    assistant: 5                      <- turn 2, scored against 5; done
 
-Each turn scores the requested digit's share of the answer: 1.0 for exactly the digit, 0.5 for the
-digit and one stray character, 0 for an answer without it (see :func:`score_answer`). The
-episode's return (the sum of its step rewards) is the mean of its turns' scores. A randomly initialised model answers with digits
-about once in a hundred tokens, so it starts near 0; a policy that has learned the task gets 1.
-The partial credit gives the policy gradient something to climb before the first exact answer: first
-to say the digit, then to stop right after it.
+A turn scores 1.0 for exactly the requested digit, 0.5 for an answer containing it among other
+text, else 0 (:func:`score_answer`). Each step's reward is the turn's score over the number of
+turns, so an episode's return (the sum of its step rewards) is its mean score, in [0, 1].
+
+A randomly initialised model says the requested digit about once in two hundred tries, so the
+reward starts near 0. To score, the policy must first answer with digits at all, then read which
+digit the user asked for out of the prompt (the environment checks nothing else).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW) -> dict[str,
         "reward_ratio": last / first if first > 0 else math.inf,
         "exact_first": mean([r["exact_rate"] for r in rows[:w]]),
         "exact_last": mean([r["exact_rate"] for r in rows[-w:]]),
-        "learned": bool(last >= 2 * first and last > first),
+        # Judged only over two full windows; a shorter run says nothing either way.
+        "learned": bool(last >= 2 * first and last > first) if len(rows) >= 2 * window else None,
     }
     for key in ("generation_tokens_per_s", "generation_s", "update_s", "weight_sync_s", "sleep_s",
                 "wake_kv_cache_s", "wake_weights_s", "step_s", "logprob_abs_diff_max"):

@@ -18,27 +18,34 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def plot_reward_curve(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", window: int = 10) -> Path:
-    """Mean episode reward and exact-answer rate per step, each with its moving average."""
+    """Mean episode reward per step with its moving average; below it, the policy's entropy at the
+    tokens it generated (when the rows have it), which falls as the policy settles on its answers."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works on a machine without a display
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label, color in (("reward_mean", "mean reward", "tab:blue"),
-                              ("exact_rate", "exact answers", "tab:green")):
-        values = [r[key] for r in rows]
-        ax.plot(steps, values, color=color, alpha=0.3, linewidth=1)
-        ax.plot(steps, moving_average(values, window), color=color, linewidth=2,
-                label=f"{label} ({window}-step average)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("per step, over all episodes")
+    rewards = [r["reward_mean"] for r in rows]
+    has_entropy = bool(rows) and "entropy" in rows[0]
+    fig, axes = plt.subplots(2 if has_entropy else 1, 1, figsize=(7, 5.2 if has_entropy else 4), dpi=110,
+                             sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1.3][:2 if has_entropy else 1]})
+    ax = axes[0][0]
+    ax.plot(steps, rewards, color="tab:blue", alpha=0.3, linewidth=1, label="mean reward per step")
+    ax.plot(steps, moving_average(rewards, window), color="tab:blue", linewidth=2,
+            label=f"{window}-step average")
+    ax.set_ylabel("mean episode reward")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     if title:
         ax.set_title(title)
+    if has_entropy:
+        ent = axes[1][0]
+        ent.plot(steps, [r["entropy"] for r in rows], color="tab:orange", linewidth=1.5)
+        ent.set_ylabel("policy entropy\n(nats)")
+        ent.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("training step")
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
