@@ -168,6 +168,7 @@ class SGLangEngine:
     async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
         params = request.sampling_params
         plan = translate_sampling(params)
+        self._check_prompts(request.prompt_token_ids)
         results = await self._on_loop(self._generate_all(request, plan))
         completions = []
         for rid, prompt, result in zip(request.request_ids, request.prompt_token_ids, results):
@@ -176,11 +177,25 @@ class SGLangEngine:
             await self._on_loop(self._rescore(request, completions, plan))
         return GenerateOutput(completions)
 
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        """Refuse what SGLang would crash or fail on: an out-of-vocabulary id takes its scheduler
+        down (and with it this process), an over-long prompt is an error deep inside it."""
+        vocab, context = self.tm.model_config.vocab_size, self.tm.context_len
+        for i, prompt in enumerate(prompts):
+            bad = next((t for t in prompt if t >= vocab), None)
+            if bad is not None:
+                raise ConfigError(f"prompt_token_ids[{i}]",
+                                  f"token id {bad} is outside the vocabulary (size {vocab}).")
+            if len(prompt) >= context:
+                raise ConfigError(f"prompt_token_ids[{i}]",
+                                  f"has {len(prompt)} tokens; the model's limit (max_model_len) is {context}. "
+                                  "Shorten the prompt.")
+
     async def _generate_all(self, request: GenerateRequest, plan: SGLangSampling) -> list[_Result]:
         """One batched ``async_generate`` (the way SGLang is cheapest to drive); requests with stop
         strings stream one by one instead, each with its own watch."""
         rids, prompts, lora = list(request.request_ids), request.prompt_token_ids, request.lora_name
-        if plan.stop_strings:
+        if plan.streamed:
             return list(await asyncio.gather(*(self._submit([rid], [prompt], plan, lora, streamed=True)
                                                for rid, prompt in zip(rids, prompts))))
         return await self._submit(rids, prompts, plan, lora, streamed=False)
@@ -203,6 +218,11 @@ class SGLangEngine:
                 kwargs["top_logprobs_num"] = plan.top_logprobs_num
         if lora is not None:
             kwargs["lora_path"] = [lora] * len(rids)
+        # A response ends at the context length ("length"), as on every backend; SGLang would
+        # refuse the request instead.
+        room = [self.tm.context_len - getattr(self.tm, "num_reserved_tokens", 0) - len(p) for p in prompts]
+        if any(r < sp["max_new_tokens"] for r in room):
+            kwargs["sampling_params"] = [dict(sp, max_new_tokens=max(1, min(sp["max_new_tokens"], r))) for r in room]
         return kwargs
 
     async def _submit(self, rids: list[str], prompts: list[list[int]], plan: SGLangSampling, lora: str | None,
@@ -214,6 +234,8 @@ class SGLangEngine:
         try:
             if streamed:
                 kwargs.update(input_ids=prompts[0], rid=rids[0])
+                if isinstance(kwargs["sampling_params"], list):
+                    kwargs["sampling_params"] = kwargs["sampling_params"][0]
                 if lora is not None:
                     kwargs["lora_path"] = lora
                 return await self._generate_streamed(rids[0], kwargs, plan)
@@ -230,7 +252,7 @@ class SGLangEngine:
                 await self._flush()
 
     async def _generate_streamed(self, rid: str, kwargs: dict[str, Any], plan: SGLangSampling) -> _Result:
-        watch = StopStringWatch(plan.stop_strings, self._decode)
+        watch = StopStringWatch(plan.stop_strings, self._decode, plan.watched_stop_token_ids)
         last: dict[str, Any] | None = None
         stream = await self.engine.async_generate(stream=True, **kwargs)
         async for chunk in stream:

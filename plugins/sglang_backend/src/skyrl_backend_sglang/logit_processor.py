@@ -7,11 +7,15 @@ instead, per request, by a custom logit processor SGLang runs in its scheduler p
 sampling (after penalties):
 
 * ``min_new_tokens``: until that many tokens were sampled, the EOS ids and stop ids get ``-inf``.
-* ``seed``: the next token is drawn from the canonical distribution (temperature, top-k, top-p,
-  min-p) with a generator seeded from ``(seed, step)``, and the row is made one-hot so SGLang's own
-  sampler (run at temperature 1 without truncation for such requests) can only pick that token. The
-  draw depends on nothing but the sequence's seed, its step and its logits, so it reproduces
-  whatever else is in the batch.
+* ``seed`` and ``repetition_penalty``: the processor samples the token itself ("self-sampling")
+  and makes the row one-hot, so SGLang's own sampler (run at temperature 1, without truncation or
+  penalty, for such requests) can only pick that token. The token is drawn from the canonical
+  distribution (repetition penalty over prompt *and* response, as Hugging Face and vLLM apply it;
+  SGLang's own penalizes only the response; then temperature, top-k, top-p, min-p). A seeded draw
+  uses a generator seeded from ``(seed, step)``, so it depends on nothing but the sequence's seed,
+  step and logits and reproduces whatever else is in the batch. The processor keeps the tokens it
+  chose on the request, so the penalty sees the exact history even when SGLang's own ``output_ids``
+  lag behind (overlap scheduler).
 
 Both change the distribution SGLang takes log-probabilities from, so the engine recomputes those
 with a teacher-forced prefill (see ``translation.SGLangSampling.rescore_logprobs``).
@@ -32,6 +36,8 @@ import torch
 _MASK64 = (1 << 64) - 1
 # Attribute the processor keeps on SGLang's request object: how many tokens it has processed for it.
 _STEP_ATTR = "_skyrl_backends_steps"
+# ...and the tokens it chose for it (self-sampling), SGLang's output_ids may lag behind them.
+_PICKED_ATTR = "_skyrl_backends_picked"
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -61,28 +67,48 @@ def truncated_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p
     return logits
 
 
-def seeded_choice(logits: torch.Tensor, seed: int, step: int, temperature: float, top_k: int,
+def seeded_choice(logits: torch.Tensor, seed: int | None, step: int, temperature: float, top_k: int,
                   top_p: float, min_p: float) -> int:
-    """The token a seeded sequence takes at ``step`` (a row of logits in, a token id out)."""
+    """The token a sequence takes at ``step`` (a row of logits in, a token id out): argmax at
+    temperature 0, else a draw from the truncated distribution, reproducible when ``seed`` is set."""
+    if temperature == 0:
+        return int(logits.argmax())
     probs = torch.softmax(truncated_logits(logits, temperature, top_k, top_p, min_p), dim=-1)
-    generator = torch.Generator(device=probs.device)
-    generator.manual_seed(step_seed(seed, step))
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=probs.device)
+        generator.manual_seed(step_seed(seed, step))
     return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
-def process_row(row: torch.Tensor, params: dict[str, Any], step: int) -> None:
-    """Apply the plugin's rules to one row of logits in place; ``step`` tokens were sampled so far."""
+def apply_repetition_penalty(row: torch.Tensor, history: list[int], penalty: float) -> None:
+    """Hugging Face / vLLM semantics, in place: every token seen in prompt or response has a positive
+    logit divided by ``penalty`` and a negative one multiplied by it (once, however often seen)."""
+    if penalty == 1.0 or not history:
+        return
+    seen = torch.tensor(sorted(set(history)), device=row.device)
+    values = row[seen]
+    row[seen] = torch.where(values > 0, values / penalty, values * penalty)
+
+
+def process_row(row: torch.Tensor, params: dict[str, Any], step: int, history: list[int] | None = None) -> int | None:
+    """Apply the plugin's rules to one row of logits in place; ``step`` tokens were sampled so far and
+    ``history`` is prompt plus response. Returns the token when the processor chose it."""
+    if params.get("self_sample"):
+        apply_repetition_penalty(row, history or [], float(params.get("repetition_penalty", 1.0)))
     minimum = int(params.get("min_new_tokens") or 0)
     if step < minimum:
         banned = banned_until_min_length(params)
         if banned:
             row[torch.tensor(banned, device=row.device)] = float("-inf")
+    if not params.get("self_sample"):
+        return None
     seed = params.get("seed")
-    if seed is not None:
-        token = seeded_choice(row, int(seed), step, float(params["temperature"]), int(params["top_k"]),
-                              float(params["top_p"]), float(params["min_p"]))
-        row.fill_(float("-inf"))
-        row[token] = 0.0
+    token = seeded_choice(row, None if seed is None else int(seed), step, float(params["temperature"]),
+                          int(params["top_k"]), float(params["top_p"]), float(params["min_p"]))
+    row.fill_(float("-inf"))
+    row[token] = 0.0
+    return token
 
 
 def banned_until_min_length(params: dict[str, Any]) -> list[int]:
@@ -117,6 +143,24 @@ def request_step(params: dict[str, Any]) -> int | None:
     return step
 
 
+def request_history(params: dict[str, Any]) -> list[int]:
+    """Prompt plus the tokens this processor chose (self-sampling requests only)."""
+    req = params.get("__req__")
+    if req is None:
+        return list(params.get("history", []))
+    return [*getattr(req, "origin_input_ids", []), *getattr(req, _PICKED_ATTR, [])]
+
+
+def record_choice(params: dict[str, Any], token: int) -> None:
+    req = params.get("__req__")
+    if req is not None:
+        picked = getattr(req, _PICKED_ATTR, None)
+        if picked is None:
+            picked = list(getattr(req, "output_ids", []) or [])
+            setattr(req, _PICKED_ATTR, picked)
+        picked.append(token)
+
+
 class SkyRLLogitProcessor:
     """SGLang custom logit processor (duck-typed ``CustomLogitProcessor``): rows are the requests
     that carry this processor, ``custom_param_list`` their ``custom_params``."""
@@ -126,8 +170,12 @@ class SkyRLLogitProcessor:
             if not params:
                 continue
             step = request_step(params)
-            if step is not None:
-                process_row(logits[row], params, step)
+            if step is None:
+                continue
+            history = request_history(params) if params.get("self_sample") else None
+            token = process_row(logits[row], params, step, history)
+            if token is not None:
+                record_choice(params, token)
         return logits
 
     @classmethod

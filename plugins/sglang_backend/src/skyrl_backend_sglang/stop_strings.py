@@ -19,30 +19,40 @@ from skyrl_backends.stopping import StopStringMatcher
 
 @dataclass(frozen=True)
 class StopMatch:
-    """Where a response stops: keep ``num_tokens`` tokens; ``text`` ends with ``stop``."""
+    """Where a response stops: keep ``num_tokens`` tokens; ``stop`` is the matched string (``text``
+    ends with it) or stop token id."""
 
     num_tokens: int
-    stop: str
+    stop: str | int
     text: str
 
 
 class StopStringWatch:
-    """Follows one streamed response (cumulative token lists) and reports the first match."""
+    """Follows one streamed response (cumulative token lists) and reports the first match.
 
-    def __init__(self, stop: Sequence[str], decode: Callable[[list[int]], str]) -> None:
+    ``stop_token_ids`` are watched too when given: SGLang's ``ignore_eos`` also disables its stop
+    ids, while canonically it only disables EOS, so with ``ignore_eos`` the plugin watches them."""
+
+    def __init__(self, stop: Sequence[str], decode: Callable[[list[int]], str],
+                 stop_token_ids: Sequence[int] = ()) -> None:
         self._matcher = StopStringMatcher(stop, decode)
+        self._decode = decode
+        self._stop_ids = frozenset(int(t) for t in stop_token_ids)
         self._tokens: list[int] = []
         self.match: StopMatch | None = None
 
     def feed(self, output_ids: Sequence[int]) -> StopMatch | None:
         """Feed the response so far; returns the match once one is found (and from then on)."""
-        if self.match is not None or not self._matcher:
+        if self.match is not None or not (self._matcher or self._stop_ids):
             return self.match
         if len(output_ids) < len(self._tokens) or list(output_ids[: len(self._tokens)]) != self._tokens:
             raise ValueError("streamed output is not an extension of the tokens seen so far")
         for token in output_ids[len(self._tokens):]:
             self._tokens.append(int(token))
-            found = self._matcher.feed(self._tokens)
+            if int(token) in self._stop_ids:
+                self.match = StopMatch(len(self._tokens), int(token), self._decode(self._tokens))
+                break
+            found = self._matcher.feed(self._tokens) if self._matcher else None
             if found is not None:
                 self.match = StopMatch(len(self._tokens), found[0], found[1])
                 break

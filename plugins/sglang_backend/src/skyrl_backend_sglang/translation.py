@@ -50,8 +50,8 @@ SAMPLING_TO_SGLANG: dict[str, str] = {
     "top_p": "top_p",
     "top_k": "top_k (-1: all)",
     "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "stop_token_ids": "stop_token_ids",
+    "repetition_penalty": "plugin: custom logit processor (prompt and response, as HF/vLLM)",
+    "stop_token_ids": "stop_token_ids (with ignore_eos, which disables them in SGLang: watched by the plugin)",
     "ignore_eos": "ignore_eos",
     "logprobs: 0": "return_logprob=True",
     "logprobs: N": "return_logprob=True, top_logprobs_num=N",
@@ -79,6 +79,7 @@ class SGLangSampling:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     stop_strings: tuple[str, ...] = ()
+    watched_stop_token_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
     seed: int | None = None
     processor_params: dict[str, Any] = field(default_factory=dict)
@@ -88,12 +89,18 @@ class SGLangSampling:
     def needs_processor(self) -> bool:
         return bool(self.processor_params)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the plugin must follow the tokens as they come (to stop the request itself)."""
+        return bool(self.stop_strings or self.watched_stop_token_ids)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "sampling_params": dict(self.sampling_params),
             "return_logprob": self.return_logprob,
             "top_logprobs_num": self.top_logprobs_num,
             "stop_strings": list(self.stop_strings),
+            "watched_stop_token_ids": list(self.watched_stop_token_ids),
             "min_new_tokens": self.min_new_tokens,
             "seed": self.seed,
             "processor_params": dict(self.processor_params),
@@ -118,26 +125,35 @@ def translate_sampling(params: SamplingParams) -> SGLangSampling:
         # Token-in mode: SGLang must never trim or rewrite output around stops.
         "no_stop_trim": True,
     }
+    watched_ids: tuple[int, ...] = ()
     if params.stop_token_ids:
-        sp["stop_token_ids"] = sorted(set(params.stop_token_ids))
+        if params.ignore_eos:
+            # SGLang's ignore_eos disables its stop ids too; the plugin watches them instead.
+            watched_ids = tuple(sorted(set(params.stop_token_ids)))
+        else:
+            sp["stop_token_ids"] = sorted(set(params.stop_token_ids))
     processor: dict[str, Any] = {}
     if params.min_new_tokens:
         processor["min_new_tokens"] = params.min_new_tokens
         processor["stop_token_ids"] = sorted(set(params.stop_token_ids))
         processor["ignore_eos"] = params.ignore_eos
-    if seeded:
-        # The processor draws the token from the canonical distribution with the sequence's own
-        # generator and leaves SGLang a one-hot choice; SGLang's own truncation must then be off.
-        processor.update(seed=params.seed, temperature=float(params.temperature), top_p=float(params.top_p),
-                         top_k=int(params.top_k), min_p=float(params.min_p))
-        sp.update(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0)
+    # Seeds and repetition penalty (SGLang's penalizes only the response, the canonical one prompt
+    # and response): the processor draws the token itself from the canonical distribution and leaves
+    # SGLang a one-hot choice, so SGLang's own truncation and penalty must then be off.
+    self_sample = seeded or params.repetition_penalty != 1.0
+    if self_sample:
+        processor.update(self_sample=True, seed=params.seed if seeded else None,
+                         temperature=float(params.temperature), top_p=float(params.top_p), top_k=int(params.top_k),
+                         min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty))
+        sp.update(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0)
     return_logprob = params.logprobs is not None
-    altered = bool(params.min_new_tokens) or seeded or params.repetition_penalty != 1.0
+    altered = bool(params.min_new_tokens) or self_sample
     return SGLangSampling(
         sampling_params=sp,
         return_logprob=return_logprob,
         top_logprobs_num=params.logprobs or 0,
         stop_strings=tuple(params.stop),
+        watched_stop_token_ids=watched_ids,
         min_new_tokens=params.min_new_tokens,
         seed=params.seed if seeded else None,
         processor_params=processor,

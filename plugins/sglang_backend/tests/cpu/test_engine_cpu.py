@@ -223,3 +223,45 @@ def test_abort_while_paused_returns_and_others_stay_paused(engine):
     aborted, keeper_held, kept = run(scenario())
     assert aborted[0].finish_reason == "abort" and keeper_held
     assert kept[0].finish_reason == "length" and len(kept[0].token_ids) == 300
+
+
+def test_broadcast_sync_from_a_trainer_group(engine, model_dir):
+    """SGLang's own receiver (init_weights_update_group / update_weights_from_distributed) joins the
+    trainer's gloo group made by skyrl_backends.weight_sync; one typed broadcast per tensor."""
+    from safetensors.torch import load_file
+    from skyrl_backends.weight_sync import connect_broadcast, sync_weights
+
+    original = load_file(f"{model_dir}/model.safetensors")
+    scrambled = {k: v.flip(0) for k, v in original.items()}
+    base = greedy(engine)
+
+    async def scenario():
+        sender = await connect_broadcast(engine, backend="gloo", timeout_s=120)
+        try:
+            await sync_weights(engine, scrambled, strategy="broadcast", sender=sender)
+            changed = await engine.generate(PROMPTS, GREEDY)
+            await sync_weights(engine, original, strategy="broadcast", sender=sender)
+            restored = await engine.generate(PROMPTS, GREEDY)
+        finally:
+            sender.close()
+        return changed, restored
+
+    changed, restored = run(scenario())
+    assert changed.response_ids != base.response_ids
+    assert restored.response_ids == base.response_ids
+
+
+def test_bad_prompts_are_refused_and_the_engine_survives(engine):
+    vocab = engine.impl.tm.model_config.vocab_size
+    with pytest.raises(ConfigError, match=r"prompt_token_ids\[1\]"):
+        greedy(engine, [PROMPTS[0], [1, 2, vocab + 3]])
+    with pytest.raises(ConfigError, match="max_model_len"):
+        greedy(engine, [[7] * 512])
+    assert len(greedy(engine, PROMPTS[:1])[0].token_ids) == 12
+
+
+def test_response_ends_at_the_context_length(engine):
+    prompt = [7] * 500  # max_model_len is 512
+    out = run(engine.generate([prompt, PROMPTS[0]], {"max_generate_length": 30, "temperature": 0, "ignore_eos": True}))
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 12
+    assert len(out[1].token_ids) == 30

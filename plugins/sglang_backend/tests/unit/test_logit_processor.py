@@ -12,13 +12,14 @@ import torch
 from skyrl_backend_sglang.logit_processor import (
     SkyRLLogitProcessor,
     banned_until_min_length,
+    apply_repetition_penalty,
     request_step,
     seeded_choice,
     step_seed,
     truncated_logits,
 )
 
-SEEDED = {"seed": 5, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+SEEDED = {"self_sample": True, "seed": 5, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
 
 
 def test_min_length_masks_eos_and_stop_ids_until_reached():
@@ -80,3 +81,24 @@ def test_step_counts_calls_on_the_request_and_skips_middle_chunks():
     assert request_step({"__req__": late}) == 2
     late.output_ids.append(9)
     assert request_step({"__req__": late}) == 3
+
+
+def test_repetition_penalty_covers_prompt_and_response_once():
+    row = torch.tensor([2.0, -2.0, 4.0, 1.0])
+    apply_repetition_penalty(row, [0, 1, 1, 3], 2.0)
+    assert row.tolist() == [1.0, -4.0, 4.0, 0.5]
+
+
+def test_self_sampling_penalises_the_exact_history_despite_lagging_output_ids():
+    # The prompt holds token 1, the processor itself chose token 2 at the previous step, and SGLang's
+    # output_ids have not caught up: both must be penalised, so greedy now picks token 3.
+    params = {"self_sample": True, "seed": None, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+              "repetition_penalty": 10.0}
+    req = SimpleNamespace(origin_input_ids=[1], output_ids=[], inflight_middle_chunks=0)
+    processor = SkyRLLogitProcessor()
+    first = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
+    processor(first, [dict(params, __req__=req)])
+    assert int(first[0].argmax()) == 2  # 5/10 < 4: the prompt token is penalised
+    second = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
+    processor(second, [dict(params, __req__=req)])
+    assert int(second[0].argmax()) == 3

@@ -38,3 +38,14 @@ def test_a_stream_that_rewrites_history_is_an_error():
     watch.feed([0, 1])
     with pytest.raises(ValueError, match="extension"):
         watch.feed([1, 1, 2])
+
+
+def test_watched_stop_ids_stop_at_the_first_one():
+    # With ignore_eos SGLang drops stop ids, so the plugin watches them in the stream.
+    match = StopStringWatch([], decode, stop_token_ids=[3, 2]).feed([0, 1, 2, 3])
+    assert (match.num_tokens, match.stop, match.text) == (3, 2, "Hello wor")
+
+
+def test_the_earlier_of_a_stop_id_and_a_stop_string_wins():
+    assert StopStringWatch(["Hello"], decode, stop_token_ids=[2]).feed([0, 1, 2]).stop == "Hello"
+    assert StopStringWatch(["ld"], decode, stop_token_ids=[2]).feed([0, 1, 2, 3]).stop == 2

@@ -15,12 +15,13 @@ from skyrl_backend_sglang.translation import (
 
 def test_design_table_names():
     plan = translate_sampling(SamplingParams(max_generate_length=33, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1,
-                                             repetition_penalty=1.0, stop_token_ids=(9, 4, 9), ignore_eos=True))
+                                             repetition_penalty=1.0, stop_token_ids=(9, 4, 9)))
     sp = plan.sampling_params
     assert sp["max_new_tokens"] == 33
     assert (sp["temperature"], sp["top_p"], sp["top_k"], sp["min_p"]) == (0.7, 0.9, 5, 0.1)
     assert sp["stop_token_ids"] == [4, 9]
-    assert sp["ignore_eos"] is True and sp["no_stop_trim"] is True
+    assert sp["ignore_eos"] is False and sp["no_stop_trim"] is True
+    assert translate_sampling(SamplingParams(ignore_eos=True)).sampling_params["ignore_eos"] is True
     assert "min_new_tokens" not in sp and "stop" not in sp and "sampling_seed" not in sp
     assert not plan.return_logprob and plan.top_logprobs_num == 0 and not plan.needs_processor
 
@@ -43,6 +44,7 @@ def test_stop_strings_stay_with_the_plugin():
 def test_min_new_tokens_goes_to_the_processor():
     plan = translate_sampling(SamplingParams(min_new_tokens=4, stop_token_ids=(7,), logprobs=0))
     assert plan.processor_params == {"min_new_tokens": 4, "stop_token_ids": [7], "ignore_eos": False}
+    assert "self_sample" not in plan.processor_params
     assert "min_new_tokens" not in plan.sampling_params
     assert plan.rescore_logprobs  # the mask changes the distribution SGLang reports
 
@@ -50,10 +52,19 @@ def test_min_new_tokens_goes_to_the_processor():
 def test_seed_samples_in_the_processor_and_untruncates_sglang():
     plan = translate_sampling(SamplingParams(seed=11, temperature=0.8, top_p=0.5, top_k=3, min_p=0.2))
     assert plan.seed == 11
-    assert plan.processor_params == {"seed": 11, "temperature": 0.8, "top_p": 0.5, "top_k": 3, "min_p": 0.2}
+    assert plan.processor_params == {"self_sample": True, "seed": 11, "temperature": 0.8, "top_p": 0.5, "top_k": 3,
+                                     "min_p": 0.2, "repetition_penalty": 1.0}
     sp = plan.sampling_params
-    assert (sp["temperature"], sp["top_p"], sp["top_k"], sp["min_p"]) == (1.0, 1.0, -1, 0.0)
+    assert (sp["temperature"], sp["top_p"], sp["top_k"], sp["min_p"], sp["repetition_penalty"]) == (1.0, 1.0, -1, 0.0, 1.0)
     assert not plan.rescore_logprobs  # no log-probabilities asked for
+
+
+def test_repetition_penalty_is_sampled_by_the_processor():
+    # SGLang's penalizer sees only the response; the canonical penalty covers the prompt too.
+    plan = translate_sampling(SamplingParams(repetition_penalty=1.3, temperature=0))
+    assert plan.processor_params["self_sample"] and plan.processor_params["repetition_penalty"] == 1.3
+    assert plan.processor_params["seed"] is None and plan.processor_params["temperature"] == 0.0
+    assert plan.sampling_params["repetition_penalty"] == 1.0
 
 
 def test_greedy_seed_needs_nothing():
@@ -108,3 +119,12 @@ def test_unknown_server_arg_names_the_closest():
     with pytest.raises(ConfigError, match="attention_backend"):
         check_server_arg_names({"attention_backnd"}, {"attention_backend", "tp_size"})
     check_server_arg_names({"tp_size"}, {"attention_backend", "tp_size"})
+
+
+def test_stop_ids_with_ignore_eos_are_watched_by_the_plugin():
+    # SGLang's ignore_eos also disables stop_token_ids; canonically it disables EOS only.
+    plan = translate_sampling(SamplingParams(stop_token_ids=(5, 3), ignore_eos=True))
+    assert plan.watched_stop_token_ids == (3, 5) and plan.streamed
+    assert "stop_token_ids" not in plan.sampling_params
+    plain = translate_sampling(SamplingParams(stop_token_ids=(5, 3)))
+    assert plain.watched_stop_token_ids == () and not plain.streamed
