@@ -218,3 +218,33 @@ async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"fewer than {count} requests were ever in flight")
+
+
+def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session, backend, model_path,
+                                                               engine_options):
+    """Engines scheduled on bundles of a placement group the trainer owns (``colocate=True``), as
+    with ``colocate_all``: on this CPU-only Ray the GPU fraction is 0, the placement is the same."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from skyrl_backends.errors import ConfigError
+    from skyrl_backends.ray_wrapper import create_ray_engines
+
+    with pytest.raises(ConfigError, match="placement_group"):
+        create_ray_engines(1, backend, model_path, colocate=True)
+    trainer_group = placement_group([{"CPU": 0.5}])
+    ray_session.get(trainer_group.ready(), timeout=120)
+    try:
+        engines = create_ray_engines(1, backend, model_path, placement_group=trainer_group, colocate=True,
+                                     num_cpus_per_engine=0.5, **engine_options)
+
+        async def main():
+            client = InferenceEngineClient(engines)
+            out = await client.generate(prompts(2), {"max_generate_length": 4, **GREEDY})
+            assert [len(c.token_ids) for c in out] == [4, 4]
+            await client.teardown()
+
+        aio.run(main(), 300)
+        table = ray_session.util.placement_group_table(trainer_group)
+        assert table["state"] == "CREATED"
+    finally:
+        remove_placement_group(trainer_group)
