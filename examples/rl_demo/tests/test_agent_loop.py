@@ -19,9 +19,11 @@ class ScriptedGenerator:
     def __init__(self, script):
         self.script = list(script)
         self.prompts = []
+        self.session_ids = []
 
-    async def generate(self, prompts, sampling_params=None, **fields):
+    async def generate(self, prompts, sampling_params=None, session_ids=None):
         self.prompts.append([list(p) for p in prompts])
+        self.session_ids.append(session_ids)
         return GenerateOutput([self.script.pop(0) for _ in prompts])
 
 
@@ -79,6 +81,9 @@ def test_loss_mask_logprobs_and_input_ids_over_two_turns(tokenizer):
     assert generator.prompts[1] == [first.prompt_ids + seven + [eot] + obs_ok,
                                     second.prompt_ids + junk + [eot] + obs_wrong]
     assert first.input_ids == first.prompt_ids + first.response_ids
+    # both turns of an episode carry its session id (sticky routing), distinct between episodes
+    assert generator.session_ids[0] == generator.session_ids[1] == [first.session_id, second.session_id]
+    assert first.session_id != second.session_id
     assert (first.total_reward, second.total_reward) == (0.75, 0.5)  # 7 right, "3ab" half; "ab" wrong, 3 right
     assert first.chat_history[-2:] == [{"role": "user", "content": "Correct. Say 3."},
                                        {"role": "assistant", "content": "3ab"}]

@@ -20,7 +20,8 @@ A response cut off by the length limit has no end-of-turn token; the loop append
 conversation stays well formed, masks it (the policy did not choose it) and gives it log-probability
 0.0 (never used, since it is masked).
 
-Episodes run in lockstep: each turn sends every live episode's input ids in one ``generate`` call.
+Episodes run in lockstep: each turn sends every live episode's input ids in one ``generate`` call,
+each with its episode's session id (sticky routing to one engine, for its prefix cache).
 The engines batch within a call (the CPU reference engine batches only there), and the result is the
 same as one loop per episode.
 """
@@ -28,6 +29,7 @@ same as one loop per episode.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -79,6 +81,7 @@ class AgentLoopState:
     chat_history: list[Message]
     prompt_ids: list[int]
     input_ids: list[int]
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     loss_mask: list[int] = field(default_factory=list)
     rollout_logprobs: list[float] = field(default_factory=list)
     turns: list[TurnOutput] = field(default_factory=list)
@@ -176,7 +179,10 @@ async def run_agent_loops(generator: Generates, envs: Sequence[Environment], cha
         if not live:
             break
         started = time.perf_counter()
-        output = await generator.generate([states[i].input_ids for i in live], sampling_params)
+        # One session per episode: the client sends every turn of it to the same engine, whose
+        # prefix cache then already holds the conversation so far.
+        output = await generator.generate([states[i].input_ids for i in live], sampling_params,
+                                          session_ids=[states[i].session_id for i in live])
         generation_s += time.perf_counter() - started
         for i, completion in zip(live, output):
             state, env = states[i], envs[i]
