@@ -147,10 +147,14 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
     try:
         # Warm-up (first-call costs) on a throwaway client.
         await InferenceEngineClient(engines).generate([[5, 6, 7]] * 4, {"max_generate_length": 4})
+        modes = ["random", "consistent_hash"] + (["bounded"] if args.load_factor else [])
         for round_index in range(args.rounds):
-            order = ["random", "consistent_hash"] if round_index % 2 == 0 else ["consistent_hash", "random"]
+            order = modes if round_index % 2 == 0 else modes[::-1]
             for routing in order:
-                client = InferenceEngineClient(engines, session_routing=routing)
+                if routing == "bounded":
+                    client = InferenceEngineClient(engines, session_load_factor=args.load_factor)
+                else:
+                    client = InferenceEngineClient(engines, session_routing=routing)
                 result = await run_workload(client, probes, args, routing, round_index)
                 results.append(result)
                 print(f"round {round_index} {routing:>15}: {result.seconds:6.2f}s {result.tokens_per_s:8.1f} tok/s "
@@ -170,9 +174,11 @@ def summarize(results: list[RunResult], args: argparse.Namespace) -> dict[str, A
                 / max(1, sum(r.followup_prompt_tokens for r in runs))}
 
     sticky, rand = agg("consistent_hash"), agg("random")
+    bounded = agg("bounded") if args.load_factor else None
     return {"backend": args.backend, "engines": args.engines, "sessions": args.sessions, "turns": args.turns,
             "prefix_tokens": args.prefix_tokens, "turn_tokens": args.turn_tokens, "max_tokens": args.max_tokens,
-            "rounds": args.rounds, "sticky": sticky, "random": rand,
+            "rounds": args.rounds, "sticky": sticky, "random": rand, "bounded": bounded,
+            "load_factor": args.load_factor,
             "tokens_per_s_ratio": sticky["tokens_per_s"] / rand["tokens_per_s"],
             "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -191,6 +197,10 @@ def print_table(summary: dict[str, Any]) -> None:
           f"{r['tokens_per_s']:.1f} | 1.00 |")
     print(f"| sticky (consistent hash) | {s['hit_rate']:.3f} | {s['followup_hit_rate']:.3f} | "
           f"{s['tokens_per_s']:.1f} | {summary['tokens_per_s_ratio']:.2f} |")
+    b = summary.get("bounded")
+    if b:
+        print(f"| sticky, bounded loads (factor {summary['load_factor']}) | {b['hit_rate']:.3f} | "
+              f"{b['followup_hit_rate']:.3f} | {b['tokens_per_s']:.1f} | {b['tokens_per_s'] / r['tokens_per_s']:.2f} |")
 
 
 def main() -> None:
@@ -205,6 +215,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-factor", type=float, default=None,
+                        help="also run sticky routing with bounded loads (InferenceEngineClient session_load_factor)")
     parser.add_argument("--json", default=None, help="also write the summary here")
     args = parser.parse_args()
     results = asyncio.run(main_async(args))

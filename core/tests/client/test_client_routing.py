@@ -64,3 +64,22 @@ def test_reassemble_refuses_missing_or_miscounted_parts():
         reassemble(2, 1, [([0], [c(0)])])
     with pytest.raises(ValueError, match="completions"):
         reassemble(1, 2, [([0], [c(0)])])
+
+
+def test_bounded_loads_keep_sessions_sticky_until_an_engine_is_overloaded():
+    sessions = [f"s{i}" for i in range(64)]
+    strict = router().assign(sessions, 64, ENGINES)
+    bounded_router = router(session_load_factor=1.0)
+    bounded = bounded_router.assign(sessions, 64, ENGINES)
+    bound = -(-64 // 3)  # ceil(64 / 3): no engine above the average
+    assert max(len(v) for v in bounded.values()) <= bound
+    assert max(len(v) for v in strict.values()) > max(len(v) for v in bounded.values())
+    # Sessions stay on their ring engine unless it was full: most do.
+    owner = {i: e for e, idx in strict.items() for i in idx}
+    kept = sum(owner[i] == e for e, idx in bounded.items() for i in idx)
+    assert kept >= 0.7 * 64
+    # With no load at all, every session goes to its ring engine.
+    for s in sessions[:10]:
+        assert bounded_router.assign([s], 1, ENGINES) == {bounded_router.ring.lookup(s): [0]}
+    with pytest.raises(ValueError, match="session_load_factor"):
+        router(session_load_factor=0.5)

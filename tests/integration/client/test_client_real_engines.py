@@ -225,7 +225,6 @@ def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session,
     """Engines scheduled on bundles of a placement group the trainer owns (``colocate=True``), as
     with ``colocate_all``: on this CPU-only Ray the GPU fraction is 0, the placement is the same."""
     from ray.util.placement_group import placement_group, remove_placement_group
-
     from skyrl_backends.errors import ConfigError
     from skyrl_backends.ray_wrapper import create_ray_engines
 

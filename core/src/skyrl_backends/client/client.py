@@ -97,13 +97,16 @@ class InferenceEngineClient:
     exceeds it is marked unhealthy and its prompts fail over. ``tokenizer`` (anything with
     ``decode(ids, skip_special_tokens=True)``) or ``decode`` lets continuations re-check stop strings
     across the seam and decode their text whole. ``pause_mode="abort"`` forces the
-    abort-and-resubmit pause even on engines with a native pause.
+    abort-and-resubmit pause even on engines with a native pause. ``session_load_factor`` (None:
+    strictly sticky) lets a session leave an engine that has more than that factor times the
+    average load in flight (consistent hashing with bounded loads; see ``routing.Router``).
     """
 
     def __init__(self, engines: Sequence[Any], *, request_timeout: float | None = None,
                  session_routing: SessionRouting = "consistent_hash", pause_mode: PauseMode = "auto",
                  tokenizer: Any = None, decode: Decode | None = None,
-                 virtual_nodes: int = DEFAULT_VIRTUAL_NODES, max_failovers: int | None = None) -> None:
+                 virtual_nodes: int = DEFAULT_VIRTUAL_NODES, max_failovers: int | None = None,
+                 session_load_factor: float | None = None) -> None:
         if pause_mode not in ("auto", "abort"):
             raise ValueError(f"pause_mode must be 'auto' or 'abort', got {pause_mode!r}")
         if request_timeout is not None and request_timeout <= 0:
@@ -117,7 +120,7 @@ class InferenceEngineClient:
         self._ids = itertools.count()
         self._ring = ConsistentHashRing(virtual_nodes=virtual_nodes)
         self._load = LoadTracker()
-        self._router = Router(self._ring, self._load, session_routing)
+        self._router = Router(self._ring, self._load, session_routing, session_load_factor=session_load_factor)
         self._max_failovers = max_failovers
         self._closed = False
         # Pause state. New requests and continuations wait while paused; ``_state_changed`` is set

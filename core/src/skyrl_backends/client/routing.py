@@ -8,6 +8,7 @@ it, so one large batch is spread evenly rather than piled onto the engine that w
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -43,17 +44,28 @@ class Router:
 
     ``session_routing="random"`` sends each turn of a session to a random engine; it exists only as
     the baseline of the sticky-routing benchmark.
+
+    ``session_load_factor`` (off by default: sessions are strictly sticky) bounds how uneven sticky
+    routing may get, as in consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
+    2018): a session goes to its ring engine unless that engine already has more than
+    ``factor x`` the average number of sequences in flight, and then to the next engine clockwise
+    that has room. Sessions move only while their engine is overloaded.
     """
 
     def __init__(self, ring: ConsistentHashRing, load: LoadTracker,
-                 session_routing: SessionRouting = "consistent_hash", seed: int = 0) -> None:
+                 session_routing: SessionRouting = "consistent_hash", seed: int = 0,
+                 session_load_factor: float | None = None) -> None:
         if session_routing not in ("consistent_hash", "random"):
             raise ValueError(f"session_routing must be 'consistent_hash' or 'random', got {session_routing!r}")
+        if session_load_factor is not None and session_load_factor < 1:
+            raise ValueError(f"session_load_factor must be >= 1 (or None), got {session_load_factor!r}")
         self.ring = ring
         self.load = load
         self.session_routing = session_routing
+        self.session_load_factor = session_load_factor
         self._random = random.Random(seed)
         self._next_tie_break = 0
+        self._bound = 0
 
     def engine_for_session(self, session_id: str, usable: Sequence[str]) -> str | None:
         if self.session_routing == "random":
@@ -69,15 +81,27 @@ class Router:
             raise LookupError("no usable engine")
         usable = list(usable)
         projected = {e: self.load.get(e) for e in usable}
+        # The bound of bounded-load hashing, from the load once this whole batch is placed.
+        self._bound = (math.ceil(self.session_load_factor * (sum(projected.values()) + num_prompts * weight)
+                                 / len(usable)) if self.session_load_factor is not None else 0)
         assignment: dict[str, list[int]] = {}
         for index in range(num_prompts):
             session = session_ids[index] if session_ids else None
-            engine = self.engine_for_session(session, usable) if session is not None else None
+            engine = None
+            if session is not None:
+                engine = self._bounded_engine(session, usable, projected, weight) \
+                    if self.session_load_factor is not None and self.session_routing == "consistent_hash" \
+                    else self.engine_for_session(session, usable)
             if engine is None:
                 engine = self._least_loaded(usable, projected)
             assignment.setdefault(engine, []).append(index)
             projected[engine] += weight
         return assignment
+
+    def _bounded_engine(self, session: str, usable: list[str], projected: Mapping[str, int], weight: int) -> str:
+        bound = self._bound
+        engine = self.ring.lookup(session, lambda e: e in projected and projected[e] + weight <= bound)
+        return engine if engine is not None else self._least_loaded(usable, projected)
 
     def _least_loaded(self, usable: list[str], projected: Mapping[str, int]) -> str:
         # Ties rotate, so an idle pool fills round-robin instead of always starting at engine 0.
