@@ -12,7 +12,7 @@
   engine, ``num_gpus_per_engine`` GPUs each), or on bundles of the trainer's placement group with a
   fractional GPU each (``colocate``), as the design's ``colocate_all`` does.
 
-This is the only module that imports ray; ``pip install 'skyrl-backends[ray]'``.
+Only this module (and ``skyrl-backends serve --ray``) imports ray; ``pip install 'skyrl-backends[ray]'``.
 """
 
 from __future__ import annotations
