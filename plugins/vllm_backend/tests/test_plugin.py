@@ -122,6 +122,13 @@ def test_engine_options_refuse_what_would_break_the_contract(model_dir):
         options.engine_kwargs(GeneratorConfig(model=model_dir, engine_init_kwargs={"enable_sleep_mode": True}), "cpu")
 
 
+def test_the_model_must_be_a_local_folder(tmp_path):
+    with pytest.raises(ConfigError, match="model.*not a local"):
+        options.engine_kwargs(GeneratorConfig(model=str(tmp_path / "missing")), "cpu")
+    with pytest.raises(ConfigError, match="model"):
+        options.engine_kwargs(GeneratorConfig(model="Qwen/Qwen2.5-0.5B"), "cuda")
+
+
 def test_unknown_engine_init_kwargs_are_named_before_vllm_starts(model_dir):
     import skyrl_backends as sb
 

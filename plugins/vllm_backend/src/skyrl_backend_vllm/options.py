@@ -36,8 +36,10 @@ RESERVED = {
 def engine_kwargs(config: GeneratorConfig, platform: Platform | None = None) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for ``config`` on ``platform`` (detected when None)."""
     platform = platform or detect_platform(config)
-    if config.model is None:
-        raise ConfigError("model", "no model given; pass model=PATH (a Hugging Face model folder).")
+    if config.model is None or not os.path.isdir(config.model):
+        # Weight updates are checked against the checkpoint's own tensor names and shapes, so the
+        # model must be a local folder (nothing is downloaded).
+        raise ConfigError("model", f"{config.model!r} is not a local Hugging Face model folder; download it first.")
     extra = dict(config.engine_init_kwargs)
     for key, why in RESERVED.items():
         if key in extra:
