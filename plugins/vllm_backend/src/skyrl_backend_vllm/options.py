@@ -102,9 +102,9 @@ def max_logprobs(config: GeneratorConfig | None) -> int:
 
 def prepare_process_environment(platform: Platform) -> None:
     """Environment the engine's processes inherit: a KV-cache size on CPU unless the user chose one,
-    offline model loading (models are local folders; nothing is downloaded), and on CUDA processes
-    started with spawn unless the user chose otherwise."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    and on CUDA processes started with spawn unless the user chose otherwise. (Models are local
+    folders, checked before this, so nothing needs the hub; whether this process may reach it is
+    the caller's choice, not the plugin's.)"""
     if platform == "cpu":
         os.environ.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
     else:
