@@ -132,9 +132,17 @@ def view(buffer: torch.Tensor, offset: int, dtype: str | torch.dtype, shape: tup
 
 
 def pack_into(buffer: torch.Tensor, manifest: BucketManifest, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy (and convert) every tensor of ``manifest`` into its place in ``buffer``."""
-    for entry in manifest.tensors:
-        view(buffer, entry.offset, entry.dtype, entry.shape).copy_(tensors[entry.name], non_blocking=True)
+    """Copy (and convert) every tensor of ``manifest`` into its place in ``buffer``.
+
+    One fused multi-tensor copy instead of a copy per tensor: on a GPU a model of hundreds of
+    tensors otherwise spends more time launching copies than moving bytes."""
+    destinations = [view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
+    sources = [tensors[e.name] for e in manifest.tensors]
+    try:
+        torch._foreach_copy_(destinations, sources, non_blocking=True)
+    except (AttributeError, RuntimeError, TypeError):  # older torch, or mixed devices
+        for destination, source in zip(destinations, sources, strict=True):
+            destination.copy_(source, non_blocking=True)
 
 
 def unpack(manifest: BucketManifest, buffer: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
