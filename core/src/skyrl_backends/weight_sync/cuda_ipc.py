@@ -94,10 +94,13 @@ def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torc
                                                  f"needs [{tensor_offset}, {tensor_offset + nbytes})"})
     index = _local_index(ipc.get("device_uuid"), device)
     try:
-        tensor = rebuild_cuda_tensor(
-            torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,
-            handle, storage_nbytes, storage_offset, False, ref_handle, ref_offset, event_handle,
-            bool(ipc.get("event_sync_required", True)))
+        # Opening a handle needs the device's context current in *this* thread; a receiver called
+        # from a worker thread (asyncio.to_thread) has none until the device is set there.
+        with torch.cuda.device(index):
+            tensor = rebuild_cuda_tensor(
+                torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,
+                handle, storage_nbytes, storage_offset, False, ref_handle, ref_offset, event_handle,
+                bool(ipc.get("event_sync_required", True)))
     except RuntimeError as exc:
         raise WeightUpdateError({f"{where}.ipc": f"could not open the CUDA IPC handle: {exc}"}) from None
     return tensor
