@@ -182,8 +182,8 @@ class SGLangEngine:
         down (and with it this process), an over-long prompt is an error deep inside it."""
         vocab, context = self.tm.model_config.vocab_size, self.tm.context_len
         for i, prompt in enumerate(prompts):
-            bad = next((t for t in prompt if t >= vocab), None)
-            if bad is not None:
+            if max(prompt) >= vocab:
+                bad = next(t for t in prompt if t >= vocab)
                 raise ConfigError(f"prompt_token_ids[{i}]",
                                   f"token id {bad} is outside the vocabulary (size {vocab}).")
             if len(prompt) >= context:

@@ -58,8 +58,8 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         native_pause=True,
         # shared_memory and cuda_ipc arrive in this process (skyrl_backends.weight_sync) and go on to
         # SGLang's scheduler with update_weights_from_tensor; broadcast is SGLang's own receiver.
-        weight_sync_strategies=("tensors", "shared_memory") if cpu else ("tensors", "shared_memory", "cuda_ipc",
-                                                                          "broadcast"),
+        weight_sync_strategies=("tensors", "shared_memory", "broadcast") if cpu
+        else ("tensors", "shared_memory", "cuda_ipc", "broadcast"),
     )
 
 

@@ -263,5 +263,7 @@ def test_bad_prompts_are_refused_and_the_engine_survives(engine):
 def test_response_ends_at_the_context_length(engine):
     prompt = [7] * 500  # max_model_len is 512
     out = run(engine.generate([prompt, PROMPTS[0]], {"max_generate_length": 30, "temperature": 0, "ignore_eos": True}))
-    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 12
+    # SGLang's scheduler keeps two positions of the context free (max_req_len = context - 1, and
+    # one more), so a response can end two tokens short of the canonical max_model_len - prompt.
+    assert out[0].finish_reason == "length" and 10 <= len(out[0].token_ids) <= 12
     assert len(out[1].token_ids) == 30

@@ -48,4 +48,4 @@ def test_cpu_declares_sleep_and_lora_absent():
     caps = plugin.skyrl_backends_capabilities(GeneratorConfig(model="/m", device="cpu"))
     assert not caps.sleep and not caps.lora and caps.discards_weights_at_level is None
     assert caps.stop_strings and caps.min_new_tokens and caps.seeded_sampling and caps.abort
-    assert caps.weight_sync_strategies == ("tensors", "shared_memory")
+    assert caps.weight_sync_strategies == ("tensors", "shared_memory", "broadcast")
