@@ -176,7 +176,8 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engin
     else:
         victim = make_local_engine()
     batch = prompts(24, length=5, start=50)
-    params = {"max_generate_length": 40, **GREEDY}
+    # Long enough that the victim cannot finish its share between the in-flight check and the kill.
+    params = {"max_generate_length": 96, **GREEDY}
 
     async def kill():
         if placement == "ray":
@@ -192,7 +193,7 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engin
         reference = await one_by_one(InferenceEngineClient(engines), batch, params)
         task = asyncio.create_task(client.generate(batch, params))
         await _until_in_flight(client, 1, engine_id=victim_id)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.02)
         await kill()
         out = await task
         assert out.response_ids == reference
