@@ -1,11 +1,13 @@
 # The SGLang backend. Its pure parts (translation, log-probabilities, logit processor, stop strings,
-# hooks) are unit-tested in the transformers environment without SGLang: `test-sglang-unit`, in
-# `make test`. The real engine runs in its own environment (.venv/sglang, sglang==0.5.23 from PyPI:
-# about 3.5 minutes and 11 GB, CUDA wheels included, since SGLang pins a CUDA torch) on the CPU:
-# `test-sglang-cpu` (the plugin's smoke tests) and `conformance-sglang-cpu` (the shared suite). Those
-# two are not in `make test`: see plugins/sglang_backend/README.md for the timing. The GPU authority
-# is SGLang 0.5.17 on the GPU machine (docs/parity.md).
+# hooks) are unit-tested in the transformers environment without SGLang: `test-sglang-unit`. The real
+# engine runs in its own environment (.venv/sglang, sglang==0.5.23 from PyPI: 3 to 4 minutes and
+# 11 GB on an idle 2-core machine, CUDA wheels included since SGLang pins a CUDA torch) on the CPU:
+# `test-sglang-cpu` (the plugin's smoke tests, about 75 s) and `conformance-sglang-cpu` (the shared
+# suite, about 45 s). All three are in `make test` (about 6 minutes together on an idle machine; drop
+# the second line below to keep only the unit tests). The GPU authority is SGLang 0.5.17 on the GPU
+# machine (docs/parity.md).
 EXTRA_TESTS += test-sglang-unit
+EXTRA_TESTS += test-sglang-cpu conformance-sglang-cpu
 
 SGLANG_CPU_VERSION := sglang==0.5.23
 # Test-only import hook (a sitecustomize) that keeps sgl-kernel's CUDA-only ops from loading on a
