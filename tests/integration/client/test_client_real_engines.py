@@ -97,7 +97,8 @@ def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement,
     length. The weights pushed are the model's own, so every output must equal the uninterrupted
     one token for token: the pause is invisible. ``abort`` forces the abort-and-resubmit pause."""
     batch = prompts(64, length=5)
-    lengths = [16 + (i * 5) % 29 for i in range(64)]
+    # Long enough that a fast engine cannot finish every request before the pause lands.
+    lengths = [32 + (i * 5) % 29 for i in range(64)]
 
     async def main():
         client = InferenceEngineClient(engines, pause_mode=pause_mode)
@@ -106,7 +107,7 @@ def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement,
         tasks = [asyncio.create_task(client.generate([p], {"max_generate_length": n, **GREEDY}))
                  for p, n in zip(batch, lengths)]
         await _until_in_flight(client, 64)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.05)
         await client.pause_generation()
         if pause_mode == "auto":  # natively paused sequences stay in their engines
             assert sum(h["inflight"] for h in client.health().values()) > 0
