@@ -172,9 +172,6 @@ def test_transfer_failing_midway_changes_nothing(engines, trainer_model, backend
         return info.value, name
 
     error, name = run(scenario())
-    if not isinstance(error, WeightUpdateError) and backend == "vllm":
-        pytest.xfail("the vLLM backend re-raises its workers' WeightUpdateError as a generic error; it can "
-                     "recover it with skyrl_backends.weight_sync.manifest.weight_update_error_from_text")
     assert isinstance(error, WeightUpdateError), f"expected WeightUpdateError, got {error!r}"
     assert words in error.problems[name]
 

@@ -271,7 +271,17 @@ class VLLMEngine:
         else:
             message = transfer.pack_request(request)
         with message:
-            await self._engine.collective_rpc("skyrl_apply_weights", args=(message.message,))
+            try:
+                await self._engine.collective_rpc("skyrl_apply_weights", args=(message.message,))
+            except Exception as exc:
+                # Workers run in other processes and their exceptions come back as text; give the
+                # trainer the same WeightUpdateError (with its offending tensors) the worker raised.
+                from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
+
+                recovered = weight_update_error_from_text(str(exc))
+                if recovered is None:
+                    raise
+                raise recovered from exc
         await self.skyrl_backends_reset_prefix_cache()
 
     # -- LoRA ----------------------------------------------------------------------------------
