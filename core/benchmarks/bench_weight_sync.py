@@ -34,7 +34,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import time
 from typing import Any
 
 import torch
+from skyrl_backends.testing.hardware import cpu_model
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, make_receiver, receive_named_tensors
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
@@ -348,13 +348,7 @@ async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor])
 
 # -- report -------------------------------------------------------------------------------------------
 def hardware(mode: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores visible"
+    text = f"{cpu_model()}, {os.cpu_count()} cores visible"
     if mode == "gpu":
         text += "; " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     return text

@@ -27,12 +27,12 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import time
 from typing import Any
+
+from skyrl_backends.testing.hardware import describe_hardware
 
 TARGET = 0.98
 
@@ -55,21 +55,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def hardware() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    except ImportError:
-        pass
-    name = platform.processor() or "unknown CPU"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 async def run_native(engine: Any, prompts: list[list[int]], args: argparse.Namespace) -> int:
@@ -133,7 +118,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await engine.teardown()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "hardware": hardware(), "sglang": version, "model": os.path.basename(os.path.normpath(args.model)),
+        "hardware": describe_hardware(), "sglang": version, "model": os.path.basename(os.path.normpath(args.model)),
         "dtype": args.dtype, "device": args.device, "prompts": args.prompts, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "logprobs": args.logprobs, "engine_kwargs": json.loads(args.engine_kwargs),
         "engine_start_s": round(start_s, 1),

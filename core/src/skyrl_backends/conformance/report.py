@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from skyrl_backends.conformance.markers import REJECTED_PREFIX, UNSUPPORTED_PREFIX, merge_unsupported
+from skyrl_backends.testing.hardware import cpu_model
 
 if TYPE_CHECKING:
     import pytest
@@ -203,14 +204,5 @@ def hardware_description(harness: ConformanceHarness) -> str:
 
         count = torch.cuda.device_count()
         return f"{count}x {torch.cuda.get_device_name(0)}"
-    return f"CPU: {_cpu_model()} ({len(os.sched_getaffinity(0))} cores)"
+    return f"CPU: {cpu_model()} ({len(os.sched_getaffinity(0))} cores)"
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -1,0 +1,30 @@
+"""What machine a measurement ran on, for benchmark tables and conformance reports."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``), or what ``platform`` knows elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_hardware() -> str:
+    """``"<GPU name> x<count>"`` when CUDA is available, else ``"<CPU model>, <n> cores"``."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    except ImportError:
+        pass
+    return f"{cpu_model()}, {os.cpu_count()} cores"
