@@ -9,7 +9,7 @@ from typing import Any
 from skyrl_backends.config import GeneratorConfig, load_config
 from skyrl_backends.discovery import Backend, all_backends, get_backend
 from skyrl_backends.engine import InferenceEngine
-from skyrl_backends.errors import BackendLoadError
+from skyrl_backends.errors import BackendLoadError, SkyRLBackendsError
 
 DEFAULT_BACKEND = "transformers"
 
@@ -40,9 +40,9 @@ def create_engine(backend: str | None = None, model: str | os.PathLike[str] | No
     capabilities = hooks.skyrl_backends_capabilities(config=cfg)
     try:
         impl = hooks.skyrl_backends_create_engine(config=cfg)
+    except SkyRLBackendsError:
+        raise  # already says what is wrong (a bad option, a missing model folder, ...)
     except Exception as exc:
-        if isinstance(exc, (BackendLoadError,)) or exc.__class__.__module__.startswith("skyrl_backends"):
-            raise
         raise BackendLoadError(cfg.backend, chosen.distribution, f"engine failed to start: {exc!r}") from exc
     if impl is None:
         raise BackendLoadError(cfg.backend, chosen.distribution, "skyrl_backends_create_engine returned None")
