@@ -184,9 +184,8 @@ class InferenceEngine:
             raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
         self._check_can_generate()
         params = request.sampling_params
-        self._check_sampling_capabilities(params)
-        # Surface the backend's own rejections before any work starts.
-        self._backend_hooks.skyrl_backends_translate_sampling_params(params=params, config=self.config)
+        # Capability checks and the backend's own rejections, before any work starts.
+        self.translate_sampling_params(params)
         if request.lora_name is not None:
             if not self.capabilities.lora:
                 raise UnsupportedCapabilityError(self.backend, "lora")
