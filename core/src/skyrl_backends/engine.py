@@ -16,11 +16,12 @@ cannot drift between engines:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pluggy
@@ -45,6 +46,7 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
     WeightUpdateRequest,
@@ -52,6 +54,8 @@ from skyrl_backends.types import (
 
 logger = logging.getLogger(__name__)
 TRACE_ENV = "SKYRL_BACKENDS_TRACE"
+# How long an abandoned stream's aborted requests get to return before their tasks are cancelled.
+_STREAM_WIND_DOWN_S = 5.0
 
 # Hooks every engine must implement, and those a declared capability makes mandatory.
 _REQUIRED_HOOKS = ("skyrl_backends_generate", "skyrl_backends_weight_specs",
@@ -62,6 +66,7 @@ _CAPABILITY_HOOKS = {
     "abort": ("skyrl_backends_abort",),
     "native_pause": ("skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
     "prefix_caching": ("skyrl_backends_reset_prefix_cache",),
+    "streaming": ("skyrl_backends_generate_stream",),
 }
 
 
@@ -175,24 +180,8 @@ class InferenceEngine:
                        **request_fields: Any) -> GenerateOutput:
         """Generate for a batch of token-id prompts. Accepts a GenerateRequest, or prompts plus
         sampling parameters (and GenerateRequest's other fields as keywords)."""
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
-                                      sampling_params=SamplingParams.from_dict(sampling_params)
-                                      if not isinstance(sampling_params, SamplingParams) else sampling_params,
-                                      **request_fields)
-        elif sampling_params is not None or request_fields:
-            raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
-        self._check_can_generate()
+        request = self._admit(request, sampling_params, request_fields)
         params = request.sampling_params
-        # Capability checks and the backend's own rejections, before any work starts.
-        self.translate_sampling_params(params)
-        if request.lora_name is not None:
-            if not self.capabilities.lora:
-                raise UnsupportedCapabilityError(self.backend, "lora")
-            if request.lora_name not in self._loras:
-                raise LoraAdapterError(
-                    f"No LoRA adapter named {request.lora_name!r} is loaded. Loaded: "
-                    f"{', '.join(sorted(self._loras)) or 'none'}. Load it with load_lora_adapter(name, path).")
         batches = _expand_samples(request)
         version = self.weight_version
         all_ids = [rid for b in batches for rid in b.request_ids]
@@ -215,6 +204,102 @@ class InferenceEngine:
                 completion.weight_version = version
             completions.extend(output.completions)
         return GenerateOutput(_sample_major(completions, len(request), params.n))
+
+    def _admit(self, request: GenerateRequest | Sequence[Sequence[int]],
+               sampling_params: SamplingParams | dict[str, Any] | None, request_fields: dict[str, Any]) -> GenerateRequest:
+        """The request as a GenerateRequest, after every check that precedes generation."""
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+                                      sampling_params=SamplingParams.from_dict(sampling_params)
+                                      if not isinstance(sampling_params, SamplingParams) else sampling_params,
+                                      **request_fields)
+        elif sampling_params is not None or request_fields:
+            raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
+        self._check_can_generate()
+        # Capability checks and the backend's own rejections, before any work starts.
+        self.translate_sampling_params(request.sampling_params)
+        if request.lora_name is not None:
+            if not self.capabilities.lora:
+                raise UnsupportedCapabilityError(self.backend, "lora")
+            if request.lora_name not in self._loras:
+                raise LoraAdapterError(
+                    f"No LoRA adapter named {request.lora_name!r} is loaded. Loaded: "
+                    f"{', '.join(sorted(self._loras)) or 'none'}. Load it with load_lora_adapter(name, path).")
+        return request
+
+    async def generate_stream(self, request: GenerateRequest | Sequence[Sequence[int]],
+                              sampling_params: SamplingParams | dict[str, Any] | None = None,
+                              **request_fields: Any) -> AsyncIterator[StreamChunk]:
+        """Generate like :meth:`generate`, yielding :class:`StreamChunk` s as tokens are produced.
+
+        Chunks of different completions interleave; ``chunk.index`` is the completion's position in
+        :meth:`generate`'s output for the same request, and each index ends with one chunk carrying
+        the final :class:`Completion` (weight version stamped). On a backend without the
+        ``streaming`` capability each completion arrives as that one final chunk. Leaving the loop
+        early aborts what still runs (when the backend can abort)."""
+        request = self._admit(request, sampling_params, request_fields)
+        batches = _expand_samples(request)
+        version = self.weight_version
+        streams = _StreamMerger(len(request), request.sampling_params.n, batches)
+        all_ids = [rid for b in batches for rid in b.request_ids]
+        events = {rid: asyncio.Event() for rid in all_ids}
+        self._inflight.update(events)
+        queue: asyncio.Queue[tuple[int, StreamChunk | Exception | None]] = asyncio.Queue()
+
+        async def pump(number: int, batch: GenerateRequest) -> None:
+            try:
+                async for chunk in self._batch_stream(batch):
+                    queue.put_nowait((number, chunk))
+                queue.put_nowait((number, None))
+            except Exception as error:  # handed to the consumer, which re-raises it
+                queue.put_nowait((number, error))
+            finally:
+                for rid in batch.request_ids:
+                    self._inflight.pop(rid, None)
+                    events[rid].set()
+
+        tasks = [asyncio.ensure_future(pump(number, batch)) for number, batch in enumerate(batches)]
+        running = len(tasks)
+        try:
+            while running:
+                number, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                chunk = streams.place(number, item, self.backend)
+                if chunk.completion is not None:
+                    chunk.completion.weight_version = version
+                yield chunk
+            streams.check_complete(self.backend)
+        finally:
+            await self._end_streams(tasks, [rid for rid in all_ids if rid in self._inflight])
+
+    async def _batch_stream(self, batch: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """One expanded batch's chunks, from the backend's stream or, without one, its final output."""
+        if self.capabilities.streaming:
+            async for chunk in self._hooks.skyrl_backends_generate_stream(request=batch):
+                yield chunk
+            return
+        output = await self._call("skyrl_backends_generate", request=batch)
+        if not isinstance(output, GenerateOutput) or len(output) != len(batch):
+            got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
+            raise EngineStateError(f"backend {self.backend!r} returned {got} completions for {len(batch)} prompts")
+        for index, completion in enumerate(output.completions):
+            yield StreamChunk.final(index, completion)
+
+    async def _end_streams(self, tasks: list[asyncio.Future], unfinished: list[str]) -> None:
+        """After the consumer stopped reading: abort what still runs and let it wind down."""
+        if all(t.done() for t in tasks):
+            return
+        if unfinished and self.capabilities.abort and not self._closed:
+            with contextlib.suppress(Exception):
+                await self._call("skyrl_backends_abort", request_ids=unfinished)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), _STREAM_WIND_DOWN_S)
+        for task in tasks:
+            task.cancel()
 
     def _check_can_generate(self) -> None:
         if self._closed:
@@ -433,6 +518,44 @@ class InferenceEngine:
             result = await result
         logger.debug("%s.%s took %.3fs", self.backend, hook_name, time.perf_counter() - started)
         return result
+
+
+class _StreamMerger:
+    """Maps chunks of the expanded batches to the indices of :meth:`InferenceEngine.generate`'s output,
+    stamps request ids on completions, and checks each completion against its chunks."""
+
+    def __init__(self, num_prompts: int, n: int, batches: list[GenerateRequest]) -> None:
+        self.num_prompts, self.n = num_prompts, n
+        self.batches = batches
+        self.offsets = [sum(len(b) for b in batches[:i]) for i in range(len(batches))]
+        self.sent: dict[int, list[int]] = {}
+        self.finished: set[int] = set()
+
+    def place(self, number: int, chunk: StreamChunk, backend: str) -> StreamChunk:
+        batch = self.batches[number]
+        if not isinstance(chunk, StreamChunk) or not 0 <= chunk.index < len(batch):
+            raise EngineStateError(f"backend {backend!r} streamed {chunk!r} for a batch of {len(batch)} prompts")
+        # Expanded batches are sample-major (sample j of prompt i at j * num_prompts + i).
+        sample, prompt = divmod(self.offsets[number] + chunk.index, self.num_prompts)
+        index = prompt * self.n + sample
+        if index in self.finished:
+            raise EngineStateError(f"backend {backend!r} streamed tokens after the final chunk of prompt {index}")
+        tokens = self.sent.setdefault(index, [])
+        tokens.extend(chunk.token_ids)
+        if chunk.completion is not None:
+            self.finished.add(index)
+            if list(chunk.completion.token_ids) != tokens:
+                raise EngineStateError(
+                    f"backend {backend!r}: the streamed tokens of prompt {index} ({len(tokens)}) are not its "
+                    f"completion's ({len(chunk.completion.token_ids)})")
+            chunk.completion.request_id = chunk.completion.request_id or batch.request_ids[chunk.index]
+        chunk.index = index
+        return chunk
+
+    def check_complete(self, backend: str) -> None:
+        missing = self.num_prompts * self.n - len(self.finished)
+        if missing:
+            raise EngineStateError(f"backend {backend!r} ended its stream without {missing} final completion(s)")
 
 
 def _check_tags(tags: Sequence[str] | None) -> list[str]:

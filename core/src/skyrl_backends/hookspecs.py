@@ -22,6 +22,7 @@ no spec defines, is rejected when the plugin is loaded, with the plugin's name i
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         GenerateOutput,
         GenerateRequest,
         ParallelSizes,
+        StreamChunk,
         TensorSpec,
         WeightSyncInitInfo,
         WeightUpdateRequest,
@@ -87,6 +89,22 @@ class EngineHookSpecs:
         ``n`` already expanded by the facade (``request.sampling_params.n == 1``). A prompt aborted
         through ``skyrl_backends_abort`` returns the tokens generated so far with finish reason
         ``"abort"``; it never raises."""
+
+    @hookspec(firstresult=True)
+    def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Generate like ``skyrl_backends_generate``, handing out tokens as they are produced.
+        Optional; implemented only by backends that declare the ``streaming`` capability (the
+        facade serves the others from ``skyrl_backends_generate``, one chunk per completion).
+
+        The implementation is an async generator (``async def ...: ... yield chunk``): pluggy
+        returns the generator object, which the facade iterates. Each chunk's ``index`` is the
+        prompt's position in ``request``; its ``token_ids`` (and ``logprobs``/``top_logprobs``
+        when requested, one entry per token) are new since that prompt's previous chunk. Every
+        prompt ends with exactly one chunk carrying its ``completion`` (as ``skyrl_backends_generate``
+        would return it, whose ``token_ids`` are that prompt's chunk tokens concatenated): a token
+        once handed out is never taken back, so hold back any a stop string might still cut. An
+        aborted prompt ends with its partial completion, finish reason ``"abort"``. If the consumer
+        stops early, the generator is closed: end the requests it still runs."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_abort(self, request_ids: list[str] | None) -> None:

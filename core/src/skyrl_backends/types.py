@@ -132,10 +132,48 @@ class GenerateOutput:
         return [c.text for c in self.completions]
 
 
+@dataclass
+class StreamChunk:
+    """A piece of one prompt's completion, as it is generated (:meth:`InferenceEngine.generate_stream`).
+
+    ``index`` is the completion's position in what ``generate`` would return for the same request
+    (prompt-major, ``n`` samples per prompt). ``token_ids`` are the tokens new since the previous
+    chunk of that index (possibly none), with their ``logprobs``/``top_logprobs`` when requested.
+    The last chunk of an index carries ``completion``, the authoritative result: its ``token_ids``
+    are every chunk's tokens concatenated, and finish reason, stop reason, text and weight version
+    live only there.
+    """
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    completion: Completion | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None
+
+    @classmethod
+    def final(cls, index: int, completion: Completion, start: int = 0) -> StreamChunk:
+        """The last chunk of a completion whose first ``start`` tokens were already sent."""
+        return cls(
+            index=index,
+            token_ids=list(completion.token_ids[start:]),
+            logprobs=None if completion.logprobs is None else list(completion.logprobs[start:]),
+            top_logprobs=None if completion.top_logprobs is None else list(completion.top_logprobs[start:]),
+            completion=completion,
+        )
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend supports. The conformance suite reports a test needing an absent capability as
     *unsupported (declared)*, naming the capability, and fails a declared one that does not work.
+
+    ``streaming`` means the engine hands out tokens as they are generated
+    (``skyrl_backends_generate_stream``); without it ``generate_stream`` still works, with one chunk
+    per completion at its end.
 
     ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
     at which weights are dropped (the engine must then receive weights before generating again);
@@ -157,6 +195,7 @@ class Capabilities:
     abort: bool = False
     native_pause: bool = False
     weight_sync_strategies: tuple[str, ...] = ()
+    streaming: bool = False
 
     @property
     def sleep(self) -> bool:

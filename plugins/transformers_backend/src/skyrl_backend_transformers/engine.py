@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import os
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
     WeightUpdateRequest,
@@ -140,6 +142,34 @@ class TransformersEngine:
     # -- generation ----------------------------------------------------------------------------
     @hookimpl
     async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+        sequences: list[_Sequence] = []
+        async for sequences in self._decode_loop(request):
+            pass
+        return GenerateOutput([self._completion(s, request.sampling_params) for s in sequences])
+
+    @hookimpl
+    async def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Each decode step's new token of every sequence; a sequence's last chunk carries its
+        completion. Tokens are never held back: every stop condition is decided on the token itself."""
+        params = request.sampling_params
+        sent = [0] * len(request)
+        done = [False] * len(request)
+        async for sequences in self._decode_loop(request):
+            for index, s in enumerate(sequences):
+                if done[index]:
+                    continue
+                start, done[index] = sent[index], s.finish_reason is not None
+                if done[index]:
+                    yield StreamChunk.final(index, self._completion(s, params), start)
+                elif len(s.tokens) > start:
+                    sent[index] = len(s.tokens)
+                    yield StreamChunk(index, s.tokens[start:],
+                                      s.logprobs[start:] if params.logprobs is not None else None,
+                                      s.top_logprobs[start:] if params.logprobs else None)
+
+    async def _decode_loop(self, request: GenerateRequest) -> AsyncIterator[list[_Sequence]]:
+        """The decode loop: yields the batch's sequences after every step (each live one a token
+        longer, finished ones with their finish reason), until all are finished."""
         params = request.sampling_params
         too_long = [i for i, p in enumerate(request.prompt_token_ids) if len(p) >= self.max_model_len]
         if too_long:
@@ -160,27 +190,34 @@ class TransformersEngine:
         budget = [min(params.max_generate_length, self.max_model_len - len(s.prompt)) for s in sequences]
         logits, cache, mask = await self._run(self._prefill, [s.prompt for s in sequences], request.lora_name)
         fed = [list(s.prompt) for s in sequences]  # the tokens whose keys/values each cache row holds
-        while True:
-            self._apply_aborts(sequences, epoch)
-            live = [i for i, s in enumerate(sequences) if s.finish_reason is None]
-            if live:
-                self._advance(sequences, live, logits, params, budget)
-            if all(s.finish_reason is not None for s in sequences):
-                break
-            await self._wait_while_paused(sequences, epoch)
-            if all(s.finish_reason is not None for s in sequences):
-                break
-            live_rows = [s.finish_reason is None for s in sequences]
-            last = [s.tokens[-1] if live else self.pad_token_id for s, live in zip(sequences, live_rows)]
-            for row, live in enumerate(live_rows):
+        try:
+            while True:
+                self._apply_aborts(sequences, epoch)
+                live = [i for i, s in enumerate(sequences) if s.finish_reason is None]
                 if live:
-                    fed[row].append(last[row])
-            logits, cache, mask = await self._run(self._decode_step, last, live_rows, cache, mask,
-                                                  request.lora_name)
+                    self._advance(sequences, live, logits, params, budget)
+                yield sequences
+                if all(s.finish_reason is not None for s in sequences):
+                    break
+                await self._wait_while_paused(sequences, epoch)
+                if all(s.finish_reason is not None for s in sequences):
+                    yield sequences  # aborted while paused
+                    break
+                logits, cache, mask = await self._step(sequences, fed, cache, mask, request.lora_name)
+        finally:
+            self._aborted.difference_update(s.request_id for s in sequences)
         if self.prefix_cache is not None:
             await self._run(self._remember_prefixes, fed, cache, mask, request.lora_name, weights_epoch)
-        self._aborted.difference_update(s.request_id for s in sequences)
-        return GenerateOutput([self._completion(s, params) for s in sequences])
+
+    async def _step(self, sequences: list[_Sequence], fed: list[list[int]], cache: Any, mask: torch.Tensor,
+                    lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Feed every live sequence's last token (finished rows ride along, masked out)."""
+        live_rows = [s.finish_reason is None for s in sequences]
+        last = [s.tokens[-1] if live else self.pad_token_id for s, live in zip(sequences, live_rows)]
+        for row, live in enumerate(live_rows):
+            if live:
+                fed[row].append(last[row])
+        return await self._run(self._decode_step, last, live_rows, cache, mask, lora_name)
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:
