@@ -13,6 +13,9 @@
 #   conformance:ENGINE        tests/conformance --backend ENGINE -> $OUT/ENGINE-gpu.json (more options:
 #                             CONFORMANCE_OPTIONS="--conformance-engine-option KEY=VALUE ...")
 #   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate.json
+#                             (GENERATE_REPEATS timed runs of each side, default 7)
+#   diagnose:ENGINE           diagnose_logprobs.py with the conformance options -> $OUT/ENGINE-logprobs.json;
+#                             for vllm also with the V1 model runner -> $OUT/vllm-logprobs-v1.json
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
 #                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
 #   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path
@@ -47,7 +50,7 @@ export SKYRL_ENGINE_DEFAULTS="{\"vllm\": {\"engine_init_kwargs\": {\"enforce_eag
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=300
-                  [weight-sync-tests]=200 [broadcast]=150)
+                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300)
 
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
@@ -112,21 +115,37 @@ print("cuda", torch.version.cuda, "devices", torch.cuda.device_count(), torch.cu
 PY
 }
 
+suite_kwargs() {  # ENGINE: engine_init_kwargs of the conformance runs
+    case $1 in
+        # the suite class's own options plus what a shared GPU needs: no compilation
+        vllm) echo '{"distributed_executor_backend": "uni", "enforce_eager": true}' ;;
+        sglang) echo "{$SGLANG_KERNELS}" ;;
+    esac
+}
+
 conformance() {  # ENGINE SECONDS
     local options
     # bfloat16, not the suite classes' float32: on the GPU vLLM's LoRA kernels and SGLang's RMSNorm
     # kernel take half precision only (both seen failing in float32 there).
-    case $1 in
-        # the suite class's own options plus what a shared GPU needs: a memory share, no compilation
-        vllm) options='{"distributed_executor_backend": "uni", "enforce_eager": true}' ;;
-        sglang) options="{$SGLANG_KERNELS}" ;;
-    esac
+    options=$(suite_kwargs "$1")
     # -s: engine processes log straight to $OUT/log (an engine that kills its process group on a
     # failed start would otherwise take pytest's captured output with it)
     bounded "$2" python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/conformance --backend "$1" \
         --timeout "$(( $2 - 60 ))" --conformance-report "$OUT/$1-gpu.json" \
         --conformance-engine-option gpu_memory_utilization=0.2 --conformance-engine-option dtype=bfloat16 \
         --conformance-engine-option "engine_init_kwargs=$options" ${CONFORMANCE_OPTIONS:-}
+}
+
+diagnose() {  # ENGINE SECONDS: the same engine options as conformance
+    local options half
+    options="{\"gpu_memory_utilization\": 0.2, \"engine_init_kwargs\": $(suite_kwargs "$1")}"
+    [ "$1" = vllm ] && half=$(( $2 / 2 )) || half=$2
+    bounded "$half" python3 scripts/gpu/diagnose_logprobs.py --backend "$1" --model $TINY \
+        --engine-options "$options" --json "$OUT/$1-logprobs.json"
+    # vLLM 0.26 runs this model on its V2 model runner; the V1 runner is the comparison.
+    [ "$1" = vllm ] && VLLM_USE_V2_MODEL_RUNNER=0 bounded "$half" python3 scripts/gpu/diagnose_logprobs.py \
+        --backend vllm --model $TINY --engine-options "$options" --json "$OUT/vllm-logprobs-v1.json"
+    return 0
 }
 
 generate() {  # ENGINE SECONDS
@@ -137,7 +156,8 @@ generate() {  # ENGINE SECONDS
         sglang) kwargs="{$SGLANG_KERNELS}" ;;
     esac
     bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --prompt-len 128 --max-tokens 128 --dtype bfloat16 \
-        --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --output "$OUT/$1-generate.json"
+        --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --repeats "${GENERATE_REPEATS:-7}" \
+        --output "$OUT/$1-generate.json"
 }
 
 run_step() {  # STEP[:ENGINE][@SECONDS]
@@ -153,6 +173,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         model) core_env && bounded "$seconds" python3 scripts/gpu/make_random_qwen.py "$MODEL15" ;;
         conformance) engine_env "$engine" && conformance "$engine" "$seconds" ;;
         generate) engine_env "$engine" && generate "$engine" "$seconds" ;;
+        diagnose) engine_env "$engine" && diagnose "$engine" "$seconds" ;;
         weight-sync) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
             --json "$OUT/$engine-weight-sync.json" ;;
