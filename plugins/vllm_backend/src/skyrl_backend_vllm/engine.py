@@ -4,7 +4,8 @@ One ``vllm.v1.engine.async_llm.AsyncLLM`` (the engine core and its workers run i
 processes). Prompts go in as token ids; each prompt is one vLLM request whose id is the canonical
 request id, so abort reaches it by name. Requests ask for the final output only
 (``RequestOutputKind.FINAL_ONLY``): vLLM still returns the partial output of an aborted request,
-with finish reason ``"abort"``, and nothing is streamed that nobody reads.
+with finish reason ``"abort"``, and nothing is streamed that nobody reads. Streaming
+(``skyrl_backends_generate_stream``) asks for ``RequestOutputKind.DELTA`` outputs instead.
 
 Text and stop strings. vLLM's detokenizer is primed with the prompt; when the prompt's text ends in
 an incomplete UTF-8 character (a byte-level BPE prompt cut mid-character), vLLM 0.32 emits the whole
@@ -27,6 +28,7 @@ import asyncio
 import logging
 import pickle
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from skyrl_backends.config import GeneratorConfig
@@ -38,6 +40,7 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
     WeightUpdateRequest,
@@ -142,9 +145,60 @@ class VLLMEngine:
             completion.text = self._decode(completion.token_ids)
         return completion
 
+    @hookimpl
+    async def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Every prompt as a ``RequestOutputKind.DELTA`` request, its new tokens handed out per engine
+        step; stop strings go through the exact matcher (tokens before a match are never cut)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_prompts(request.prompt_token_ids)
+        params = request.sampling_params
+        kwargs = sampling.translate(params, self.max_logprobs)
+        stop = kwargs.pop("stop", None) or []
+        kwargs.pop("include_stop_str_in_output", None)
+        delta = SamplingParams(**kwargs, detokenize=False, output_kind=RequestOutputKind.DELTA)
+        lora_request = self._loras[request.lora_name] if request.lora_name is not None else None
+        chunks: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+
+        async def one(index: int, prompt: list[int], request_id: str) -> None:
+            sent = 0
+
+            def emit(tokens: list[int], per_token: list[Any]) -> None:
+                nonlocal sent
+                logprobs, top = outputs.split_logprobs(tokens[sent:], per_token[sent:], params.logprobs)
+                chunks.put_nowait(StreamChunk(index, tokens[sent:], logprobs, top))
+                sent = len(tokens)
+
+            try:
+                completion = await self._generate_matching_stop(prompt, delta, stop, request_id, lora_request,
+                                                                params.logprobs, emit)
+                chunks.put_nowait(StreamChunk.final(index, completion, sent))
+            except BaseException as error:
+                chunks.put_nowait(error)
+                raise
+
+        tasks = [asyncio.ensure_future(one(i, p, rid))
+                 for i, (p, rid) in enumerate(zip(request.prompt_token_ids, request.request_ids))]
+        try:
+            for _ in range(len(tasks)):
+                while True:
+                    chunk = await chunks.get()
+                    if isinstance(chunk, BaseException):
+                        raise chunk
+                    yield chunk
+                    if chunk.completion is not None:
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()  # an early close: closing a vLLM stream aborts its request
+
     async def _generate_matching_stop(self, prompt: list[int], vllm_params: Any, stop: list[str], request_id: str,
-                                      lora_request: Any, top_n: int | None) -> Completion:
-        """Stream the response through the exact stop-string matcher; abort at the first match."""
+                                      lora_request: Any, top_n: int | None,
+                                      emit: Callable[[list[int], list[Any]], None] | None = None) -> Completion:
+        """Stream the response (``DELTA`` outputs) through the exact stop-string matcher; abort at the
+        first match. ``emit(tokens, per_token_logprobs)`` is called whenever tokens were added that
+        no stop condition can take back."""
         if request_id in self._aborted:
             self._aborted.pop(request_id, None)
             return outputs.empty_aborted(request_id, top_n)
@@ -176,6 +230,8 @@ class VLLMEngine:
                 if o.finish_reason is not None:
                     finish = o.finish_reason if o.finish_reason in ("stop", "length") else "abort"
                     stop_reason = o.stop_reason if finish == "stop" else None
+                elif emit is not None and new:
+                    emit(tokens, per_token)
         finally:
             self._inflight.discard(request_id)
             self._aborted.pop(request_id, None)

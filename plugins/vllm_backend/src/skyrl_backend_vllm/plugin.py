@@ -57,6 +57,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         abort=True,
         native_pause=True,
         weight_sync_strategies=_weight_sync_strategies(on_cpu),
+        streaming=True,
     )
 
 

@@ -23,6 +23,7 @@ from skyrl_backends.conformance.suite.prefix_cache import PrefixCacheTests
 from skyrl_backends.conformance.suite.sampling import SamplingParamsTests
 from skyrl_backends.conformance.suite.sleep_wake import SleepWakeTests
 from skyrl_backends.conformance.suite.stopping import StopConditionTests
+from skyrl_backends.conformance.suite.streaming import StreamingTests
 from skyrl_backends.conformance.suite.weight_sync import WeightSyncTests
 
 GROUPS: tuple[type[ConformanceTestBase], ...] = (
@@ -36,6 +37,7 @@ GROUPS: tuple[type[ConformanceTestBase], ...] = (
     PrefixCacheTests,
     AbortPauseTests,
     ConcurrencyTests,
+    StreamingTests,
     LifecycleStateMachine,
 )
 
