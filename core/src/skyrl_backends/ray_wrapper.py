@@ -2,7 +2,8 @@
 
 * :class:`RayWrappedInferenceEngine` is the actor: it builds its engine with
   :func:`skyrl_backends.create_engine` inside the actor process (the engine is never pickled) and
-  forwards every call to it.
+  forwards every call to it; ``generate_stream`` is a Ray streaming generator
+  (``num_returns="streaming"``), so chunks cross the process boundary as they are produced.
 * :class:`RayEngineProxy` is what the trainer and :class:`~skyrl_backends.client.InferenceEngineClient`
   hold: the engine API over the actor handle, so the client cannot tell it from a local engine. A
   dead or unreachable actor surfaces as :class:`~skyrl_backends.errors.EngineDeadError` (which the
@@ -18,7 +19,7 @@ Only this module (and ``skyrl-backends serve --ray``) imports ray; ``pip install
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,14 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from skyrl_backends.errors import ConfigError, EngineDeadError
-from skyrl_backends.types import Capabilities, GenerateOutput, GenerateRequest, ParallelSizes, WeightUpdateRequest
+from skyrl_backends.types import (
+    Capabilities,
+    GenerateOutput,
+    GenerateRequest,
+    ParallelSizes,
+    StreamChunk,
+    WeightUpdateRequest,
+)
 
 DEFAULT_START_TIMEOUT_S = 300.0
 
@@ -61,6 +69,11 @@ class RayWrappedInferenceEngine:
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         return await self.engine.generate(request)
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Called with ``num_returns="streaming"``: each chunk reaches the caller as it is yielded."""
+        async for chunk in self.engine.generate_stream(request):
+            yield chunk
 
     async def abort(self, request_ids: list[str] | None) -> None:
         await self.engine.abort(request_ids)
@@ -156,6 +169,19 @@ class RayEngineProxy:
             request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
                                       sampling_params=sampling_params or {}, **request_fields)
         return await self._call("generate", request)
+
+    async def generate_stream(self, request: GenerateRequest | Sequence[Sequence[int]],
+                              sampling_params: Any = None, **request_fields: Any) -> AsyncIterator[StreamChunk]:
+        """The actor's chunks as it yields them, through a Ray streaming generator."""
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+                                      sampling_params=sampling_params or {}, **request_fields)
+        try:
+            async for ref in self.actor.generate_stream.options(num_returns="streaming").remote(request):
+                yield await ref
+        except _ACTOR_FAILURES as exc:
+            raise EngineDeadError(f"Ray engine {self.name} is unreachable ({type(exc).__name__}): "
+                                  f"{_first_line(exc)}") from exc
 
     async def abort(self, request_ids: Sequence[str] | None = None) -> None:
         await self._call("abort", list(request_ids) if request_ids is not None else None)

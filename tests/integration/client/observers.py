@@ -18,3 +18,8 @@ class EngineObserver:
     async def generate(self, request: Any) -> Any:
         self.request_ids.extend(request.request_ids)
         return await self._engine.generate(request)
+
+    async def generate_stream(self, request: Any) -> Any:
+        self.request_ids.extend(request.request_ids)
+        async for chunk in self._engine.generate_stream(request):
+            yield chunk

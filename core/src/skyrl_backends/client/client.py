@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from skyrl_backends.client.continuation import Continuation, Decode
 from skyrl_backends.client.hashing import DEFAULT_VIRTUAL_NODES, ConsistentHashRing
 from skyrl_backends.client.routing import LoadTracker, Router, SessionRouting, reassemble
+from skyrl_backends.client.streaming import merge_streams
 from skyrl_backends.errors import (
     EngineClosedError,
     EngineDeadError,
@@ -37,7 +38,8 @@ from skyrl_backends.errors import (
     UnsupportedCapabilityError,
 )
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, WeightUpdateRequest
+from skyrl_backends.stopping import StopStringMatcher
+from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, StreamChunk, WeightUpdateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +383,154 @@ class InferenceEngineClient:
                                    f"{len(request)} prompt(s) x {n} sample(s)")
         slot.stats.sequences_completed += len(output)
         return segment, output
+
+    # -- streaming ---------------------------------------------------------------------------
+    async def generate_stream(self, prompt: Sequence[int], sampling_params: SamplingParams | dict[str, Any] | None = None,
+                              session_id: str | None = None, *, request_id: str | None = None,
+                              lora_name: str | None = None) -> AsyncIterator[StreamChunk]:
+        """One prompt's completions as their tokens arrive (``n`` of them; ``chunk.index`` is the
+        sample), from the engine its session (sticky) or the load picks.
+
+        A pause by abort (engines without a native pause, or ``pause_mode="abort"``) is seamless:
+        the aborted segment's tokens have been relayed, the sequence waits for resume and goes on as
+        a continuation on the same stream, whose last chunk carries the assembled completion
+        (``max_generate_length`` tokens unless a stop condition ends it earlier). Unlike
+        :meth:`generate`, a stream does not fail over and has no ``request_timeout``: an engine
+        failure mid-stream marks the engine unhealthy and is raised."""
+        params = sampling_params if isinstance(sampling_params, SamplingParams) \
+            else SamplingParams.from_dict(sampling_params)
+        request = GenerateRequest(prompt_token_ids=[list(prompt)], sampling_params=params,
+                                  request_ids=[request_id] if request_id is not None else None,
+                                  session_ids=[session_id], lora_name=lora_name)
+        self._check_open()
+        epoch = self._abort_epoch
+        client_rid = request.request_ids[0]
+        try:
+            first: _Segment | None = None
+            to_continue: list[tuple[int, Completion]] = []
+            async for first, chunk in self._stream_call(None, request, client_rid, epoch):
+                if chunk.completion is not None and self._should_continue(first, chunk.completion, client_rid):
+                    to_continue.append((chunk.index, chunk.completion))
+                    chunk = StreamChunk(chunk.index, chunk.token_ids, chunk.logprobs, chunk.top_logprobs)
+                yield chunk
+            if to_continue and first is not None:
+                sequels = [self._stream_sequel(first, sample, completion, epoch) for sample, completion in to_continue]
+                async for _, chunk in merge_streams(sequels):
+                    yield chunk
+        finally:
+            self._user_aborted.discard(client_rid)
+
+    async def _stream_call(self, slot: _EngineSlot | None, request: GenerateRequest, client_rid: str,
+                           epoch: int) -> AsyncIterator[tuple[_Segment, StreamChunk]]:
+        """One streamed engine call (after any pause), with the load and in-flight bookkeeping of
+        :meth:`_call_generate`; chunks come with the segment they belong to."""
+        await self._wait_while_paused([client_rid], epoch)
+        session_id = request.session_ids[0] if request.session_ids else None
+        if slot is None or not slot.healthy:
+            slot = self._pick_engine(session_id)
+        segment = _Segment(slot, request, [client_rid], epoch, self._fallback_pauses)
+        if self._is_user_aborted(client_rid, epoch):
+            for index, completion in enumerate(_empty_aborted(request)):
+                yield segment, StreamChunk.final(index, completion)
+            return
+        engine_ids = _engine_request_ids(request)
+        for engine_rid in engine_ids:
+            slot.inflight[engine_rid] = client_rid
+        self._load.add(slot.engine_id, len(engine_ids))
+        slot.stats.sequences_submitted += len(engine_ids)
+        finished = 0
+        stream = slot.engine.generate_stream(request)
+        try:
+            async for chunk in stream:
+                if chunk.completion is not None:
+                    finished += 1
+                    slot.stats.sequences_completed += 1
+                    slot.inflight.pop(engine_ids[chunk.index], None)
+                yield segment, chunk
+        except Exception as exc:
+            if self._is_failure_of(slot, exc):
+                self.mark_unhealthy(slot.engine_id, f"{type(exc).__name__}: {exc}")
+                raise EngineDeadError(f"engine {slot.engine_id} failed mid-stream: {exc!r}") from exc
+            raise
+        finally:
+            if finished < len(engine_ids):  # the caller left early: end the engine's requests
+                self._abort_in_background(slot, [r for r in engine_ids if r in slot.inflight])
+            for engine_rid in engine_ids:
+                slot.inflight.pop(engine_rid, None)
+            self._load.done(slot.engine_id, len(engine_ids))
+
+    async def _stream_sequel(self, first: _Segment, sample: int, completion: Completion,
+                             epoch: int) -> AsyncIterator[StreamChunk]:
+        """The rest of one sequence a pause aborted, streamed as continuations (see
+        :meth:`_continue`); ``completion`` (already relayed) is its first segment. With a decoder,
+        a stop string that spans a seam ends the stream at the token completing it, so no token
+        relayed is ever taken back."""
+        request = first.request
+        client_rid = first.client_ids[0]
+        params = request.sampling_params.replace(n=1)
+        if request.sampling_params.n > 1 and params.seed is not None:
+            params = params.replace(seed=params.seed + sample)
+        state = Continuation(prompt=list(request.prompt_token_ids[0]), params=params,
+                             request_id=completion.request_id)
+        state.absorb(completion)
+        matcher = StopStringMatcher(params.stop, self._decode) if self._decode is not None else None
+        if matcher:
+            matcher.feed(state.token_ids)  # no match before the first seam: the engine would have stopped
+        relayed = len(state.token_ids)
+        piece_base = completion.request_id or f"{client_rid}-{sample}"
+        slot: _EngineSlot | None = first.slot
+        for piece in itertools.count(1):
+            if not state.needs_more:
+                break
+            sub = GenerateRequest(prompt_token_ids=[state.next_prompt()], sampling_params=state.next_params(),
+                                  request_ids=[f"{piece_base}~{piece}"], session_ids=request.session_ids,
+                                  lora_name=request.lora_name)
+            segment: _Segment | None = None
+            tokens: list[int] = []
+            logprobs: list[float] = []
+            top: list[dict[int, float]] = []
+            matched = False
+            stream = self._stream_call(slot, sub, client_rid, epoch)
+            async for segment, chunk in stream:
+                slot = segment.slot
+                if chunk.completion is not None and not chunk.token_ids:
+                    piece_completion = chunk.completion
+                    break
+                keep = len(chunk.token_ids)
+                if matcher:
+                    for k, token in enumerate(chunk.token_ids):
+                        if matcher.feed(state.token_ids + tokens + chunk.token_ids[: k + 1]) is not None:
+                            keep, matched = k + 1, True
+                            break
+                part = StreamChunk(sample, chunk.token_ids[:keep],
+                                   chunk.logprobs[:keep] if chunk.logprobs is not None else None,
+                                   chunk.top_logprobs[:keep] if chunk.top_logprobs is not None else None)
+                tokens += part.token_ids
+                logprobs += part.logprobs or []
+                top += part.top_logprobs or []
+                relayed += len(part.token_ids)
+                if part.token_ids:
+                    yield part
+                if matched or chunk.completion is not None:
+                    piece_completion = chunk.completion
+                    break
+            else:
+                piece_completion = None
+            await stream.aclose()
+            if matched or piece_completion is None:
+                # Cut by a stop string across the seam (the engine's request is aborted on close):
+                # the result's own seam check ends the sequence at the same token.
+                piece_completion = Completion(
+                    token_ids=tokens, finish_reason="abort",
+                    logprobs=logprobs if params.logprobs is not None else None,
+                    top_logprobs=top if params.logprobs else None, request_id=sub.request_ids[0])
+            assert segment is not None
+            segment.slot.stats.continuations += 1
+            state.absorb(piece_completion)
+            if matched or (state.finish_reason == "abort"
+                           and not self._should_continue(segment, piece_completion, client_rid)):
+                break
+        yield StreamChunk.final(sample, state.result(self._decode), relayed)
 
     def _abort_in_background(self, slot: _EngineSlot, engine_ids: list[str]) -> None:
         if not slot.capabilities.abort:

@@ -1,0 +1,106 @@
+"""InferenceEngineClient.generate_stream over real engines (in this process and Ray actors): chunks
+are relayed as the engine produces them, add up to what generate returns, follow the session, count
+as load, and survive a pause by abort as one seamless stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from observers import EngineObserver
+from skyrl_backends.client import InferenceEngineClient
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+PROMPT = [15, 22, 29, 36, 43, 50]
+
+
+async def collect(stream):
+    return [chunk async for chunk in stream]
+
+
+def tokens_of(chunks, index=0):
+    return [t for c in chunks if c.index == index for t in c.token_ids]
+
+
+def test_stream_relays_chunks_and_equals_generate(aio, engines):
+    async def main():
+        client = InferenceEngineClient(engines)
+        params = {"max_generate_length": 24, "logprobs": 0, **GREEDY}
+        chunks = await collect(client.generate_stream(PROMPT, params))
+        expected = (await client.generate([PROMPT], params))[0]
+        final = chunks[-1].completion
+        assert final is not None and all(c.completion is None for c in chunks[:-1])
+        assert tokens_of(chunks) == final.token_ids == expected.token_ids
+        assert [x for c in chunks for x in c.logprobs] == final.logprobs
+        if engines[0].capabilities.streaming:
+            assert sum(1 for c in chunks[:-1] if c.token_ids) > 1, "tokens must be relayed as they arrive"
+
+    aio.run(main(), 300)
+
+
+def test_stream_with_n_samples(aio, engines):
+    async def main():
+        client = InferenceEngineClient(engines)
+        params = {"max_generate_length": 8, "n": 2, "seed": 3, "temperature": 1.0}
+        chunks = await collect(client.generate_stream(PROMPT, params))
+        expected = (await client.generate([PROMPT], params))
+        for j in range(2):
+            final = next(c.completion for c in chunks if c.index == j and c.completion is not None)
+            assert tokens_of(chunks, j) == final.token_ids == expected[j].token_ids
+
+    aio.run(main(), 300)
+
+
+def test_stream_follows_its_session_and_counts_as_load(aio, local_engines):
+    observed = [EngineObserver(e) for e in local_engines]
+
+    async def main():
+        client = InferenceEngineClient(observed)
+        loads = []
+        for turn in range(3):
+            async for _ in client.generate_stream(PROMPT, {"max_generate_length": 4, **GREEDY}, "chat-7",
+                                                  request_id=f"chat-7/turn-{turn}"):
+                loads.append(sum(h["inflight"] for h in client.health().values()))
+        where = {k for k, o in enumerate(observed) if any(r.startswith("chat-7/") for r in o.request_ids)}
+        assert len(where) == 1, f"a session's streams went to engines {where}"
+        assert where == {client.engine_ids.index(client.route_session("chat-7"))}
+        assert loads[0] == 1, "a running stream is in flight on its engine"
+        assert all(h["inflight"] == 0 for h in client.health().values())
+
+    aio.run(main(), 300)
+
+
+def test_pause_by_abort_is_seamless_in_a_stream(aio, engines):
+    async def main():
+        client = InferenceEngineClient(engines, pause_mode="abort")
+        params = {"max_generate_length": 96, "logprobs": 0, **GREEDY}
+        expected = (await client.generate([PROMPT], params))[0]
+        chunks = []
+        paused = asyncio.Event()
+
+        async def read():
+            async for chunk in client.generate_stream(PROMPT, params):
+                chunks.append(chunk)
+                if len(tokens_of(chunks)) >= 4 and not paused.is_set():
+                    paused.set()
+
+        reader = asyncio.ensure_future(read())
+        if engines[0].capabilities.streaming:
+            await asyncio.wait_for(paused.wait(), 120)
+        else:
+            await asyncio.sleep(0.05)
+        await client.pause_generation()
+        await asyncio.sleep(0.1)
+        relayed_while_paused = len(tokens_of(chunks))
+        await asyncio.sleep(0.1)
+        assert len(tokens_of(chunks)) == relayed_while_paused, "tokens arrived while the client was paused"
+        await client.resume_generation()
+        await asyncio.wait_for(reader, 300)
+        final = chunks[-1].completion
+        assert final is not None and final.finish_reason == "length"
+        assert tokens_of(chunks) == final.token_ids == expected.token_ids
+        assert len(final.logprobs) == 96
+        continuations = sum(h["continuations"] for h in client.health().values())
+        if engines[0].capabilities.streaming:
+            assert continuations >= 1, "the pause should have cut the stream mid-way"
+
+    aio.run(main(), 300)
