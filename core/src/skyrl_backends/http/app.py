@@ -5,9 +5,8 @@ Prompts are turned into token ids (chat template included) by the external token
 routes them (``session_id`` keeps a conversation on one engine), and the tokens come back as text.
 
 Streaming (``stream: true``) uses server-sent events in OpenAI's chunk format, ending with
-``data: [DONE]``. The engine API returns whole completions, so the chunks (one per token) are sent
-once a choice is complete: the wire format is OpenAI's, the time to first token is the completion
-time.
+``data: [DONE]``: chunks are sent as the engines produce tokens (:mod:`skyrl_backends.http.streaming`),
+and a choice's text deltas join to exactly its non-streamed text.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,9 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from skyrl_backends.http.errors import APIError, api_error_from, status_type
 from skyrl_backends.http.guards import DEFAULT_MAX_BODY_BYTES, ApiKeyGuard, BodySizeGuard
 from skyrl_backends.http.schemas import ChatCompletionRequest, CompletionRequest
+from skyrl_backends.http.streaming import ChoiceStreams, prefetched
 from skyrl_backends.http.text import TextCodec
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest
+from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, StreamChunk
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,13 @@ def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         body = await _parse(request, ChatCompletionRequest)
         state.check_model(body.model)
         prompt = state.codec.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-        output = await state.generate([prompt], body.sampling_fields(body.limit(), body.logprobs_count()),
-                                      body.session_id)
-        return _json_or_stream(_chat_response(state, body, prompt, output))
+        fields = body.sampling_fields(body.limit(), body.logprobs_count())
+        if body.stream:
+            choices = ChoiceStreams(client, [prompt], fields, body.session_id, state.codec.decode, state.text_of)
+            source = await prefetched(choices.__aiter__())
+            return _sse(_chat_events(state, body, len(prompt), choices, source))
+        output = await state.generate([prompt], fields, body.session_id)
+        return JSONResponse(_chat_response(state, body, prompt, output))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -95,8 +99,13 @@ def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         state.check_model(body.model)
         raw_prompts = body.prompts()
         prompts = [state.codec.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
-        output = await state.generate(prompts, body.sampling_fields(body.max_tokens, body.logprobs), body.session_id)
-        return _json_or_stream(_completion_response(state, body, raw_prompts, prompts, output))
+        fields = body.sampling_fields(body.max_tokens, body.logprobs)
+        if body.stream:
+            choices = ChoiceStreams(client, prompts, fields, body.session_id, state.codec.decode, state.text_of)
+            source = await prefetched(choices.__aiter__())
+            return _sse(_completion_events(state, body, raw_prompts, prompts, choices, source))
+        output = await state.generate(prompts, fields, body.session_id)
+        return JSONResponse(_completion_response(state, body, raw_prompts, prompts, output))
 
     guarded: Any = BodySizeGuard(app, max_body_bytes)
     if api_key:
@@ -171,40 +180,49 @@ def _chat_logprobs(codec: TextCodec, completion: Completion, start: int = 0, end
 
 
 def _chat_response(state: ServingState, body: ChatCompletionRequest, prompt: list[int], output: GenerateOutput) -> Any:
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
-        return _sse(_chat_chunks(state, body, response_id, created, len(prompt), output))
     choices = [{"index": i, "message": {"role": "assistant", "content": state.text_of(c)},
                 "logprobs": _chat_logprobs(state.codec, c), "finish_reason": c.finish_reason}
                for i, c in enumerate(output)]
-    return {"id": response_id, "object": "chat.completion", "created": created, "model": state.model_name,
-            "choices": choices, "usage": _usage(len(prompt), output)}
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices, "usage": _usage(len(prompt), output)}
 
 
-def _chat_chunks(state: ServingState, body: ChatCompletionRequest, response_id: str, created: int,
-                 prompt_tokens: int, output: GenerateOutput) -> Iterator[dict[str, Any]]:
+def _chunk_logprobs(chunk: StreamChunk) -> Completion:
+    """A chunk's tokens as a completion, for the log-probability formatters."""
+    return Completion(token_ids=chunk.token_ids, finish_reason="abort", logprobs=chunk.logprobs,
+                      top_logprobs=chunk.top_logprobs)
+
+
+async def _chat_events(state: ServingState, body: ChatCompletionRequest, prompt_tokens: int, choices: ChoiceStreams,
+                       source: AsyncIterator[tuple[int, str, StreamChunk]]) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+    def event(choice: dict[str, Any]) -> dict[str, Any]:
         data = {"id": response_id, "object": "chat.completion.chunk", "created": created,
                 "model": state.model_name, "choices": [choice]}
         if include_usage:
             data["usage"] = None
         return data
 
-    for i, c in enumerate(output):
-        yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    for i in range(len(choices.texts)):
+        yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None})
-        for k, piece in enumerate(state.codec.pieces(c.token_ids, state.text_of(c))):
-            if not piece and c.logprobs is None:
-                continue
-            yield chunk({"index": i, "delta": {"content": piece},
-                         "logprobs": _chat_logprobs(state.codec, c, k, k + 1), "finish_reason": None})
-        yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason})
+    async for i, delta, chunk in source:
+        if delta or (chunk.token_ids and chunk.logprobs is not None):
+            logprobs = _chat_logprobs(state.codec, _chunk_logprobs(chunk)) if chunk.token_ids else None
+            yield event({"index": i, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None})
+        if chunk.completion is not None:
+            yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": chunk.completion.finish_reason})
     if include_usage:
         yield {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-               "choices": [], "usage": _usage(prompt_tokens, output)}
+               "choices": [], "usage": _stream_usage(prompt_tokens, choices)}
+
+
+def _stream_usage(prompt_tokens: int, choices: ChoiceStreams) -> dict[str, int]:
+    completion_tokens = choices.completion_tokens()
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _completion_logprobs(codec: TextCodec, completion: Completion, text: str, offset: int) -> Any:
@@ -222,66 +240,66 @@ def _completion_logprobs(codec: TextCodec, completion: Completion, text: str, of
             "top_logprobs": top, "text_offset": offsets}
 
 
-def _completion_response(state: ServingState, body: CompletionRequest, raw_prompts: list[Any],
-                         prompts: list[list[int]], output: GenerateOutput) -> Any:
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    prompt_tokens = sum(len(p) for p in prompts)
+def _echoes(state: ServingState, body: CompletionRequest, raw_prompts: list[Any], count: int) -> list[str]:
     echoes = []
-    for i in range(len(output)):
+    for i in range(count):
         raw = raw_prompts[i // body.n]
         echoes.append((raw if isinstance(raw, str) else state.codec.decode(raw)) if body.echo else "")
-    if body.stream:
-        return _sse(_completion_chunks(state, body, response_id, created, prompt_tokens, output, echoes))
+    return echoes
+
+
+def _completion_response(state: ServingState, body: CompletionRequest, raw_prompts: list[Any],
+                         prompts: list[list[int]], output: GenerateOutput) -> Any:
     choices = []
-    for i, (c, echo) in enumerate(zip(output, echoes)):
+    for i, (c, echo) in enumerate(zip(output, _echoes(state, body, raw_prompts, len(output)))):
         text = state.text_of(c)
         choices.append({"index": i, "text": echo + text, "logprobs": _completion_logprobs(state.codec, c, text, 0),
                         "finish_reason": c.finish_reason})
-    return {"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
-            "choices": choices, "usage": _usage(prompt_tokens, output)}
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices, "usage": _usage(sum(len(p) for p in prompts), output)}
 
 
-def _completion_chunks(state: ServingState, body: CompletionRequest, response_id: str, created: int,
-                       prompt_tokens: int, output: GenerateOutput, echoes: list[str]) -> Iterator[dict[str, Any]]:
+async def _completion_events(state: ServingState, body: CompletionRequest, raw_prompts: list[Any],
+                             prompts: list[list[int]], choices: ChoiceStreams,
+                             source: AsyncIterator[tuple[int, str, StreamChunk]]) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     codec = state.codec
 
-    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+    def event(choice: dict[str, Any]) -> dict[str, Any]:
         data = {"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
                 "choices": [choice]}
         if include_usage:
             data["usage"] = None
         return data
 
-    for i, (c, echo) in enumerate(zip(output, echoes)):
+    for i, echo in enumerate(_echoes(state, body, raw_prompts, len(choices.texts))):
         if echo:
-            yield chunk({"index": i, "text": echo, "logprobs": None, "finish_reason": None})
-        position = 0
-        for k, piece in enumerate(codec.pieces(c.token_ids, state.text_of(c))):
-            if not piece and c.logprobs is None:
-                continue
+            yield event({"index": i, "text": echo, "logprobs": None, "finish_reason": None})
+    positions = [0] * len(choices.texts)
+    async for i, delta, chunk in source:
+        if delta or (chunk.token_ids and chunk.logprobs is not None):
             logprobs = None
-            if c.logprobs is not None:
-                top = [{codec.token_text(t): lp for t, lp in c.top_logprobs[k].items()}] if c.top_logprobs else None
-                logprobs = {"tokens": [codec.token_text(c.token_ids[k])], "token_logprobs": [c.logprobs[k]],
-                            "top_logprobs": top, "text_offset": [position]}
-            position += len(piece)
-            yield chunk({"index": i, "text": piece, "logprobs": logprobs, "finish_reason": None})
-        yield chunk({"index": i, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
+            if chunk.token_ids and chunk.logprobs is not None:
+                # Offsets of a chunk's tokens are approximated by the chunk's start: token texts and
+                # text deltas need not align once characters span tokens.
+                top = [{codec.token_text(t): lp for t, lp in step.items()} for step in chunk.top_logprobs] \
+                    if chunk.top_logprobs else None
+                logprobs = {"tokens": [codec.token_text(t) for t in chunk.token_ids],
+                            "token_logprobs": list(chunk.logprobs), "top_logprobs": top,
+                            "text_offset": [positions[i]] * len(chunk.token_ids)}
+            yield event({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": None})
+            positions[i] += len(delta)
+        if chunk.completion is not None:
+            yield event({"index": i, "text": "", "logprobs": None, "finish_reason": chunk.completion.finish_reason})
     if include_usage:
         yield {"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
-               "choices": [], "usage": _usage(prompt_tokens, output)}
+               "choices": [], "usage": _stream_usage(sum(len(p) for p in prompts), choices)}
 
 
-def _json_or_stream(body: Any) -> Any:
-    # Plain JSON types only: skip FastAPI's jsonable_encoder pass over the body.
-    return body if isinstance(body, StreamingResponse) else JSONResponse(body)
-
-
-def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def events() -> AsyncIterator[bytes]:
-        for data in chunks:
+        async for data in chunks:
             yield f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
