@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
     WeightUpdateRequest,
@@ -177,6 +178,69 @@ class SGLangEngine:
             await self._on_loop(self._rescore(request, completions, plan))
         return GenerateOutput(completions)
 
+    @hookimpl
+    async def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Every prompt streamed from SGLang (as stop strings already are), its new tokens handed
+        out as they arrive. When the log-probabilities must be recomputed after the fact (the
+        plugin's logit processor or a repetition penalty changed SGLang's), they exist only at the
+        end: such a request's tokens then arrive in its final chunk."""
+        params = request.sampling_params
+        plan = translate_sampling(params)
+        self._check_prompts(request.prompt_token_ids)
+        caller = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[int, list[int], Any, Any]] = asyncio.Queue()
+        incremental = not plan.rescore_logprobs
+
+        def emit(index: int, tokens: list[int], logprobs: Any, top: Any) -> None:  # called on the engine loop
+            caller.call_soon_threadsafe(pieces.put_nowait, (index, tokens, logprobs, top))
+
+        rids = list(request.request_ids)
+        job = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self._stream_all(request, plan, emit if incremental else None), self.loop.loop))
+        sent = [0] * len(request)
+        try:
+            while not job.done() or not pieces.empty():
+                if pieces.empty():
+                    getter = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    index, tokens, logprobs, top = getter.result()
+                else:
+                    index, tokens, logprobs, top = pieces.get_nowait()
+                sent[index] += len(tokens)
+                yield StreamChunk(index, tokens, logprobs, top)
+            results = job.result()
+        finally:
+            if not job.done():  # the consumer stopped early: end the requests
+                await self._on_loop(self._abort(rids))
+        completions = [self._completion(rid, result, plan, params) for rid, result in zip(rids, results)]
+        if plan.rescore_logprobs:
+            await self._on_loop(self._rescore(request, completions, plan))
+        for index, completion in enumerate(completions):
+            yield StreamChunk.final(index, completion, sent[index])
+
+    async def _stream_all(self, request: GenerateRequest, plan: SGLangSampling,
+                          emit: Callable[[int, list[int], Any, Any], None] | None) -> list[_Result]:
+        def on_tokens(index: int) -> Callable[[dict[str, Any], int, int], None] | None:
+            if emit is None:
+                return None
+
+            def forward(chunk: dict[str, Any], start: int, end: int) -> None:
+                tokens = list(chunk["output_ids"][start:end])
+                logprobs = top = None
+                if plan.return_logprob:
+                    logprobs, top = lp.from_output(chunk.get("meta_info", {}), chunk["output_ids"][:end],
+                                                   plan.top_logprobs_num)
+                    logprobs, top = logprobs[start:], top[start:] if top is not None else None
+                emit(index, tokens, logprobs, top)
+            return forward
+
+        return list(await asyncio.gather(*(
+            self._submit([rid], [prompt], plan, request.lora_name, streamed=True, on_tokens=on_tokens(i))
+            for i, (rid, prompt) in enumerate(zip(request.request_ids, request.prompt_token_ids)))))
+
     def _check_prompts(self, prompts: list[list[int]]) -> None:
         """Refuse what SGLang would crash or fail on: an out-of-vocabulary id takes its scheduler
         down (and with it this process), an over-long prompt is an error deep inside it."""
@@ -226,7 +290,7 @@ class SGLangEngine:
         return kwargs
 
     async def _submit(self, rids: list[str], prompts: list[list[int]], plan: SGLangSampling, lora: str | None,
-                      streamed: bool) -> Any:
+                      streamed: bool, on_tokens: Callable[[dict[str, Any], int, int], None] | None = None) -> Any:
         if self._flush_when_idle and not self._live:
             await self._flush()
         kwargs = self._request_kwargs(rids, prompts, plan, lora)
@@ -238,7 +302,7 @@ class SGLangEngine:
                     kwargs["sampling_params"] = kwargs["sampling_params"][0]
                 if lora is not None:
                     kwargs["lora_path"] = lora
-                return await self._generate_streamed(rids[0], kwargs, plan)
+                return await self._generate_streamed(rids[0], kwargs, plan, on_tokens)
             outs = await self.engine.async_generate(**kwargs)
             return [self._result(out) for out in outs]
         except asyncio.CancelledError:
@@ -251,15 +315,26 @@ class SGLangEngine:
             if self._flush_when_idle and not self._live:
                 await self._flush()
 
-    async def _generate_streamed(self, rid: str, kwargs: dict[str, Any], plan: SGLangSampling) -> _Result:
+    async def _generate_streamed(self, rid: str, kwargs: dict[str, Any], plan: SGLangSampling,
+                                 on_tokens: Callable[[dict[str, Any], int, int], None] | None = None) -> _Result:
+        """Follow the request's cumulative outputs through the stop watch. ``on_tokens(chunk, start,
+        end)`` gets every stretch of new tokens no stop condition can take back, while the request
+        is still running (the final stretch is left to the caller, with the result)."""
         watch = StopStringWatch(plan.stop_strings, self._decode, plan.watched_stop_token_ids)
         last: dict[str, Any] | None = None
+        handed_out = 0
         stream = await self.engine.async_generate(stream=True, **kwargs)
         async for chunk in stream:
             last = chunk
             if watch.match is None and watch.feed(chunk["output_ids"]) is not None:
                 # Abort at once; keep reading so SGLang finishes the request's bookkeeping.
                 self.tm.abort_request(rid)
+            finished = bool(chunk.get("meta_info", {}).get("finish_reason"))
+            if on_tokens is not None and watch.match is None and not finished and rid not in self._aborted:
+                end = len(chunk["output_ids"])
+                if end > handed_out:
+                    on_tokens(chunk, handed_out, end)
+                    handed_out = end
         assert last is not None
         result = self._result(last)
         if watch.match is not None and rid not in self._aborted:

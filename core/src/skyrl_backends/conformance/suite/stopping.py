@@ -3,6 +3,8 @@ backend (written in :mod:`skyrl_backends.sampling`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from skyrl_backends.conformance.harness import ConformanceHarness
@@ -25,6 +27,24 @@ def own_greedy(conformance: ConformanceHarness, prompt: list[int], length: int) 
     full = conformance.greedy([prompt], length, ignore_eos=True)[0]
     conformance.assert_greedy_parity(prompt, full, length, ignore_eos=True)
     return full.token_ids
+
+
+def stop_string_cases(conformance: ConformanceHarness, prompts: list[list[int]], length: int
+                      ) -> Iterator[tuple[list[int], tuple[int, ...] | list[int], str, int, str]]:
+    """``(prompt, full output, stop string, tokens to keep, expected text)`` for each prompt whose
+    greedy output has a usable two-character stop string in the middle of its text (so it may end
+    inside a token)."""
+    decode = conformance.reference.decode
+    for prompt in prompts:
+        full = own_greedy(conformance, prompt, length)
+        text = decode(full)
+        middle = len(text) // 2
+        stop = text[middle:middle + 2]
+        if len(stop) < 2 or "\ufffd" in stop or not stop.strip():
+            continue
+        expected = expected_stop_string_cut(full, stop, decode)
+        assert expected is not None
+        yield prompt, full, stop, expected[0], expected[1]
 
 
 class StopConditionTests(ConformanceTestBase):
@@ -58,19 +78,9 @@ class StopConditionTests(ConformanceTestBase):
     @feature("Stop strings")
     def test_stop_strings(self, conformance: ConformanceHarness) -> None:
         require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
-        decode = conformance.reference.decode
         checked = 0
-        for prompt in conformance.reference.prompts(6, seed=22):
-            full = own_greedy(conformance, prompt, 24)
-            text = decode(full)
-            # A two-character stop string from the middle of the text, so it may end inside a token.
-            middle = len(text) // 2
-            stop = text[middle:middle + 2]
-            if len(stop) < 2 or "\ufffd" in stop or not stop.strip():
-                continue
-            expected = expected_stop_string_cut(full, stop, decode)
-            assert expected is not None
-            k, expected_text = expected
+        for prompt, full, stop, k, expected_text in stop_string_cases(
+                conformance, conformance.reference.prompts(6, seed=22), 24):
             c = conformance.greedy([prompt], 24, stop=[stop], ignore_eos=True)[0]
             assert c.token_ids == list(full[:k]), (
                 f"stop string {stop!r}: output must end at the token completing it; got {c.token_ids}, "

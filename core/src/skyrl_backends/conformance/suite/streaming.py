@@ -10,9 +10,8 @@ from typing import Any
 
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
-from skyrl_backends.conformance.oracles import expected_stop_string_cut
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
-from skyrl_backends.conformance.suite.stopping import _first_repeat_free_index, own_greedy
+from skyrl_backends.conformance.suite.stopping import _first_repeat_free_index, own_greedy, stop_string_cases
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, StreamChunk
 
@@ -126,16 +125,9 @@ class StreamingTests(ConformanceTestBase):
 
     def test_stop_string_ends_stream(self, conformance: ConformanceHarness) -> None:
         require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
-        decode = conformance.reference.decode
         checked = 0
-        for prompt in conformance.reference.prompts(4, seed=116):
-            full = own_greedy(conformance, prompt, 24)
-            text = decode(full)
-            middle = len(text) // 2
-            stop = text[middle:middle + 2]
-            if len(stop) < 2 or "\ufffd" in stop or not stop.strip():
-                continue
-            k, expected_text = expected_stop_string_cut(full, stop, decode)
+        for prompt, full, stop, k, expected_text in stop_string_cases(
+                conformance, conformance.reference.prompts(4, seed=116), 24):
             (final,) = completions_of(stream(conformance, [prompt], {
                 "max_generate_length": 24, "temperature": 0.0, "stop": [stop], "ignore_eos": True}), 1)
             assert final.token_ids == list(full[:k]), (
