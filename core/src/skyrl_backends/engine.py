@@ -206,7 +206,8 @@ class InferenceEngine:
         return GenerateOutput(_sample_major(completions, len(request), params.n))
 
     def _admit(self, request: GenerateRequest | Sequence[Sequence[int]],
-               sampling_params: SamplingParams | dict[str, Any] | None, request_fields: dict[str, Any]) -> GenerateRequest:
+               sampling_params: SamplingParams | dict[str, Any] | None,
+               request_fields: dict[str, Any]) -> GenerateRequest:
         """The request as a GenerateRequest, after every check that precedes generation."""
         if not isinstance(request, GenerateRequest):
             request = GenerateRequest(prompt_token_ids=[list(p) for p in request],

@@ -385,7 +385,8 @@ class InferenceEngineClient:
         return segment, output
 
     # -- streaming ---------------------------------------------------------------------------
-    async def generate_stream(self, prompt: Sequence[int], sampling_params: SamplingParams | dict[str, Any] | None = None,
+    async def generate_stream(self, prompt: Sequence[int],
+                              sampling_params: SamplingParams | dict[str, Any] | None = None,
                               session_id: str | None = None, *, request_id: str | None = None,
                               lora_name: str | None = None) -> AsyncIterator[StreamChunk]:
         """One prompt's completions as their tokens arrive (``n`` of them; ``chunk.index`` is the

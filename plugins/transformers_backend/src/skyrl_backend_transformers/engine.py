@@ -4,7 +4,8 @@ It implements every engine hook for real and is meant to be read: a backend auth
 shape. Generation is a batched decode loop with a KV cache over left-padded prompts; each forward
 pass runs on one worker thread (so torch never competes with itself for the cores and the event
 loop stays free), and between steps the loop honours abort and pause. Concurrent ``generate`` calls
-interleave step by step.
+interleave step by step. The loop yields after every step, so ``generate`` runs it to the end and
+``generate_stream`` hands out each step's tokens as they are chosen.
 """
 
 from __future__ import annotations
