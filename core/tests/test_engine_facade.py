@@ -74,6 +74,16 @@ def test_level_one_sleep_keeps_weights(engine):
     assert run(engine.generate([[1]], {"max_generate_length": 1})).response_ids == [[2]]
 
 
+def test_memory_already_asleep_is_not_released_again(engine):
+    run(engine.sleep(tags=["kv_cache"], level=1))
+    run(engine.sleep(level=1))  # only the weights are still awake
+    run(engine.sleep(level=2))  # nothing is awake: a no-op, the weights were kept at level 1
+    sleeps = [args for call, args in engine.impl.calls if call == "sleep"]
+    assert sleeps == [(["kv_cache"], 1), (["weights"], 1)]
+    run(engine.wake_up())
+    assert run(engine.generate([[1]], {"max_generate_length": 1})).response_ids == [[2]]
+
+
 def test_undeclared_sleep_level_and_unknown_tag_are_rejected(engine):
     with pytest.raises(UnsupportedCapabilityError, match="sleep level 3"):
         run(engine.sleep(level=3))

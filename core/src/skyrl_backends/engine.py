@@ -373,6 +373,12 @@ class InferenceEngine:
         tag_list = _check_tags(tags)
         if tags is not None and set(tag_list) != set(MEMORY_TAGS) and not caps.sleep_tags:
             raise UnsupportedCapabilityError(self.backend, "sleep_tags", "Call sleep() without tags.")
+        # Memory already released stays released: engines differ on a second release of the same
+        # memory (vLLM logs and ignores it, SGLang's memory saver aborts its scheduler), so only
+        # what is awake is put to sleep, and sleeping a sleeping engine is a no-op.
+        tag_list = [t for t in tag_list if t not in self._asleep]
+        if not tag_list:
+            return
         if self._inflight:
             if abort_first and caps.abort:
                 await self._call("skyrl_backends_abort", request_ids=None)

@@ -233,6 +233,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     return report
 
 
+def _first_line(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    return text.strip().splitlines()[0] if text.strip() else "failed"
+
+
 class _ReportingPlugin:
     """Per-session hooks that need the collector (registered in pytest_configure)."""
 
@@ -247,9 +253,22 @@ class _ReportingPlugin:
                 self.config.stash[_COLLECTOR].register(item)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.config.stash[_COLLECTOR].record(report)
+        collector = self.config.stash[_COLLECTOR]
+        collector.record(report)
+        if report.when == "teardown":
+            # Kept current after every test: an engine that takes the run down with it (SGLang kills
+            # its process group when its scheduler dies) leaves the report of everything before.
+            self._write_report()
+        if report.failed:
+            # Said at once, not only in the summary at the end, which a killed run never prints.
+            terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+            if terminal is not None:
+                terminal.write_line(f"\nFAILED {report.nodeid} ({report.when}): {_first_line(report)}", red=True)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self._write_report()
+
+    def _write_report(self) -> None:
         collector = self.config.stash[_COLLECTOR]
         path = self.config.getoption("--conformance-report") or os.environ.get(REPORT_ENV)
         if path and collector.has_results():

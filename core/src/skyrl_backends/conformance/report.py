@@ -37,8 +37,10 @@ class CaseResult:
     test: str
     group: str
     feature: str
-    status: str = "skipped"
-    detail: str = ""
+    # Until its result is recorded. The report is rewritten after every test, so a run that dies
+    # midway says which tests it never reached instead of passing them over in silence.
+    status: str = "not run"
+    detail: str = "the run ended before this test"
 
 
 @dataclass
@@ -69,6 +71,8 @@ def aggregate(feature: str, results: list[CaseResult]) -> FeatureResult:
         if not others:
             return FeatureResult(feature, "pass", "", counts)
         return FeatureResult(feature, "partial", "; ".join(details(s) for s in sorted(others) if details(s)), counts)
+    if counts.get("not run"):
+        return FeatureResult(feature, "not run", details("not run"), counts)
     if counts.get("xfail"):
         return FeatureResult(feature, "xfail", details("xfail"), counts)
     if counts.get("unsupported"):
@@ -128,7 +132,8 @@ class ResultCollector:
         result.status, result.detail = status, detail
 
     def has_results(self) -> bool:
-        return self.harness is not None and any(t.status != "skipped" or t.detail for t in self.tests.values())
+        return self.harness is not None and any(t.status not in ("skipped", "not run") or (t.status == "skipped" and t.detail)
+                                                for t in self.tests.values())
 
     def features(self) -> list[FeatureResult]:
         rows: dict[str, list[CaseResult]] = {}

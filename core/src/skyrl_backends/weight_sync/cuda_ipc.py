@@ -75,6 +75,18 @@ def _int_field(ipc: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _bind_primary_context(index: int) -> None:
+    """Make device ``index``'s primary context current in the calling thread.
+
+    Opening a handle needs a current context, and a receiver called from a worker thread
+    (``asyncio.to_thread``) may have none: ``torch.cuda.set_device`` skips the runtime call when the
+    thread's device already reads as ``index`` (a fresh thread reads 0 with nothing bound), and the
+    open may go through the driver API, which binds nothing by itself ("invalid device context",
+    seen with SGLang's engine). A runtime call that needs the context binds it: query the stream."""
+    torch.cuda.set_device(index)
+    torch.cuda.current_stream(index).query()
+
+
 def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torch.Tensor:
     """The sender's buffer (``nbytes`` uint8) from the JSON fields of its handle."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
@@ -94,8 +106,7 @@ def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torc
                                                  f"needs [{tensor_offset}, {tensor_offset + nbytes})"})
     index = _local_index(ipc.get("device_uuid"), device)
     try:
-        # Opening a handle needs the device's context current in *this* thread; a receiver called
-        # from a worker thread (asyncio.to_thread) has none until the device is set there.
+        _bind_primary_context(index)
         with torch.cuda.device(index):
             tensor = rebuild_cuda_tensor(
                 torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,

@@ -498,7 +498,12 @@ class SGLangEngine:
         if request.strategy != "broadcast":
             from sglang.srt.utils import MultiprocessingSerializer
 
-            named = await asyncio.to_thread(self._received_tensors, request)
+            if request.strategy == "cuda_ipc":
+                # Opening handles and queueing device copies takes milliseconds: done on the event
+                # loop's thread, whose CUDA context is set up, not in a fresh worker thread.
+                named = self._received_tensors(request)
+            else:
+                named = await asyncio.to_thread(self._received_tensors, request)
             obj: Any = io_struct.UpdateWeightsFromTensorReqInput(
                 serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.tp_size)],
                 load_format=None, flush_cache=flush_now)

@@ -109,7 +109,8 @@ def build_machine(conformance: ConformanceHarness):
             level = data.draw(st.sampled_from(levels))
             tags = data.draw(st.sampled_from([None, ["kv_cache"], ["weights"]] if caps.sleep_tags else [None]))
             conformance.run(self.engine.sleep(tags=tags, level=level))
-            slept = {"weights", "kv_cache"} if tags is None else set(tags)
+            # Memory already asleep is not released again (a no-op, whatever the level).
+            slept = ({"weights", "kv_cache"} if tags is None else set(tags)) - self.asleep
             self.asleep |= slept
             if "weights" in slept and discards(level):
                 self.discarded = True
@@ -142,8 +143,10 @@ def build_machine(conformance: ConformanceHarness):
                     conformance.run(self.engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
                 return
             if self.adapter_loaded:
-                with pytest.raises(LoraAdapterError):
+                # Refused either way: as a duplicate, or (asleep) as a state error.
+                with pytest.raises((LoraAdapterError, EngineStateError)) as refused:
                     conformance.run(self.engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
+                assert self.asleep or isinstance(refused.value, LoraAdapterError), refused.value
                 return
             try:
                 conformance.run(self.engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
@@ -159,8 +162,9 @@ def build_machine(conformance: ConformanceHarness):
             if not caps.lora:
                 return
             if not self.adapter_loaded:
-                with pytest.raises(LoraAdapterError):
+                with pytest.raises((LoraAdapterError, EngineStateError)) as refused:
                     conformance.run(self.engine.unload_lora_adapter(ADAPTER))
+                assert self.asleep or isinstance(refused.value, LoraAdapterError), refused.value
                 return
             try:
                 conformance.run(self.engine.unload_lora_adapter(ADAPTER))
