@@ -178,7 +178,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
             --json "$OUT/$engine-weight-sync.json" ;;
         weight-sync-tests) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
-            -m pytest -p no:cacheprovider -q -rA tests/weight_sync/test_gpu.py ;;
+            -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ;;
         broadcast) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
             --shape qwen2.5-1.5b --skip colocated --json "$OUT/broadcast.json" ;;
         *) log "unknown step $name"; return 2 ;;

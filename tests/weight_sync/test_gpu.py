@@ -54,6 +54,25 @@ def _ask(pipe, request: WeightUpdateRequest):
     return json.loads(pipe.recv_bytes())
 
 
+def test_cuda_ipc_within_one_process_hands_over_the_senders_buffers():
+    # An engine in the trainer's own process (SGLang's Engine) cannot open its own process's handles.
+    from skyrl_backends.weight_sync.receive import receive_named_tensors
+
+    sender = CudaIpcSender("cuda:0")
+    weights = _weights("cuda:0", 3)
+    layout = plan(weights, bucket_bytes=300 * 1024)
+    request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
+    received = dict(receive_named_tensors(request, device="cuda:0"))
+    assert _sums(received) == pytest.approx(_sums(weights))
+    sender.close()
+    del received
+    import gc
+
+    gc.collect()
+    with pytest.raises(WeightUpdateError, match="no live CudaIpcSender"):
+        list(receive_named_tensors(request, device="cuda:0"))
+
+
 def test_cuda_ipc_into_another_process_reuses_handles_and_refuses_bad_ones():
     pipe, peer = _peer(None, "cuda:0")
     peer.start()

@@ -11,6 +11,8 @@ may see different ``CUDA_VISIBLE_DEVICES`` orderings.
 from __future__ import annotations
 
 import base64
+import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +24,11 @@ from skyrl_backends.weight_sync.chunks import PackPlan, pack_into, unpack
 from skyrl_backends.weight_sync.manifest import parse_buckets
 
 STRATEGY = "cuda_ipc"
+# Buffers of this process's live senders by their handle's text, for an engine that runs in the
+# trainer's own process (SGLang's Engine keeps its tokenizer manager in the caller's process): CUDA
+# cannot open a handle in the process that exported it ("invalid device context"), and there is no
+# need to, the buffer is right here. Weak: a closed sender's buffers go.
+_own_buffers: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 # Opened storages of the last update, kept so that the next update with the same handles rebuilds
 # them from torch's cache instead of opening the handles again (cudaIpcOpenMemHandle is slow).
 _open_storages: dict[tuple[bytes, int], torch.Tensor] = {}
@@ -53,7 +60,8 @@ def encode_handle(buffer: torch.Tensor) -> dict[str, Any]:
     _, args = reduce_tensor(buffer)
     (_cls, size, stride, offset, _storage_cls, _dtype, device, handle, storage_nbytes, storage_offset,
      _grad, ref_handle, ref_offset, event_handle, event_sync) = args
-    return {"device_uuid": device_uuid(device), "handle": _b64(handle), "storage_nbytes": int(storage_nbytes),
+    return {"pid": os.getpid(), "device_uuid": device_uuid(device), "handle": _b64(handle),
+            "storage_nbytes": int(storage_nbytes),
             "storage_offset": int(storage_offset), "tensor_offset": int(offset), "ref_counter_handle": _b64(ref_handle),
             "ref_counter_offset": int(ref_offset), "event_handle": _b64(event_handle),
             "event_sync_required": bool(event_sync)}
@@ -73,6 +81,10 @@ def _int_field(ipc: dict[str, Any], key: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise WeightUpdateError({f"{where}.{key}": f"expected a non-negative integer, got {value!r}"})
     return value
+
+
+def _own_key(ipc: dict[str, Any]) -> str:
+    return f"{ipc.get('handle')}:{ipc.get('storage_offset')}:{ipc.get('tensor_offset')}"
 
 
 def _bind_primary_context(index: int) -> None:
@@ -104,6 +116,12 @@ def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torc
     if tensor_offset + nbytes > storage_nbytes:
         raise WeightUpdateError({f"{where}.ipc": f"the shared storage holds {storage_nbytes} bytes but the bucket "
                                                  f"needs [{tensor_offset}, {tensor_offset + nbytes})"})
+    if ipc.get("pid") == os.getpid():
+        own = _own_buffers.get(_own_key(ipc))
+        if own is None or own.numel() != nbytes:
+            raise WeightUpdateError({f"{where}.ipc": "names a buffer of this process that no live CudaIpcSender "
+                                                     f"holds (closed, or written again since)"})
+        return own
     index = _local_index(ipc.get("device_uuid"), device)
     try:
         _bind_primary_context(index)
@@ -141,6 +159,9 @@ class CudaIpcSender:
         # storages) comes with a new reference count, which the engine releases once per share. Reusing
         # one share for several updates would release the same count several times.
         handles = [encode_handle(b) if b.numel() else {} for b in self._buffers]
+        for handle, buffer in zip(handles, self._buffers, strict=True):
+            if handle:
+                _own_buffers[_own_key(handle)] = buffer
         return {"buckets": [{"ipc": h, **m.to_json()} for h, m in zip(handles, layout.buckets, strict=False)]}
 
     def close(self) -> None:
@@ -157,8 +178,9 @@ def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterato
             staged.append((manifest, torch.empty(0, dtype=torch.uint8, device=device)))
             continue
         buffer = open_handle(raw["ipc"], manifest.nbytes, device, f"payload.buckets[{b}]")
-        # Buckets may share one CUDA allocation (one handle) at different offsets.
-        keep[(_decode_bytes(raw["ipc"]["handle"], "handle"), raw["ipc"]["storage_offset"])] = buffer
+        if raw["ipc"].get("pid") != os.getpid():  # the sender's own buffers are not ours to keep
+            # Buckets may share one CUDA allocation (one handle) at different offsets.
+            keep[(_decode_bytes(raw["ipc"]["handle"], "handle"), raw["ipc"]["storage_offset"])] = buffer
         staged.append((manifest, buffer))
     _open_storages.clear()
     _open_storages.update(keep)

@@ -40,8 +40,12 @@ class SleepWakeTests(ConformanceTestBase):
             with pytest.raises(WeightsNotLoadedError):
                 conformance.greedy(prompts, 10)
             conformance.push_weights(conformance.reference.original_state)
-        after = conformance.greedy(prompts, 10).response_ids
-        assert after == before, f"greedy output changed across sleep(level={level}) and wake_up"
+        after = conformance.greedy(prompts, 10)
+        if conformance.greedy_margin == 0.0:
+            assert after.response_ids == before, f"greedy output changed across sleep(level={level}) and wake_up"
+        else:  # half precision: a cold cache may break a near tie differently; both must still be greedy
+            for prompt, completion in zip(prompts, after, strict=True):
+                conformance.assert_greedy_parity(prompt, completion, 10)
 
     @requires("discards_weights")
     def test_partial_weight_sync_is_not_enough(self, conformance: ConformanceHarness) -> None:
