@@ -83,6 +83,14 @@ def _int_field(ipc: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def from_this_process(request: WeightUpdateRequest) -> bool:
+    """Whether the request's buffers belong to a sender in this very process: then the received
+    tensors are views of memory this process owns, which an engine may share onwards as they are."""
+    buckets = request.payload.get("buckets") if isinstance(request.payload, dict) else None
+    ipcs = [b.get("ipc") for b in buckets or [] if isinstance(b, dict) and b.get("ipc")]
+    return bool(ipcs) and all(isinstance(i, dict) and i.get("pid") == os.getpid() for i in ipcs)
+
+
 def _own_key(ipc: dict[str, Any]) -> str:
     return f"{ipc.get('handle')}:{ipc.get('storage_offset')}:{ipc.get('tensor_offset')}"
 

@@ -528,8 +528,13 @@ class SGLangEngine:
         if request.strategy == "tensors":
             return list(zip(request.names, request.payload))
         from skyrl_backends.weight_sync import receive_named_tensors
+        from skyrl_backends.weight_sync.cuda_ipc import from_this_process
 
         device = "cpu" if self.cpu else "cuda"
+        if request.strategy == "cuda_ipc" and from_this_process(request):
+            # The trainer's sender lives in this process: its buckets are ours to share onwards, one
+            # CUDA allocation per bucket that the scheduler opens once and finds again next step.
+            return list(receive_named_tensors(request, device=device))
         return [(name, tensor.to(device, copy=True))
                 for name, tensor in receive_named_tensors(request, device=device)]
 
