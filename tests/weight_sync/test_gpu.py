@@ -152,7 +152,8 @@ def test_cuda_ipc_into_a_real_engine_matches_its_own_update_path(backend, model_
             [version] = await sync_weights(engine, weights, "cuda_ipc", sender=sender, bucket_bytes=64 * 1024)
             ours = await engine.generate(prompts, params)
             assert ours.response_ids != before and ours[0].weight_version == version
-            await engine.update_weights_from_tensors(list(weights.items()))
+            # The engine's own path takes tensors in the engine's dtype (sync_weights converts).
+            await engine.update_weights_from_tensors([(n, t.to(getattr(torch, dtype))) for n, t in weights.items()])
             assert (await engine.generate(prompts, params)).response_ids == ours.response_ids
             bad = dict(weights)
             bad["model.norm.weight"] = bad["model.norm.weight"][:-1]
