@@ -16,8 +16,8 @@ from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_to_json
 
 
-def _weights() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
+def _weights(seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     return {"embed.weight": torch.randn(40, 16, generator=g), "layer.weight": torch.randn(16, 16, generator=g),
             "layer.bias": torch.randn(16, generator=g).to(torch.bfloat16), "steps": torch.arange(5)}
 
@@ -68,9 +68,13 @@ def test_packed_and_per_tensor_layouts_into_skyrl_receivers_of_two_processes():
     _join(sender, peers)
     assert [p.recv_bytes() for p in pipes] == [b"joined", b"joined"]
     try:
-        for layout_name in ("packed", "per_tensor"):
+        # The second packed update has the first one's layout (the receivers reuse its views), the
+        # third a new one (validated and sliced afresh); each carries other values.
+        for layout_name, bucket_bytes, seed in (("packed", 2048, 3), ("packed", 2048, 4), ("packed", 1024, 5),
+                                                ("per_tensor", 2048, 6)):
             sender.layout = layout_name
-            layout = plan(weights, bucket_bytes=2048)
+            weights = _weights(seed)
+            layout = plan(weights, bucket_bytes=bucket_bytes)
             request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
                                           sender.payload(layout))
             for pipe in pipes:

@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
-from skyrl_backends.weight_sync.chunks import PackPlan, pack_into, unpack
+from skyrl_backends.weight_sync.chunks import Packer, PackPlan, unpack
+from skyrl_backends.weight_sync.layout_memo import LayoutMemo
 from skyrl_backends.weight_sync.manifest import parse_buckets
 
 STRATEGY = "broadcast"
@@ -94,6 +95,7 @@ class BroadcastReceiver:
         self.rank = info.rank_offset + local_rank
         self._staging: list[torch.Tensor] = []
         self._per_tensor_staging: dict[str, torch.Tensor] = {}
+        self._memo = LayoutMemo()  # the packed layout of the last update and its views into staging
         timeout_s = float(info.extra.get("timeout_s", DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
         self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
@@ -101,7 +103,9 @@ class BroadcastReceiver:
                                _local_host(info.master_addr), timeout_s)
 
     def receive(self, request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
-        buckets = parse_buckets(request)
+        # The same layout as last time (every step of a run): already validated, views already made.
+        same = self._memo.matches(request)
+        buckets = None if same else parse_buckets(request)
         group_name = request.payload.get("group_name")
         if group_name != self.info.group_name:
             raise WeightUpdateError({"payload.group_name": f"got {group_name!r} but this engine joined "
@@ -113,16 +117,24 @@ class BroadcastReceiver:
             return iter(self._receive_per_tensor(request))
         # Staging buffers are kept for the next update of the same layout (no new allocation, no
         # page faults); the views yielded last time have been copied into the engine by then.
-        sizes = [m.nbytes for m, _ in buckets]
-        if [b.numel() for b in self._staging] != sizes:
-            self._staging = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
+        if buckets is not None:
+            sizes = [m.nbytes for m, _ in buckets]
+            if [b.numel() for b in self._staging] != sizes:
+                self._staging = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
         works = [self.group.broadcast([buffer], _root0()) for buffer in self._staging]
         for work in works:
             work.wait()
-        staged = [(manifest, buffer) for (manifest, _), buffer in zip(buckets, self._staging, strict=False)]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))
+        if buckets is None:
+            pairs = self._memo.views(self._staging)
+            if pairs is not None:
+                return iter(pairs)
+            buckets = parse_buckets(request)  # not reached while the staging buffers are kept
+        pairs = [pair for (manifest, _), buffer in zip(buckets, self._staging, strict=True)
+                 for pair in unpack(manifest, buffer)]
+        self._memo.remember(request, self._staging, pairs)
+        return iter(pairs)
 
     def _receive_per_tensor(self, request: WeightUpdateRequest) -> list[tuple[str, torch.Tensor]]:
         received = []
@@ -147,6 +159,7 @@ class BroadcastReceiver:
         self.store = None
         self._staging = []
         self._per_tensor_staging = {}
+        self._memo.forget()
 
 
 def _root0() -> Any:
@@ -183,6 +196,7 @@ class BroadcastSender:
         self.master_port = self.store.port
         self.group: Any = None
         self._buffers: list[torch.Tensor] = []
+        self._packer = Packer()
 
     def init_info(self, rank_offset: int) -> WeightSyncInitInfo:
         return WeightSyncInitInfo(master_addr=self.master_addr, master_port=self.master_port, rank_offset=rank_offset,
@@ -219,12 +233,13 @@ class BroadcastSender:
         if len(self._buffers) < count or any(b.numel() < largest for b in self._buffers[:count]):
             self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(count)]
         pending: list[Any] = [None, None]
-        for i, manifest in enumerate(layout.buckets):
+        targets = [self._buffers[i % 2][:manifest.nbytes] for i, manifest in enumerate(layout.buckets)]
+        self._packer.prepare(targets, layout)
+        for i, buffer in enumerate(targets):
             slot = i % 2
             if pending[slot] is not None:  # the collective that last read this buffer
                 pending[slot].wait()
-            buffer = self._buffers[slot][:manifest.nbytes]
-            pack_into(buffer, manifest, layout.tensors)
+            self._packer.pack_bucket(i, layout)
             pending[slot] = self.group.broadcast([buffer], _root0())
         for work in pending:
             if work is not None:

@@ -159,15 +159,25 @@ class Packer:
         self._json: list[dict[str, Any]] = []
 
     def pack(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
+        """Pack every bucket of ``layout`` into its buffer; returns the manifests' JSON."""
+        self.prepare(buffers, layout)
+        for index in range(len(layout.buckets)):
+            self.pack_bucket(index, layout)
+        return self._json
+
+    def prepare(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
+        """Make (or keep) the destination views of ``layout`` in ``buffers`` (one per bucket)."""
         key = (tuple(b.data_ptr() for b in buffers), tuple(layout.buckets))
         if key != self._key:
             self._destinations = [[view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
                                   for buffer, manifest in zip(buffers, layout.buckets, strict=True)]
             self._json = [manifest.to_json() for manifest in layout.buckets]
             self._key = key
-        for destinations, manifest in zip(self._destinations, layout.buckets, strict=True):
-            copy_all(destinations, [layout.tensors[e.name] for e in manifest.tensors])
         return self._json
+
+    def pack_bucket(self, index: int, layout: PackPlan) -> None:
+        """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`)."""
+        copy_all(self._destinations[index], [layout.tensors[e.name] for e in layout.buckets[index].tensors])
 
 
 def unpack(manifest: BucketManifest, buffer: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -14,7 +14,6 @@ import base64
 import os
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync.chunks import Packer, PackPlan, unpack
+from skyrl_backends.weight_sync.layout_memo import LayoutMemo
 from skyrl_backends.weight_sync.manifest import parse_buckets
 
 STRATEGY = "cuda_ipc"
@@ -178,61 +178,37 @@ class CudaIpcSender:
         self._packer = Packer()
 
 
-@dataclass
-class _Received:
-    """An update's validated layout (everything but the handles) and the views it gave."""
-
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[tuple[int, ...]]
-    buckets: list[Any]  # the payload's buckets without their "ipc" field, as received
-    buffers: list[int]  # data_ptr of each opened bucket
-    pairs: list[tuple[str, torch.Tensor]]
-
-    def same_layout(self, request: WeightUpdateRequest, buckets: list[Any]) -> bool:
-        return (request.names == self.names and request.dtypes == self.dtypes
-                and [tuple(s) for s in request.shapes] == self.shapes and _layouts(buckets) == self.buckets)
-
-
-# The last update's layout and views. A trainer syncs the same model into the same buffers every step;
-# re-validating and re-slicing 300+ tensors each time costs milliseconds of Python, more than the copy.
-# A request whose layout equals the one validated last time (compared field by field) reuses its
-# views once its handles are opened (and checked) again and found to be the same buffers.
-_last: _Received | None = None
-
-
-def _layouts(buckets: list[Any]) -> list[Any]:
-    return [{k: v for k, v in b.items() if k != "ipc"} if isinstance(b, dict) else b for b in buckets]
+# The last update's layout and views: a request with the same layout reuses them once its handles
+# are opened (and checked) again and found to be the same buffers.
+_memo = LayoutMemo(volatile=("ipc",))
 
 
 def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
     """Open every bucket's handle (validating fields and sizes) before yielding views into them."""
-    global _last
     device = torch.device(device)
-    payload = request.payload if isinstance(request.payload, dict) else {}
-    raw_buckets = payload.get("buckets")
-    last = _last
-    if last is not None and isinstance(raw_buckets, list) and last.same_layout(request, raw_buckets):
+    if _memo.matches(request):
+        raw_buckets = request.payload["buckets"]
         buffers = [open_handle(raw.get("ipc"), raw["nbytes"], device, f"payload.buckets[{b}]") if raw["nbytes"] else None
                    for b, raw in enumerate(raw_buckets)]
-        if [None if x is None else x.data_ptr() for x in buffers] == last.buffers:
+        pairs = _memo.views(buffers)
+        if pairs is not None:
             _keep_open(raw_buckets, buffers)
-            return iter(last.pairs)
+            return iter(pairs)
     staged = []
-    for b, (manifest, raw) in enumerate(parse_buckets(request, extra_fields=("ipc",))):
+    parsed = parse_buckets(request, extra_fields=("ipc",))
+    for b, (manifest, raw) in enumerate(parsed):
         if manifest.nbytes == 0:
             staged.append((manifest, torch.empty(0, dtype=torch.uint8, device=device)))
             continue
         staged.append((manifest, open_handle(raw["ipc"], manifest.nbytes, device, f"payload.buckets[{b}]")))
     buffers = [buffer if manifest.nbytes else None for manifest, buffer in staged]
+    raw_buckets = [raw for _, raw in parsed]
     _keep_open(raw_buckets, buffers)
     pairs = [pair for manifest, buffer in staged for pair in unpack(manifest, buffer)]
-    if any(isinstance(b, dict) and isinstance(b.get("ipc"), dict) and b["ipc"].get("pid") == os.getpid()
-           for b in raw_buckets):
-        _last = None  # views of a sender's own buffers must not keep them alive after it closes
-        return iter(pairs)
-    _last = _Received(list(request.names), list(request.dtypes), [tuple(s) for s in request.shapes],
-                      _layouts(raw_buckets), [None if x is None else x.data_ptr() for x in buffers], pairs)
+    if any(isinstance(raw["ipc"], dict) and raw["ipc"].get("pid") == os.getpid() for raw in raw_buckets):
+        _memo.forget()  # views of a sender's own buffers must not keep them alive after it closes
+    else:
+        _memo.remember(request, buffers, pairs)
     return iter(pairs)
 
 
