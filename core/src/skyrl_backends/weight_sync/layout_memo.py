@@ -40,8 +40,8 @@ class LayoutMemo:
         """Whether ``request`` has exactly the layout validated last time."""
         last = self._last
         buckets = request.payload.get("buckets") if isinstance(request.payload, dict) else None
-        return (last is not None and isinstance(buckets, list) and request.names == last.names
-                and request.dtypes == last.dtypes and [tuple(s) for s in request.shapes] == last.shapes
+        return (last is not None and isinstance(buckets, list) and list(request.names) == last.names
+                and list(request.dtypes) == last.dtypes and [tuple(s) for s in request.shapes] == last.shapes
                 and self._layout(buckets) == last.buckets)
 
     def views(self, buffers: Sequence[torch.Tensor | None]) -> list[tuple[str, torch.Tensor]] | None:
