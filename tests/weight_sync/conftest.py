@@ -9,8 +9,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    path = os.environ.get("SKYRL_TEST_MODEL")
-    if not path or not os.path.isdir(path):
+    from skyrl_backends.testing.tiny_model import resolve_test_model
+
+    path = resolve_test_model()
+    if path is None:
         pytest.skip("SKYRL_TEST_MODEL is not set to a model folder (run `make model`)")
     return path
 

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -6,12 +5,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    path = os.environ.get("SKYRL_TEST_MODEL")
-    if not path:
-        from skyrl_backends.testing.tiny_model import build_tiny_model
+    from skyrl_backends.testing.tiny_model import resolve_test_model
 
-        path = str(build_tiny_model(Path(__file__).resolve().parents[3] / ".cache" / "tiny-model"))
-    return path
+    return resolve_test_model(build_into=Path(__file__).resolve().parents[3] / ".cache" / "tiny-model")
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,10 @@ os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    path = os.environ.get("SKYRL_TEST_MODEL")
-    if not path or not Path(path, "config.json").is_file():
+    from skyrl_backends.testing.tiny_model import resolve_test_model
+
+    path = resolve_test_model()
+    if path is None:
         pytest.skip("SKYRL_TEST_MODEL does not point at the tiny test model (run `make model`)")
     return path
 

@@ -47,8 +47,10 @@ def engine_options(backend) -> dict:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    path = os.environ.get("SKYRL_TEST_MODEL")
-    if not path or not os.path.isdir(path):
+    from skyrl_backends.testing.tiny_model import resolve_test_model
+
+    path = resolve_test_model()
+    if path is None:
         pytest.skip("SKYRL_TEST_MODEL is not set to the tiny model folder (make model)")
     return path
 

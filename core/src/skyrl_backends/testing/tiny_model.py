@@ -112,6 +112,21 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, 
     return out
 
 
+TEST_MODEL_ENV = "SKYRL_TEST_MODEL"
+
+
+def resolve_test_model(build_into: str | os.PathLike[str] | None = None) -> str | None:
+    """The tiny model tests run on: the folder ``SKYRL_TEST_MODEL`` names (the Makefile sets it), or,
+    when it is unset or holds no model, one built into ``build_into``; None when there is neither
+    (callers skip). One rule for every test suite of the repository."""
+    path = os.environ.get(TEST_MODEL_ENV)
+    if path and Path(path, "config.json").is_file():
+        return path
+    if build_into is not None:
+        return str(build_tiny_model(build_into))
+    return None
+
+
 def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """A hash of every file the builder writes (to check that builds are reproducible)."""
     digest = hashlib.sha256()

@@ -32,8 +32,10 @@ def run(coro):
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    path = os.environ.get("SKYRL_TEST_MODEL")
-    if not path:
+    from skyrl_backends.testing.tiny_model import resolve_test_model
+
+    path = resolve_test_model()
+    if path is None:
         pytest.skip("SKYRL_TEST_MODEL (the tiny model folder) is not set; run `make test-sglang-cpu`")
     return path
 
