@@ -13,7 +13,8 @@
 #   conformance:ENGINE        tests/conformance --backend ENGINE -> $OUT/ENGINE-gpu.json (more options:
 #                             CONFORMANCE_OPTIONS="--conformance-engine-option KEY=VALUE ...")
 #   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate.json
-#                             (GENERATE_REPEATS timed runs of each side, default 7)
+#                             (GENERATE_REPEATS timed runs of each side, default 7; GENERATE_ENGINE_KWARGS
+#                             replaces the engine_init_kwargs, e.g. '{}' for vLLM with CUDA graphs)
 #   diagnose:ENGINE           diagnose_logprobs.py with the conformance options -> $OUT/ENGINE-logprobs.json;
 #                             for vllm also with the V1 model runner -> $OUT/vllm-logprobs-v1.json
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
@@ -155,6 +156,7 @@ generate() {  # ENGINE SECONDS
         vllm) kwargs='{"enforce_eager": true}' ;;
         sglang) kwargs="{$SGLANG_KERNELS}" ;;
     esac
+    kwargs=${GENERATE_ENGINE_KWARGS:-$kwargs}  # e.g. '{}' for vLLM with torch.compile and CUDA graphs
     bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --prompt-len 128 --max-tokens 128 --dtype bfloat16 \
         --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --repeats "${GENERATE_REPEATS:-7}" \
         --output "$OUT/$1-generate.json"
