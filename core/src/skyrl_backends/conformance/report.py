@@ -132,7 +132,7 @@ class ResultCollector:
         result.status, result.detail = status, detail
 
     def has_results(self) -> bool:
-        return self.harness is not None and any(t.status not in ("skipped", "not run") or (t.status == "skipped" and t.detail)
+        return self.harness is not None and any(t.status != "not run" and (t.status != "skipped" or t.detail)
                                                 for t in self.tests.values())
 
     def features(self) -> list[FeatureResult]:

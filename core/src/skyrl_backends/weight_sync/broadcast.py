@@ -103,9 +103,10 @@ class BroadcastReceiver:
                                _local_host(info.master_addr), timeout_s)
 
     def receive(self, request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
-        # The same layout as last time (every step of a run): already validated, views already made.
-        same = self._memo.matches(request)
-        buckets = None if same else parse_buckets(request)
+        # The same layout as last time into the same staging (every step of a run): already
+        # validated, views already made.
+        pairs = self._memo.views(self._staging) if self._memo.matches(request) else None
+        buckets = None if pairs is not None else parse_buckets(request)
         group_name = request.payload.get("group_name")
         if group_name != self.info.group_name:
             raise WeightUpdateError({"payload.group_name": f"got {group_name!r} but this engine joined "
@@ -126,14 +127,10 @@ class BroadcastReceiver:
             work.wait()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        if buckets is None:
-            pairs = self._memo.views(self._staging)
-            if pairs is not None:
-                return iter(pairs)
-            buckets = parse_buckets(request)  # not reached while the staging buffers are kept
-        pairs = [pair for (manifest, _), buffer in zip(buckets, self._staging, strict=True)
-                 for pair in unpack(manifest, buffer)]
-        self._memo.remember(request, self._staging, pairs)
+        if buckets is not None:
+            pairs = [pair for (manifest, _), buffer in zip(buckets, self._staging, strict=True)
+                     for pair in unpack(manifest, buffer)]
+            self._memo.remember(request, self._staging, pairs)
         return iter(pairs)
 
     def _receive_per_tensor(self, request: WeightUpdateRequest) -> list[tuple[str, torch.Tensor]]:

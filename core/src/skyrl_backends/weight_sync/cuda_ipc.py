@@ -89,23 +89,16 @@ def from_this_process(request: WeightUpdateRequest) -> bool:
     tensors are views of memory this process owns, which an engine may share onwards as they are."""
     buckets = request.payload.get("buckets") if isinstance(request.payload, dict) else None
     ipcs = [b.get("ipc") for b in buckets or [] if isinstance(b, dict) and b.get("ipc")]
-    return bool(ipcs) and all(isinstance(i, dict) and i.get("pid") == os.getpid() for i in ipcs)
+    return bool(ipcs) and all(_is_own(i) for i in ipcs)
+
+
+def _is_own(ipc: Any) -> bool:
+    """Whether the handle fields come from a sender in this very process."""
+    return isinstance(ipc, dict) and ipc.get("pid") == os.getpid()
 
 
 def _own_key(ipc: dict[str, Any]) -> str:
     return f"{ipc.get('handle')}:{ipc.get('storage_offset')}:{ipc.get('tensor_offset')}"
-
-
-def _bind_primary_context(index: int) -> None:
-    """Make device ``index``'s primary context current in the calling thread.
-
-    Opening a handle needs a current context, and a receiver called from a worker thread
-    (``asyncio.to_thread``) may have none: ``torch.cuda.set_device`` skips the runtime call when the
-    thread's device already reads as ``index`` (a fresh thread reads 0 with nothing bound), and the
-    open may go through the driver API, which binds nothing by itself ("invalid device context",
-    seen with SGLang's engine). A runtime call that needs the context binds it: query the stream."""
-    torch.cuda.set_device(index)
-    torch.cuda.current_stream(index).query()
 
 
 def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torch.Tensor:
@@ -125,7 +118,7 @@ def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torc
     if tensor_offset + nbytes > storage_nbytes:
         raise WeightUpdateError({f"{where}.ipc": f"the shared storage holds {storage_nbytes} bytes but the bucket "
                                                  f"needs [{tensor_offset}, {tensor_offset + nbytes})"})
-    if ipc.get("pid") == os.getpid():
+    if _is_own(ipc):
         own = _own_buffers.get(_own_key(ipc))
         if own is None or own.numel() != nbytes:
             raise WeightUpdateError({f"{where}.ipc": "names a buffer of this process that no live CudaIpcSender "
@@ -133,7 +126,6 @@ def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torc
         return own
     index = _local_index(ipc.get("device_uuid"), device)
     try:
-        _bind_primary_context(index)
         with torch.cuda.device(index):
             tensor = rebuild_cuda_tensor(
                 torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,
@@ -205,7 +197,7 @@ def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterato
     raw_buckets = [raw for _, raw in parsed]
     _keep_open(raw_buckets, buffers)
     pairs = [pair for manifest, buffer in staged for pair in unpack(manifest, buffer)]
-    if any(isinstance(raw["ipc"], dict) and raw["ipc"].get("pid") == os.getpid() for raw in raw_buckets):
+    if any(_is_own(raw["ipc"]) for raw in raw_buckets):
         _memo.forget()  # views of a sender's own buffers must not keep them alive after it closes
     else:
         _memo.remember(request, buffers, pairs)
@@ -216,7 +208,7 @@ def _keep_open(raw_buckets: list[Any], buffers: list[torch.Tensor | None]) -> No
     """Keep this update's opened storages (and only those) for the next update to find."""
     keep: dict[tuple[bytes, int], torch.Tensor] = {}
     for raw, buffer in zip(raw_buckets, buffers, strict=True):
-        if buffer is not None and raw["ipc"].get("pid") != os.getpid():  # a sender's own buffers are not ours
+        if buffer is not None and not _is_own(raw["ipc"]):  # a sender's own buffers are not ours
             # Buckets may share one CUDA allocation (one handle) at different offsets.
             keep[(_decode_bytes(raw["ipc"]["handle"], "handle"), raw["ipc"]["storage_offset"])] = buffer
     _open_storages.clear()

@@ -499,8 +499,7 @@ class SGLangEngine:
             from sglang.srt.utils import MultiprocessingSerializer
 
             if request.strategy == "cuda_ipc":
-                # Opening handles and queueing device copies takes milliseconds: done on the event
-                # loop's thread, whose CUDA context is set up, not in a fresh worker thread.
+                # Opening handles and queueing device copies takes milliseconds: done inline.
                 named = self._received_tensors(request)
             else:
                 named = await asyncio.to_thread(self._received_tensors, request)
