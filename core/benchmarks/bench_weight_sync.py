@@ -14,6 +14,10 @@ GPU mode (``--mode gpu``)::
 
     cuda_ipc        vs (a) device-to-device copy of the same bytes  [engine process on the same GPU]
     broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
+
+Broadcast runs in both ways of applying: ``atomic`` (the engine stages every bucket, then copies)
+and ``streamed`` (it copies each bucket while the next arrives, through two bucket-sized buffers);
+the raw baseline writes straight into the live parameters, which is what ``streamed`` does too.
     --engine vllm|sglang: also a full sync into a real engine through skyrl_backends (cuda_ipc, or
     what the backend declares) vs (b) the engine's own update path called directly (vLLM: per-tensor
     CUDA IPC handles through collective_rpc into load_weights; SGLang: update_weights_from_tensor).
@@ -44,7 +48,7 @@ from typing import Any
 import torch
 from skyrl_backends.testing.hardware import cpu_model
 from skyrl_backends.types import WeightUpdateRequest
-from skyrl_backends.weight_sync import SharedMemorySender, make_receiver, receive_named_tensors
+from skyrl_backends.weight_sync import SharedMemorySender, load_named_tensors, make_receiver
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
 from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
@@ -122,15 +126,22 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
                                   300)
         elif op == "update":
             request = request_from_json(msg["request"])
-            t0 = time.perf_counter()
             communicator = communicators.get(msg.get("slot"))
-            staged = list(receive_named_tensors(request, device=device, communicator=communicator))
-            t1 = time.perf_counter()
-            with torch.no_grad():  # one fused copy, as an engine that loads by name in bulk would
-                torch._foreach_copy_([params[name] for name, _ in staged], [t for _, t in staged], non_blocking=True)
+            first_load: list[float] = []
+
+            def load(named: list[tuple[str, torch.Tensor]]) -> None:
+                first_load[:] = first_load or [time.perf_counter()]
+                with torch.no_grad():  # one fused copy, as an engine that loads by name in bulk would
+                    torch._foreach_copy_([params[name] for name, _ in named], [t for _, t in named],
+                                         non_blocking=True)
+
+            t0 = time.perf_counter()
+            load_named_tensors(request, device, load, communicator=communicator)
             sync(device)
-            reply.update(receive_s=t1 - t0, apply_s=time.perf_counter() - t1)
-            del staged
+            # Atomic: receive, then apply. Streamed: the bucket copies overlap the transfer, so
+            # "apply" runs from the first bucket's copy to the end.
+            reply.update(receive_s=first_load[0] - t0, apply_s=time.perf_counter() - first_load[0],
+                         staging_bytes=getattr(communicator, "staging_bytes", 0))
         elif op == "raw_receive":
             options = torch.distributed.BroadcastOptions()
             works = [raw_group.broadcast([params[name]], options) for name, _ in qwen2_specs(shape)]
@@ -175,6 +186,7 @@ class Case:
         self.label, self.run, self.baseline, self.parts = label, run, baseline, parts
         self.close = close or (lambda: None)
         self.times: list[float] = []
+        self.staging: list[int] = []  # what the engine holds for receiving (broadcast cases)
 
 
 def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case:
@@ -219,9 +231,10 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
 
 
 def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
-                   bucket_bytes: int, label: str, baseline: str, layout: str = "packed", slot: str | None = None) -> Case:
-    slot = slot or layout  # one group (and one receiver) per case
-    sender = BroadcastSender(2, "127.0.0.1", 0, backend, f"bench_{slot}", device, layout=layout)
+                   bucket_bytes: int, label: str, baseline: str, layout: str = "packed", apply: str = "atomic") -> Case:
+    slot = f"{layout}_{apply}_{bucket_bytes}"  # one group (and one receiver) per case
+    sender = BroadcastSender(2, "127.0.0.1", 0, backend, f"bench_{slot}", device, layout=layout, apply=apply)
+    staging: list[int] = []
     joiner = threading.Thread(target=sender.join)
     joiner.start()
     engine.call(op="init", init_info={**sender.init_info(1).__dict__}, slot=slot)
@@ -232,9 +245,11 @@ def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], back
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout))
         engine.send(op="update", request=request_to_json(request), slot=slot)
         sender.send(layout)
-        engine.reply()
+        staging[:] = [engine.reply()["staging_bytes"]]
 
-    return Case(label, run, baseline, close=sender.close)
+    case = Case(label, run, baseline, close=sender.close)
+    case.staging = staging
+    return case
 
 
 def raw_broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
@@ -347,6 +362,13 @@ async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor])
 
 
 # -- report -------------------------------------------------------------------------------------------
+def _size(nbytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):g} {unit}"
+    return f"{nbytes} B"
+
+
 def hardware(mode: str) -> str:
     text = f"{cpu_model()}, {os.cpu_count()} cores visible"
     if mode == "gpu":
@@ -357,7 +379,7 @@ def hardware(mode: str) -> str:
 def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, ntensors: int) -> None:
     by_label = {r["strategy"]: statistics.median(r["times"]) for r in rows}
     print(f"\n# weight sync, {args.mode}, shape {args.shape} ({ntensors} tensors, {nbytes / 1e9:.3f} GB {args.dtype}), "
-          f"bucket {args.bucket_bytes / 2**20:.0f} MiB, {args.repeats} repeats (median)")
+          f"bucket {_size(args.bucket_bytes)}, {args.repeats} repeats (median)")
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {hardware(args.mode)}; "
           f"torch {torch.__version__}; {args.threads} torch thread(s) per process; cases run in turns")
     print(f"| {'transfer':44} | {'median':>10} | {'GB/s':>7} | {'vs baseline':>24} |")
@@ -371,6 +393,9 @@ def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, nt
         if "parts" in row:
             parts = ", ".join(f"{k[:-2]} {v * 1e3:.1f}ms" for k, v in row["parts"].items())
             print(f"|   {'(' + parts + ')':42} | {'':10} | {'':7} | {'':24} |")
+        if row.get("staging_bytes"):
+            held = f"(engine holds {row['staging_bytes'] / 2**20:.0f} MiB to receive)"
+            print(f"|   {held:42} | {'':10} | {'':7} | {'':24} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "nbytes": nbytes, "hardware": hardware(args.mode), "rows": rows}, f,
@@ -389,7 +414,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("none", "vllm", "sglang"), default="none",
                         help="GPU: also sync into a real engine and compare with its own update path")
     parser.add_argument("--skip", default="",
-                        help="comma-separated cases to skip: colocated,cold,broadcast,per_tensor,raw")
+                        help="comma-separated cases to skip: colocated,cold,broadcast,streamed,per_tensor,raw")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the trainer and of each engine process (default: 1 on CPU, where "
@@ -429,7 +454,7 @@ def main() -> None:
                     cases.append(colocated_case(cold, SharedMemorySender, weights, args.bucket_bytes,
                                                 "shared_memory (cold: new segments)", copy_label, fresh_sender=True))
         backend = "nccl" if gpu else "gloo"
-        if {"broadcast", "per_tensor", "raw"} - skip:
+        if {"broadcast", "streamed", "per_tensor", "raw"} - skip:
             if gpu and torch.cuda.device_count() < 2:
                 print("broadcast: skipped (needs 2 GPUs)", file=sys.stderr)
             else:
@@ -438,14 +463,16 @@ def main() -> None:
                 raw_label = f"(c) raw {backend} broadcast, per tensor"
                 if "raw" not in skip:
                     cases.append(raw_broadcast_case(remote, weights, backend, device, raw_label))
-                if "broadcast" not in skip:
-                    cases.append(broadcast_case(remote, weights, backend, device, args.bucket_bytes,
-                                                f"broadcast ({backend}, packed buckets)", raw_label))
-                    if gpu:  # smaller buckets: packing and the collective overlap sooner (double buffering)
-                        small = min(args.bucket_bytes, 256 << 20)
-                        cases.append(broadcast_case(remote, weights, backend, device, small,
-                                                    f"broadcast ({backend}, packed, {small >> 20} MiB buckets)",
-                                                    raw_label, slot="packed_small"))
+                # On GPU also smaller buckets: packing, the collective and (streamed) the engine's
+                # copies overlap sooner.
+                sizes = [args.bucket_bytes] + ([min(args.bucket_bytes, 256 << 20)] if gpu else [])
+                for apply in ("atomic", "streamed"):
+                    if ("broadcast" if apply == "atomic" else "streamed") in skip:
+                        continue
+                    for size in dict.fromkeys(sizes):
+                        cases.append(broadcast_case(remote, weights, backend, device, size,
+                                                    f"broadcast ({backend}, packed {_size(size)}, {apply})",
+                                                    raw_label, apply=apply))
                 if "per_tensor" not in skip:  # the layout of engines that receive natively (SGLang)
                     cases.append(broadcast_case(remote, weights, backend, device, args.bucket_bytes,
                                                 f"broadcast ({backend}, per tensor)", raw_label, "per_tensor"))
@@ -460,7 +487,8 @@ def main() -> None:
         for engine in engines:
             engine.stop()
     rows = [{"strategy": c.label, "times": c.times, "baseline": c.baseline,
-             **({"parts": {k: statistics.median(v) for k, v in c.parts.items()}} if c.parts else {})}
+             **({"parts": {k: statistics.median(v) for k, v in c.parts.items()}} if c.parts else {}),
+             **({"staging_bytes": c.staging[0]} if c.staging else {})}
             for c in cases]
     if gpu and args.engine != "none":
         import asyncio

@@ -30,6 +30,7 @@ class ArithmeticEngineDouble:
         self.config = config
         self.calls: list[tuple[str, Any]] = []
         self.offset = 1
+        self.update_failure: Exception | None = None  # raised by the next weight update, if set
 
     @hookimpl
     async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
@@ -47,6 +48,9 @@ class ArithmeticEngineDouble:
     @hookimpl
     async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
         self.calls.append(("update", request.names))
+        failure, self.update_failure = self.update_failure, None
+        if failure is not None:
+            raise failure
 
     @hookimpl
     async def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:

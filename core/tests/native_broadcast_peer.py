@@ -35,26 +35,42 @@ def join_like_native_engines(conn: Any, addr: str, port: int, rank: int, world_s
 
 
 def receive_with_skyrl(conn: Any, init_info: dict[str, Any] | None, device: str = "cpu") -> None:
-    """A skyrl receiver in its own process: joins (broadcast; None for colocated strategies), then
-    answers each request (JSON) with the sum of every received tensor, or the rejection."""
+    """A skyrl receiver in its own process, loading like an engine: it copies what it receives into
+    its own tensors (queued on the current stream, on a GPU). It joins (broadcast; None for colocated
+    strategies), then answers each request (JSON) with ``sums`` (the sum of each loaded tensor),
+    ``loads`` (how many times its loader was called) and ``staging_bytes`` (what the broadcast
+    receiver holds afterwards), or with the rejection."""
+    import torch
     from skyrl_backends.errors import WeightUpdateError
     from skyrl_backends.types import WeightSyncInitInfo
-    from skyrl_backends.weight_sync import make_receiver, receive_named_tensors
+    from skyrl_backends.weight_sync import load_named_tensors, make_receiver
     from skyrl_backends.weight_sync.manifest import request_from_json
 
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.set_device(device)
     communicator = make_receiver(WeightSyncInitInfo(**init_info), device) if init_info else None
+    params: dict[str, torch.Tensor] = {}
     conn.send_bytes(b"joined")
     while True:
         msg = conn.recv_bytes()
         if msg == b"stop":
             return
+        loads = []
+
+        def load(named: list[tuple[str, torch.Tensor]]) -> None:
+            loads.append(len(named))
+            for name, tensor in named:
+                if name not in params or params[name].shape != tensor.shape or params[name].dtype != tensor.dtype:
+                    params[name] = torch.empty_like(tensor)
+                params[name].copy_(tensor, non_blocking=True)
+
         try:
-            named = receive_named_tensors(request_from_json(json.loads(msg)), device, communicator)
-            reply: Any = {name: float(t.double().sum()) for name, t in named}
+            request = request_from_json(json.loads(msg))
+            load_named_tensors(request, device, load, communicator)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            reply: Any = {"sums": {name: float(params[name].double().sum()) for name in request.names},
+                          "loads": len(loads), "staging_bytes": getattr(communicator, "staging_bytes", 0)}
         except WeightUpdateError as exc:
             reply = {"error": exc.problems}
         conn.send_bytes(json.dumps(reply).encode())

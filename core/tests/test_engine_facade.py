@@ -114,6 +114,57 @@ def test_weight_version_is_bumped_and_stamped(engine):
     assert out[0].weight_version == 1
 
 
+def _broadcast_update(layout: str = "packed", apply: str = "atomic") -> WeightUpdateRequest:
+    payload = {"group_name": "g", "layout": layout, "apply": apply, "buckets": []}
+    return WeightUpdateRequest(["w", "b"], ["float32", "float32"], [(2, 2), (2,)], "broadcast", payload)
+
+
+def test_streamed_update_failing_partway_refuses_generation_until_every_weight_is_back(tmp_path):
+    caps = Capabilities(weight_sync_strategies=("tensors", "broadcast"))
+    sb.register_backend(DoublePlugin("streaming", caps), "streaming")
+    try:
+        engine = sb.create_engine("streaming", model=str(tmp_path))
+        # An atomic update that fails changed nothing: generation goes on.
+        engine.impl.update_failure = RuntimeError("trainer vanished")
+        with pytest.raises(RuntimeError):
+            run(engine.update_named_weights(_broadcast_update(apply="atomic")))
+        assert engine.weights_loaded and run(engine.generate([[1]], {"max_generate_length": 1}))
+        # A streamed one may have applied some buckets: the mix is never served.
+        engine.impl.update_failure = RuntimeError("trainer vanished")
+        with pytest.raises(RuntimeError):
+            run(engine.update_named_weights(_broadcast_update(apply="streamed")))
+        assert not engine.weights_loaded and engine.weight_version == 0
+        with pytest.raises(WeightsNotLoadedError) as info:
+            run(engine.generate([[1]], {"max_generate_length": 1}))
+        assert "streamed weight update failed partway" in str(info.value)
+        assert "trainer vanished" in str(info.value) and "update_named_weights" in str(info.value)
+        # Back once every parameter has arrived again, over one update or several.
+        run(engine.update_named_weights(update(["w"], [(2, 2)])))
+        assert not engine.weights_loaded
+        run(engine.update_named_weights(update(["b"], [(2,)])))
+        assert engine.weights_loaded and engine.weight_version == 2
+        assert run(engine.generate([[1]], {"max_generate_length": 1}))[0].weight_version == 2
+    finally:
+        sb.unregister_backend("streaming")
+
+
+def test_broadcast_layout_the_engine_cannot_receive_is_refused_before_any_byte(tmp_path):
+    caps = Capabilities(weight_sync_strategies=("broadcast",), broadcast_layouts=("per_tensor",))
+    sb.register_backend(DoublePlugin("native", caps), "native")
+    try:
+        engine = sb.create_engine("native", model=str(tmp_path))
+        with pytest.raises(WeightUpdateError) as info:
+            engine.validate_weight_update(_broadcast_update(layout="packed"))
+        assert "['per_tensor']" in info.value.problems["payload.layout"]
+        engine.validate_weight_update(_broadcast_update(layout="per_tensor"))
+        with pytest.raises(WeightUpdateError) as info:
+            run(engine.update_named_weights(_broadcast_update(layout="packed", apply="streamed")))
+        assert "payload.layout" in info.value.problems
+        assert not any(call[0] == "update" for call in engine.impl.calls)
+    finally:
+        sb.unregister_backend("native")
+
+
 def test_lora_bookkeeping(engine, tmp_path):
     with pytest.raises(LoraAdapterError, match="No LoRA adapter named 'x'"):
         run(engine.generate([[1]], {"max_generate_length": 1}, lora_name="x"))

@@ -68,11 +68,14 @@ def test_packed_and_per_tensor_layouts_into_skyrl_receivers_of_two_processes():
     _join(sender, peers)
     assert [p.recv_bytes() for p in pipes] == [b"joined", b"joined"]
     try:
-        # The second packed update has the first one's layout (the receivers reuse its views), the
-        # third a new one (validated and sliced afresh); each carries other values.
-        for layout_name, bucket_bytes, seed in (("packed", 2048, 3), ("packed", 2048, 4), ("packed", 1024, 5),
-                                                ("per_tensor", 2048, 6)):
-            sender.layout = layout_name
+        # The second update of a mode has the first one's layout (the receivers reuse its views),
+        # the third a new one (validated and sliced afresh); each carries other values. Streamed
+        # updates load bucket by bucket through a ring of two buffers and hold nothing more.
+        for layout_name, apply, bucket_bytes, seed in (
+                ("packed", "atomic", 2048, 3), ("packed", "atomic", 2048, 4), ("packed", "atomic", 1024, 5),
+                ("per_tensor", "atomic", 2048, 6), ("packed", "streamed", 1024, 7), ("packed", "streamed", 1024, 8),
+                ("packed", "streamed", 768, 9), ("packed", "atomic", 2048, 10)):
+            sender.layout, sender.apply = layout_name, apply
             weights = _weights(seed)
             layout = plan(weights, bucket_bytes=bucket_bytes)
             request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
@@ -80,8 +83,15 @@ def test_packed_and_per_tensor_layouts_into_skyrl_receivers_of_two_processes():
             for pipe in pipes:
                 pipe.send_bytes(json.dumps(request_to_json(request)).encode())
             sender.send(layout)
+            sizes = [b.nbytes for b in layout.buckets]
             for pipe in pipes:
-                assert json.loads(pipe.recv_bytes()) == pytest.approx(_sums(weights))
+                reply = json.loads(pipe.recv_bytes())
+                assert reply["sums"] == pytest.approx(_sums(weights))
+                if apply == "streamed":
+                    assert len(sizes) >= 3 and reply["loads"] == len(sizes)
+                    assert reply["staging_bytes"] == 2 * max(sizes)
+                elif layout_name == "packed":
+                    assert reply["loads"] == 1 and reply["staging_bytes"] == sum(sizes)
         # A request for another group is refused by every receiver before it waits for any bytes.
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
                                       {**sender.payload(layout), "group_name": "someone_else"})
@@ -103,3 +113,9 @@ def test_bad_sender_settings_are_named():
     with pytest.raises(WeightUpdateError) as info:
         BroadcastSender(2, layout="zigzag")
     assert "layout" in info.value.problems
+    with pytest.raises(WeightUpdateError) as info:
+        BroadcastSender(2, apply="eventually")
+    assert "eventually" in info.value.problems["apply"]
+    with pytest.raises(WeightUpdateError) as info:  # streamed loads packed buckets as they arrive
+        BroadcastSender(2, layout="per_tensor", apply="streamed")
+    assert "layout='packed'" in info.value.problems["apply"]

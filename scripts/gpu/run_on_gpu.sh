@@ -20,7 +20,8 @@
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
 #                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
 #   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path
-#   broadcast                 bench_weight_sync.py GPU mode without an engine (NCCL needs 2 GPUs)
+#   broadcast                 bench_weight_sync.py GPU mode without an engine (NCCL needs 2 GPUs);
+#                             BROADCAST_ARGS adds options, e.g. "--repeats 20 --skip colocated,per_tensor"
 #
 # ENGINE is vllm or sglang (the builds of ../shared/gpu/stage.py); engine steps unpack the staged
 # parts once into /tmp/ENGINEsite. Nothing is installed: the project runs from its source folders, and
@@ -182,7 +183,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         weight-sync-tests) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ;;
         broadcast) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
-            --shape qwen2.5-1.5b --skip colocated --json "$OUT/broadcast.json" ;;
+            --shape qwen2.5-1.5b --skip colocated ${BROADCAST_ARGS:-} --json "$OUT/broadcast.json" ;;
         *) log "unknown step $name"; return 2 ;;
     esac
 }

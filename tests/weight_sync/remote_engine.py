@@ -22,13 +22,15 @@ SERVER = Path(__file__).with_name("engine_server.py")
 
 class RemoteEngine:
     def __init__(self, backend: str, model: str, python: str = sys.executable, wait: bool = True,
-                 **options: Any) -> None:
-        """Start the engine process; with ``wait=False`` call :meth:`wait_ready` later (to start several
+                 env: dict[str, str] | None = None, **options: Any) -> None:
+        """Start the engine process (``env`` adds to this process's environment, e.g. another
+        ``CUDA_VISIBLE_DEVICES``); with ``wait=False`` call :meth:`wait_ready` later (to start several
         engines at once)."""
+        self.backend = backend  # connect_broadcast reads it to pick the layout the engine receives
         cmd = [python, str(SERVER), "--backend", backend, "--model", model]
         for key, value in options.items():
             cmd += ["--option", f"{key}={json.dumps(value)}"]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.port = 0
         if wait:
             self.wait_ready()

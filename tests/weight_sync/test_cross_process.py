@@ -90,13 +90,13 @@ def test_shared_memory_sync_into_engine_processes(engines, trainer_model):
     run(scenario())
 
 
-@pytest.mark.parametrize("layout", ["packed", "per_tensor"])
-def test_gloo_broadcast_into_engine_processes(engines, trainer_model, layout):
+@pytest.mark.parametrize("layout, apply", [("packed", "atomic"), ("per_tensor", "atomic"), ("packed", "streamed")])
+def test_gloo_broadcast_into_engine_processes(engines, trainer_model, layout, apply):
     first, second = perturbed(trainer_model, seed=2), perturbed(trainer_model, seed=3)
 
     async def scenario():
-        sender = await connect_broadcast(engines, backend="gloo", timeout_s=120, layout=layout)
-        assert sender.world_size == 1 + len(engines) and sender.layout == layout
+        sender = await connect_broadcast(engines, backend="gloo", timeout_s=120, layout=layout, apply=apply)
+        assert sender.world_size == 1 + len(engines) and (sender.layout, sender.apply) == (layout, apply)
         try:
             for weights in (first, second):  # the group stays usable from one update to the next
                 before = await versions(engines)
@@ -119,6 +119,51 @@ def test_gloo_broadcast_into_engine_processes(engines, trainer_model, layout):
             assert tokens == oracle_greedy(trainer_model, first)
         finally:
             sender.close()
+
+    run(scenario())
+
+
+def _send_first_bucket_only(sender, layout) -> None:
+    """A trainer that dies after its first bucket: the engines wait for the rest until the group's
+    timeout."""
+    from skyrl_backends.weight_sync.broadcast import _root0
+    from skyrl_backends.weight_sync.chunks import pack_into
+
+    manifest = layout.buckets[0]
+    buffer = torch.empty(manifest.nbytes, dtype=torch.uint8)
+    pack_into(buffer, manifest, layout.tensors)
+    sender.group.broadcast([buffer], _root0()).wait()
+
+
+def test_streamed_broadcast_failing_midway_is_never_served_and_a_complete_update_recovers(
+        engines, trainer_model):
+    served, update, recovery = (perturbed(trainer_model, seed=s) for s in (11, 12, 13))
+    engine = engines[0]
+
+    async def scenario():
+        await sync_weights(engine, served, "shared_memory")
+        [version_before] = await versions([engine])
+        sender = await connect_broadcast(engine, backend="gloo", timeout_s=5, apply="streamed",
+                                         group_name="dies_midway")
+        try:
+            layout = plan(update, SMALL_BUCKETS, dtype_for=torch.float32)
+            assert len(layout.buckets) >= 3
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
+                                          sender.payload(layout))
+            results = await asyncio.gather(asyncio.to_thread(_send_first_bucket_only, sender, layout),
+                                           engine.update_named_weights(request), return_exceptions=True)
+        finally:
+            sender.close()
+        assert results[0] is None and isinstance(results[1], Exception), results
+        assert await versions([engine]) == [version_before]
+        # The first bucket may be loaded and the rest not: the engine refuses to serve the mix.
+        with pytest.raises(RuntimeError) as info:
+            await greedy(engine)
+        assert "WeightsNotLoadedError" in str(info.value) and "streamed weight update failed partway" in str(info.value)
+        await sync_weights(engine, recovery, "shared_memory")
+        tokens, stamped = await greedy(engine)
+        assert tokens == oracle_greedy(trainer_model, recovery)
+        assert stamped == [version_before + 1] * len(PROMPTS)
 
     run(scenario())
 

@@ -1,4 +1,5 @@
-"""GPU proofs: CUDA IPC into another process and into real engines, NCCL broadcast between two GPUs.
+"""GPU proofs: CUDA IPC into another process and into real engines, NCCL broadcast between two GPUs
+and into a real engine on the second GPU.
 
 Skipped without CUDA. Run on the GPU machine in an environment with the engine installed, e.g.::
 
@@ -13,6 +14,7 @@ import copy
 import importlib.util
 import json
 import multiprocessing as mp
+import os
 import sys
 import threading
 from pathlib import Path
@@ -21,13 +23,14 @@ import pytest
 import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
-from skyrl_backends.weight_sync import CudaIpcSender, sync_weights
+from skyrl_backends.weight_sync import CudaIpcSender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.broadcast import BroadcastSender
 from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_to_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "core" / "tests"))
 import native_broadcast_peer  # noqa: E402
+from remote_engine import RemoteEngine  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -85,7 +88,7 @@ def test_cuda_ipc_into_another_process_reuses_handles_and_refuses_bad_ones():
             layout = plan(weights, bucket_bytes=300 * 1024)
             request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
             assert len(request.payload["buckets"]) > 1
-            assert _ask(pipe, request) == pytest.approx(_sums(weights))
+            assert _ask(pipe, request)["sums"] == pytest.approx(_sums(weights))
             current = [b["ipc"]["handle"] for b in request.payload["buckets"]]
             assert handles is None or current == handles
             handles = current
@@ -100,7 +103,9 @@ def test_cuda_ipc_into_another_process_reuses_handles_and_refuses_bad_ones():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_broadcast_between_two_gpus_in_both_layouts():
+def test_nccl_broadcast_between_two_gpus_in_every_layout_and_apply_mode():
+    """Streamed: each bucket is loaded (copies queued on the receiver's stream) while the next
+    arrives, and bucket i + 2 lands in bucket i's buffer; wrong stream ordering shows as wrong sums."""
     sender = BroadcastSender(2, "127.0.0.1", 0, "nccl", "nccl_test", device="cuda:0", timeout_s=120)
     pipe, peer = _peer({**sender.init_info(1).__dict__}, "cuda:1")
     joiner = threading.Thread(target=sender.join)
@@ -109,15 +114,20 @@ def test_nccl_broadcast_between_two_gpus_in_both_layouts():
     joiner.join(120)
     assert pipe.recv_bytes() == b"joined"
     try:
-        weights = _weights("cuda:0", 3)
-        for layout_name in ("packed", "per_tensor"):
-            sender.layout = layout_name
+        for seed, (layout_name, apply) in enumerate([("packed", "atomic"), ("per_tensor", "atomic"),
+                                                     ("packed", "streamed"), ("packed", "streamed")]):
+            sender.layout, sender.apply = layout_name, apply
+            weights = _weights("cuda:0", seed)
             layout = plan(weights, bucket_bytes=300 * 1024)
             request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
                                           sender.payload(layout))
             pipe.send_bytes(json.dumps(request_to_json(request)).encode())
             sender.send(layout)
-            assert json.loads(pipe.recv_bytes()) == pytest.approx(_sums(weights))
+            reply = json.loads(pipe.recv_bytes())
+            assert reply["sums"] == pytest.approx(_sums(weights))
+            if apply == "streamed":
+                assert len(layout.buckets) >= 4 and reply["loads"] == len(layout.buckets)
+                assert reply["staging_bytes"] == 2 * max(b.nbytes for b in layout.buckets)
     finally:
         pipe.send_bytes(b"stop")
         peer.join(60)
@@ -165,3 +175,55 @@ def test_cuda_ipc_into_a_real_engine_matches_its_own_update_path(backend, model_
             await engine.teardown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):
+    """The trainer on GPU 0 broadcasts into an engine process on GPU 1, atomically and (where the
+    backend loads packed buckets) streamed. Each time the engine serves what it serves after the
+    same weights arrive through shared memory, and not what it served before."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed in this environment")
+    dtype = "bfloat16" if backend == "sglang" else "float32"  # SGLang 0.5.17's RMSNorm has no float32
+    # The engine runs in its own process, out of reach of scripts/gpu/with_engine_defaults.py: it
+    # gets the same per-backend defaults (SGLang's kernels on the GPU machine) as options.
+    defaults = json.loads(os.environ.get("SKYRL_ENGINE_DEFAULTS", "{}")).get(backend, {})
+    engine = RemoteEngine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1"},
+                          **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
+    params = {"max_generate_length": 8, "temperature": 0.0, "ignore_eos": True}
+    prompts = [[5, 6, 7, 8], [100, 42, 17]]
+
+    async def greedy() -> list[list[int]]:
+        return [c["token_ids"] for c in await engine.generate(prompts, params)]
+
+    async def scenario():
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+        applies = ["atomic"] + (["streamed"] if backend != "sglang" else [])
+        served = await greedy()
+        for seed, apply in enumerate(applies, start=1):
+            g = torch.Generator().manual_seed(seed)
+            weights = {n: (t + 0.5 * t.std().nan_to_num(0.1) * torch.randn(t.shape, generator=g)).to("cuda:0")
+                       for n, t in state.items()}
+            sender = await connect_broadcast(engine, device="cuda:0", timeout_s=120, apply=apply,
+                                             group_name=f"to_{backend}_{apply}")
+            try:
+                assert sender.layout == ("per_tensor" if backend == "sglang" else "packed")
+                await sync_weights(engine, weights, "broadcast", sender=sender, bucket_bytes=64 * 1024)
+            finally:
+                sender.close()
+            broadcast_out = await greedy()
+            assert broadcast_out != served, f"{apply}: the engine still serves the previous weights"
+            await sync_weights(engine, {n: t.cpu() for n, t in weights.items()}, "shared_memory")
+            assert await greedy() == broadcast_out, f"{apply}: broadcast and shared memory disagree"
+            served = broadcast_out
+        if backend == "sglang":  # its native receiver takes one tensor per broadcast: refused up front
+            with pytest.raises(WeightUpdateError, match="natively"):
+                await connect_broadcast(engine, device="cuda:0", apply="streamed")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()

@@ -51,6 +51,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.weight_sync.manifest import is_streamed
 
 logger = logging.getLogger(__name__)
 TRACE_ENV = "SKYRL_BACKENDS_TRACE"
@@ -107,8 +108,10 @@ class InferenceEngine:
         self._backend_hooks = backend_hooks
         self.weight_version = 0
         self._asleep: set[str] = set()
-        self._weights_discarded = False
-        self._weights_received_since_discard: set[str] = set()
+        # Why the engine holds no complete set of weights (None: it does), and the parameters
+        # received since, which must cover them all before generation is allowed again.
+        self._weights_missing: str | None = None
+        self._weights_received_since_missing: set[str] = set()
         self._closed = False
         self._paused = False
         self._inflight: dict[str, asyncio.Event] = {}
@@ -125,7 +128,7 @@ class InferenceEngine:
 
     @property
     def weights_loaded(self) -> bool:
-        return not self._weights_discarded
+        return self._weights_missing is None
 
     @property
     def closed(self) -> bool:
@@ -307,8 +310,8 @@ class InferenceEngine:
             raise EngineClosedError()
         if self._asleep:
             raise EngineAsleepError(self._asleep)
-        if self._weights_discarded:
-            raise WeightsNotLoadedError()
+        if self._weights_missing is not None:
+            raise WeightsNotLoadedError(self._weights_missing)
 
     def _check_sampling_capabilities(self, params: SamplingParams) -> None:
         caps = self.capabilities
@@ -394,8 +397,8 @@ class InferenceEngine:
         self._asleep.update(tag_list)
         if ("weights" in tag_list and caps.discards_weights_at_level is not None
                 and level >= caps.discards_weights_at_level):
-            self._weights_discarded = True
-            self._weights_received_since_discard.clear()
+            self._mark_weights_missing("The engine discarded its weights when it went to sleep and has not "
+                                       "been given new ones.")
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Take back memory released by :meth:`sleep` (None: everything asleep)."""
@@ -439,23 +442,53 @@ class InferenceEngine:
             raise UnsupportedCapabilityError(
                 self.backend, f"weight sync strategy {request.strategy!r}",
                 f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
+        if request.strategy == "broadcast":
+            self._check_broadcast_layout(request)
+
+    def _check_broadcast_layout(self, request: WeightUpdateRequest) -> None:
+        # Checked before the trainer broadcasts a byte: a receiver expecting another layout would
+        # otherwise wait for collectives that never match until the group times out.
+        payload = request.payload if isinstance(request.payload, dict) else {}
+        layout = payload.get("layout", "packed")
+        supported = self.capabilities.broadcast_layouts
+        if layout not in supported:
+            raise WeightUpdateError({"payload.layout": f"got {layout!r}; {self.backend} receives broadcasts as "
+                                                       f"{list(supported)}: create the sender with that layout "
+                                                       f"(connect_broadcast picks it when left out)"})
+        if is_streamed(request) and "packed" not in supported:
+            raise WeightUpdateError({"payload.apply": f"'streamed' loads packed buckets as they arrive, which "
+                                                      f"{self.backend} does not receive; use apply='atomic'"})
 
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
         """Apply a weight update atomically; returns the new weight version.
 
-        Everything is validated first, so a bad update changes nothing. After a sleep that
-        discarded the weights, generation stays refused until every parameter has been received."""
+        Everything is validated first, so a bad update changes nothing. The one exception is a
+        broadcast the trainer sent ``apply="streamed"``, which the engine applies bucket by bucket:
+        if its transfer fails partway, generation is refused until every parameter has been received
+        again, as after a sleep that discarded the weights."""
         self._check_open()
         if "weights" in self._asleep:
             raise EngineAsleepError(["weights"])
         self.validate_weight_update(request)
-        await self._call("skyrl_backends_update_named_weights", request=request)
+        try:
+            await self._call("skyrl_backends_update_named_weights", request=request)
+        except Exception as exc:
+            if is_streamed(request):  # some buckets may be applied: never serve the mix
+                self._mark_weights_missing(
+                    f"A streamed weight update failed partway ({type(exc).__name__}: {exc}), so the engine "
+                    f"may hold a mix of old and new weights. If its broadcast group broke, reconnect it "
+                    f"(connect_broadcast).")
+            raise
         self.weight_version += 1
-        if self._weights_discarded:
-            self._weights_received_since_discard.update(request.names)
-            if self._weights_received_since_discard >= set(self.weight_specs()):
-                self._weights_discarded = False
+        if self._weights_missing is not None:
+            self._weights_received_since_missing.update(request.names)
+            if self._weights_received_since_missing >= set(self.weight_specs()):
+                self._weights_missing = None
         return self.weight_version
+
+    def _mark_weights_missing(self, reason: str) -> None:
+        self._weights_missing = reason
+        self._weights_received_since_missing.clear()
 
     async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
         """Convenience for a trainer in the same process: ``[(name, tensor), ...]``."""

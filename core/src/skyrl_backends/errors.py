@@ -119,13 +119,16 @@ class EngineAsleepError(EngineStateError):
 
 
 class WeightsNotLoadedError(EngineStateError):
-    """The engine discarded its weights while asleep and has not received new ones."""
+    """The engine does not hold a complete set of weights: it discarded them while asleep, or a
+    streamed weight update failed partway. Generation is refused until every parameter has been
+    pushed again."""
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason or ("The engine discarded its weights when it went to sleep and has not "
+                                 "been given new ones.")
         super().__init__(
-            "The engine discarded its weights when it went to sleep and has not been given new "
-            "ones. Push weights with `await engine.update_named_weights(...)` (or a weight-sync "
-            "strategy) before generating."
+            f"{self.reason} Push weights with `await engine.update_named_weights(...)` (or a "
+            f"weight-sync strategy) before generating."
         )
 
 

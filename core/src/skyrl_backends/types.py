@@ -175,6 +175,10 @@ class Capabilities:
     (``skyrl_backends_generate_stream``); without it ``generate_stream`` still works, with one chunk
     per completion at its end.
 
+    ``broadcast_layouts`` are the layouts of a ``broadcast`` update the engine receives: skyrl's
+    receiver takes both, and ``apply="streamed"`` (loading each bucket as it arrives) needs
+    ``"packed"``; an engine that receives broadcasts with its own code may take ``"per_tensor"`` only.
+
     ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
     at which weights are dropped (the engine must then receive weights before generating again);
     None means weights always survive sleep.
@@ -195,6 +199,7 @@ class Capabilities:
     abort: bool = False
     native_pause: bool = False
     weight_sync_strategies: tuple[str, ...] = ()
+    broadcast_layouts: tuple[str, ...] = ("packed", "per_tensor")
     streaming: bool = False
 
     @property
@@ -206,7 +211,7 @@ class Capabilities:
         present = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("discards_weights_at_level", "max_top_logprobs"):
+            if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts"):
                 continue
             if f.name == "sleep_levels" and value:
                 present.append("sleep(levels " + ",".join(map(str, value)) + ")")

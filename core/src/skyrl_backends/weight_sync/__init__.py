@@ -2,7 +2,8 @@
 
 Trainer side: :func:`sync_weights` (one call, strategy by name), the senders, and
 :func:`iter_weight_chunks` (a model as packed byte buckets). Engine side, for backends:
-:data:`RECEIVER_STRATEGIES`, :func:`make_receiver` and :func:`receive_named_tensors`.
+:data:`RECEIVER_STRATEGIES`, :func:`make_receiver` and :func:`load_named_tensors` (or
+:func:`receive_named_tensors`, the whole update at once).
 The wire format and its validation (torch-free) live in :mod:`skyrl_backends.weight_sync.manifest`.
 
 This package imports torch; the rest of ``skyrl_backends`` does not need it. Names are resolved
@@ -15,7 +16,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "make_receiver": "receive", "receive_named_tensors": "receive", "receiver_strategies": "receive",
+    "make_receiver": "receive", "receive_named_tensors": "receive", "load_named_tensors": "receive",
+    "receiver_strategies": "receive",
     "WeightChunk": "chunks", "iter_weight_chunks": "chunks", "named_tensors": "chunks",
     "DEFAULT_BUCKET_BYTES": "chunks",
     "SharedMemorySender": "shared_memory", "CudaIpcSender": "cuda_ipc", "BroadcastSender": "broadcast",

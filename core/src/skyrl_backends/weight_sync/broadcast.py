@@ -19,14 +19,23 @@ from rank 0 in one of two layouts, named in the payload:
     one ``broadcast`` per tensor, typed, in the order of the request's names: the protocol of
     engines that receive natively (SGLang's ``update_weights_from_distributed``).
 
-The receiver receives everything before it yields a tensor, so a transfer that fails midway (a
-timeout, a dead trainer) changes nothing.
+and in one of two ways of applying them, chosen by the trainer (``apply`` in the payload):
+
+``atomic`` (default)
+    the receiver receives every bucket into staging before the engine loads a tensor, so a transfer
+    that fails midway (a timeout, a dead trainer) changes nothing. Costs a staging copy of the whole
+    update on the engine's device, and one device copy of it after the last byte arrives.
+``streamed`` (``packed`` only)
+    the engine loads each bucket while the next one arrives, through a ring of two bucket-sized
+    buffers: engine memory is bounded by two buckets, and the last copy is one bucket's. A transfer
+    that fails midway leaves some buckets applied; the engine facade then refuses to generate until
+    a complete update arrives (:class:`~skyrl_backends.errors.WeightsNotLoadedError`).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -41,7 +50,24 @@ from skyrl_backends.weight_sync.manifest import parse_buckets
 STRATEGY = "broadcast"
 BACKENDS = ("gloo", "nccl")
 LAYOUTS = ("packed", "per_tensor")
+APPLY_MODES = ("atomic", "streamed")
 DEFAULT_TIMEOUT_S = 300.0
+# What the engine does with one bucket's (name, tensor) pairs; the tensors are views into a ring
+# buffer that the next-but-one bucket overwrites, so the engine copies them before it returns.
+LoadBucket = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+def _check_modes(layout: Any, apply: Any, where: str = "") -> None:
+    problems = {}
+    if layout not in LAYOUTS:
+        problems[f"{where}layout"] = f"got {layout!r}; expected one of {list(LAYOUTS)}"
+    if apply not in APPLY_MODES:
+        problems[f"{where}apply"] = f"got {apply!r}; expected one of {list(APPLY_MODES)}"
+    elif apply == "streamed" and layout != "packed":
+        problems[f"{where}apply"] = ("'streamed' applies packed buckets as they arrive; use layout='packed' "
+                                     "(engines that receive per tensor natively, like SGLang, apply atomically)")
+    if problems:
+        raise WeightUpdateError(problems)
 
 
 def _check_init_info(info: WeightSyncInitInfo) -> None:
@@ -96,28 +122,46 @@ class BroadcastReceiver:
         self._staging: list[torch.Tensor] = []
         self._per_tensor_staging: dict[str, torch.Tensor] = {}
         self._memo = LayoutMemo()  # the packed layout of the last update and its views into staging
+        self._ring: list[torch.Tensor] = []  # the two bucket-sized buffers of streamed updates
+        self._ring_memo = LayoutMemo()  # the last streamed layout: bucket sizes and views into the ring
         timeout_s = float(info.extra.get("timeout_s", DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
         self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.group = new_group(self.store, self.rank, info.world_size, info.backend, info.group_name,
                                _local_host(info.master_addr), timeout_s)
 
+    @property
+    def staging_bytes(self) -> int:
+        """Device memory this receiver holds between updates for staging and its ring."""
+        held = [*self._staging, *self._ring, *self._per_tensor_staging.values()]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _check_payload(self, request: WeightUpdateRequest) -> str:
+        payload = request.payload
+        if not isinstance(payload, Mapping):
+            raise WeightUpdateError({"payload": f"expected an object for strategy 'broadcast', "
+                                                f"got {type(payload).__name__}"})
+        group_name = payload.get("group_name")
+        if group_name != self.info.group_name:
+            raise WeightUpdateError({"payload.group_name": f"got {group_name!r} but this engine joined "
+                                                           f"{self.info.group_name!r}"})
+        layout = payload.get("layout", "packed")
+        _check_modes(layout, payload.get("apply", "atomic"), "payload.")
+        return layout
+
     def receive(self, request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of ``request``, all received before the first is yielded (a ``streamed``
+        request too: use :meth:`receive_streamed` to apply it as it arrives)."""
+        layout = self._check_payload(request)
+        if layout == "per_tensor":
+            return iter(self._receive_per_tensor(request))
         # The same layout as last time into the same staging (every step of a run): already
         # validated, views already made.
         pairs = self._memo.views(self._staging) if self._memo.matches(request) else None
         buckets = None if pairs is not None else parse_buckets(request)
-        group_name = request.payload.get("group_name")
-        if group_name != self.info.group_name:
-            raise WeightUpdateError({"payload.group_name": f"got {group_name!r} but this engine joined "
-                                                           f"{self.info.group_name!r}"})
-        layout = request.payload.get("layout", "packed")
-        if layout not in LAYOUTS:
-            raise WeightUpdateError({"payload.layout": f"got {layout!r}; expected one of {list(LAYOUTS)}"})
-        if layout == "per_tensor":
-            return iter(self._receive_per_tensor(request))
         # Staging buffers are kept for the next update of the same layout (no new allocation, no
         # page faults); the views yielded last time have been copied into the engine by then.
+        self._keep_only("staging")
         if buckets is not None:
             sizes = [m.nbytes for m, _ in buckets]
             if [b.numel() for b in self._staging] != sizes:
@@ -133,7 +177,59 @@ class BroadcastReceiver:
             self._memo.remember(request, self._staging, pairs)
         return iter(pairs)
 
+    def receive_streamed(self, request: WeightUpdateRequest, load: LoadBucket) -> int:
+        """Receive a packed update bucket by bucket and call ``load`` with each bucket's pairs as soon
+        as it has arrived, while the next bucket is in flight. Returns the number of buckets loaded.
+
+        Two bucket-sized buffers alternate. Bucket ``i + 2`` is received into the buffer of bucket
+        ``i`` only once ``load`` has returned for bucket ``i``; on a GPU the collective is also queued
+        behind the copies ``load`` queued on the current stream, so ``load`` need not synchronise."""
+        if self._check_payload(request) != "packed":
+            raise WeightUpdateError({"payload.layout": "streamed updates need the 'packed' layout"})
+        self._keep_only("ring")  # a streamed update's memory is bounded by the ring alone
+        remembered = self._ring_memo.views(self._ring) if self._ring_memo.matches(request) else None
+        if remembered is None:
+            buckets = parse_buckets(request)
+            largest = max((manifest.nbytes for manifest, _ in buckets), default=0)
+            count = min(2, len(buckets))
+            if len(self._ring) != count or any(b.numel() < largest for b in self._ring):
+                self._ring = []  # let go of the old ring before allocating the new one
+                self._ring = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(count)]
+            sizes = [manifest.nbytes for manifest, _ in buckets]
+            groups = [list(unpack(manifest, self._ring[i % 2][:manifest.nbytes]))
+                      for i, (manifest, _) in enumerate(buckets)]
+            remembered = (sizes, groups)
+            self._ring_memo.remember(request, self._ring, remembered)
+        sizes, groups = remembered
+        works: list[Any] = [None] * len(groups)
+
+        def post(i: int) -> None:
+            works[i] = self.group.broadcast([self._ring[i % 2][:sizes[i]]], _root0())
+
+        for i in range(min(2, len(groups))):
+            post(i)
+        for i, pairs in enumerate(groups):
+            works[i].wait()  # on a GPU: the current stream waits for the bucket, the host does not
+            load(pairs)
+            if i + 2 < len(groups):
+                post(i + 2)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return len(groups)
+
+    def _keep_only(self, kind: str) -> None:
+        """Let go of the buffers of the other ways of receiving: an engine holds one mode's staging."""
+        if kind != "staging":
+            self._staging = []
+            self._memo.forget()
+        if kind != "ring":
+            self._ring = []
+            self._ring_memo.forget()
+        if kind != "per_tensor":
+            self._per_tensor_staging = {}
+
     def _receive_per_tensor(self, request: WeightUpdateRequest) -> list[tuple[str, torch.Tensor]]:
+        self._keep_only("per_tensor")
         received = []
         staging: dict[str, torch.Tensor] = {}
         works = []
@@ -154,9 +250,7 @@ class BroadcastReceiver:
     def close(self) -> None:
         self.group = None
         self.store = None
-        self._staging = []
-        self._per_tensor_staging = {}
-        self._memo.forget()
+        self._keep_only("nothing")
 
 
 def _root0() -> Any:
@@ -176,12 +270,12 @@ class BroadcastSender:
 
     def __init__(self, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 0,
                  backend: str = "gloo", group_name: str = "skyrl_weight_sync", device: torch.device | str = "cpu",
-                 timeout_s: float = DEFAULT_TIMEOUT_S, layout: str = "packed") -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, layout: str = "packed", apply: str = "atomic") -> None:
         if backend not in BACKENDS:
             raise WeightUpdateError({"backend": f"got {backend!r}; expected one of {list(BACKENDS)}"})
-        if layout not in LAYOUTS:
-            raise WeightUpdateError({"layout": f"got {layout!r}; expected one of {list(LAYOUTS)}"})
+        _check_modes(layout, apply)
         self.layout = layout
+        self.apply = apply
         self.world_size = world_size
         self.master_addr = master_addr
         self.backend = backend
@@ -206,7 +300,8 @@ class BroadcastSender:
                                _local_host(self.master_addr), self.timeout_s)
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
-        return {"group_name": self.group_name, "layout": self.layout,
+        _check_modes(self.layout, self.apply)  # both are attributes a trainer may change between updates
+        return {"group_name": self.group_name, "layout": self.layout, "apply": self.apply,
                 "buckets": [b.to_json() for b in layout.buckets]}
 
     def send(self, layout: PackPlan) -> None:

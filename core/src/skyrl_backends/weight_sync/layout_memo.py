@@ -25,7 +25,7 @@ class _Remembered:
     shapes: list[tuple[int, ...]]
     buckets: list[Any]  # the payload's buckets without their volatile fields, as received
     addresses: list[int | None]  # data_ptr of each bucket's buffer
-    pairs: list[tuple[str, torch.Tensor]]
+    views: Any  # what the receiver made of the layout: its (name, view) pairs, grouped as it needs them
 
 
 class LayoutMemo:
@@ -44,18 +44,18 @@ class LayoutMemo:
                 and list(request.dtypes) == last.dtypes and [tuple(s) for s in request.shapes] == last.shapes
                 and self._layout(buckets) == last.buckets)
 
-    def views(self, buffers: Sequence[torch.Tensor | None]) -> list[tuple[str, torch.Tensor]] | None:
-        """The remembered views, if ``buffers`` are the remembered ones (call after :meth:`matches`)."""
+    def views(self, buffers: Sequence[torch.Tensor | None]) -> Any:
+        """The remembered views, if ``buffers`` are the remembered ones (call after :meth:`matches`);
+        else None."""
         last = self._last
         if last is None or _addresses(buffers) != last.addresses:
             return None
-        return last.pairs
+        return last.views
 
-    def remember(self, request: WeightUpdateRequest, buffers: Sequence[torch.Tensor | None],
-                 pairs: list[tuple[str, torch.Tensor]]) -> None:
+    def remember(self, request: WeightUpdateRequest, buffers: Sequence[torch.Tensor | None], views: Any) -> None:
         """Called with a request that passed validation and the views made for it."""
         self._last = _Remembered(list(request.names), list(request.dtypes), [tuple(s) for s in request.shapes],
-                                 self._layout(request.payload["buckets"]), _addresses(buffers), pairs)
+                                 self._layout(request.payload["buckets"]), _addresses(buffers), views)
 
     def forget(self) -> None:
         self._last = None

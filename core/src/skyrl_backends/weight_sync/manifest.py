@@ -37,6 +37,14 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 TRANSPORT_STRATEGIES: tuple[str, ...] = ("shared_memory", "cuda_ipc", "broadcast")
 
 
+def is_streamed(request: WeightUpdateRequest) -> bool:
+    """Whether the trainer asked for a broadcast that the engine applies bucket by bucket as it
+    arrives (``payload["apply"] == "streamed"``), which a failed transfer can leave half applied."""
+    payload = request.payload
+    return (request.strategy == "broadcast" and isinstance(payload, Mapping)
+            and payload.get("apply") == "streamed")
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives inside its bucket."""

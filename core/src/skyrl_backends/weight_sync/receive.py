@@ -1,14 +1,17 @@
 """Engine side: what a backend calls to receive a weight update, whatever the strategy.
 
-Every receiver stages the whole update before yielding its first tensor (segments mapped, handles
-opened, broadcasts received, every manifest checked), so an engine that loads the yielded tensors
+:func:`load_named_tensors` is the one call: it receives ``request`` and hands its tensors to the
+engine's loader. Every strategy stages the whole update before the loader sees a tensor (segments
+mapped, handles opened, broadcasts received, every manifest checked), so an engine that loads them
 only fails midway for its own reasons, and one that stages them too (as the transformers backend
-does) is all-or-nothing.
+does) is all-or-nothing. The exception is a broadcast the trainer sent ``apply="streamed"``: the
+loader gets one bucket at a time while the next arrives, so engine memory stays at two buckets.
+:func:`receive_named_tensors` is the staged half alone, for engines that load in one call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +19,9 @@ import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
+from skyrl_backends.weight_sync.manifest import is_streamed
+
+NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 def receiver_strategies() -> tuple[str, ...]:
@@ -51,9 +57,25 @@ def receive_named_tensors(request: WeightUpdateRequest, device: torch.device | s
             raise WeightUpdateError({"strategy": "cuda_ipc needs CUDA in the engine process; use shared_memory on CPU"})
         return cuda_ipc.receive(request, device)
     if strategy == broadcast.STRATEGY:
-        if not isinstance(communicator, broadcast.BroadcastReceiver):
-            raise WeightUpdateError({"communicator": "broadcast needs the group first: call "
-                                                     "init_weight_update_communicator(init_info) on the engine"})
-        return communicator.receive(request)
+        return _broadcast_receiver(communicator).receive(request)
     raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of "
                                          f"{['tensors', *receiver_strategies()]}"})
+
+
+def load_named_tensors(request: WeightUpdateRequest, device: torch.device | str,
+                       load: Callable[[NamedTensors], None], communicator: Any = None) -> None:
+    """Receive ``request`` and call ``load`` with its ``(name, tensor)`` pairs: once with all of them,
+    or, for a streamed broadcast, once per bucket as each arrives. The tensors may be views into
+    transfer buffers that are reused afterwards: ``load`` copies them into the engine (queuing the
+    copies on the current CUDA stream is enough) and keeps no reference."""
+    if is_streamed(request):
+        _broadcast_receiver(communicator).receive_streamed(request, load)
+        return
+    load(list(receive_named_tensors(request, device=device, communicator=communicator)))
+
+
+def _broadcast_receiver(communicator: Any) -> broadcast.BroadcastReceiver:
+    if not isinstance(communicator, broadcast.BroadcastReceiver):
+        raise WeightUpdateError({"communicator": "broadcast needs the group first: call "
+                                                 "init_weight_update_communicator(init_info) on the engine"})
+    return communicator

@@ -84,29 +84,45 @@ def _num_ranks(target: Any) -> int:
     return 1
 
 
+def _receives_per_tensor_only(engine: Any) -> bool:
+    layouts = getattr(getattr(engine, "capabilities", None), "broadcast_layouts", None)
+    if isinstance(layouts, tuple):
+        return "packed" not in layouts
+    return getattr(engine, "backend", None) in PER_TENSOR_BROADCAST_BACKENDS  # a proxy without capabilities
+
+
 async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", master_port: int = 0,
                             backend: str | None = None, group_name: str = "skyrl_weight_sync",
                             device: torch.device | str | None = None, ranks_per_engine: Sequence[int] | None = None,
                             timeout_s: float = broadcast.DEFAULT_TIMEOUT_S,
-                            layout: str | None = None) -> broadcast.BroadcastSender:
+                            layout: str | None = None, apply: str = "atomic") -> broadcast.BroadcastSender:
     """Create the trainer's group (rank 0) and have every engine join it through its
     ``init_weight_update_communicator`` hook. ``backend`` defaults to nccl when ``device`` is CUDA,
     gloo otherwise; ``master_port=0`` picks a free port. ``layout`` defaults to ``"packed"`` on NCCL
     and ``"per_tensor"`` on gloo, where packing costs a copy as slow as the transfer itself
     (docs/benchmarks.md), and to ``"per_tensor"`` whenever an engine's backend receives natively
-    (SGLang)."""
+    (SGLang).
+
+    ``apply``: ``"atomic"`` (each engine stages the whole update before loading any of it, so a
+    transfer that fails midway changes nothing) or ``"streamed"`` (``packed`` only: each engine loads
+    a bucket while the next arrives; engine memory stays at two buckets and the last copy overlaps
+    nothing but one bucket, but a failed transfer leaves the engine refusing to generate until a
+    complete update arrives)."""
     engines = _as_list(targets)
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if layout is None:
-        members = [m for e in engines for m in (_pool(e) or [e])]
-        native = any(getattr(m, "backend", None) in PER_TENSOR_BROADCAST_BACKENDS for m in members)
-        layout = "per_tensor" if native or backend == "gloo" else "packed"
+    members = [m for e in engines for m in (_pool(e) or [e])]
+    native = sorted({str(getattr(m, "backend", m)) for m in members if _receives_per_tensor_only(m)})
+    if layout is None:  # streamed updates are applied bucket by bucket, so they travel packed
+        layout = "packed" if apply == "streamed" or not (native or backend == "gloo") else "per_tensor"
+    if apply == "streamed" and native:
+        raise WeightUpdateError({"apply": f"'streamed' needs skyrl's packed receiver, but {native} engines "
+                                          f"receive broadcasts natively, per tensor; use apply='atomic'"})
     ranks = list(ranks_per_engine) if ranks_per_engine is not None else [_num_ranks(e) for e in engines]
     if len(ranks) != len(engines):
         raise WeightUpdateError({"ranks_per_engine": f"has {len(ranks)} entries for {len(engines)} engines"})
     sender = broadcast.BroadcastSender(1 + sum(ranks), master_addr, master_port, backend, group_name, device,
-                                       timeout_s, layout)
+                                       timeout_s, layout, apply)
     offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
     joins = []
     for engine, offset in zip(engines, offsets, strict=False):

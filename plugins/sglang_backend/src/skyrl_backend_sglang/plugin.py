@@ -60,6 +60,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         # SGLang's scheduler with update_weights_from_tensor; broadcast is SGLang's own receiver.
         weight_sync_strategies=("tensors", "shared_memory", "broadcast") if cpu
         else ("tensors", "shared_memory", "cuda_ipc", "broadcast"),
+        broadcast_layouts=("per_tensor",),  # update_weights_from_distributed: one typed broadcast per tensor
         streaming=True,
     )
 

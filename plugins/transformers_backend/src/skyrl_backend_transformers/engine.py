@@ -461,19 +461,25 @@ class TransformersEngine:
 
     def _load_weights(self, request: WeightUpdateRequest) -> None:
         # Everything is received and staged on the device before the first parameter changes, so a
-        # transfer that fails midway leaves the previous weights intact.
-        if request.strategy == "tensors":
-            staged = [(n, t.to(self.device)) for n, t in zip(request.names, request.payload)]
-        else:
-            from skyrl_backends.weight_sync import receive_named_tensors
-
-            staged = [(n, t.to(self.device)) for n, t in
-                      receive_named_tensors(request, device=self.device, communicator=self._communicator)]
+        # transfer that fails midway leaves the previous weights intact; a streamed broadcast, which
+        # the trainer chose to apply bucket by bucket, is the exception the facade guards.
         params = self._named_parameters()
-        with torch.no_grad():
-            for name, tensor in staged:
-                params[name].data.copy_(tensor)
-        self._invalidate_prefixes()
+
+        def load(named: list[tuple[str, torch.Tensor]]) -> None:
+            staged = [(name, tensor.to(self.device)) for name, tensor in named]
+            with torch.no_grad():
+                for name, tensor in staged:
+                    params[name].data.copy_(tensor)
+
+        try:
+            if request.strategy == "tensors":
+                load(list(zip(request.names, request.payload)))
+            else:
+                from skyrl_backends.weight_sync import load_named_tensors
+
+                load_named_tensors(request, self.device, load, communicator=self._communicator)
+        finally:  # a partly applied streamed update must not be served from the old prefixes either
+            self._invalidate_prefixes()
 
     def _invalidate_prefixes(self) -> None:
         self._weights_epoch += 1

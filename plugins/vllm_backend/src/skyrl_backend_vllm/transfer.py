@@ -14,7 +14,7 @@ one of these *transfers* (plain dicts of bytes, strings and numbers), which
 ``request``
     a :class:`~skyrl_backends.types.WeightUpdateRequest` of one of the core's weight-sync
     strategies (shared memory, broadcast, CUDA IPC), pickled; the worker receives it with
-    :func:`skyrl_backends.weight_sync.receive_named_tensors`.
+    :func:`skyrl_backends.weight_sync.load_named_tensors`.
 
 Pickle is used only between this process and the engine's own workers, which the plugin starts.
 """

@@ -50,7 +50,11 @@ class SkyRLWorkerExtension:
 
     def skyrl_apply_weights(self, transfer: dict[str, Any]) -> int:
         """Receive the tensors of ``transfer`` and load them into the served model. Everything is
-        received before the first parameter changes. Returns the number of tensors loaded."""
+        received before the first parameter changes, except in a broadcast the trainer sent
+        ``apply="streamed"``, loaded bucket by bucket as it arrives. Returns the number of tensors
+        loaded."""
+        if transfer["kind"] == "request":
+            return self._skyrl_load_request(pickle.loads(transfer["data"]))
         named = self._skyrl_receive(transfer)
         self._skyrl_load(named)
         return len(named)
@@ -72,14 +76,33 @@ class SkyRLWorkerExtension:
             return _receive_shared_memory(transfer)
         if kind == "cuda_ipc":
             return _receive_cuda_ipc(transfer, self._skyrl_device())
-        if kind == "request":
-            from skyrl_backends.weight_sync import receive_named_tensors
-
-            request = pickle.loads(transfer["data"])
-            communicator = getattr(self, "_skyrl_communicator", None)
-            return [(name, tensor) for name, tensor in
-                    receive_named_tensors(request, device=self._skyrl_device(), communicator=communicator)]
         raise ValueError(f"unknown weight transfer kind {kind!r}")
+
+    def _skyrl_load_request(self, request: Any) -> int:
+        """A request the worker receives itself (a broadcast), through skyrl's receiver."""
+        from skyrl_backends.weight_sync import load_named_tensors
+
+        communicator = getattr(self, "_skyrl_communicator", None)
+        device = self._skyrl_device()
+        if device.type == "cpu":
+            # The CPU path reloads whole layers (module docstring), so buckets of a streamed update
+            # are collected (copied out of the receiver's reused buffers) and reloaded once.
+            collected: NamedTensors = []
+            load_named_tensors(request, device, lambda named: collected.extend((n, t.clone()) for n, t in named),
+                               communicator=communicator)
+            self._skyrl_load(collected)
+            return len(collected)
+        loaded = 0
+
+        def load_in_place(named: NamedTensors) -> None:
+            nonlocal loaded
+            model = self.model_runner.model
+            model.load_weights(weights=_rename_for_lora(model, named))
+            loaded += len(named)
+
+        load_named_tensors(request, device, load_in_place, communicator=communicator)
+        torch.cuda.synchronize()
+        return loaded
 
     # -- loading -------------------------------------------------------------------------------
     def _skyrl_load(self, named: NamedTensors) -> None:
