@@ -19,7 +19,9 @@
 #                             for vllm also with the V1 model runner -> $OUT/vllm-logprobs-v1.json
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
 #                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
-#   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path
+#   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path (PYTEST_ARGS adds
+#                             pytest options, e.g. "-k other_gpu"); SKYRL_ENGINE_DEFAULTS, if set, replaces
+#                             the engine defaults below
 #   broadcast                 bench_weight_sync.py GPU mode without an engine (NCCL needs 2 GPUs);
 #                             BROADCAST_ARGS adds options, e.g. "--repeats 20 --skip colocated,per_tensor"
 #
@@ -47,8 +49,8 @@ export SKYRL_TEST_MODEL=$TINY
 # Engines started by code that takes no engine options (see with_engine_defaults.py): vLLM without
 # torch.compile (starts faster; weight loading is the same), SGLang with the kernels the build has.
 SGLANG_KERNELS='"attention_backend": "triton", "sampling_backend": "pytorch", "disable_cuda_graph": true'
-export SKYRL_ENGINE_DEFAULTS="{\"vllm\": {\"engine_init_kwargs\": {\"enforce_eager\": true}},
-  \"sglang\": {\"engine_init_kwargs\": {$SGLANG_KERNELS}}}"
+export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init_kwargs\": {\"enforce_eager\": true}},
+  \"sglang\": {\"engine_init_kwargs\": {$SGLANG_KERNELS}}}"}
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=300
@@ -181,7 +183,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
             --json "$OUT/$engine-weight-sync.json" ;;
         weight-sync-tests) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
-            -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ;;
+            -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ${PYTEST_ARGS:-} ;;
         broadcast) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
             --shape qwen2.5-1.5b --skip colocated ${BROADCAST_ARGS:-} --json "$OUT/broadcast.json" ;;
         *) log "unknown step $name"; return 2 ;;

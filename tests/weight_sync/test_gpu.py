@@ -207,7 +207,7 @@ def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):
             g = torch.Generator().manual_seed(seed)
             weights = {n: (t + 0.5 * t.std().nan_to_num(0.1) * torch.randn(t.shape, generator=g)).to("cuda:0")
                        for n, t in state.items()}
-            sender = await connect_broadcast(engine, device="cuda:0", timeout_s=120, apply=apply,
+            sender = await connect_broadcast(engine, device="cuda:0", timeout_s=60, apply=apply,
                                              group_name=f"to_{backend}_{apply}")
             try:
                 assert sender.layout == ("per_tensor" if backend == "sglang" else "packed")
