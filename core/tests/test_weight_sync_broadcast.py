@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import threading
@@ -119,3 +120,29 @@ def test_bad_sender_settings_are_named():
     with pytest.raises(WeightUpdateError) as info:  # streamed loads packed buckets as they arrive
         BroadcastSender(2, layout="per_tensor", apply="streamed")
     assert "layout='packed'" in info.value.problems["apply"]
+
+
+def test_nccl_ranks_that_share_gpu_memory_differently_are_refused_before_joining():
+    """SGLang's scheduler runs NCCL with NCCL_CUMEM_ENABLE=0; a trainer on NCCL's default cannot
+    reach it (CUDA 'invalid argument' at the first broadcast), so the engine side refuses up front."""
+    from skyrl_backends.types import WeightSyncInitInfo
+    from skyrl_backends.weight_sync.nccl_transport import INIT_INFO_KEY, check_matches_trainer, cumem_setting
+
+    assert cumem_setting({}) == "1" and cumem_setting({"NCCL_CUMEM_ENABLE": "0"}) == "0"
+    info = WeightSyncInitInfo(master_addr="127.0.0.1", master_port=1234, rank_offset=1, world_size=2,
+                              group_name="g", backend="nccl", strategy="broadcast", extra={INIT_INFO_KEY: "1"})
+    check_matches_trainer(info, "an engine", environ={})
+    check_matches_trainer(info, "an engine", environ={"NCCL_CUMEM_ENABLE": "1"})
+    with pytest.raises(WeightUpdateError) as error:
+        check_matches_trainer(info, "SGLang's scheduler", environ={"NCCL_CUMEM_ENABLE": "0"})
+    why = error.value.problems["NCCL_CUMEM_ENABLE"]
+    assert "trainer's NCCL runs with NCCL_CUMEM_ENABLE=1 but SGLang's scheduler runs with 0" in why
+    assert "Set NCCL_CUMEM_ENABLE=0 in the trainer's environment" in why
+    # A trainer that did not say (not a skyrl sender), and gloo, are not checked.
+    check_matches_trainer(dataclasses.replace(info, extra={}), "an engine", environ={"NCCL_CUMEM_ENABLE": "0"})
+    check_matches_trainer(dataclasses.replace(info, backend="gloo"), "an engine", environ={"NCCL_CUMEM_ENABLE": "0"})
+    # The trainer puts its own setting in what it hands the engines (NCCL only).
+    for backend, expected in (("gloo", None), ("nccl", cumem_setting())):
+        sender = BroadcastSender(2, backend=backend)
+        assert sender.init_info(1).extra.get(INIT_INFO_KEY) == expected
+        sender.close()

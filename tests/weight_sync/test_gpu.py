@@ -27,6 +27,7 @@ from skyrl_backends.weight_sync import CudaIpcSender, connect_broadcast, sync_we
 from skyrl_backends.weight_sync.broadcast import BroadcastSender
 from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_to_json
+from skyrl_backends.weight_sync.nccl_transport import CUMEM_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "core" / "tests"))
 import native_broadcast_peer  # noqa: E402
@@ -200,6 +201,13 @@ def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):
     async def scenario():
         from transformers import AutoModelForCausalLM
 
+        if backend == "sglang" and CUMEM_ENV not in os.environ:
+            # SGLang runs its scheduler with NCCL_CUMEM_ENABLE=0 and this trainer with NCCL's default
+            # (1): the ranks could not connect, and the engine says so before joining. (Run with
+            # NCCL_CUMEM_ENABLE=0 to test the transfer itself.)
+            with pytest.raises(WeightUpdateError, match=f"{CUMEM_ENV}=1 but SGLang's scheduler runs with 0"):
+                await connect_broadcast(engine, device="cuda:0", timeout_s=60)
+            return
         state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
         applies = ["atomic"] + (["streamed"] if backend != "sglang" else [])
         served = await greedy()

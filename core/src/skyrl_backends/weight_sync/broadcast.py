@@ -46,6 +46,7 @@ from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync.chunks import Packer, PackPlan, unpack
 from skyrl_backends.weight_sync.layout_memo import LayoutMemo
 from skyrl_backends.weight_sync.manifest import parse_buckets
+from skyrl_backends.weight_sync.nccl_transport import INIT_INFO_KEY, check_matches_trainer, cumem_setting
 
 STRATEGY = "broadcast"
 BACKENDS = ("gloo", "nccl")
@@ -114,6 +115,7 @@ class BroadcastReceiver:
     def __init__(self, info: WeightSyncInitInfo, device: torch.device | str, local_rank: int = 0,
                  timeout_s: float | None = None) -> None:
         _check_init_info(info)
+        check_matches_trainer(info, "this engine's process")
         self.info = info
         self.device = torch.device(device)
         if info.backend == "nccl" and self.device.type != "cuda":
@@ -292,7 +294,13 @@ class BroadcastSender:
     def init_info(self, rank_offset: int) -> WeightSyncInitInfo:
         return WeightSyncInitInfo(master_addr=self.master_addr, master_port=self.master_port, rank_offset=rank_offset,
                                   world_size=self.world_size, group_name=self.group_name, backend=self.backend,
-                                  strategy=STRATEGY, extra={"timeout_s": self.timeout_s})
+                                  strategy=STRATEGY, extra=self._extra())
+
+    def _extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"timeout_s": self.timeout_s}
+        if self.backend == "nccl":  # engine ranks check they share GPU memory as NCCL does here
+            extra[INIT_INFO_KEY] = cumem_setting()
+        return extra
 
     def join(self) -> None:
         """Blocks until every engine rank has joined."""

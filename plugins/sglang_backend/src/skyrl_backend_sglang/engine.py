@@ -478,7 +478,11 @@ class SGLangEngine:
     @hookimpl
     async def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
         from sglang.srt.managers.io_struct import InitWeightsUpdateGroupReqInput
+        from skyrl_backends.weight_sync.nccl_transport import check_matches_trainer
 
+        # SGLang set NCCL_CUMEM_ENABLE in this process when the engine started; its scheduler has
+        # the same. A trainer whose NCCL differs cannot connect: say so before joining.
+        check_matches_trainer(init_info, "SGLang's scheduler")
         obj = InitWeightsUpdateGroupReqInput(
             master_address=init_info.master_addr, master_port=init_info.master_port,
             rank_offset=init_info.rank_offset, world_size=init_info.world_size,
