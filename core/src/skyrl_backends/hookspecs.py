@@ -143,7 +143,10 @@ class EngineHookSpecs:
     @hookspec(firstresult=True)
     def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
         """Load the weights of an already validated request and invalidate the prefix cache (async).
-        Must be all-or-nothing: if it fails, the previous weights stay in place."""
+        Must be all-or-nothing: if it fails, the previous weights stay in place. The exception is a
+        broadcast the trainer sent ``apply="streamed"``, loaded bucket by bucket as it arrives
+        (``skyrl_backends.weight_sync.load_named_tensors`` does both); if it fails partway, the
+        facade refuses generation until every weight has been pushed again."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
