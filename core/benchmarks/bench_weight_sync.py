@@ -234,7 +234,6 @@ def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], back
                    bucket_bytes: int, label: str, baseline: str, layout: str = "packed", apply: str = "atomic") -> Case:
     slot = f"{layout}_{apply}_{bucket_bytes}"  # one group (and one receiver) per case
     sender = BroadcastSender(2, "127.0.0.1", 0, backend, f"bench_{slot}", device, layout=layout, apply=apply)
-    staging: list[int] = []
     joiner = threading.Thread(target=sender.join)
     joiner.start()
     engine.call(op="init", init_info={**sender.init_info(1).__dict__}, slot=slot)
@@ -245,10 +244,9 @@ def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], back
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout))
         engine.send(op="update", request=request_to_json(request), slot=slot)
         sender.send(layout)
-        staging[:] = [engine.reply()["staging_bytes"]]
+        case.staging[:] = [engine.reply()["staging_bytes"]]
 
     case = Case(label, run, baseline, close=sender.close)
-    case.staging = staging
     return case
 
 

@@ -21,7 +21,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -51,7 +51,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
-from skyrl_backends.weight_sync.manifest import is_streamed
+from skyrl_backends.weight_sync.manifest import check_broadcast_modes, is_streamed
 
 logger = logging.getLogger(__name__)
 TRACE_ENV = "SKYRL_BACKENDS_TRACE"
@@ -448,16 +448,15 @@ class InferenceEngine:
     def _check_broadcast_layout(self, request: WeightUpdateRequest) -> None:
         # Checked before the trainer broadcasts a byte: a receiver expecting another layout would
         # otherwise wait for collectives that never match until the group times out.
-        payload = request.payload if isinstance(request.payload, dict) else {}
+        # (A streamed update is packed, so an engine without "packed" refuses it here too.)
+        payload = request.payload if isinstance(request.payload, Mapping) else {}
         layout = payload.get("layout", "packed")
+        check_broadcast_modes(layout, payload.get("apply", "atomic"), "payload.")
         supported = self.capabilities.broadcast_layouts
         if layout not in supported:
             raise WeightUpdateError({"payload.layout": f"got {layout!r}; {self.backend} receives broadcasts as "
                                                        f"{list(supported)}: create the sender with that layout "
                                                        f"(connect_broadcast picks it when left out)"})
-        if is_streamed(request) and "packed" not in supported:
-            raise WeightUpdateError({"payload.apply": f"'streamed' loads packed buckets as they arrive, which "
-                                                      f"{self.backend} does not receive; use apply='atomic'"})
 
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
         """Apply a weight update atomically; returns the new weight version.

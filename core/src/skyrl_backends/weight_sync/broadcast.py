@@ -45,30 +45,15 @@ from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync.chunks import Packer, PackPlan, unpack
 from skyrl_backends.weight_sync.layout_memo import LayoutMemo
-from skyrl_backends.weight_sync.manifest import parse_buckets
+from skyrl_backends.weight_sync.manifest import check_broadcast_modes, parse_buckets
 from skyrl_backends.weight_sync.nccl_transport import INIT_INFO_KEY, check_matches_trainer, cumem_setting
 
 STRATEGY = "broadcast"
 BACKENDS = ("gloo", "nccl")
-LAYOUTS = ("packed", "per_tensor")
-APPLY_MODES = ("atomic", "streamed")
 DEFAULT_TIMEOUT_S = 300.0
 # What the engine does with one bucket's (name, tensor) pairs; the tensors are views into a ring
 # buffer that the next-but-one bucket overwrites, so the engine copies them before it returns.
 LoadBucket = Callable[[list[tuple[str, torch.Tensor]]], None]
-
-
-def _check_modes(layout: Any, apply: Any, where: str = "") -> None:
-    problems = {}
-    if layout not in LAYOUTS:
-        problems[f"{where}layout"] = f"got {layout!r}; expected one of {list(LAYOUTS)}"
-    if apply not in APPLY_MODES:
-        problems[f"{where}apply"] = f"got {apply!r}; expected one of {list(APPLY_MODES)}"
-    elif apply == "streamed" and layout != "packed":
-        problems[f"{where}apply"] = ("'streamed' applies packed buckets as they arrive; use layout='packed' "
-                                     "(engines that receive per tensor natively, like SGLang, apply atomically)")
-    if problems:
-        raise WeightUpdateError(problems)
 
 
 def _check_init_info(info: WeightSyncInitInfo) -> None:
@@ -148,7 +133,7 @@ class BroadcastReceiver:
             raise WeightUpdateError({"payload.group_name": f"got {group_name!r} but this engine joined "
                                                            f"{self.info.group_name!r}"})
         layout = payload.get("layout", "packed")
-        _check_modes(layout, payload.get("apply", "atomic"), "payload.")
+        check_broadcast_modes(layout, payload.get("apply", "atomic"), "payload.")
         return layout
 
     def receive(self, request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
@@ -275,7 +260,7 @@ class BroadcastSender:
                  timeout_s: float = DEFAULT_TIMEOUT_S, layout: str = "packed", apply: str = "atomic") -> None:
         if backend not in BACKENDS:
             raise WeightUpdateError({"backend": f"got {backend!r}; expected one of {list(BACKENDS)}"})
-        _check_modes(layout, apply)
+        check_broadcast_modes(layout, apply)
         self.layout = layout
         self.apply = apply
         self.world_size = world_size
@@ -308,7 +293,7 @@ class BroadcastSender:
                                _local_host(self.master_addr), self.timeout_s)
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
-        _check_modes(self.layout, self.apply)  # both are attributes a trainer may change between updates
+        check_broadcast_modes(self.layout, self.apply)  # both are attributes a trainer may change between updates
         return {"group_name": self.group_name, "layout": self.layout, "apply": self.apply,
                 "buckets": [b.to_json() for b in layout.buckets]}
 

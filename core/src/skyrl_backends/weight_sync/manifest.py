@@ -37,6 +37,27 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 TRANSPORT_STRATEGIES: tuple[str, ...] = ("shared_memory", "cuda_ipc", "broadcast")
 
 
+# A broadcast update's payload names how its bytes travel and how the engine applies them
+# (skyrl_backends.weight_sync.broadcast describes both).
+BROADCAST_LAYOUTS: tuple[str, ...] = ("packed", "per_tensor")
+APPLY_MODES: tuple[str, ...] = ("atomic", "streamed")
+
+
+def check_broadcast_modes(layout: Any, apply: Any, where: str = "") -> None:
+    """Raise WeightUpdateError for an unknown ``layout`` or ``apply``, or a streamed update that is not
+    packed (``where`` prefixes the field names, e.g. ``"payload."``)."""
+    problems = {}
+    if layout not in BROADCAST_LAYOUTS:
+        problems[f"{where}layout"] = f"got {layout!r}; expected one of {list(BROADCAST_LAYOUTS)}"
+    if apply not in APPLY_MODES:
+        problems[f"{where}apply"] = f"got {apply!r}; expected one of {list(APPLY_MODES)}"
+    elif apply == "streamed" and layout != "packed":
+        problems[f"{where}apply"] = ("'streamed' applies packed buckets as they arrive; use layout='packed' "
+                                     "(engines that receive per tensor natively, like SGLang, apply atomically)")
+    if problems:
+        raise WeightUpdateError(problems)
+
+
 def is_streamed(request: WeightUpdateRequest) -> bool:
     """Whether the trainer asked for a broadcast that the engine applies bucket by bucket as it
     arrives (``payload["apply"] == "streamed"``), which a failed transfer can leave half applied."""
