@@ -12,13 +12,13 @@ from typing import Any
 from skyrl_backends import hookimpl
 from skyrl_backends.types import (
     BackendInfo,
-    Capabilities,
     Completion,
     GenerateOutput,
     GenerateRequest,
     TensorSpec,
     WeightUpdateRequest,
 )
+from skyrl_backends.capabilities import Capabilities
 
 DOUBLE_CAPABILITIES = Capabilities(sleep_levels=(1, 2), discards_weights_at_level=2, sleep_tags=True, lora=True,
                                    top_logprobs=True, max_top_logprobs=5, abort=True,

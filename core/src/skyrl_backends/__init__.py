@@ -34,7 +34,6 @@ from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
     BackendInfo,
-    Capabilities,
     Completion,
     GenerateOutput,
     GenerateRequest,
@@ -43,6 +42,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.capabilities import Capabilities
 
 __version__ = "0.1.0"
 
