@@ -51,7 +51,7 @@ $(MODEL)/.skyrl_tiny_model: $(TF_ENV)/.ready core/src/skyrl_backends/testing/tin
 $(CORE_ENV)/.ready: core/pyproject.toml
 	rm -rf $(CORE_ENV) && $(PYTHON) -m venv $(CORE_ENV)
 	$(CORE_ENV)/bin/python $(PIP) $(TORCH)
-	$(CORE_ENV)/bin/python $(PIP) -e 'core[dev,torch,http]' $(CORE_EXTRA_PIP)
+	$(CORE_ENV)/bin/python $(PIP) -e 'core[dev,torch,http,ray]' $(CORE_EXTRA_PIP)
 	touch $@
 
 $(TF_ENV)/.ready: core/pyproject.toml plugins/transformers_backend/pyproject.toml

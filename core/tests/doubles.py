@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from skyrl_backends import hookimpl
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.types import (
     BackendInfo,
     Completion,
@@ -18,7 +19,6 @@ from skyrl_backends.types import (
     TensorSpec,
     WeightUpdateRequest,
 )
-from skyrl_backends.capabilities import Capabilities
 
 DOUBLE_CAPABILITIES = Capabilities(sleep_levels=(1, 2), discards_weights_at_level=2, sleep_tags=True, lora=True,
                                    top_logprobs=True, max_top_logprobs=5, abort=True,

@@ -9,16 +9,15 @@ import copy
 from pathlib import Path
 
 import pytest
+from skyrl_backends import capabilities
+from skyrl_backends.capabilities import PARAMETER_REQUIREMENTS, Capabilities, missing, sleep_level, weight_sync
 from skyrl_backends.conformance import parity
 from skyrl_backends.conformance.cli import pytest_arguments
-from skyrl_backends import capabilities
-from skyrl_backends.capabilities import PARAMETER_REQUIREMENTS, missing, sleep_level, weight_sync
 from skyrl_backends.conformance.markers import merge_unsupported, requires
 from skyrl_backends.conformance.report import CaseResult, aggregate
 from skyrl_backends.conformance.suite import GROUPS, BackendConformanceSuite, feature_rows
 from skyrl_backends.conformance.suite.base import standard_tests
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.capabilities import Capabilities
 
 
 def result(status: str, detail: str = "", test: str = "t") -> CaseResult:

@@ -3,7 +3,6 @@
 import textwrap
 
 import pytest
-
 import skyrl_backends as sb
 from skyrl_backends import BackendLoadError, BackendNotFoundError, EngineVersionError
 from skyrl_backends.discovery import discover_backends, get_backend, refresh_backends

@@ -18,11 +18,11 @@ import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.errors import BackendLoadError, BackendNotFoundError, EngineVersionError
 from skyrl_backends.hookspecs import PROJECT
 from skyrl_backends.registration import backend_manager
 from skyrl_backends.types import BackendInfo
-from skyrl_backends.capabilities import Capabilities
 
 ENTRY_POINT_GROUP = PROJECT
 # A comma-separated list of backend names to ignore (like tox's and vLLM's switches), for working

@@ -50,14 +50,16 @@ class SamplingParamsError(ConfigError):
     """A sampling parameter is unknown, out of range, or not honoured by the selected backend."""
 
 
-class BackendNotFoundError(SkyRLBackendsError, LookupError):
-    """No installed backend has the requested name."""
+class BackendNotFoundError(ConfigError, LookupError):
+    """No installed backend has the requested name (a configuration error of the key ``backend``)."""
 
     def __init__(self, name: str, installed: Iterable[str]) -> None:
         installed = sorted(installed)
         self.name = name
+        self.field = "backend"
         listing = ", ".join(installed) if installed else "none"
-        super().__init__(
+        SkyRLBackendsError.__init__(
+            self,
             f"No backend named {name!r} is installed.{_did_you_mean(name, installed)} "
             f"Install it with `pip install skyrl-backend-{name}` (in its own environment if its "
             f"engine conflicts with others). Installed backends: {listing}."

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from skyrl_backends.capabilities import Capabilities
     from skyrl_backends.config import GeneratorConfig
     from skyrl_backends.sampling import SamplingParams
     from skyrl_backends.types import (
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
         WeightSyncInitInfo,
         WeightUpdateRequest,
     )
-    from skyrl_backends.capabilities import Capabilities
 
 PROJECT = "skyrl_backends"
 hookspec = pluggy.HookspecMarker(PROJECT)

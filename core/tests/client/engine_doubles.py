@@ -12,10 +12,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.errors import EngineDeadError, WeightUpdateError
 from skyrl_backends.stopping import StopStringMatcher
 from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, WeightUpdateRequest
-from skyrl_backends.capabilities import Capabilities
 
 EOS = 2
 

@@ -3,10 +3,9 @@
 import asyncio
 
 import pytest
+import skyrl_backends as sb
 import torch
 from conftest import run
-
-import skyrl_backends as sb
 
 PROMPT = [5, 6, 7]
 GREEDY = {"max_generate_length": 12, "temperature": 0, "ignore_eos": True}

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.client.continuation import Continuation, Decode
 from skyrl_backends.client.hashing import DEFAULT_VIRTUAL_NODES, ConsistentHashRing
 from skyrl_backends.client.routing import LoadTracker, Router, SessionRouting, reassemble
@@ -39,7 +40,6 @@ from skyrl_backends.errors import (
     EngineStateError,
     UnsupportedCapabilityError,
 )
-from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.protocols import Engine, Prompts, SamplingInput
 from skyrl_backends.stopping import StopStringMatcher
 from skyrl_backends.types import (

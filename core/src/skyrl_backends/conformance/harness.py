@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from skyrl_backends.api import create_engine
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import load_config
 from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.oracles import ReferenceModel
@@ -26,7 +27,6 @@ from skyrl_backends.discovery import get_backend
 from skyrl_backends.engine import InferenceEngine
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, GenerateOutput, TensorSpec, WeightUpdateRequest
-from skyrl_backends.capabilities import Capabilities
 
 T = TypeVar("T")
 LORA_SUBDIR = "lora"

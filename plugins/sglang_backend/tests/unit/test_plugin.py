@@ -5,10 +5,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+from skyrl_backend_sglang import plugin
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.registration import backend_manager
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backend_sglang import plugin
 
 PACKAGE = Path(__file__).resolve().parents[2]
 

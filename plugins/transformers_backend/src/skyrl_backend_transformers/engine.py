@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, LoraAdapterError
 from skyrl_backends.hookspecs import hookimpl
@@ -36,6 +35,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+
 from skyrl_backend_transformers.prefix_cache import LayerKV, PrefixCache
 from skyrl_backend_transformers.sampler import apply_repetition_penalty, choose_tokens, token_logprobs
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import BackendInfo
-from skyrl_backends.capabilities import Capabilities
 
 NAME = "transformers"
 SUPPORTED_TRANSFORMERS = ">=4.56,<6"

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import BackendInfo
-from skyrl_backends.capabilities import Capabilities
 
 from skyrl_backend_vllm import options, sampling
 from skyrl_backend_vllm.engine_platform import detect_platform

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.sampling import SamplingParams

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import (
     REJECTED_PREFIX,
     feature_of_function,

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
 from skyrl_backends.types import Completion
-
 
 # Half-precision engines round every logit, and at a few positions (a near tie inside attention, a
 # large logit) the rounding moves a log-probability well past the typical error: on an H200, vLLM

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.conformance.suite.weight_sync import PERTURBED, perturbed

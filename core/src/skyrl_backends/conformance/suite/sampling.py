@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, honoured_or_rejected, require_parameter
 from skyrl_backends.errors import SamplingParamsError

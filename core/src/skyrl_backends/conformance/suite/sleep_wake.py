@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.errors import EngineAsleepError, UnsupportedCapabilityError, WeightsNotLoadedError

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
 from skyrl_backends.conformance.suite.stopping import _first_repeat_free_index, own_greedy, stop_string_cases

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends import capabilities
+from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.errors import WeightUpdateError
