@@ -213,7 +213,7 @@ class InferenceEngine:
                request_fields: dict[str, Any]) -> GenerateRequest:
         """The request as a GenerateRequest, after every check that precedes generation."""
         if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+            request = GenerateRequest(prompt_token_ids=request,
                                       sampling_params=SamplingParams.from_dict(sampling_params)
                                       if not isinstance(sampling_params, SamplingParams) else sampling_params,
                                       **request_fields)

@@ -166,7 +166,7 @@ class RayEngineProxy:
     async def generate(self, request: GenerateRequest | Sequence[Sequence[int]],
                        sampling_params: Any = None, **request_fields: Any) -> GenerateOutput:
         if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+            request = GenerateRequest(prompt_token_ids=request,
                                       sampling_params=sampling_params or {}, **request_fields)
         return await self._call("generate", request)
 
@@ -174,7 +174,7 @@ class RayEngineProxy:
                               sampling_params: Any = None, **request_fields: Any) -> AsyncIterator[StreamChunk]:
         """The actor's chunks as it yields them, through a Ray streaming generator."""
         if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
+            request = GenerateRequest(prompt_token_ids=request,
                                       sampling_params=sampling_params or {}, **request_fields)
         try:
             async for ref in self.actor.generate_stream.options(num_returns="streaming").remote(request):

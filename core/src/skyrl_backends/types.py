@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from skyrl_backends.errors import ConfigError
+from skyrl_backends import limits
+from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -42,10 +43,25 @@ class GenerateRequest:
     lora_name: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampling_params, dict):
+        if self.sampling_params is None or isinstance(self.sampling_params, Mapping):
             self.sampling_params = SamplingParams.from_dict(self.sampling_params)
-        if not isinstance(self.prompt_token_ids, Sequence) or isinstance(self.prompt_token_ids, (str, bytes)):
+        elif not isinstance(self.sampling_params, SamplingParams):
+            raise SamplingParamsError("sampling_params", f"expected a SamplingParams or a mapping of parameter "
+                                                         f"names to values, got {type(self.sampling_params).__name__}.")
+        if not _is_list_like(self.prompt_token_ids):
             raise ConfigError("prompt_token_ids", "expected a list of prompts, each a list of token ids.")
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        if not self.prompt_token_ids:
+            raise ConfigError("prompt_token_ids", "is empty; give at least one prompt.")
+        if len(self.prompt_token_ids) > limits.max_prompts_per_request():
+            raise ConfigError("prompt_token_ids", f"has {len(self.prompt_token_ids)} prompts, over the limit of "
+                                                  f"{limits.max_prompts_per_request()} per request "
+                                                  f"(skyrl_backends.limits; raise it with {limits.MAX_PROMPTS_ENV}=...)"
+                                                  f" or split the batch.")
+        for i, prompt in enumerate(self.prompt_token_ids):
+            if not _is_list_like(prompt):
+                raise ConfigError(f"prompt_token_ids[{i}]", f"must be a list of token ids, got {type(prompt).__name__}"
+                                                            " (a single prompt must be wrapped in a list: [ids]).")
         self.prompt_token_ids = [list(p) for p in self.prompt_token_ids]
         for i, prompt in enumerate(self.prompt_token_ids):
             if not prompt:
@@ -74,6 +90,10 @@ class GenerateRequest:
             session_ids=[self.session_ids[i] for i in indices] if self.session_ids else None,
             lora_name=self.lora_name,
         )
+
+
+def _is_list_like(value: object) -> bool:
+    return hasattr(value, "__iter__") and not isinstance(value, (str, bytes, Mapping))
 
 
 @dataclass

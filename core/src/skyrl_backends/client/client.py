@@ -220,7 +220,7 @@ class InferenceEngineClient:
         if not isinstance(request, GenerateRequest):
             params = sampling_params if isinstance(sampling_params, SamplingParams) \
                 else SamplingParams.from_dict(sampling_params)
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request], sampling_params=params,
+            request = GenerateRequest(prompt_token_ids=request, sampling_params=params,
                                       **request_fields)
         elif sampling_params is not None or request_fields:
             raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
