@@ -79,11 +79,14 @@ class ChoiceStreams:
         async for number, chunk in merge_streams(streams):
             index = number * self.n + chunk.index
             text = self.texts[index]
-            delta = text.feed(chunk.token_ids)
             self.tokens_seen += len(chunk.token_ids)
             if chunk.completion is not None:
-                delta += text.finish(self.text_of(chunk.completion))
+                # The last chunk's text is the final text's rest: its tokens may run past a stop
+                # string, which the final text leaves out.
+                delta = text.finish(self.text_of(chunk.completion))
                 self.completions[index] = chunk.completion
+            else:
+                delta = text.feed(chunk.token_ids)
             yield index, delta, chunk
 
     def completion_tokens(self) -> int:
