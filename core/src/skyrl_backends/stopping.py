@@ -58,7 +58,7 @@ class StopStringMatcher:
                 best = (pos, s)
         if best is None:
             self._pieces.append(delta)
-            self._tail = window[len(window) - self._overlap:] if self._overlap else ""
+            self._tail = window[-self._overlap:] if self._overlap else ""
             return None
         pos, s = best
         text = "".join(self._pieces) + delta
