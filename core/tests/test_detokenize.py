@@ -107,3 +107,12 @@ def test_the_stop_matcher_refuses_a_shrinking_response():
     matcher.feed([97, 98])
     with pytest.raises(ValueError, match="shrank"):
         matcher.feed([97])
+
+
+def test_the_stop_matcher_sees_the_text_a_whole_decode_gives_incomplete_characters_included():
+    # A stop string that ends in U+FFFD matches where a whole decode first shows it: at the token
+    # that starts the incomplete character, not when a later token settles it.
+    matcher = StopStringMatcher(["a\ufffd"], CountingDecoder())
+    data = list(b"xa") + [0xE2, 0x82, 0xAC]
+    results = [matcher.feed(data[:end]) for end in range(1, len(data) + 1)]
+    assert results[:2] == [None, None] and results[2] == ("a\ufffd", "xa\ufffd")

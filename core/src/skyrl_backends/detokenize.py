@@ -44,6 +44,8 @@ class IncrementalDetokenizer:
         self._window: list[int] = []
         self._window_text = ""  # the part of decode(window) already handed out
         self.num_tokens = 0
+        # What a whole decode has after the text handed out: the held-back replacement characters.
+        self.pending = ""
 
     def push(self, token_ids: Sequence[int]) -> str:
         if not token_ids:
@@ -57,8 +59,10 @@ class IncrementalDetokenizer:
         read = self._window_text
         if not text.startswith(read):
             if len(self._window) <= MAX_WINDOW_TOKENS:
+                self.pending = ""
                 return ""  # wait: the text handed out is not yet a prefix of the window's text
             read = self._window_text = text[:len(read)]  # give up on agreement; keep the cost bounded
+        self.pending = text[max(stable, len(read)):]
         if stable <= len(read):
             return ""
         delta = text[len(read):stable]

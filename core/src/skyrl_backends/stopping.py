@@ -21,9 +21,11 @@ class StopStringMatcher:
     """Feeds a growing list of response token ids and reports the first stop-string match.
 
     Text is decoded incrementally (:class:`~skyrl_backends.detokenize.IncrementalDetokenizer`), so a
-    token costs O(1) however long the response is: only the new text, and the ``len(longest stop) -
-    1`` characters before it, are searched. A multi-byte character split across tokens is matched
-    once its last byte arrives, as a whole decode would. The whole text is joined once, at the match.
+    token costs O(1) however long the response is: only the new text, the ``len(longest stop) - 1``
+    characters before it and the trailing replacement characters of an incomplete character are
+    searched, which is the text a whole decode of the response gives (a multi-byte character split
+    across tokens reads U+FFFD until its last byte arrives, as it does in a whole decode). The
+    whole text is joined once, at the match.
     """
 
     def __init__(self, stop: Sequence[str], decode: Callable[[list[int]], str]) -> None:
@@ -48,19 +50,24 @@ class StopStringMatcher:
         new = response_ids[self._fed:]
         self._fed = len(response_ids)
         delta = self._text.push(list(new))
-        if not delta:
+        pending = self._text.pending
+        if not delta and not pending:
             return None
-        window = self._tail + delta
+        # The text a whole decode gives now: what was searched, the new stable text, and the
+        # trailing replacement characters still held back (a stop string may contain them).
+        window = self._tail + delta + pending
         best: tuple[int, str] | None = None  # the match that ends first
         for s in self.stop:
             pos = window.find(s)
             if pos != -1 and (best is None or pos + len(s) < best[0] + len(best[1])):
                 best = (pos, s)
         if best is None:
-            self._pieces.append(delta)
-            self._tail = window[-self._overlap:] if self._overlap else ""
+            if delta:
+                self._pieces.append(delta)
+                stable = self._tail + delta
+                self._tail = stable[-self._overlap:] if self._overlap else ""
             return None
         pos, s = best
-        text = "".join(self._pieces) + delta
+        text = "".join(self._pieces) + delta + pending
         end = len(text) - len(window) + pos + len(s)
         return s, text[:end]
