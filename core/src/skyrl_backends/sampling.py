@@ -14,7 +14,8 @@ Semantics shared by every backend (the conformance suite checks them):
   reason ``"stop"`` (unless ``ignore_eos`` for EOS).
 * ``stop`` strings end a sequence at the first token whose decoded text completes a match; that
   token is the last response token, and the response text ends exactly where the stop string ends
-  (the string is included). ``stop_reason`` holds the matched string.
+  (the string is included). ``stop_reason`` holds the matched string. (The OpenAI-compatible
+  HTTP endpoint follows OpenAI instead and leaves the stop string out of the text it returns.)
 * ``min_new_tokens`` suppresses EOS and stop token ids until that many tokens were generated.
 * ``logprobs=None`` returns no log-probabilities, ``0`` the chosen token's, ``N`` the chosen token's
   plus the top ``N`` alternatives.
