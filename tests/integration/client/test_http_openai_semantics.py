@@ -281,11 +281,11 @@ def test_tokenize_and_detokenize(root, tokenizer):
         root.post("/detokenize", body={"tokens": [10**7]}, cast_to=object)
 
 
-def test_metrics_count_requests_tokens_latency_and_engine_state(server, oai):
+def test_metrics_count_requests_tokens_latency_and_engine_state(server, oai, root):
     from prometheus_client.parser import text_string_to_metric_families
 
     def scrape():
-        text = httpx.get(server.url + "/metrics", timeout=30).text
+        text = root.get("/metrics", cast_to=httpx.Response).text
         return {s.name + str(sorted(s.labels.items())): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
