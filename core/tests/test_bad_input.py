@@ -2,7 +2,6 @@
 never a raw exception from deep inside, and nothing allocates without bound."""
 
 import pytest
-
 from skyrl_backends import SamplingParams
 from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.types import GenerateRequest

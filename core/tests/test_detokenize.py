@@ -5,7 +5,6 @@ counted as the number of token ids handed to ``decode`` (no clock involved)."""
 import random
 
 import pytest
-
 from skyrl_backends.detokenize import MAX_WINDOW_TOKENS, IncrementalDetokenizer, incremental_pieces
 from skyrl_backends.stopping import StopStringMatcher
 

@@ -176,7 +176,8 @@ def test_return_token_ids_gives_the_engines_own_ids(server, oai, tokenizer):
     calls = new_calls(server, before)
     for choice in completion.choices:
         assert (choice.prompt_token_ids, choice.token_ids) in calls
-    assert [c.prompt_token_ids for c in completion.choices][::2] == [tokenizer.encode(PROMPT), tokenizer.encode("Hello")]
+    prompts = [c.prompt_token_ids for c in completion.choices][::2]
+    assert prompts == [tokenizer.encode(PROMPT), tokenizer.encode("Hello")]
 
 
 def test_return_token_ids_when_streaming(server, oai):
@@ -317,10 +318,9 @@ def test_metrics_count_requests_tokens_latency_and_engine_state(server, oai, roo
 
 
 def test_chat_template_gets_the_tools(aio, local_engines, model_path):
-    from transformers import AutoTokenizer
-
     from skyrl_backends.client import InferenceEngineClient
     from skyrl_backends.http import BackgroundServer, create_app
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.chat_template = (  # a template that renders tools, as Qwen's and Llama's do

@@ -164,7 +164,8 @@ class BodySizeGuard:
     """Refuses request bodies over ``max_bytes`` with 413 and bodies not received in full within
     ``body_timeout_s`` with 408; passes the body on otherwise."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float, settings: HTTPSettings | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float,
+                 settings: HTTPSettings | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s

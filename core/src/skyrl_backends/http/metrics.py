@@ -69,7 +69,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("skyrl_generation_tokens", "Tokens generated", ["endpoint"], registry=r)
         self.first_token = Histogram("skyrl_time_to_first_token_seconds", "Streams: time to the first token",
                                      ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.per_token = Histogram("skyrl_time_per_output_token_seconds", "Streams: time between tokens after the first",
+        self.per_token = Histogram("skyrl_time_per_output_token_seconds",
+                                   "Streams: time between tokens after the first",
                                    ["endpoint"], buckets=_TOKEN_BUCKETS, registry=r)
         self.engine_states: dict[str, dict[str, Any]] = {}
         r.register(_EngineCollector(client, self.engine_states))

@@ -67,8 +67,9 @@ class ServingState:
     def check_batch(self, num_prompts: int, n: int) -> None:
         s = self.settings
         if num_prompts > s.max_prompts_per_request:
-            raise APIError(400, f"{num_prompts} prompts in one request is over {limit_hint('max_prompts_per_request', s)}"
-                                ". Send fewer prompts per request.", param="prompt", code="too_many_prompts")
+            raise APIError(400, f"{num_prompts} prompts in one request is over "
+                                f"{limit_hint('max_prompts_per_request', s)}. Send fewer prompts per request.",
+                           param="prompt", code="too_many_prompts")
         if n > s.max_n:
             raise APIError(400, f"n={n} is over {limit_hint('max_n', s)}.", param="n")
         if num_prompts * n > s.max_sequences_per_request:
