@@ -228,6 +228,8 @@ def test_requests_over_the_concurrency_limit_get_503_before_the_key_check(make_s
 def test_health_says_asleep_and_paused_while_staying_live(make_server, make_local_engine):
     engine = make_local_engine()
     server = make_server(engines=[engine])
+    if not engine.capabilities.sleep:
+        pytest.skip(f"{engine.backend} declares no sleep here")
 
     def health():
         response = httpx.get(server.url + "/health", timeout=30)
@@ -261,6 +263,8 @@ def test_models_lists_loaded_lora_adapters_and_serves_them(make_server, aio, bac
         pytest.skip("the tiny model has no LoRA adapter")
     engine = aio.call(sb.create_engine, backend, model=model_path, enable_lora=True, **engine_options)
     try:
+        if not engine.capabilities.lora:
+            pytest.skip(f"{backend} declares no LoRA here")
         server = make_server(engines=[engine])
         oai = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
         assert [m.id for m in oai.models.list().data] == [MODEL]
