@@ -74,20 +74,29 @@ class ServerMetrics:
                                    ["endpoint"], buckets=_TOKEN_BUCKETS, registry=r)
         self.engine_states: dict[str, dict[str, Any]] = {}
         r.register(_EngineCollector(client, self.engine_states))
+        # Labelled children, resolved once: ``labels()`` takes a lock and builds a key every call.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def count_tokens(self, endpoint: str, prompt_tokens: int, generated_tokens: int) -> None:
-        self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
-        self.generation_tokens.labels(endpoint).inc(generated_tokens)
+        self._child(self.prompt_tokens, endpoint).inc(prompt_tokens)
+        self._child(self.generation_tokens, endpoint).inc(generated_tokens)
 
     def observe_stream(self, endpoint: str, started: float, first_token_at: float | None, tokens: int) -> None:
         if first_token_at is None:
             return
-        self.first_token.labels(endpoint).observe(first_token_at - started)
+        self._child(self.first_token, endpoint).observe(first_token_at - started)
         if tokens > 1:
-            self.per_token.labels(endpoint).observe((time.perf_counter() - first_token_at) / (tokens - 1))
+            self._child(self.per_token, endpoint).observe((time.perf_counter() - first_token_at) / (tokens - 1))
 
     def asgi(self, app: Any) -> Any:
         """``app`` with every HTTP request counted and timed (status from the reply's start)."""
@@ -112,7 +121,7 @@ class ServerMetrics:
                 await app(scope, receive, send_observed)
             finally:
                 self.in_progress.dec()
-                self.requests.labels(endpoint, str(status)).inc()
-                self.duration.labels(endpoint).observe(time.perf_counter() - started)
+                self._child(self.requests, endpoint, str(status)).inc()
+                self._child(self.duration, endpoint).observe(time.perf_counter() - started)
 
         return observed
