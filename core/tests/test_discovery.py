@@ -67,6 +67,28 @@ def test_broken_plugin_is_reported_and_others_still_load(site):
     assert get_backend("good").name == "good"
 
 
+@pytest.mark.parametrize("raising", ["import sys\nsys.exit('no GPU here')\n", "raise KeyboardInterrupt\n",
+                                     "raise SystemExit(3)\n"])
+def test_a_plugin_that_exits_or_interrupts_at_import_is_broken_not_fatal(site, raising):
+    make_dist(site, "skyrl-backend-good", "good_plugin",
+              GOOD_PLUGIN.format(name="good", engine="fake-engine", supported=">=0.5"), {"good": "good_plugin"})
+    make_dist(site, "skyrl-backend-exits", "exiting_plugin", raising, {"exits": "exiting_plugin"})
+    backends = discover_backends()  # before: SystemExit / KeyboardInterrupt escaped and hid every backend
+    assert backends["good"].status == "ok"
+    exits = backends["exits"]
+    assert exits.status == "error" and exits.distribution == "skyrl-backend-exits"
+    assert "while loading the plugin" in exits.reason
+    with pytest.raises(BackendLoadError, match="skyrl-backend-exits"):
+        get_backend("exits")
+
+
+def test_a_plugin_hook_that_exits_is_broken_not_fatal(site):
+    source = GOOD_PLUGIN.format(name="quits", engine="fake-engine", supported=">=0.5").replace(
+        'return BackendInfo(name="quits"', 'raise SystemExit(1)\n    return BackendInfo(name="quits"')
+    make_dist(site, "skyrl-backend-quits", "quitting_plugin", source, {"quits": "quitting_plugin"})
+    assert discover_backends()["quits"].status == "error"
+
+
 def test_unknown_backend_lists_installed_and_names_the_package(site):
     make_dist(site, "skyrl-backend-good", "good_plugin2",
               GOOD_PLUGIN.format(name="good", engine="fake-engine", supported=""), {"good": "good_plugin2"})

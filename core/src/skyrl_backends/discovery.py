@@ -9,6 +9,7 @@ engine versions from package metadata.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -71,6 +72,18 @@ class Backend:
         return self._manager.hook.skyrl_backends_capabilities(config=config)
 
 
+# Exceptions that stop discovery instead of marking one plugin broken: the cancellation of the task
+# or generator discovery runs in is not the plugin's failure. Everything else a plugin raises while
+# importing (SystemExit from a sys.exit() at import, a KeyboardInterrupt raised by its code, ...)
+# marks that plugin broken and leaves the others usable.
+_PROPAGATE: tuple[type[BaseException], ...] = (GeneratorExit, asyncio.CancelledError)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, Exception):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} raised while loading the plugin ({exc!r}); a plugin must not exit or interrupt " \
+           f"the process that imports it"
 def installed_engine_version(info: BackendInfo) -> str | None:
     """The installed version of the engine distribution (or an alternative), from metadata only."""
     for dist in (info.engine, *info.engine_alternatives):
@@ -104,8 +117,10 @@ def load_backend(name: str, plugin: object, distribution: str | None = None,
             raise TypeError(f"skyrl_backends_backend_info returned {type(info).__name__}, not BackendInfo")
         if info.name != name:
             raise ValueError(f"entry point is named {name!r} but the plugin calls itself {info.name!r}")
-    except Exception as exc:  # a broken plugin must not take the host down
-        backend.status, backend.error, backend.reason = "error", exc, f"{type(exc).__name__}: {exc}"
+    except _PROPAGATE:
+        raise
+    except BaseException as exc:  # a broken plugin must not take the host down, SystemExit included
+        backend.status, backend.error, backend.reason = "error", exc, _describe_failure(exc)
         return backend
     backend.info, backend._manager = info, manager
     backend.engine_version = installed_engine_version(info)
@@ -139,9 +154,11 @@ def discover_backends() -> dict[str, Backend]:
             continue
         try:
             plugin = entry_point.load()
-        except Exception as exc:  # report, keep going: one bad plugin must not hide the others
+        except _PROPAGATE:
+            raise
+        except BaseException as exc:  # report, keep going: one bad plugin must not hide the others
             backends[entry_point.name] = Backend(entry_point.name, dist_name, dist_version, status="error",
-                                                 reason=f"{type(exc).__name__}: {exc}", error=exc)
+                                                 reason=_describe_failure(exc), error=exc)
             continue
         backends[entry_point.name] = load_backend(entry_point.name, plugin, dist_name, dist_version)
     return backends

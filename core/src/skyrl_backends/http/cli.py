@@ -1,7 +1,7 @@
 """``skyrl-backends serve``: engines, the client and the OpenAI-compatible endpoint in one command.
 
     skyrl-backends serve --backend transformers --model DIR [--num-engines N] [--host 127.0.0.1]
-                         [--port 8000] [--api-key KEY] [--ray]
+                         [--port 8000] [--api-key KEY] [--ray] [limits: see --help]
     skyrl-backends serve generator.backend=sglang generator.model=DIR generator.dtype=bfloat16
 
 Engine options come as the design's dotted overrides (``generator.KEY=VALUE``, values read as YAML),
@@ -34,7 +34,7 @@ def add_subcommand(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("SKYRL_BACKENDS_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $SKYRL_BACKENDS_API_KEY)")
-    serve.add_argument("--max-body-bytes", type=int, default=None)
+    _add_limit_flags(serve)
     serve.add_argument("--request-timeout", type=float, default=600.0,
                        help="seconds an engine may take for one call before it is marked unhealthy and its "
                             "requests fail over (0: no limit)")
@@ -42,6 +42,54 @@ def add_subcommand(subparsers: Any) -> None:
     serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                        help="a generator-config option for every engine (YAML value), repeatable")
     serve.set_defaults(func=_cmd_serve)
+
+
+# Flags of HTTPSettings, with their help (the defaults come from HTTPSettings itself).
+_LIMIT_HELP = {
+    "max_body_bytes": "largest request body accepted (413 above)",
+    "body_timeout_s": "seconds the whole request body may take to arrive (408 after)",
+    "header_timeout_s": "seconds a request's headers may take to arrive (408 and close after)",
+    "keep_alive_timeout_s": "seconds an idle keep-alive connection stays open",
+    "max_concurrent_requests": "requests in progress at once (503 above)",
+    "max_connections": "open connections at once (uvicorn's limit_concurrency; 503 above)",
+    "max_prompts_per_request": "prompts in one /v1/completions request",
+    "max_n": "samples per prompt (n)",
+    "max_sequences_per_request": "prompts x n in one request",
+    "max_model_len": "context length (prompt + max_tokens) requests are checked against "
+                     "(default: the engines' max_model_len, else the model's config.json)",
+}
+
+
+def _add_limit_flags(serve: Any) -> None:
+    from dataclasses import fields
+
+    from skyrl_backends.http.settings import FLAGS, HTTPSettings
+
+    defaults = HTTPSettings()
+    for f in fields(HTTPSettings):
+        if f.name not in _LIMIT_HELP:
+            continue
+        kind = float if f.name.endswith("_s") else int
+        serve.add_argument(FLAGS[f.name], dest=f.name, type=kind, default=getattr(defaults, f.name),
+                           help=f"{_LIMIT_HELP[f.name]} (default: {getattr(defaults, f.name)})")
+    serve.add_argument("--allowed-hosts", default=None,
+                       help="comma-separated Host names served besides localhost on a loopback bind "
+                            "(against DNS rebinding); '*' accepts any")
+    serve.add_argument("--uvicorn-log-level", default=defaults.uvicorn_log_level,
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help=f"uvicorn's log level (default: {defaults.uvicorn_log_level})")
+
+
+def http_settings(args: argparse.Namespace) -> Any:
+    """The HTTPSettings the parsed flags ask for."""
+    from skyrl_backends.http.settings import HTTPSettings
+
+    values = {name: getattr(args, name) for name in _LIMIT_HELP}
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else None
+    try:
+        return HTTPSettings(**values, allowed_hosts=hosts, uvicorn_log_level=args.uvicorn_log_level)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _engine_options(pairs: list[str]) -> dict[str, Any]:
@@ -90,10 +138,12 @@ async def _serve(args: argparse.Namespace) -> None:
 
     from skyrl_backends.client import InferenceEngineClient
     from skyrl_backends.http.app import create_app
-    from skyrl_backends.http.guards import DEFAULT_MAX_BODY_BYTES
     from skyrl_backends.http.server import serve
 
+    settings = http_settings(args)
     config = _generator_config(args)
+    if settings.max_model_len is not None and config.max_model_len is None:  # as vLLM's flag: the engines' too
+        config = config.replace(max_model_len=settings.max_model_len)
     options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model")}
     args.backend, args.model = config.backend, config.model
     if args.ray:
@@ -111,11 +161,10 @@ async def _serve(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     client = InferenceEngineClient(engines, tokenizer=tokenizer, request_timeout=args.request_timeout or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key, settings=settings)
     print(f"serving {name!r} ({args.backend}, {args.num_engines} engine(s)) on http://{args.host}:{args.port}/v1",
           flush=True)
     try:
-        await serve(app, args.host, args.port, api_key=args.api_key)
+        await serve(app, args.host, args.port, api_key=args.api_key, settings=settings)
     finally:
         await client.teardown()
