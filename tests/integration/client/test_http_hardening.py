@@ -252,16 +252,16 @@ def test_health_says_asleep_and_paused_while_staying_live(make_server, make_loca
     assert health()[1]["status"] == "ok"
 
 
-def test_models_lists_loaded_lora_adapters_and_serves_them(make_server, aio, backend, model_path, engine_options,
+def test_models_lists_loaded_lora_adapters_and_serves_them(make_server, aio, backend, model_dir, engine_options,
                                                            tokenizer):
     import os
 
     import skyrl_backends as sb
 
-    lora_path = os.path.join(model_path, "lora")
+    lora_path = os.path.join(model_dir, "lora")
     if not os.path.isdir(lora_path):
         pytest.skip("the tiny model has no LoRA adapter")
-    engine = aio.call(sb.create_engine, backend, model=model_path, enable_lora=True, **engine_options)
+    engine = aio.call(sb.create_engine, backend, model=model_dir, enable_lora=True, **engine_options)
     try:
         if not engine.capabilities.lora:
             pytest.skip(f"{backend} declares no LoRA here")

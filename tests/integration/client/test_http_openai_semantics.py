@@ -131,11 +131,11 @@ def test_chat_logprob_bytes_are_the_tokens_own_bytes(oai, tokenizer):
 
 
 # -- context length --------------------------------------------------------------------------------
-def test_max_tokens_beyond_the_context_is_a_400_naming_both_numbers(oai, tokenizer, model_path):
+def test_max_tokens_beyond_the_context_is_a_400_naming_both_numbers(oai, tokenizer, model_dir):
     import json
     import os
 
-    with open(os.path.join(model_path, "config.json")) as f:
+    with open(os.path.join(model_dir, "config.json")) as f:
         context = json.load(f)["max_position_embeddings"]  # the engines set no max_model_len
     prompt_len = len(tokenizer.encode(PROMPT))
     with pytest.raises(openai.BadRequestError) as info:
@@ -317,12 +317,12 @@ def test_metrics_count_requests_tokens_latency_and_engine_state(server, oai, roo
         assert f"skyrl_engine_sequences_in_flight[('engine', '{engine_id}')]" in after
 
 
-def test_chat_template_gets_the_tools(aio, local_engines, model_path):
+def test_chat_template_gets_the_tools(aio, local_engines, model_dir):
     from skyrl_backends.client import InferenceEngineClient
     from skyrl_backends.http import BackgroundServer, create_app
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = (  # a template that renders tools, as Qwen's and Llama's do
         "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}"
         "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
