@@ -5,6 +5,7 @@ wherever they are written. (The built files are checked in test_distributions.py
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_the_http_extra_is_what_serve_checks() -> None:
 
 
 def test_pip_install_at_the_root_says_what_to_install_instead() -> None:
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", str(REPO)],
+    # uv's environments have no pip; the interpreter they were made from has.
+    python = sys.executable if importlib.util.find_spec("pip") else sys._base_executable
+    done = subprocess.run([python, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", str(REPO)],
                           capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0
