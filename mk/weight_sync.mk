@@ -1,5 +1,6 @@
-# Weight sync (issue 8): trainer and engine processes exchanging weights over shared memory and a
-# gloo broadcast, against real engines. Unit tests of the wire format run in test-core.
+# Weight sync: every weight-sync test lives in tests/weight_sync (the wire format and each transport's
+# validation, and trainer and engine processes exchanging weights over shared memory and a gloo
+# broadcast, against real engines).
 EXTRA_TESTS += test-weight-sync
 
 .PHONY: test-weight-sync bench-weight-sync

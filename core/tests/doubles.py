@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from skyrl_backends import hookimpl
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.types import (
     BackendInfo,
-    Capabilities,
     Completion,
     GenerateOutput,
     GenerateRequest,

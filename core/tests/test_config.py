@@ -1,5 +1,4 @@
 import pytest
-
 from skyrl_backends import ConfigError, GeneratorConfig, load_config
 
 
@@ -67,3 +66,65 @@ def test_load_config_applies_overrides_and_checks_them():
 
 def test_http_endpoint_binds_loopback_by_default():
     assert GeneratorConfig().http_endpoint_host == "127.0.0.1"
+
+
+# -- one rule, derived from the field types, for every source ---------------------------------------
+@pytest.mark.parametrize(("field", "value", "accepted"), [
+    ("enable_prefix_caching", "false", "true or false"),   # a string is not a boolean
+    ("enable_lora", 1, "true or false"),
+    ("dtype", "float33", "auto / float32 / bfloat16 / float16"),
+    ("device", "gpu", "auto, cpu, cuda or cuda:N"),
+    ("seed", "x", "an integer"),
+    ("seed", True, "an integer"),
+    ("http_endpoint_port", "abc", "an integer"),
+    ("max_num_seqs", 2.5, "an integer"),
+    ("gpu_memory_utilization", "0.5", "a number"),
+    ("backend", "", "a backend name"),
+    ("model", 3, "a string"),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_accepted(field, value, accepted):
+    for build in (lambda: GeneratorConfig.from_dict({field: value}),  # a dict or YAML document
+                  lambda: GeneratorConfig(**{field: value}),          # Python
+                  lambda: load_config(None, **{field: value})):       # keyword overrides
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert info.value.field == field
+        assert repr(value) in str(info.value) and accepted in str(info.value)
+
+
+def test_yaml_values_go_through_the_same_rule(tmp_path):
+    path = tmp_path / "gen.yaml"
+    path.write_text("generator:\n  enable_prefix_caching: 'false'\n")
+    with pytest.raises(ConfigError, match="enable_prefix_caching: got 'false'"):
+        GeneratorConfig.from_yaml(path)
+    path.write_text("generator:\n  enable_prefix_caching: false\n  device: cuda:1\n")
+    config = GeneratorConfig.from_yaml(path)
+    assert config.enable_prefix_caching is False and config.device == "cuda:1"
+
+
+def test_dotted_command_line_overrides():
+    from skyrl_backends.config import parse_overrides
+
+    values = parse_overrides(["generator.backend=sglang", "generator.enable_prefix_caching=false",
+                              "generator.engine_init_kwargs.max_logprobs=5", "sampling_params.temperature=0.5",
+                              "max_model_len=null"])
+    config = load_config(values)
+    assert (config.backend, config.enable_prefix_caching, config.max_model_len) == ("sglang", False, None)
+    assert config.engine_init_kwargs == {"max_logprobs": 5}
+    assert config.sampling_params.temperature == 0.5
+    with pytest.raises(ConfigError, match="Did you mean 'max_num_seqs'"):
+        parse_overrides(["generator.max_num_seq=3"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["generator.backend"])
+    with pytest.raises(ConfigError) as info:  # YAML reads "abc" as a string: the port rule rejects it
+        load_config(parse_overrides(["generator.http_endpoint_port=abc"]))
+    assert info.value.field == "http_endpoint_port"
+
+
+def test_unknown_backend_is_a_config_error_naming_the_key(double_backend, tmp_path):
+    import skyrl_backends as sb
+
+    with pytest.raises(ConfigError) as info:
+        sb.create_engine(config={"backend": "doubel", "model": str(tmp_path)})
+    assert info.value.field == "backend"
+    assert "Did you mean 'double'?" in str(info.value)

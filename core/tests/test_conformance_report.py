@@ -9,14 +9,15 @@ import copy
 from pathlib import Path
 
 import pytest
+from skyrl_backends import capabilities
+from skyrl_backends.capabilities import PARAMETER_REQUIREMENTS, Capabilities, missing, sleep_level, weight_sync
 from skyrl_backends.conformance import parity
 from skyrl_backends.conformance.cli import pytest_arguments
-from skyrl_backends.conformance.markers import capability_present, merge_unsupported, missing_capabilities, requires
+from skyrl_backends.conformance.markers import merge_unsupported, requires
 from skyrl_backends.conformance.report import CaseResult, aggregate
 from skyrl_backends.conformance.suite import GROUPS, BackendConformanceSuite, feature_rows
 from skyrl_backends.conformance.suite.base import standard_tests
-from skyrl_backends.sampling import PARAMETER_CAPABILITIES, SamplingParams
-from skyrl_backends.types import Capabilities
+from skyrl_backends.sampling import SamplingParams
 
 
 def result(status: str, detail: str = "", test: str = "t") -> CaseResult:
@@ -25,17 +26,20 @@ def result(status: str, detail: str = "", test: str = "t") -> CaseResult:
 
 def test_capability_names() -> None:
     caps = Capabilities(sleep_levels=(1,), lora=True, weight_sync_strategies=("tensors",))
-    assert capability_present(caps, "sleep_level:1") and not capability_present(caps, "sleep_level:2")
-    assert not capability_present(caps, "discards_weights")
-    assert capability_present(caps, "weight_sync:tensors") and not capability_present(caps, "weight_sync:broadcast")
-    assert capability_present(caps, "lora") and not capability_present(caps, "stop_strings")
-    with pytest.raises(KeyError):
-        requires("lroa")
+    assert sleep_level(1)(caps) and not sleep_level(2)(caps)
+    assert not capabilities.DISCARDS_WEIGHTS(caps)
+    assert weight_sync("tensors")(caps) and not weight_sync("broadcast")(caps)
+    assert capabilities.LORA(caps) and not capabilities.STOP_STRINGS(caps)
+    # Requirements are typed names: a misspelling fails at import, and a bare string is refused.
+    with pytest.raises(AttributeError):
+        capabilities.LROA  # noqa: B018
+    with pytest.raises(TypeError):
+        requires("lora")
 
 
 def test_missing_sleep_is_reported_as_sleep_not_each_level() -> None:
-    assert missing_capabilities(Capabilities(), ("sleep", "sleep_level:2", "discards_weights")) == ["sleep"]
-    assert missing_capabilities(Capabilities(sleep_levels=(1,)), ("sleep_level:2",)) == ["sleep_level:2"]
+    assert missing(Capabilities(), (capabilities.SLEEP, sleep_level(2), capabilities.DISCARDS_WEIGHTS)) == ["sleep"]
+    assert missing(Capabilities(sleep_levels=(1,)), (sleep_level(2),)) == ["sleep_level:2"]
     assert merge_unsupported(["unsupported (declared): a, b", "unsupported (declared): b"]) == \
         "unsupported (declared): a, b"
 
@@ -66,7 +70,7 @@ def test_every_canonical_sampling_parameter_has_a_check() -> None:
     }
     assert set(checked_by) == set(SamplingParams.field_names())
     assert set(checked_by.values()) <= set(standard_tests(BackendConformanceSuite))
-    assert set(PARAMETER_CAPABILITIES) <= set(checked_by)
+    assert set(PARAMETER_REQUIREMENTS) <= set(checked_by)
 
 
 def test_suite_bundles_every_group_and_rows_are_unique() -> None:

@@ -3,14 +3,14 @@
 import textwrap
 
 import pytest
-
 import skyrl_backends as sb
 from skyrl_backends import BackendLoadError, BackendNotFoundError, EngineVersionError, PluginAPIVersionError
-from skyrl_backends.discovery import discover_backends, get_backend
+from skyrl_backends.discovery import discover_backends, get_backend, refresh_backends
 
 GOOD_PLUGIN = """
 from skyrl_backends import hookimpl
-from skyrl_backends.types import BackendInfo, Capabilities
+from skyrl_backends.types import BackendInfo
+from skyrl_backends.capabilities import Capabilities
 
 @hookimpl
 def skyrl_backends_backend_info():
@@ -35,6 +35,7 @@ def make_dist(site, dist, module, source, entry_points, version="1.0"):
     (info / "entry_points.txt").write_text(f"[skyrl_backends]\n{lines}\n")
     if module:
         (site / f"{module}.py").write_text(textwrap.dedent(source))
+    refresh_backends()  # discovery reads entry points once per process: as after a pip install, look again
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     # An "engine" distribution at a known version, for the version checks.
     make_dist(site, "fake-engine", None, "", {}, version="0.5.0")
-    return site
+    yield site
+    refresh_backends()  # forget the throw-away plugins
 
 
 def test_broken_plugin_is_reported_and_others_still_load(site):

@@ -1,11 +1,11 @@
 """The facade's own rules, checked on the arithmetic test double (no engine needed)."""
 
 import asyncio
+import sys
 
 import pytest
-from doubles import DOUBLE_CAPABILITIES, DoublePlugin
-
 import skyrl_backends as sb
+from doubles import DOUBLE_CAPABILITIES, DoublePlugin
 from skyrl_backends import (
     EngineAsleepError,
     EngineClosedError,
@@ -15,7 +15,8 @@ from skyrl_backends import (
     WeightsNotLoadedError,
     WeightUpdateError,
 )
-from skyrl_backends.types import Capabilities, WeightUpdateRequest
+from skyrl_backends.capabilities import Capabilities
+from skyrl_backends.types import WeightUpdateRequest
 
 
 def run(coro):
@@ -154,9 +155,9 @@ def test_broadcast_layout_the_engine_cannot_receive_is_refused_before_any_byte(t
     try:
         engine = sb.create_engine("native", model=str(tmp_path))
         with pytest.raises(WeightUpdateError) as info:
-            engine.validate_weight_update(_broadcast_update(layout="packed"))
+            run(engine.validate_weight_update(_broadcast_update(layout="packed")))
         assert "['per_tensor']" in info.value.problems["payload.layout"]
-        engine.validate_weight_update(_broadcast_update(layout="per_tensor"))
+        run(engine.validate_weight_update(_broadcast_update(layout="per_tensor")))
         with pytest.raises(WeightUpdateError) as info:
             run(engine.update_named_weights(_broadcast_update(layout="packed", apply="streamed")))
         assert "payload.layout" in info.value.problems
@@ -220,12 +221,10 @@ def test_absent_capability_calls_are_rejected_with_its_name(tmp_path):
 
 
 def test_declared_capability_without_its_hooks_fails_validation(tmp_path):
-    import pluggy
-
     caps = Capabilities(native_pause=True, prefix_caching=True)
     sb.register_backend(DoublePlugin("liar", caps), "liar")
     try:
-        with pytest.raises(pluggy.PluginValidationError) as info:
+        with pytest.raises(sb.BackendLoadError) as info:
             sb.create_engine("liar", model=str(tmp_path))
         assert "skyrl_backends_pause_generation" in str(info.value)
         assert "skyrl_backends_reset_prefix_cache" in str(info.value)
@@ -290,3 +289,105 @@ def test_sleep_aborts_and_drains_in_flight_requests(tmp_path):
 def test_capabilities_of_the_double_are_listed_by_name():
     assert "sleep(levels 1,2)" in DOUBLE_CAPABILITIES.names()
     assert "weight_sync(tensors)" in DOUBLE_CAPABILITIES.names()
+
+
+def test_misspelled_engine_hook_is_refused_before_the_engine_starts(tmp_path):
+    """With BackendInfo.engine_class the engine's hooks are checked on the class: no engine starts."""
+    from doubles import ArithmeticEngineDouble
+
+    class Misspelled(ArithmeticEngineDouble):
+        started = 0
+
+        def __init__(self, config):
+            type(self).started += 1
+            super().__init__(config)
+
+        @sb.hookimpl
+        def skyrl_backends_genrate(self, request):  # the misspelling under test
+            raise AssertionError("never called")
+
+    module = type(sys)("misspelled_engine_module")
+    module.Misspelled = Misspelled
+    sys.modules[module.__name__] = module
+
+    class NamedClassPlugin(DoublePlugin):
+        @sb.hookimpl
+        def skyrl_backends_backend_info(self):
+            return sb.BackendInfo(name="named", engine="pluggy", engine_class="misspelled_engine_module:Misspelled")
+
+        @sb.hookimpl
+        def skyrl_backends_create_engine(self, config):
+            return Misspelled(config)
+
+    sb.register_backend(NamedClassPlugin("named"), "named")
+    try:
+        with pytest.raises(sb.BackendLoadError) as info:
+            sb.create_engine("named", model=str(tmp_path))
+        assert "skyrl_backends_genrate" in str(info.value) and "'named'" in str(info.value)
+        assert Misspelled.started == 0
+    finally:
+        sb.unregister_backend("named")
+        del sys.modules[module.__name__]
+
+
+def test_engine_failing_validation_after_start_is_torn_down(tmp_path):
+    """Without engine_class the object is checked once created; a rejected engine leaks nothing."""
+    from doubles import ArithmeticEngineDouble
+
+    torn_down = []
+
+    class Lacking(ArithmeticEngineDouble):
+        @sb.hookimpl
+        async def skyrl_backends_teardown(self):
+            torn_down.append(True)
+
+    Lacking.skyrl_backends_generate = None  # every engine must generate: this one cannot
+
+    class LackingPlugin(DoublePlugin):
+        @sb.hookimpl
+        def skyrl_backends_create_engine(self, config):
+            return Lacking(config)
+
+    sb.register_backend(LackingPlugin("lacking"), "lacking")
+    try:
+        with pytest.raises(sb.BackendLoadError, match="skyrl_backends_generate"):
+            sb.create_engine("lacking", model=str(tmp_path))
+        assert torn_down == [True]
+    finally:
+        sb.unregister_backend("lacking")
+
+
+def test_generate_hooks_receive_the_translation_made_once(tmp_path):
+    """The facade translates each engine call's parameters once and hands them over as engine_params."""
+    from doubles import ArithmeticEngineDouble
+
+    translations, received = [], []
+
+    class Recording(ArithmeticEngineDouble):
+        @sb.hookimpl
+        async def skyrl_backends_generate(self, request, engine_params):
+            received.append(engine_params)
+            return await ArithmeticEngineDouble.skyrl_backends_generate(self, request)
+
+    class TranslatingPlugin(DoublePlugin):
+        @sb.hookimpl
+        def skyrl_backends_translate_sampling_params(self, params, config):
+            translations.append(params)
+            return {"engine_seed": params.seed}
+
+        @sb.hookimpl
+        def skyrl_backends_create_engine(self, config):
+            return Recording(config)
+
+    import dataclasses
+
+    seeded = dataclasses.replace(DOUBLE_CAPABILITIES, seeded_sampling=True)
+    sb.register_backend(TranslatingPlugin("translating", seeded), "translating")
+    try:
+        engine = sb.create_engine("translating", model=str(tmp_path))
+        run(engine.generate([[1], [2]], {"max_generate_length": 1, "seed": 7, "n": 2}))
+    finally:
+        sb.unregister_backend("translating")
+    # n=2 with a seed is two engine calls (seed + j): one translation each, each handed to its call.
+    assert [t.seed for t in translations] == [7, 8]
+    assert received == [{"engine_seed": 7}, {"engine_seed": 8}]

@@ -5,16 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> str:
-    from skyrl_backends.testing.tiny_model import resolve_test_model
-
-    path = resolve_test_model()
-    if path is None:
-        pytest.skip("SKYRL_TEST_MODEL is not set to a model folder (run `make model`)")
-    return path
+pytest_plugins = ["skyrl_backends.testing.fixtures"]  # model_dir, lora_dir, tokenizer
 
 
 @pytest.fixture(scope="session")

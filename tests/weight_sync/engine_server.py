@@ -6,7 +6,7 @@ JSON and go through ``request_from_json``; nothing is unpickled.
 
     python engine_server.py --backend transformers --model DIR [--option key=value ...]
 
-prints ``READY <port>`` once the engine is up.
+prints ``READY <port> <capabilities as JSON>`` once the engine is up.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ class EngineServer:
         self.stopped = asyncio.Event()
 
     async def op_weight_specs(self, msg: dict[str, Any]) -> Any:
-        return [[s.name, list(s.shape), s.dtype] for s in self.engine.weight_specs().values()]
+        return [[s.name, list(s.shape), s.dtype] for s in (await self.engine.weight_specs()).values()]
 
     async def op_validate(self, msg: dict[str, Any]) -> Any:
-        self.engine.validate_weight_update(request_from_json(msg["request"]))
+        await self.engine.validate_weight_update(request_from_json(msg["request"]))
 
     async def op_update(self, msg: dict[str, Any]) -> Any:
         return await self.engine.update_named_weights(request_from_json(msg["request"]))
@@ -80,7 +80,7 @@ async def main() -> None:
     engine = sb.create_engine(args.backend, model=args.model, **options)
     server = EngineServer(engine)
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, limit=1 << 26)
-    print("READY", listener.sockets[0].getsockname()[1], flush=True)
+    print("READY", listener.sockets[0].getsockname()[1], json.dumps(engine.capabilities.to_dict()), flush=True)
     await server.stopped.wait()
     listener.close()
     await engine.teardown()

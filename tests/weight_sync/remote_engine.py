@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import TensorSpec, WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync.manifest import request_to_json
@@ -26,7 +27,8 @@ class RemoteEngine:
         """Start the engine process (``env`` adds to this process's environment, e.g. another
         ``CUDA_VISIBLE_DEVICES``); with ``wait=False`` call :meth:`wait_ready` later (to start several
         engines at once)."""
-        self.backend = backend  # connect_broadcast reads it to pick the layout the engine receives
+        self.backend = backend
+        self.capabilities = Capabilities()  # the server's, once it is ready (connect_broadcast reads them)
         cmd = [python, str(SERVER), "--backend", backend, "--model", model]
         for key, value in options.items():
             cmd += ["--option", f"{key}={json.dumps(value)}"]
@@ -39,7 +41,9 @@ class RemoteEngine:
         # Engines may print their own lines on stdout before the server announces itself.
         for line in self.process.stdout:
             if line.startswith("READY "):
-                self.port = int(line.split()[1])
+                _, port, capabilities = line.split(" ", 2)
+                self.port = int(port)
+                self.capabilities = Capabilities.from_dict(json.loads(capabilities))
                 return self
             sys.stderr.write(line)
         raise RuntimeError(f"engine server failed to start (exit code {self.process.wait()})")

@@ -15,12 +15,12 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import sys
 import threading
-from pathlib import Path
 
+import native_broadcast_peer  # beside this file: the conftest puts the folder on sys.path
 import pytest
 import torch
+from remote_engine import RemoteEngine
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, connect_broadcast, sync_weights
@@ -28,10 +28,6 @@ from skyrl_backends.weight_sync.broadcast import BroadcastSender
 from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_to_json
 from skyrl_backends.weight_sync.nccl_transport import CUMEM_ENV
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "core" / "tests"))
-import native_broadcast_peer  # noqa: E402
-from remote_engine import RemoteEngine  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

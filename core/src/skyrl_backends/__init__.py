@@ -11,6 +11,7 @@ Backends are separate distributions (``skyrl-backend-transformers``, ``skyrl-bac
 """
 
 from skyrl_backends.api import DEFAULT_BACKEND, create_engine, list_backends
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig, load_config
 from skyrl_backends.discovery import register_backend, unregister_backend
 from skyrl_backends.engine import InferenceEngine
@@ -35,7 +36,6 @@ from skyrl_backends.hookspecs import PLUGIN_API_VERSION, hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
     BackendInfo,
-    Capabilities,
     Completion,
     GenerateOutput,
     GenerateRequest,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -9,7 +13,10 @@ from typing import Any
 from skyrl_backends.config import GeneratorConfig, load_config
 from skyrl_backends.discovery import Backend, all_backends, get_backend
 from skyrl_backends.engine import InferenceEngine
-from skyrl_backends.errors import BackendLoadError, SkyRLBackendsError
+from skyrl_backends.errors import BackendLoadError, ConfigError, SkyRLBackendsError
+from skyrl_backends.registration import check_engine_class, load_engine_class
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = "transformers"
 
@@ -25,6 +32,11 @@ def create_engine(backend: str | None = None, model: str | os.PathLike[str] | No
 
         engine = create_engine("transformers", model="/path/to/model", dtype="float32")
         out = await engine.generate([[1, 2, 3]], {"max_generate_length": 8, "temperature": 0})
+
+    The engine's hooks are validated before it starts when the plugin names its engine class
+    (``BackendInfo.engine_class``), and on the object it returns in any case; an engine that fails
+    validation is torn down and :class:`~skyrl_backends.errors.BackendLoadError` names the plugin
+    and the hook.
     """
     if model is not None:
         options["model"] = os.fspath(model)
@@ -32,12 +44,13 @@ def create_engine(backend: str | None = None, model: str | os.PathLike[str] | No
         options["backend"] = backend
     cfg = load_config(config, **options)
     if cfg.model is None:
-        from skyrl_backends.errors import ConfigError
-
         raise ConfigError("model", "no model given; pass model=PATH (a Hugging Face model folder).")
     chosen = get_backend(cfg.backend)
     hooks = chosen.manager.hook
     capabilities = hooks.skyrl_backends_capabilities(config=cfg)
+    if chosen.info is not None and chosen.info.engine_class:
+        engine_class = load_engine_class(chosen.info.engine_class, cfg.backend, chosen.distribution)
+        check_engine_class(engine_class, cfg.backend, capabilities, chosen.distribution)
     try:
         impl = hooks.skyrl_backends_create_engine(config=cfg)
     except SkyRLBackendsError:
@@ -46,7 +59,41 @@ def create_engine(backend: str | None = None, model: str | os.PathLike[str] | No
         raise BackendLoadError(cfg.backend, chosen.distribution, f"engine failed to start: {exc!r}") from exc
     if impl is None:
         raise BackendLoadError(cfg.backend, chosen.distribution, "skyrl_backends_create_engine returned None")
-    return InferenceEngine(cfg.backend, impl, cfg, capabilities, hooks, distribution=chosen.distribution)
+    try:
+        return InferenceEngine(cfg.backend, impl, cfg, capabilities, hooks, distribution=chosen.distribution)
+    except BackendLoadError:
+        _tear_down_unusable(impl)
+        raise
+
+
+def _tear_down_unusable(impl: object) -> None:
+    """Stop an engine that started but failed validation, so a rejected plugin leaks no engine.
+    Its teardown may be async: inside a running loop it is scheduled there (the engine may be bound
+    to that loop), otherwise run to completion here."""
+    teardown = getattr(impl, "skyrl_backends_teardown", None)
+    if not callable(teardown):
+        return
+    try:
+        result = teardown()
+        if inspect.isawaitable(result):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                asyncio.run(_await(result))
+            else:
+                task = loop.create_task(_await(result))
+                _pending_teardowns.add(task)
+                task.add_done_callback(_pending_teardowns.discard)
+    except Exception as exc:  # the validation error is what the caller needs to see
+        logger.warning("teardown of an engine that failed validation raised %r", exc)
+
+
+_pending_teardowns: set[asyncio.Task[Any]] = set()
+
+
+async def _await(awaitable: Any) -> None:
+    with contextlib.suppress(Exception):
+        await awaitable
 
 
 def list_backends() -> dict[str, Backend]:

@@ -15,21 +15,21 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     backends = all_backends()
     rows = []
     for name, backend in sorted(backends.items()):
-        caps = None
+        caps, status, reason = None, backend.status, backend.reason
         try:
             caps = backend.capabilities()
         except Exception as exc:  # a broken capabilities hook is reported like a load error
-            backend.status, backend.reason = "error", f"capabilities hook failed: {exc!r}"
+            status, reason = "error", f"capabilities hook failed: {exc!r}"
         rows.append({
             "name": name,
-            "status": backend.status,
+            "status": status,
             "distribution": backend.distribution,
             "version": backend.distribution_version,
             "engine": backend.info.engine if backend.info else None,
             "engine_version": backend.engine_version,
             "supported": backend.info.supported_versions if backend.info else None,
             "capabilities": caps.names() if caps else [],
-            "reason": backend.reason,
+            "reason": reason,
         })
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -1,89 +1,102 @@
 """The generator configuration, as the design's ``generator:`` section spells it.
 
-Accepted as a mapping or a YAML file (either the section itself or a document holding a
-``generator:`` key). Every key is checked: a misspelled one is an error naming it and suggesting the
-closest valid key, because a silently ignored ``gpu_memory_utilisation`` costs a user an OOM hunt.
+Accepted as a mapping, a YAML file (either the section itself or a document holding a
+``generator:`` key) or command-line overrides in the design's dotted syntax
+(``generator.backend=sglang``, :func:`parse_overrides`). Every key and every value is checked by one
+rule, derived from the field's type (:func:`check_field`): booleans are booleans (the string
+``"false"`` is not), integers are integers, enumerations such as ``dtype`` take their listed values,
+ranges are enforced; an error names the key, the value and what is accepted. A misspelled key is an
+error suggesting the closest valid one, because a silently ignored ``gpu_memory_utilisation`` costs a
+user an OOM hunt.
+
+Whether the named backend is installed is checked where an engine is created
+(:func:`skyrl_backends.create_engine`), not here: a configuration may describe engines that run on
+another machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Mapping
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from skyrl_backends.errors import ConfigError
 from skyrl_backends.sampling import SamplingParams
 
 WEIGHT_SYNC_BACKENDS = ("nccl", "gloo", "broadcast", "cuda_ipc", "shared_memory", "tensors")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+WeightSyncBackend = Literal["nccl", "gloo", "broadcast", "cuda_ipc", "shared_memory", "tensors"]
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _at_least(low: int) -> dict[str, Any]:
+    return {"check": lambda v: v >= low, "accepted": f"an integer >= {low}"}
+
+
+def _within(low: float, high: float) -> dict[str, Any]:
+    return {"check": lambda v: low < v <= high, "accepted": f"a number in ({low}, {high}]"}
+
+
+def _matching(pattern: re.Pattern[str], accepted: str) -> dict[str, Any]:
+    return {"check": lambda v: bool(pattern.match(v)), "accepted": accepted}
 
 
 @dataclass
 class GeneratorConfig:
-    """One generator (a set of identical inference engines) and how to run it."""
+    """One generator (a set of identical inference engines) and how to run it.
 
-    backend: str = "transformers"
+    Field metadata narrows a type: ``check`` is a predicate on a value of the right type and
+    ``accepted`` says in words what it accepts."""
+
+    backend: str = field(default="transformers", metadata=_matching(
+        _BACKEND_NAME, "a backend name such as transformers, vllm or sglang (see `skyrl-backends plugins`)"))
     model: str | None = None
     tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    num_inference_engines: int = 1
-    inference_engine_tensor_parallel_size: int = 1
-    inference_engine_pipeline_parallel_size: int = 1
-    inference_engine_data_parallel_size: int = 1
-    inference_engine_expert_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.8
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 1024
-    max_model_len: int | None = None
+    dtype: Dtype = "auto"
+    device: str = field(default="auto", metadata=_matching(_DEVICE, "auto, cpu, cuda or cuda:N"))
+    seed: int = field(default=0, metadata=_at_least(0))
+    num_inference_engines: int = field(default=1, metadata=_at_least(1))
+    inference_engine_tensor_parallel_size: int = field(default=1, metadata=_at_least(1))
+    inference_engine_pipeline_parallel_size: int = field(default=1, metadata=_at_least(1))
+    inference_engine_data_parallel_size: int = field(default=1, metadata=_at_least(1))
+    inference_engine_expert_parallel_size: int = field(default=1, metadata=_at_least(1))
+    gpu_memory_utilization: float = field(default=0.8, metadata=_within(0, 1))
+    max_num_batched_tokens: int = field(default=8192, metadata=_at_least(1))
+    max_num_seqs: int = field(default=1024, metadata=_at_least(1))
+    max_model_len: int | None = field(default=None, metadata={"check": lambda v: v >= 1,
+                                                              "accepted": "None or an integer >= 1"})
     enable_prefix_caching: bool = True
-    weight_sync_backend: str = "nccl"
+    weight_sync_backend: WeightSyncBackend = "nccl"
     enable_lora: bool = False
-    max_lora_rank: int = 64
-    max_loras: int = 4
+    max_lora_rank: int = field(default=64, metadata=_at_least(1))
+    max_loras: int = field(default=4, metadata=_at_least(1))
     run_engines_locally: bool = True
     async_engine: bool = True
     batched: bool = True
     enable_http_endpoint: bool = False
     http_endpoint_host: str = "127.0.0.1"
-    http_endpoint_port: int = 8000
+    http_endpoint_port: int = field(default=8000, metadata={"check": lambda v: 0 < v < 65536,
+                                                            "accepted": "an integer in 1-65535"})
     http_endpoint_api_key: str | None = None
     enable_sleep_mode: bool = True
     engine_init_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampling_params, Mapping):
-            self.sampling_params = SamplingParams.from_dict(self.sampling_params)
-        if self.model is not None:
+        if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
-        self._validate()
-
-    def _validate(self) -> None:
-        positive = (
-            "num_inference_engines", "inference_engine_tensor_parallel_size",
-            "inference_engine_pipeline_parallel_size", "inference_engine_data_parallel_size",
-            "inference_engine_expert_parallel_size", "max_num_batched_tokens", "max_num_seqs",
-            "max_lora_rank", "max_loras",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError.out_of_range(name, value, "an integer >= 1")
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError.out_of_range("gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
-        if self.weight_sync_backend not in WEIGHT_SYNC_BACKENDS:
-            raise ConfigError.out_of_range("weight_sync_backend", self.weight_sync_backend,
-                                           " / ".join(WEIGHT_SYNC_BACKENDS))
-        if not isinstance(self.engine_init_kwargs, Mapping):
-            raise ConfigError.out_of_range("engine_init_kwargs", self.engine_init_kwargs, "a mapping")
-        if not 0 < int(self.http_endpoint_port) < 65536:
-            raise ConfigError.out_of_range("http_endpoint_port", self.http_endpoint_port, "1-65535")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise ConfigError.out_of_range("max_model_len", self.max_model_len, "None or an integer >= 1")
+        if isinstance(self.tokenizer, os.PathLike):
+            self.tokenizer = os.fspath(self.tokenizer)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -131,8 +144,7 @@ def load_config(source: GeneratorConfig | Mapping[str, Any] | str | os.PathLike[
                 **overrides: Any) -> GeneratorConfig:
     """A GeneratorConfig from any accepted source, with keyword overrides applied on top."""
     if source is None:
-        config = GeneratorConfig.from_dict(overrides) if overrides else GeneratorConfig()
-        return config
+        return GeneratorConfig.from_dict(overrides) if overrides else GeneratorConfig()
     if isinstance(source, GeneratorConfig):
         config = source
     elif isinstance(source, Mapping):
@@ -140,3 +152,100 @@ def load_config(source: GeneratorConfig | Mapping[str, Any] | str | os.PathLike[
     else:
         config = GeneratorConfig.from_yaml(source)
     return config.replace(**overrides) if overrides else config
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Command-line overrides in the design's dotted syntax, as a mapping for :func:`load_config`.
+
+    ``generator.backend=sglang`` (the ``generator.`` prefix is optional), nested keys with dots
+    (``generator.engine_init_kwargs.max_logprobs=5``, ``generator.sampling_params.temperature=0.7``).
+    Values are read as YAML scalars, as in the config file: ``true``, ``8``, ``0.5``, ``[a, b]``,
+    ``null``; they are then checked by the same rule as every other source."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        path = [part for part in key.strip().split(".") if part]
+        if not sep or not path:
+            raise ConfigError(item, "is not an override; write KEY=VALUE, e.g. generator.backend=sglang.")
+        if path[0] == "generator":
+            path = path[1:]
+        if not path:
+            raise ConfigError(item, "names no key; write generator.KEY=VALUE.")
+        if path[0] not in GeneratorConfig.field_names():
+            raise ConfigError.unknown_key(path[0], GeneratorConfig.field_names(), "the generator config")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(".".join(path), f"value {raw!r} is not valid YAML: {exc}") from None
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(".".join(path), "is set both as a value and as a mapping.")
+        target[path[-1]] = value
+    return values
+
+
+# -- the one validation rule -------------------------------------------------------------------
+_HINTS: dict[str, Any] | None = None
+
+
+def _field_types() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(GeneratorConfig)
+    return _HINTS
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` for field ``name`` if its type (and the field's narrowing) accepts it, converted
+    where the conversion loses nothing (a mapping of sampling parameters, an int for a float);
+    otherwise :class:`ConfigError` naming the field, the value and what is accepted."""
+    spec = next(f for f in dataclasses.fields(GeneratorConfig) if f.name == name)
+    annotation = _field_types()[name]
+    value = _check_type(name, annotation, value)
+    check: Callable[[Any], bool] | None = spec.metadata.get("check")
+    if value is not None and check is not None and not check(value):
+        raise ConfigError.out_of_range(name, value, spec.metadata["accepted"])
+    return value
+
+
+def _check_type(name: str, annotation: Any, value: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _check_type(name, inner, value)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError.out_of_range(name, value, " / ".join(map(str, choices)))
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError.out_of_range(name, value, "true or false (a boolean, not a string or a number)")
+        return value
+    if annotation is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError.out_of_range(name, value, "an integer")
+        return value
+    if annotation is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError.out_of_range(name, value, "a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError.out_of_range(name, value, "a string")
+        return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError.out_of_range(name, value, "a mapping")
+        return dict(value)
+    if annotation is SamplingParams:
+        return value if isinstance(value, SamplingParams) else SamplingParams.from_dict(value)
+    raise TypeError(f"GeneratorConfig.{name}: no validation rule for {annotation!r}")  # pragma: no cover
+

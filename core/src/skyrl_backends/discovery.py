@@ -19,9 +19,11 @@ import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.errors import BackendLoadError, BackendNotFoundError, EngineVersionError, PluginAPIVersionError
-from skyrl_backends.hookspecs import PLUGIN_API_VERSION, PROJECT, BackendHookSpecs
-from skyrl_backends.types import BackendInfo, Capabilities
+from skyrl_backends.hookspecs import PLUGIN_API_VERSION, PROJECT
+from skyrl_backends.registration import backend_manager
+from skyrl_backends.types import BackendInfo
 
 ENTRY_POINT_GROUP = PROJECT
 # A comma-separated list of backend names to ignore (like tox's and vLLM's switches), for working
@@ -80,33 +82,6 @@ class Backend:
         return self._manager.hook.skyrl_backends_capabilities(config=config)
 
 
-def make_backend_manager(plugin: object, name: str) -> pluggy.PluginManager:
-    """A plugin manager holding one backend plugin, validated: pluggy rejects an implementation
-    with an argument its spec lacks, and ``check_pending`` a misspelled ``skyrl_backends_`` hook."""
-    manager = pluggy.PluginManager(PROJECT)
-    manager.add_hookspecs(BackendHookSpecs)
-    manager.register(plugin, name=name)
-    _check_unknown_hooks(manager, plugin, name)
-    return manager
-
-
-def _check_unknown_hooks(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
-    """Like ``check_pending`` but also catches prefixed names that pluggy did not see as hooks
-    (functions that forgot the ``@hookimpl`` marker), since a forgotten marker is the same bug."""
-    from skyrl_backends.hookspecs import BACKEND_HOOKS, ENGINE_HOOKS
-
-    known = set(BACKEND_HOOKS) | set(ENGINE_HOOKS)
-    for attr in dir(plugin):
-        if attr.startswith(PROJECT + "_") and attr not in known:
-            raise pluggy.PluginValidationError(
-                plugin, f"plugin {name!r} defines {attr!r}, which is no skyrl_backends hook "
-                        f"(misspelled? known hooks: {', '.join(sorted(known))})")
-    try:
-        manager.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise pluggy.PluginValidationError(plugin, f"plugin {name!r}: {exc}") from exc
-
-
 def installed_engine_version(info: BackendInfo) -> str | None:
     """The installed version of the engine distribution (or an alternative), from metadata only."""
     for dist in (info.engine, *info.engine_alternatives):
@@ -144,7 +119,7 @@ def load_backend(name: str, plugin: object, distribution: str | None = None,
     backend = Backend(name=name, distribution=distribution, distribution_version=distribution_version,
                       plugin=plugin)
     try:
-        manager = make_backend_manager(plugin, name)
+        manager = backend_manager(plugin, name, distribution)
         info = manager.hook.skyrl_backends_backend_info()
         if not isinstance(info, BackendInfo):
             raise TypeError(f"skyrl_backends_backend_info returned {type(info).__name__}, not BackendInfo")
@@ -202,7 +177,7 @@ _registered: dict[str, Backend] = {}
 def register_backend(plugin: object, name: str | None = None) -> Backend:
     """Register a backend plugin object without installing a distribution."""
     if name is None:
-        manager = make_backend_manager(plugin, "unnamed")
+        manager = backend_manager(plugin, "unnamed")
         name = manager.hook.skyrl_backends_backend_info().name
     backend = load_backend(name, plugin, distribution="(registered in-process)")
     if backend.status == "error":
@@ -215,8 +190,24 @@ def unregister_backend(name: str) -> None:
     _registered.pop(name, None)
 
 
-def all_backends() -> dict[str, Backend]:
-    backends = discover_backends()
+# What discover_backends found, kept for the life of the process: entry points do not change while a
+# trainer runs, and reading them costs tens of milliseconds per engine created.
+_discovered: dict[str, Backend] | None = None
+
+
+def refresh_backends() -> None:
+    """Forget what discovery found, so the next lookup reads the entry points again (after installing
+    a plugin into a running process, or in tests)."""
+    global _discovered
+    _discovered = None
+
+
+def all_backends(refresh: bool = False) -> dict[str, Backend]:
+    """Every backend, installed (discovered once per process) and registered in-process."""
+    global _discovered
+    if refresh or _discovered is None:
+        _discovered = discover_backends()
+    backends = dict(_discovered)
     backends.update(_registered)
     return backends
 

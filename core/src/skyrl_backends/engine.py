@@ -24,8 +24,8 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-import pluggy
-
+from skyrl_backends import capabilities as caps
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import (
     EngineAsleepError,
@@ -33,15 +33,14 @@ from skyrl_backends.errors import (
     EngineStateError,
     LoraAdapterError,
     SamplingParamsError,
-    UnsupportedCapabilityError,
     WeightsNotLoadedError,
     WeightUpdateError,
+    closest_match,
 )
-from skyrl_backends.hookspecs import PROJECT, EngineHookSpecs
-from skyrl_backends.sampling import PARAMETER_CAPABILITIES, SamplingParams
+from skyrl_backends.registration import engine_manager
+from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
     MEMORY_TAGS,
-    Capabilities,
     Completion,
     GenerateOutput,
     GenerateRequest,
@@ -54,42 +53,8 @@ from skyrl_backends.types import (
 from skyrl_backends.weight_sync.manifest import check_broadcast_modes, is_streamed
 
 logger = logging.getLogger(__name__)
-TRACE_ENV = "SKYRL_BACKENDS_TRACE"
 # How long an abandoned stream's aborted requests get to return before their tasks are cancelled.
 _STREAM_WIND_DOWN_S = 5.0
-
-# Hooks every engine must implement, and those a declared capability makes mandatory.
-_REQUIRED_HOOKS = ("skyrl_backends_generate", "skyrl_backends_weight_specs",
-                   "skyrl_backends_update_named_weights", "skyrl_backends_teardown")
-_CAPABILITY_HOOKS = {
-    "sleep": ("skyrl_backends_sleep", "skyrl_backends_wake_up"),
-    "lora": ("skyrl_backends_load_lora_adapter", "skyrl_backends_unload_lora_adapter"),
-    "abort": ("skyrl_backends_abort",),
-    "native_pause": ("skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
-    "prefix_caching": ("skyrl_backends_reset_prefix_cache",),
-    "streaming": ("skyrl_backends_generate_stream",),
-}
-
-
-def make_engine_manager(engine_impl: object, name: str, capabilities: Capabilities) -> pluggy.PluginManager:
-    """A plugin manager holding one engine object, validated against the engine hook specs."""
-    from skyrl_backends.discovery import _check_unknown_hooks
-
-    manager = pluggy.PluginManager(PROJECT)
-    manager.add_hookspecs(EngineHookSpecs)
-    manager.register(engine_impl, name=name)
-    _check_unknown_hooks(manager, engine_impl, name)
-    missing = [h for h in _REQUIRED_HOOKS if not getattr(manager.hook, h).get_hookimpls()]
-    for capability, hooks in _CAPABILITY_HOOKS.items():
-        if capabilities.has(capability):
-            missing += [f"{h} (needed by declared capability {capability!r})"
-                        for h in hooks if not getattr(manager.hook, h).get_hookimpls()]
-    if missing:
-        raise pluggy.PluginValidationError(engine_impl, f"engine of {name!r} lacks hooks: {', '.join(missing)}")
-    if os.environ.get(TRACE_ENV):
-        manager.trace.root.setwriter(lambda message: logger.warning("trace: %s", message.rstrip()))
-        manager.enable_tracing()
-    return manager
 
 
 class InferenceEngine:
@@ -103,7 +68,8 @@ class InferenceEngine:
         self.capabilities = capabilities
         self.distribution = distribution
         self.impl = engine_impl
-        self._manager = make_engine_manager(engine_impl, backend, capabilities)
+        # Raises BackendLoadError naming the plugin and the hook (create_engine tears the engine down).
+        self._manager = engine_manager(engine_impl, backend, capabilities, distribution)
         self._hooks = self._manager.hook
         self._backend_hooks = backend_hooks
         self.weight_version = 0
@@ -165,16 +131,21 @@ class InferenceEngine:
     def engine_version(self) -> str | None:
         return self._hooks.skyrl_backends_engine_version()
 
-    def weight_specs(self) -> dict[str, TensorSpec]:
+    async def weight_specs(self) -> dict[str, TensorSpec]:
         """Every updatable parameter by name (cached: parameters do not change shape)."""
+        return self._specs()
+
+    def _specs(self) -> dict[str, TensorSpec]:
         if self._weight_specs is None:
             specs = self._hooks.skyrl_backends_weight_specs()
             self._weight_specs = {s.name: s for s in specs}
         return self._weight_specs
 
-    def translate_sampling_params(self, params: SamplingParams | dict[str, Any]) -> Any:
-        params = SamplingParams.from_dict(params) if isinstance(params, dict) else params
-        self._check_sampling_capabilities(params)
+    def translate_sampling_params(self, params: SamplingParams | Mapping[str, Any]) -> Any:
+        """The engine's own form of ``params``, after the capability checks: what the generate hooks
+        receive as ``engine_params``."""
+        params = params if isinstance(params, SamplingParams) else SamplingParams.from_dict(params)
+        caps.check_sampling(params, self.capabilities, self.backend)
         return self._backend_hooks.skyrl_backends_translate_sampling_params(params=params, config=self.config)
 
     # -- generation --------------------------------------------------------------------------
@@ -183,21 +154,21 @@ class InferenceEngine:
                        **request_fields: Any) -> GenerateOutput:
         """Generate for a batch of token-id prompts. Accepts a GenerateRequest, or prompts plus
         sampling parameters (and GenerateRequest's other fields as keywords)."""
-        request = self._admit(request, sampling_params, request_fields)
+        request, batches = self._admit(request, sampling_params, request_fields)
         params = request.sampling_params
-        batches = _expand_samples(request)
         version = self.weight_version
-        all_ids = [rid for b in batches for rid in b.request_ids]
+        all_ids = [rid for b, _ in batches for rid in b.request_ids]
         events = {rid: asyncio.Event() for rid in all_ids}
         self._inflight.update(events)
         try:
-            outputs = await asyncio.gather(*(self._call("skyrl_backends_generate", request=b) for b in batches))
+            outputs = await asyncio.gather(*(self._call("skyrl_backends_generate", request=b, engine_params=e)
+                                             for b, e in batches))
         finally:
             for rid in all_ids:
                 self._inflight.pop(rid, None)
                 events[rid].set()
         completions: list[Completion] = []
-        for batch, output in zip(batches, outputs):
+        for (batch, _), output in zip(batches, outputs):
             if not isinstance(output, GenerateOutput) or len(output) != len(batch):
                 got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
                 raise EngineStateError(
@@ -209,27 +180,23 @@ class InferenceEngine:
         return GenerateOutput(_sample_major(completions, len(request), params.n))
 
     def _admit(self, request: GenerateRequest | Sequence[Sequence[int]],
-               sampling_params: SamplingParams | dict[str, Any] | None,
-               request_fields: dict[str, Any]) -> GenerateRequest:
-        """The request as a GenerateRequest, after every check that precedes generation."""
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
-                                      sampling_params=SamplingParams.from_dict(sampling_params)
-                                      if not isinstance(sampling_params, SamplingParams) else sampling_params,
-                                      **request_fields)
-        elif sampling_params is not None or request_fields:
-            raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
+               sampling_params: SamplingParams | Mapping[str, Any] | None,
+               request_fields: dict[str, Any]) -> tuple[GenerateRequest, list[tuple[GenerateRequest, Any]]]:
+        """The request as a GenerateRequest, after every check that precedes generation, and the
+        engine calls it becomes (``n`` expanded), each with its parameters translated once."""
+        request = GenerateRequest.coerce(request, sampling_params, request_fields)
         self._check_can_generate()
-        # Capability checks and the backend's own rejections, before any work starts.
-        self.translate_sampling_params(request.sampling_params)
         if request.lora_name is not None:
-            if not self.capabilities.lora:
-                raise UnsupportedCapabilityError(self.backend, "lora")
+            caps.require(self.capabilities, caps.LORA, self.backend)
             if request.lora_name not in self._loras:
                 raise LoraAdapterError(
                     f"No LoRA adapter named {request.lora_name!r} is loaded. Loaded: "
                     f"{', '.join(sorted(self._loras)) or 'none'}. Load it with load_lora_adapter(name, path).")
-        return request
+        # Capability checks and the backend's own rejections, before any work starts.
+        caps.check_sampling(request.sampling_params, self.capabilities, self.backend)
+        batches = [(batch, self._backend_hooks.skyrl_backends_translate_sampling_params(
+            params=batch.sampling_params, config=self.config)) for batch in _expand_samples(request)]
+        return request, batches
 
     async def generate_stream(self, request: GenerateRequest | Sequence[Sequence[int]],
                               sampling_params: SamplingParams | dict[str, Any] | None = None,
@@ -241,18 +208,17 @@ class InferenceEngine:
         the final :class:`Completion` (weight version stamped). On a backend without the
         ``streaming`` capability each completion arrives as that one final chunk. Leaving the loop
         early aborts what still runs (when the backend can abort)."""
-        request = self._admit(request, sampling_params, request_fields)
-        batches = _expand_samples(request)
+        request, batches = self._admit(request, sampling_params, request_fields)
         version = self.weight_version
-        streams = _StreamMerger(len(request), request.sampling_params.n, batches)
-        all_ids = [rid for b in batches for rid in b.request_ids]
+        streams = _StreamMerger(len(request), request.sampling_params.n, [b for b, _ in batches])
+        all_ids = [rid for b, _ in batches for rid in b.request_ids]
         events = {rid: asyncio.Event() for rid in all_ids}
         self._inflight.update(events)
         queue: asyncio.Queue[tuple[int, StreamChunk | Exception | None]] = asyncio.Queue()
 
-        async def pump(number: int, batch: GenerateRequest) -> None:
+        async def pump(number: int, batch: GenerateRequest, engine_params: Any) -> None:
             try:
-                async for chunk in self._batch_stream(batch):
+                async for chunk in self._batch_stream(batch, engine_params):
                     queue.put_nowait((number, chunk))
                 queue.put_nowait((number, None))
             except Exception as error:  # handed to the consumer, which re-raises it
@@ -262,7 +228,8 @@ class InferenceEngine:
                     self._inflight.pop(rid, None)
                     events[rid].set()
 
-        tasks = [asyncio.ensure_future(pump(number, batch)) for number, batch in enumerate(batches)]
+        tasks = [asyncio.ensure_future(pump(number, batch, engine_params))
+                 for number, (batch, engine_params) in enumerate(batches)]
         running = len(tasks)
         try:
             while running:
@@ -280,13 +247,13 @@ class InferenceEngine:
         finally:
             await self._end_streams(tasks, [rid for rid in all_ids if rid in self._inflight])
 
-    async def _batch_stream(self, batch: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    async def _batch_stream(self, batch: GenerateRequest, engine_params: Any) -> AsyncIterator[StreamChunk]:
         """One expanded batch's chunks, from the backend's stream or, without one, its final output."""
         if self.capabilities.streaming:
-            async for chunk in self._hooks.skyrl_backends_generate_stream(request=batch):
+            async for chunk in self._hooks.skyrl_backends_generate_stream(request=batch, engine_params=engine_params):
                 yield chunk
             return
-        output = await self._call("skyrl_backends_generate", request=batch)
+        output = await self._call("skyrl_backends_generate", request=batch, engine_params=engine_params)
         if not isinstance(output, GenerateOutput) or len(output) != len(batch):
             got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
             raise EngineStateError(f"backend {self.backend!r} returned {got} completions for {len(batch)} prompts")
@@ -313,44 +280,23 @@ class InferenceEngine:
         if self._weights_missing is not None:
             raise WeightsNotLoadedError(self._weights_missing)
 
-    def _check_sampling_capabilities(self, params: SamplingParams) -> None:
-        caps = self.capabilities
-        for name in params.uses():
-            capability = PARAMETER_CAPABILITIES.get(name)
-            if capability and not caps.has(capability):
-                raise SamplingParamsError(
-                    name, f"backend {self.backend!r} does not support it (capability {capability!r} is "
-                          f"declared absent). Remove the parameter or choose another backend.")
-        if params.logprobs:
-            if not caps.top_logprobs:
-                raise SamplingParamsError(
-                    "logprobs", f"backend {self.backend!r} returns only the chosen token's log-probability; "
-                                f"use logprobs=0.")
-            if params.logprobs > caps.max_top_logprobs:
-                raise SamplingParamsError.out_of_range(
-                    "logprobs", params.logprobs, f"at most {caps.max_top_logprobs} on backend {self.backend!r}")
-
     # -- abort / pause -----------------------------------------------------------------------
     async def abort(self, request_ids: Sequence[str] | None = None) -> None:
         """Abort in-flight requests (all when None); their callers get partial output with finish
         reason ``"abort"``."""
-        if not self.capabilities.abort:
-            raise UnsupportedCapabilityError(self.backend, "abort")
+        caps.require(self.capabilities, caps.ABORT, self.backend)
         ids = list(request_ids) if request_ids is not None else None
         await self._call("skyrl_backends_abort", request_ids=ids)
 
     async def pause_generation(self) -> None:
         """Hold in-flight requests between steps until :meth:`resume_generation` (native pause)."""
-        if not self.capabilities.native_pause:
-            raise UnsupportedCapabilityError(
-                self.backend, "native_pause",
-                "The engine client pauses such engines by aborting and resubmitting instead.")
+        caps.require(self.capabilities, caps.NATIVE_PAUSE, self.backend,
+                     "The engine client pauses such engines by aborting and resubmitting instead.")
         await self._call("skyrl_backends_pause_generation")
         self._paused = True
 
     async def resume_generation(self) -> None:
-        if not self.capabilities.native_pause:
-            raise UnsupportedCapabilityError(self.backend, "native_pause")
+        caps.require(self.capabilities, caps.NATIVE_PAUSE, self.backend)
         await self._call("skyrl_backends_resume_generation")
         self._paused = False
 
@@ -367,15 +313,12 @@ class InferenceEngine:
         In-flight requests are aborted (their callers get partial output) and drained first, and the
         prefix cache is reset, so no stale cache survives a wake (vLLM issue #17103)."""
         self._check_open()
-        caps = self.capabilities
-        if not caps.sleep:
-            raise UnsupportedCapabilityError(self.backend, "sleep")
-        if level not in caps.sleep_levels:
-            raise UnsupportedCapabilityError(
-                self.backend, f"sleep level {level}", f"Declared levels: {list(caps.sleep_levels)}.")
+        declared = self.capabilities
+        caps.require(declared, caps.sleep_level(level), self.backend,
+                     f"Declared levels: {list(declared.sleep_levels)}.")
         tag_list = _check_tags(tags)
-        if tags is not None and set(tag_list) != set(MEMORY_TAGS) and not caps.sleep_tags:
-            raise UnsupportedCapabilityError(self.backend, "sleep_tags", "Call sleep() without tags.")
+        if tags is not None and set(tag_list) != set(MEMORY_TAGS):
+            caps.require(declared, caps.SLEEP_TAGS, self.backend, "Call sleep() without tags.")
         # Memory already released stays released: engines differ on a second release of the same
         # memory (vLLM logs and ignores it, SGLang's memory saver aborts its scheduler), so only
         # what is awake is put to sleep, and sleeping a sleeping engine is a no-op.
@@ -383,7 +326,7 @@ class InferenceEngine:
         if not tag_list:
             return
         if self._inflight:
-            if abort_first and caps.abort:
+            if abort_first and caps.ABORT(declared):
                 await self._call("skyrl_backends_abort", request_ids=None)
             try:
                 await self._drain(drain_timeout)
@@ -391,20 +334,19 @@ class InferenceEngine:
                 raise EngineStateError(
                     f"{len(self._inflight)} request(s) still running after {drain_timeout}s; "
                     "sleep refused. Abort them or raise drain_timeout.") from None
-        if caps.prefix_caching:
+        if caps.PREFIX_CACHING(declared):
             await self._call("skyrl_backends_reset_prefix_cache")
         await self._call("skyrl_backends_sleep", tags=tag_list, level=level)
         self._asleep.update(tag_list)
-        if ("weights" in tag_list and caps.discards_weights_at_level is not None
-                and level >= caps.discards_weights_at_level):
+        if ("weights" in tag_list and declared.discards_weights_at_level is not None
+                and level >= declared.discards_weights_at_level):
             self._mark_weights_missing("The engine discarded its weights when it went to sleep and has not "
                                        "been given new ones.")
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Take back memory released by :meth:`sleep` (None: everything asleep)."""
         self._check_open()
-        if not self.capabilities.sleep:
-            raise UnsupportedCapabilityError(self.backend, "sleep")
+        caps.require(self.capabilities, caps.SLEEP, self.backend)
         tag_list = _check_tags(tags) if tags is not None else sorted(self._asleep)
         tag_list = [t for t in tag_list if t in self._asleep]
         if not tag_list:
@@ -415,21 +357,20 @@ class InferenceEngine:
     # -- weights -----------------------------------------------------------------------------
     async def init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
         self._check_open()
-        if init_info.strategy not in self.capabilities.weight_sync_strategies:
-            raise UnsupportedCapabilityError(
-                self.backend, f"weight sync strategy {init_info.strategy!r}",
-                f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
+        caps.require(self.capabilities, caps.weight_sync(init_info.strategy), self.backend,
+                     f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
         await self._call("skyrl_backends_init_weight_update_communicator", init_info=init_info)
 
-    def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+    async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
         """Raise WeightUpdateError naming every tensor whose name, shape or dtype does not match."""
-        specs = self.weight_specs()
+        self._validate_weight_update(request)
+
+    def _validate_weight_update(self, request: WeightUpdateRequest) -> None:
+        specs = self._specs()
         problems: dict[str, str] = {}
         for name, shape, dtype in zip(request.names, request.shapes, request.dtypes):
             spec = specs.get(name)
             if spec is None:
-                from skyrl_backends.errors import closest_match
-
                 hint = closest_match(name, specs)
                 problems[name] = "no such parameter" + (f" (did you mean {hint!r}?)" if hint else "")
             elif tuple(shape) != tuple(spec.shape):
@@ -438,10 +379,8 @@ class InferenceEngine:
                 problems[name] = f"dtype {dtype} does not match the engine's {spec.dtype}; convert before sending"
         if problems:
             raise WeightUpdateError(problems)
-        if request.strategy not in self.capabilities.weight_sync_strategies:
-            raise UnsupportedCapabilityError(
-                self.backend, f"weight sync strategy {request.strategy!r}",
-                f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
+        caps.require(self.capabilities, caps.weight_sync(request.strategy), self.backend,
+                     f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
         if request.strategy == "broadcast":
             self._check_broadcast_layout(request)
 
@@ -452,7 +391,7 @@ class InferenceEngine:
         payload = request.payload if isinstance(request.payload, Mapping) else {}
         layout = payload.get("layout", "packed")
         check_broadcast_modes(layout, payload.get("apply", "atomic"), "payload.")
-        supported = self.capabilities.broadcast_layouts
+        supported = caps.broadcast_layouts_of(self.capabilities)
         if layout not in supported:
             raise WeightUpdateError({"payload.layout": f"got {layout!r}; {self.backend} receives broadcasts as "
                                                        f"{list(supported)}: create the sender with that layout "
@@ -468,7 +407,7 @@ class InferenceEngine:
         self._check_open()
         if "weights" in self._asleep:
             raise EngineAsleepError(["weights"])
-        self.validate_weight_update(request)
+        self._validate_weight_update(request)
         try:
             await self._call("skyrl_backends_update_named_weights", request=request)
         except Exception as exc:
@@ -481,7 +420,7 @@ class InferenceEngine:
         self.weight_version += 1
         if self._weights_missing is not None:
             self._weights_received_since_missing.update(request.names)
-            if self._weights_received_since_missing >= set(self.weight_specs()):
+            if self._weights_received_since_missing >= set(self._specs()):
                 self._weights_missing = None
         return self.weight_version
 
@@ -496,8 +435,7 @@ class InferenceEngine:
     # -- LoRA --------------------------------------------------------------------------------
     async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str], pinned: bool = False) -> None:
         self._check_open()
-        if not self.capabilities.lora:
-            raise UnsupportedCapabilityError(self.backend, "lora")
+        caps.require(self.capabilities, caps.LORA, self.backend)
         if not self.config.enable_lora:
             raise EngineStateError("LoRA is off for this engine; create it with enable_lora=True.")
         self._check_weights_awake()
@@ -511,8 +449,7 @@ class InferenceEngine:
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         self._check_open()
-        if not self.capabilities.lora:
-            raise UnsupportedCapabilityError(self.backend, "lora")
+        caps.require(self.capabilities, caps.LORA, self.backend)
         if lora_name not in self._loras:
             raise LoraAdapterError(
                 f"No LoRA adapter named {lora_name!r} is loaded. Loaded: {', '.join(sorted(self._loras)) or 'none'}.")
@@ -523,8 +460,7 @@ class InferenceEngine:
     # -- cache and lifecycle -----------------------------------------------------------------
     async def reset_prefix_cache(self) -> None:
         self._check_open()
-        if not self.capabilities.prefix_caching:
-            raise UnsupportedCapabilityError(self.backend, "prefix_caching")
+        caps.require(self.capabilities, caps.PREFIX_CACHING, self.backend)
         await self._call("skyrl_backends_reset_prefix_cache")
 
     async def teardown(self) -> None:

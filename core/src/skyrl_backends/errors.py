@@ -50,14 +50,15 @@ class SamplingParamsError(ConfigError):
     """A sampling parameter is unknown, out of range, or not honoured by the selected backend."""
 
 
-class BackendNotFoundError(SkyRLBackendsError, LookupError):
-    """No installed backend has the requested name."""
+class BackendNotFoundError(ConfigError, LookupError):
+    """No installed backend has the requested name (a configuration error of the key ``backend``)."""
 
     def __init__(self, name: str, installed: Iterable[str], published: Mapping[str, str] | None = None) -> None:
         """``published`` maps the backends this project publishes to the command that installs each."""
         installed = sorted(installed)
         published = dict(published or {})
         self.name = name
+        self.field = "backend"
         listing = ", ".join(installed) if installed else "none"
         near_installed = closest_match(name, installed)
         near_published = closest_match(name, published)
@@ -73,7 +74,8 @@ class BackendNotFoundError(SkyRLBackendsError, LookupError):
             known = ", ".join(sorted(published)) or "none"
             advice = (f"No published backend has that name (published: {known}); a third-party backend is a "
                       f"distribution with an entry point in the `skyrl_backends` group.")
-        super().__init__(f"No backend named {name!r} is installed. {advice} Installed backends: {listing}.")
+        SkyRLBackendsError.__init__(
+            self, f"No backend named {name!r} is installed. {advice} Installed backends: {listing}.")
 
 
 class PluginAPIVersionError(SkyRLBackendsError, ImportError):

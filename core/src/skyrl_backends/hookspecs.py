@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from skyrl_backends.capabilities import Capabilities
     from skyrl_backends.config import GeneratorConfig
     from skyrl_backends.sampling import SamplingParams
     from skyrl_backends.types import (
         BackendInfo,
-        Capabilities,
         GenerateOutput,
         GenerateRequest,
         ParallelSizes,
@@ -76,10 +76,15 @@ class BackendHookSpecs:
 
     @hookspec(firstresult=True)
     def skyrl_backends_translate_sampling_params(self, params: SamplingParams, config: GeneratorConfig | None) -> Any:
-        """Translate canonical sampling parameters into the engine's own format (a dict or the
-        engine's object). Must raise :class:`~skyrl_backends.errors.SamplingParamsError` naming any
-        parameter the engine cannot honour: nothing is silently dropped. Pure: needs no running
-        engine, so it is unit-testable without the engine installed."""
+        """Translate canonical sampling parameters into the engine's own format (a dict, the engine's
+        own object, or the canonical parameters themselves when the engine consumes those).
+
+        Called by the facade once per engine call, after the capability checks; the result reaches
+        the generate hooks as ``engine_params``, so an engine never translates again. ``params.n`` is
+        1 there (the facade expands ``n``). Must raise
+        :class:`~skyrl_backends.errors.SamplingParamsError` naming any parameter the engine cannot
+        honour: nothing is silently dropped. Pure: needs no running engine, so it is unit-testable
+        without the engine installed."""
 
 
 class EngineHookSpecs:
@@ -90,17 +95,21 @@ class EngineHookSpecs:
     """
 
     @hookspec(firstresult=True)
-    def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+    def skyrl_backends_generate(self, request: GenerateRequest, engine_params: Any) -> GenerateOutput:
         """Generate for every prompt of ``request`` (async). Return completions in prompt order, with
-        ``n`` already expanded by the facade (``request.sampling_params.n == 1``). A prompt aborted
-        through ``skyrl_backends_abort`` returns the tokens generated so far with finish reason
-        ``"abort"``; it never raises."""
+        ``n`` already expanded by the facade (``request.sampling_params.n == 1``). ``engine_params``
+        is what the backend's ``skyrl_backends_translate_sampling_params`` made of
+        ``request.sampling_params``, translated once by the facade. A prompt aborted through
+        ``skyrl_backends_abort`` returns the tokens generated so far with finish reason ``"abort"``;
+        it never raises."""
 
     @hookspec(firstresult=True)
-    def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-        """Generate like ``skyrl_backends_generate``, handing out tokens as they are produced.
-        Optional; implemented only by backends that declare the ``streaming`` capability (the
-        facade serves the others from ``skyrl_backends_generate``, one chunk per completion).
+    def skyrl_backends_generate_stream(self, request: GenerateRequest,
+                                       engine_params: Any) -> AsyncIterator[StreamChunk]:
+        """Generate like ``skyrl_backends_generate`` (same ``engine_params``), handing out tokens as
+        they are produced. Optional; implemented only by backends that declare the ``streaming``
+        capability (the facade serves the others from ``skyrl_backends_generate``, one chunk per
+        completion).
 
         The implementation is an async generator (``async def ...: ... yield chunk``): pluggy
         returns the generator object, which the facade iterates. Each chunk's ``index`` is the

@@ -27,13 +27,16 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.errors import ConfigError, EngineDeadError
+from skyrl_backends.protocols import Prompts, SamplingInput
 from skyrl_backends.types import (
-    Capabilities,
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
     StreamChunk,
+    TensorSpec,
+    WeightSyncInitInfo,
     WeightUpdateRequest,
 )
 
@@ -67,15 +70,17 @@ class RayWrappedInferenceEngine:
     def ping(self) -> bool:
         return True
 
-    async def generate(self, request: GenerateRequest) -> GenerateOutput:
-        return await self.engine.generate(request)
+    async def generate(self, request: Prompts, sampling_params: SamplingInput = None,
+                       **request_fields: Any) -> GenerateOutput:
+        return await self.engine.generate(request, sampling_params, **request_fields)
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    async def generate_stream(self, request: Prompts, sampling_params: SamplingInput = None,
+                              **request_fields: Any) -> AsyncIterator[StreamChunk]:
         """Called with ``num_returns="streaming"``: each chunk reaches the caller as it is yielded."""
-        async for chunk in self.engine.generate_stream(request):
+        async for chunk in self.engine.generate_stream(request, sampling_params, **request_fields):
             yield chunk
 
-    async def abort(self, request_ids: list[str] | None) -> None:
+    async def abort(self, request_ids: Sequence[str] | None = None) -> None:
         await self.engine.abort(request_ids)
 
     async def pause_generation(self) -> None:
@@ -84,25 +89,31 @@ class RayWrappedInferenceEngine:
     async def resume_generation(self) -> None:
         await self.engine.resume_generation()
 
-    async def sleep(self, tags: list[str] | None, level: int, kwargs: dict[str, Any]) -> None:
-        await self.engine.sleep(tags, level, **kwargs)
+    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, *, abort_first: bool = True,
+                    drain_timeout: float = 5.0) -> None:
+        await self.engine.sleep(tags, level, abort_first=abort_first, drain_timeout=drain_timeout)
 
-    async def wake_up(self, tags: list[str] | None) -> None:
+    async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         await self.engine.wake_up(tags)
 
-    def weight_specs(self) -> dict[str, Any]:
-        return self.engine.weight_specs()
+    async def weight_specs(self) -> dict[str, TensorSpec]:
+        return await self.engine.weight_specs()
 
-    def validate_weight_update(self, request: WeightUpdateRequest) -> None:
-        self.engine.validate_weight_update(request)
+    async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+        await self.engine.validate_weight_update(request)
 
-    async def init_weight_update_communicator(self, init_info: Any) -> None:
+    async def init_weight_update_communicator(
+            self, init_info: WeightSyncInitInfo | Sequence[WeightSyncInitInfo]) -> None:
         await self.engine.init_weight_update_communicator(init_info)
 
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
         return await self.engine.update_named_weights(request)
 
-    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
+    async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
+        return await self.engine.update_weights_from_tensors(named_tensors)
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
+                                pinned: bool = False) -> None:
         await self.engine.load_lora_adapter(lora_name, lora_path, pinned)
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
@@ -119,6 +130,13 @@ class RayWrappedInferenceEngine:
 
     async def teardown(self) -> None:
         await self.engine.teardown()
+
+    # Fixed for the engine's life: the proxy caches them from describe().
+    def parallel_sizes(self) -> ParallelSizes:
+        return self.engine.parallel_sizes()
+
+    def engine_version(self) -> str | None:
+        return self.engine.engine_version()
 
 
 @dataclass
@@ -154,28 +172,23 @@ class RayEngineProxy:
                    config=info["config"], distribution=info["distribution"], _parallel_sizes=info["parallel_sizes"],
                    _engine_version=info["engine_version"], pid=info["pid"])
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await getattr(self.actor, method).remote(*args)
+            return await getattr(self.actor, method).remote(*args, **kwargs)
         except _ACTOR_FAILURES as exc:
             # An engine error raised inside the actor arrives as RayTaskError, which is also an
             # instance of the original class; only failures of the actor itself land here.
             raise EngineDeadError(f"Ray engine {self.name} is unreachable ({type(exc).__name__}): "
                                   f"{_first_line(exc)}") from exc
 
-    async def generate(self, request: GenerateRequest | Sequence[Sequence[int]],
-                       sampling_params: Any = None, **request_fields: Any) -> GenerateOutput:
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
-                                      sampling_params=sampling_params or {}, **request_fields)
-        return await self._call("generate", request)
+    async def generate(self, request: Prompts, sampling_params: SamplingInput = None,
+                       **request_fields: Any) -> GenerateOutput:
+        return await self._call("generate", GenerateRequest.coerce(request, sampling_params, request_fields))
 
-    async def generate_stream(self, request: GenerateRequest | Sequence[Sequence[int]],
-                              sampling_params: Any = None, **request_fields: Any) -> AsyncIterator[StreamChunk]:
+    async def generate_stream(self, request: Prompts, sampling_params: SamplingInput = None,
+                              **request_fields: Any) -> AsyncIterator[StreamChunk]:
         """The actor's chunks as it yields them, through a Ray streaming generator."""
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request],
-                                      sampling_params=sampling_params or {}, **request_fields)
+        request = GenerateRequest.coerce(request, sampling_params, request_fields)
         try:
             async for ref in self.actor.generate_stream.options(num_returns="streaming").remote(request):
                 yield await ref
@@ -192,13 +205,15 @@ class RayEngineProxy:
     async def resume_generation(self) -> None:
         await self._call("resume_generation")
 
-    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, **kwargs: Any) -> None:
-        await self._call("sleep", list(tags) if tags is not None else None, level, kwargs)
+    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, *, abort_first: bool = True,
+                    drain_timeout: float = 5.0) -> None:
+        await self._call("sleep", list(tags) if tags is not None else None, level, abort_first=abort_first,
+                         drain_timeout=drain_timeout)
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         await self._call("wake_up", list(tags) if tags is not None else None)
 
-    async def weight_specs(self) -> dict[str, Any]:
+    async def weight_specs(self) -> dict[str, TensorSpec]:
         return await self._call("weight_specs")
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
@@ -207,7 +222,8 @@ class RayEngineProxy:
                                         strategy=request.strategy, payload=None)
         await self._call("validate_weight_update", described)
 
-    async def init_weight_update_communicator(self, init_info: Any) -> None:
+    async def init_weight_update_communicator(
+            self, init_info: WeightSyncInitInfo | Sequence[WeightSyncInitInfo]) -> None:
         await self._call("init_weight_update_communicator", init_info)
 
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
@@ -217,7 +233,8 @@ class RayEngineProxy:
     async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
         return await self.update_named_weights(WeightUpdateRequest.from_named_tensors(list(named_tensors)))
 
-    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> None:
+    async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
+                                pinned: bool = False) -> None:
         await self._call("load_lora_adapter", lora_name, os.fspath(lora_path), pinned)
 
     async def unload_lora_adapter(self, lora_name: str) -> None:

@@ -153,14 +153,4 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# What each non-default parameter requires of a backend, by capability name. A parameter whose
-# capability the backend declares absent is rejected by the engine facade before reaching it.
-PARAMETER_CAPABILITIES: dict[str, str] = {
-    "stop": "stop_strings",
-    "min_new_tokens": "min_new_tokens",
-    "seed": "seeded_sampling",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-}
-
-__all__ = ["SamplingParams", "PARAMETER_CAPABILITIES"]
+__all__ = ["SamplingParams"]

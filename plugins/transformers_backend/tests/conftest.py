@@ -1,14 +1,8 @@
 import asyncio
-from pathlib import Path
 
 import pytest
 
-
-@pytest.fixture(scope="session")
-def model_dir() -> str:
-    from skyrl_backends.testing.tiny_model import resolve_test_model
-
-    return resolve_test_model(build_into=Path(__file__).resolve().parents[3] / ".cache" / "tiny-model")
+pytest_plugins = ["skyrl_backends.testing.fixtures"]  # model_dir, lora_dir, tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,9 @@
 import asyncio
 
 import pytest
+import skyrl_backends as sb
 import torch
 from conftest import run
-
-import skyrl_backends as sb
 
 PROMPT = [5, 6, 7]
 GREEDY = {"max_generate_length": 12, "temperature": 0, "ignore_eos": True}
@@ -98,7 +97,7 @@ def test_lora_load_changes_output_unload_restores(fresh, model_dir):
 def test_weight_update_with_lora_loaded_uses_plain_names(fresh, hf_model, model_dir):
     base = greedy(fresh)
     run(fresh.load_lora_adapter("a", f"{model_dir}/lora"))
-    names = {s for s in fresh.weight_specs()}
+    names = {s for s in run(fresh.weight_specs())}
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert not any("base_layer" in n or "lora_" in n for n in names)
     run(fresh.update_weights_from_tensors(perturbed(hf_model)))

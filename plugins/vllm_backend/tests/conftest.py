@@ -11,30 +11,15 @@ worker process.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-
 import skyrl_backends as sb
+
+pytest_plugins = ["skyrl_backends.testing.fixtures"]  # model_dir, lora_dir, tokenizer
 
 # Read when an engine is configured: in-process workers unless a test asks for the default.
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 os.environ.setdefault(MULTIPROCESSING_ENV, "0")
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> str:
-    from skyrl_backends.testing.tiny_model import resolve_test_model
-
-    path = resolve_test_model()
-    if path is None:
-        pytest.skip("SKYRL_TEST_MODEL does not point at the tiny test model (run `make model`)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def lora_dir(model_dir: str) -> str:
-    return str(Path(model_dir) / "lora")
 
 
 def make_engine(model_dir: str, **options) -> sb.InferenceEngine:
@@ -63,7 +48,7 @@ async def lora_engine(model_dir: str):
 def checkpoint(model_dir: str) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(model_dir) / "model.safetensors"))
+    return load_file(os.path.join(model_dir, "model.safetensors"))
 
 
 GREEDY = {"max_generate_length": 16, "temperature": 0}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["skyrl_backends.testing.fixtures"]  # model_dir, lora_dir, tokenizer
 
 # Engine options per backend for the tiny CPU model (a backend not listed gets none).
 BACKEND_OPTIONS: dict[str, dict] = {
@@ -46,16 +47,6 @@ def engine_options(backend) -> dict:
 
 
 @pytest.fixture(scope="session")
-def model_path() -> str:
-    from skyrl_backends.testing.tiny_model import resolve_test_model
-
-    path = resolve_test_model()
-    if path is None:
-        pytest.skip("SKYRL_TEST_MODEL is not set to the tiny model folder (make model)")
-    return path
-
-
-@pytest.fixture(scope="session")
 def aio():
     from skyrl_backends.client.loop_thread import LoopThread
 
@@ -65,13 +56,13 @@ def aio():
 
 
 @pytest.fixture(scope="session")
-def make_local_engine(aio, backend, model_path, engine_options):
+def make_local_engine(aio, backend, model_dir, engine_options):
     import skyrl_backends as sb
 
     started = []
 
     def make():
-        engine = aio.call(sb.create_engine, backend, model=model_path, **engine_options)
+        engine = aio.call(sb.create_engine, backend, model=model_dir, **engine_options)
         started.append(engine)
         return engine
 
@@ -95,14 +86,14 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def make_ray_engines(aio, ray_session, backend, model_path, engine_options):
+def make_ray_engines(aio, ray_session, backend, model_dir, engine_options):
     from skyrl_backends.ray_wrapper import create_ray_engines
 
     started = []
 
     def make(count):
         # Half a CPU each: two shared engines and one to kill fit the two CPUs of the local Ray.
-        engines = create_ray_engines(count, backend, model_path, num_cpus_per_engine=0.5, **engine_options)
+        engines = create_ray_engines(count, backend, model_dir, num_cpus_per_engine=0.5, **engine_options)
         started.extend(engines)
         return engines
 
@@ -130,15 +121,8 @@ def engines(placement, request):
 
 
 @pytest.fixture(scope="session")
-def model_weights(model_path):
+def model_weights(model_dir):
     """The model's own weights, as (name, tensor) pairs: an update that must change nothing."""
     from safetensors.torch import load_file
 
-    return sorted(load_file(os.path.join(model_path, "model.safetensors")).items())
-
-
-@pytest.fixture(scope="session")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
+    return sorted(load_file(os.path.join(model_dir, "model.safetensors")).items())

@@ -222,7 +222,7 @@ async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):
     raise AssertionError(f"fewer than {count} requests were ever in flight")
 
 
-def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session, backend, model_path,
+def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session, backend, model_dir,
                                                                engine_options):
     """Engines scheduled on bundles of a placement group the trainer owns (``colocate=True``), as
     with ``colocate_all``: on this CPU-only Ray the GPU fraction is 0, the placement is the same."""
@@ -231,11 +231,11 @@ def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session,
     from skyrl_backends.ray_wrapper import create_ray_engines
 
     with pytest.raises(ConfigError, match="placement_group"):
-        create_ray_engines(1, backend, model_path, colocate=True)
+        create_ray_engines(1, backend, model_dir, colocate=True)
     trainer_group = placement_group([{"CPU": 0.5}])
     ray_session.get(trainer_group.ready(), timeout=120)
     try:
-        engines = create_ray_engines(1, backend, model_path, placement_group=trainer_group, colocate=True,
+        engines = create_ray_engines(1, backend, model_dir, placement_group=trainer_group, colocate=True,
                                      num_cpus_per_engine=0.5, **engine_options)
 
         async def main():

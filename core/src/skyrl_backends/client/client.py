@@ -14,8 +14,9 @@ The trainer talks to this object as it would to one :class:`~skyrl_backends.engi
   is marked unhealthy and its pending prompts are sent to the others (sessions move to the ring's
   next engine), or fail with :class:`~skyrl_backends.errors.EngineDeadError` when none is left.
 
-Engines are anything with the engine API: in-process ``InferenceEngine`` objects and Ray actor
-proxies (:mod:`skyrl_backends.ray_wrapper`) alike.
+Engines are anything implementing :class:`skyrl_backends.protocols.Engine`: in-process
+``InferenceEngine`` objects and Ray actor proxies (:mod:`skyrl_backends.ray_wrapper`) alike. The
+client implements the protocol too, so a pool stands wherever one engine would.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.client.continuation import Continuation, Decode
 from skyrl_backends.client.hashing import DEFAULT_VIRTUAL_NODES, ConsistentHashRing
 from skyrl_backends.client.routing import LoadTracker, Router, SessionRouting, reassemble
@@ -37,9 +40,18 @@ from skyrl_backends.errors import (
     EngineStateError,
     UnsupportedCapabilityError,
 )
-from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.protocols import Engine, Prompts, SamplingInput
 from skyrl_backends.stopping import StopStringMatcher
-from skyrl_backends.types import Completion, GenerateOutput, GenerateRequest, StreamChunk, WeightUpdateRequest
+from skyrl_backends.types import (
+    Completion,
+    GenerateOutput,
+    GenerateRequest,
+    ParallelSizes,
+    StreamChunk,
+    TensorSpec,
+    WeightSyncInitInfo,
+    WeightUpdateRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +78,7 @@ class EngineStats:
 @dataclass
 class _EngineSlot:
     engine_id: str
-    engine: Any
+    engine: Engine
     healthy: bool = True
     failure: str | None = None
     stats: EngineStats = field(default_factory=EngineStats)
@@ -74,7 +86,7 @@ class _EngineSlot:
     inflight: dict[str, str] = field(default_factory=dict)
 
     @property
-    def capabilities(self) -> Any:
+    def capabilities(self) -> Capabilities:
         return self.engine.capabilities
 
 
@@ -104,7 +116,7 @@ class InferenceEngineClient:
     average load in flight (consistent hashing with bounded loads; see ``routing.Router``).
     """
 
-    def __init__(self, engines: Sequence[Any], *, request_timeout: float | None = None,
+    def __init__(self, engines: Sequence[Engine], *, request_timeout: float | None = None,
                  session_routing: SessionRouting = "consistent_hash", pause_mode: PauseMode = "auto",
                  tokenizer: Any = None, decode: Decode | None = None,
                  virtual_nodes: int = DEFAULT_VIRTUAL_NODES, max_failovers: int | None = None,
@@ -139,7 +151,7 @@ class InferenceEngineClient:
             raise ValueError("InferenceEngineClient needs at least one engine")
 
     # -- the pool ----------------------------------------------------------------------------
-    def add_engine(self, engine: Any, engine_id: str | None = None) -> str:
+    def add_engine(self, engine: Engine, engine_id: str | None = None) -> str:
         """Add an engine to the pool; returns its id. Only the sessions the ring now gives the new
         engine move to it."""
         engine_id = engine_id or f"engine-{next(self._ids)}"
@@ -149,7 +161,7 @@ class InferenceEngineClient:
         self._ring.add(engine_id)
         return engine_id
 
-    def remove_engine(self, engine_id: str) -> Any:
+    def remove_engine(self, engine_id: str) -> Engine:
         """Take an engine out of the pool (it is not torn down); returns it. Requests running
         there finish there."""
         slot = self._slot(engine_id)
@@ -162,11 +174,38 @@ class InferenceEngineClient:
         return list(self._slots)
 
     @property
-    def engines(self) -> list[Any]:
+    def engines(self) -> list[Engine]:
         return [s.engine for s in self._slots.values()]
 
-    def engine(self, engine_id: str) -> Any:
+    def engine(self, engine_id: str) -> Engine:
         return self._slot(engine_id).engine
+
+    # -- what the pool is, as one engine ------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The pool's backend name (names joined by ``+`` when the pool mixes backends)."""
+        return "+".join(dict.fromkeys(s.engine.backend for s in self._slots.values()))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What every healthy engine of the pool supports."""
+        return Capabilities.common([s.capabilities for s in (self._usable() or self._slots.values())])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def parallel_sizes(self) -> ParallelSizes:
+        """One engine's parallel sizes (the pool's engines are meant to be identical)."""
+        return next(iter(self._slots.values())).engine.parallel_sizes()
+
+    def engine_version(self) -> str | None:
+        versions = {s.engine.engine_version() for s in self._slots.values()}
+        return versions.pop() if len(versions) == 1 else None
+
+    async def weight_specs(self) -> dict[str, TensorSpec]:
+        """The parameters of the pool's first healthy engine."""
+        return await self._require_usable()[0].engine.weight_specs()
 
     def route_session(self, session_id: str) -> str | None:
         """The engine id that serves ``session_id`` now (None when no engine is healthy)."""
@@ -212,18 +251,11 @@ class InferenceEngineClient:
         return slots
 
     # -- generation --------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest | Sequence[Sequence[int]],
-                       sampling_params: SamplingParams | dict[str, Any] | None = None,
+    async def generate(self, request: Prompts, sampling_params: SamplingInput = None,
                        **request_fields: Any) -> GenerateOutput:
         """Generate for a batch over the pool; completions come back in the batch's order
         (``n`` per prompt, prompt-major). Same arguments as ``InferenceEngine.generate``."""
-        if not isinstance(request, GenerateRequest):
-            params = sampling_params if isinstance(sampling_params, SamplingParams) \
-                else SamplingParams.from_dict(sampling_params)
-            request = GenerateRequest(prompt_token_ids=[list(p) for p in request], sampling_params=params,
-                                      **request_fields)
-        elif sampling_params is not None or request_fields:
-            raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
+        request = GenerateRequest.coerce(request, sampling_params, request_fields)
         self._check_open()
         epoch = self._abort_epoch
         try:
@@ -385,12 +417,11 @@ class InferenceEngineClient:
         return segment, output
 
     # -- streaming ---------------------------------------------------------------------------
-    async def generate_stream(self, prompt: Sequence[int],
-                              sampling_params: SamplingParams | dict[str, Any] | None = None,
-                              session_id: str | None = None, *, request_id: str | None = None,
-                              lora_name: str | None = None) -> AsyncIterator[StreamChunk]:
-        """One prompt's completions as their tokens arrive (``n`` of them; ``chunk.index`` is the
-        sample), from the engine its session (sticky) or the load picks.
+    async def generate_stream(self, request: Prompts, sampling_params: SamplingInput = None,
+                              **request_fields: Any) -> AsyncIterator[StreamChunk]:
+        """Completions as their tokens arrive; ``chunk.index`` is the completion's position in what
+        :meth:`generate` returns for the same request (prompt-major, ``n`` per prompt). Each prompt
+        streams from the engine its session (sticky) or the load picks.
 
         A pause by abort (engines without a native pause, or ``pause_mode="abort"``) is seamless:
         the aborted segment's tokens have been relayed, the sequence waits for resume and goes on as
@@ -398,12 +429,16 @@ class InferenceEngineClient:
         (``max_generate_length`` tokens unless a stop condition ends it earlier). Unlike
         :meth:`generate`, a stream does not fail over and has no ``request_timeout``: an engine
         failure mid-stream marks the engine unhealthy and is raised."""
-        params = sampling_params if isinstance(sampling_params, SamplingParams) \
-            else SamplingParams.from_dict(sampling_params)
-        request = GenerateRequest(prompt_token_ids=[list(prompt)], sampling_params=params,
-                                  request_ids=[request_id] if request_id is not None else None,
-                                  session_ids=[session_id], lora_name=lora_name)
+        request = GenerateRequest.coerce(request, sampling_params, request_fields)
         self._check_open()
+        n = request.sampling_params.n
+        streams = [self._stream_prompt(request.subset([i])) for i in range(len(request))]
+        async for number, chunk in merge_streams(streams):
+            chunk.index = number * n + chunk.index
+            yield chunk
+
+    async def _stream_prompt(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """One prompt's ``n`` completions (``chunk.index`` is the sample)."""
         epoch = self._abort_epoch
         client_rid = request.request_ids[0]
         try:
@@ -634,28 +669,30 @@ class InferenceEngineClient:
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
         """Raise WeightUpdateError if any healthy engine would reject ``request``."""
-        await _gather_or_cancel([_maybe_await(s.engine.validate_weight_update(request))
-                                 for s in self._require_usable()])
+        await _gather_or_cancel([s.engine.validate_weight_update(request) for s in self._require_usable()])
 
     async def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
         return await self.update_named_weights(WeightUpdateRequest.from_named_tensors(list(named_tensors)))
 
-    async def init_weight_update_communicator(self, init_infos: Sequence[Any] | Any) -> None:
+    async def init_weight_update_communicator(
+            self, init_info: WeightSyncInitInfo | Sequence[WeightSyncInitInfo]) -> None:
         """One ``WeightSyncInitInfo`` per engine (in pool order), or one shared by all."""
         slots = self._require_usable()
-        infos = list(init_infos) if isinstance(init_infos, (list, tuple)) else [init_infos] * len(slots)
+        infos = list(init_info) if isinstance(init_info, (list, tuple)) else [init_info] * len(slots)
         if len(infos) != len(slots):
             raise ValueError(f"got {len(infos)} init infos for {len(slots)} engines; give one per engine")
         await _gather_or_cancel([self._engine_call(s, s.engine.init_weight_update_communicator, info)
                                  for s, info in zip(slots, infos)])
 
-    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, **kwargs: Any) -> None:
-        await self._fan_out("sleep", tags, level, **kwargs)
+    async def sleep(self, tags: Sequence[str] | None = None, level: int = 1, *, abort_first: bool = True,
+                    drain_timeout: float = 5.0) -> None:
+        await self._fan_out("sleep", tags, level, abort_first=abort_first, drain_timeout=drain_timeout)
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> None:
         await self._fan_out("wake_up", tags)
 
-    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> None:
+    async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
+                                pinned: bool = False) -> None:
         await self._fan_out("load_lora_adapter", lora_name, lora_path, pinned)
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
@@ -674,7 +711,7 @@ class InferenceEngineClient:
             return
         self._closed = True
         self._notify()
-        results = await asyncio.gather(*(_maybe_await(s.engine.teardown()) for s in self._slots.values()),
+        results = await asyncio.gather(*(s.engine.teardown() for s in self._slots.values()),
                                        return_exceptions=True)
         for slot, result in zip(self._slots.values(), results):
             if isinstance(result, BaseException):

@@ -19,13 +19,14 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from skyrl_backends.api import create_engine
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import load_config
 from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.oracles import ReferenceModel
 from skyrl_backends.discovery import get_backend
 from skyrl_backends.engine import InferenceEngine
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.types import Capabilities, Completion, GenerateOutput, WeightUpdateRequest
+from skyrl_backends.types import Completion, GenerateOutput, TensorSpec, WeightUpdateRequest
 
 T = TypeVar("T")
 LORA_SUBDIR = "lora"
@@ -124,7 +125,7 @@ class ConformanceHarness:
     def engine_dtype(self) -> str:
         """The dtype the engine holds its weights in (the most common one among its parameters)."""
         if self._engine_dtype is None:
-            specs = list(self.engine.weight_specs().values())
+            specs = list(self.weight_specs().values())
             dtypes = [s.dtype for s in specs]
             self._engine_dtype = max(set(dtypes), key=dtypes.count)
         return self._engine_dtype
@@ -145,6 +146,9 @@ class ConformanceHarness:
         return max(64, min(900, int(context) - 40))
 
     # -- helpers the tests share -----------------------------------------------------------------
+    def weight_specs(self, engine: InferenceEngine | None = None) -> dict[str, TensorSpec]:
+        return self.run((engine or self.engine).weight_specs())
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Mapping[str, Any] | None = None,
                  engine: InferenceEngine | None = None, **request_fields: Any) -> GenerateOutput:
         engine = engine or self.engine
@@ -160,7 +164,7 @@ class ConformanceHarness:
                       engine: InferenceEngine | None = None) -> WeightUpdateRequest:
         """An in-process update carrying ``state``'s tensors for the engine's parameters (all, or
         ``names``), each converted to the dtype the engine holds it in."""
-        specs = (engine or self.engine).weight_specs()
+        specs = self.weight_specs(engine)
         chosen = list(names) if names is not None else list(specs)
         missing = [n for n in chosen if n not in state]
         if missing:

@@ -3,10 +3,11 @@
 Both are plain function attributes rather than pytest marks, so importing the suite never needs
 the plugin's mark registration.
 
-``@requires("lora")`` makes a test *unsupported (declared)* when the backend declares the capability
-absent: the test is skipped with a reason that starts with :data:`UNSUPPORTED_PREFIX` and names the
-capability, so the report and the parity table can tell it from any other skip. A declared
-capability is tested, and fails if it does not work.
+``@requires(capabilities.LORA)`` makes a test *unsupported (declared)* when the backend declares the
+capability absent: the test is skipped with a reason that starts with :data:`UNSUPPORTED_PREFIX` and
+names the capability (:func:`skyrl_backends.capabilities.missing` decides what is missing), so the
+report and the parity table can tell it from any other skip. A declared capability is tested, and
+fails if it does not work.
 
 ``@feature("Stop strings")`` names the parity-table row a test feeds; a test without it feeds its
 group's row (the ``feature`` attribute of its class).
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from skyrl_backends.types import Capabilities
+from skyrl_backends.capabilities import Requirement
 
 UNSUPPORTED_PREFIX = "unsupported (declared): "
 REJECTED_PREFIX = "unsupported (rejected): "
@@ -27,13 +28,16 @@ FEATURE_ATTR = "__conformance_feature__"
 F = TypeVar("F", bound=Callable[..., object])
 
 
-def requires(*capabilities: str) -> Callable[[F], F]:
-    """Mark a test as needing every named capability (see :func:`capability_present`)."""
-    for name in capabilities:
-        capability_present(Capabilities(), name)  # reject misspelled names at import time
+def requires(*requirements: Requirement) -> Callable[[F], F]:
+    """Mark a test as needing every requirement (constants and constructors of
+    :mod:`skyrl_backends.capabilities`, e.g. ``requires(capabilities.LORA, capabilities.sleep_level(2))``)."""
+    for requirement in requirements:
+        if not isinstance(requirement, Requirement):
+            raise TypeError(f"requires() takes skyrl_backends.capabilities requirements such as capabilities.LORA, "
+                            f"not {requirement!r}")
 
     def mark(test: F) -> F:
-        setattr(test, REQUIRES_ATTR, tuple(getattr(test, REQUIRES_ATTR, ())) + capabilities)
+        setattr(test, REQUIRES_ATTR, tuple(getattr(test, REQUIRES_ATTR, ())) + requirements)
         return test
 
     return mark
@@ -48,49 +52,12 @@ def feature(row: str) -> Callable[[F], F]:
     return mark
 
 
-def required_capabilities(test: object) -> tuple[str, ...]:
+def required_capabilities(test: object) -> tuple[Requirement, ...]:
     return tuple(getattr(test, REQUIRES_ATTR, ()))
 
 
 def feature_of_function(test: object, default: str) -> str:
     return getattr(test, FEATURE_ATTR, default)
-
-
-def capability_present(caps: Capabilities, name: str) -> bool:
-    """Whether ``caps`` declares ``name``.
-
-    Besides every boolean field of :class:`Capabilities` (``lora``, ``stop_strings``...), the suite
-    knows ``sleep``, ``sleep_level:N`` (level N is declared), ``discards_weights`` (some declared
-    level drops the weights) and ``weight_sync:STRATEGY`` (e.g. ``weight_sync:tensors``)."""
-    if name.startswith("sleep_level:"):
-        return int(name.split(":", 1)[1]) in caps.sleep_levels
-    if name == "discards_weights":
-        return caps.discards_weights_at_level is not None and any(
-            level >= caps.discards_weights_at_level for level in caps.sleep_levels)
-    if name.startswith("weight_sync:"):
-        return name.split(":", 1)[1] in caps.weight_sync_strategies
-    return caps.has(name)
-
-
-# Capabilities that only mean something when their root is declared: a backend without sleep is
-# reported as lacking "sleep", not each sleep level.
-_ROOTS = {"discards_weights": "sleep", "sleep_tags": "sleep"}
-
-
-def _root(name: str) -> str:
-    return "sleep" if name.startswith("sleep_level:") else _ROOTS.get(name, name)
-
-
-def missing_capabilities(caps: Capabilities, names: tuple[str, ...]) -> list[str]:
-    missing: list[str] = []
-    for name in names:
-        if capability_present(caps, name):
-            continue
-        root = _root(name)
-        reported = root if root != name and not capability_present(caps, root) else name
-        if reported not in missing:
-            missing.append(reported)
-    return missing
 
 
 def merge_unsupported(reasons: list[str]) -> str:

@@ -2,6 +2,11 @@
 
     skyrl-backends serve --backend transformers --model DIR [--num-engines N] [--host 127.0.0.1]
                          [--port 8000] [--api-key KEY] [--ray]
+    skyrl-backends serve generator.backend=sglang generator.model=DIR generator.dtype=bfloat16
+
+Engine options come as the design's dotted overrides (``generator.KEY=VALUE``, values read as YAML),
+as ``--engine-option KEY=VALUE`` or through ``--backend``/``--model``; all are checked by the
+generator config's one rule (:mod:`skyrl_backends.config`).
 
 Picked up by the core CLI when this module imports; it imports nothing heavy until the command runs,
 so the command is listed without the ``http`` extra and then says how to install it.
@@ -25,8 +30,11 @@ INSTALL_HTTP = "pip install 'skyrl-backends[http]'"
 
 def add_subcommand(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="serve engines behind an OpenAI-compatible HTTP endpoint")
-    serve.add_argument("--backend", default="transformers", help="backend name (see `skyrl-backends plugins`)")
-    serve.add_argument("--model", required=True, help="model folder (also the tokenizer unless --tokenizer)")
+    serve.add_argument("overrides", nargs="*", metavar="generator.KEY=VALUE",
+                       help="generator-config overrides in the design's dotted syntax, e.g. generator.backend=sglang")
+    serve.add_argument("--backend", default=None,
+                       help="backend name (see `skyrl-backends plugins`; default: transformers)")
+    serve.add_argument("--model", default=None, help="model folder (also the tokenizer unless --tokenizer)")
     serve.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     serve.add_argument("--served-model-name", default=None, help="name clients use in `model` (default: folder name)")
     serve.add_argument("--num-engines", type=int, default=1)
@@ -82,12 +90,29 @@ def installed_versions(names: Any) -> dict[str, str | None]:
     return versions
 
 
+def _generator_config(args: argparse.Namespace) -> Any:
+    """One generator config from the overrides, then --engine-option, --backend and --model."""
+    from skyrl_backends.config import load_config, parse_overrides
+
+    values = parse_overrides(args.overrides)
+    values.update(_engine_options(args.engine_option))
+    if args.backend is not None:
+        values["backend"] = args.backend
+    if args.model is not None:
+        values["model"] = args.model
+    config = load_config(values)
+    if config.model is None:
+        raise SystemExit("serve needs a model: --model DIR or generator.model=DIR")
+    return config
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     problem = http_extra_problem(installed_versions(HTTP_EXTRA))
     if problem:
         raise SystemExit(f"skyrl-backends serve: {problem}")
     if args.num_engines < 1:
         raise SystemExit("--num-engines must be >= 1")
+    _generator_config(args)  # a bad option is reported before anything starts
     try:  # uvicorn.run would pick uvloop too; vLLM's own server runs on it
         import uvloop
     except ImportError:
@@ -105,7 +130,9 @@ async def _serve(args: argparse.Namespace) -> None:
     from skyrl_backends.http.guards import DEFAULT_MAX_BODY_BYTES
     from skyrl_backends.http.server import serve
 
-    options = _engine_options(args.engine_option)
+    config = _generator_config(args)
+    options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model")}
+    args.backend, args.model = config.backend, config.model
     if args.ray:
         import ray
 

@@ -4,9 +4,9 @@
 
     versions = await sync_weights(engines, model, strategy="shared_memory")
 
-``engines`` is one engine or a list of them: an :class:`~skyrl_backends.InferenceEngine`, or any
-object with ``update_named_weights(request) -> version`` (a client or a proxy of an engine in
-another process; a client over several engines may return a list of versions). The whole model
+``engines`` is one engine or a list of them: anything implementing
+:class:`skyrl_backends.protocols.Engine` (an :class:`~skyrl_backends.InferenceEngine`, a Ray proxy,
+a client over several engines). The whole model
 travels as ONE :class:`~skyrl_backends.types.WeightUpdateRequest`, so each engine validates all of
 it before applying anything and bumps its weight version once. Tensors are converted to the dtype
 each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says otherwise.
@@ -15,48 +15,39 @@ each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says oth
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.protocols import Engine
 from skyrl_backends.types import TensorSpec, WeightUpdateRequest
 from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, plan
 
 STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
-# Backends whose engines receive broadcasts with their own native code, one typed broadcast per
-# tensor (SGLang's update_weights_from_distributed), rather than with skyrl's packed receiver.
-PER_TENSOR_BROADCAST_BACKENDS: tuple[str, ...] = ("sglang",)
 _ENGINE_DTYPES = "engine"
+Targets = Engine | Sequence[Engine]
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-def _as_list(targets: Any) -> list[Any]:
+def _as_list(targets: Targets) -> list[Engine]:
     if isinstance(targets, Sequence) and not isinstance(targets, (str, bytes)):
         return list(targets)
     return [targets]
 
 
-def _pool(target: Any) -> list[Any] | None:
+def _pool(target: Engine) -> list[Engine] | None:
     """The engines of a client (an object with an ``engines`` list), else None."""
     engines = getattr(target, "engines", None)
     return list(engines) if isinstance(engines, (list, tuple)) else None
 
 
-async def _engine_dtypes(targets: list[Any]) -> dict[str, str] | None:
-    for target in targets:
-        target = (_pool(target) or [target])[0]
-        if hasattr(target, "weight_specs"):
-            specs = await _maybe_await(target.weight_specs())
-            values = specs.values() if isinstance(specs, Mapping) else specs
-            return {s.name: s.dtype for s in values if isinstance(s, TensorSpec)}
-    return None
+async def _engine_dtypes(targets: list[Engine]) -> dict[str, str]:
+    specs = await targets[0].weight_specs()
+    values = specs.values() if isinstance(specs, Mapping) else specs
+    return {s.name: s.dtype for s in values if isinstance(s, TensorSpec)}
 
 
 def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
@@ -72,7 +63,7 @@ def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
     raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(STRATEGIES)}"})
 
 
-def _num_ranks(target: Any) -> int:
+def _num_ranks(target: Engine) -> int:
     pool = _pool(target)
     if pool is not None:
         return sum(_num_ranks(e) for e in pool)
@@ -84,14 +75,7 @@ def _num_ranks(target: Any) -> int:
     return 1
 
 
-def _receives_per_tensor_only(engine: Any) -> bool:
-    layouts = getattr(getattr(engine, "capabilities", None), "broadcast_layouts", None)
-    if isinstance(layouts, tuple):
-        return "packed" not in layouts
-    return getattr(engine, "backend", None) in PER_TENSOR_BROADCAST_BACKENDS  # a proxy without capabilities
-
-
-async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", master_port: int = 0,
+async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1", master_port: int = 0,
                             backend: str | None = None, group_name: str = "skyrl_weight_sync",
                             device: torch.device | str | None = None, ranks_per_engine: Sequence[int] | None = None,
                             timeout_s: float = broadcast.DEFAULT_TIMEOUT_S,
@@ -100,8 +84,8 @@ async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", mas
     ``init_weight_update_communicator`` hook. ``backend`` defaults to nccl when ``device`` is CUDA,
     gloo otherwise; ``master_port=0`` picks a free port. ``layout`` defaults to ``"packed"`` on NCCL
     and ``"per_tensor"`` on gloo, where packing costs a copy as slow as the transfer itself
-    (docs/benchmarks.md), and to ``"per_tensor"`` whenever an engine's backend receives natively
-    (SGLang).
+    (docs/benchmarks.md), and to ``"per_tensor"`` whenever an engine declares it receives no packed
+    broadcast (``Capabilities.broadcast_layouts``: SGLang's native receiver, for one).
 
     ``apply``: ``"atomic"`` (each engine stages the whole update before loading any of it, so a
     transfer that fails midway changes nothing) or ``"streamed"`` (``packed`` only: each engine loads
@@ -112,7 +96,7 @@ async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", mas
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     members = [m for e in engines for m in (_pool(e) or [e])]
-    native = sorted({str(getattr(m, "backend", m)) for m in members if _receives_per_tensor_only(m)})
+    native = sorted({m.backend for m in members if not receives_packed_broadcast(m.capabilities)})
     if layout is None:  # streamed updates are applied bucket by bucket, so they travel packed
         layout = "packed" if apply == "streamed" or not (native or backend == "gloo") else "per_tensor"
     if apply == "streamed" and native:
@@ -128,18 +112,18 @@ async def connect_broadcast(targets: Any, *, master_addr: str = "127.0.0.1", mas
     for engine, offset in zip(engines, offsets, strict=False):
         pool = _pool(engine)
         if pool is None:
-            joins.append(_maybe_await(engine.init_weight_update_communicator(sender.init_info(offset))))
+            joins.append(engine.init_weight_update_communicator(sender.init_info(offset)))
         else:  # a client: one init info per engine of its pool, consecutive ranks
             infos, next_offset = [], offset
             for member in pool:
                 infos.append(sender.init_info(next_offset))
                 next_offset += _num_ranks(member)
-            joins.append(_maybe_await(engine.init_weight_update_communicator(infos)))
+            joins.append(engine.init_weight_update_communicator(infos))
     await asyncio.gather(asyncio.to_thread(sender.join), *joins)
     return sender
 
 
-async def sync_weights(targets: Any, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
+async def sync_weights(targets: Targets, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
                        sender: Any = None) -> list[int]:
     """Push ``weights`` (a module, a state dict or ``(name, tensor)`` pairs) into every engine of
@@ -176,30 +160,29 @@ async def sync_weights(targets: Any, weights: Weights, strategy: str = shared_me
             sender.close()
 
 
-async def _validate(engines: list[Any], request: WeightUpdateRequest) -> None:
+async def _validate(engines: list[Engine], request: WeightUpdateRequest) -> None:
     for engine in engines:
-        if hasattr(engine, "validate_weight_update"):
-            await _maybe_await(engine.validate_weight_update(request))
+        await engine.validate_weight_update(request)
 
 
-async def _apply(engines: list[Any], request: WeightUpdateRequest) -> list[int]:
+async def _apply(engines: list[Engine], request: WeightUpdateRequest) -> list[int]:
     await _validate(engines, request)
-    results = await asyncio.gather(*(_maybe_await(e.update_named_weights(request)) for e in engines))
+    results = await asyncio.gather(*(e.update_named_weights(request) for e in engines))
     return _versions(engines, results)
 
 
-async def _broadcast(engines: list[Any], layout: PackPlan, sender: broadcast.BroadcastSender) -> list[int]:
+async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender) -> list[int]:
     request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, broadcast.STRATEGY,
                                   sender.payload(layout))
     # Every engine must take part in every broadcast: check them all before the first byte moves,
     # since an engine that refuses would leave the others waiting until the group's timeout.
     await _validate(engines, request)
     results = await asyncio.gather(asyncio.to_thread(sender.send, layout),
-                                   *(_maybe_await(e.update_named_weights(request)) for e in engines))
+                                   *(e.update_named_weights(request) for e in engines))
     return _versions(engines, results[1:])
 
 
-def _versions(targets: list[Any], results: Sequence[Any]) -> list[int]:
+def _versions(targets: list[Engine], results: Sequence[Any]) -> list[int]:
     """One weight version per engine: a client's result stands for its pool, whose engines report
     their own versions."""
     versions: list[int] = []

@@ -38,13 +38,13 @@ class MinimalEngine:
 
     # -- generation ---------------------------------------------------------------------------
     @hookimpl
-    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+    async def skyrl_backends_generate(self, request: GenerateRequest, engine_params: SamplingParams) -> GenerateOutput:
         for i, prompt in enumerate(request.prompt_token_ids):
             if max(prompt) >= self.vocab_size or len(prompt) >= self.max_len:
                 raise ConfigError(f"prompt_token_ids[{i}]", f"has a token id >= {self.vocab_size} or is longer "
                                                             f"than the model's {self.max_len} positions.")
         completions = await asyncio.gather(*(
-            self.generate_one(request_id, prompt, request.sampling_params)
+            self.generate_one(request_id, prompt, engine_params)
             for request_id, prompt in zip(request.request_ids, request.prompt_token_ids, strict=True)))
         return GenerateOutput(list(completions))
 

@@ -13,7 +13,9 @@ def skyrl_backends_backend_info() -> BackendInfo:
     # plugin_api_versions: the versions of skyrl_backends' plugin API this file was written for.
     return BackendInfo(name="minimal", engine="transformers", supported_versions=">=4.56,<6",
                        plugin_api_versions=(1,),
-                       description="Plain forward passes, no KV cache: small enough to read in one sitting.")
+                       description="Plain forward passes, no KV cache: small enough to read in one sitting.",
+                       # Named so the engine's hooks are checked before an engine starts.
+                       engine_class="skyrl_backend_minimal.engine:MinimalEngine")
 
 
 @hookimpl
@@ -26,7 +28,8 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
 @hookimpl
 def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> Any:
     # The engine reads canonical parameters directly. The facade has already refused every
-    # parameter whose capability is declared absent (stop strings, seed, min_p, ...).
+    # parameter whose capability is declared absent (stop strings, seed, min_p, ...); what this
+    # returns reaches skyrl_backends_generate as ``engine_params``.
     return params
 
 

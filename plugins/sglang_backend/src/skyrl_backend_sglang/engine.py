@@ -54,7 +54,6 @@ from skyrl_backend_sglang.translation import (
     check_server_arg_names,
     engine_kwargs,
     is_cpu,
-    translate_sampling,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,9 +165,9 @@ class SGLangEngine:
 
     # -- generation ----------------------------------------------------------------------------
     @hookimpl
-    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+    async def skyrl_backends_generate(self, request: GenerateRequest, engine_params: SGLangSampling) -> GenerateOutput:
         params = request.sampling_params
-        plan = translate_sampling(params)
+        plan = engine_params  # the plugin's translation (translation.py), made once by the facade
         self._check_prompts(request.prompt_token_ids)
         results = await self._on_loop(self._generate_all(request, plan))
         completions = []
@@ -179,13 +178,14 @@ class SGLangEngine:
         return GenerateOutput(completions)
 
     @hookimpl
-    async def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    async def skyrl_backends_generate_stream(self, request: GenerateRequest,
+                                             engine_params: SGLangSampling) -> AsyncIterator[StreamChunk]:
         """Every prompt streamed from SGLang (as stop strings already are), its new tokens handed
         out as they arrive. When the log-probabilities must be recomputed after the fact (the
         plugin's logit processor or a repetition penalty changed SGLang's), they exist only at the
         end: such a request's tokens then arrive in its final chunk."""
         params = request.sampling_params
-        plan = translate_sampling(params)
+        plan = engine_params
         self._check_prompts(request.prompt_token_ids)
         caller = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[int, list[int], Any, Any]] = asyncio.Queue()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.types import BackendInfo, Capabilities
+from skyrl_backends.types import BackendInfo
 
-from skyrl_backend_sglang.translation import MAX_TOP_LOGPROBS, is_cpu, translate_sampling
+from skyrl_backend_sglang.translation import MAX_TOP_LOGPROBS, SGLangSampling, is_cpu, translate_sampling
 
 NAME = "sglang"
 # 0.5.17 is the GPU authority (docs/parity.md); 0.5.23 runs the CPU smoke tests. Releases differ in
@@ -35,6 +36,7 @@ def skyrl_backends_backend_info() -> BackendInfo:
         description="SGLang (sglang.Engine) in token-in-token-out mode, with exact stop strings, "
                     "min_new_tokens and seeded sampling done by the plugin.",
         engine_import="sglang",
+        engine_class="skyrl_backend_sglang.engine:SGLangEngine",
     )
 
 
@@ -70,9 +72,9 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
 
 
 @hookimpl
-def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> dict[str, Any]:
+def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> SGLangSampling:
     """What ``async_generate`` receives and what the plugin does around it (see translation.py)."""
-    return translate_sampling(params).to_dict()
+    return translate_sampling(params)
 
 
 @hookimpl

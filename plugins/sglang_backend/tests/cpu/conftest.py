@@ -24,20 +24,11 @@ if "sgl_kernel" not in sys.modules:
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
 ENGINE_OPTIONS = {"device": "cpu", "dtype": "float32", "max_model_len": 512}
+pytest_plugins = ["skyrl_backends.testing.fixtures"]  # model_dir, lora_dir, tokenizer
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> str:
-    from skyrl_backends.testing.tiny_model import resolve_test_model
-
-    path = resolve_test_model()
-    if path is None:
-        pytest.skip("SKYRL_TEST_MODEL (the tiny model folder) is not set; run `make test-sglang-cpu`")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,10 @@ import sys
 import tomllib
 from pathlib import Path
 
-from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.discovery import make_backend_manager
-from skyrl_backends.sampling import SamplingParams
 from skyrl_backend_sglang import plugin
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.registration import backend_manager
+from skyrl_backends.sampling import SamplingParams
 
 PACKAGE = Path(__file__).resolve().parents[2]
 
@@ -31,9 +31,9 @@ def test_entry_point_and_versions():
 
 
 def test_hooks_validate_as_a_plugin():
-    manager = make_backend_manager(plugin, "sglang")
+    manager = backend_manager(plugin, "sglang")
     translated = manager.hook.skyrl_backends_translate_sampling_params(
-        params=SamplingParams(max_generate_length=5, logprobs=1), config=None)
+        params=SamplingParams(max_generate_length=5, logprobs=1), config=None).to_dict()
     assert translated["sampling_params"]["max_new_tokens"] == 5 and translated["top_logprobs_num"] == 1
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, LoraAdapterError
 from skyrl_backends.hookspecs import hookimpl
@@ -36,6 +35,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+
 from skyrl_backend_transformers.prefix_cache import LayerKV, PrefixCache
 from skyrl_backend_transformers.sampler import apply_repetition_penalty, choose_tokens, token_logprobs
 
@@ -142,20 +142,21 @@ class TransformersEngine:
 
     # -- generation ----------------------------------------------------------------------------
     @hookimpl
-    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+    async def skyrl_backends_generate(self, request: GenerateRequest, engine_params: SamplingParams) -> GenerateOutput:
         sequences: list[_Sequence] = []
-        async for sequences in self._decode_loop(request):
+        async for sequences in self._decode_loop(request, engine_params):
             pass
-        return GenerateOutput([self._completion(s, request.sampling_params) for s in sequences])
+        return GenerateOutput([self._completion(s, engine_params) for s in sequences])
 
     @hookimpl
-    async def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    async def skyrl_backends_generate_stream(self, request: GenerateRequest,
+                                             engine_params: SamplingParams) -> AsyncIterator[StreamChunk]:
         """Each decode step's new token of every sequence; a sequence's last chunk carries its
         completion. Tokens are never held back: every stop condition is decided on the token itself."""
-        params = request.sampling_params
+        params = engine_params
         sent = [0] * len(request)
         done = [False] * len(request)
-        async for sequences in self._decode_loop(request):
+        async for sequences in self._decode_loop(request, params):
             for index, s in enumerate(sequences):
                 if done[index]:
                     continue
@@ -168,10 +169,9 @@ class TransformersEngine:
                                       s.logprobs[start:] if params.logprobs is not None else None,
                                       s.top_logprobs[start:] if params.logprobs else None)
 
-    async def _decode_loop(self, request: GenerateRequest) -> AsyncIterator[list[_Sequence]]:
+    async def _decode_loop(self, request: GenerateRequest, params: SamplingParams) -> AsyncIterator[list[_Sequence]]:
         """The decode loop: yields the batch's sequences after every step (each live one a token
         longer, finished ones with their finish reason), until all are finished."""
-        params = request.sampling_params
         too_long = [i for i, p in enumerate(request.prompt_token_ids) if len(p) >= self.max_model_len]
         if too_long:
             raise ConfigError(f"prompt_token_ids[{too_long[0]}]",

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.types import BackendInfo, Capabilities
+from skyrl_backends.types import BackendInfo
 
 NAME = "transformers"
 SUPPORTED_TRANSFORMERS = ">=4.56,<6"
+MAX_TOP_LOGPROBS = 20
 
 
 @hookimpl
@@ -27,6 +29,7 @@ def skyrl_backends_backend_info() -> BackendInfo:
         plugin_api_versions=(1,),
         description="Reference backend on Hugging Face transformers and torch; runs anywhere, CPU included.",
         engine_import="transformers",
+        engine_class="skyrl_backend_transformers.engine:TransformersEngine",
     )
 
 
@@ -38,7 +41,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         sleep_tags=True,
         lora=True,
         top_logprobs=True,
-        max_top_logprobs=20,
+        max_top_logprobs=MAX_TOP_LOGPROBS,
         stop_strings=True,
         min_new_tokens=True,
         seeded_sampling=True,
@@ -61,11 +64,12 @@ def _weight_sync_strategies() -> tuple[str, ...]:
 
 
 @hookimpl
-def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> dict[str, Any]:
+def skyrl_backends_translate_sampling_params(params: SamplingParams, config: GeneratorConfig | None) -> SamplingParams:
     """The engine consumes canonical parameters as they are; only limits are checked here."""
-    if params.logprobs is not None and params.logprobs > 20:
-        raise SamplingParamsError.out_of_range("logprobs", params.logprobs, "at most 20 on the transformers backend")
-    return params.to_dict()
+    if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
+        raise SamplingParamsError.out_of_range("logprobs", params.logprobs,
+                                               f"at most {MAX_TOP_LOGPROBS} on the transformers backend")
+    return params
 
 
 @hookimpl

@@ -46,7 +46,7 @@ from skyrl_backends.types import (
     WeightUpdateRequest,
 )
 
-from skyrl_backend_vllm import options, outputs, sampling, transfer
+from skyrl_backend_vllm import options, outputs, transfer
 from skyrl_backend_vllm.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 
@@ -93,13 +93,13 @@ class VLLMEngine:
 
     # -- generation ----------------------------------------------------------------------------
     @hookimpl
-    async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
+    async def skyrl_backends_generate(self, request: GenerateRequest, engine_params: dict[str, Any]) -> GenerateOutput:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         self._check_prompts(request.prompt_token_ids)
         params = request.sampling_params
-        kwargs = sampling.translate(params, self.max_logprobs)
+        kwargs = dict(engine_params)  # the plugin's translation (skyrl_backend_vllm.sampling), made by the facade
         stop = kwargs.pop("stop", None)
         kwargs.pop("include_stop_str_in_output", None)
         # Text is decoded here (see the module docstring), so vLLM only detokenizes to match stop strings.
@@ -146,7 +146,8 @@ class VLLMEngine:
         return completion
 
     @hookimpl
-    async def skyrl_backends_generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    async def skyrl_backends_generate_stream(self, request: GenerateRequest,
+                                             engine_params: dict[str, Any]) -> AsyncIterator[StreamChunk]:
         """Every prompt as a ``RequestOutputKind.DELTA`` request, its new tokens handed out per engine
         step; stop strings go through the exact matcher (tokens before a match are never cut)."""
         from vllm import SamplingParams
@@ -154,7 +155,7 @@ class VLLMEngine:
 
         self._check_prompts(request.prompt_token_ids)
         params = request.sampling_params
-        kwargs = sampling.translate(params, self.max_logprobs)
+        kwargs = dict(engine_params)
         stop = kwargs.pop("stop", None) or []
         kwargs.pop("include_stop_str_in_output", None)
         delta = SamplingParams(**kwargs, detokenize=False, output_kind=RequestOutputKind.DELTA)

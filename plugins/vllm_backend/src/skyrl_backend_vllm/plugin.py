@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.types import BackendInfo, Capabilities
+from skyrl_backends.types import BackendInfo
 
 from skyrl_backend_vllm import options, sampling
 from skyrl_backend_vllm.engine_platform import detect_platform
@@ -37,6 +38,7 @@ def skyrl_backends_backend_info() -> BackendInfo:
         description="vLLM's async engine: token ids in and out, raw log-probabilities, weight sync through "
                     "a worker extension, LoRA, sleep/wake on GPU.",
         engine_import="vllm",
+        engine_class="skyrl_backend_vllm.engine:VLLMEngine",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
@@ -27,7 +28,7 @@ class AbortPauseTests(ConformanceTestBase):
         if conformance.greedy_margin == 0.0:
             assert tuple(tokens) == expected.token_ids, "the partial output of an aborted request is wrong"
 
-    @requires("abort")
+    @requires(capabilities.ABORT)
     def test_abort_one_request(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(2, seed=91)
@@ -50,7 +51,7 @@ class AbortPauseTests(ConformanceTestBase):
         conformance.assert_greedy_parity(prompts[1], bystander[0], 6)
         assert engine.num_inflight == 0
 
-    @requires("abort")
+    @requires(capabilities.ABORT)
     def test_abort_all(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(3, seed=92)
@@ -69,14 +70,14 @@ class AbortPauseTests(ConformanceTestBase):
         prompt = prompts[0]
         conformance.assert_greedy_parity(prompt, conformance.greedy([prompt], 6)[0], 6)
 
-    @requires("abort")
+    @requires(capabilities.ABORT)
     def test_abort_unknown_id_is_harmless(self, conformance: ConformanceHarness) -> None:
         conformance.run(conformance.engine.abort(["no-such-request"]))
         prompt = conformance.reference.prompts(1, seed=93)[0]
         conformance.assert_greedy_parity(prompt, conformance.greedy([prompt], 6)[0], 6)
 
     @feature("Pause / resume")
-    @requires("native_pause")
+    @requires(capabilities.NATIVE_PAUSE)
     def test_pause_resume_keeps_requests(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=94)[0]
@@ -98,7 +99,7 @@ class AbortPauseTests(ConformanceTestBase):
         conformance.assert_greedy_parity(prompt, out[0], 40, ignore_eos=True)
 
     @feature("Pause / resume")
-    @requires("native_pause", "abort")
+    @requires(capabilities.NATIVE_PAUSE, capabilities.ABORT)
     def test_abort_while_paused(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=95)[0]

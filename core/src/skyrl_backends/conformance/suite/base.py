@@ -9,12 +9,11 @@ from typing import Any, ClassVar
 
 import pytest
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import (
     REJECTED_PREFIX,
-    capability_present,
     feature_of_function,
-    missing_capabilities,
     required_capabilities,
     unsupported_reason,
 )
@@ -47,7 +46,7 @@ class ConformanceTestBase:
     @pytest.fixture(autouse=True)
     def _conformance_guard(self, request: pytest.FixtureRequest, conformance: ConformanceHarness) -> Iterator[None]:
         required = required_capabilities(request.function)
-        missing = missing_capabilities(conformance.capabilities, required)
+        missing = capabilities.missing(conformance.capabilities, required)
         if missing:
             pytest.skip(unsupported_reason(missing))
         yield
@@ -67,12 +66,16 @@ def honoured_or_rejected(field: str) -> Iterator[None]:
         pytest.skip(f"{REJECTED_PREFIX}{field}: {error}")
 
 
-def require_parameter(conformance: ConformanceHarness, capability: str, field: str, params: dict[str, Any]) -> None:
-    """Gate a test of a sampling parameter on its capability. When the backend declares it absent,
-    check that using it is rejected with an error naming the parameter (never silently dropped),
-    then report the test as unsupported."""
-    if capability_present(conformance.capabilities, capability):
+def require_parameter(conformance: ConformanceHarness, field: str, params: dict[str, Any],
+                      requirement: capabilities.Requirement | None = None) -> None:
+    """Gate a test of a sampling parameter on the capability it requires (``requirement``, by default
+    the parameter's entry in :data:`skyrl_backends.capabilities.PARAMETER_REQUIREMENTS`). When the
+    backend declares it absent, check that using it is rejected with an error naming the parameter
+    (never silently dropped), then report the test as unsupported."""
+    requirement = requirement or capabilities.PARAMETER_REQUIREMENTS[field]
+    if requirement(conformance.capabilities):
         return
+    capability = requirement.name
     prompt = conformance.reference.prompts(1, seed=99)[0]
     try:
         conformance.generate([prompt], params)

@@ -10,9 +10,13 @@ is exact in any dtype; parity with the reference is the other groups' job.
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.errors import (
@@ -26,173 +30,188 @@ from skyrl_backends.errors import (
 ADAPTER = "lifecycle-adapter"
 
 
-def build_machine(conformance: ConformanceHarness):
-    from hypothesis import strategies as st
-    from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+def _marks_broken(step):
+    """After a failing step the engine may be broken; the next example (Hypothesis replays and
+    shrinks the failure) then starts on a fresh engine, so replays are reproducible."""
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return step(self, *args, **kwargs)
+        except BaseException:
+            type(self).health["broken"] = True
+            raise
+    return wrapper
 
-    caps = conformance.capabilities
-    prompts = conformance.reference.prompts(2, seed=101)
-    weight_sets = {"original": conformance.reference.original_state,
-                   "perturbed": conformance.reference.perturbed_state(seed=5)}
-    can_sync = "tensors" in caps.weight_sync_strategies
-    levels = sorted(caps.sleep_levels)
-    seen_outputs: dict[tuple[str, bool], list[list[int]]] = {}
 
-    # After a failing step the engine may be broken; the next example (Hypothesis replays and
-    # shrinks the failure) then starts on a fresh engine, so replays are reproducible.
-    health = {"broken": False}
+class EngineLifecycle(RuleBasedStateMachine):
+    """The lifecycle model. Run through :meth:`bound` with a harness: the class it returns carries
+    the harness, the backend's capabilities and what this run has seen."""
 
-    def marks_broken(step):
-        @functools.wraps(step)
-        def wrapper(*args, **kwargs):
-            try:
-                return step(*args, **kwargs)
-            except BaseException:
-                health["broken"] = True
-                raise
-        return wrapper
+    harness: ClassVar[ConformanceHarness]
+    health: ClassVar[dict[str, bool]]
+    seen_outputs: ClassVar[dict[tuple[str, bool], list[list[int]]]]
 
-    def discards(level: int) -> bool:
-        return caps.discards_weights_at_level is not None and level >= caps.discards_weights_at_level
+    @classmethod
+    def bound(cls, harness: ConformanceHarness) -> type[EngineLifecycle]:
+        return type(cls.__name__, (cls,), {"harness": harness, "health": {"broken": False}, "seen_outputs": {}})
 
-    class EngineLifecycle(RuleBasedStateMachine):
-        def __init__(self) -> None:
-            super().__init__()
-            if health["broken"]:
-                conformance.discard_shared()
-                health["broken"] = False
-            self.engine = conformance.engine
-            self._reset()
-            self.asleep: set[str] = set()
-            self.discarded = False
-            self.weights = "original"
-            self.adapter_loaded = False
+    def __init__(self) -> None:
+        super().__init__()
+        harness = self.harness
+        if self.health["broken"]:
+            harness.discard_shared()
+            self.health["broken"] = False
+        self.caps = harness.capabilities
+        self.prompts = harness.reference.prompts(2, seed=101)
+        self.weight_sets = {"original": harness.reference.original_state,
+                            "perturbed": harness.reference.perturbed_state(seed=5)}
+        self.engine = harness.engine
+        self._reset()
+        self.asleep: set[str] = set()
+        self.discarded = False
+        self.weights = "original"
+        self.adapter_loaded = False
 
-        @marks_broken
-        def _reset(self) -> None:
-            # Bring the shared engine back to a known state through its own API: that every
-            # example starts cleanly is itself part of what is tested.
-            engine = self.engine
-            if engine.asleep_tags:
-                conformance.run(engine.wake_up())
-            if can_sync:
-                conformance.push_weights(weight_sets["original"], engine=engine)
-            for name in list(engine.lora_adapters):
-                conformance.run(engine.unload_lora_adapter(name))
+    # -- what the backend declares -------------------------------------------------------------
+    @property
+    def can_sync(self) -> bool:
+        return capabilities.weight_sync("tensors")(self.caps)
 
-        @rule(with_adapter=st.booleans())
-        @marks_broken
-        def generate(self, with_adapter: bool) -> None:
-            use_adapter = with_adapter and caps.lora
-            call = lambda: conformance.generate(  # noqa: E731
-                prompts, {"max_generate_length": 6, "temperature": 0.0},
-                engine=self.engine, lora_name=ADAPTER if use_adapter else None)
-            if self.asleep:
-                with pytest.raises(EngineAsleepError):
-                    call()
-            elif self.discarded:
-                with pytest.raises(WeightsNotLoadedError):
-                    call()
-            elif use_adapter and not self.adapter_loaded:
-                with pytest.raises(LoraAdapterError):
-                    call()
-            else:
-                out = call().response_ids
-                key = (self.weights, use_adapter)
-                expected = seen_outputs.setdefault(key, out)
-                assert out == expected, f"output for state {key} changed: {out} vs {expected}"
+    @property
+    def levels(self) -> list[int]:
+        return sorted(self.caps.sleep_levels)
 
-        @precondition(lambda self: bool(levels))
-        @rule(data=st.data())
-        @marks_broken
-        def sleep(self, data) -> None:
-            level = data.draw(st.sampled_from(levels))
-            tags = data.draw(st.sampled_from([None, ["kv_cache"], ["weights"]] if caps.sleep_tags else [None]))
-            conformance.run(self.engine.sleep(tags=tags, level=level))
-            # Memory already asleep is not released again (a no-op, whatever the level).
-            slept = ({"weights", "kv_cache"} if tags is None else set(tags)) - self.asleep
-            self.asleep |= slept
-            if "weights" in slept and discards(level):
-                self.discarded = True
+    def discards(self, level: int) -> bool:
+        at = self.caps.discards_weights_at_level
+        return at is not None and level >= at
 
-        @precondition(lambda self: bool(levels))
-        @rule(data=st.data())
-        @marks_broken
-        def wake_up(self, data) -> None:
-            tags = data.draw(st.sampled_from([None, ["weights"], ["kv_cache"]] if caps.sleep_tags else [None]))
-            conformance.run(self.engine.wake_up(tags=tags))
-            self.asleep -= {"weights", "kv_cache"} if tags is None else set(tags)
+    @_marks_broken
+    def _reset(self) -> None:
+        # Bring the shared engine back to a known state through its own API: that every example
+        # starts cleanly is itself part of what is tested.
+        harness, engine = self.harness, self.engine
+        if engine.asleep_tags:
+            harness.run(engine.wake_up())
+        if self.can_sync:
+            harness.push_weights(self.weight_sets["original"], engine=engine)
+        for name in list(engine.lora_adapters):
+            harness.run(engine.unload_lora_adapter(name))
 
-        @precondition(lambda self: can_sync)
-        @rule(which=st.sampled_from(["original", "perturbed"]))
-        @marks_broken
-        def update_weights(self, which: str) -> None:
-            if "weights" in self.asleep:
-                with pytest.raises(EngineAsleepError):
-                    conformance.push_weights(weight_sets[which], engine=self.engine)
-                return
-            conformance.push_weights(weight_sets[which], engine=self.engine)
-            self.weights = which
-            self.discarded = False
+    # -- rules -----------------------------------------------------------------------------------
+    @rule(with_adapter=st.booleans())
+    @_marks_broken
+    def generate(self, with_adapter: bool) -> None:
+        use_adapter = with_adapter and self.caps.lora
+        call = lambda: self.harness.generate(  # noqa: E731
+            self.prompts, {"max_generate_length": 6, "temperature": 0.0},
+            engine=self.engine, lora_name=ADAPTER if use_adapter else None)
+        if self.asleep:
+            with pytest.raises(EngineAsleepError):
+                call()
+        elif self.discarded:
+            with pytest.raises(WeightsNotLoadedError):
+                call()
+        elif use_adapter and not self.adapter_loaded:
+            with pytest.raises(LoraAdapterError):
+                call()
+        else:
+            out = call().response_ids
+            key = (self.weights, use_adapter)
+            expected = self.seen_outputs.setdefault(key, out)
+            assert out == expected, f"output for state {key} changed: {out} vs {expected}"
 
-        @rule()
-        @marks_broken
-        def load_adapter(self) -> None:
-            if not caps.lora:
-                with pytest.raises(UnsupportedCapabilityError):
-                    conformance.run(self.engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
-                return
-            if self.adapter_loaded:
-                # Refused either way: as a duplicate, or (asleep) as a state error.
-                with pytest.raises((LoraAdapterError, EngineStateError)) as refused:
-                    conformance.run(self.engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
-                assert self.asleep or isinstance(refused.value, LoraAdapterError), refused.value
-                return
-            try:
-                conformance.run(self.engine.load_lora_adapter(ADAPTER, conformance.lora_dir))
-            except EngineStateError:
-                # Loading while asleep may be refused, but only with a state error, and only asleep.
-                assert self.asleep, "load_lora_adapter raised a state error while the engine was awake"
-                return
-            self.adapter_loaded = True
+    @precondition(lambda self: bool(self.levels))
+    @rule(data=st.data())
+    @_marks_broken
+    def sleep(self, data) -> None:
+        level = data.draw(st.sampled_from(self.levels))
+        tags = data.draw(st.sampled_from([None, ["kv_cache"], ["weights"]] if self.caps.sleep_tags else [None]))
+        self.harness.run(self.engine.sleep(tags=tags, level=level))
+        # Memory already asleep is not released again (a no-op, whatever the level).
+        slept = ({"weights", "kv_cache"} if tags is None else set(tags)) - self.asleep
+        self.asleep |= slept
+        if "weights" in slept and self.discards(level):
+            self.discarded = True
 
-        @rule()
-        @marks_broken
-        def unload_adapter(self) -> None:
-            if not caps.lora:
-                return
-            if not self.adapter_loaded:
-                with pytest.raises((LoraAdapterError, EngineStateError)) as refused:
-                    conformance.run(self.engine.unload_lora_adapter(ADAPTER))
-                assert self.asleep or isinstance(refused.value, LoraAdapterError), refused.value
-                return
-            try:
-                conformance.run(self.engine.unload_lora_adapter(ADAPTER))
-            except EngineStateError:
-                assert self.asleep, "unload_lora_adapter raised a state error while the engine was awake"
-                return
-            self.adapter_loaded = False
+    @precondition(lambda self: bool(self.levels))
+    @rule(data=st.data())
+    @_marks_broken
+    def wake_up(self, data) -> None:
+        tags = data.draw(st.sampled_from([None, ["weights"], ["kv_cache"]] if self.caps.sleep_tags else [None]))
+        self.harness.run(self.engine.wake_up(tags=tags))
+        self.asleep -= {"weights", "kv_cache"} if tags is None else set(tags)
 
-        @invariant()
-        @marks_broken
-        def facade_agrees(self) -> None:
-            assert set(self.engine.asleep_tags) == self.asleep
-            assert self.engine.weights_loaded == (not self.discarded)
-            assert (ADAPTER in self.engine.lora_adapters) == self.adapter_loaded
+    @precondition(lambda self: self.can_sync)
+    @rule(which=st.sampled_from(["original", "perturbed"]))
+    @_marks_broken
+    def update_weights(self, which: str) -> None:
+        if "weights" in self.asleep:
+            with pytest.raises(EngineAsleepError):
+                self.harness.push_weights(self.weight_sets[which], engine=self.engine)
+            return
+        self.harness.push_weights(self.weight_sets[which], engine=self.engine)
+        self.weights = which
+        self.discarded = False
 
-        @marks_broken
-        def teardown(self) -> None:
-            # Leave the shared engine clean for the next example (and the next test).
-            if self.engine.closed:
-                return
-            if self.engine.asleep_tags:
-                conformance.run(self.engine.wake_up())
-            if can_sync and (self.weights != "original" or self.discarded):
-                conformance.push_weights(weight_sets["original"], engine=self.engine)
-            if ADAPTER in self.engine.lora_adapters:
-                conformance.run(self.engine.unload_lora_adapter(ADAPTER))
+    @rule()
+    @_marks_broken
+    def load_adapter(self) -> None:
+        harness, engine = self.harness, self.engine
+        if not self.caps.lora:
+            with pytest.raises(UnsupportedCapabilityError):
+                harness.run(engine.load_lora_adapter(ADAPTER, harness.lora_dir))
+            return
+        if self.adapter_loaded:
+            # Refused either way: as a duplicate, or (asleep) as a state error.
+            with pytest.raises((LoraAdapterError, EngineStateError)) as refused:
+                harness.run(engine.load_lora_adapter(ADAPTER, harness.lora_dir))
+            assert self.asleep or isinstance(refused.value, LoraAdapterError), refused.value
+            return
+        try:
+            harness.run(engine.load_lora_adapter(ADAPTER, harness.lora_dir))
+        except EngineStateError:
+            # Loading while asleep may be refused, but only with a state error, and only asleep.
+            assert self.asleep, "load_lora_adapter raised a state error while the engine was awake"
+            return
+        self.adapter_loaded = True
 
-    return EngineLifecycle
+    @rule()
+    @_marks_broken
+    def unload_adapter(self) -> None:
+        harness, engine = self.harness, self.engine
+        if not self.caps.lora:
+            return
+        if not self.adapter_loaded:
+            with pytest.raises((LoraAdapterError, EngineStateError)) as refused:
+                harness.run(engine.unload_lora_adapter(ADAPTER))
+            assert self.asleep or isinstance(refused.value, LoraAdapterError), refused.value
+            return
+        try:
+            harness.run(engine.unload_lora_adapter(ADAPTER))
+        except EngineStateError:
+            assert self.asleep, "unload_lora_adapter raised a state error while the engine was awake"
+            return
+        self.adapter_loaded = False
+
+    @invariant()
+    @_marks_broken
+    def facade_agrees(self) -> None:
+        assert set(self.engine.asleep_tags) == self.asleep
+        assert self.engine.weights_loaded == (not self.discarded)
+        assert (ADAPTER in self.engine.lora_adapters) == self.adapter_loaded
+
+    @_marks_broken
+    def teardown(self) -> None:
+        # Leave the shared engine clean for the next example (and the next test).
+        harness, engine = self.harness, self.engine
+        if engine.closed:
+            return
+        if engine.asleep_tags:
+            harness.run(engine.wake_up())
+        if self.can_sync and (self.weights != "original" or self.discarded):
+            harness.push_weights(self.weight_sets["original"], engine=engine)
+        if ADAPTER in engine.lora_adapters:
+            harness.run(engine.unload_lora_adapter(ADAPTER))
 
 
 class LifecycleStateMachine(ConformanceTestBase):
@@ -205,8 +224,7 @@ class LifecycleStateMachine(ConformanceTestBase):
         if not (conformance.capabilities.sleep or "tensors" in conformance.capabilities.weight_sync_strategies
                 or conformance.capabilities.lora):
             pytest.skip("unsupported (declared): sleep, weight_sync:tensors, lora")
-        machine = build_machine(conformance)
-        run_state_machine_as_test(machine, settings=settings(
+        run_state_machine_as_test(EngineLifecycle.bound(conformance), settings=settings(
             max_examples=conformance.config.state_machine_examples,
             stateful_step_count=conformance.config.state_machine_steps,
             deadline=None, derandomize=True, database=None,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
 from skyrl_backends.types import Completion
-
 
 # Half-precision engines round every logit, and at a few positions (a near tie inside attention, a
 # large logit) the rounding moves a log-probability well past the typical error: on an H200, vLLM
@@ -109,7 +109,7 @@ class LogprobTests(ConformanceTestBase):
 
     @feature("Log-probabilities (top-N)")
     def test_top_logprobs(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "top_logprobs", "logprobs", {"max_generate_length": 2, "logprobs": 3})
+        require_parameter(conformance, "logprobs", {"max_generate_length": 2, "logprobs": 3}, capabilities.TOP_LOGPROBS)
         n = min(5, conformance.capabilities.max_top_logprobs)
         prompts = conformance.reference.prompts(2, seed=34)
         out = conformance.generate(prompts, {"max_generate_length": 8, "temperature": 1.0, "logprobs": n})
@@ -128,7 +128,7 @@ class LogprobTests(ConformanceTestBase):
         check.verify()
 
     @feature("Log-probabilities (top-N)")
-    @requires("top_logprobs")
+    @requires(capabilities.TOP_LOGPROBS)
     def test_top_logprobs_limit(self, conformance: ConformanceHarness) -> None:
         from skyrl_backends.errors import SamplingParamsError
 

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
@@ -19,7 +20,7 @@ ADAPTER = "conformance-adapter"
 class LoraTests(ConformanceTestBase):
     feature_row = "LoRA"
 
-    @requires("lora")
+    @requires(capabilities.LORA)
     def test_load_changes_output_unload_restores(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(3, seed=71)
@@ -38,7 +39,7 @@ class LoraTests(ConformanceTestBase):
         with pytest.raises(LoraAdapterError):
             conformance.generate(prompts, {"max_generate_length": 4}, lora_name=ADAPTER)
 
-    @requires("lora")
+    @requires(capabilities.LORA)
     def test_reload_under_same_name_uses_new_adapter(self, conformance: ConformanceHarness) -> None:
         # Engines that cache adapters by name or id must not serve the unloaded adapter again.
         engine = conformance.engine
@@ -60,7 +61,7 @@ class LoraTests(ConformanceTestBase):
         for prompt, c in zip(prompts, second_out, strict=True):
             conformance.assert_greedy_parity(prompt, c, 10, lora=second)
 
-    @requires("lora")
+    @requires(capabilities.LORA)
     def test_base_and_adapter_requests_concurrently(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(4, seed=72)
@@ -77,7 +78,7 @@ class LoraTests(ConformanceTestBase):
         for i, (prompt, out) in enumerate(zip(prompts, results, strict=True)):
             conformance.assert_greedy_parity(prompt, out[0], 10, lora=conformance.lora_dir if i % 2 else None)
 
-    @requires("lora")
+    @requires(capabilities.LORA)
     def test_unknown_adapter_errors(self, conformance: ConformanceHarness, tmp_path) -> None:
         engine = conformance.engine
         with pytest.raises(LoraAdapterError, match="nope"):

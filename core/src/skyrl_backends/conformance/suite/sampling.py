@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, honoured_or_rejected, require_parameter
@@ -145,12 +146,12 @@ class SamplingParamsTests(ConformanceTestBase):
 
     @feature("Sampling: min_p")
     def test_min_p(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "min_p", "min_p", {"max_generate_length": 2, "min_p": 0.2})
+        require_parameter(conformance, "min_p", {"max_generate_length": 2, "min_p": 0.2})
         self._check_first_token_distribution(conformance, min_p=0.2)
 
     @feature("Sampling: repetition_penalty")
     def test_repetition_penalty(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "repetition_penalty", "repetition_penalty",
+        require_parameter(conformance, "repetition_penalty",
                           {"max_generate_length": 2, "repetition_penalty": 1.5})
         prompts = conformance.reference.prompts(4, seed=14, min_len=8, max_len=16)
         changed = [p for p in prompts if conformance.reference.greedy(p, 16, repetition_penalty=2.0).token_ids
@@ -162,7 +163,7 @@ class SamplingParamsTests(ConformanceTestBase):
 
     @feature("Sampling: seed")
     def test_seed_reproduces(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "seeded_sampling", "seed", {"max_generate_length": 2, "seed": 1})
+        require_parameter(conformance, "seed", {"max_generate_length": 2, "seed": 1})
         prompts = conformance.reference.prompts(3, seed=15)
         params = {"max_generate_length": 12, "temperature": 1.0, "seed": 1234}
         first = conformance.generate(prompts, params).response_ids
@@ -184,7 +185,7 @@ class SamplingParamsTests(ConformanceTestBase):
                 conformance.assert_greedy_parity(prompt, out[3 * i + j], 6)
 
     @feature("Sampling: n > 1")
-    @requires("seeded_sampling")
+    @requires(capabilities.SEEDED_SAMPLING)
     def test_n_samples_seeded(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(2, seed=17)
         params = {"max_generate_length": 6, "temperature": 1.0, "seed": 50}

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
@@ -22,7 +23,7 @@ def _discards(conformance: ConformanceHarness, level: int) -> bool:
 class SleepWakeTests(ConformanceTestBase):
     feature_row = "Sleep / wake"
 
-    @requires("sleep")
+    @requires(capabilities.SLEEP)
     @pytest.mark.parametrize("level", [1, 2])
     def test_sleep_wake_cycle(self, conformance: ConformanceHarness, level: int) -> None:
         if level not in conformance.capabilities.sleep_levels:
@@ -47,7 +48,7 @@ class SleepWakeTests(ConformanceTestBase):
             for prompt, completion in zip(prompts, after, strict=True):
                 conformance.assert_greedy_parity(prompt, completion, 10)
 
-    @requires("discards_weights")
+    @requires(capabilities.DISCARDS_WEIGHTS)
     def test_partial_weight_sync_is_not_enough(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         level = max(conformance.capabilities.sleep_levels)
@@ -55,7 +56,7 @@ class SleepWakeTests(ConformanceTestBase):
         before = conformance.greedy([prompt], 8)[0].token_ids
         conformance.run(engine.sleep(level=level))
         conformance.run(engine.wake_up())
-        names = list(engine.weight_specs())
+        names = list(conformance.weight_specs(engine))
         conformance.push_weights(conformance.reference.original_state, names=names[:1])
         with pytest.raises(WeightsNotLoadedError):
             conformance.greedy([prompt], 8)
@@ -63,7 +64,7 @@ class SleepWakeTests(ConformanceTestBase):
         assert conformance.greedy([prompt], 8)[0].token_ids == before
 
     @feature("Sleep / wake by memory tag")
-    @requires("sleep_tags")
+    @requires(capabilities.SLEEP_TAGS)
     def test_sleep_by_tag(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=53)[0]
@@ -83,7 +84,7 @@ class SleepWakeTests(ConformanceTestBase):
         conformance.run(engine.wake_up(tags=["kv_cache"]))
         assert conformance.greedy([prompt], 8)[0].token_ids == before
 
-    @requires("sleep", "abort")
+    @requires(capabilities.SLEEP, capabilities.ABORT)
     def test_sleep_aborts_inflight_requests(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=54)[0]
@@ -107,7 +108,7 @@ class SleepWakeTests(ConformanceTestBase):
         if conformance.greedy_margin == 0.0:
             assert tuple(out[0].token_ids) == expected, "the partial output of an aborted request must be correct"
 
-    @requires("sleep")
+    @requires(capabilities.SLEEP)
     def test_weight_update_while_asleep_is_refused(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         level = min(conformance.capabilities.sleep_levels)

@@ -77,7 +77,7 @@ class StopConditionTests(ConformanceTestBase):
 
     @feature("Stop strings")
     def test_stop_strings(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
+        require_parameter(conformance, "stop", {"max_generate_length": 2, "stop": ["ab"]})
         checked = 0
         for prompt, full, stop, k, expected_text in stop_string_cases(
                 conformance, conformance.reference.prompts(6, seed=22), 24):
@@ -93,7 +93,7 @@ class StopConditionTests(ConformanceTestBase):
 
     @feature("Stop strings")
     def test_stop_string_not_reached(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
+        require_parameter(conformance, "stop", {"max_generate_length": 2, "stop": ["ab"]})
         prompt = conformance.reference.prompts(1, seed=23)[0]
         full = own_greedy(conformance, prompt, 10)
         never = "\u2603\u2603"  # a snowman pair: not in the byte-level vocabulary's likely output
@@ -103,7 +103,7 @@ class StopConditionTests(ConformanceTestBase):
 
     @feature("min_new_tokens")
     def test_min_new_tokens_defers_stop(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "min_new_tokens", "min_new_tokens",
+        require_parameter(conformance, "min_new_tokens",
                           {"max_generate_length": 4, "min_new_tokens": 2})
         prompt = conformance.reference.prompts(1, seed=24)[0]
         full = own_greedy(conformance, prompt, 16)
@@ -117,7 +117,7 @@ class StopConditionTests(ConformanceTestBase):
 
     @feature("min_new_tokens")
     def test_min_new_tokens_defers_eos(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "min_new_tokens", "min_new_tokens",
+        require_parameter(conformance, "min_new_tokens",
                           {"max_generate_length": 4, "min_new_tokens": 2})
         found = conformance.reference.prompt_reaching_eos()
         if found is None:

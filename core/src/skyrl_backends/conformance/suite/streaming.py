@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
@@ -65,7 +66,7 @@ class StreamingTests(ConformanceTestBase):
         finals = completions_of(stream(conformance, prompts, params), 4)
         assert [c.token_ids for c in finals] == [c.token_ids for c in expected]
 
-    @requires("streaming")
+    @requires(capabilities.STREAMING)
     def test_tokens_arrive_before_the_end(self, conformance: ConformanceHarness) -> None:
         prompt = conformance.reference.prompts(1, seed=113)[0]
         chunks = stream(conformance, [prompt], {"max_generate_length": 32, "temperature": 0.0, "ignore_eos": True})
@@ -76,7 +77,7 @@ class StreamingTests(ConformanceTestBase):
             f"a 32-token generation arrived in {len(early)} chunk(s) before its final one: a backend that "
             f"declares streaming must hand out tokens as they are generated")
 
-    @requires("abort")
+    @requires(capabilities.ABORT)
     def test_abort_mid_stream_returns_partial_output(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=114)[0]
@@ -124,7 +125,7 @@ class StreamingTests(ConformanceTestBase):
         assert final.token_ids == list(full[: k + 1]) and final.finish_reason == "stop"
 
     def test_stop_string_ends_stream(self, conformance: ConformanceHarness) -> None:
-        require_parameter(conformance, "stop_strings", "stop", {"max_generate_length": 2, "stop": ["ab"]})
+        require_parameter(conformance, "stop", {"max_generate_length": 2, "stop": ["ab"]})
         checked = 0
         for prompt, full, stop, k, expected_text in stop_string_cases(
                 conformance, conformance.reference.prompts(4, seed=116), 24):

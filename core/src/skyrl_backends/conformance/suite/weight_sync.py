@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
@@ -24,7 +25,7 @@ def perturbed(conformance: ConformanceHarness) -> dict[str, torch.Tensor]:
 class WeightSyncTests(ConformanceTestBase):
     feature_row = "Weight sync (in-process tensors)"
 
-    @requires("weight_sync:tensors")
+    @requires(capabilities.weight_sync("tensors"))
     def test_update_changes_output_and_restore_is_exact(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(3, seed=61)
@@ -42,13 +43,14 @@ class WeightSyncTests(ConformanceTestBase):
         assert restored.response_ids == original.response_ids, "restoring the original weights must restore output"
         assert restored.logprobs == original.logprobs, "restoring the original weights must restore logprobs exactly"
 
-    @requires("weight_sync:tensors")
+    @requires(capabilities.weight_sync("tensors"))
     def test_partial_update(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompt = conformance.reference.prompts(1, seed=62)[0]
         original = conformance.greedy([prompt], 12)[0].token_ids
         state = perturbed(conformance)
-        names = [n for n in engine.weight_specs() if "lm_head" in n or "embed" in n] or list(engine.weight_specs())[:1]
+        specs = conformance.weight_specs(engine)
+        names = [n for n in specs if "lm_head" in n or "embed" in n] or list(specs)[:1]
         conformance.push_weights(state, names=names)
         partial = {**conformance.reference.original_state, **{n: state[n] for n in names}}
         conformance.reference.add_weights("partial", partial)
@@ -92,7 +94,7 @@ class WeightSyncTests(ConformanceTestBase):
 
     @feature("Weight update validation")
     def test_weight_specs_use_reference_names(self, conformance: ConformanceHarness) -> None:
-        specs = conformance.engine.weight_specs()
+        specs = conformance.weight_specs()
         reference = conformance.reference.original_state
         assert specs, "weight_specs is empty: no weight update could ever target this engine"
         unknown = [n for n in specs if n not in reference]

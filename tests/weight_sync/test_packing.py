@@ -152,7 +152,6 @@ def test_a_rejection_reported_as_text_by_a_worker_is_recovered():
 
 def test_tied_weights_of_a_module_are_sent_once_under_the_first_name():
     import torch
-
     from skyrl_backends.weight_sync.chunks import named_tensors
 
     class Tied(torch.nn.Module):
