@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from skyrl_backends import cli
 from skyrl_backends.conformance import cli as conformance_cli
 from skyrl_backends.http import cli as http_cli

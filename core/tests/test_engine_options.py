@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from skyrl_backends.engine_options import parse_engine_option, parse_engine_options
 from skyrl_backends.errors import ConfigError
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-
 from test_sources import DISTRIBUTIONS, REPO, pyproject
 
 DIST = Path(os.environ.get("SKYRL_DIST", REPO / ".cache" / "dist"))

@@ -66,7 +66,8 @@ class BackendNotFoundError(ConfigError, LookupError):
             # A typo of an installed backend: suggest it, and no package named after the typo.
             advice = f"Did you mean {near_installed!r}?"
         elif name in published:
-            advice = f"Install it with `{published[name]}` (in its own environment if its engine conflicts with others)."
+            advice = (f"Install it with `{published[name]}` (in its own environment if its engine conflicts "
+                      f"with others).")
         elif near_published:
             advice = (f"Did you mean {near_published!r}? It is not installed either: "
                       f"`{published[near_published]}`.")

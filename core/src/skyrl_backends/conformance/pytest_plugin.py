@@ -28,13 +28,13 @@ if _REWRITTEN:
     pytest.register_assert_rewrite(*_REWRITTEN)
 
 from skyrl_backends.conformance.config import ConformanceConfig
+from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop
+from skyrl_backends.conformance.report import ResultCollector
+from skyrl_backends.conformance.suite.base import FAILED_KEY, ConformanceTestBase, standard_tests
 from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
 from skyrl_backends.engine_options import parse_engine_options
 from skyrl_backends.errors import ConfigError
 from skyrl_backends.testing.cache import CACHE_ENV, cache_dir
-from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop
-from skyrl_backends.conformance.report import ResultCollector
-from skyrl_backends.conformance.suite.base import FAILED_KEY, ConformanceTestBase, standard_tests
 
 BACKEND_ENV = "SKYRL_CONFORMANCE_BACKEND"
 MODEL_ENV = "SKYRL_CONFORMANCE_MODEL"
