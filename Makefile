@@ -28,6 +28,8 @@ SGLANG_ENV := $(VENV)/sglang
 UV_VERSION := 0.13.9
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(VENV)/uv/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
+# Every environment is rebuilt when these change (before the fragments: their rules need it).
+WORKSPACE := pyproject.toml uv.lock
 # Syncs the workspace extra $(1) into .venv/$(1). Without --locked: a pyproject.toml changed without
 # `make lock` is re-locked here, keeping every other pin, instead of failing.
 uv_sync = UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)/$(1)) $(UV) sync -q --python $(PYTHON) --extra $(1)
@@ -68,8 +70,6 @@ $(MODEL)/.skyrl_tiny_model: $(TF_ENV)/.ready core/src/skyrl_backends/testing/tin
 $(VENV)/uv/bin/uv:
 	rm -rf $(VENV)/uv && $(PYTHON) -m venv $(VENV)/uv
 	$(VENV)/uv/bin/python $(PIP) uv==$(UV_VERSION)
-
-WORKSPACE := pyproject.toml uv.lock
 
 $(CORE_ENV)/.ready: $(WORKSPACE) core/pyproject.toml | $(UV)
 	$(call uv_sync,core)
