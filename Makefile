@@ -24,7 +24,7 @@ SGLANG_ENV := $(VENV)/sglang
 # per environment, `uv sync --extra <env>` into .venv/<env>, workspace packages editable. uv is the
 # one on PATH, else the pinned release that pip installs into .venv/uv. Measured on this project's
 # 2-core machine with cold caches (docs/packaging.md): core, transformers and vLLM environments in
-# about 1.5 minutes with uv against about 9.5 with pip.
+# under 2 minutes with uv against over 9 with pip.
 UV_VERSION := 0.13.9
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(VENV)/uv/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
