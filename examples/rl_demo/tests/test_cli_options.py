@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from skyrl_rl_demo.cli import build_parser
 
 
