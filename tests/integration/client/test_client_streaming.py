@@ -25,7 +25,7 @@ def test_stream_relays_chunks_and_equals_generate(aio, engines):
     async def main():
         client = InferenceEngineClient(engines)
         params = {"max_generate_length": 24, "logprobs": 0, **GREEDY}
-        chunks = await collect(client.generate_stream(PROMPT, params))
+        chunks = await collect(client.generate_stream([PROMPT], params))
         expected = (await client.generate([PROMPT], params))[0]
         final = chunks[-1].completion
         assert final is not None and all(c.completion is None for c in chunks[:-1])
@@ -41,7 +41,7 @@ def test_stream_with_n_samples(aio, engines):
     async def main():
         client = InferenceEngineClient(engines)
         params = {"max_generate_length": 8, "n": 2, "seed": 3, "temperature": 1.0}
-        chunks = await collect(client.generate_stream(PROMPT, params))
+        chunks = await collect(client.generate_stream([PROMPT], params))
         expected = (await client.generate([PROMPT], params))
         for j in range(2):
             final = next(c.completion for c in chunks if c.index == j and c.completion is not None)
@@ -57,8 +57,8 @@ def test_stream_follows_its_session_and_counts_as_load(aio, local_engines):
         client = InferenceEngineClient(observed)
         loads = []
         for turn in range(3):
-            async for _ in client.generate_stream(PROMPT, {"max_generate_length": 4, **GREEDY}, "chat-7",
-                                                  request_id=f"chat-7/turn-{turn}"):
+            async for _ in client.generate_stream([PROMPT], {"max_generate_length": 4, **GREEDY},
+                                                  session_ids=["chat-7"], request_ids=[f"chat-7/turn-{turn}"]):
                 loads.append(sum(h["inflight"] for h in client.health().values()))
         where = {k for k, o in enumerate(observed) if any(r.startswith("chat-7/") for r in o.request_ids)}
         assert len(where) == 1, f"a session's streams went to engines {where}"
@@ -78,7 +78,7 @@ def test_pause_by_abort_is_seamless_in_a_stream(aio, engines):
         paused = asyncio.Event()
 
         async def read():
-            async for chunk in client.generate_stream(PROMPT, params):
+            async for chunk in client.generate_stream([PROMPT], params):
                 chunks.append(chunk)
                 if len(tokens_of(chunks)) >= 4 and not paused.is_set():
                     paused.set()

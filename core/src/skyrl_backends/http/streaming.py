@@ -68,7 +68,7 @@ class ChoiceStreams:
         self.completions: dict[int, Completion] = {}
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, str, StreamChunk]]:
-        streams = [self.client.generate_stream(p, self.fields, self.session_id) for p in self.prompts]
+        streams = [self.client.generate_stream([p], self.fields, session_ids=[self.session_id]) for p in self.prompts]
         async for number, chunk in merge_streams(streams):
             index = number * self.n + chunk.index
             text = self.texts[index]
