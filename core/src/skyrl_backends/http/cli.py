@@ -8,7 +8,8 @@ Engine options come as the design's dotted overrides (``generator.KEY=VALUE``, v
 as ``--engine-option KEY=VALUE`` or through ``--backend``/``--model``; all are checked by the
 generator config's one rule (:mod:`skyrl_backends.config`).
 
-Picked up by the core CLI when this module imports; it imports nothing heavy until the command runs.
+Picked up by the core CLI when this module imports; it imports nothing heavy until the command runs,
+so the command is listed without the ``http`` extra and then says how to install it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import argparse
 import asyncio
 import os
 from typing import Any
+
+from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
+from skyrl_backends.engine_options import parse_engine_options
+from skyrl_backends.errors import ConfigError
+
+# What the endpoint imports, as the core's `http` extra declares it (core/pyproject.toml).
+HTTP_EXTRA = {"fastapi": None, "uvicorn": None, "pydantic": "2"}
+INSTALL_HTTP = "pip install 'skyrl-backends[http]'"
 
 
 def add_subcommand(subparsers: Any) -> None:
@@ -40,7 +49,7 @@ def add_subcommand(subparsers: Any) -> None:
                             "requests fail over (0: no limit)")
     serve.add_argument("--ray", action="store_true", help="run each engine as a Ray actor (local Ray if none)")
     serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="a generator-config option for every engine (YAML value), repeatable")
+                       help=f"a generator-config option for every engine: {ENGINE_OPTION_HELP}")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -93,15 +102,40 @@ def http_settings(args: argparse.Namespace) -> Any:
 
 
 def _engine_options(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+    try:
+        return parse_engine_options(pairs)
+    except ConfigError as exc:
+        raise SystemExit(f"skyrl-backends serve: {exc}") from exc
 
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--engine-option expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
-    return options
+
+def http_extra_problem(installed: dict[str, str | None]) -> str | None:
+    """What keeps the endpoint from running, given the installed version of each package of
+    :data:`HTTP_EXTRA` (None: not installed), or None when nothing does."""
+    missing = [name for name in HTTP_EXTRA if installed.get(name) is None]
+    if missing:
+        return f"needs the http extra ({', '.join(missing)} not installed): {INSTALL_HTTP}"
+    for name, least_major in HTTP_EXTRA.items():
+        version = installed[name] or ""
+        if least_major and not _major_at_least(version, int(least_major)):
+            return f"needs {name}>={least_major} ({name} {version} is installed): {INSTALL_HTTP}"
+    return None
+
+
+def _major_at_least(version: str, major: int) -> bool:
+    head = version.split(".", 1)[0]
+    return head.isdigit() and int(head) >= major
+
+
+def installed_versions(names: Any) -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _generator_config(args: argparse.Namespace) -> Any:
@@ -121,6 +155,9 @@ def _generator_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    problem = http_extra_problem(installed_versions(HTTP_EXTRA))
+    if problem:
+        raise SystemExit(f"skyrl-backends serve: {problem}")
     if args.num_engines < 1:
         raise SystemExit("--num-engines must be >= 1")
     _generator_config(args)  # a bad option is reported before anything starts
