@@ -98,7 +98,8 @@ def test_column(request: pytest.FixtureRequest, consistency_backend: str, report
         pytest.skip(f"{column.label}: the engine's option replaces GPU kernels; measured on the GPU machine")
     model = resolve_test_model()
     if model is None:
-        pytest.skip("no test model: set SKYRL_TEST_MODEL (make sets it) or build one with skyrl-backends make-tiny-model")
+        pytest.skip("no test model: set SKYRL_TEST_MODEL (make sets it), or build one with "
+                    "`skyrl-backends make-tiny-model DIR`")
     for key, value in column.environment.items():
         monkeypatch.setenv(key, value)
     plan = dataclasses.replace(DEFAULT_PLAN, seeded=consistency_backend not in UNSEEDED)

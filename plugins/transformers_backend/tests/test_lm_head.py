@@ -33,7 +33,7 @@ def test_first_token_logprobs_are_those_of_a_float32_head(model_dir):
     prompts = plain.prompts(6, seed=5)
     out, specs = first_token_logprobs(model_dir, prompts, **FP32_HEAD)
     off_fp32_head, off_plain = [], []
-    for prompt, completion in zip(prompts, out):
+    for prompt, completion in zip(prompts, out, strict=True):
         token, got = completion.token_ids[0], completion.logprobs[0]
         off_fp32_head.append(abs(got - float(fp32_head.teacher_forced_logprobs(prompt, [token])[0, token])))
         off_plain.append(abs(got - float(plain.teacher_forced_logprobs(prompt, [token])[0, token])))

@@ -137,8 +137,8 @@ def measure_batch(engine_logprobs: Ragged, trainer_logprobs: Ragged, *,
         per_token = _token_versions(versions, batch.lengths)
         for version in sorted({per_token[i][t] for i, pos in enumerate(batch.positions) for t in pos}):
             selected = _Batch(batch.lengths,
-                              [[r for r, t in zip(ratios, pos) if per_token[i][t] == version]
-                               for i, (ratios, pos) in enumerate(zip(batch.log_ratios, batch.positions))],
+                              [[r for r, t in zip(ratios, pos, strict=True) if per_token[i][t] == version]
+                               for i, (ratios, pos) in enumerate(zip(batch.log_ratios, batch.positions, strict=True))],
                               [[t for t in pos if per_token[i][t] == version] for i, pos in enumerate(batch.positions)])
             by_version[version] = _metrics(selected, threshold)
     return BatchConsistency(_metrics(batch, threshold), _weights(batch, cap), by_version)
@@ -210,9 +210,9 @@ def _weights(batch: _Batch, cap: float) -> ImportanceWeights:
     token: list[list[float]] = []
     sequence: list[float] = []
     clipped_tokens = clipped_sequences = counted_tokens = counted_sequences = 0
-    for length, ratios, positions in zip(batch.lengths, batch.log_ratios, batch.positions):
+    for length, ratios, positions in zip(batch.lengths, batch.log_ratios, batch.positions, strict=True):
         row = [0.0] * length
-        for r, t in zip(ratios, positions):
+        for r, t in zip(ratios, positions, strict=True):
             row[t] = min(safe_exp(r), float(cap))
             clipped_tokens += r > log_cap
         token.append(row)
@@ -271,7 +271,7 @@ def _validate(engine_logprobs: Any, trainer_logprobs: Any, masks: Any) -> _Batch
         raise ConfigError("masks", f"has {len(mask_rows)} sequences for {len(engine)} responses; give one mask "
                                    "per response.")
     lengths, log_ratios, positions = [], [], []
-    for i, (e_row, p_row) in enumerate(zip(engine, trainer)):
+    for i, (e_row, p_row) in enumerate(zip(engine, trainer, strict=True)):
         e = _floats(f"engine_logprobs[{i}]", e_row)
         p = _floats(f"trainer_logprobs[{i}]", p_row)
         if len(e) != len(p):
@@ -294,7 +294,7 @@ def _token_versions(versions: Any, lengths: list[int]) -> list[list[int]]:
         raise ConfigError("versions", f"has {len(rows)} entries for {len(lengths)} responses; give one per response "
                                       "(an int, or a list with one version per token).")
     out = []
-    for i, (row, length) in enumerate(zip(rows, lengths)):
+    for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
         if _is_int(row):
             out.append([int(row)] * length)
             continue

@@ -113,7 +113,7 @@ def render(reports: list[dict[str, Any]]) -> str:
         longest = [max(m["by_length"], key=int) for m in metrics]
         row("sequence ratio min / max, longest responses",
             [f"{_ratios(m['by_length'][n]['sequence_ratio'], ('min', 'max'))} ({n} tokens)"
-             for m, n in zip(metrics, longest)])
+             for m, n in zip(metrics, longest, strict=True)])
     row("*Engine*", [f"{r.get('engine') or r['backend']} {r['engine_version']}" for r in reports])
     row("*Engine dtype*", [r["dtype"] for r in reports])
     row("*Variant*", [_variant(r) for r in reports])
