@@ -34,7 +34,8 @@ def report(column_backend: str = "vllm", label: str = "", scale: float = 1.0, pr
         against[reference] = m
     return {"format": 1, "column": column_name(column_backend, "cpu", "bfloat16", label), "backend": column_backend,
             "label": label, "engine": column_backend, "engine_version": engine_version, "dtype": "bfloat16",
-            "engine_options": {}, "environment": {}, "hardware": "CPU: test (2 cores)", "date": "2026-12-03",
+            "engine_options": {}, "environment": {}, "model": {"name": "tiny-model", "weights": "0123abcd"},
+            "hardware": "CPU: test (2 cores)", "date": "2026-12-03",
             "trainer": {"dtype": "bfloat16", "lm_head": "model", "device": "cpu", "torch": "2.13.0",
                         "transformers": "5.0"},
             "plan": plan, "rollouts": {"sequences": 8, "tokens": 400, "fingerprint": {"all": print_, **{
@@ -106,6 +107,9 @@ def test_what_the_column_is_must_match_exactly() -> None:
     fresh = report()
     fresh["plan"]["seeded"] = False
     assert any("plan" in p for p in compare(report(), fresh))
+    fresh = report()
+    fresh["model"]["weights"] = "ffff0000"
+    assert any("model_weights" in p for p in compare(report(), fresh))
 
 
 def test_a_run_of_fewer_lengths_is_held_against_those_lengths() -> None:

@@ -4,8 +4,8 @@ committed report of the same column.
 A report (written by :mod:`.runner`) is the only input of ``docs/consistency.md``. When CI measures a
 column again, the fresh report must agree with the committed one:
 
-* exactly: what the column *is* (backend, engine dtype, variant label, the trainer's dtype and LM
-  head, the rollout plan). Anything else is another column. A fresh run may keep only some of the
+* exactly: what the column *is* (backend, the model's weights, engine dtype, variant label, the
+  trainer's dtype and LM head, the rollout plan). Anything else is another column. A fresh run may keep only some of the
   plan's lengths (CI leaves out responses that take minutes to generate on a slow engine); it is
   then held against the committed numbers of those lengths;
 * to 0.1% (plus 1e-7 absolute): every number, when the same rollouts were drawn (same
@@ -69,7 +69,8 @@ def identity(report: dict[str, Any]) -> dict[str, Any]:
     """What must match exactly between two reports of one column (the plan's lengths aside: a fresh
     run may cover only some of them, see :func:`compare`)."""
     plan = {k: v for k, v in report["plan"].items() if k not in ("lengths", "total_tokens")}
-    return {"backend": report["backend"], "dtype": report["dtype"], "label": report.get("label", ""),
+    return {"backend": report["backend"], "model_weights": report.get("model", {}).get("weights"),
+            "dtype": report["dtype"], "label": report.get("label", ""),
             "trainer_dtype": report["trainer"]["dtype"], "trainer_lm_head": report["trainer"]["lm_head"],
             "plan": plan}
 

@@ -19,6 +19,7 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,6 +213,7 @@ async def run(config: RunConfig) -> dict[str, Any]:
         "dtype": engine["served_dtype"],
         "engine_options": _jsonable(config.engine_options),
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(NUMERICS_ENV_PREFIXES)},
+        "model": {"name": os.path.basename(config.model.rstrip("/")), "weights": weights_fingerprint(config.model)},
         "hardware": _hardware(device_kind),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
         "python": platform.python_version(),
@@ -223,6 +225,17 @@ async def run(config: RunConfig) -> dict[str, Any]:
                      "fingerprint": fingerprints(rollouts), "generate_seconds": round(generate_seconds, 1)},
         "against": {name: summarize(rollouts, name) for name in REFERENCE_NAMES},
     }
+
+
+def weights_fingerprint(model_dir: str) -> str:
+    """A short hash of the model's weight files (the numbers depend on nothing else of the folder)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _device_kind(config: RunConfig) -> str:

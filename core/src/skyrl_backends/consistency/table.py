@@ -115,6 +115,8 @@ def render(reports: list[dict[str, Any]]) -> str:
             [f"{_ratios(m['by_length'][n]['sequence_ratio'], ('min', 'max'))} ({n} tokens)"
              for m, n in zip(metrics, longest, strict=True)])
     row("*Engine*", [f"{r.get('engine') or r['backend']} {r['engine_version']}" for r in reports])
+    row("*Model (weights hash)*", [f"{r.get('model', {}).get('name', '?')} ({r.get('model', {}).get('weights', '?')})"
+                                   for r in reports])
     row("*Engine dtype*", [r["dtype"] for r in reports])
     row("*Variant*", [_variant(r) for r in reports])
     row("*Rollouts*", [f"{r['rollouts']['sequences']} sequences, {r['rollouts']['tokens']} tokens" for r in reports])
