@@ -2,7 +2,7 @@
 log-probability as a trainer would, and summarize the gap with :mod:`.metrics`.
 
 The trainer's forward pass is the conformance suite's :class:`ReferenceModel` (Hugging Face
-transformers, teacher-forced over prompt + response), loaded twice: in the trainer's dtype (with an
+transformers, teacher-forced over prompt + response), loaded twice: in the trainer's dtype (with a
 float32 LM head when the run says the trainer uses one) and in float32. The engine is compared with
 both: "trainer" is the gap a trainer in that dtype sees, "float32" the engine's distance from the
 model's exact values.
@@ -74,8 +74,8 @@ def torch_dtype(name: str, field_name: str) -> torch.dtype:
 
 
 async def generate_rollouts(config: RunConfig, prompts: dict[int, list[list[int]]]) -> tuple[list[Rollout], Any]:
-    """Generate every (setting, length) of the plan, one generate call each, in the plan's order.
-    Returns the rollouts and the engine's description (for the report)."""
+    """Generate every rollout of the plan (one request per prompt, all in flight at once), in the
+    plan's order. Returns the rollouts and the engine's description (for the report)."""
     import skyrl_backends
 
     options = dict(config.engine_options)
@@ -83,6 +83,7 @@ async def generate_rollouts(config: RunConfig, prompts: dict[int, list[list[int]
     options.setdefault("seed", config.plan.engine_seed)
     options.setdefault("max_model_len", config.plan.max_sequence)
     engine = skyrl_backends.create_engine(config.backend, model=config.model, **options)
+
     async def one(setting: Setting, length: Length, prompt: list[int], seed: int | None) -> Rollout:
         params = {"max_generate_length": length.tokens, "temperature": setting.temperature,
                   "top_p": setting.top_p, "logprobs": 0, "ignore_eos": True, "seed": seed}
