@@ -22,17 +22,17 @@ CONSISTENCY_PYTEST = -m pytest -q -p no:cacheprovider tests/consistency
 test-consistency-transformers: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	rm -f $(CONSISTENCY_OUT)/transformers-*.json
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python $(CONSISTENCY_PYTEST) \
-		--consistency-backend transformers --consistency-report-dir $(CONSISTENCY_OUT)
+		--consistency-backend transformers --consistency-report-dir=$(CONSISTENCY_OUT)
 
 test-consistency-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	rm -f $(CONSISTENCY_OUT)/vllm-*.json
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_ENV)/bin/python $(CONSISTENCY_PYTEST) \
-		--consistency-backend vllm --consistency-report-dir $(CONSISTENCY_OUT) -k default
+		--consistency-backend vllm --consistency-report-dir=$(CONSISTENCY_OUT) -k default
 
 test-consistency-sglang: $(SGLANG_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	rm -f $(CONSISTENCY_OUT)/sglang-*.json
 	$(SGLANG_CPU_RUN) $(SGLANG_ENV)/bin/python $(CONSISTENCY_PYTEST) \
-		--consistency-backend sglang --consistency-report-dir $(CONSISTENCY_OUT) -k default \
+		--consistency-backend sglang --consistency-report-dir=$(CONSISTENCY_OUT) -k default \
 		--consistency-lengths $(CONSISTENCY_SGLANG_CI_LENGTHS)
 
 test-consistency-table: test-consistency-transformers test-consistency-vllm test-consistency-sglang
@@ -43,11 +43,11 @@ test-consistency-table: test-consistency-transformers test-consistency-vllm test
 # reports as committed).
 consistency: $(TF_ENV)/.ready $(VLLM_ENV)/.ready $(SGLANG_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python $(CONSISTENCY_PYTEST) \
-		--consistency-backend transformers --consistency-report-dir $(CONSISTENCY_DIR)
+		--consistency-backend transformers --consistency-report-dir=$(CONSISTENCY_DIR)
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_ENV)/bin/python $(CONSISTENCY_PYTEST) \
-		--consistency-backend vllm --consistency-report-dir $(CONSISTENCY_DIR)
+		--consistency-backend vllm --consistency-report-dir=$(CONSISTENCY_DIR)
 	$(SGLANG_CPU_RUN) $(SGLANG_ENV)/bin/python $(CONSISTENCY_PYTEST) \
-		--consistency-backend sglang --consistency-report-dir $(CONSISTENCY_DIR)
+		--consistency-backend sglang --consistency-report-dir=$(CONSISTENCY_DIR)
 	$(MAKE) consistency-table
 
 # Re-render the table from the committed reports only (after adding a GPU column's report).

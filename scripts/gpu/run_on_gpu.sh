@@ -158,7 +158,7 @@ consistency() {  # ENGINE SECONDS: the consistency columns, with the conformance
     for column in "${skip[@]}"; do expr="${expr:+$expr and }not $column"; done
     [ -n "$expr" ] && select=(-k "$expr")
     bounded "$2" python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/consistency --consistency-backend "$1" \
-        --timeout "$(( $2 - 30 ))" --consistency-report-dir "$OUT/consistency" \
+        --timeout "$(( $2 - 30 ))" --consistency-report-dir="$OUT/consistency" \
         --consistency-engine-option gpu_memory_utilization=0.2 \
         --consistency-engine-option "engine_init_kwargs=$options" "${select[@]}" ${CONSISTENCY_ARGS:-}
 }

@@ -15,7 +15,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--consistency-backend", default=None, help="the backend to measure (transformers, vllm, sglang)")
     group.addoption("--consistency-report-dir", default=None,
                     help=f"where reports go (default: env {REPORT_DIR_ENV}, else .cache/consistency); "
-                         "`make consistency` writes the committed ones into docs/consistency")
+                         "`make consistency` writes the committed ones into docs/consistency. Give it as "
+                         "--consistency-report-dir=DIR: pytest takes a separate existing folder for a test path")
     group.addoption("--consistency-engine-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an engine option for every column (engine_init_kwargs are merged with the column's)")
     group.addoption("--consistency-lengths", default=None, metavar="TOKENSxPROMPTS,...",
