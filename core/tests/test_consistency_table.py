@@ -91,13 +91,22 @@ def test_diverged_rollouts_are_held_to_bands() -> None:
     assert any("mean_abs_delta" in p and "rollouts differ" in p for p in problems)
 
 
-def test_sequence_ratio_may_move_by_the_committed_width_only() -> None:
+def test_sequence_ratio_may_move_by_twice_the_committed_width() -> None:
     fresh = report(print_="other")
-    # the committed ratios span log(2.0 / 0.5) = 1.39 in log space
-    fresh["against"]["float32"]["sequence_ratio"]["p50"] = 3.0  # moved by log 3 = 1.10: within
+    # the committed ratios span log(2.0 / 0.5) = 1.39 in log space; twice that is 2.77
+    fresh["against"]["float32"]["sequence_ratio"]["p50"] = 15.0  # moved by log 15 = 2.71: within
     assert compare(report(), fresh) == []
-    fresh["against"]["float32"]["sequence_ratio"]["p50"] = 5.0  # moved by log 5 = 1.61: beyond
+    fresh["against"]["float32"]["sequence_ratio"]["p50"] = 17.0  # moved by log 17 = 2.83: beyond
     assert any("sequence ratio p50" in p for p in compare(report(), fresh))
+
+
+def test_share_over_the_threshold_allows_sampling_noise() -> None:
+    # 100 tokens, band 4 * sqrt(s * (1 - s) / 100) + 3 / 100 with s the larger share
+    fresh = report(print_="other")
+    fresh["against"]["trainer"]["frac_over_threshold"] = 0.13  # from 0.02: 0.11 apart, band 0.165
+    assert compare(report(), fresh) == []
+    fresh["against"]["trainer"]["frac_over_threshold"] = 0.30  # 0.28 apart, band 0.213
+    assert any("frac_over_threshold" in p for p in compare(report(), fresh))
 
 
 def test_what_the_column_is_must_match_exactly() -> None:

@@ -63,6 +63,8 @@ COLUMNS: dict[str, list[Column]] = {
 # SGLang's plugin samples seeded requests itself and rescores their log-probabilities with a
 # prefill; unseeded requests go through SGLang's own sampler, as a trainer's do.
 UNSEEDED = {"sglang"}
+# Options for a machine without CUDA (vLLM finds its CPU build by itself).
+CPU_OPTIONS: dict[str, dict[str, Any]] = {"transformers": {"device": "cpu"}, "sglang": {"device": "cpu"}}
 
 
 def _cuda() -> bool:
@@ -79,9 +81,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _engine_options(request: pytest.FixtureRequest, backend: str, column: Column) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if backend == "transformers" and not _cuda():
-        options["device"] = "cpu"
+    options: dict[str, Any] = {} if _cuda() else dict(CPU_OPTIONS.get(backend, {}))
     given = parse_engine_options(request.config.getoption("--consistency-engine-option"))
     init = {**(given.pop("engine_init_kwargs", None) or {}), **column.engine_init_kwargs}
     options.update(given)
