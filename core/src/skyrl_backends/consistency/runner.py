@@ -29,9 +29,11 @@ from skyrl_backends.consistency.plan import DEFAULT_PLAN, Length, RolloutPlan, S
 from skyrl_backends.consistency.report import REPORT_FORMAT, column_name
 from skyrl_backends.errors import ConfigError
 
-# Environment variables that change an engine's numerics; the report records those that are set.
-NUMERICS_ENV_PREFIXES = ("VLLM_BATCH_INVARIANT", "SGLANG_", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_ATTENTION_BACKEND",
-                         "VLLM_CPU_")
+# Environment variables that change an engine's numerics or the path its log-probabilities take; the
+# report records those that are set.
+NUMERICS_ENV = ("VLLM_BATCH_INVARIANT", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_ATTENTION_BACKEND",
+                "VLLM_ENABLE_V1_MULTIPROCESSING", "SGLANG_ENABLE_DETERMINISTIC_INFERENCE", "SGLANG_USE_CPU_ENGINE",
+                "SGLANG_RETURN_ORIGINAL_LOGPROB", "SGLANG_ENABLE_TORCH_COMPILE")
 REFERENCE_NAMES = ("trainer", "float32")
 
 
@@ -213,7 +215,7 @@ async def run(config: RunConfig) -> dict[str, Any]:
         "engine_version": engine["engine_version"],
         "dtype": engine["served_dtype"],
         "engine_options": _jsonable(config.engine_options),
-        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(NUMERICS_ENV_PREFIXES)},
+        "environment": {k: os.environ[k] for k in sorted(NUMERICS_ENV) if k in os.environ},
         "model": {"name": os.path.basename(config.model.rstrip("/")), "weights": weights_fingerprint(config.model)},
         "hardware": _hardware(device_kind),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),

@@ -72,7 +72,8 @@ def _variant(report: dict[str, Any]) -> str:
     parts = []
     init = report.get("engine_options", {}).get("engine_init_kwargs") or {}
     parts += [f"`{k}={json.dumps(v, separators=(',', ':'))}`" for k, v in sorted(init.items())]
-    parts += [f"`{k}={v}`" for k, v in sorted(report.get("environment", {}).items()) if k in _VARIANT_ENV]
+    parts += [f"`{k}={v}`" for k, v in sorted(report.get("environment", {}).items())
+              if k in _VARIANT_ENV and v.lower() not in ("", "0", "false")]
     if not report["plan"].get("seeded", True):
         parts.append("unseeded requests")
     return ", ".join(parts) or "defaults"
