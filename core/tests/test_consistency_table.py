@@ -62,7 +62,9 @@ def test_request_seeds_do_not_depend_on_what_else_the_plan_holds() -> None:
 
 
 def test_plan_fits_the_model_and_parses_lengths() -> None:
-    assert DEFAULT_PLAN.max_sequence <= 1024  # the tiny model's context
+    DEFAULT_PLAN.check_fits(1024)  # the tiny model's context
+    with pytest.raises(ConfigError, match="lengths"):
+        DEFAULT_PLAN.check_fits(DEFAULT_PLAN.max_sequence + 1)  # engines keep two positions
     assert max(n.tokens for n in DEFAULT_PLAN.lengths) >= 1000
     assert DEFAULT_PLAN.total_tokens == 2 * (32 * 8 + 256 * 4 + 1000 * 2)
     with pytest.raises(ConfigError, match="lengths"):

@@ -19,6 +19,9 @@ from typing import Any
 from skyrl_backends.errors import ConfigError
 
 
+ENGINE_RESERVED_POSITIONS = 2
+
+
 @dataclass(frozen=True)
 class Setting:
     """One sampling setting: its name in reports and its parameters."""
@@ -69,10 +72,13 @@ class RolloutPlan:
         return len(self.settings) * sum(length.tokens * length.prompts for length in self.lengths)
 
     def check_fits(self, max_positions: int) -> None:
-        if self.max_sequence > max_positions:
+        """Every request must fit the model's context, less the positions an engine keeps for itself
+        (SGLang caps a request's new tokens at its context length minus the prompt minus 2)."""
+        if self.max_sequence > max_positions - ENGINE_RESERVED_POSITIONS:
             raise ConfigError("lengths", f"the longest prompt ({self.prompt_tokens[1]}) plus the longest response "
                                          f"({max(length.tokens for length in self.lengths)}) exceed the model's "
-                                         f"{max_positions} positions; ask for shorter responses.")
+                                         f"{max_positions} positions less {ENGINE_RESERVED_POSITIONS} that engines "
+                                         "keep; ask for shorter responses.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": [asdict(s) for s in self.settings], "lengths": [asdict(n) for n in self.lengths],

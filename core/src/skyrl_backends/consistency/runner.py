@@ -75,7 +75,8 @@ def torch_dtype(name: str, field_name: str) -> torch.dtype:
     return dtype
 
 
-async def generate_rollouts(config: RunConfig, prompts: dict[int, list[list[int]]]) -> tuple[list[Rollout], Any]:
+async def generate_rollouts(config: RunConfig, prompts: dict[int, list[list[int]]],
+                            max_model_len: int) -> tuple[list[Rollout], Any]:
     """Generate every rollout of the plan (one request per prompt, all in flight at once), in the
     plan's order. Returns the rollouts and the engine's description (for the report)."""
     import skyrl_backends
@@ -83,7 +84,7 @@ async def generate_rollouts(config: RunConfig, prompts: dict[int, list[list[int]
     options = dict(config.engine_options)
     options.setdefault("dtype", config.dtype)
     options.setdefault("seed", config.plan.engine_seed)
-    options.setdefault("max_model_len", config.plan.max_sequence)
+    options.setdefault("max_model_len", max_model_len)
     engine = skyrl_backends.create_engine(config.backend, model=config.model, **options)
 
     async def one(setting: Setting, length: Length, prompt: list[int], seed: int | None) -> Rollout:
@@ -193,11 +194,12 @@ async def run(config: RunConfig) -> dict[str, Any]:
 
     check_lm_head_dtype(config.trainer_lm_head, "trainer_lm_head")
     probe = ReferenceModel(config.model)
-    config.plan.check_fits(probe.max_positions)
+    max_positions = probe.max_positions  # the engine gets the model's whole context
+    config.plan.check_fits(max_positions)
     prompts = prompts_for(config.plan, probe)
     del probe
     started = time.perf_counter()
-    rollouts, engine = await generate_rollouts(config, prompts)
+    rollouts, engine = await generate_rollouts(config, prompts, max_positions)
     generate_seconds = time.perf_counter() - started
     teacher_force(rollouts, config)
     backend = get_backend(config.backend)
