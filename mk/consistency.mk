@@ -7,6 +7,9 @@
 # holds them against the committed numbers of those lengths. `make consistency` measures every CPU
 # column in full (variants included) and writes the committed reports and the table. GPU columns
 # come from scripts/gpu/run_on_gpu.sh consistency:ENGINE (docs/gpu.md).
+# Cost measured on the 2-core CPU machine (2026-12-03, shared with other jobs, load 8 to 30): CPU time
+# 94 s for transformers (two columns), 117 s for vLLM, 111 s for SGLang, about 5.5 minutes together;
+# wall 70 s for transformers and 65-90 s for vLLM when the machine was nearly idle.
 EXTRA_TESTS += test-consistency-transformers test-consistency-vllm test-consistency-sglang test-consistency-table
 
 CONSISTENCY_OUT := .cache/consistency
