@@ -17,6 +17,9 @@
 #                             replaces the engine_init_kwargs, e.g. '{}' for vLLM with CUDA graphs)
 #   diagnose:ENGINE           diagnose_logprobs.py with the conformance options -> $OUT/ENGINE-logprobs.json;
 #                             for vllm also with the V1 model runner -> $OUT/vllm-logprobs-v1.json
+#   consistency:ENGINE        tests/consistency in bfloat16, every column of ENGINE (plain, fp32 LM head,
+#                             batch-invariant / deterministic) -> $OUT/consistency/ENGINE-gpu-bf16*.json; a
+#                             column whose option the staged build lacks is left out, with a log line
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
 #                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
 #   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path (PYTEST_ARGS adds
@@ -54,7 +57,7 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=300
-                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300)
+                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540)
 
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
@@ -140,6 +143,26 @@ conformance() {  # ENGINE SECONDS
         --conformance-engine-option "engine_init_kwargs=$options" ${CONFORMANCE_OPTIONS:-}
 }
 
+consistency() {  # ENGINE SECONDS: the consistency columns, with the conformance runs' engine options
+    local options skip=() site=/tmp/${1}site
+    options=$(suite_kwargs "$1")
+    # Options checked against the staged build's own source: a column is measured only where its
+    # option exists there (vLLM's fp32 head is read by its logits processor).
+    if [ "$1" = vllm ]; then
+        grep -q head_dtype "$site/vllm/model_executor/layers/logits_processor.py" 2>/dev/null \
+            || { log "this vLLM build has no head_dtype in its logits processor: fp32-head column left out"; skip+=(fp32_head); }
+        grep -q VLLM_BATCH_INVARIANT "$site/vllm/envs.py" 2>/dev/null \
+            || { log "this vLLM build has no VLLM_BATCH_INVARIANT: batch-invariant column left out"; skip+=(batch_invariant); }
+    fi
+    local expr="" column select=()
+    for column in "${skip[@]}"; do expr="${expr:+$expr and }not $column"; done
+    [ -n "$expr" ] && select=(-k "$expr")
+    bounded "$2" python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/consistency --consistency-backend "$1" \
+        --timeout "$(( $2 - 30 ))" --consistency-report-dir="$OUT/consistency" \
+        --consistency-engine-option gpu_memory_utilization=0.2 \
+        --consistency-engine-option "engine_init_kwargs=$options" "${select[@]}" ${CONSISTENCY_ARGS:-}
+}
+
 diagnose() {  # ENGINE SECONDS: the same engine options as conformance
     local options half
     options="{\"gpu_memory_utilization\": 0.2, \"engine_init_kwargs\": $(suite_kwargs "$1")}"
@@ -179,6 +202,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         conformance) engine_env "$engine" && conformance "$engine" "$seconds" ;;
         generate) engine_env "$engine" && generate "$engine" "$seconds" ;;
         diagnose) engine_env "$engine" && diagnose "$engine" "$seconds" ;;
+        consistency) engine_env "$engine" && consistency "$engine" "$seconds" ;;
         weight-sync) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
             --json "$OUT/$engine-weight-sync.json" ;;

@@ -93,7 +93,7 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Subcommands whose modules live beside the CLI; each registers itself if present."""
     import importlib
 
-    for module_name in ("skyrl_backends.conformance.cli", "skyrl_backends.http.cli"):
+    for module_name in ("skyrl_backends.conformance.cli", "skyrl_backends.consistency.cli", "skyrl_backends.http.cli"):
         try:
             module = importlib.import_module(module_name)
         except ImportError:

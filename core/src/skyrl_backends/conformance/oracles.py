@@ -28,14 +28,22 @@ class GreedyResult:
 
 class ReferenceModel:
     """The float32 reference for one model folder, with variants for other weights and a LoRA
-    adapter (each variant is an independent copy of the module)."""
+    adapter (each variant is an independent copy of the module).
 
-    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+    ``dtype`` and ``device`` load it otherwise: the consistency measurement
+    (:mod:`skyrl_backends.consistency`) runs :meth:`teacher_forced_logprobs` as a trainer would, in
+    the trainer's dtype on its device (the result is float32 on the CPU either way). The other
+    oracles are meant for the float32 reference on the CPU."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = os.fspath(model_dir)
+        self.dtype = dtype
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         self.vocab_size = int(base.config.vocab_size)
         self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
         self.eos_token_ids = _eos_token_ids(base, self.tokenizer)
@@ -47,13 +55,18 @@ class ReferenceModel:
 
     # -- weights ---------------------------------------------------------------------------------
     @property
+    def module(self) -> Any:
+        """The loaded model with the original weights and no adapter."""
+        return self._variants[("original", None)]
+
+    @property
     def original_state(self) -> Mapping[str, torch.Tensor]:
         return self._original_state
 
     def add_weights(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Register another set of weights (a full or partial state dict over the original)."""
         merged = dict(self._original_state)
-        merged.update({k: v.detach().to(torch.float32).clone() for k, v in state.items()})
+        merged.update({k: v.detach().to(self.device, self.dtype).clone() for k, v in state.items()})
         self._weights[name] = merged
 
     def perturbed_state(self, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
@@ -89,9 +102,9 @@ class ReferenceModel:
         """``[len(response), vocab]`` log-probabilities of the next token at every response position."""
         if not response:
             return torch.empty(0, self.vocab_size)
-        ids = torch.tensor([list(prompt) + list(response)[:-1]], dtype=torch.long)
+        ids = torch.tensor([list(prompt) + list(response)[:-1]], dtype=torch.long, device=self.device)
         logits = self._model(weights, lora)(input_ids=ids).logits[0, len(prompt) - 1:, :]
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     def greedy(self, prompt: Sequence[int], max_new_tokens: int, *, stop_token_ids: Iterable[int] = (),
                ignore_eos: bool = False, min_new_tokens: int = 0, repetition_penalty: float = 1.0,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.consistency.lm_head import check_lm_head_dtype, use_float32_lm_head
 from skyrl_backends.errors import ConfigError, LoraAdapterError, SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
@@ -41,6 +42,10 @@ from skyrl_backend_transformers.sampler import apply_repetition_penalty, choose_
 
 logger = logging.getLogger(__name__)
 _PAUSE_POLL_S = 0.002
+# engine_init_kwargs: attn_implementation goes to from_pretrained; prefix_cache_max_tokens bounds the
+# prefix cache; lm_head_dtype "float32" computes the logits in float32 from a half-precision model
+# (skyrl_backends.consistency.lm_head), "model" (the default) in the model's dtype.
+ENGINE_INIT_KWARGS = ("attn_implementation", "prefix_cache_max_tokens", "lm_head_dtype")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,18 +97,22 @@ class TransformersEngine:
             if getattr(config, name) != 1:
                 raise ConfigError.out_of_range(name, getattr(config, name),
                                                "1 (the transformers backend runs one device per engine)")
-        unknown = set(config.engine_init_kwargs) - {"attn_implementation", "prefix_cache_max_tokens"}
+        unknown = set(config.engine_init_kwargs) - set(ENGINE_INIT_KWARGS)
         if unknown:
             raise ConfigError("engine_init_kwargs", f"unknown option(s) {sorted(unknown)} for the transformers "
-                                                    "backend; accepted: attn_implementation, prefix_cache_max_tokens.")
+                                                    f"backend; accepted: {', '.join(ENGINE_INIT_KWARGS)}.")
         init_kwargs = dict(config.engine_init_kwargs)
         cache_tokens = int(init_kwargs.pop("prefix_cache_max_tokens", 65536))
+        lm_head_dtype = check_lm_head_dtype(init_kwargs.pop("lm_head_dtype", "model"),
+                                            "engine_init_kwargs.lm_head_dtype")
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.model = AutoModelForCausalLM.from_pretrained(
             config.model, dtype=self.dtype, **init_kwargs).to(self.device).eval()
+        if lm_head_dtype == "float32":
+            use_float32_lm_head(self.model, "engine_init_kwargs.lm_head_dtype")
         self.peft_model: Any = None
         self.max_model_len = config.max_model_len or getattr(self.model.config, "max_position_embeddings", 4096)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
