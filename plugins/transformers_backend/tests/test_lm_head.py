@@ -19,7 +19,7 @@ def first_token_logprobs(model_dir, prompts, **options):
         engine = sb.create_engine("transformers", model=model_dir, dtype="bfloat16", device="cpu", **options)
         try:
             out = await engine.generate(prompts, {"max_generate_length": 1, "temperature": 0, "logprobs": 0})
-            return out, engine.weight_specs()
+            return out, await engine.weight_specs()
         finally:
             await engine.teardown()
 

@@ -105,14 +105,14 @@ async def generate_rollouts(config: RunConfig, prompts: dict[int, list[list[int]
         # response's steps once instead of every request's steps in turn. A seed per request keeps
         # each draw independent of how the engine happened to batch them.
         rollouts = await asyncio.gather(*(one(*call) for call in calls))
-        described = describe_engine(engine)
+        described = await describe_engine(engine)
     finally:
         await engine.teardown()
     return list(rollouts), described
 
 
-def describe_engine(engine: Any) -> dict[str, Any]:
-    specs = [s.dtype for s in engine.weight_specs().values()]
+async def describe_engine(engine: Any) -> dict[str, Any]:
+    specs = [s.dtype for s in (await engine.weight_specs()).values()]
     return {"engine_version": engine.engine_version(), "served_dtype": max(set(specs), key=specs.count)}
 
 
