@@ -29,9 +29,22 @@ def entry_points_text(project: dict) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def project_version(package_dir: Path, pyproject: dict) -> str:
+    """The static version, or the one hatch reads from ``__version__`` when it is dynamic."""
+    project = pyproject["project"]
+    if "version" in project:
+        return project["version"]
+    source = package_dir / pyproject["tool"]["hatch"]["version"]["path"]
+    match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', source.read_text(), re.MULTILINE)
+    if match is None:
+        raise ValueError(f"{source}: no __version__ = '...' line for the dynamic version")
+    return match.group(1)
+
+
 def write_dist_info(package_dir: Path, target: Path) -> Path:
-    project = tomllib.loads((package_dir / "pyproject.toml").read_text())["project"]
-    name, version = project["name"], project["version"]
+    pyproject = tomllib.loads((package_dir / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    name, version = project["name"], project_version(package_dir, pyproject)
     # The folder name an installer uses: the normalized name, underscores for dashes.
     folder = target / f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}.dist-info"
     folder.mkdir(parents=True, exist_ok=True)
