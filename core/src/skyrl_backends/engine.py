@@ -57,6 +57,8 @@ from skyrl_backends.weight_sync.manifest import check_broadcast_modes, is_stream
 logger = logging.getLogger(__name__)
 # How long an abandoned stream's aborted requests get to return before their tasks are cancelled.
 _STREAM_WIND_DOWN_S = 5.0
+# How long teardown waits for requests in flight to return their partial output before stopping.
+_TEARDOWN_DRAIN_S = 5.0
 
 
 class InferenceEngine:
@@ -479,10 +481,21 @@ class InferenceEngine:
         await self._call("skyrl_backends_reset_prefix_cache")
 
     async def teardown(self) -> None:
-        """Stop the engine. Safe to call more than once."""
+        """Stop the engine. Safe to call more than once.
+
+        New calls are refused at once; requests in flight are aborted first (when the backend can
+        abort) and given a few seconds to return, so their callers get the partial output with
+        finish reason ``"abort"`` (the engine client continues it on another engine) instead of an
+        error from an engine stopping under them."""
         if self._closed:
             return
         self._closed = True
+        if self._inflight:
+            if caps.ABORT(self.capabilities):
+                with contextlib.suppress(Exception):  # stopping goes ahead whatever the abort does
+                    await self._call("skyrl_backends_abort", request_ids=None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self._drain(_TEARDOWN_DRAIN_S)
         await self._call("skyrl_backends_teardown")
 
     async def __aenter__(self) -> InferenceEngine:
