@@ -11,15 +11,21 @@ class EngineObserver:
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self.request_ids: list[str] = []
+        self.requests: list[Any] = []  # every GenerateRequest that reached the engine
+        self.outputs: list[Any] = []  # what the engine answered to each generate call
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def generate(self, request: Any) -> Any:
         self.request_ids.extend(request.request_ids)
-        return await self._engine.generate(request)
+        self.requests.append(request)
+        output = await self._engine.generate(request)
+        self.outputs.append(output)
+        return output
 
     async def generate_stream(self, request: Any) -> Any:
         self.request_ids.extend(request.request_ids)
+        self.requests.append(request)
         async for chunk in self._engine.generate_stream(request):
             yield chunk

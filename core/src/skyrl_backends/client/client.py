@@ -470,6 +470,8 @@ class InferenceEngineClient:
         :meth:`_call_generate`; chunks come with the segment they belong to."""
         await self._wait_while_paused([client_rid], epoch)
         session_id = request.session_ids[0] if request.session_ids else None
+        if slot is not None and slot.healthy and getattr(slot.engine, "closed", False):
+            self.mark_unhealthy(slot.engine_id, "engine was torn down")  # it cut the stream this continues
         if slot is None or not slot.healthy:
             slot = self._pick_engine(session_id)
         segment = _Segment(slot, request, [client_rid], epoch, self._fallback_pauses)
