@@ -396,7 +396,12 @@ class VLLMEngine:
             task.cancel()
         # vLLM's shutdown signals its processes and joins them (seconds): off the event loop, which
         # other engines of this process (and the requests failing over to them) share. vLLM closes
-        # its sockets and tasks on the loop that owns them when called from another thread.
+        # its sockets and tasks on the loop that owns them when called from another thread. Its
+        # output handler, which shutdown cancels last, is cancelled first, here on its loop, so it
+        # does not log the engine core it watches dying as a failure meanwhile.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
         await asyncio.to_thread(engine.shutdown)
         # Wait until they are really gone (a worker still exiting holds memory, and on GPU the
         # device), and kill any that hang.
