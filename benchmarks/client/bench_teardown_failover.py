@@ -105,6 +105,7 @@ if __name__ == "__main__":
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cut-after", type=float, default=0.3, help="seconds between the victim's start and its teardown")
+    parser.add_argument("--cut-after", type=float, default=0.3,
+                        help="seconds between the victim's start and its teardown")
     parser.add_argument("--request-timeout", type=float, default=60.0)
     asyncio.run(main(parser.parse_args()))

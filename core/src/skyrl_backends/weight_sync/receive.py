@@ -2,12 +2,13 @@
 
 :func:`load_named_tensors` is the one call: it receives ``request`` and hands its tensors to the
 engine's loader. Every strategy stages the whole update before the loader sees a tensor (segments
-mapped, handles opened, broadcasts received, every manifest checked against the request's declaration, the values checked when the request
-asks ``check_finite``), so an engine that loads them only fails midway for its own reasons, and one
-that stages them too (as the transformers backend does) is all-or-nothing. The exception is a
-broadcast the trainer sent ``apply="streamed"``: the loader gets one bucket at a time while the next
-arrives, so engine memory stays at two buckets, and each bucket's values are checked just before it
-is loaded. :func:`receive_named_tensors` is the staged half alone, for engines that load in one call.
+mapped, handles opened, broadcasts received, every manifest checked against the request's
+declaration, the values checked when the request asks ``check_finite``), so an engine that loads
+them only fails midway for its own reasons, and one that stages them too (as the transformers
+backend does) is all-or-nothing. The exception is a broadcast the trainer sent ``apply="streamed"``:
+the loader gets one bucket at a time while the next arrives, so engine memory stays at two buckets,
+and each bucket's values are checked just before it is loaded. :func:`receive_named_tensors` is the
+staged half alone, for engines that load in one call.
 
 In-process tensors (``"tensors"``) were checked by the engine facade before the backend's hook ran,
 values included; they are handed on as they are.
