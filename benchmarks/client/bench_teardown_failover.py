@@ -64,11 +64,15 @@ async def one_round(args: argparse.Namespace, survivors: list[Any], batch: list[
     out = await task
     disturbed = time.perf_counter() - started
     await teardown
-    restarted = sum(p in victim.prompts for r in recorders for p in r.prompts)
+    # Counted from what the surviving engines were asked: a victim's prompt again (started over), or
+    # a victim's prompt followed by tokens it had generated (continued).
+    asked = [p for r in recorders for p in r.prompts]
+    restarted = sum(p in victim.prompts for p in asked)
+    continued = sum(any(len(q) > len(p) and q[:len(p)] == p for q in asked) for p in victim.prompts)
     health = client.health()
     return {"undisturbed": undisturbed, "disturbed": disturbed, "exact": out.response_ids == reference,
-            "victim_share": len(victim.prompts), "continued": health[victim_id]["continuations"],
-            "restarted": restarted, "unhealthy": [e for e, h in health.items() if not h["healthy"]]}
+            "victim_share": len(victim.prompts), "continued": continued, "restarted": restarted,
+            "unhealthy": [e for e, h in health.items() if not h["healthy"]]}
 
 
 async def main(args: argparse.Namespace) -> None:
