@@ -168,3 +168,21 @@ def test_broadcast_check_finite_refuses_before_loading_and_keeps_the_group_in_st
 
     run(scenario())
 
+
+
+def test_check_finite_names_exactly_the_non_finite_tensors():
+    from skyrl_backends.weight_sync.delivery import check_finite
+
+    big = torch.full((1000,), 60000.0, dtype=torch.float16)  # finite values whose fp16 sum overflows
+    assert torch.isinf(big.sum())
+    fine = [("big", big), ("ints", torch.arange(5)), ("flags", torch.ones(3, dtype=torch.bool)),
+            ("empty", torch.empty(0)), ("fp8", torch.ones(4).to(torch.float8_e4m3fn)),
+            ("bf16", torch.randn(64, 64).to(torch.bfloat16))]
+    check_finite(fine)
+    nan8 = torch.ones(4).to(torch.float8_e4m3fn)
+    nan8[1] = float("nan")
+    bad = [("neg_inf", torch.tensor([1.0, float("-inf")])), ("nan8", nan8),
+           ("nan_bf16", torch.tensor([float("nan")], dtype=torch.bfloat16))]
+    with pytest.raises(WeightUpdateError) as info:
+        check_finite(fine + bad)
+    assert sorted(info.value.problems) == ["nan8", "nan_bf16", "neg_inf"]
