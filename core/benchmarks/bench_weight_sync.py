@@ -18,6 +18,11 @@ GPU mode (``--mode gpu``)::
 Broadcast runs in both ways of applying: ``atomic`` (the engine stages every bucket, then copies)
 and ``streamed`` (it copies each bucket while the next arrives, through two bucket-sized buffers);
 the raw baseline writes straight into the live parameters, which is what ``streamed`` does too.
+
+``check_finite``: the warm colocated sync and the atomic packed broadcast again with
+``WeightUpdateRequest.check_finite`` (the engine checks every received value for NaN and infinity
+before loading any), each against the same sync without it in the same run; the ratio of times is
+printed under the table (``--skip finite`` leaves these cases out).
     --engine vllm|sglang: also a full sync into a real engine through skyrl_backends (cuda_ipc, or
     what the backend declares) vs (b) the engine's own update path called directly (vLLM: per-tensor
     CUDA IPC handles through collective_rpc into load_weights; SGLang: update_weights_from_tensor).
@@ -96,6 +101,9 @@ def sync(device: str) -> None:
 
 def digest(tensors: dict[str, torch.Tensor]) -> list[float]:
     return [float(t.float().sum()) for _, t in sorted(tensors.items())]
+
+
+FINITE = " [check_finite]"  # label suffix of the cases that check values, against the same case without
 
 
 # -- the engine process ---------------------------------------------------------------------------
@@ -208,7 +216,7 @@ def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case
 
 
 def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor], bucket_bytes: int,
-                   label: str, baseline: str, fresh_sender: bool = False) -> Case:
+                   label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False) -> Case:
     """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
     A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold)."""
     parts: dict[str, list[float]] = {"pack_s": [], "receive_s": [], "apply_s": []}
@@ -220,7 +228,8 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
         layout = plan(weights, bucket_bytes)
         payload = sender.write(layout)
         parts["pack_s"].append(time.perf_counter() - t0)
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, sender.strategy, payload)
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, sender.strategy, payload,
+                                      check_finite=check_finite)
         reply = engine.call(op="update", request=request_to_json(request))
         parts["receive_s"].append(reply["receive_s"])
         parts["apply_s"].append(reply["apply_s"])
@@ -231,8 +240,9 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
 
 
 def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
-                   bucket_bytes: int, label: str, baseline: str, layout: str = "packed", apply: str = "atomic") -> Case:
-    slot = f"{layout}_{apply}_{bucket_bytes}"  # one group (and one receiver) per case
+                   bucket_bytes: int, label: str, baseline: str, layout: str = "packed", apply: str = "atomic",
+                   check_finite: bool = False) -> Case:
+    slot = f"{layout}_{apply}_{bucket_bytes}_{check_finite}"  # one group (and one receiver) per case
     sender = BroadcastSender(2, "127.0.0.1", 0, backend, f"bench_{slot}", device, layout=layout, apply=apply)
     joiner = threading.Thread(target=sender.join)
     joiner.start()
@@ -241,7 +251,8 @@ def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], back
 
     def run() -> None:
         layout = plan(weights, bucket_bytes)
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout))
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout),
+                                      check_finite=check_finite)
         engine.send(op="update", request=request_to_json(request), slot=slot)
         sender.send(layout)
         case.staging[:] = [engine.reply()["staging_bytes"]]
@@ -394,6 +405,11 @@ def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, nt
         if row.get("staging_bytes"):
             held = f"(engine holds {row['staging_bytes'] / 2**20:.0f} MiB to receive)"
             print(f"|   {held:42} | {'':10} | {'':7} | {'':24} |")
+    finite = [r for r in rows if r["strategy"].endswith(FINITE) and r.get("baseline") in by_label]
+    for row in finite:
+        with_check, without = by_label[row["strategy"]], by_label[row["baseline"]]
+        print(f"# {FINITE[2:-1]}: {row['baseline']}: {with_check / without:.2f}x the time of the same sync without "
+              f"it ({with_check * 1e3:.1f} vs {without * 1e3:.1f} ms)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "nbytes": nbytes, "hardware": hardware(args.mode), "rows": rows}, f,
@@ -412,7 +428,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("none", "vllm", "sglang"), default="none",
                         help="GPU: also sync into a real engine and compare with its own update path")
     parser.add_argument("--skip", default="",
-                        help="comma-separated cases to skip: colocated,cold,broadcast,streamed,per_tensor,raw")
+                        help="comma-separated cases to skip: colocated,cold,broadcast,streamed,per_tensor,raw,finite")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the trainer and of each engine process (default: 1 on CPU, where "
@@ -441,11 +457,17 @@ def main() -> None:
             if gpu:
                 from skyrl_backends.weight_sync import CudaIpcSender
 
-                cases.append(colocated_case(colocated, lambda: CudaIpcSender(device), weights, args.bucket_bytes,
-                                            "cuda_ipc (warm: buffers reused)", copy_label))
+                make, warm = (lambda: CudaIpcSender(device)), "cuda_ipc (warm: buffers reused)"
             else:
-                cases.append(colocated_case(colocated, SharedMemorySender, weights, args.bucket_bytes,
-                                            "shared_memory (warm: segments reused)", copy_label))
+                make, warm = SharedMemorySender, "shared_memory (warm: segments reused)"
+            # One sender for both warm cases: the engine keeps the mappings (handles) of one sender's
+            # buffers, and two senders taking turns would have it map them afresh at every sync.
+            sender = make()
+            cases.append(colocated_case(colocated, lambda: sender, weights, args.bucket_bytes, warm, copy_label))
+            if "finite" not in skip:
+                cases.append(colocated_case(colocated, lambda: sender, weights, args.bucket_bytes, warm + FINITE,
+                                            warm, check_finite=True))
+            if not gpu:
                 if "cold" not in skip:  # its own engine: its mappings would evict the warm case's
                     cold = EngineProcess(args.shape, args.dtype, device, args.threads)
                     engines.append(cold)
@@ -468,9 +490,12 @@ def main() -> None:
                     if ("broadcast" if apply == "atomic" else "streamed") in skip:
                         continue
                     for size in dict.fromkeys(sizes):
-                        cases.append(broadcast_case(remote, weights, backend, device, size,
-                                                    f"broadcast ({backend}, packed {_size(size)}, {apply})",
-                                                    raw_label, apply=apply))
+                        label = f"broadcast ({backend}, packed {_size(size)}, {apply})"
+                        cases.append(broadcast_case(remote, weights, backend, device, size, label, raw_label,
+                                                    apply=apply))
+                        if apply == "atomic" and size == args.bucket_bytes and "finite" not in skip:
+                            cases.append(broadcast_case(remote, weights, backend, device, size, label + FINITE,
+                                                        label, apply=apply, check_finite=True))
                 if "per_tensor" not in skip:  # the layout of engines that receive natively (SGLang)
                     cases.append(broadcast_case(remote, weights, backend, device, args.bucket_bytes,
                                                 f"broadcast ({backend}, per tensor)", raw_label, "per_tensor"))

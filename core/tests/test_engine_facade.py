@@ -29,8 +29,11 @@ def engine(double_backend, tmp_path):
 
 
 def update(names, shapes, dtypes=None):
+    import torch
+
     dtypes = dtypes or ["float32"] * len(names)
-    return WeightUpdateRequest(names=names, shapes=shapes, dtypes=dtypes, payload=[None] * len(names))
+    tensors = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in zip(shapes, dtypes)]
+    return WeightUpdateRequest(names=names, shapes=shapes, dtypes=dtypes, payload=tensors)
 
 
 def test_outputs_keep_prompt_order_and_carry_request_ids(engine):
@@ -164,6 +167,40 @@ def test_broadcast_layout_the_engine_cannot_receive_is_refused_before_any_byte(t
         assert not any(call[0] == "update" for call in engine.impl.calls)
     finally:
         sb.unregister_backend("native")
+
+
+def test_check_finite_is_refused_where_broadcasts_are_received_natively(tmp_path):
+    """An engine that receives broadcasts with its own code (SGLang's, which loads each tensor as it
+    arrives) cannot check values before applying them: asking it to is refused before any byte."""
+    caps = Capabilities(weight_sync_strategies=("broadcast",), broadcast_layouts=("per_tensor",))
+    sb.register_backend(DoublePlugin("native", caps), "native")
+    try:
+        engine = sb.create_engine("native", model=str(tmp_path))
+        checked = _broadcast_update(layout="per_tensor")
+        checked.check_finite = True
+        with pytest.raises(WeightUpdateError) as info:
+            run(engine.update_named_weights(checked))
+        assert "cannot check their values" in info.value.problems["check_finite"]
+        assert not any(call[0] == "update" for call in engine.impl.calls)
+        run(engine.update_named_weights(_broadcast_update(layout="per_tensor")))  # unchecked: accepted
+    finally:
+        sb.unregister_backend("native")
+
+
+def test_in_process_tensors_are_checked_against_their_declaration(engine):
+    """The facade's own rule (real engines: tests/weight_sync/test_delivered.py)."""
+    import torch
+
+    request = update(["w", "b"], [(2, 2), (2,)])
+    request.payload = [torch.zeros(2, 2), torch.zeros(())]
+    with pytest.raises(WeightUpdateError) as info:
+        run(engine.update_named_weights(request))
+    assert info.value.problems == {"b": "payload says float32[] but the request declares float32[2]"}
+    request.payload = [torch.zeros(2, 2)]
+    with pytest.raises(WeightUpdateError) as info:
+        run(engine.validate_weight_update(request))
+    assert info.value.problems == {"b": "is declared in the request but missing from the payload"}
+    assert not any(call[0] == "update" for call in engine.impl.calls) and engine.weight_version == 0
 
 
 def test_lora_bookkeeping(engine, tmp_path):

@@ -241,3 +241,40 @@ def test_mismatched_update_is_rejected_naming_every_offender(engines, trainer_mo
             assert tokens == oracle_greedy(trainer_model, served)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("strategy, layout, apply", [("shared_memory", None, None), ("broadcast", "packed", "atomic"),
+                                                     ("broadcast", "per_tensor", "atomic")])
+def test_check_finite_refuses_non_finite_values_in_the_engine_process(engines, trainer_model, strategy, layout, apply):
+    """The engine process checks the values it received (on vLLM: in its worker) before loading any:
+    the update is refused naming every offending tensor, and every engine keeps serving what it had."""
+    served, update = perturbed(trainer_model, seed=21), perturbed(trainer_model, seed=22)
+    names = list(update)
+    update[names[0]].view(-1)[1] = float("nan")
+    update[names[-1]].view(-1)[0] = float("inf")
+
+    async def scenario():
+        await sync_weights(engines, served, "shared_memory")
+        before = await versions(engines)
+        sender = None
+        if strategy == "broadcast":
+            sender = await connect_broadcast(engines, backend="gloo", timeout_s=120, layout=layout, apply=apply,
+                                             group_name=f"finite_{layout}")
+        try:
+            with pytest.raises(WeightUpdateError) as info:
+                await sync_weights(engines, update, strategy, bucket_bytes=SMALL_BUCKETS, sender=sender,
+                                   check_finite=True)
+            assert set(info.value.problems) == {names[0], names[-1]}, info.value.problems
+            assert await versions(engines) == before
+            for engine in engines:
+                assert (await greedy(engine))[0] == oracle_greedy(trainer_model, served)
+            if sender is not None:  # the group is still in step: a clean update goes through
+                clean = perturbed(trainer_model, seed=23)
+                await sync_weights(engines, clean, strategy, bucket_bytes=SMALL_BUCKETS, sender=sender,
+                                   check_finite=True)
+                assert (await greedy(engines[0]))[0] == oracle_greedy(trainer_model, clean)
+        finally:
+            if sender is not None:
+                sender.close()
+
+    run(scenario())

@@ -119,11 +119,14 @@ def test_request_json_round_trip_through_text():
     assert (back.names, back.dtypes, back.shapes, back.strategy) == (request.names, request.dtypes,
                                                                     request.shapes, request.strategy)
     assert back.payload == request.payload
+    assert back.check_finite is False
+    request.check_finite = True
+    assert request_from_json(json.loads(json.dumps(request_to_json(request)))).check_finite is True
 
 
 @pytest.mark.parametrize("field, value", [
     ("wire_version", 99), ("strategy", "pickle"), ("names", [1, 2]), ("dtypes", ["float32", "object"]),
-    ("shapes", [[2, 2], [-1]]), ("names", ["a", "a"]),
+    ("shapes", [[2, 2], [-1]]), ("names", ["a", "a"]), ("check_finite", "yes"), ("check_finite", 1),
 ])
 def test_request_from_json_rejects_bad_top_level_fields(field, value):
     obj = request_to_json(_request([_good_bucket()], strategy="shared_memory"))

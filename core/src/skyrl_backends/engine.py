@@ -8,7 +8,8 @@ cannot drift between engines:
 * capabilities: a call or sampling parameter the backend declares unsupported is rejected before
   the backend sees it, naming the capability;
 * validation: sampling parameters are canonical and validated; weight updates are checked name by
-  name against the engine's parameters before anything is applied (atomic updates);
+  name against the engine's parameters, and in-process tensors against that declaration
+  (:mod:`skyrl_backends.weight_sync.delivery`), before anything is applied (atomic updates);
 * bookkeeping: ``n > 1`` expansion with per-sample seeds, request ids, in-flight tracking so sleep
   can abort and drain, the weight version stamped on every completion, loaded LoRA adapters.
 """
@@ -50,11 +51,14 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.weight_sync.delivery import check_delivered, check_finite, payload_pairs
 from skyrl_backends.weight_sync.manifest import check_broadcast_modes, is_streamed
 
 logger = logging.getLogger(__name__)
 # How long an abandoned stream's aborted requests get to return before their tasks are cancelled.
 _STREAM_WIND_DOWN_S = 5.0
+# How long teardown waits for requests in flight to return their partial output before stopping.
+_TEARDOWN_DRAIN_S = 5.0
 
 
 class InferenceEngine:
@@ -362,7 +366,9 @@ class InferenceEngine:
         await self._call("skyrl_backends_init_weight_update_communicator", init_info=init_info)
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
-        """Raise WeightUpdateError naming every tensor whose name, shape or dtype does not match."""
+        """Raise WeightUpdateError naming every tensor whose name, shape or dtype does not match (for
+        in-process tensors, also every tensor missing or unlike its declaration). Values
+        (``check_finite``) are checked when the update is applied, where the engine holds them."""
         self._validate_weight_update(request)
 
     def _validate_weight_update(self, request: WeightUpdateRequest) -> None:
@@ -383,6 +389,8 @@ class InferenceEngine:
                      f"Supported: {list(self.capabilities.weight_sync_strategies)}.")
         if request.strategy == "broadcast":
             self._check_broadcast_layout(request)
+        elif request.strategy == "tensors":  # the tensors are here: what is delivered is what was declared
+            check_delivered(request, payload_pairs(request))
 
     def _check_broadcast_layout(self, request: WeightUpdateRequest) -> None:
         # Checked before the trainer broadcasts a byte: a receiver expecting another layout would
@@ -396,18 +404,27 @@ class InferenceEngine:
             raise WeightUpdateError({"payload.layout": f"got {layout!r}; {self.backend} receives broadcasts as "
                                                        f"{list(supported)}: create the sender with that layout "
                                                        f"(connect_broadcast picks it when left out)"})
+        if request.check_finite and not caps.receives_packed_broadcast(self.capabilities):
+            # Such an engine receives broadcasts with its own code, loading each tensor as it arrives.
+            raise WeightUpdateError({"check_finite": f"{self.backend} loads broadcast tensors as they arrive, so it "
+                                                     f"cannot check their values first; check them in the trainer "
+                                                     f"or send them with another strategy"})
 
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
         """Apply a weight update atomically; returns the new weight version.
 
-        Everything is validated first, so a bad update changes nothing. The one exception is a
-        broadcast the trainer sent ``apply="streamed"``, which the engine applies bucket by bucket:
-        if its transfer fails partway, generation is refused until every parameter has been received
-        again, as after a sleep that discarded the weights."""
+        Everything is validated first (declared names, shapes and dtypes against the engine's; the
+        tensors delivered against that declaration; their values with ``request.check_finite``), so a
+        bad update changes nothing. The one exception is a broadcast the trainer sent
+        ``apply="streamed"``, which the engine applies bucket by bucket: if its transfer fails
+        partway, generation is refused until every parameter has been received again, as after a
+        sleep that discarded the weights."""
         self._check_open()
         if "weights" in self._asleep:
             raise EngineAsleepError(["weights"])
         self._validate_weight_update(request)
+        if request.check_finite and request.strategy == "tensors":  # transported values: their receiver checks
+            await asyncio.to_thread(check_finite, payload_pairs(request))
         try:
             await self._call("skyrl_backends_update_named_weights", request=request)
         except Exception as exc:
@@ -464,10 +481,21 @@ class InferenceEngine:
         await self._call("skyrl_backends_reset_prefix_cache")
 
     async def teardown(self) -> None:
-        """Stop the engine. Safe to call more than once."""
+        """Stop the engine. Safe to call more than once.
+
+        New calls are refused at once; requests in flight are aborted first (when the backend can
+        abort) and given a few seconds to return, so their callers get the partial output with
+        finish reason ``"abort"`` (the engine client continues it on another engine) instead of an
+        error from an engine stopping under them."""
         if self._closed:
             return
         self._closed = True
+        if self._inflight:
+            if caps.ABORT(self.capabilities):
+                with contextlib.suppress(Exception):  # stopping goes ahead whatever the abort does
+                    await self._call("skyrl_backends_abort", request_ids=None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self._drain(_TEARDOWN_DRAIN_S)
         await self._call("skyrl_backends_teardown")
 
     async def __aenter__(self) -> InferenceEngine:

@@ -178,14 +178,21 @@ class EngineClosedError(EngineStateError):
 
 
 class WeightUpdateError(SkyRLBackendsError, ValueError):
-    """A weight update was rejected; the engine keeps serving its previous weights."""
+    """A weight update was rejected; the engine keeps serving its previous weights.
 
-    def __init__(self, problems: dict[str, str]) -> None:
+    The one exception is a streamed broadcast (``apply="streamed"``) refused partway
+    (``partly_applied``): the buckets before the offending one were applied, and the engine refuses
+    to generate until every weight has been pushed again."""
+
+    def __init__(self, problems: dict[str, str], *, partly_applied: bool = False) -> None:
         self.problems = dict(problems)
+        self.partly_applied = partly_applied
         lines = [f"  {name}: {why}" for name, why in sorted(self.problems.items())]
+        outcome = ("buckets of this streamed update before the offending ones were applied, so the engine "
+                   "generates nothing until every weight has been pushed again" if partly_applied
+                   else "nothing was applied and the engine keeps its previous weights")
         super().__init__(
-            f"Weight update rejected ({len(self.problems)} offending tensor(s)); nothing was "
-            f"applied and the engine keeps its previous weights:\n" + "\n".join(lines)
+            f"Weight update rejected ({len(self.problems)} offending tensor(s)); {outcome}:\n" + "\n".join(lines)
         )
 
 

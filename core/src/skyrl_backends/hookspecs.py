@@ -158,6 +158,10 @@ class EngineHookSpecs:
     @hookspec(firstresult=True)
     def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
         """Load the weights of an already validated request and invalidate the prefix cache (async).
+        Validated means: the declared names, shapes and dtypes match ``weight_specs``, and in-process
+        tensors (``"tensors"``) match that declaration (their values too with ``check_finite``);
+        transported tensors are checked likewise when received through
+        ``skyrl_backends.weight_sync.load_named_tensors`` or ``receive_named_tensors``.
         Must be all-or-nothing: if it fails, the previous weights stay in place. The exception is a
         broadcast the trainer sent ``apply="streamed"``, loaded bucket by bucket as it arrives
         (``skyrl_backends.weight_sync.load_named_tensors`` does both); if it fails partway, the

@@ -224,6 +224,10 @@ class WeightUpdateRequest:
     ``strategy`` says how the bytes travel: ``"tensors"`` (``payload`` is a list of tensors, same
     process), ``"shared_memory"``, ``"cuda_ipc"``, ``"broadcast"``; ``payload`` is strategy-specific
     and interpreted by the backend through :mod:`skyrl_backends.weight_sync`.
+
+    ``check_finite`` (opt-in) has the engine refuse the update, naming the tensors, when any
+    floating-point tensor holds a NaN or an infinity; the values are checked where the engine first
+    holds them, before anything is applied (one extra pass over the bytes).
     """
 
     names: list[str]
@@ -231,6 +235,7 @@ class WeightUpdateRequest:
     shapes: list[tuple[int, ...]]
     strategy: str = "tensors"
     payload: Any = None
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in self.shapes]
@@ -241,13 +246,16 @@ class WeightUpdateRequest:
                 "give one dtype and one shape per name.")
         if len(set(self.names)) != len(self.names):
             raise ConfigError("names", "contains duplicates; each tensor may appear once per update.")
+        if not isinstance(self.check_finite, bool):
+            raise ConfigError("check_finite", f"must be True or False, got {self.check_finite!r}.")
 
     @property
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(n, s, d) for n, s, d in zip(self.names, self.shapes, self.dtypes)]
 
     @classmethod
-    def from_named_tensors(cls, named_tensors: Sequence[tuple[str, Any]]) -> WeightUpdateRequest:
+    def from_named_tensors(cls, named_tensors: Sequence[tuple[str, Any]], *,
+                           check_finite: bool = False) -> WeightUpdateRequest:
         """An in-process update from ``(name, torch.Tensor)`` pairs."""
         names, dtypes, shapes, tensors = [], [], [], []
         for name, tensor in named_tensors:
@@ -255,7 +263,8 @@ class WeightUpdateRequest:
             dtypes.append(str(tensor.dtype).removeprefix("torch."))
             shapes.append(tuple(tensor.shape))
             tensors.append(tensor)
-        return cls(names=names, dtypes=dtypes, shapes=shapes, strategy="tensors", payload=tensors)
+        return cls(names=names, dtypes=dtypes, shapes=shapes, strategy="tensors", payload=tensors,
+                   check_finite=check_finite)
 
 
 @dataclass(frozen=True)

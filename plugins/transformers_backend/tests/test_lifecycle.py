@@ -119,6 +119,34 @@ def test_abort_returns_partial_output(fresh):
     assert out[0].finish_reason == "length" and len(out[0].token_ids) == 400
 
 
+def test_teardown_mid_generation_returns_partial_output(fresh):
+    """Requests running when the engine is torn down come back with what they generated (finish
+    reason "abort"), streamed or not, instead of an error from the stopped worker."""
+    async def scenario():
+        params = {"max_generate_length": 400, "ignore_eos": True}
+        task = asyncio.create_task(fresh.generate([PROMPT, PROMPT[:2]], params))
+        streamed = []
+
+        async def stream():
+            async for chunk in fresh.generate_stream([PROMPT], params):
+                streamed.append(chunk)
+
+        reader = asyncio.create_task(stream())
+        while sum(len(c.token_ids) for c in streamed) < 3:
+            await asyncio.sleep(0.01)
+        await fresh.teardown()
+        await reader
+        return await task, streamed
+
+    out, streamed = run(scenario())
+    assert [c.finish_reason for c in out] == ["abort", "abort"]
+    assert all(0 < len(c.token_ids) < 400 for c in out)
+    final = streamed[-1].completion
+    assert final is not None and final.finish_reason == "abort" and 3 <= len(final.token_ids) < 400
+    assert [t for c in streamed for t in c.token_ids] == final.token_ids
+    assert fresh.closed
+
+
 def test_pause_holds_requests_and_resume_finishes_them_exactly(fresh):
     async def scenario():
         task = asyncio.create_task(fresh.generate([PROMPT], {**GREEDY, "max_generate_length": 200}))

@@ -15,6 +15,8 @@ class EngineObserver:
         self.request_ids: list[str] = []
         self.prompts: list[list[int]] = []      # every prompt received, in order
         self.generated: list[list[int]] = []    # every completion's token ids, in order of completion
+        self.requests: list[Any] = []  # every GenerateRequest that reached the engine
+        self.outputs: list[Any] = []  # what the engine answered to each generate call
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -22,13 +24,16 @@ class EngineObserver:
     async def generate(self, request: Any) -> Any:
         self.request_ids.extend(request.request_ids)
         self.prompts.extend(list(p) for p in request.prompt_token_ids)
+        self.requests.append(request)
         output = await self._engine.generate(request)
         self.generated.extend(list(c.token_ids) for c in output)
+        self.outputs.append(output)
         return output
 
     async def generate_stream(self, request: Any) -> Any:
         self.request_ids.extend(request.request_ids)
         self.prompts.extend(list(p) for p in request.prompt_token_ids)
+        self.requests.append(request)
         async for chunk in self._engine.generate_stream(request):
             if chunk.completion is not None:
                 self.generated.append(list(chunk.completion.token_ids))

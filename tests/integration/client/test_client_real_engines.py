@@ -209,6 +209,55 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engin
     aio.run(main(), 300)
 
 
+def test_engine_torn_down_mid_batch_returns_partial_output_and_the_batch_continues_from_it(
+        aio, local_engines, make_local_engine):
+    """An in-process engine torn down while it generates part of a batch hands back what it has
+    (finish reason "abort"), and the client continues each of those sequences from there on the
+    engines left: no prompt restarts from scratch, every output is the uninterrupted one (greedy),
+    and no engine times out (``request_timeout``) on the way."""
+    victim = EngineObserver(make_local_engine())
+    survivors = [EngineObserver(e) for e in local_engines]
+    batch = prompts(24, length=5, start=90)
+    # Long enough that the victim is still generating when it is torn down.
+    params = {"max_generate_length": 200, **GREEDY}
+
+    async def main():
+        undisturbed_s = -asyncio.get_running_loop().time()
+        reference = (await InferenceEngineClient(local_engines).generate(batch, params)).response_ids
+        undisturbed_s += asyncio.get_running_loop().time()
+        client = InferenceEngineClient(survivors + [victim], request_timeout=60)
+        victim_id = client.engine_ids[-1]
+        started = asyncio.get_running_loop().time()
+        task = asyncio.create_task(client.generate(batch, params))
+        await _until_in_flight(client, 1, engine_id=victim_id)
+        await asyncio.sleep(0.2)  # let it generate a few tokens
+        await victim.teardown()
+        out = await task
+        elapsed_s = asyncio.get_running_loop().time() - started
+        assert out.response_ids == reference
+        assert out.finish_reasons == ["length"] * len(batch)
+        # What the victim handed back: partial output, finish reason "abort".
+        [cut] = victim.outputs
+        assert {c.finish_reason for c in cut} == {"abort"}
+        assert all(len(c.token_ids) < params["max_generate_length"] for c in cut)
+        # Each cut sequence went on from its partial output: the continuation's prompt is the
+        # original prompt plus those tokens, and nothing of the victim's share started over.
+        victim_prompts = victim.requests[0].prompt_token_ids
+        continued = [p for s in survivors for r in s.requests for p in r.prompt_token_ids
+                     if len(p) > len(batch[0])]
+        assert sorted(continued) == sorted(p + c.token_ids for p, c in zip(victim_prompts, cut))
+        restarted = [p for s in survivors for r in s.requests for p in r.prompt_token_ids if p in victim_prompts]
+        assert restarted == []
+        health = client.health()
+        assert health[victim_id]["healthy"] is False and "torn down" in health[victim_id]["failure"]
+        assert health[victim_id]["continuations"] == len(cut) and health[victim_id]["failovers"] == 0
+        assert all(health[e]["healthy"] for e in client.engine_ids[:-1]), health
+        print(f"\n{len(cut)} of {len(batch)} sequences cut after {sorted(len(c.token_ids) for c in cut)} tokens "
+              f"and continued; the batch took {elapsed_s:.2f}s (undisturbed on the survivors: {undisturbed_s:.2f}s)")
+
+    aio.run(main(), 300)
+
+
 async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):
     """Wait (bounded) until the client has ``count`` sequences in flight (on one engine if given)."""
     loop = asyncio.get_running_loop()

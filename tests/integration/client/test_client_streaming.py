@@ -104,3 +104,44 @@ def test_pause_by_abort_is_seamless_in_a_stream(aio, engines):
             assert continuations >= 1, "the pause should have cut the stream mid-way"
 
     aio.run(main(), 300)
+
+
+def test_stream_whose_engine_is_torn_down_goes_on_from_its_partial_output_elsewhere(aio, local_engines,
+                                                                                   make_local_engine):
+    """An in-process engine torn down mid-stream ends its part with what it generated (finish reason
+    "abort"); the stream goes on seamlessly on another engine from there, token for token the
+    uninterrupted output."""
+    victim = EngineObserver(make_local_engine())
+    survivor = EngineObserver(local_engines[0])
+
+    async def main():
+        params = {"max_generate_length": 200, **GREEDY}
+        expected = (await InferenceEngineClient([local_engines[0]]).generate([PROMPT], params))[0]
+        client = InferenceEngineClient([survivor, victim])
+        victim_id = client.engine_ids[1]
+        session = next(f"s{i}" for i in range(1000) if client.route_session(f"s{i}") == victim_id)
+        chunks = []
+        started = asyncio.Event()
+
+        async def read():
+            async for chunk in client.generate_stream([PROMPT], params, session_ids=[session]):
+                chunks.append(chunk)
+                if len(tokens_of(chunks)) >= 4:
+                    started.set()
+
+        reader = asyncio.ensure_future(read())
+        if victim.capabilities.streaming:
+            await asyncio.wait_for(started.wait(), 120)
+        else:
+            await asyncio.sleep(0.2)
+        await victim.teardown()
+        await asyncio.wait_for(reader, 300)
+        final = chunks[-1].completion
+        assert final is not None and final.finish_reason == "length"
+        assert tokens_of(chunks) == final.token_ids == expected.token_ids
+        [(continuation, cut)] = [(r, len(r.prompt_token_ids[0]) - len(PROMPT)) for r in survivor.requests]
+        assert 0 < cut < 200 and continuation.prompt_token_ids[0] == PROMPT + expected.token_ids[:cut]
+        health = client.health()
+        assert health[victim_id]["healthy"] is False and "torn down" in health[victim_id]["failure"]
+
+    aio.run(main(), 300)

@@ -41,6 +41,7 @@ from skyrl_backends.errors import (
     UnsupportedCapabilityError,
 )
 from skyrl_backends.protocols import Engine, Prompts, SamplingInput
+from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.stopping import StopStringMatcher
 from skyrl_backends.types import (
     Completion,
@@ -71,7 +72,7 @@ class EngineStats:
 
     sequences_submitted: int = 0
     sequences_completed: int = 0
-    continuations: int = 0
+    continuations: int = 0  # resubmissions of sequences that a pause or a teardown cut short
     failovers: int = 0
 
 
@@ -294,8 +295,8 @@ class InferenceEngineClient:
         n = request.sampling_params.n
         pending = [i for i, c in enumerate(completions) if self._should_continue(segment, c, client_ids[i // n])]
         if pending:
-            continued = await _gather_or_cancel([
-                self._continue(segment, i // n, i % n, completions[i], epoch) for i in pending])
+            continued = await self._continue_together(
+                segment, [(i // n, i % n, completions[i]) for i in pending], epoch, attempts)
             for i, completion in zip(pending, continued):
                 completions[i] = completion
         return completions
@@ -324,44 +325,51 @@ class InferenceEngineClient:
             return True
         return bool(getattr(segment.slot.engine, "closed", False))
 
-    async def _continue(self, first: _Segment, prompt_index: int, sample: int, completion: Completion,
-                        epoch: int) -> Completion:
-        """Resubmit one aborted sequence until it finishes (see continuation.py)."""
+    async def _continue_together(self, first: _Segment, cut: list[tuple[int, int, Completion]], epoch: int,
+                                 attempts: int) -> list[Completion]:
+        """Resubmit the sequences of one engine call that a pause or a teardown cut short (``cut``:
+        prompt index, sample and partial completion of each), each from where it stopped (see
+        continuation.py), and return them completed. Sequences whose continuations share their
+        parameters go in one call (a batch cut together, as a teardown cuts it, continues as a batch,
+        as fast as it ran); the call runs like any part of a batch, so it is routed, failed over and
+        continued again in turn. It stays on the same engine while that engine is healthy."""
         request = first.request
-        client_rid = first.client_ids[prompt_index]
-        session_id = request.session_ids[prompt_index] if request.session_ids else None
-        params = request.sampling_params.replace(n=1)
-        if request.sampling_params.n > 1 and params.seed is not None:
-            params = params.replace(seed=params.seed + sample)  # the facade's seed for sample j
-        piece_base = completion.request_id or f"{client_rid}-{sample}"
-        state = Continuation(prompt=list(request.prompt_token_ids[prompt_index]), params=params,
-                             request_id=completion.request_id)
-        state.absorb(completion)
-        slot = first.slot
-        for piece in itertools.count(1):
-            if not state.needs_more:
-                break
-            if getattr(slot.engine, "closed", False) and slot.healthy:
-                self.mark_unhealthy(slot.engine_id, "engine was torn down")
-            if not slot.healthy:
-                slot = self._pick_engine(session_id)
-            sub = GenerateRequest(prompt_token_ids=[state.next_prompt()], sampling_params=state.next_params(),
-                                  request_ids=[f"{piece_base}~{piece}"], session_ids=[session_id],
-                                  lora_name=request.lora_name)
-            try:
-                segment, output = await self._call_generate(slot, sub, [client_rid], epoch)
-            except Exception as exc:
-                if not self._is_failure_of(slot, exc):
-                    raise
-                self.mark_unhealthy(slot.engine_id, f"{type(exc).__name__}: {exc}")
-                slot.stats.failovers += 1
-                continue
-            slot.stats.continuations += 1
-            piece_completion = output.completions[0]
-            state.absorb(piece_completion)
-            if state.finish_reason == "abort" and not self._should_continue(segment, piece_completion, client_rid):
-                break
-        return state.result(self._decode)
+        if getattr(first.slot.engine, "closed", False) and first.slot.healthy:
+            self.mark_unhealthy(first.slot.engine_id, "engine was torn down")
+        states: list[tuple[Continuation, int]] = []
+        groups: list[tuple[SamplingParams, list[int]]] = []  # next parameters, indices into states
+        for prompt_index, sample, completion in cut:
+            params = request.sampling_params.replace(n=1)
+            if request.sampling_params.n > 1 and params.seed is not None:
+                params = params.replace(seed=params.seed + sample)  # the facade's seed for sample j
+            state = Continuation(prompt=list(request.prompt_token_ids[prompt_index]), params=params,
+                                 request_id=completion.request_id or f"{first.client_ids[prompt_index]}-{sample}")
+            state.absorb(completion)
+            states.append((state, prompt_index))
+            if state.needs_more:
+                following = state.next_params()
+                group = next((members for key, members in groups if key == following), None)
+                if group is None:
+                    groups.append((following, group := []))
+                group.append(len(states) - 1)
+
+        async def resubmit(params: SamplingParams, members: list[int]) -> list[Completion]:
+            sub = GenerateRequest(
+                prompt_token_ids=[states[k][0].next_prompt() for k in members], sampling_params=params,
+                request_ids=[f"{states[k][0].request_id}~{len(states[k][0].texts)}" for k in members],
+                session_ids=[request.session_ids[states[k][1]] for k in members] if request.session_ids else None,
+                lora_name=request.lora_name)
+            client_ids = [first.client_ids[states[k][1]] for k in members]
+            first.slot.stats.continuations += len(members)
+            if first.slot.healthy:
+                return await self._run_part(first.slot, sub, client_ids, epoch, attempts)
+            return await self._generate_routed(sub, client_ids, epoch, attempts)
+
+        results = await _gather_or_cancel([resubmit(params, members) for params, members in groups])
+        for (_, members), outputs in zip(groups, results):
+            for k, completion in zip(members, outputs):
+                states[k][0].absorb(completion)
+        return [state.result(self._decode) for state, _ in states]
 
     @staticmethod
     def _is_failure_of(slot: _EngineSlot, exc: BaseException) -> bool:
@@ -462,6 +470,8 @@ class InferenceEngineClient:
         :meth:`_call_generate`; chunks come with the segment they belong to."""
         await self._wait_while_paused([client_rid], epoch)
         session_id = request.session_ids[0] if request.session_ids else None
+        if slot is not None and slot.healthy and getattr(slot.engine, "closed", False):
+            self.mark_unhealthy(slot.engine_id, "engine was torn down")  # it cut the stream this continues
         if slot is None or not slot.healthy:
             slot = self._pick_engine(session_id)
         segment = _Segment(slot, request, [client_rid], epoch, self._fallback_pauses)

@@ -20,6 +20,7 @@ from typing import Any
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync.delivery import mismatches
 
 WIRE_VERSION = 1
 # Offsets of tensors inside a bucket are multiples of this, so every view is aligned for any dtype
@@ -141,7 +142,7 @@ def parse_buckets(request: WeightUpdateRequest,
     if not isinstance(payload, Mapping) or not isinstance(payload.get("buckets"), list):
         raise WeightUpdateError({"payload": f"expected an object with a 'buckets' list for strategy "
                                             f"{request.strategy!r}, got {type(payload).__name__}"})
-    declared = {n: (d, tuple(s)) for n, d, s in zip(request.names, request.dtypes, request.shapes, strict=False)}
+    delivered: list[TensorEntry] = []  # every well-formed entry of every bucket, in order
     seen: set[str] = set()
     result: list[tuple[BucketManifest, dict[str, Any]]] = []
     for b, bucket in enumerate(payload["buckets"]):
@@ -165,24 +166,19 @@ def parse_buckets(request: WeightUpdateRequest,
             entry = _parse_entry(raw, f"{where}.tensors[{t}]", nbytes, problems)
             if entry is None:
                 continue
-            if entry.name in seen:
-                problems[entry.name] = "appears more than once in the payload"
-                continue
-            seen.add(entry.name)
-            if entry.name not in declared:
-                problems[entry.name] = "is in the payload but not among the request's names"
-            elif declared[entry.name] != (entry.dtype, entry.shape):
-                problems[entry.name] = (f"payload says {entry.dtype}{list(entry.shape)} but the request declares "
-                                        f"{declared[entry.name][0]}{list(declared[entry.name][1])}")
-            entries.append(entry)
+            delivered.append(entry)
+            if entry.name not in seen:  # a second one is named by the declaration check below
+                seen.add(entry.name)
+                entries.append(entry)
         ordered = sorted(entries, key=lambda e: e.offset)
         for prev, nxt in zip(ordered, ordered[1:], strict=False):
             if prev.offset + prev.nbytes > nxt.offset:
                 problems[nxt.name] = f"overlaps {prev.name!r} in {where}"
         result.append((BucketManifest(nbytes, tuple(entries)), dict(bucket)))
-    for name in request.names:
-        if name not in seen:
-            problems.setdefault(name, "is declared in the request but missing from the payload")
+    # The tensors these manifests describe are the ones the engine will load: they must be exactly
+    # the declared ones (the one rule for every strategy, skyrl_backends.weight_sync.delivery).
+    for name, why in mismatches(request, [(e.name, e.dtype, e.shape) for e in delivered]).items():
+        problems.setdefault(name, why)
     if problems:
         raise WeightUpdateError(problems)
     return result
@@ -243,7 +239,7 @@ def weight_update_error_from_text(text: str) -> WeightUpdateError | None:
         if last and quote and quote in why:
             why = why[:why.rindex(quote)]
         problems[name] = why.rstrip()
-    return WeightUpdateError(problems) if problems else None
+    return WeightUpdateError(problems, partly_applied="of this streamed update" in text[start:]) if problems else None
 
 
 # -- whole requests as JSON ---------------------------------------------------------------------
@@ -253,7 +249,8 @@ def request_to_json(request: WeightUpdateRequest) -> dict[str, Any]:
         raise WeightUpdateError({"strategy": f"{request.strategy!r} cannot cross a process boundary; use one of "
                                              f"{list(TRANSPORT_STRATEGIES)}"})
     return {"wire_version": WIRE_VERSION, "names": list(request.names), "dtypes": list(request.dtypes),
-            "shapes": [list(s) for s in request.shapes], "strategy": request.strategy, "payload": request.payload}
+            "shapes": [list(s) for s in request.shapes], "strategy": request.strategy, "payload": request.payload,
+            "check_finite": request.check_finite}
 
 
 def request_from_json(obj: Any) -> WeightUpdateRequest:
@@ -275,12 +272,15 @@ def request_from_json(obj: Any) -> WeightUpdateRequest:
     if not isinstance(shapes, list) or not all(
             isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in shapes):
         problems["shapes"] = "must be a list of shapes, each a list of non-negative integers"
+    check_finite = obj.get("check_finite", False)  # optional: absent from requests of older senders
+    if not isinstance(check_finite, bool):
+        problems["check_finite"] = f"must be true or false, got {check_finite!r}"
     if problems:
         raise WeightUpdateError(problems)
     from skyrl_backends.errors import ConfigError
 
     try:
         return WeightUpdateRequest(names=names, dtypes=dtypes, shapes=[tuple(s) for s in shapes],
-                                   strategy=strategy, payload=obj.get("payload"))
+                                   strategy=strategy, payload=obj.get("payload"), check_finite=check_finite)
     except ConfigError as exc:
         raise WeightUpdateError({exc.field: str(exc)}) from None

@@ -2,11 +2,16 @@
 
 :func:`load_named_tensors` is the one call: it receives ``request`` and hands its tensors to the
 engine's loader. Every strategy stages the whole update before the loader sees a tensor (segments
-mapped, handles opened, broadcasts received, every manifest checked), so an engine that loads them
-only fails midway for its own reasons, and one that stages them too (as the transformers backend
-does) is all-or-nothing. The exception is a broadcast the trainer sent ``apply="streamed"``: the
-loader gets one bucket at a time while the next arrives, so engine memory stays at two buckets.
-:func:`receive_named_tensors` is the staged half alone, for engines that load in one call.
+mapped, handles opened, broadcasts received, every manifest checked against the request's
+declaration, the values checked when the request asks ``check_finite``), so an engine that loads
+them only fails midway for its own reasons, and one that stages them too (as the transformers
+backend does) is all-or-nothing. The exception is a broadcast the trainer sent ``apply="streamed"``:
+the loader gets one bucket at a time while the next arrives, so engine memory stays at two buckets,
+and each bucket's values are checked just before it is loaded. :func:`receive_named_tensors` is the
+staged half alone, for engines that load in one call.
+
+In-process tensors (``"tensors"``) were checked by the engine facade before the backend's hook ran,
+values included; they are handed on as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
+from skyrl_backends.weight_sync.delivery import check_finite
 from skyrl_backends.weight_sync.manifest import is_streamed
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -48,18 +54,24 @@ def receive_named_tensors(request: WeightUpdateRequest, device: torch.device | s
     yielded. Tensors may be views into transfer buffers that are valid only while the update is being
     applied: copy them into the engine's parameters, do not keep them."""
     strategy = request.strategy
-    if strategy == "tensors":
+    if strategy == "tensors":  # checked by the engine facade
         return iter(list(zip(request.names, request.payload, strict=False)))
     if strategy == shared_memory.STRATEGY:
-        return shared_memory.receive(request)
-    if strategy == cuda_ipc.STRATEGY:
+        received = shared_memory.receive(request)
+    elif strategy == cuda_ipc.STRATEGY:
         if not torch.cuda.is_available():
             raise WeightUpdateError({"strategy": "cuda_ipc needs CUDA in the engine process; use shared_memory on CPU"})
-        return cuda_ipc.receive(request, device)
-    if strategy == broadcast.STRATEGY:
-        return _broadcast_receiver(communicator).receive(request)
-    raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of "
-                                         f"{['tensors', *receiver_strategies()]}"})
+        received = cuda_ipc.receive(request, device)
+    elif strategy == broadcast.STRATEGY:
+        received = _broadcast_receiver(communicator).receive(request)
+    else:
+        raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of "
+                                             f"{['tensors', *receiver_strategies()]}"})
+    if not request.check_finite:
+        return received
+    pairs = list(received)
+    check_finite(pairs)
+    return iter(pairs)
 
 
 def load_named_tensors(request: WeightUpdateRequest, device: torch.device | str,
@@ -69,7 +81,26 @@ def load_named_tensors(request: WeightUpdateRequest, device: torch.device | str,
     transfer buffers that are reused afterwards: ``load`` copies them into the engine (queuing the
     copies on the current CUDA stream is enough) and keeps no reference."""
     if is_streamed(request):
-        _broadcast_receiver(communicator).receive_streamed(request, load)
+        receiver = _broadcast_receiver(communicator)
+        if not request.check_finite:
+            receiver.receive_streamed(request, load)
+            return
+        problems: dict[str, str] = {}
+
+        def checked(named: NamedTensors) -> None:
+            # Each bucket is checked just before it is loaded (the ones before it are applied
+            # already). After an offending bucket the rest are still received, to keep the group in
+            # step with the trainer, and checked, to name every offender, but not loaded.
+            try:
+                check_finite(named)
+            except WeightUpdateError as exc:
+                problems.update(exc.problems)
+            if not problems:
+                load(named)
+
+        receiver.receive_streamed(request, checked)
+        if problems:
+            raise WeightUpdateError(problems, partly_applied=True)
         return
     load(list(receive_named_tensors(request, device=device, communicator=communicator)))
 

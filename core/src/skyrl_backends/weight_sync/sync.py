@@ -125,14 +125,20 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
 
 async def sync_weights(targets: Targets, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
-                       sender: Any = None) -> list[int]:
+                       sender: Any = None, check_finite: bool = False) -> list[int]:
     """Push ``weights`` (a module, a state dict or ``(name, tensor)`` pairs) into every engine of
     ``targets`` and return the weight version each engine serves afterwards, in order.
 
     ``strategy``: ``"shared_memory"`` (same machine, CPU buffers), ``"cuda_ipc"`` (same GPU node),
     ``"broadcast"`` (anywhere; pass ``sender=await connect_broadcast(engines)``) or ``"tensors"``
     (engines in this process). ``bucket_bytes`` bounds each packed buffer. A sender passed in is
-    reused and left open; one made here is closed before returning."""
+    reused and left open; one made here is closed before returning.
+
+    ``check_finite=True`` has every engine check the values it receives before applying any:
+    an update holding a NaN or an infinity is refused with a WeightUpdateError naming the tensors,
+    and no engine changes (a ``streamed`` broadcast excepted, whose engines then refuse to generate
+    until every weight arrives again). It costs each engine one pass over the bytes
+    (docs/benchmarks.md)."""
     engines = _as_list(targets)
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
@@ -141,19 +147,21 @@ async def sync_weights(targets: Targets, weights: Weights, strategy: str = share
     layout = plan(weights, bucket_bytes, dtype_for)
     if strategy == "tensors":
         tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors)
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors,
+                                      check_finite=check_finite)
         return await _apply(engines, request)
     if strategy == broadcast.STRATEGY:
         if not isinstance(sender, broadcast.BroadcastSender):
             raise WeightUpdateError(
                 {"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
-        return await _broadcast(engines, layout, sender)
+        return await _broadcast(engines, layout, sender, check_finite)
     own_sender = sender is None
     sender = sender or make_sender(strategy)
     if sender.strategy != strategy:
         raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
     try:
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout))
+        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout),
+                                      check_finite=check_finite)
         return await _apply(engines, request)
     finally:
         if own_sender:
@@ -171,9 +179,10 @@ async def _apply(engines: list[Engine], request: WeightUpdateRequest) -> list[in
     return _versions(engines, results)
 
 
-async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender) -> list[int]:
+async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender,
+                     check_finite: bool) -> list[int]:
     request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, broadcast.STRATEGY,
-                                  sender.payload(layout))
+                                  sender.payload(layout), check_finite=check_finite)
     # Every engine must take part in every broadcast: check them all before the first byte moves,
     # since an engine that refuses would leave the others waiting until the group's timeout.
     await _validate(engines, request)

@@ -92,7 +92,8 @@ class MinimalEngine:
 
     @hookimpl
     async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
-        # The facade has checked every name, shape and dtype: copying cannot fail halfway.
+        # The facade has checked every tensor against its declared name, shape and dtype, and those
+        # against weight_specs(): each copy below fits its parameter, so copying cannot fail halfway.
         await asyncio.get_running_loop().run_in_executor(self.worker, self.copy_weights, request)
 
     def copy_weights(self, request: WeightUpdateRequest) -> None:

@@ -123,6 +123,7 @@ class TransformersEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-transformers")
         self._aborted: set[str] = set()
         self._abort_epoch = 0
+        self._closing = False  # set by teardown
         self._paused = False
         self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._communicator: Any = None
@@ -221,7 +222,7 @@ class TransformersEngine:
                 logits, cache, mask = await self._step(sequences, fed, cache, mask, request.lora_name)
         finally:
             self._aborted.difference_update(s.request_id for s in sequences)
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and not self._closing:  # the worker is gone once closing
             await self._run(self._remember_prefixes, fed, cache, mask, request.lora_name, weights_epoch)
 
     async def _step(self, sequences: list[_Sequence], fed: list[list[int]], cache: Any, mask: torch.Tensor,
@@ -474,9 +475,12 @@ class TransformersEngine:
         await self._run(self._load_weights, request)
 
     def _load_weights(self, request: WeightUpdateRequest) -> None:
-        # Everything is received and staged on the device before the first parameter changes, so a
-        # transfer that fails midway leaves the previous weights intact; a streamed broadcast, which
-        # the trainer chose to apply bucket by bucket, is the exception the facade guards.
+        # Every tensor that reaches ``load`` was checked against the request's declaration (by the
+        # facade for in-process tensors, by the receiver for transported ones), and the declaration
+        # against this engine's parameters, so each copy fits its parameter. Everything is received
+        # and staged on the device before the first parameter changes, so a transfer that fails
+        # midway leaves the previous weights intact; a streamed broadcast, which the trainer chose
+        # to apply bucket by bucket, is the exception the facade guards.
         params = self._named_parameters()
 
         def load(named: list[tuple[str, torch.Tensor]]) -> None:
@@ -549,8 +553,12 @@ class TransformersEngine:
 
     @hookimpl
     async def skyrl_backends_teardown(self) -> None:
+        # The facade has aborted and drained the requests in flight (they returned partial output);
+        # one still running after its grace period is aborted here and returns after its current
+        # step. Waiting for that step happens off the event loop, which other engines share.
         self._abort_epoch += 1
-        self._executor.shutdown(wait=True)
+        self._closing = True
+        await asyncio.to_thread(self._executor.shutdown, True)
         self.model = None
         self.peft_model = None
 

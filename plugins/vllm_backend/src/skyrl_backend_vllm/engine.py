@@ -399,9 +399,17 @@ class VLLMEngine:
             await engine.abort(sorted(self._inflight))
         for task in list(self._background):
             task.cancel()
-        engine.shutdown()
-        # vLLM signals its processes and returns; wait until they are really gone (a worker
-        # still exiting holds memory, and on GPU the device), and kill any that hang.
+        # vLLM's shutdown signals its processes and joins them (seconds): off the event loop, which
+        # other engines of this process (and the requests failing over to them) share. vLLM closes
+        # its sockets and tasks on the loop that owns them when called from another thread. Its
+        # output handler, which shutdown cancels last, is cancelled first, here on its loop, so it
+        # does not log the engine core it watches dying as a failure meanwhile.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+        await asyncio.to_thread(engine.shutdown)
+        # Wait until they are really gone (a worker still exiting holds memory, and on GPU the
+        # device), and kill any that hang.
         await asyncio.to_thread(_reap, self._processes)
 
 
