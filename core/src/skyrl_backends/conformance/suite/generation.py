@@ -14,8 +14,8 @@ from skyrl_backends.types import FINISH_REASONS, GenerateOutput
 # The long-sequence test's prompt and response, in tokens (scaled down when the engine's context is
 # shorter): hundreds of positions, well past the 128-token windows and caches that short tests
 # never leave, yet one teacher-forced reference pass per prompt to check.
-LONG_PROMPT = 192
-LONG_RESPONSE = 128
+LONG_PROMPT = 160
+LONG_RESPONSE = 96
 
 
 class GenerationContractTests(ConformanceTestBase):
