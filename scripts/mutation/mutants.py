@@ -110,7 +110,8 @@ MUTANTS: tuple[Mutant, ...] = (
     _mutant("length_reported_as_stop", "wrong finish reason: 'stop' at the length limit",
             ("engine.py", "            s.finish_reason = \"length\"\n", "            s.finish_reason = \"stop\"\n")),
     _mutant("abort_reported_as_length", "wrong finish reason: 'length' for an aborted request",
-            ("engine.py", "                s.finish_reason = \"abort\"\n", "                s.finish_reason = \"length\"\n")),
+            ("engine.py", '                s.finish_reason = "abort"\n',
+             '                s.finish_reason = "length"\n')),
     _mutant("min_new_tokens_ignored", "min_new_tokens ignored",
             ("engine.py", "        if params.min_new_tokens == 0:\n            return []\n",
              "        if True:\n            return []\n")),
@@ -150,15 +151,17 @@ MUTANTS: tuple[Mutant, ...] = (
              "staged = [(name, tensor.to(self.device)) for name, tensor in named[:-1]]")),
     _mutant("stale_weights_after_wake", "stale weights after wake: level-1 sleep keeps the copy of its first sleep "
                                         "and wake restores it",
-            ("engine.py", "            elif param.device.type != \"cpu\":\n                param.data = param.data.to(\"cpu\")\n",
-             "            else:\n                self._host_copies = getattr(self, \"_host_copies\", {})\n"
-             "                self._host_copies.setdefault(id(param), param.data.clone())\n"),
-            ("engine.py", "            elif param.device != self.device:\n                param.data = param.data.to(self.device)\n",
-             "            elif id(param) in getattr(self, \"_host_copies\", {}):\n"
+            ("engine.py", '            elif param.device.type != "cpu":\n'
+                          '                param.data = param.data.to("cpu")\n',
+             '            else:\n                self._host_copies = getattr(self, "_host_copies", {})\n'
+             '                self._host_copies.setdefault(id(param), param.data.clone())\n'),
+            ("engine.py", "            elif param.device != self.device:\n"
+                          "                param.data = param.data.to(self.device)\n",
+             '            elif id(param) in getattr(self, "_host_copies", {}):\n'
              "                param.data = self._host_copies[id(param)].clone()\n")),
     _mutant("prefix_cache_kept_on_update", "prefix cache not invalidated by a weight update",
-            ("engine.py", "        finally:  # a partly applied streamed update must not be served from the old prefixes "
-                          "either\n            self._invalidate_prefixes()\n",
+            ("engine.py", "        finally:  # a partly applied streamed update must not be served from the old "
+                          "prefixes either\n            self._invalidate_prefixes()\n",
              "        finally:\n            pass\n")),
     _mutant("prefix_cache_shared_by_adapters", "prefix cache shared between the base model and LoRA adapters",
             ("engine.py", "self.prefix_cache.lookup((lora_name, self._weights_epoch), prompt)",
@@ -180,7 +183,8 @@ MUTANTS: tuple[Mutant, ...] = (
             ("engine.py", "    async def skyrl_backends_pause_generation(self) -> None:\n        self._paused = True\n",
              "    async def skyrl_backends_pause_generation(self) -> None:\n        pass\n")),
     _mutant("stream_chunks_overlap", "stream chunks not adding up: each repeats the previous chunk's last token",
-            ("engine.py", "yield StreamChunk(index, s.tokens[start:],", "yield StreamChunk(index, s.tokens[max(start - 1, 0):],")),
+            ("engine.py", "yield StreamChunk(index, s.tokens[start:],",
+             "yield StreamChunk(index, s.tokens[max(start - 1, 0):],")),
     _mutant("stream_logprobs_misaligned", "streamed log-probabilities not those of the chunk's tokens",
             ("engine.py", "s.logprobs[start:] if params.logprobs is not None else None,",
              "s.logprobs[:len(s.tokens) - start] if params.logprobs is not None else None,")),
