@@ -17,6 +17,9 @@ from skyrl_backends.sampling import SamplingParams
 # effect (at most a few); one that keeps decoding hands out many more while the test watches.
 PAUSE_SLACK_TOKENS = 8
 PAUSE_WATCH_S = 1.0
+# How long an aborted request may take to return before the test gives up on it (a bound against
+# hanging on an engine that ignores the abort, not a speed requirement).
+ABORT_RETURN_S = 120.0
 
 
 async def _until_inflight(engine, count: int = 1) -> None:
@@ -159,10 +162,14 @@ class AbortPauseTests(ConformanceTestBase):
             await _until_inflight(engine)
             await engine.pause_generation()
             await engine.abort()
-            out = await task
-            await engine.resume_generation()
-            return out
+            try:  # a paused engine that ignores the abort would hold the request, and the suite, forever
+                return await asyncio.wait_for(asyncio.shield(task), ABORT_RETURN_S)
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                await engine.resume_generation()
 
         out = conformance.run(abort_paused())
+        assert out is not None, f"a request aborted while paused had not returned {ABORT_RETURN_S:.0f} s later"
         assert out[0].finish_reason == "abort"
         self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)
