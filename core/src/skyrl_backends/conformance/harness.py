@@ -139,11 +139,15 @@ class ConformanceHarness:
         return self.config.greedy_margin_for(self.engine_dtype)
 
     @property
+    def context_length(self) -> int:
+        """The engine's context in tokens: ``max_model_len`` when the options set it, else the model's."""
+        return int(self.config.engine_options.get("max_model_len") or self.reference.max_positions)
+
+    @property
     def long_generation(self) -> int:
         """A response length that takes long enough for an abort or a sleep to land mid-way, within
-        the engine's context (``max_model_len`` when the options set it)."""
-        context = self.config.engine_options.get("max_model_len") or self.reference.max_positions
-        return max(64, min(900, int(context) - 40))
+        the engine's context."""
+        return max(64, min(900, self.context_length - 40))
 
     # -- helpers the tests share -----------------------------------------------------------------
     def weight_specs(self, engine: InferenceEngine | None = None) -> dict[str, TensorSpec]:
@@ -203,7 +207,16 @@ class ConformanceHarness:
                 f"finish reason {completion.finish_reason!r} with last token {tokens[-1:]} "
                 f"(stop tokens {sorted(enders)})")
         assert not set(tokens[:-1]) & enders, "the output continued past a stop token"
-        margins = self.reference.greedy_margins(prompt, tokens, weights=weights, lora=lora, **greedy_params)
+        self.assert_greedy_choices(prompt, completion, weights=weights, lora=lora, **greedy_params)
+
+    def assert_greedy_choices(self, prompt: Sequence[int], completion: Completion, *, weights: str = "original",
+                              lora: str | None = None, **greedy_params: Any) -> None:
+        """Every token of the completion is the reference's greedy choice given the tokens before it,
+        from one teacher-forced reference pass (no reference decode, so it stays cheap for responses
+        of hundreds of tokens): exactly for a float32 engine (margin 0), within the dtype's greedy
+        margin otherwise. Length and finish reason are the caller's to check."""
+        margins = self.reference.greedy_margins(prompt, completion.token_ids, weights=weights, lora=lora,
+                                                **greedy_params)
         worst = max(margins, default=0.0)
         assert worst <= self.greedy_margin, (
             f"greedy token at position {margins.index(worst)} is {worst:.4f} nats below the reference "

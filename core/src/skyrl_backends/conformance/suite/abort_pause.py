@@ -4,12 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.sampling import SamplingParams
+
+# While paused, an engine may still hand out the tokens of steps that ran before the pause took
+# effect (at most a few); one that keeps decoding hands out many more while the test watches.
+PAUSE_SLACK_TOKENS = 8
+PAUSE_WATCH_S = 1.0
+# How long an aborted request may take to return before the test gives up on it (a bound against
+# hanging on an engine that ignores the abort, not a speed requirement).
+ABORT_RETURN_S = 120.0
 
 
 async def _until_inflight(engine, count: int = 1) -> None:
@@ -98,6 +108,48 @@ class AbortPauseTests(ConformanceTestBase):
         assert out[0].finish_reason == "length"
         conformance.assert_greedy_parity(prompt, out[0], 40, ignore_eos=True)
 
+    @feature("Nothing generated while paused")
+    @requires(capabilities.NATIVE_PAUSE, capabilities.STREAMING)
+    def test_nothing_is_generated_while_paused(self, conformance: ConformanceHarness) -> None:
+        # Watched through the stream: once pause_generation() returns, no more than a few tokens
+        # (of steps already under way) may arrive until resume, however long one waits; a correct
+        # engine passes whatever the machine's speed. Then the request finishes as if never paused.
+        engine = conformance.engine
+        prompt = conformance.reference.prompts(1, seed=96)[0]
+        params = SamplingParams(max_generate_length=64, temperature=0.0, ignore_eos=True)
+
+        async def watch_while_paused() -> tuple[int, int, Any]:
+            received, wanted, finals = [0], [2], []
+            reached = asyncio.Event()
+
+            async def read() -> None:
+                async for chunk in engine.generate_stream([prompt], params):
+                    received[0] += len(chunk.token_ids)
+                    if received[0] >= wanted[0]:
+                        reached.set()
+                    if chunk.completion is not None:
+                        finals.append(chunk.completion)
+
+            reader = asyncio.ensure_future(read())
+            await asyncio.wait_for(reached.wait(), 120)
+            await engine.pause_generation()
+            at_pause = received[0]
+            wanted[0] = at_pause + PAUSE_SLACK_TOKENS
+            reached.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(reached.wait(), PAUSE_WATCH_S)
+            while_paused = received[0] - at_pause
+            await engine.resume_generation()
+            await reader
+            return at_pause, while_paused, finals[0]
+
+        at_pause, while_paused, final = conformance.run(watch_while_paused())
+        assert while_paused < PAUSE_SLACK_TOKENS, (
+            f"{while_paused} tokens arrived while paused (after {at_pause} before the pause): the engine kept "
+            f"generating")
+        assert final.finish_reason == "length"
+        conformance.assert_greedy_parity(prompt, final, 64, ignore_eos=True)
+
     @feature("Pause / resume")
     @requires(capabilities.NATIVE_PAUSE, capabilities.ABORT)
     def test_abort_while_paused(self, conformance: ConformanceHarness) -> None:
@@ -110,10 +162,14 @@ class AbortPauseTests(ConformanceTestBase):
             await _until_inflight(engine)
             await engine.pause_generation()
             await engine.abort()
-            out = await task
-            await engine.resume_generation()
-            return out
+            try:  # a paused engine that ignores the abort would hold the request, and the suite, forever
+                return await asyncio.wait_for(asyncio.shield(task), ABORT_RETURN_S)
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                await engine.resume_generation()
 
         out = conformance.run(abort_paused())
+        assert out is not None, f"a request aborted while paused had not returned {ABORT_RETURN_S:.0f} s later"
         assert out[0].finish_reason == "abort"
         self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)

@@ -7,8 +7,15 @@ import pytest
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.conformance.suite.logprobs import LogprobCheck
 from skyrl_backends.errors import SkyRLBackendsError
 from skyrl_backends.types import FINISH_REASONS, GenerateOutput
+
+# The long-sequence test's prompt and response, in tokens (scaled down when the engine's context is
+# shorter): hundreds of positions, well past the 128-token windows and caches that short tests
+# never leave, yet one teacher-forced reference pass per prompt to check.
+LONG_PROMPT = 160
+LONG_RESPONSE = 96
 
 
 class GenerationContractTests(ConformanceTestBase):
@@ -53,6 +60,28 @@ class GenerationContractTests(ConformanceTestBase):
             else:  # half precision need not be batch-invariant; both must still be greedy
                 conformance.assert_greedy_parity(prompt, completion, 12)
                 conformance.assert_greedy_parity(prompt, alone, 12)
+
+    @feature("Long sequences (hundreds of tokens)")
+    def test_long_sequences_match_reference(self, conformance: ConformanceHarness) -> None:
+        # A long prompt and a long response, batched with a prompt half as long (so one row is
+        # padded by a hundred positions), each token checked against the reference's greedy choice
+        # and log-probability at its own position: attention, positions and caches over the whole
+        # context, not only the first few dozen tokens.
+        scale = min(1.0, (conformance.context_length - 8) / (LONG_PROMPT + LONG_RESPONSE))
+        prompt_length, response_length = int(LONG_PROMPT * scale), int(LONG_RESPONSE * scale)
+        long_prompt = conformance.reference.prompts(1, seed=8, min_len=prompt_length, max_len=prompt_length)[0]
+        short_prompt = conformance.reference.prompts(1, seed=9, min_len=len(long_prompt) // 2,
+                                                     max_len=len(long_prompt) // 2)[0]
+        prompts = [long_prompt, short_prompt]
+        out = conformance.greedy(prompts, response_length, logprobs=0, ignore_eos=True)
+        check = LogprobCheck(conformance)
+        for prompt, c in zip(prompts, out, strict=True):
+            assert len(c.token_ids) == response_length and c.finish_reason == "length", (
+                f"a {len(prompt)}-token prompt: {len(c.token_ids)} of {response_length} tokens, "
+                f"finish {c.finish_reason!r}")
+            conformance.assert_greedy_choices(prompt, c, ignore_eos=True)
+            check.add_completion(prompt, c)
+        check.verify()
 
     def test_text_is_decoded_response(self, conformance: ConformanceHarness) -> None:
         prompt = conformance.reference.prompts(1, seed=5)[0]

@@ -112,7 +112,8 @@ class LogprobTests(ConformanceTestBase):
         require_parameter(conformance, "logprobs", {"max_generate_length": 2, "logprobs": 3}, capabilities.TOP_LOGPROBS)
         n = min(5, conformance.capabilities.max_top_logprobs)
         prompts = conformance.reference.prompts(2, seed=34)
-        out = conformance.generate(prompts, {"max_generate_length": 8, "temperature": 1.0, "logprobs": n})
+        # Sampled at a temperature other than 1, so alternatives taken after temperature show.
+        out = conformance.generate(prompts, {"max_generate_length": 8, "temperature": 0.7, "logprobs": n})
         check = LogprobCheck(conformance)
         for prompt, c in zip(prompts, out, strict=True):
             reference = check.add_completion(prompt, c)

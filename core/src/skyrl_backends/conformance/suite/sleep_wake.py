@@ -11,6 +11,7 @@ from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.conformance.suite.weight_sync import PERTURBED, perturbed
 from skyrl_backends.errors import EngineAsleepError, UnsupportedCapabilityError, WeightsNotLoadedError
 from skyrl_backends.sampling import SamplingParams
 
@@ -47,6 +48,25 @@ class SleepWakeTests(ConformanceTestBase):
         else:  # half precision: a cold cache may break a near tie differently; both must still be greedy
             for prompt, completion in zip(prompts, after, strict=True):
                 conformance.assert_greedy_parity(prompt, completion, 10)
+
+    @feature("Sleep / wake after a weight update")
+    @requires(capabilities.SLEEP, capabilities.weight_sync("tensors"))
+    def test_wake_serves_the_latest_weights(self, conformance: ConformanceHarness) -> None:
+        # update -> sleep -> wake -> generate, at every declared level, twice: to other weights and
+        # back. The output must be the reference's for the weights pushed last, so an engine that
+        # restores what it saved at its first sleep (or at any earlier one) fails.
+        engine = conformance.engine
+        prompts = conformance.reference.prompts(2, seed=56)
+        cycles = ((PERTURBED, perturbed(conformance)), ("original", conformance.reference.original_state))
+        for level in sorted(conformance.capabilities.sleep_levels):
+            for weights, state in cycles:
+                conformance.push_weights(state)
+                conformance.run(engine.sleep(level=level))
+                conformance.run(engine.wake_up())
+                if _discards(conformance, level):
+                    conformance.push_weights(state)  # the contract at this level: weights before generating
+                for prompt, c in zip(prompts, conformance.greedy(prompts, 10), strict=True):
+                    conformance.assert_greedy_parity(prompt, c, 10, weights=weights)
 
     @requires(capabilities.DISCARDS_WEIGHTS)
     def test_partial_weight_sync_is_not_enough(self, conformance: ConformanceHarness) -> None:
