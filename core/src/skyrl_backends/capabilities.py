@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from skyrl_backends.sampling import SamplingParams
 
 BROADCAST_LAYOUTS: tuple[str, ...] = ("packed", "per_tensor")
+# The pause modes (skyrl_backends.types.PAUSE_MODES; repeated here so this module imports no types).
+PAUSE_MODE_NAMES: tuple[str, ...] = ("abort", "wait", "keep")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,17 @@ class Capabilities:
     ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
     at which weights are dropped (the engine must then receive weights before generating again);
     None means weights always survive sleep.
+
+    Pausing (docs/weight-sync.md, "Pause modes"). ``native_pause``: the engine freezes in-flight
+    requests with their caches (pause mode ``keep``). ``pause_modes``: the modes its
+    ``skyrl_backends_pause_generation`` performs itself; ``keep`` is among them exactly when
+    ``native_pause`` is, and the facade does ``abort`` and ``wait`` itself for an engine that does
+    not list them. ``recompute_on_resume``: a kept request's cache can be recomputed with the new
+    weights when generation resumes (``pause_generation("keep", recompute=True)``).
+    ``token_versions``: the engine labels every token it hands out with the weight version that
+    produced it (the ``version`` its ``skyrl_backends_update_named_weights`` received), so a weight
+    update may land while requests run; without it the facade lets in-flight requests finish
+    before an update is applied, and refuses an update under requests a ``keep`` pause holds.
     """
 
     sleep_levels: tuple[int, ...] = ()
@@ -63,6 +76,20 @@ class Capabilities:
     weight_sync_strategies: tuple[str, ...] = ()
     broadcast_layouts: tuple[str, ...] = BROADCAST_LAYOUTS
     streaming: bool = False
+    pause_modes: tuple[str, ...] = ()
+    recompute_on_resume: bool = False
+    token_versions: bool = False
+
+    def __post_init__(self) -> None:
+        # native_pause and "keep" in pause_modes say the same thing: a plugin may declare either.
+        modes = tuple(self.pause_modes)
+        if self.native_pause and "keep" not in modes:
+            modes = ("keep", *modes)
+        object.__setattr__(self, "pause_modes", modes)
+        object.__setattr__(self, "native_pause", "keep" in modes)
+        unknown = [m for m in modes if m not in PAUSE_MODE_NAMES]
+        if unknown:
+            raise ValueError(f"pause_modes {unknown} are not pause modes; use {list(PAUSE_MODE_NAMES)}")
 
     @property
     def sleep(self) -> bool:
@@ -73,7 +100,7 @@ class Capabilities:
         present = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts"):
+            if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts", "pause_modes"):
                 continue
             if f.name == "sleep_levels" and value:
                 present.append("sleep(levels " + ",".join(map(str, value)) + ")")
@@ -156,6 +183,20 @@ PREFIX_CACHING = _flag("prefix_caching")
 ABORT = _flag("abort")
 NATIVE_PAUSE = _flag("native_pause")
 STREAMING = _flag("streaming")
+RECOMPUTE_ON_RESUME = _flag("recompute_on_resume", NATIVE_PAUSE)
+TOKEN_VERSIONS = _flag("token_versions")
+
+
+def pause_mode(mode: str, recompute: bool = False) -> Requirement:
+    """What pausing in ``mode`` needs of an engine facade: ``abort`` needs abort, ``wait`` nothing,
+    ``keep`` the native pause (and ``recompute_on_resume`` with ``recompute``)."""
+    if mode == "keep":
+        return RECOMPUTE_ON_RESUME if recompute else NATIVE_PAUSE
+    if mode == "abort":
+        return ABORT
+    if mode == "wait":
+        return Requirement("pause_mode:wait", lambda caps: True, label="pause mode 'wait'")
+    raise ValueError(f"{mode!r} is not a pause mode; use one of {list(PAUSE_MODE_NAMES)}")
 
 
 def sleep_level(level: int) -> Requirement:
@@ -232,7 +273,8 @@ HOOKS_BY_REQUIREMENT: dict[Requirement, tuple[str, ...]] = {
     SLEEP: ("skyrl_backends_sleep", "skyrl_backends_wake_up"),
     LORA: ("skyrl_backends_load_lora_adapter", "skyrl_backends_unload_lora_adapter"),
     ABORT: ("skyrl_backends_abort",),
-    NATIVE_PAUSE: ("skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
+    Requirement("pause_modes", lambda caps: bool(caps.pause_modes)): (
+        "skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
     PREFIX_CACHING: ("skyrl_backends_reset_prefix_cache",),
     STREAMING: ("skyrl_backends_generate_stream",),
 }
@@ -262,8 +304,8 @@ def receives_packed_broadcast(caps: Capabilities | None) -> bool:
 
 __all__ = [
     "ABORT", "BROADCAST_LAYOUTS", "DISCARDS_WEIGHTS", "HOOKS_BY_REQUIREMENT", "LORA", "MIN_NEW_TOKENS", "MIN_P",
-    "NATIVE_PAUSE", "PARAMETER_REQUIREMENTS", "PREFIX_CACHING", "REPETITION_PENALTY", "REQUIRED_HOOKS",
-    "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS", "STOP_STRINGS", "STREAMING", "TOP_LOGPROBS", "Capabilities",
-    "Requirement", "broadcast_layouts_of", "check_sampling", "missing", "missing_hooks", "receives_packed_broadcast",
-    "require", "sleep_level", "weight_sync",
+    "NATIVE_PAUSE", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING", "RECOMPUTE_ON_RESUME",
+    "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS", "STOP_STRINGS", "STREAMING",
+    "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement", "broadcast_layouts_of", "check_sampling",
+    "missing", "missing_hooks", "pause_mode", "receives_packed_broadcast", "require", "sleep_level", "weight_sync",
 ]
