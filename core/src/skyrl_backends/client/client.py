@@ -653,7 +653,9 @@ class InferenceEngineClient:
                 [self._engine_call(s, s.engine.pause_generation, mode, recompute=recompute)
                  for s in slots if self._paused_as[s.engine_id] == "engine"]
                 + [self._engine_call(s, s.engine.abort, list(s.inflight)) for s in continuing if s.inflight])
-            draining = [s for s in slots if self._paused_as[s.engine_id] == "drain"]
+            # "wait" and "abort" return once the requests in flight have (each engine's facade
+            # waits too; this covers any engine), a "keep" that cannot keep once they finished.
+            draining = slots if mode != "keep" else [s for s in slots if self._paused_as[s.engine_id] == "drain"]
             if draining:
                 await self._drain(draining)
         except BaseException:
