@@ -179,9 +179,17 @@ def _chat_logprobs(codec: TextCodec, completion: Completion, start: int = 0, end
     return {"content": content}
 
 
+def _token_versions(item: Completion | StreamChunk | None) -> list[list[int]] | None:
+    """The extension field ``token_versions``: ``[[first token index, weight version], ...]`` over
+    the choice's tokens (a completion's, or a stream chunk's own)."""
+    versions = item.token_versions if item is not None else None
+    return versions.to_json() if versions is not None else None
+
+
 def _chat_response(state: ServingState, body: ChatCompletionRequest, prompt: list[int], output: GenerateOutput) -> Any:
     choices = [{"index": i, "message": {"role": "assistant", "content": state.text_of(c)},
-                "logprobs": _chat_logprobs(state.codec, c), "finish_reason": c.finish_reason}
+                "logprobs": _chat_logprobs(state.codec, c), "finish_reason": c.finish_reason,
+                "token_versions": _token_versions(c)}
                for i, c in enumerate(output)]
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": state.model_name, "choices": choices, "usage": _usage(len(prompt), output)}
@@ -211,9 +219,11 @@ async def _chat_events(state: ServingState, body: ChatCompletionRequest, prompt_
     async for i, delta, chunk in source:
         if delta or (chunk.token_ids and chunk.logprobs is not None):
             logprobs = _chat_logprobs(state.codec, _chunk_logprobs(chunk)) if chunk.token_ids else None
-            yield event({"index": i, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None})
+            yield event({"index": i, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None,
+                         **({"token_versions": _token_versions(chunk)} if logprobs else {})})
         if chunk.completion is not None:
-            yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": chunk.completion.finish_reason})
+            yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": chunk.completion.finish_reason,
+                         "token_versions": _token_versions(chunk.completion)})
     if include_usage:
         yield {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                "choices": [], "usage": _stream_usage(prompt_tokens, choices)}
@@ -254,7 +264,7 @@ def _completion_response(state: ServingState, body: CompletionRequest, raw_promp
     for i, (c, echo) in enumerate(zip(output, _echoes(state, body, raw_prompts, len(output)))):
         text = state.text_of(c)
         choices.append({"index": i, "text": echo + text, "logprobs": _completion_logprobs(state.codec, c, text, 0),
-                        "finish_reason": c.finish_reason})
+                        "finish_reason": c.finish_reason, "token_versions": _token_versions(c)})
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": choices, "usage": _usage(sum(len(p) for p in prompts), output)}
 
@@ -288,10 +298,12 @@ async def _completion_events(state: ServingState, body: CompletionRequest, raw_p
                 logprobs = {"tokens": [codec.token_text(t) for t in chunk.token_ids],
                             "token_logprobs": list(chunk.logprobs), "top_logprobs": top,
                             "text_offset": [positions[i]] * len(chunk.token_ids)}
-            yield event({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": None})
+            yield event({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": None,
+                         **({"token_versions": _token_versions(chunk)} if logprobs else {})})
             positions[i] += len(delta)
         if chunk.completion is not None:
-            yield event({"index": i, "text": "", "logprobs": None, "finish_reason": chunk.completion.finish_reason})
+            yield event({"index": i, "text": "", "logprobs": None, "finish_reason": chunk.completion.finish_reason,
+                         "token_versions": _token_versions(chunk.completion)})
     if include_usage:
         yield {"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
                "choices": [], "usage": _stream_usage(sum(len(p) for p in prompts), choices)}
