@@ -77,7 +77,11 @@ MEMORY_TIMEOUT_S = 120.0
 # How long a required prefix-cache flush waits for the scheduler to become idle.
 FLUSH_WAIT_S = 10.0
 # Defaults for SGLang's CPU path, which cannot size its KV cache from device memory.
-CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 16384, "disable_cuda_graph": True}
+# No overlap scheduling on the CPU: there is no device to overlap with, and SGLang labels a token with
+# its weight version when the step's result is processed, so under overlap a result still in flight
+# when an in-place pause applies an update is labelled with the new version.
+CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 16384, "disable_cuda_graph": True,
+                "disable_overlap_schedule": True}
 # SGLang's memory tags for what the canonical tags name; CUDA graphs go with the weights they run.
 _SGLANG_TAGS = {"weights": ("weights", "cuda_graph"), "kv_cache": ("kv_cache",)}
 
@@ -166,7 +170,7 @@ class SGLangEngine:
         self._live: set[str] = set()  # requests submitted to SGLang and not yet returned
         self._aborted: set[str] = set()
         self._pause_mode: str | None = None  # SGLang's pause mode while paused: in_place, retract, abort
-        self._labels = versions.engine_labels_tokens()
+        self._labels = versions.engine_labels_tokens(kwargs, self.cpu)
         self._updates = UpdateWatch()  # used on the engine loop only
         self._salted = "cache_salt" in inspect.signature(self.engine.async_generate).parameters
         self._flush_when_idle = False

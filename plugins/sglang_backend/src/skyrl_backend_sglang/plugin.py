@@ -62,7 +62,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         # SGLang's in-place (keep), retract (keep with recompute) and abort pauses; it has no wait.
         pause_modes=("keep", "abort"),
         recompute_on_resume=True,
-        token_versions=engine_labels_tokens(),
+        token_versions=engine_labels_tokens(config.engine_init_kwargs if config is not None else {}, cpu),
         # shared_memory and cuda_ipc arrive in this process (skyrl_backends.weight_sync) and go on to
         # SGLang's scheduler with update_weights_from_tensor; broadcast is SGLang's own receiver.
         weight_sync_strategies=("tensors", "shared_memory", "broadcast") if cpu

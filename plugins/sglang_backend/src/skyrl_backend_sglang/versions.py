@@ -22,12 +22,17 @@ from skyrl_backends.types import TokenVersions
 LABELS_TOKENS_FROM = Version("0.5.23")
 
 
-def engine_labels_tokens() -> bool:
-    """Whether the installed SGLang reports per-token weight versions (package metadata only)."""
+def engine_labels_tokens(engine_init_kwargs: Mapping[str, Any], cpu: bool) -> bool:
+    """Whether SGLang's per-token versions are exact for an engine with these options (package
+    metadata only, no import): the installed release reports them, and overlap scheduling is off
+    (the plugin turns it off on the CPU). SGLang labels a token when its step's result is
+    processed; under overlap a result still in flight when an in-place pause applies an update is
+    labelled with the new version although the old weights computed it."""
     try:
-        return Version(metadata.version("sglang")).release >= LABELS_TOKENS_FROM.release
+        reports = Version(metadata.version("sglang")).release >= LABELS_TOKENS_FROM.release
     except metadata.PackageNotFoundError:
         return False
+    return reports and bool(engine_init_kwargs.get("disable_overlap_schedule", cpu))
 
 
 def version_number(label: Any) -> int:

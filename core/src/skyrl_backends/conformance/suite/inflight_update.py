@@ -174,9 +174,11 @@ class InflightUpdateTests(ConformanceTestBase):
         if not tokens:
             return
         chosen = expected.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
-        drift = (chosen - torch.tensor(logprobs)).abs().max().item()
+        drifts = (chosen - torch.tensor(logprobs)).abs()
+        drift, worst = drifts.max().item(), int(drifts.argmax())
         assert drift <= conformance.logprob_tolerance, (
-            f"log-probabilities {what}: off by {drift:.3g} nats (tolerance {conformance.logprob_tolerance})")
+            f"log-probabilities {what}: off by {drift:.3g} nats at its token {worst} of {len(tokens)} "
+            f"(tolerance {conformance.logprob_tolerance}); off per token: {[round(d, 3) for d in drifts.tolist()[:8]]}")
         below_argmax = (expected.max(dim=-1).values - chosen).max().item()
         assert below_argmax <= conformance.greedy_margin + conformance.logprob_tolerance, (
             f"greedy tokens {what}: a token is {below_argmax:.3g} nats below the oracle's argmax")
