@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from skyrl_backends.sampling import SamplingParams
 
 BROADCAST_LAYOUTS: tuple[str, ...] = ("packed", "per_tensor")
-# The pause modes (skyrl_backends.types.PAUSE_MODES; repeated here so this module imports no types).
+# The pause modes (skyrl_backends.types.PAUSE_MODES; repeated here so this module imports no types),
+# and those an engine lists in Capabilities.pause_modes ("keep" is native_pause).
 PAUSE_MODE_NAMES: tuple[str, ...] = ("abort", "wait", "keep")
+NATIVE_PAUSE_MODES: tuple[str, ...] = ("abort", "wait")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,9 @@ class Capabilities:
     None means weights always survive sleep.
 
     Pausing (docs/weight-sync.md, "Pause modes"). ``native_pause``: the engine freezes in-flight
-    requests with their caches (pause mode ``keep``). ``pause_modes``: the modes its
-    ``skyrl_backends_pause_generation`` performs itself; ``keep`` is among them exactly when
-    ``native_pause`` is, and the facade does ``abort`` and ``wait`` itself for an engine that does
-    not list them. ``recompute_on_resume``: a kept request's cache can be recomputed with the new
+    requests with their caches (pause mode ``keep``). ``pause_modes``: the other modes (``abort``,
+    ``wait``) its ``skyrl_backends_pause_generation`` performs itself; the facade does those it does
+    not list. ``recompute_on_resume``: a kept request's cache can be recomputed with the new
     weights when generation resumes (``pause_generation("keep", recompute=True)``).
     ``token_versions``: the engine labels every token it hands out with the weight version that
     produced it (the ``version`` its ``skyrl_backends_update_named_weights`` received), so a weight
@@ -81,15 +82,14 @@ class Capabilities:
     token_versions: bool = False
 
     def __post_init__(self) -> None:
-        # native_pause and "keep" in pause_modes say the same thing: a plugin may declare either.
-        modes = tuple(self.pause_modes)
-        if self.native_pause and "keep" not in modes:
-            modes = ("keep", *modes)
-        object.__setattr__(self, "pause_modes", modes)
-        object.__setattr__(self, "native_pause", "keep" in modes)
-        unknown = [m for m in modes if m not in PAUSE_MODE_NAMES]
-        if unknown:
-            raise ValueError(f"pause_modes {unknown} are not pause modes; use {list(PAUSE_MODE_NAMES)}")
+        wrong = [m for m in self.pause_modes if m not in NATIVE_PAUSE_MODES]
+        if wrong:
+            raise ValueError(f"pause_modes {wrong}: list 'abort' or 'wait' there (the pause mode 'keep' is "
+                             f"declared by native_pause)")
+
+    def pauses_natively(self, mode: str) -> bool:
+        """Whether the engine's own pause hook performs ``mode``."""
+        return self.native_pause if mode == "keep" else mode in self.pause_modes
 
     @property
     def sleep(self) -> bool:
@@ -100,9 +100,11 @@ class Capabilities:
         present = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts", "pause_modes"):
+            if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts"):
                 continue
-            if f.name == "sleep_levels" and value:
+            if f.name == "pause_modes" and value:
+                present.append("native_pause_modes(" + ",".join(value) + ")")
+            elif f.name == "sleep_levels" and value:
                 present.append("sleep(levels " + ",".join(map(str, value)) + ")")
             elif f.name == "weight_sync_strategies" and value:
                 present.append("weight_sync(" + ",".join(value) + ")")
@@ -273,7 +275,7 @@ HOOKS_BY_REQUIREMENT: dict[Requirement, tuple[str, ...]] = {
     SLEEP: ("skyrl_backends_sleep", "skyrl_backends_wake_up"),
     LORA: ("skyrl_backends_load_lora_adapter", "skyrl_backends_unload_lora_adapter"),
     ABORT: ("skyrl_backends_abort",),
-    Requirement("pause_modes", lambda caps: bool(caps.pause_modes)): (
+    Requirement("pause_modes", lambda caps: caps.native_pause or bool(caps.pause_modes)): (
         "skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
     PREFIX_CACHING: ("skyrl_backends_reset_prefix_cache",),
     STREAMING: ("skyrl_backends_generate_stream",),
@@ -304,7 +306,7 @@ def receives_packed_broadcast(caps: Capabilities | None) -> bool:
 
 __all__ = [
     "ABORT", "BROADCAST_LAYOUTS", "DISCARDS_WEIGHTS", "HOOKS_BY_REQUIREMENT", "LORA", "MIN_NEW_TOKENS", "MIN_P",
-    "NATIVE_PAUSE", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING", "RECOMPUTE_ON_RESUME",
+    "NATIVE_PAUSE", "NATIVE_PAUSE_MODES", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING", "RECOMPUTE_ON_RESUME",
     "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS", "STOP_STRINGS", "STREAMING",
     "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement", "broadcast_layouts_of", "check_sampling",
     "missing", "missing_hooks", "pause_mode", "receives_packed_broadcast", "require", "sleep_level", "weight_sync",

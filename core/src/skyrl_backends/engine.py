@@ -366,7 +366,7 @@ class InferenceEngine:
         self._pause = (mode, recompute)
         self._gate.close("pause")
         try:
-            if mode in self.capabilities.pause_modes:
+            if self.capabilities.pauses_natively(mode):
                 await self._call("skyrl_backends_pause_generation", mode=mode, recompute=recompute)
             elif mode == "abort" and self._inflight:
                 await self._call("skyrl_backends_abort", request_ids=None)
@@ -389,7 +389,7 @@ class InferenceEngine:
         self._check_open()
         if self._pause is None:
             return
-        if self._pause[0] in self.capabilities.pause_modes:
+        if self.capabilities.pauses_natively(self._pause[0]):
             await self._call("skyrl_backends_resume_generation")
         self._pause = None
         self._gate.open("pause")

@@ -134,10 +134,10 @@ class EngineHookSpecs:
 
     @hookspec(firstresult=True)
     def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
-        """Pause generation in ``mode`` (async). Called only with the modes the backend lists in
-        ``Capabilities.pause_modes`` (``"keep"`` when it declares ``native_pause``); the facade does
-        ``abort`` and ``wait`` itself for the others, and in every mode holds new requests back
-        until resume, so the engine receives none while paused.
+        """Pause generation in ``mode`` (async). Called with ``"keep"`` when the backend declares
+        ``native_pause``, and with ``"abort"`` or ``"wait"`` only if it lists them in
+        ``Capabilities.pause_modes`` (the facade does them itself otherwise); in every mode the
+        facade holds new requests back until resume, so the engine receives none while paused.
 
         * ``"keep"``: stop between decode steps. In-flight requests stay, with their caches, and
           continue on resume. When this returns no forward pass is running and none starts before

@@ -60,7 +60,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         abort=True,
         native_pause=True,
         # SGLang's in-place (keep), retract (keep with recompute) and abort pauses; it has no wait.
-        pause_modes=("keep", "abort"),
+        pause_modes=("abort",),
         recompute_on_resume=True,
         token_versions=engine_labels_tokens(config.engine_init_kwargs if config is not None else {}, cpu),
         # shared_memory and cuda_ipc arrive in this process (skyrl_backends.weight_sync) and go on to

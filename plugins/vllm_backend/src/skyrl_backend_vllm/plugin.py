@@ -61,7 +61,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         native_pause=True,
         # vLLM's own keep and abort pause modes; its wait finishes only running requests, so the
         # facade's wait serves. Kept requests are recomputed when vLLM clears its cache on pause.
-        pause_modes=("keep", "abort"),
+        pause_modes=("abort",),
         recompute_on_resume=True,
         token_versions=engine_labels_tokens(),
         weight_sync_strategies=_weight_sync_strategies(on_cpu),
