@@ -19,7 +19,7 @@ DEMO_READY := $(DEMO_ENV)/.rl_demo_ready
 endif
 endif
 
-.PHONY: test-demo
+.PHONY: test-demo bench-async
 
 # No torch pin here: the engine's environment keeps the torch build it was made with.
 $(VENV)/%/.rl_demo_ready: examples/rl_demo/pyproject.toml
@@ -28,3 +28,9 @@ $(VENV)/%/.rl_demo_ready: examples/rl_demo/pyproject.toml
 
 test-demo: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q examples/rl_demo/tests
+
+# Not a test: synchronous vs asynchronous (--async) steps/s at equal reward, both measured in the same
+# run (docs/benchmarks.md, "Asynchronous RL"). The GPU figures: scripts/gpu/run_on_gpu.sh async-rl:ENGINE.
+bench-async: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	$(TF_ENV)/bin/python examples/rl_demo/benchmarks/bench_async.py --model $(MODEL) --steps 60 --repeats 3 \
+		--json out/bench-async.json

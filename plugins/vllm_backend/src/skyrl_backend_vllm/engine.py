@@ -103,6 +103,7 @@ class VLLMEngine:
         self._labels = versions.engine_labels_tokens()
         self._updates = UpdateWatch()
         self._pause_mode: str | None = None
+        self._asleep: set[str] = set()  # vLLM keeps its scheduler paused while anything sleeps
 
     # -- generation ----------------------------------------------------------------------------
     @hookimpl
@@ -352,10 +353,12 @@ class VLLMEngine:
         # vLLM sleeps as a whole (weights offloaded at level 1, dropped at level 2; KV cache freed);
         # the facade only passes all tags, since the backend declares no tag-wise sleep.
         await self._engine.sleep(level=level)
+        self._asleep.update(("weights", "kv_cache"))
 
     @hookimpl
     async def skyrl_backends_wake_up(self, tags: list[str]) -> None:
         await self._engine.wake_up(tags=list(tags))
+        self._asleep.difference_update(tags)
 
     # -- weights -------------------------------------------------------------------------------
     @hookimpl
@@ -368,8 +371,9 @@ class VLLMEngine:
 
     @hookimpl
     async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest, version: int) -> None:
-        # Loaded with generation paused, so no step runs between the new weights and their label.
-        pause_here = self._pause_mode is None
+        # Loaded with generation paused, so no step runs between the new weights and their label
+        # (an engine with memory asleep is paused by vLLM itself until it is all awake again).
+        pause_here = self._pause_mode is None and not self._asleep
         async with self._updates.updating(version):
             if pause_here:
                 await self._engine.pause_generation(mode="keep", clear_cache=False)
