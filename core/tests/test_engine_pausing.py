@@ -339,3 +339,34 @@ def test_declaring_native_pause_modes_without_the_hooks_is_refused(tmp_path):
             sb.create_engine("nohooks", model=str(tmp_path))
     finally:
         sb.unregister_backend("nohooks")
+
+
+def test_tokens_labelled_with_an_update_still_being_applied_are_accepted(tmp_path):
+    class SlowToReturn(SteppingEngineDouble):
+        @hookimpl
+        async def skyrl_backends_update_named_weights(self, request, version):
+            self.version = version  # the engine already serves it...
+            await asyncio.sleep(0.05)  # ...while its hook has not returned yet
+
+    class Plugin(DoublePlugin):
+        @hookimpl
+        def skyrl_backends_create_engine(self, config):
+            engine = SlowToReturn(config)
+            engine.label = True
+            return engine
+
+    sb.register_backend(Plugin("slow-update", dataclasses.replace(DOUBLE_CAPABILITIES, token_versions=True)),
+                        "slow-update")
+    try:
+        engine = sb.create_engine("slow-update", model=str(tmp_path))
+    finally:
+        sb.unregister_backend("slow-update")
+
+    async def scenario():
+        task = asyncio.create_task(engine.generate([[1]], {"max_generate_length": 12}, request_ids=["r"]))
+        await until_produced(engine, "r", 6)
+        await engine.update_named_weights(update())
+        return (await task)[0]
+
+    completion = asyncio.run(scenario())
+    assert completion.token_versions.oldest == 0 and completion.token_versions.newest == 1

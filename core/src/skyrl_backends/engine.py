@@ -99,6 +99,7 @@ class InferenceEngine:
         self._pause: tuple[str, bool] | None = None  # (mode, recompute) while paused
         self._gate = AdmissionGate()
         self._updates = 0  # names the gate holds of updates waiting for in-flight requests
+        self._applying: int | None = None  # the version an update being applied becomes
         self._inflight: dict[str, asyncio.Event] = {}
         self._loras: dict[str, str] = {}
         self._weight_specs: dict[str, TensorSpec] | None = None
@@ -224,8 +225,10 @@ class InferenceEngine:
         return aborted
 
     def _versions(self, given: TokenVersions | None, num_tokens: int, admitted: int, what: str) -> TokenVersions:
-        return labelled(given, num_tokens, admitted, self.weight_version, self.capabilities.token_versions,
-                        self.backend, what)
+        # While an update is applied, a backend may already produce tokens of its version (the hook
+        # has not returned yet, so weight_version is not bumped).
+        newest = max(self.weight_version, self._applying or 0)
+        return labelled(given, num_tokens, admitted, newest, self.capabilities.token_versions, self.backend, what)
 
     def _admit(self, request: GenerateRequest | Sequence[Sequence[int]],
                sampling_params: SamplingParams | Mapping[str, Any] | None,
@@ -521,8 +524,9 @@ class InferenceEngine:
             self._gate.open(holder)
 
     async def _apply_update(self, request: WeightUpdateRequest) -> int:
+        self._applying = self.weight_version + 1
         try:
-            await self._call("skyrl_backends_update_named_weights", request=request, version=self.weight_version + 1)
+            await self._call("skyrl_backends_update_named_weights", request=request, version=self._applying)
         except Exception as exc:
             if is_streamed(request):  # some buckets may be applied: never serve the mix
                 self._mark_weights_missing(
@@ -530,6 +534,8 @@ class InferenceEngine:
                     f"may hold a mix of old and new weights. If its broadcast group broke, reconnect it "
                     f"(connect_broadcast).")
             raise
+        finally:
+            self._applying = None
         self.weight_version += 1
         if self._weights_missing is not None:
             self._weights_received_since_missing.update(request.names)

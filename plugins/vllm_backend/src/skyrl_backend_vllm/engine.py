@@ -384,10 +384,10 @@ class VLLMEngine:
             finally:
                 if pause_here:
                     await self._engine.resume_generation()
-        if not self._inflight:
-            # Frees the old weights' blocks; the version in every request's cache salt is what keeps
-            # later requests from matching them while kept requests still hold some.
-            await self._engine.reset_prefix_cache()
+            if not self._inflight:
+                # Frees the old weights' blocks; the version in every request's cache salt is what
+                # keeps later requests from matching them while kept requests still hold some.
+                await self._engine.reset_prefix_cache()
 
     async def _load_weights(self, request: WeightUpdateRequest) -> None:
         if request.strategy == "tensors":
