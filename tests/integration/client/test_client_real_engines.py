@@ -124,6 +124,12 @@ def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement,
             assert out[0].finish_reason == "length"
             assert len(out[0].token_ids) == n
             assert out[0].token_ids == ref[0].token_ids
+            # Per-token versions survive the engine kind (Ray included) and the continuation's seams.
+            versions = out[0].token_versions
+            assert versions is not None and versions.length == n
+            assert versions.newest - versions.oldest <= 1 and len(versions.runs) <= 2
+        assert any(len(out[0].token_versions.runs) == 2 for out in outs), (
+            "the update landed while requests ran: some completion must span two versions")
         continuations = sum(h["continuations"] for h in client.health().values())
         if keep_strategy == "continue":
             assert continuations > 0, "the pause should have cut requests mid-way"
