@@ -12,9 +12,8 @@ import asyncio
 import dataclasses
 
 import pytest
-from doubles import DOUBLE_CAPABILITIES, ArithmeticEngineDouble, DoublePlugin
-
 import skyrl_backends as sb
+from doubles import DOUBLE_CAPABILITIES, ArithmeticEngineDouble, DoublePlugin
 from skyrl_backends import hookimpl
 from skyrl_backends.errors import ConfigError, EngineStateError, UnsupportedCapabilityError
 from skyrl_backends.types import Completion, GenerateOutput, StreamChunk, TokenVersions, WeightUpdateRequest

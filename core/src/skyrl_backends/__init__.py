@@ -39,7 +39,9 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
@@ -50,8 +52,8 @@ __all__ = [
     "DEFAULT_BACKEND", "BackendInfo", "BackendLoadError", "BackendNotFoundError", "Capabilities", "Completion",
     "ConfigError", "EngineAsleepError", "EngineClosedError", "EngineDeadError", "EngineStateError",
     "EngineVersionError", "GenerateOutput", "GenerateRequest", "GeneratorConfig", "InferenceEngine",
-    "LoraAdapterError", "ParallelSizes", "SamplingParams", "SamplingParamsError", "SkyRLBackendsError",
-    "TensorSpec", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
+    "LoraAdapterError", "ParallelSizes", "PauseMode", "SamplingParams", "SamplingParamsError", "SkyRLBackendsError",
+    "TensorSpec", "TokenVersions", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
     "WeightUpdateError", "WeightsNotLoadedError", "create_engine", "hookimpl", "list_backends", "load_config",
     "register_backend", "unregister_backend",
 ]

@@ -306,8 +306,8 @@ def receives_packed_broadcast(caps: Capabilities | None) -> bool:
 
 __all__ = [
     "ABORT", "BROADCAST_LAYOUTS", "DISCARDS_WEIGHTS", "HOOKS_BY_REQUIREMENT", "LORA", "MIN_NEW_TOKENS", "MIN_P",
-    "NATIVE_PAUSE", "NATIVE_PAUSE_MODES", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING", "RECOMPUTE_ON_RESUME",
-    "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS", "STOP_STRINGS", "STREAMING",
-    "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement", "broadcast_layouts_of", "check_sampling",
+    "NATIVE_PAUSE", "NATIVE_PAUSE_MODES", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING",
+    "RECOMPUTE_ON_RESUME", "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS",
+    "STOP_STRINGS", "STREAMING", "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement", "broadcast_layouts_of", "check_sampling",
     "missing", "missing_hooks", "pause_mode", "receives_packed_broadcast", "require", "sleep_level", "weight_sync",
 ]

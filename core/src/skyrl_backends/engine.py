@@ -376,7 +376,7 @@ class InferenceEngine:
             if mode == "abort":
                 try:
                     await self._drain(_ABORT_DRAIN_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise EngineStateError(f"{len(self._inflight)} aborted request(s) did not return within "
                                            f"{_ABORT_DRAIN_S}s") from None
             elif mode == "wait":
@@ -427,7 +427,7 @@ class InferenceEngine:
                 await self._call("skyrl_backends_abort", request_ids=None)
             try:
                 await self._drain(drain_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EngineStateError(
                     f"{len(self._inflight)} request(s) still running after {drain_timeout}s; "
                     "sleep refused. Abort them or raise drain_timeout.") from None

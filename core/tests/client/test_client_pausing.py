@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 from engine_doubles import RecordingEngineDouble, next_token
+from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.client import Continuation, InferenceEngineClient
 from skyrl_backends.client.pausing import pause_kind, stale_segments
-from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, TokenVersions, WeightUpdateRequest
 

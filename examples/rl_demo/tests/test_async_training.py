@@ -10,7 +10,6 @@ import asyncio
 import csv
 
 import torch
-
 from skyrl_rl_demo import cli
 from skyrl_rl_demo.agent_loop import NOT_GENERATED
 from skyrl_rl_demo.grpo import pack_episodes, token_logprobs
@@ -52,7 +51,8 @@ def test_async_steps_stay_within_one_version_and_each_token_matches_its_version(
             for step in range(1, config.steps + 1):
                 trained_on = trainer.policy_version
                 metrics = await trainer.train_step(step)
-                snapshots[trainer.policy_version] = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+                snapshots[trainer.policy_version] = {n: p.detach().clone()
+                                                     for n, p in trainer.policy.named_parameters()}
                 assert trainer.policy_version == trained_on + 1 == metrics["weight_version"] == step
                 states = trainer.last_rollout.states
                 versions = {v for s in states for v in s.rollout_versions if v != NOT_GENERATED}

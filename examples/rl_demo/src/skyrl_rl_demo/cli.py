@@ -98,8 +98,8 @@ def format_summary(s: dict[str, Any], out_dir: str) -> str:
                      f"{s.get('wake_kv_cache_s_mean', 0) * 1e3:.1f}ms, wake weights "
                      f"{s.get('wake_weights_s_mean', 0) * 1e3:.1f}ms")
     if s["schedule"] == "async":
-        lines.append(f"  tokens one version stale: {s.get('stale_token_fraction_mean', 0):.1%} (weighted by the clipped "
-                     f"ratio), dropped: {s.get('dropped_token_fraction_max', 0):.1%}; training waited "
+        lines.append(f"  tokens one version stale: {s.get('stale_token_fraction_mean', 0):.1%} (weighted by the "
+                     f"clipped ratio), dropped: {s.get('dropped_token_fraction_max', 0):.1%}; training waited "
                      f"{s.get('generation_wait_s_mean', 0):.3f}s per step for generation")
     lines.append(f"  engine vs trainer log-probabilities (on-policy tokens): max |diff| "
                  f"{s.get('logprob_abs_diff_max', float('nan')):.2e}")

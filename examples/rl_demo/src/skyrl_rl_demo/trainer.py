@@ -46,9 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import skyrl_backends
+import torch
 from skyrl_backends.client import InferenceEngineClient
 from skyrl_backends.sampling import SamplingParams
 
@@ -337,7 +336,8 @@ async def train(config: TrainerConfig, progress: bool = True,
     summary = summarize(csv.rows)
     summary.update(backend=config.backend, seed=config.seed, sleep_level=trainer.sleep_level,
                    colocate=trainer.colocate, weight_sync=trainer.weight_sync.strategy, wall_s=time.perf_counter() - wall_started,
-                   schedule="async" if config.async_rollouts else "sync", steps_per_s=len(csv.rows) / loop_s,
+                   schedule="async" if config.async_rollouts else "sync",
+                   steps_per_s=len(csv.rows) / loop_s,
                    config={k: v for k, v in dataclasses.asdict(config).items()})
     plot_reward_curve(csv.rows, out / "reward_curve.png",
                       title=f"Say the digit: GRPO on the tiny model ({config.backend} backend, seed {config.seed})")

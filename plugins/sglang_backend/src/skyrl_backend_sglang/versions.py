@@ -15,7 +15,6 @@ from importlib import metadata
 from typing import Any
 
 from packaging.version import Version
-
 from skyrl_backends.types import TokenVersions
 
 # The first release checked to report spans (0.5.23, the CPU build; 0.5.17, the GPU one, does not).

