@@ -17,7 +17,13 @@ DEMO_READY := $(DEMO_ENV)/.ready
 endif
 endif
 
-.PHONY: test-demo
+.PHONY: test-demo bench-async
 
 test-demo: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q examples/rl_demo/tests
+
+# Not a test: synchronous vs asynchronous (--async) steps/s at equal reward, both measured in the same
+# run (docs/benchmarks.md, "Asynchronous RL"). The GPU figures: scripts/gpu/run_on_gpu.sh async-rl:ENGINE.
+bench-async: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	$(TF_ENV)/bin/python examples/rl_demo/benchmarks/bench_async.py --model $(MODEL) --steps 60 --repeats 3 \
+		--json out/bench-async.json

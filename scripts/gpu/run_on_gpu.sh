@@ -27,6 +27,9 @@
 #                             the engine defaults below
 #   broadcast                 bench_weight_sync.py GPU mode without an engine (NCCL needs 2 GPUs);
 #                             BROADCAST_ARGS adds options, e.g. "--repeats 20 --skip colocated,per_tensor"
+#   async-rl:ENGINE           examples/rl_demo/benchmarks/bench_async.py: the RL demo on ENGINE, trainer on
+#                             the GPU, synchronous vs asynchronous steps/s at equal reward ->
+#                             $OUT/ENGINE-async-rl.json (ASYNC_RL_ARGS adds options, e.g. "--steps 80")
 #
 # ENGINE is vllm or sglang (the builds of ../shared/gpu/stage.py); engine steps unpack the staged
 # parts once into /tmp/ENGINEsite. Nothing is installed: the project runs from its source folders, and
@@ -57,7 +60,7 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=300
-                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540)
+                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540)
 
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
@@ -210,6 +213,10 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ${PYTEST_ARGS:-} ;;
         broadcast) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
             --shape qwen2.5-1.5b --skip colocated ${BROADCAST_ARGS:-} --json "$OUT/broadcast.json" ;;
+        async-rl) engine_env "$engine" && PYTHONPATH=$PYTHONPATH:$REPO/examples/rl_demo/src bounded "$seconds" \
+            python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_async.py \
+            --backend "$engine" --model $TINY --trainer-device cuda --steps 40 --repeats 2 \
+            --engine-option gpu_memory_utilization=0.3 ${ASYNC_RL_ARGS:-} --json "$OUT/$engine-async-rl.json" ;;
         *) log "unknown step $name"; return 2 ;;
     esac
 }

@@ -40,7 +40,9 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
@@ -52,9 +54,9 @@ __all__ = [
     "Capabilities", "Completion",
     "ConfigError", "EngineAsleepError", "EngineClosedError", "EngineDeadError", "EngineStateError",
     "EngineVersionError", "GenerateOutput", "GenerateRequest", "GeneratorConfig", "InferenceEngine",
-    "LoraAdapterError", "ParallelSizes", "PluginAPIVersionError", "SamplingParams", "SamplingParamsError",
-    "SkyRLBackendsError",
-    "TensorSpec", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
+    "LoraAdapterError", "ParallelSizes", "PauseMode", "PluginAPIVersionError", "SamplingParams",
+    "SamplingParamsError", "SkyRLBackendsError",
+    "TensorSpec", "TokenVersions", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
     "WeightUpdateError", "WeightsNotLoadedError", "create_engine", "hookimpl", "list_backends", "load_config",
     "register_backend", "unregister_backend",
 ]

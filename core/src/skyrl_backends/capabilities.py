@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from skyrl_backends.sampling import SamplingParams
 
 BROADCAST_LAYOUTS: tuple[str, ...] = ("packed", "per_tensor")
+# The pause modes (skyrl_backends.types.PAUSE_MODES; repeated here so this module imports no types),
+# and those an engine lists in Capabilities.pause_modes ("keep" is native_pause).
+PAUSE_MODE_NAMES: tuple[str, ...] = ("abort", "wait", "keep")
+NATIVE_PAUSE_MODES: tuple[str, ...] = ("abort", "wait")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,16 @@ class Capabilities:
     ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
     at which weights are dropped (the engine must then receive weights before generating again);
     None means weights always survive sleep.
+
+    Pausing (docs/weight-sync.md, "Pause modes"). ``native_pause``: the engine freezes in-flight
+    requests with their caches (pause mode ``keep``). ``pause_modes``: the other modes (``abort``,
+    ``wait``) its ``skyrl_backends_pause_generation`` performs itself; the facade does those it does
+    not list. ``recompute_on_resume``: a kept request's cache can be recomputed with the new
+    weights when generation resumes (``pause_generation("keep", recompute=True)``).
+    ``token_versions``: the engine labels every token it hands out with the weight version that
+    produced it (the ``version`` its ``skyrl_backends_update_named_weights`` received), so a weight
+    update may land while requests run; without it the facade lets in-flight requests finish
+    before an update is applied, and refuses an update under requests a ``keep`` pause holds.
     """
 
     sleep_levels: tuple[int, ...] = ()
@@ -63,6 +77,19 @@ class Capabilities:
     weight_sync_strategies: tuple[str, ...] = ()
     broadcast_layouts: tuple[str, ...] = BROADCAST_LAYOUTS
     streaming: bool = False
+    pause_modes: tuple[str, ...] = ()
+    recompute_on_resume: bool = False
+    token_versions: bool = False
+
+    def __post_init__(self) -> None:
+        wrong = [m for m in self.pause_modes if m not in NATIVE_PAUSE_MODES]
+        if wrong:
+            raise ValueError(f"pause_modes {wrong}: list 'abort' or 'wait' there (the pause mode 'keep' is "
+                             f"declared by native_pause)")
+
+    def pauses_natively(self, mode: str) -> bool:
+        """Whether the engine's own pause hook performs ``mode``."""
+        return self.native_pause if mode == "keep" else mode in self.pause_modes
 
     @property
     def sleep(self) -> bool:
@@ -75,7 +102,9 @@ class Capabilities:
             value = getattr(self, f.name)
             if f.name in ("discards_weights_at_level", "max_top_logprobs", "broadcast_layouts"):
                 continue
-            if f.name == "sleep_levels" and value:
+            if f.name == "pause_modes" and value:
+                present.append("native_pause_modes(" + ",".join(value) + ")")
+            elif f.name == "sleep_levels" and value:
                 present.append("sleep(levels " + ",".join(map(str, value)) + ")")
             elif f.name == "weight_sync_strategies" and value:
                 present.append("weight_sync(" + ",".join(value) + ")")
@@ -156,6 +185,20 @@ PREFIX_CACHING = _flag("prefix_caching")
 ABORT = _flag("abort")
 NATIVE_PAUSE = _flag("native_pause")
 STREAMING = _flag("streaming")
+RECOMPUTE_ON_RESUME = _flag("recompute_on_resume", NATIVE_PAUSE)
+TOKEN_VERSIONS = _flag("token_versions")
+
+
+def pause_mode(mode: str, recompute: bool = False) -> Requirement:
+    """What pausing in ``mode`` needs of an engine facade: ``abort`` needs abort, ``wait`` nothing,
+    ``keep`` the native pause (and ``recompute_on_resume`` with ``recompute``)."""
+    if mode == "keep":
+        return RECOMPUTE_ON_RESUME if recompute else NATIVE_PAUSE
+    if mode == "abort":
+        return ABORT
+    if mode == "wait":
+        return Requirement("pause_mode:wait", lambda caps: True, label="pause mode 'wait'")
+    raise ValueError(f"{mode!r} is not a pause mode; use one of {list(PAUSE_MODE_NAMES)}")
 
 
 def sleep_level(level: int) -> Requirement:
@@ -232,7 +275,8 @@ HOOKS_BY_REQUIREMENT: dict[Requirement, tuple[str, ...]] = {
     SLEEP: ("skyrl_backends_sleep", "skyrl_backends_wake_up"),
     LORA: ("skyrl_backends_load_lora_adapter", "skyrl_backends_unload_lora_adapter"),
     ABORT: ("skyrl_backends_abort",),
-    NATIVE_PAUSE: ("skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
+    Requirement("pause_modes", lambda caps: caps.native_pause or bool(caps.pause_modes)): (
+        "skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
     PREFIX_CACHING: ("skyrl_backends_reset_prefix_cache",),
     STREAMING: ("skyrl_backends_generate_stream",),
 }
@@ -262,8 +306,8 @@ def receives_packed_broadcast(caps: Capabilities | None) -> bool:
 
 __all__ = [
     "ABORT", "BROADCAST_LAYOUTS", "DISCARDS_WEIGHTS", "HOOKS_BY_REQUIREMENT", "LORA", "MIN_NEW_TOKENS", "MIN_P",
-    "NATIVE_PAUSE", "PARAMETER_REQUIREMENTS", "PREFIX_CACHING", "REPETITION_PENALTY", "REQUIRED_HOOKS",
-    "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS", "STOP_STRINGS", "STREAMING", "TOP_LOGPROBS", "Capabilities",
-    "Requirement", "broadcast_layouts_of", "check_sampling", "missing", "missing_hooks", "receives_packed_broadcast",
-    "require", "sleep_level", "weight_sync",
+    "NATIVE_PAUSE", "NATIVE_PAUSE_MODES", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING",
+    "RECOMPUTE_ON_RESUME", "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS",
+    "STOP_STRINGS", "STREAMING", "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement", "broadcast_layouts_of", "check_sampling",
+    "missing", "missing_hooks", "pause_mode", "receives_packed_broadcast", "require", "sleep_level", "weight_sync",
 ]

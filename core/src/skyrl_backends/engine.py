@@ -11,7 +11,11 @@ cannot drift between engines:
   name against the engine's parameters, and in-process tensors against that declaration
   (:mod:`skyrl_backends.weight_sync.delivery`), before anything is applied (atomic updates);
 * bookkeeping: ``n > 1`` expansion with per-sample seeds, request ids, in-flight tracking so sleep
-  can abort and drain, the weight version stamped on every completion, loaded LoRA adapters.
+  can abort and drain, loaded LoRA adapters;
+* pausing and weight versions: the three pause modes on every backend (natively where the backend
+  does them, emulated otherwise; new requests wait at an admission gate until resume), and the
+  weight version of every token (the backend's labels, checked, or for a backend that does not
+  label, the admission version, kept exact by applying no update under its requests).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from skyrl_backends.errors import (
     WeightUpdateError,
     closest_match,
 )
+from skyrl_backends.pausing import AdmissionGate
 from skyrl_backends.registration import engine_manager
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
@@ -46,11 +51,15 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
+    check_pause_mode,
 )
+from skyrl_backends.version_labels import labelled
 from skyrl_backends.weight_sync.delivery import check_delivered, check_finite, payload_pairs
 from skyrl_backends.weight_sync.manifest import check_broadcast_modes, is_streamed
 
@@ -59,6 +68,14 @@ logger = logging.getLogger(__name__)
 _STREAM_WIND_DOWN_S = 5.0
 # How long teardown waits for requests in flight to return their partial output before stopping.
 _TEARDOWN_DRAIN_S = 5.0
+# How long requests ended by a pause in mode "abort" get to return.
+_ABORT_DRAIN_S = 30.0
+_PAUSE_HINTS = {
+    "keep": "Pause in mode 'abort' or 'wait', or through InferenceEngineClient, which keeps requests of such "
+            "engines by aborting and continuing them.",
+    "abort": "Pause in mode 'wait' (in-flight requests finish) instead.",
+    "wait": "",
+}
 
 
 class InferenceEngine:
@@ -83,7 +100,10 @@ class InferenceEngine:
         self._weights_missing: str | None = None
         self._weights_received_since_missing: set[str] = set()
         self._closed = False
-        self._paused = False
+        self._pause: tuple[str, bool] | None = None  # (mode, recompute) while paused
+        self._gate = AdmissionGate()
+        self._updates = 0  # names the gate holds of updates waiting for in-flight requests
+        self._applying: int | None = None  # the version an update being applied becomes
         self._inflight: dict[str, asyncio.Event] = {}
         self._loras: dict[str, str] = {}
         self._weight_specs: dict[str, TensorSpec] | None = None
@@ -106,7 +126,12 @@ class InferenceEngine:
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self._pause is not None
+
+    @property
+    def pause_mode(self) -> str | None:
+        """The mode of the current pause (None: not paused)."""
+        return self._pause[0] if self._pause is not None else None
 
     @property
     def lora_adapters(self) -> dict[str, str]:
@@ -160,28 +185,54 @@ class InferenceEngine:
         sampling parameters (and GenerateRequest's other fields as keywords)."""
         request, batches = self._admit(request, sampling_params, request_fields)
         params = request.sampling_params
-        version = self.weight_version
         all_ids = [rid for b, _ in batches for rid in b.request_ids]
+        aborted = await self._enter(all_ids)
+        # Nothing awaits from here to the registration below: an update barrier or a pause that
+        # closes the gate now sees these requests in flight.
+        version = self.weight_version
         events = {rid: asyncio.Event() for rid in all_ids}
         self._inflight.update(events)
         try:
-            outputs = await asyncio.gather(*(self._call("skyrl_backends_generate", request=b, engine_params=e)
-                                             for b, e in batches))
+            outputs = await asyncio.gather(*(self._generate_batch(b, e, aborted) for b, e in batches))
         finally:
             for rid in all_ids:
                 self._inflight.pop(rid, None)
                 events[rid].set()
         completions: list[Completion] = []
         for (batch, _), output in zip(batches, outputs):
-            if not isinstance(output, GenerateOutput) or len(output) != len(batch):
-                got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
-                raise EngineStateError(
-                    f"backend {self.backend!r} returned {got} completions for {len(batch)} prompts")
-            for completion, rid in zip(output.completions, batch.request_ids):
+            for completion, rid in zip(output, batch.request_ids):
                 completion.request_id = completion.request_id or rid
-                completion.weight_version = version
-            completions.extend(output.completions)
+                completion.token_versions = self._versions(completion.token_versions, len(completion.token_ids),
+                                                           version, f"the completion of {rid}")
+            completions.extend(output)
         return GenerateOutput(_sample_major(completions, len(request), params.n))
+
+    async def _generate_batch(self, batch: GenerateRequest, engine_params: Any, aborted: set[str]) -> list[Completion]:
+        """One expanded batch through the generate hook; prompts aborted while waiting at the gate
+        get an empty aborted completion instead."""
+        admitted = [i for i, rid in enumerate(batch.request_ids) if rid not in aborted]
+        completions: list[Completion | None] = [None] * len(batch)
+        if admitted:
+            sub = batch if len(admitted) == len(batch) else batch.subset(admitted)
+            output = await self._call("skyrl_backends_generate", request=sub, engine_params=engine_params)
+            if not isinstance(output, GenerateOutput) or len(output) != len(sub):
+                got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
+                raise EngineStateError(f"backend {self.backend!r} returned {got} completions for {len(sub)} prompts")
+            for i, completion in zip(admitted, output.completions):
+                completions[i] = completion
+        return [c if c is not None else _aborted_unstarted(rid) for c, rid in zip(completions, batch.request_ids)]
+
+    async def _enter(self, request_ids: list[str]) -> set[str]:
+        """Pass the admission gate (waiting while paused); returns the ids aborted while waiting."""
+        aborted = await self._gate.enter(request_ids)
+        self._check_can_generate()  # the engine may have gone to sleep or closed meanwhile
+        return aborted
+
+    def _versions(self, given: TokenVersions | None, num_tokens: int, admitted: int, what: str) -> TokenVersions:
+        # While an update is applied, a backend may already produce tokens of its version (the hook
+        # has not returned yet, so weight_version is not bumped).
+        newest = max(self.weight_version, self._applying or 0)
+        return labelled(given, num_tokens, admitted, newest, self.capabilities.token_versions, self.backend, what)
 
     def _admit(self, request: GenerateRequest | Sequence[Sequence[int]],
                sampling_params: SamplingParams | Mapping[str, Any] | None,
@@ -213,16 +264,17 @@ class InferenceEngine:
         ``streaming`` capability each completion arrives as that one final chunk. Leaving the loop
         early aborts what still runs (when the backend can abort)."""
         request, batches = self._admit(request, sampling_params, request_fields)
+        all_ids = [rid for b, _ in batches for rid in b.request_ids]
+        aborted = await self._enter(all_ids)
         version = self.weight_version
         streams = _StreamMerger(len(request), request.sampling_params.n, [b for b, _ in batches])
-        all_ids = [rid for b, _ in batches for rid in b.request_ids]
         events = {rid: asyncio.Event() for rid in all_ids}
         self._inflight.update(events)
         queue: asyncio.Queue[tuple[int, StreamChunk | Exception | None]] = asyncio.Queue()
 
         async def pump(number: int, batch: GenerateRequest, engine_params: Any) -> None:
             try:
-                async for chunk in self._batch_stream(batch, engine_params):
+                async for chunk in self._batch_stream(batch, engine_params, aborted):
                     queue.put_nowait((number, chunk))
                 queue.put_nowait((number, None))
             except Exception as error:  # handed to the consumer, which re-raises it
@@ -243,25 +295,30 @@ class InferenceEngine:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                chunk = streams.place(number, item, self.backend)
-                if chunk.completion is not None:
-                    chunk.completion.weight_version = version
-                yield chunk
+                yield streams.place(number, item, self.backend,
+                                    lambda given, count, what: self._versions(given, count, version, what))
             streams.check_complete(self.backend)
         finally:
             await self._end_streams(tasks, [rid for rid in all_ids if rid in self._inflight])
 
-    async def _batch_stream(self, batch: GenerateRequest, engine_params: Any) -> AsyncIterator[StreamChunk]:
-        """One expanded batch's chunks, from the backend's stream or, without one, its final output."""
+    async def _batch_stream(self, batch: GenerateRequest, engine_params: Any,
+                            aborted: set[str]) -> AsyncIterator[StreamChunk]:
+        """One expanded batch's chunks, from the backend's stream or, without one, its final output;
+        prompts aborted while waiting at the gate end at once with nothing generated."""
+        admitted = [i for i, rid in enumerate(batch.request_ids) if rid not in aborted]
+        for index, rid in enumerate(batch.request_ids):
+            if rid in aborted:
+                yield StreamChunk.final(index, _aborted_unstarted(rid))
+        if not admitted:
+            return
+        sub = batch if len(admitted) == len(batch) else batch.subset(admitted)
         if self.capabilities.streaming:
-            async for chunk in self._hooks.skyrl_backends_generate_stream(request=batch, engine_params=engine_params):
+            async for chunk in self._hooks.skyrl_backends_generate_stream(request=sub, engine_params=engine_params):
+                if isinstance(chunk, StreamChunk) and 0 <= chunk.index < len(sub):
+                    chunk.index = admitted[chunk.index]
                 yield chunk
             return
-        output = await self._call("skyrl_backends_generate", request=batch, engine_params=engine_params)
-        if not isinstance(output, GenerateOutput) or len(output) != len(batch):
-            got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
-            raise EngineStateError(f"backend {self.backend!r} returned {got} completions for {len(batch)} prompts")
-        for index, completion in enumerate(output.completions):
+        for index, completion in zip(admitted, await self._generate_batch(sub, engine_params, set())):
             yield StreamChunk.final(index, completion)
 
     async def _end_streams(self, tasks: list[asyncio.Future], unfinished: list[str]) -> None:
@@ -290,21 +347,61 @@ class InferenceEngine:
         reason ``"abort"``."""
         caps.require(self.capabilities, caps.ABORT, self.backend)
         ids = list(request_ids) if request_ids is not None else None
+        self._gate.abort(ids)
         await self._call("skyrl_backends_abort", request_ids=ids)
 
-    async def pause_generation(self) -> None:
-        """Hold in-flight requests between steps until :meth:`resume_generation` (native pause)."""
-        caps.require(self.capabilities, caps.NATIVE_PAUSE, self.backend,
-                     "The engine client pauses such engines by aborting and resubmitting instead.")
-        await self._call("skyrl_backends_pause_generation")
-        self._paused = True
+    async def pause_generation(self, mode: PauseMode = "keep", *, recompute: bool = False) -> None:
+        """Pause generation until :meth:`resume_generation`; in every mode new requests wait.
+
+        * ``"keep"`` (native pause): in-flight requests stay in the engine with their caches and
+          continue on resume; with ``recompute=True`` (capability ``recompute_on_resume``) their
+          caches are recomputed with the weights current at resume.
+        * ``"abort"``: in-flight requests end now with their partial output, finish reason
+          ``"abort"``; returns once their callers have them.
+        * ``"wait"``: in-flight requests run to their end; returns once they have.
+
+        docs/weight-sync.md ("Pause modes") says what each mode means for the log-probabilities of
+        the tokens after a weight update. Pausing again in the same mode does nothing."""
+        check_pause_mode(mode, recompute)
+        self._check_open()
+        caps.require(self.capabilities, caps.pause_mode(mode, recompute), self.backend, _PAUSE_HINTS[mode])
+        if self._pause is not None:
+            if self._pause == (mode, recompute):
+                return
+            raise EngineStateError(f"the engine is already paused in mode {self._pause[0]!r}; "
+                                   "call resume_generation() before pausing in another mode.")
+        self._pause = (mode, recompute)
+        self._gate.close("pause")
+        try:
+            if self.capabilities.pauses_natively(mode):
+                await self._call("skyrl_backends_pause_generation", mode=mode, recompute=recompute)
+            elif mode == "abort" and self._inflight:
+                await self._call("skyrl_backends_abort", request_ids=None)
+            if mode == "abort":
+                try:
+                    await self._drain(_ABORT_DRAIN_S)
+                except TimeoutError:
+                    raise EngineStateError(f"{len(self._inflight)} aborted request(s) did not return within "
+                                           f"{_ABORT_DRAIN_S}s") from None
+            elif mode == "wait":
+                await self._drain(None)
+        except BaseException:
+            self._pause = None
+            self._gate.open("pause")
+            raise
 
     async def resume_generation(self) -> None:
-        caps.require(self.capabilities, caps.NATIVE_PAUSE, self.backend)
-        await self._call("skyrl_backends_resume_generation")
-        self._paused = False
+        """End the pause: kept requests continue, waiting requests are admitted. Resuming an
+        engine that is not paused does nothing."""
+        self._check_open()
+        if self._pause is None:
+            return
+        if self.capabilities.pauses_natively(self._pause[0]):
+            await self._call("skyrl_backends_resume_generation")
+        self._pause = None
+        self._gate.open("pause")
 
-    async def _drain(self, timeout: float) -> None:
+    async def _drain(self, timeout: float | None) -> None:
         events = list(self._inflight.values())
         if events:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
@@ -334,7 +431,7 @@ class InferenceEngine:
                 await self._call("skyrl_backends_abort", request_ids=None)
             try:
                 await self._drain(drain_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EngineStateError(
                     f"{len(self._inflight)} request(s) still running after {drain_timeout}s; "
                     "sleep refused. Abort them or raise drain_timeout.") from None
@@ -425,8 +522,28 @@ class InferenceEngine:
         self._validate_weight_update(request)
         if request.check_finite and request.strategy == "tensors":  # transported values: their receiver checks
             await asyncio.to_thread(check_finite, payload_pairs(request))
+        if self.capabilities.token_versions or not self._inflight:
+            return await self._apply_update(request)
+        # The backend cannot say which tokens the new weights produced: no request may span the update.
+        if self._pause is not None and self._pause[0] == "keep":
+            raise EngineStateError(
+                f"backend {self.backend!r} does not label tokens with weight versions (capability "
+                f"'token_versions'), so an update cannot land under the {len(self._inflight)} request(s) this "
+                f"'keep' pause holds. Pause in mode 'abort' or 'wait' before updating, or go through "
+                f"InferenceEngineClient, which keeps requests of such engines by aborting and continuing them.")
+        self._updates += 1
+        holder = f"update-{self._updates}"
+        self._gate.close(holder)
         try:
-            await self._call("skyrl_backends_update_named_weights", request=request)
+            await self._drain(None)
+            return await self._apply_update(request)
+        finally:
+            self._gate.open(holder)
+
+    async def _apply_update(self, request: WeightUpdateRequest) -> int:
+        self._applying = self.weight_version + 1
+        try:
+            await self._call("skyrl_backends_update_named_weights", request=request, version=self._applying)
         except Exception as exc:
             if is_streamed(request):  # some buckets may be applied: never serve the mix
                 self._mark_weights_missing(
@@ -434,6 +551,8 @@ class InferenceEngine:
                     f"may hold a mix of old and new weights. If its broadcast group broke, reconnect it "
                     f"(connect_broadcast).")
             raise
+        finally:
+            self._applying = None
         self.weight_version += 1
         if self._weights_missing is not None:
             self._weights_received_since_missing.update(request.names)
@@ -490,6 +609,7 @@ class InferenceEngine:
         if self._closed:
             return
         self._closed = True
+        self._gate.release_all()  # waiting requests find the engine closed
         if self._inflight:
             if caps.ABORT(self.capabilities):
                 with contextlib.suppress(Exception):  # stopping goes ahead whatever the abort does
@@ -532,9 +652,13 @@ class _StreamMerger:
         self.batches = batches
         self.offsets = [sum(len(b) for b in batches[:i]) for i in range(len(batches))]
         self.sent: dict[int, list[int]] = {}
+        self.versions: dict[int, TokenVersions] = {}
         self.finished: set[int] = set()
 
-    def place(self, number: int, chunk: StreamChunk, backend: str) -> StreamChunk:
+    def place(self, number: int, chunk: StreamChunk, backend: str,
+              label: Any) -> StreamChunk:
+        """``chunk`` with its index in ``generate``'s order and its (and its completion's) token
+        versions checked by ``label(given, num_tokens, what)``."""
         batch = self.batches[number]
         if not isinstance(chunk, StreamChunk) or not 0 <= chunk.index < len(batch):
             raise EngineStateError(f"backend {backend!r} streamed {chunk!r} for a batch of {len(batch)} prompts")
@@ -545,13 +669,23 @@ class _StreamMerger:
             raise EngineStateError(f"backend {backend!r} streamed tokens after the final chunk of prompt {index}")
         tokens = self.sent.setdefault(index, [])
         tokens.extend(chunk.token_ids)
+        rid = batch.request_ids[chunk.index]
+        chunk.token_versions = label(chunk.token_versions, len(chunk.token_ids), f"a stream chunk of {rid}")
+        versions = self.versions[index] = self.versions.get(index, TokenVersions((), 0)).concat(chunk.token_versions)
         if chunk.completion is not None:
             self.finished.add(index)
-            if list(chunk.completion.token_ids) != tokens:
+            completion = chunk.completion
+            if list(completion.token_ids) != tokens:
                 raise EngineStateError(
                     f"backend {backend!r}: the streamed tokens of prompt {index} ({len(tokens)}) are not its "
-                    f"completion's ({len(chunk.completion.token_ids)})")
-            chunk.completion.request_id = chunk.completion.request_id or batch.request_ids[chunk.index]
+                    f"completion's ({len(completion.token_ids)})")
+            completion.token_versions = label(completion.token_versions, len(completion.token_ids),
+                                              f"the completion of {rid}")
+            if versions.length and completion.token_versions.runs != versions.runs:
+                raise EngineStateError(
+                    f"backend {backend!r}: the streamed token versions of prompt {index} {versions.to_json()} are not "
+                    f"its completion's {completion.token_versions.to_json()}")
+            completion.request_id = completion.request_id or rid
         chunk.index = index
         return chunk
 
@@ -559,6 +693,11 @@ class _StreamMerger:
         missing = self.num_prompts * self.n - len(self.finished)
         if missing:
             raise EngineStateError(f"backend {backend!r} ended its stream without {missing} final completion(s)")
+
+
+def _aborted_unstarted(request_id: str) -> Completion:
+    """A request aborted before the engine saw it (while it waited at the admission gate)."""
+    return Completion(token_ids=[], finish_reason="abort", request_id=request_id, text="")
 
 
 def _check_tags(tags: Sequence[str] | None) -> list[str]:

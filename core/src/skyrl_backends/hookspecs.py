@@ -101,7 +101,14 @@ class EngineHookSpecs:
         is what the backend's ``skyrl_backends_translate_sampling_params`` made of
         ``request.sampling_params``, translated once by the facade. A prompt aborted through
         ``skyrl_backends_abort`` returns the tokens generated so far with finish reason ``"abort"``;
-        it never raises."""
+        it never raises.
+
+        Weight versions: a backend that declares ``token_versions`` sets each completion's
+        ``token_versions``, the version of the weights whose forward pass chose each token (the
+        ``version`` of the last ``skyrl_backends_update_named_weights`` applied before that forward;
+        0 before any). Others leave it None and the facade stamps the version the request was
+        admitted under, which is exact for them because the facade applies no update under their
+        requests (see ``skyrl_backends_update_named_weights``)."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_generate_stream(self, request: GenerateRequest,
@@ -119,7 +126,12 @@ class EngineHookSpecs:
         would return it, whose ``token_ids`` are that prompt's chunk tokens concatenated): a token
         once handed out is never taken back, so hold back any a stop string might still cut. An
         aborted prompt ends with its partial completion, finish reason ``"abort"``. If the consumer
-        stops early, the generator is closed: end the requests it still runs."""
+        stops early, the generator is closed: end the requests it still runs.
+
+        With ``token_versions`` declared, each chunk's ``token_versions`` labels its tokens, and the
+        chunks' labels concatenated are the completion's. Hand a token out only once its version is
+        known: an engine that reports versions only with a request's end holds back the tokens of a
+        request that a weight update overtook, until its final chunk."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_abort(self, request_ids: list[str] | None) -> None:
@@ -127,14 +139,31 @@ class EngineHookSpecs:
         partial output with finish reason ``"abort"``."""
 
     @hookspec(firstresult=True)
-    def skyrl_backends_pause_generation(self) -> None:
-        """Stop scheduling new decode steps, keeping in-flight requests and their caches (async).
-        Only called when the backend declares ``native_pause``."""
+    def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
+        """Pause generation in ``mode`` (async). Called with ``"keep"`` when the backend declares
+        ``native_pause``, and with ``"abort"`` or ``"wait"`` only if it lists them in
+        ``Capabilities.pause_modes`` (the facade does them itself otherwise); in every mode the
+        facade holds new requests back until resume, so the engine receives none while paused.
+
+        * ``"keep"``: stop between decode steps. In-flight requests stay, with their caches, and
+          continue on resume. When this returns no forward pass is running and none starts before
+          ``skyrl_backends_resume_generation``, so a weight update applied meanwhile changes no
+          token already chosen and every token chosen after resume comes from the new weights.
+          With ``recompute=True`` (called only when ``recompute_on_resume`` is declared) the kept
+          requests' caches are recomputed with the weights current at resume, before their next
+          token: from then on each request continues exactly as a fresh prefill of its prompt and
+          tokens so far would under those weights.
+        * ``"abort"``: end every in-flight request; each returns its partial output with finish
+          reason ``"abort"`` (the facade waits for them to return).
+        * ``"wait"``: let every in-flight request run to its end (the facade waits for them).
+
+        An implementation written before modes existed takes neither argument and is called with
+        ``"keep"`` only."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_resume_generation(self) -> None:
-        """Resume decoding after ``skyrl_backends_pause_generation`` (async); held requests continue
-        from where they stopped, with their caches."""
+        """Resume decoding after ``skyrl_backends_pause_generation`` (async); requests held by
+        ``"keep"`` continue from where they stopped (with their caches, or recomputed ones)."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_sleep(self, tags: list[str], level: int) -> None:
@@ -156,7 +185,7 @@ class EngineHookSpecs:
         """Join the trainer's process group for broadcast weight sync (async)."""
 
     @hookspec(firstresult=True)
-    def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+    def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest, version: int) -> None:
         """Load the weights of an already validated request and invalidate the prefix cache (async).
         Validated means: the declared names, shapes and dtypes match ``weight_specs``, and in-process
         tensors (``"tensors"``) match that declaration (their values too with ``check_finite``);
@@ -165,7 +194,17 @@ class EngineHookSpecs:
         Must be all-or-nothing: if it fails, the previous weights stay in place. The exception is a
         broadcast the trainer sent ``apply="streamed"``, loaded bucket by bucket as it arrives
         (``skyrl_backends.weight_sync.load_named_tensors`` does both); if it fails partway, the
-        facade refuses generation until every weight has been pushed again."""
+        facade refuses generation until every weight has been pushed again.
+
+        ``version`` is the weight version these weights become (the facade's ``weight_version``
+        once the update succeeds). A backend that declares ``token_versions`` labels every token
+        chosen from a forward pass that ran after this update with ``version`` and every token
+        chosen before it with the previous version, exactly, whether or not generation is paused
+        (an engine that cannot load weights between two decode steps pauses itself around the
+        update); it adopts ``version`` only when the update succeeded. The facade calls this hook
+        of a backend without ``token_versions`` only when no request is in flight. Requests that a
+        ``"keep"`` pause holds keep their caches (recomputed on resume if the pause said so); cache
+        entries of the old weights are never matched by a request admitted after the update."""
 
     @hookspec(firstresult=True)
     def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:

@@ -24,6 +24,7 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
@@ -62,7 +63,11 @@ class Engine(Protocol):
 
     async def abort(self, request_ids: Sequence[str] | None = None) -> None: ...
 
-    async def pause_generation(self) -> None: ...
+    async def pause_generation(self, mode: PauseMode = "keep", *, recompute: bool = False) -> None:
+        """Pause: ``"abort"`` ends in-flight requests with their partial output, ``"wait"`` lets
+        them finish, ``"keep"`` freezes them (with ``recompute``, their caches are recomputed with the
+        new weights on resume); new requests wait until :meth:`resume_generation`."""
+        ...
 
     async def resume_generation(self) -> None: ...
 

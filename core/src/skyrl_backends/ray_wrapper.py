@@ -34,6 +34,7 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
@@ -83,8 +84,8 @@ class RayWrappedInferenceEngine:
     async def abort(self, request_ids: Sequence[str] | None = None) -> None:
         await self.engine.abort(request_ids)
 
-    async def pause_generation(self) -> None:
-        await self.engine.pause_generation()
+    async def pause_generation(self, mode: PauseMode = "keep", *, recompute: bool = False) -> None:
+        await self.engine.pause_generation(mode, recompute=recompute)
 
     async def resume_generation(self) -> None:
         await self.engine.resume_generation()
@@ -126,6 +127,7 @@ class RayWrappedInferenceEngine:
         engine = self.engine
         return {"weight_version": engine.weight_version, "asleep": sorted(engine.asleep_tags),
                 "weights_loaded": engine.weights_loaded, "closed": engine.closed, "paused": engine.paused,
+                "pause_mode": engine.pause_mode,
                 "num_inflight": engine.num_inflight, "lora_adapters": engine.lora_adapters}
 
     async def teardown(self) -> None:
@@ -199,8 +201,8 @@ class RayEngineProxy:
     async def abort(self, request_ids: Sequence[str] | None = None) -> None:
         await self._call("abort", list(request_ids) if request_ids is not None else None)
 
-    async def pause_generation(self) -> None:
-        await self._call("pause_generation")
+    async def pause_generation(self, mode: PauseMode = "keep", *, recompute: bool = False) -> None:
+        await self._call("pause_generation", mode, recompute=recompute)
 
     async def resume_generation(self) -> None:
         await self._call("resume_generation")

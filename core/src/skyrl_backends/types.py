@@ -21,6 +21,21 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
 MemoryTag = Literal["weights", "kv_cache"]
 MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache")
 
+# What pause_generation does with the requests in flight (docs/weight-sync.md, "Pause modes"):
+# "abort" ends them with their partial output, "wait" lets them finish, "keep" freezes them with
+# their caches until resume. Every mode admits no new request until resume.
+PauseMode = Literal["abort", "wait", "keep"]
+PAUSE_MODES: tuple[str, ...] = ("abort", "wait", "keep")
+
+
+def check_pause_mode(mode: str, recompute: bool = False) -> None:
+    """Raise :class:`ConfigError` for a pause mode that does not exist, or ``recompute`` outside
+    ``keep`` (only kept requests have caches to recompute)."""
+    if mode not in PAUSE_MODES:
+        raise ConfigError("mode", f"{mode!r} is not a pause mode; use one of {list(PAUSE_MODES)}.")
+    if recompute and mode != "keep":
+        raise ConfigError("recompute", f"applies to mode 'keep' only (mode {mode!r} keeps no request).")
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
@@ -108,6 +123,114 @@ def _is_list_like(value: object) -> bool:
     return hasattr(value, "__iter__") and not isinstance(value, (str, bytes, Mapping))
 
 
+@dataclass(frozen=True)
+class TokenVersions:
+    """Which weight version produced each token of a sequence, run-length encoded.
+
+    ``runs[k] = (start, version)``: the tokens from ``start`` up to the next run's start (or to
+    ``length``) were produced by the weights of ``version`` (``InferenceEngine.weight_version``
+    after the update that loaded them; 0 for the weights the engine started with). Runs start at 0,
+    their starts increase, neighbours differ in version and every start lies below ``length``; a
+    sequence of no tokens may keep the single run ``(0, version)``, the version it ran under.
+
+    ``TokenVersions.uniform(5, 3)`` is ``runs=((0, 3),)``; a completion whose first 17 tokens came
+    from version 3 and the rest from version 4 has ``runs=((0, 3), (17, 4))``.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+    length: int
+
+    def __post_init__(self) -> None:
+        runs = tuple((int(start), int(version)) for start, version in self.runs)
+        object.__setattr__(self, "runs", runs)
+        if self.length < 0:
+            raise ValueError(f"length must be >= 0, got {self.length}")
+        if not runs:
+            if self.length:
+                raise ValueError(f"{self.length} token(s) without a version")
+            return
+        if runs[0][0] != 0:
+            raise ValueError(f"the first run must start at token 0, not {runs[0][0]}")
+        for (start, version), (next_start, next_version) in zip(runs, runs[1:]):
+            if next_start <= start:
+                raise ValueError(f"run starts must increase: {start} then {next_start}")
+            if next_version == version:
+                raise ValueError(f"neighbouring runs at {start} and {next_start} have the same version {version}")
+        if runs[-1][0] >= self.length and not (self.length == 0 and len(runs) == 1):
+            raise ValueError(f"a run starts at token {runs[-1][0]} of {self.length}")
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, length: int, version: int) -> TokenVersions:
+        """``length`` tokens, all of ``version``."""
+        return cls(((0, version),), length)
+
+    @classmethod
+    def from_per_token(cls, versions: Sequence[int]) -> TokenVersions:
+        """From one version per token."""
+        runs: list[tuple[int, int]] = []
+        for index, version in enumerate(versions):
+            if not runs or runs[-1][1] != version:
+                runs.append((index, int(version)))
+        return cls(tuple(runs), len(versions))
+
+    @classmethod
+    def from_json(cls, runs: Sequence[Sequence[int]], length: int) -> TokenVersions:
+        """The inverse of :meth:`to_json`, given the number of tokens."""
+        return cls(tuple((int(start), int(version)) for start, version in runs), length)
+
+    def to_json(self) -> list[list[int]]:
+        """``[[start, version], ...]``: the form HTTP responses carry."""
+        return [[start, version] for start, version in self.runs]
+
+    def concat(self, other: TokenVersions) -> TokenVersions:
+        """This sequence's tokens followed by ``other``'s."""
+        if not other.length:
+            return self if self.runs or not other.runs else other
+        if not self.length:
+            return other
+        runs = list(self.runs)
+        for start, version in other.runs:
+            if runs[-1][1] != version:
+                runs.append((self.length + start, version))
+        return TokenVersions(tuple(runs), self.length + other.length)
+
+    def slice(self, start: int, end: int | None = None) -> TokenVersions:
+        """The versions of tokens ``start`` to ``end`` (as ``token_ids[start:end]``)."""
+        stop = self.length if end is None else max(start, min(end, self.length))
+        start = min(max(start, 0), stop)
+        if start == stop:
+            return TokenVersions((), 0)
+        runs = [(max(s, start) - start, v) for k, (s, v) in enumerate(self.runs)
+                if s < stop and (k + 1 == len(self.runs) or self.runs[k + 1][0] > start)]
+        return TokenVersions(tuple(runs), stop - start)
+
+    # -- reading -------------------------------------------------------------------------------
+    def per_token(self) -> list[int]:
+        """One version per token."""
+        out: list[int] = []
+        for k, (start, version) in enumerate(self.runs):
+            end = self.runs[k + 1][0] if k + 1 < len(self.runs) else self.length
+            out.extend([version] * (end - start))
+        return out
+
+    def at(self, index: int) -> int:
+        """The version of token ``index``."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"token {index} of {self.length}")
+        return next(v for s, v in reversed(self.runs) if s <= index)
+
+    @property
+    def oldest(self) -> int | None:
+        """The oldest version among the tokens (None: no version known)."""
+        return min((v for _, v in self.runs), default=None)
+
+    @property
+    def newest(self) -> int | None:
+        """The newest version among the tokens (None: no version known)."""
+        return max((v for _, v in self.runs), default=None)
+
+
 @dataclass
 class Completion:
     """One generated sequence.
@@ -116,6 +239,11 @@ class Completion:
     underlying model (raw logits, before temperature and truncation), so it matches a
     teacher-forced forward pass of the same weights. ``top_logprobs[i]`` maps the top-N token ids
     at step ``i`` to their log-probabilities.
+
+    ``token_versions`` says which weight version produced each token (set on every completion the
+    engine facade returns; a weight update while the request ran gives it several runs).
+    ``oldest_version`` and ``newest_version`` are its extremes; ``weight_version`` is the newest,
+    the version the completion finished under.
     """
 
     token_ids: list[int]
@@ -125,11 +253,26 @@ class Completion:
     text: str | None = None
     stop_reason: str | int | None = None
     request_id: str | None = None
-    weight_version: int = 0
+    token_versions: TokenVersions | None = None
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
+    @property
+    def oldest_version(self) -> int | None:
+        """The oldest weight version that produced a token of this completion."""
+        return self.token_versions.oldest if self.token_versions is not None else None
+
+    @property
+    def newest_version(self) -> int | None:
+        """The newest weight version that produced a token of this completion."""
+        return self.token_versions.newest if self.token_versions is not None else None
+
+    @property
+    def weight_version(self) -> int | None:
+        """The version the completion finished under (its newest); see ``token_versions``."""
+        return self.newest_version
 
 
 @dataclass
@@ -172,8 +315,9 @@ class StreamChunk:
     (prompt-major, ``n`` samples per prompt). ``token_ids`` are the tokens new since the previous
     chunk of that index (possibly none), with their ``logprobs``/``top_logprobs`` when requested.
     The last chunk of an index carries ``completion``, the authoritative result: its ``token_ids``
-    are every chunk's tokens concatenated, and finish reason, stop reason, text and weight version
-    live only there.
+    are every chunk's tokens concatenated, and finish reason, stop reason and text live only there.
+    ``token_versions`` covers this chunk's ``token_ids`` (runs start at the chunk's first token);
+    the chunks' versions concatenated are the completion's ``token_versions``.
     """
 
     index: int
@@ -181,6 +325,7 @@ class StreamChunk:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     completion: Completion | None = None
+    token_versions: TokenVersions | None = None
 
     @property
     def finished(self) -> bool:
@@ -195,6 +340,7 @@ class StreamChunk:
             logprobs=None if completion.logprobs is None else list(completion.logprobs[start:]),
             top_logprobs=None if completion.top_logprobs is None else list(completion.top_logprobs[start:]),
             completion=completion,
+            token_versions=None if completion.token_versions is None else completion.token_versions.slice(start),
         )
 
 

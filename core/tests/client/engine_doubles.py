@@ -46,8 +46,11 @@ class RecordingEngineDouble:
     weight_version: int = 0
 
     def __post_init__(self) -> None:
+        # A native pause here stands for an engine that keeps requests across updates with exact
+        # per-token versions (token_versions), as the client requires to keep them natively.
         self.capabilities = Capabilities(abort=self.abortable, native_pause=self.native_pause, stop_strings=True,
-                                         min_new_tokens=True, weight_sync_strategies=("tensors",))
+                                         min_new_tokens=True, weight_sync_strategies=("tensors",),
+                                         token_versions=self.native_pause)
         self._paused = False
         self._aborted: set[str] = set()
         self._abort_all = 0
@@ -106,9 +109,11 @@ class RecordingEngineDouble:
         else:
             self._aborted.update(request_ids)
 
-    async def pause_generation(self) -> None:
-        self.calls.append(("pause", None))
-        self._paused = True
+    async def pause_generation(self, mode: str = "keep", *, recompute: bool = False) -> None:
+        self.calls.append(("pause", mode))
+        if mode == "abort":
+            self._abort_all += 1
+        self._paused = mode == "keep"
 
     async def resume_generation(self) -> None:
         self.calls.append(("resume", None))
@@ -124,7 +129,8 @@ class RecordingEngineDouble:
         self.calls.append(("update", request.names))
         for name, value in zip(request.names, request.payload):
             self.weights[name] = value
-        return 1
+        self.weight_version += 1
+        return self.weight_version
 
     async def sleep(self, tags: Any = None, level: int = 1, *, abort_first: bool = True,
                     drain_timeout: float = 5.0) -> None:

@@ -91,17 +91,17 @@ def test_adding_an_engine_moves_only_the_sessions_it_takes(aio, local_engines):
     aio.run(main(), 300)
 
 
-@pytest.mark.parametrize("pause_mode", ["auto", "abort"])
-def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement, pause_mode, model_weights):
+@pytest.mark.parametrize("keep_strategy", ["auto", "continue"])
+def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement, keep_strategy, model_weights):
     """64 requests in flight; pause, push weights, resume: none is lost and each has its exact
     length. The weights pushed are the model's own, so every output must equal the uninterrupted
-    one token for token: the pause is invisible. ``abort`` forces the abort-and-resubmit pause."""
+    one token for token: the pause is invisible. ``continue`` forces the abort-and-resubmit pause."""
     batch = prompts(64, length=5)
     # Long enough that a fast engine cannot finish every request before the pause lands.
     lengths = [32 + (i * 5) % 29 for i in range(64)]
 
     async def main():
-        client = InferenceEngineClient(engines, pause_mode=pause_mode)
+        client = InferenceEngineClient(engines, keep_strategy=keep_strategy)
         reference = await asyncio.gather(*(client.generate([p], {"max_generate_length": n, **GREEDY})
                                            for p, n in zip(batch, lengths)))
         tasks = [asyncio.create_task(client.generate([p], {"max_generate_length": n, **GREEDY}))
@@ -109,7 +109,7 @@ def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement,
         await _until_in_flight(client, 64)
         await asyncio.sleep(0.05)
         await client.pause_generation()
-        if pause_mode == "auto":  # natively paused sequences stay in their engines
+        if keep_strategy == "auto":  # natively paused sequences stay in their engines
             assert sum(h["inflight"] for h in client.health().values()) > 0
         if placement == "ray":
             from skyrl_backends.weight_sync import sync_weights
@@ -124,8 +124,14 @@ def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement,
             assert out[0].finish_reason == "length"
             assert len(out[0].token_ids) == n
             assert out[0].token_ids == ref[0].token_ids
+            # Per-token versions survive the engine kind (Ray included) and the continuation's seams.
+            versions = out[0].token_versions
+            assert versions is not None and versions.length == n
+            assert versions.newest - versions.oldest <= 1 and len(versions.runs) <= 2
+        assert any(len(out[0].token_versions.runs) == 2 for out in outs), (
+            "the update landed while requests ran: some completion must span two versions")
         continuations = sum(h["continuations"] for h in client.health().values())
-        if pause_mode == "abort":
+        if keep_strategy == "continue":
             assert continuations > 0, "the pause should have cut requests mid-way"
         else:
             assert continuations == 0

@@ -71,7 +71,7 @@ def test_stream_follows_its_session_and_counts_as_load(aio, local_engines):
 
 def test_pause_by_abort_is_seamless_in_a_stream(aio, engines):
     async def main():
-        client = InferenceEngineClient(engines, pause_mode="abort")
+        client = InferenceEngineClient(engines, keep_strategy="continue")
         params = {"max_generate_length": 96, "logprobs": 0, **GREEDY}
         expected = (await client.generate([PROMPT], params))[0]
         chunks = []

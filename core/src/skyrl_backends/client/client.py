@@ -6,10 +6,12 @@ The trainer talks to this object as it would to one :class:`~skyrl_backends.engi
 * splits a batch across engines and returns completions in the caller's order;
 * routes every prompt with a session id to the engine the consistent-hash ring gives that session,
   and balances the rest by the number of sequences in flight;
-* pauses generation for in-flight weight updates: natively where the engine can pause, otherwise by
-  aborting and resubmitting each sequence as a continuation (see
-  :mod:`skyrl_backends.client.continuation`), otherwise by holding new requests until in-flight ones
-  drain;
+* pauses generation for in-flight weight updates in the three pause modes (``abort``, ``wait``,
+  ``keep``) on every engine: ``keep`` natively where the engine keeps requests and labels their
+  tokens with weight versions, otherwise by aborting and resubmitting each sequence as a
+  continuation (see :mod:`skyrl_backends.client.continuation` and
+  :mod:`skyrl_backends.client.pausing`), otherwise by draining; ``max_staleness`` bounds how many
+  versions one segment of a request may span;
 * fails over: an engine that raises an engine failure (dead Ray actor, torn-down engine, timeout)
   is marked unhealthy and its pending prompts are sent to the others (sessions move to the ring's
   next engine), or fail with :class:`~skyrl_backends.errors.EngineDeadError` when none is left.
@@ -27,11 +29,19 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.client.continuation import Continuation, Decode
 from skyrl_backends.client.hashing import DEFAULT_VIRTUAL_NODES, ConsistentHashRing
+from skyrl_backends.client.pausing import (
+    KeepStrategy,
+    PauseKind,
+    check_keep_strategy,
+    check_max_staleness,
+    pause_kind,
+    stale_segments,
+)
 from skyrl_backends.client.routing import LoadTracker, Router, SessionRouting, reassemble
 from skyrl_backends.client.streaming import merge_streams
 from skyrl_backends.errors import (
@@ -48,15 +58,17 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
+    check_pause_mode,
 )
 
 logger = logging.getLogger(__name__)
 
-PauseMode = Literal["auto", "abort"]
 _ABORT_CALL_TIMEOUT_S = 10.0
 
 
@@ -85,6 +97,8 @@ class _EngineSlot:
     stats: EngineStats = field(default_factory=EngineStats)
     # engine-level request id -> client request id, for the segments running there now
     inflight: dict[str, str] = field(default_factory=dict)
+    # engine-level request id -> the engine's weight version when that segment was submitted
+    started_at: dict[str, int] = field(default_factory=dict)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -111,23 +125,27 @@ class InferenceEngineClient:
     ``request_timeout`` bounds each engine call in seconds (None: unbounded); an engine that
     exceeds it is marked unhealthy and its prompts fail over. ``tokenizer`` (anything with
     ``decode(ids, skip_special_tokens=True)``) or ``decode`` lets continuations re-check stop strings
-    across the seam and decode their text whole. ``pause_mode="abort"`` forces the
-    abort-and-resubmit pause even on engines with a native pause. ``session_load_factor`` (None:
-    strictly sticky) lets a session leave an engine that has more than that factor times the
-    average load in flight (consistent hashing with bounded loads; see ``routing.Router``).
+    across the seam and decode their text whole. ``keep_strategy="continue"`` keeps requests across
+    a ``keep`` pause by abort-and-continue even on engines that could keep them natively.
+    ``max_staleness`` (None: no bound) is how many weight updates one segment of a request may be
+    kept across before it is cut and continued under the new weights (0: every update cuts every
+    request in flight). ``session_load_factor`` (None: strictly sticky) lets a session leave an
+    engine that has more than that factor times the average load in flight (consistent hashing with
+    bounded loads; see ``routing.Router``).
     """
 
     def __init__(self, engines: Sequence[Engine], *, request_timeout: float | None = None,
-                 session_routing: SessionRouting = "consistent_hash", pause_mode: PauseMode = "auto",
-                 tokenizer: Any = None, decode: Decode | None = None,
+                 session_routing: SessionRouting = "consistent_hash", keep_strategy: KeepStrategy = "auto",
+                 max_staleness: int | None = None, tokenizer: Any = None, decode: Decode | None = None,
                  virtual_nodes: int = DEFAULT_VIRTUAL_NODES, max_failovers: int | None = None,
                  session_load_factor: float | None = None) -> None:
-        if pause_mode not in ("auto", "abort"):
-            raise ValueError(f"pause_mode must be 'auto' or 'abort', got {pause_mode!r}")
+        check_keep_strategy(keep_strategy)
+        check_max_staleness(max_staleness)
         if request_timeout is not None and request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout!r}")
         self.request_timeout = request_timeout
-        self.pause_mode = pause_mode
+        self.keep_strategy = keep_strategy
+        self.max_staleness = max_staleness
         if decode is None and tokenizer is not None:
             decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self._decode = decode
@@ -138,9 +156,14 @@ class InferenceEngineClient:
         self._router = Router(self._ring, self._load, session_routing, session_load_factor=session_load_factor)
         self._max_failovers = max_failovers
         self._closed = False
-        # Pause state. New requests and continuations wait while paused; ``_state_changed`` is set
-        # (and replaced) whenever pause or abort state changes, waking every waiter.
+        # Pause state. New requests and continuations wait while paused (and while an update cuts
+        # stale segments); ``_state_changed`` is set (and replaced) whenever pause or abort state
+        # changes, waking every waiter. ``_paused_as`` says how each engine was paused.
         self._paused = False
+        self._pause: tuple[str, bool] | None = None
+        self._paused_as: dict[str, PauseKind] = {}
+        self._holding_for_update = 0
+        self._stale_cut: set[str] = set()  # engine request ids cut by max_staleness, to be continued
         self._fallback_pauses = 0
         self._state_changed = asyncio.Event()
         self._abort_epoch = 0
@@ -315,13 +338,15 @@ class InferenceEngineClient:
         return await self._generate_routed(request, client_ids, epoch, attempts + 1)
 
     def _should_continue(self, segment: _Segment, completion: Completion, client_rid: str) -> bool:
-        """An aborted sequence is resubmitted when the client's pause (not the caller) aborted it,
-        or when its engine was torn down under it."""
+        """An aborted sequence is resubmitted when the client's pause or its staleness bound (not
+        the caller) aborted it, or when its engine was torn down under it."""
         if completion.finish_reason != "abort":
             return False
+        cut_for_staleness = completion.request_id in self._stale_cut
+        self._stale_cut.discard(completion.request_id or "")
         if self._is_user_aborted(client_rid, segment.abort_epoch):
             return False
-        if self._fallback_pauses != segment.fallback_pauses:
+        if cut_for_staleness or self._fallback_pauses != segment.fallback_pauses:
             return True
         return bool(getattr(segment.slot.engine, "closed", False))
 
@@ -389,14 +414,16 @@ class InferenceEngineClient:
         await self._wait_while_paused(client_ids, epoch)
         if all(self._is_user_aborted(rid, epoch) for rid in client_ids):
             segment = _Segment(slot, request, client_ids, epoch, self._fallback_pauses)
-            return segment, GenerateOutput(_empty_aborted(request))
+            return segment, GenerateOutput(_empty_aborted(request, _version_of(slot.engine)))
         # From here to the engine call nothing awaits, so a pause either came before (and we waited)
         # or sees these ids in ``slot.inflight`` and aborts them.
         segment = _Segment(slot, request, client_ids, epoch, self._fallback_pauses)
         n = request.sampling_params.n
         engine_ids = _engine_request_ids(request)
+        version = _version_of(slot.engine)
         for k, engine_rid in enumerate(engine_ids):
             slot.inflight[engine_rid] = client_ids[k // n]
+            slot.started_at[engine_rid] = version
         self._load.add(slot.engine_id, len(engine_ids))
         slot.stats.sequences_submitted += len(engine_ids)
         try:
@@ -416,6 +443,7 @@ class InferenceEngineClient:
         finally:
             for engine_rid in engine_ids:
                 slot.inflight.pop(engine_rid, None)
+                slot.started_at.pop(engine_rid, None)
             self._load.done(slot.engine_id, len(engine_ids))
         if not isinstance(output, GenerateOutput) or len(output) != len(engine_ids):
             got = len(output) if isinstance(output, GenerateOutput) else type(output).__name__
@@ -431,7 +459,7 @@ class InferenceEngineClient:
         :meth:`generate` returns for the same request (prompt-major, ``n`` per prompt). Each prompt
         streams from the engine its session (sticky) or the load picks.
 
-        A pause by abort (engines without a native pause, or ``pause_mode="abort"``) is seamless:
+        A ``keep`` pause by abort (engines that cannot keep requests, or ``keep_strategy="continue"``) is seamless:
         the aborted segment's tokens have been relayed, the sequence waits for resume and goes on as
         a continuation on the same stream, whose last chunk carries the assembled completion
         (``max_generate_length`` tokens unless a stop condition ends it earlier). Unlike
@@ -455,7 +483,8 @@ class InferenceEngineClient:
             async for first, chunk in self._stream_call(None, request, client_rid, epoch):
                 if chunk.completion is not None and self._should_continue(first, chunk.completion, client_rid):
                     to_continue.append((chunk.index, chunk.completion))
-                    chunk = StreamChunk(chunk.index, chunk.token_ids, chunk.logprobs, chunk.top_logprobs)
+                    chunk = StreamChunk(chunk.index, chunk.token_ids, chunk.logprobs, chunk.top_logprobs,
+                                        token_versions=chunk.token_versions)
                 yield chunk
             if to_continue and first is not None:
                 sequels = [self._stream_sequel(first, sample, completion, epoch) for sample, completion in to_continue]
@@ -476,12 +505,14 @@ class InferenceEngineClient:
             slot = self._pick_engine(session_id)
         segment = _Segment(slot, request, [client_rid], epoch, self._fallback_pauses)
         if self._is_user_aborted(client_rid, epoch):
-            for index, completion in enumerate(_empty_aborted(request)):
+            for index, completion in enumerate(_empty_aborted(request, _version_of(slot.engine))):
                 yield segment, StreamChunk.final(index, completion)
             return
         engine_ids = _engine_request_ids(request)
+        version = _version_of(slot.engine)
         for engine_rid in engine_ids:
             slot.inflight[engine_rid] = client_rid
+            slot.started_at[engine_rid] = version
         self._load.add(slot.engine_id, len(engine_ids))
         slot.stats.sequences_submitted += len(engine_ids)
         finished = 0
@@ -492,6 +523,7 @@ class InferenceEngineClient:
                     finished += 1
                     slot.stats.sequences_completed += 1
                     slot.inflight.pop(engine_ids[chunk.index], None)
+                    slot.started_at.pop(engine_ids[chunk.index], None)
                 yield segment, chunk
         except Exception as exc:
             if self._is_failure_of(slot, exc):
@@ -503,6 +535,7 @@ class InferenceEngineClient:
                 self._abort_in_background(slot, [r for r in engine_ids if r in slot.inflight])
             for engine_rid in engine_ids:
                 slot.inflight.pop(engine_rid, None)
+                slot.started_at.pop(engine_rid, None)
             self._load.done(slot.engine_id, len(engine_ids))
 
     async def _stream_sequel(self, first: _Segment, sample: int, completion: Completion,
@@ -535,6 +568,7 @@ class InferenceEngineClient:
             tokens: list[int] = []
             logprobs: list[float] = []
             top: list[dict[int, float]] = []
+            versions: TokenVersions | None = TokenVersions((), 0)
             matched = False
             stream = self._stream_call(slot, sub, client_rid, epoch)
             async for segment, chunk in stream:
@@ -550,7 +584,10 @@ class InferenceEngineClient:
                             break
                 part = StreamChunk(sample, chunk.token_ids[:keep],
                                    chunk.logprobs[:keep] if chunk.logprobs is not None else None,
-                                   chunk.top_logprobs[:keep] if chunk.top_logprobs is not None else None)
+                                   chunk.top_logprobs[:keep] if chunk.top_logprobs is not None else None,
+                                   token_versions=chunk.token_versions.slice(0, keep)
+                                   if chunk.token_versions is not None else None)
+                versions = _concat_versions(versions, part.token_versions, len(part.token_ids))
                 tokens += part.token_ids
                 logprobs += part.logprobs or []
                 top += part.top_logprobs or []
@@ -569,7 +606,8 @@ class InferenceEngineClient:
                 piece_completion = Completion(
                     token_ids=tokens, finish_reason="abort",
                     logprobs=logprobs if params.logprobs is not None else None,
-                    top_logprobs=top if params.logprobs else None, request_id=sub.request_ids[0])
+                    top_logprobs=top if params.logprobs else None, request_id=sub.request_ids[0],
+                    token_versions=versions)
             assert segment is not None
             segment.slot.stats.continuations += 1
             state.absorb(piece_completion)
@@ -591,44 +629,64 @@ class InferenceEngineClient:
         _spawn(abort())
 
     # -- pause, resume, abort ------------------------------------------------------------------
-    async def pause_generation(self) -> None:
-        """Stop generating on every engine without losing in-flight requests; new requests wait.
+    async def pause_generation(self, mode: PauseMode = "keep", *, recompute: bool = False) -> None:
+        """Pause every engine in ``mode``; new requests wait until :meth:`resume_generation`.
 
-        Engines with a native pause hold their sequences; others have their sequences aborted and
-        resubmitted as continuations on :meth:`resume_generation`; engines that can do neither are
-        drained (in-flight requests finish, new ones wait)."""
+        * ``"keep"``: no in-flight request is lost. Engines that keep requests themselves (and
+          label their tokens with weight versions) hold them; the others have them aborted and
+          resubmitted as continuations on resume (a fresh prefill under the weights then current:
+          ``recompute`` is what a continuation does anyway); engines that can do neither are drained.
+        * ``"abort"``: every in-flight request ends now with what it generated, finish reason
+          ``"abort"``, and is not continued.
+        * ``"wait"``: in-flight requests run to their end before this returns.
+
+        See :mod:`skyrl_backends.client.pausing`. Pausing again in the same mode does nothing."""
+        check_pause_mode(mode, recompute)
         self._check_open()
-        if self._paused:
-            return
-        self._paused = True
+        if self._pause is not None:
+            if self._pause == (mode, recompute):
+                return
+            raise EngineStateError(f"the client is already paused in mode {self._pause[0]!r}; "
+                                   "call resume_generation() before pausing in another mode.")
+        self._paused, self._pause = True, (mode, recompute)
+        if mode == "abort":
+            self._abort_epoch += 1  # the requests in flight end with what they have
         self._notify()
-        native, aborting, draining = [], [], []
-        for slot in self._usable():
-            caps = slot.capabilities
-            if caps.native_pause and self.pause_mode == "auto":
-                native.append(slot)
-            elif caps.abort:
-                aborting.append(slot)
-            else:
-                draining.append(slot)
-        if aborting:
+        slots = self._usable()
+        self._paused_as = {s.engine_id: pause_kind(s.capabilities, mode, recompute, self.keep_strategy)
+                           for s in slots}
+        continuing = [s for s in slots if self._paused_as[s.engine_id] == "continue"]
+        if continuing:
             self._fallback_pauses += 1
-        await _gather_or_cancel(
-            [self._engine_call(s, s.engine.pause_generation) for s in native]
-            + [self._engine_call(s, s.engine.abort, list(s.inflight)) for s in aborting if s.inflight])
-        if draining:
-            await self._drain(draining)
+        try:
+            await _gather_or_cancel(
+                [self._engine_call(s, s.engine.pause_generation, mode, recompute=recompute)
+                 for s in slots if self._paused_as[s.engine_id] == "engine"]
+                + [self._engine_call(s, s.engine.abort, list(s.inflight)) for s in continuing if s.inflight])
+            # "wait" and "abort" return once the requests in flight have (each engine's facade
+            # waits too; this covers any engine), a "keep" that cannot keep once they finished.
+            draining = slots if mode != "keep" else [s for s in slots if self._paused_as[s.engine_id] == "drain"]
+            if draining:
+                await self._drain(draining)
+        except BaseException:
+            await self._undo_pause()
+            raise
 
     async def resume_generation(self) -> None:
-        """Resume every engine paused by :meth:`pause_generation`; waiting requests and
+        """Resume every engine :meth:`pause_generation` paused; waiting requests and
         continuations go ahead."""
         self._check_open()
         if not self._paused:
             return
-        native = [s for s in self._usable() if s.capabilities.native_pause and self.pause_mode == "auto"]
-        await _gather_or_cancel([self._engine_call(s, s.engine.resume_generation) for s in native])
-        self._paused = False
-        self._notify()
+        await self._undo_pause()
+
+    async def _undo_pause(self) -> None:
+        paused = [s for s in self._usable() if self._paused_as.get(s.engine_id) == "engine"]
+        try:
+            await _gather_or_cancel([self._engine_call(s, s.engine.resume_generation) for s in paused])
+        finally:
+            self._paused, self._pause, self._paused_as = False, None, {}
+            self._notify()
 
     async def abort(self, request_ids: Sequence[str] | None = None) -> None:
         """Abort requests (None: every request); their callers get what was generated so far with
@@ -650,7 +708,7 @@ class InferenceEngineClient:
         return self._abort_epoch != epoch or client_rid in self._user_aborted
 
     async def _wait_while_paused(self, request_ids: Sequence[str], epoch: int) -> None:
-        while self._paused and not self._closed:
+        while (self._paused or self._holding_for_update) and not self._closed:
             if all(self._is_user_aborted(rid, epoch) for rid in request_ids):
                 return
             await self._state_changed.wait()
@@ -669,13 +727,36 @@ class InferenceEngineClient:
         """Push a weight update to every healthy engine; returns the client's new weight version.
 
         Every engine validates the update before any applies it, so a bad update changes no engine.
-        Safe between :meth:`pause_generation` and :meth:`resume_generation`."""
+        Safe between :meth:`pause_generation` and :meth:`resume_generation`, and while requests
+        run. With ``max_staleness`` set, segments the update would take past the bound are cut
+        first (their tokens so far kept) and continue once it has landed."""
         self._check_open()
         await self.validate_weight_update(request)
         slots = self._require_usable()
-        await _gather_or_cancel([self._engine_call(s, s.engine.update_named_weights, request) for s in slots])
+        cuts = {s.engine_id: stale_segments(s.started_at, _version_of(s.engine) + 1, self.max_staleness)
+                for s in slots}
+        cutting = [s for s in slots if cuts[s.engine_id]]
+        if cutting:
+            self._holding_for_update += 1  # the continuations wait for the new weights
+        try:
+            if cutting:
+                for slot in cutting:
+                    self._stale_cut.update(cuts[slot.engine_id])
+                await _gather_or_cancel([self._engine_call(s, s.engine.abort, cuts[s.engine_id]) for s in cutting])
+                await self._drain_ids({s.engine_id: cuts[s.engine_id] for s in cutting})
+            await _gather_or_cancel([self._engine_call(s, s.engine.update_named_weights, request) for s in slots])
+        finally:
+            if cutting:
+                self._holding_for_update -= 1
+                self._notify()
         self.weight_version += 1
         return self.weight_version
+
+    async def _drain_ids(self, ids_by_engine: dict[str, list[str]], poll_s: float = 0.005) -> None:
+        """Wait until the named engine requests have returned (cut segments, before an update)."""
+        while any(rid in self._slots[e].inflight for e, ids in ids_by_engine.items() if e in self._slots
+                  for rid in ids):
+            await asyncio.sleep(poll_s)
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
         """Raise WeightUpdateError if any healthy engine would reject ``request``."""
@@ -769,10 +850,24 @@ def _engine_request_ids(request: GenerateRequest) -> list[str]:
     return [f"{rid}-{j}" for rid in request.request_ids for j in range(n)]
 
 
-def _empty_aborted(request: GenerateRequest) -> list[Completion]:
+def _empty_aborted(request: GenerateRequest, version: int = 0) -> list[Completion]:
     n = request.sampling_params.n
-    return [Completion(token_ids=[], finish_reason="abort", request_id=rid, text="")
+    return [Completion(token_ids=[], finish_reason="abort", request_id=rid, text="",
+                       token_versions=TokenVersions.uniform(0, version))
             for rid in request.request_ids for _ in range(n)]
+
+
+def _version_of(engine: Engine) -> int:
+    """The weight version an engine serves now (0 for one that does not say)."""
+    version = getattr(engine, "weight_version", 0)
+    return version if isinstance(version, int) else 0
+
+
+def _concat_versions(so_far: TokenVersions | None, more: TokenVersions | None, count: int) -> TokenVersions | None:
+    """Versions of a piece's relayed tokens so far (None once any came without versions)."""
+    if so_far is None or (more is None and count):
+        return None
+    return so_far.concat(more) if more is not None else so_far
 
 
 async def _maybe_await(value: Any) -> Any:

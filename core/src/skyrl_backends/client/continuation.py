@@ -20,8 +20,10 @@ Known seams, and what is done about them:
 * Greedy decoding continues exactly as if uninterrupted (the same weights give the same tokens).
   Seeded sampling stays reproducible for a given pause point but is not the stream an uninterrupted
   run would have drawn: the continuation's seed is ``seed + tokens generated so far``.
-* ``weight_version`` is the version of the last segment: tokens before the seam may come from the
-  previous weights, as with a native pause.
+* Weight versions are per token: each segment's ``token_versions`` (stamped by its engine) are
+  concatenated, so a sequence cut by a pause for a weight update says which tokens the old weights
+  produced and which the new. A continuation is a fresh prefill under the weights current when it
+  starts, so its tokens are exactly what those weights give for the prompt and the tokens so far.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.stopping import StopStringMatcher
-from skyrl_backends.types import Completion
+from skyrl_backends.types import Completion, TokenVersions
 
 Decode = Callable[[list[int]], str]
 
@@ -50,7 +52,8 @@ class Continuation:
     seams: list[int] = field(default_factory=list)  # response lengths at which segments joined
     finish_reason: str = "abort"
     stop_reason: str | int | None = None
-    weight_version: int = 0
+    # None once a segment came without versions (an engine that is not behind a facade).
+    token_versions: TokenVersions | None = field(default_factory=lambda: TokenVersions((), 0))
 
     @property
     def remaining(self) -> int:
@@ -73,7 +76,10 @@ class Continuation:
         self.texts.append(segment.text)
         self.finish_reason = segment.finish_reason
         self.stop_reason = segment.stop_reason
-        self.weight_version = segment.weight_version
+        if self.token_versions is None or segment.token_versions is None:
+            self.token_versions = None
+        else:
+            self.token_versions = self.token_versions.concat(segment.token_versions)
         if self.request_id is None:
             self.request_id = segment.request_id
         if self.finish_reason == "abort" and self.remaining <= 0:
@@ -93,6 +99,7 @@ class Continuation:
     def result(self, decode: Decode | None = None) -> Completion:
         """The assembled completion; with ``decode``, stop strings are re-checked across seams."""
         tokens, logprobs, top = self.token_ids, self.logprobs, self.top_logprobs
+        versions = self.token_versions
         finish, stop_reason = self.finish_reason, self.stop_reason
         text: str | None
         match = self._stop_match_across_seams(decode) if decode is not None else None
@@ -101,6 +108,7 @@ class Continuation:
             tokens = tokens[:end]
             logprobs = logprobs[:end] if logprobs is not None else None
             top = top[:end] if top is not None else None
+            versions = versions.slice(0, end) if versions is not None else None
             finish, stop_reason = "stop", stop_string
         elif decode is not None:
             text = self.texts[-1] if len(self.texts) == 1 else decode(tokens)
@@ -111,7 +119,7 @@ class Continuation:
             text = None if any(t is None for t in self.texts) else "".join(self.texts)  # type: ignore[arg-type]
         return Completion(token_ids=list(tokens), finish_reason=finish,  # type: ignore[arg-type]
                           logprobs=logprobs, top_logprobs=top, text=text, stop_reason=stop_reason,
-                          request_id=self.request_id, weight_version=self.weight_version)
+                          request_id=self.request_id, token_versions=versions)
 
     def _stop_match_across_seams(self, decode: Decode) -> tuple[int, str, str] | None:
         """``(tokens to keep, stop string, truncated text)`` for the first stop-string match that

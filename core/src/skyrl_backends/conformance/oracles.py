@@ -10,6 +10,7 @@ in :mod:`skyrl_backends.sampling` (repetition penalty, min_new_tokens, stop toke
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -105,6 +106,29 @@ class ReferenceModel:
         ids = torch.tensor([list(prompt) + list(response)[:-1]], dtype=torch.long, device=self.device)
         logits = self._model(weights, lora)(input_ids=ids).logits[0, len(prompt) - 1:, :]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def kept_cache_logprobs(self, prompt: Sequence[int], response: Sequence[int], seam: int, *,
+                            before: str = "original", after: str) -> torch.Tensor:
+        """``[len(response) - seam, vocab]``: what a request kept across a weight update (pause mode
+        ``keep``) computes for its tokens from ``seam`` on. Tokens before the seam were chosen by
+        the ``before`` weights, whose forward passes left the keys and values of the prompt and of
+        ``response[:seam - 1]`` in the cache; from the seam on, the ``after`` weights feed
+        ``response[seam - 1:]`` on top of that cache. ``seam`` must be at least 1 (at 0 nothing is
+        kept: the whole response is the ``after`` weights' own)."""
+        if not 1 <= seam <= len(response):
+            raise ValueError(f"seam {seam} outside 1..{len(response)}")
+        if seam == len(response):
+            return torch.empty(0, self.vocab_size)
+        kept = torch.tensor([list(prompt) + list(response)[:seam - 1]], dtype=torch.long)
+        past = self._model(before)(input_ids=kept, use_cache=True).past_key_values
+        fed = torch.tensor([list(response)[seam - 1:-1]], dtype=torch.long)
+        positions = torch.arange(kept.shape[1], kept.shape[1] + fed.shape[1]).unsqueeze(0)
+        model = self._model(after)
+        # transformers 5 renamed the forward argument past_key_values to cache.
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        logits = model(input_ids=fed, position_ids=positions, use_cache=True, **{cache_arg: past}).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def greedy(self, prompt: Sequence[int], max_new_tokens: int, *, stop_token_ids: Iterable[int] = (),
                ignore_eos: bool = False, min_new_tokens: int = 0, repetition_penalty: float = 1.0,

@@ -13,6 +13,11 @@ token that way.
 at the top level (``prompt_token_ids``) and each choice its ``token_ids``; completions carry both
 per choice. Streams put ``prompt_token_ids`` on the first event of each choice and the new
 ``token_ids`` on every event that has tokens.
+
+``token_versions`` (this project's extension) says which weight version produced each token:
+``[[first token index, version], ...]`` over the choice's tokens (null when the engine does not
+know). Every choice carries it, every stream event with log-probabilities carries the versions of
+its own tokens, and each choice's final event those of the whole choice.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from skyrl_backends.http.schemas import ChatCompletionRequest, CompletionRequest
 from skyrl_backends.http.serving import ServingState
 from skyrl_backends.http.streaming import ChoiceStreams
 from skyrl_backends.http.text import TextCodec
-from skyrl_backends.types import GenerateOutput, StreamChunk
+from skyrl_backends.types import Completion, GenerateOutput, StreamChunk
 
 
 def token_key(codec: TextCodec, token_id: int, as_ids: bool) -> str:
@@ -36,6 +41,12 @@ def token_key(codec: TextCodec, token_id: int, as_ids: bool) -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def token_versions(item: Completion | StreamChunk | None) -> list[list[int]] | None:
+    """The ``token_versions`` field of a completion's or a stream chunk's own tokens."""
+    versions = item.token_versions if item is not None else None
+    return versions.to_json() if versions is not None else None
 
 
 # -- log-probabilities -----------------------------------------------------------------------------
@@ -92,7 +103,7 @@ def chat_response(state: ServingState, body: ChatCompletionRequest, model: str, 
         choice: dict[str, Any] = {
             "index": i, "message": {"role": "assistant", "content": state.text_of(c)},
             "logprobs": chat_logprobs(state.codec, c.token_ids, c.logprobs, c.top_logprobs, as_ids),
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "token_versions": token_versions(c)}
         if body.return_token_ids:
             choice["token_ids"] = list(c.token_ids)
         choices.append(choice)
@@ -131,12 +142,15 @@ async def chat_events(state: ServingState, body: ChatCompletionRequest, model: s
                 "index": i, "delta": {"content": delta}, "finish_reason": None,
                 "logprobs": chat_logprobs(state.codec, chunk.token_ids, chunk.logprobs, chunk.top_logprobs, as_ids)
                 if has_logprobs else None}
+            if has_logprobs:
+                choice["token_versions"] = token_versions(chunk)
             if with_ids:
                 choice["token_ids"] = list(chunk.token_ids)
             yield event(choice)
         if chunk.completion is not None:
             yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": chunk.completion.finish_reason,
-                         "stop_reason": chunk.completion.stop_reason})
+                         "stop_reason": chunk.completion.stop_reason,
+                         "token_versions": token_versions(chunk.completion)})
     if include_usage:
         yield {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [], "usage": usage(len(prompt), choices.completion_tokens())}
@@ -169,7 +183,8 @@ def completion_response(state: ServingState, body: CompletionRequest, model: str
             offsets = _offsets(state.codec.pieces(c.token_ids, text), len(echo))
             logprobs = completion_logprobs(state.codec, c.token_ids, c.logprobs, c.top_logprobs, offsets, as_ids)
         choice: dict[str, Any] = {"index": i, "text": echo + text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                  "token_versions": token_versions(c)}
         if body.return_token_ids:
             choice["prompt_token_ids"] = list(prompts[i // body.n])
             choice["token_ids"] = list(c.token_ids)
@@ -215,13 +230,16 @@ async def completion_events(state: ServingState, body: CompletionRequest, model:
                 logprobs = completion_logprobs(codec, chunk.token_ids, chunk.logprobs, chunk.top_logprobs,
                                                [positions[i]] * len(chunk.token_ids), as_ids)
             choice = {"index": i, "text": delta, "logprobs": logprobs, "finish_reason": None}
+            if has_logprobs:
+                choice["token_versions"] = token_versions(chunk)
             if with_ids:
                 choice["token_ids"] = list(chunk.token_ids)
             yield event(choice)
             positions[i] += len(delta)
         if chunk.completion is not None:
             yield event({"index": i, "text": "", "logprobs": None, "finish_reason": chunk.completion.finish_reason,
-                         "stop_reason": chunk.completion.stop_reason})
+                         "stop_reason": chunk.completion.stop_reason,
+                         "token_versions": token_versions(chunk.completion)})
     if include_usage:
         yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
                "choices": [], "usage": usage(sum(len(p) for p in prompts), choices.completion_tokens())}

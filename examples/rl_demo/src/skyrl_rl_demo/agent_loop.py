@@ -20,6 +20,10 @@ A response cut off by the length limit has no end-of-turn token; the loop append
 conversation stays well formed, masks it (the policy did not choose it) and gives it log-probability
 0.0 (never used, since it is masked).
 
+Each generated token also keeps the weight version that produced it (``Completion.token_versions``):
+an asynchronous trainer, whose weights move while rollouts run, tells fresh tokens from stale ones
+by it. Tokens the policy did not generate have version ``NOT_GENERATED``.
+
 Episodes run in lockstep: each turn sends every live episode's input ids in one ``generate`` call,
 each with its episode's session id (sticky routing to one engine, for its prefix cache).
 The engines batch within a call (the CPU reference engine batches only there), and the result is the
@@ -38,6 +42,8 @@ from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import GenerateOutput
 
 from skyrl_rl_demo.env import Environment, Message
+
+NOT_GENERATED = -1  # the version of a token the policy did not generate (observations, appended EOS)
 
 
 class Generates(Protocol):
@@ -58,6 +64,7 @@ class TurnOutput:
     reward: float
     finish_reason: str
     info: dict[str, Any] = field(default_factory=dict)
+    output_versions: list[int] = field(default_factory=list)  # per output token (NOT_GENERATED if appended)
 
     def get_turn_loss_mask(self) -> list[int]:
         mask = [1] * len(self.output_ids) + [0] * len(self.obs_ids)
@@ -67,6 +74,10 @@ class TurnOutput:
 
     def get_turn_rollout_logprobs(self) -> list[float]:
         return list(self.output_logprobs) + [0.0] * len(self.obs_ids)
+
+    def get_turn_versions(self) -> list[int]:
+        versions = list(self.output_versions) or [NOT_GENERATED] * len(self.output_ids)
+        return versions + [NOT_GENERATED] * len(self.obs_ids)
 
     @property
     def num_generated(self) -> int:
@@ -84,6 +95,7 @@ class AgentLoopState:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     loss_mask: list[int] = field(default_factory=list)
     rollout_logprobs: list[float] = field(default_factory=list)
+    rollout_versions: list[int] = field(default_factory=list)
     turns: list[TurnOutput] = field(default_factory=list)
     done: bool = False
 
@@ -100,6 +112,7 @@ class AgentLoopState:
         self.input_ids.extend(turn.obs_ids)
         self.loss_mask.extend(turn.get_turn_loss_mask())
         self.rollout_logprobs.extend(turn.get_turn_rollout_logprobs())
+        self.rollout_versions.extend(turn.get_turn_versions())
         self.turns.append(turn)
 
 
@@ -192,15 +205,18 @@ async def run_agent_loops(generator: Generates, envs: Sequence[Environment], cha
                 raise RuntimeError(f"the engine returned {len(logprobs)} log-probabilities for "
                                    f"{len(output_ids)} tokens; the trainer needs one per token")
             generated += len(output_ids)
+            versions = completion.token_versions.per_token() if completion.token_versions is not None \
+                else [NOT_GENERATED] * len(output_ids)
             text = chat.response_text([t for t in output_ids if t != chat.end_of_turn_id])
             result = env.step(text)
             added_eos = not output_ids or output_ids[-1] != chat.end_of_turn_id
             if added_eos:
                 output_ids.append(chat.end_of_turn_id)
                 logprobs.append(0.0)
+                versions.append(NOT_GENERATED)
             obs_ids = chat.observation_ids(result.observation) if not result.done else []
             state.add_turn(TurnOutput(output_ids, logprobs, added_eos, obs_ids, float(result.reward),
-                                      completion.finish_reason, dict(result.info)))
+                                      completion.finish_reason, dict(result.info), versions))
             state.chat_history.append({"role": "assistant", "content": text})
             state.chat_history.extend(result.observation)
             state.done = result.done

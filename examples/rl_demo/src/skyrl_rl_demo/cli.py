@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-generate-length", type=int, default=defaults.max_generate_length)
     p.add_argument("--temperature", type=float, default=defaults.temperature)
     p.add_argument("--no-colocate", action="store_true", help="keep the engine awake (no sleep/wake cycle)")
+    p.add_argument("--async", dest="async_rollouts", action="store_true",
+                   help="generate step t+1 while training on step t (at most one version of staleness; "
+                        "implies --no-colocate)")
+    p.add_argument("--max-staleness", type=int, default=defaults.max_staleness,
+                   help="tokens more versions behind the trained policy than this are dropped from the loss")
     p.add_argument("--sleep-level", type=int, default=None, help="default: the backend's highest level")
     p.add_argument("--num-engines", type=int, default=defaults.num_engines,
                    help="engines behind the client (each gets a share of every batch)")
@@ -63,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, backend=args.backend, out_dir=args.out, steps=args.steps, seed=args.seed,
         digits=args.digits, prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr, entropy_coef=args.entropy_coef,
         max_generate_length=args.max_generate_length, temperature=args.temperature,
-        colocate=not args.no_colocate, sleep_level=args.sleep_level, num_engines=args.num_engines,
-        weight_sync=args.weight_sync, trainer_device=args.trainer_device, engine_options=dict(args.engine_option))
+        colocate=not (args.no_colocate or args.async_rollouts), sleep_level=args.sleep_level,
+        num_engines=args.num_engines, weight_sync=args.weight_sync, trainer_device=args.trainer_device,
+        engine_options=dict(args.engine_option), async_rollouts=args.async_rollouts,
+        max_staleness=args.max_staleness)
     summary = asyncio.run(train(config, progress=not args.no_progress))
     print(format_summary(summary, args.out))
     return 0
@@ -76,8 +83,11 @@ def format_summary(s: dict[str, Any], out_dir: str) -> str:
     verdict = {True: "learned", False: "did NOT learn (last-window reward < 2x the first)",
                None: f"too short to judge (needs {2 * WINDOW} steps)"}[s["learned"]]
     cycle = (f"colocated, sleep level {s['sleep_level']}" if s["colocate"] else "not colocated (no sleep/wake)")
+    schedule = ("asynchronous: step t+1 generated while step t trains" if s["schedule"] == "async"
+                else "synchronous")
     lines = [
         f"{s['backend']} backend, seed {s['seed']}, {s['steps']} steps in {s['wall_s']:.0f}s ({cycle})",
+        f"  schedule: {schedule}; {s['steps_per_s']:.2f} steps/s",
         f"  mean reward, first {w} steps: {s['reward_first']:.3f}   last {w} steps: {s['reward_last']:.3f}"
         f"   ({ratio}): {verdict}",
         f"  exact answers, first {w} steps: {s['exact_first']:.1%}   last {w} steps: {s['exact_last']:.1%}",
@@ -89,7 +99,12 @@ def format_summary(s: dict[str, Any], out_dir: str) -> str:
         lines.append(f"  sleep {s.get('sleep_s_mean', 0) * 1e3:.1f}ms, wake kv_cache "
                      f"{s.get('wake_kv_cache_s_mean', 0) * 1e3:.1f}ms, wake weights "
                      f"{s.get('wake_weights_s_mean', 0) * 1e3:.1f}ms")
-    lines.append(f"  engine vs trainer log-probabilities: max |diff| {s.get('logprob_abs_diff_max', float('nan')):.2e}")
+    if s["schedule"] == "async":
+        lines.append(f"  tokens one version stale: {s.get('stale_token_fraction_mean', 0):.1%} (weighted by the "
+                     f"clipped ratio), dropped: {s.get('dropped_token_fraction_max', 0):.1%}; training waited "
+                     f"{s.get('generation_wait_s_mean', 0):.3f}s per step for generation")
+    lines.append(f"  engine vs trainer log-probabilities (on-policy tokens): max |diff| "
+                 f"{s.get('logprob_abs_diff_max', float('nan')):.2e}")
     lines.append(f"  wrote {out_dir}/metrics.csv, {out_dir}/reward_curve.png, {out_dir}/summary.json")
     return "\n".join(lines)
 

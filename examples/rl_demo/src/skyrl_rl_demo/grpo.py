@@ -10,7 +10,18 @@ rollout log-probabilities, those the engine reported while sampling::
 
 With one update per batch the trainer's weights equal the engine's, the ratio is 1 up to numerics,
 and the loss is the plain policy gradient; the ratio is what keeps it correct when they differ
-(several updates per batch, an engine in another precision).
+(several updates per batch, an engine in another precision, or an asynchronous trainer whose
+rollouts were generated while it trained).
+
+Stale tokens (asynchronous training). Every generated token carries the weight version that
+produced it. Tokens are *weighted*, not dropped: the rollout log-probability of a token is the
+probability it was actually sampled with, whichever weights (and, across an in-flight update,
+whichever cache) produced it, so the clipped ratio above is the right off-policy weight for a token
+one version behind as for a fresh one, and dropping those would discard the half of a rollout the
+overlap generated. Only tokens more than ``max_staleness`` versions behind the policy being trained
+are dropped from the loss (:func:`staleness_masks`): their ratios drift far from 1, where the clip
+removes their gradient anyway while their noise remains. The asynchronous schedule keeps every token
+within one version, so this is a safeguard that must stay at zero.
 """
 
 from __future__ import annotations
@@ -41,16 +52,19 @@ class PackedBatch:
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
     rollout_logprobs: torch.Tensor
+    versions: torch.Tensor | None = None  # the weight version of each predicted token (-1: not generated)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
-                           self.rollout_logprobs.to(device))
+                           self.rollout_logprobs.to(device),
+                           self.versions.to(device) if self.versions is not None else None)
 
 
 def pack_episodes(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                   loss_masks: Sequence[Sequence[int]], rollout_logprobs: Sequence[Sequence[float]],
-                  pad_token_id: int) -> PackedBatch:
-    """Concatenate prompt and response per episode, right-pad, and shift masks to prediction order."""
+                  pad_token_id: int, versions: Sequence[Sequence[int]] | None = None) -> PackedBatch:
+    """Concatenate prompt and response per episode, right-pad, and shift masks to prediction order
+    (``versions``, one per response token, likewise)."""
     rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
     width = max(len(r) for r in rows)
     batch = len(rows)
@@ -58,6 +72,7 @@ def pack_episodes(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Se
     attention = torch.zeros((batch, width), dtype=torch.long)
     loss_mask = torch.zeros((batch, width - 1), dtype=torch.float32)
     old = torch.zeros((batch, width - 1), dtype=torch.float32)
+    packed_versions = torch.full((batch, width - 1), -1, dtype=torch.long) if versions is not None else None
     for b, (prompt, row, mask, lps) in enumerate(zip(prompt_ids, rows, loss_masks, rollout_logprobs)):
         if not (len(mask) == len(lps) == len(row) - len(prompt)):
             raise ValueError(f"episode {b}: loss mask ({len(mask)}), rollout logprobs ({len(lps)}) and response "
@@ -68,7 +83,31 @@ def pack_episodes(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Se
         start = len(prompt) - 1
         loss_mask[b, start:start + len(mask)] = torch.tensor(mask, dtype=torch.float32)
         old[b, start:start + len(lps)] = torch.tensor(lps, dtype=torch.float32)
-    return PackedBatch(input_ids, attention, loss_mask, old)
+        if packed_versions is not None:
+            episode_versions = list(versions[b])  # type: ignore[index]
+            if len(episode_versions) != len(mask):
+                raise ValueError(f"episode {b}: {len(episode_versions)} versions for {len(mask)} response tokens")
+            packed_versions[b, start:start + len(mask)] = torch.tensor(episode_versions, dtype=torch.long)
+    return PackedBatch(input_ids, attention, loss_mask, old, packed_versions)
+
+
+@dataclass
+class StalenessMasks:
+    """Generated tokens by how far their version is behind the policy being trained."""
+
+    on_policy: torch.Tensor  # version == policy version
+    stale: torch.Tensor      # behind, within max_staleness: kept, weighted by the clipped ratio
+    dropped: torch.Tensor    # more than max_staleness behind: out of the loss
+
+
+def staleness_masks(versions: torch.Tensor, loss_mask: torch.Tensor, policy_version: int,
+                    max_staleness: int) -> StalenessMasks:
+    """Masks (float, like ``loss_mask``) of the tokens the loss sees, by staleness."""
+    generated = loss_mask.bool() & (versions >= 0)
+    lag = policy_version - versions
+    return StalenessMasks(on_policy=(generated & (lag <= 0)).float(),
+                          stale=(generated & (lag > 0) & (lag <= max_staleness)).float(),
+                          dropped=(generated & (lag > max_staleness)).float())
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -60,9 +60,12 @@ def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW) -> dict[str,
         "learned": bool(last >= 2 * first and last > first) if len(rows) >= 2 * window else None,
     }
     for key in ("generation_tokens_per_s", "generation_s", "update_s", "weight_sync_s", "sleep_s",
-                "wake_kv_cache_s", "wake_weights_s", "step_s", "logprob_abs_diff_max"):
+                "wake_kv_cache_s", "wake_weights_s", "step_s", "logprob_abs_diff_max", "generation_wait_s",
+                "stale_token_fraction", "dropped_token_fraction"):
         if rows and key in rows[0]:
             summary[f"{key}_mean"] = mean([r[key] for r in rows])
     if rows and "logprob_abs_diff_max" in rows[0]:
         summary["logprob_abs_diff_max"] = max(r["logprob_abs_diff_max"] for r in rows)
+    if rows and "dropped_token_fraction" in rows[0]:
+        summary["dropped_token_fraction_max"] = max(r["dropped_token_fraction"] for r in rows)
     return summary

@@ -17,10 +17,26 @@ skipped; the sync still happens every step.
 
 Before its update the trainer recomputes, teacher-forced, the log-probabilities of the tokens the
 engine sampled; both hold the same weights then, so they must agree (``logprob_abs_diff_max``).
+
+Asynchronous mode (``async_rollouts``, ``--async``): the engine generates step t+1's rollout while the
+trainer trains on step t's, and the new weights reach the engine while that generation runs (an
+in-flight update: the engine labels every token with the version that produced it)::
+
+    rollout 1 = generate                               (weights v0)
+    step t:   rollout t = await the pending generation (tokens of v(t-2) and v(t-1))
+              start generating rollout t+1              (on v(t-1), in the background)
+              update on rollout t                       (the policy becomes v(t), in a worker thread)
+              sync v(t) into the engine                 (rollout t+1's later tokens come from v(t))
+
+So a rollout's tokens are at most one version behind the policy that trains on them. Stale tokens
+are weighted by the clipped importance ratio, not dropped (see :mod:`skyrl_rl_demo.grpo`); the
+on-policy ones must agree with the trainer's recomputation as in the synchronous loop. The engine
+stays awake (no sleep/wake cycle: it generates while the trainer trains).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import random
@@ -30,9 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import skyrl_backends
+import torch
 from skyrl_backends.client import InferenceEngineClient
 from skyrl_backends.sampling import SamplingParams
 
@@ -69,8 +84,15 @@ class TrainerConfig:
     weight_sync: str = "auto"  # auto, tensors, shared_memory, cuda_ipc (see weight_transfer)
     trainer_device: str = "cpu"
     engine_options: dict[str, Any] = field(default_factory=dict)
+    async_rollouts: bool = False  # generate step t+1 while training on step t (see the module docstring)
+    max_staleness: int = 1  # tokens more versions behind the trained policy than this are dropped
 
     def __post_init__(self) -> None:
+        if self.async_rollouts and self.colocate:
+            raise ValueError("async_rollouts needs colocate=False: the engine generates while the trainer trains, "
+                             "so it cannot sleep then")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         for name in ("steps", "prompts_per_step", "turns", "max_generate_length", "num_engines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -113,6 +135,8 @@ class RLTrainer:
         self.sleep_level = self._choose_sleep_level()
         self.colocate = config.colocate and self.sleep_level is not None
         self.last_rollout: RolloutBatch | None = None
+        self.policy_version = 0  # updates applied to the trainer's policy (= versions pushed to the engines)
+        self._next_rollout: asyncio.Future[RolloutBatch] | None = None
 
     @property
     def engine(self) -> Any:
@@ -144,8 +168,15 @@ class RLTrainer:
             envs.extend(SayTheDigitEnv(targets) for _ in range(self.config.group_size))
         return envs
 
+    async def _generate(self) -> RolloutBatch:
+        return await run_agent_loops(self.generator, self.make_envs(), self.chat, self.sampling,
+                                     max_turns=self.config.turns)
+
     async def train_step(self, step: int) -> dict[str, Any]:
-        """One step (generate, update, sync); returns its metrics."""
+        """One step (generate, update, sync), or with ``async_rollouts`` one step of the overlapped
+        schedule; returns its metrics."""
+        if self.config.async_rollouts:
+            return await self.async_train_step(step)
         started = time.perf_counter()
         metrics: dict[str, Any] = {"step": step}
         timer = _PhaseTimer(metrics)
@@ -154,8 +185,7 @@ class RLTrainer:
         if self.colocate:
             async with timer("wake_kv_cache_s"):
                 await client.wake_up(["kv_cache"])
-        rollout = await run_agent_loops(self.generator, self.make_envs(), self.chat, self.sampling,
-                                        max_turns=self.config.turns)
+        rollout = await self._generate()
         self.last_rollout = rollout
         metrics.update(rollout_metrics(rollout))
         if self.colocate:
@@ -174,30 +204,61 @@ class RLTrainer:
         metrics["step_s"] = time.perf_counter() - started
         return metrics
 
+    async def async_train_step(self, step: int) -> dict[str, Any]:
+        """One step of the overlapped schedule (module docstring): take the rollout generated
+        meanwhile, start the next, train, and push the new weights while that one runs."""
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {"step": step}
+        if self._next_rollout is None:  # the first step has nothing to overlap with
+            self._next_rollout = asyncio.ensure_future(self._generate())
+        rollout = await self._next_rollout
+        metrics["generation_wait_s"] = time.perf_counter() - started  # training waited this long for it
+        self.last_rollout = rollout
+        self._next_rollout = asyncio.ensure_future(self._generate()) if step < self.config.steps else None
+        metrics.update(rollout_metrics(rollout))
+        update_started = time.perf_counter()
+        # In a worker thread, so the event loop keeps driving the generation that overlaps it.
+        metrics.update(await asyncio.to_thread(self.update, rollout))
+        metrics["update_s"] = time.perf_counter() - update_started
+        sync_started = time.perf_counter()
+        metrics["weight_version"] = await self.weight_sync.push(self.client, self.policy)
+        metrics["weight_sync_s"] = time.perf_counter() - sync_started
+        metrics["step_s"] = time.perf_counter() - started
+        return metrics
+
     def update(self, rollout: RolloutBatch) -> dict[str, float]:
-        """One GRPO step on the trainer's model."""
+        """One GRPO step on the trainer's model (policy version ``policy_version`` becomes the next)."""
         states = rollout.states
         packed = grpo.pack_episodes([s.prompt_ids for s in states], [s.response_ids for s in states],
                                     [s.loss_mask for s in states], [s.rollout_logprobs for s in states],
-                                    self.pad_token_id).to(self.device)
+                                    self.pad_token_id, [s.rollout_versions for s in states]).to(self.device)
+        masks = grpo.staleness_masks(packed.versions, packed.loss_mask, self.policy_version, self.config.max_staleness)
+        loss_mask = packed.loss_mask - masks.dropped
         returns = torch.tensor([s.total_reward for s in states], dtype=torch.float32)
         advantages = grpo.group_advantages(returns, self.config.group_size).to(self.device)
         logprobs, entropy = grpo.token_logprobs(self.policy, packed.input_ids, packed.attention_mask,
                                                 with_entropy=True)
         with torch.no_grad():
-            # The engine sampled with the weights the trainer holds now: the two must agree.
-            diff = ((logprobs - packed.rollout_logprobs).abs() * packed.loss_mask).max()
-            mean_entropy = (entropy * packed.loss_mask).sum() / packed.loss_mask.sum().clamp(min=1.0)
-        loss, stats = grpo.policy_loss(logprobs, packed.rollout_logprobs, advantages, packed.loss_mask,
+            # Tokens the engine sampled with the weights the trainer holds now: the two must agree.
+            diff = ((logprobs - packed.rollout_logprobs).abs() * masks.on_policy).max()
+            mean_entropy = (entropy * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+            generated = (masks.on_policy + masks.stale + masks.dropped).sum().clamp(min=1.0)
+        loss, stats = grpo.policy_loss(logprobs, packed.rollout_logprobs, advantages, loss_mask,
                                        self.config.clip_ratio, entropy, self.config.entropy_coef)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
+        self.policy_version += 1
         return {"loss": stats.loss, "grad_norm": float(grad_norm), "clip_fraction": stats.clip_fraction,
-                "entropy": float(mean_entropy), "logprob_abs_diff_max": float(diff)}
+                "entropy": float(mean_entropy), "logprob_abs_diff_max": float(diff),
+                "stale_token_fraction": float(masks.stale.sum() / generated),
+                "dropped_token_fraction": float(masks.dropped.sum() / generated)}
 
     async def close(self) -> None:
+        if self._next_rollout is not None:
+            self._next_rollout.cancel()
+            await asyncio.gather(self._next_rollout, return_exceptions=True)
         self.weight_sync.close()
         await self.client.teardown()
 
@@ -255,8 +316,11 @@ async def train(config: TrainerConfig, progress: bool = True,
     wall_started = time.perf_counter()
     trainer = RLTrainer(config)
     csv = MetricsCSV(out / "metrics.csv")
+    loop_started = time.perf_counter()
     try:
-        bar = tqdm(range(1, config.steps + 1), desc=f"RL on {config.backend}", unit="step", disable=not progress)
+        mode = "async" if config.async_rollouts else "sync"
+        bar = tqdm(range(1, config.steps + 1), desc=f"RL on {config.backend} ({mode})", unit="step",
+                   disable=not progress)
         for step in bar:
             metrics = await trainer.train_step(step)
             csv.write(metrics)
@@ -265,12 +329,15 @@ async def train(config: TrainerConfig, progress: bool = True,
             if on_step is not None:
                 on_step(trainer, metrics)
         bar.close()
+        loop_s = time.perf_counter() - loop_started
     finally:
         csv.close()
         await trainer.close()
     summary = summarize(csv.rows)
     summary.update(backend=config.backend, seed=config.seed, sleep_level=trainer.sleep_level,
                    colocate=trainer.colocate, weight_sync=trainer.weight_sync.strategy, wall_s=time.perf_counter() - wall_started,
+                   schedule="async" if config.async_rollouts else "sync",
+                   steps_per_s=len(csv.rows) / loop_s,
                    config={k: v for k, v in dataclasses.asdict(config).items()})
     plot_reward_curve(csv.rows, out / "reward_curve.png",
                       title=f"Say the digit: GRPO on the tiny model ({config.backend} backend, seed {config.seed})")

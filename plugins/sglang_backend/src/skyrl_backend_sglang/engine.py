@@ -14,6 +14,16 @@ What SGLang cannot do in token-in mode is done here, with the canonical semantic
   (:mod:`skyrl_backend_sglang.logit_processor`);
 * log-probabilities of the unaltered model whenever that processor or a repetition penalty changed
   the distribution SGLang reports: recomputed by a teacher-forced prefill (``max_new_tokens=0``).
+
+Pausing and weight versions. ``keep`` is SGLang's in-place pause (requests keep their KV cache), or
+its retract pause when the kept requests are to be recomputed (they go back to the waiting queue
+and are prefilled again under the weights current at resume); ``abort`` is SGLang's own. Every
+update carries the facade's version, which SGLang records per live request as it applies the
+weights, and reports as spans on each finished request (:mod:`skyrl_backend_sglang.versions`); a
+stream hands out a request's tokens at once until an update begins under it, and the rest with its
+final chunk. Each request's ``cache_salt`` names the version it was submitted under, so no request
+admitted after an update matches a radix-cache entry of older weights. A log-probability recomputed
+by the teacher-forced prefill comes from the weights current at that prefill.
 """
 
 from __future__ import annotations
@@ -42,11 +52,14 @@ from skyrl_backends.types import (
     ParallelSizes,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.version_labels import UpdateMark, UpdateWatch
 
 from skyrl_backend_sglang import logprobs as lp
+from skyrl_backend_sglang import versions
 from skyrl_backend_sglang.logit_processor import SkyRLLogitProcessor
 from skyrl_backend_sglang.stop_strings import StopStringWatch
 from skyrl_backend_sglang.translation import (
@@ -64,7 +77,11 @@ MEMORY_TIMEOUT_S = 120.0
 # How long a required prefix-cache flush waits for the scheduler to become idle.
 FLUSH_WAIT_S = 10.0
 # Defaults for SGLang's CPU path, which cannot size its KV cache from device memory.
-CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 16384, "disable_cuda_graph": True}
+# No overlap scheduling on the CPU: there is no device to overlap with, and SGLang labels a token with
+# its weight version when the step's result is processed, so under overlap a result still in flight
+# when an in-place pause applies an update is labelled with the new version.
+CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 16384, "disable_cuda_graph": True,
+                "disable_overlap_schedule": True}
 # SGLang's memory tags for what the canonical tags name; CUDA graphs go with the weights they run.
 _SGLANG_TAGS = {"weights": ("weights", "cuda_graph"), "kv_cache": ("kv_cache",)}
 
@@ -101,6 +118,7 @@ class _Result:
     stop_reason: str | int | None
     text: str | None
     meta_info: dict[str, Any]
+    mark: UpdateMark | None = None  # the weights' state when the request was submitted
 
 
 class SGLangEngine:
@@ -151,7 +169,10 @@ class SGLangEngine:
         self._processor = SkyRLLogitProcessor.to_str()
         self._live: set[str] = set()  # requests submitted to SGLang and not yet returned
         self._aborted: set[str] = set()
-        self._paused = False
+        self._pause_mode: str | None = None  # SGLang's pause mode while paused: in_place, retract, abort
+        self._labels = versions.engine_labels_tokens(kwargs, self.cpu)
+        self._updates = UpdateWatch()  # used on the engine loop only
+        self._salted = "cache_salt" in inspect.signature(self.engine.async_generate).parameters
         self._flush_when_idle = False
         self._weight_specs: list[TensorSpec] | None = None
         self._weight_group: str | None = None
@@ -188,11 +209,11 @@ class SGLangEngine:
         plan = engine_params
         self._check_prompts(request.prompt_token_ids, request.sampling_params.stop_token_ids)
         caller = asyncio.get_running_loop()
-        pieces: asyncio.Queue[tuple[int, list[int], Any, Any]] = asyncio.Queue()
+        pieces: asyncio.Queue[tuple[int, list[int], Any, Any, int]] = asyncio.Queue()
         incremental = not plan.rescore_logprobs
 
-        def emit(index: int, tokens: list[int], logprobs: Any, top: Any) -> None:  # called on the engine loop
-            caller.call_soon_threadsafe(pieces.put_nowait, (index, tokens, logprobs, top))
+        def emit(index: int, tokens: list[int], logprobs: Any, top: Any, version: int) -> None:  # engine loop
+            caller.call_soon_threadsafe(pieces.put_nowait, (index, tokens, logprobs, top, version))
 
         rids = list(request.request_ids)
         job = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
@@ -206,11 +227,12 @@ class SGLangEngine:
                     if not getter.done():
                         getter.cancel()
                         continue
-                    index, tokens, logprobs, top = getter.result()
+                    index, tokens, logprobs, top, version = getter.result()
                 else:
-                    index, tokens, logprobs, top = pieces.get_nowait()
+                    index, tokens, logprobs, top, version = pieces.get_nowait()
                 sent[index] += len(tokens)
-                yield StreamChunk(index, tokens, logprobs, top)
+                labels = TokenVersions.uniform(len(tokens), version) if self._labels else None
+                yield StreamChunk(index, tokens, logprobs, top, token_versions=labels)
             results = job.result()
         finally:
             if not job.done():  # the consumer stopped early: end the requests
@@ -222,19 +244,19 @@ class SGLangEngine:
             yield StreamChunk.final(index, completion, sent[index])
 
     async def _stream_all(self, request: GenerateRequest, plan: SGLangSampling,
-                          emit: Callable[[int, list[int], Any, Any], None] | None) -> list[_Result]:
-        def on_tokens(index: int) -> Callable[[dict[str, Any], int, int], None] | None:
+                          emit: Callable[[int, list[int], Any, Any, int], None] | None) -> list[_Result]:
+        def on_tokens(index: int) -> Callable[[dict[str, Any], int, int, int], None] | None:
             if emit is None:
                 return None
 
-            def forward(chunk: dict[str, Any], start: int, end: int) -> None:
+            def forward(chunk: dict[str, Any], start: int, end: int, version: int) -> None:
                 tokens = list(chunk["output_ids"][start:end])
                 logprobs = top = None
                 if plan.return_logprob:
                     logprobs, top = lp.from_output(chunk.get("meta_info", {}), chunk["output_ids"][:end],
                                                    plan.top_logprobs_num)
                     logprobs, top = logprobs[start:], top[start:] if top is not None else None
-                emit(index, tokens, logprobs, top)
+                emit(index, tokens, logprobs, top, version)
             return forward
 
         return list(await asyncio.gather(*(
@@ -277,6 +299,8 @@ class SGLangEngine:
             # every other backend.
             sp["stop_token_ids"] = sorted(set(sp.get("stop_token_ids", ())) | set(self.eos_token_ids))
         kwargs: dict[str, Any] = {"input_ids": prompts, "sampling_params": sp, "rid": rids}
+        if self._salted:  # this request's radix-cache entries are apart from other weights'
+            kwargs["cache_salt"] = f"skyrl-weights-{self._updates.version}"
         if plan.needs_processor:
             # SGLang copies custom_params per request (and adds the request object to the copy).
             sp["custom_params"] = dict(plan.processor_params, eos_token_ids=self.eos_token_ids)
@@ -295,9 +319,11 @@ class SGLangEngine:
         return kwargs
 
     async def _submit(self, rids: list[str], prompts: list[list[int]], plan: SGLangSampling, lora: str | None,
-                      streamed: bool, on_tokens: Callable[[dict[str, Any], int, int], None] | None = None) -> Any:
+                      streamed: bool, on_tokens: Callable[[dict[str, Any], int, int, int], None] | None = None) -> Any:
+        await self._updates.wait_idle()  # submitted on settled weights, under their cache salt
         if self._flush_when_idle and not self._live:
             await self._flush()
+        mark = self._updates.mark()
         kwargs = self._request_kwargs(rids, prompts, plan, lora)
         self._live.update(rids)
         try:
@@ -307,9 +333,11 @@ class SGLangEngine:
                     kwargs["sampling_params"] = kwargs["sampling_params"][0]
                 if lora is not None:
                     kwargs["lora_path"] = lora
-                return await self._generate_streamed(rids[0], kwargs, plan, on_tokens)
+                result = await self._generate_streamed(rids[0], kwargs, plan, mark, on_tokens)
+                result.mark = mark
+                return result
             outs = await self.engine.async_generate(**kwargs)
-            return [self._result(out) for out in outs]
+            return [dataclasses.replace(self._result(out), mark=mark) for out in outs]
         except asyncio.CancelledError:
             for rid in rids:
                 self.tm.abort_request(rid)
@@ -320,11 +348,13 @@ class SGLangEngine:
             if self._flush_when_idle and not self._live:
                 await self._flush()
 
-    async def _generate_streamed(self, rid: str, kwargs: dict[str, Any], plan: SGLangSampling,
-                                 on_tokens: Callable[[dict[str, Any], int, int], None] | None = None) -> _Result:
+    async def _generate_streamed(self, rid: str, kwargs: dict[str, Any], plan: SGLangSampling, mark: UpdateMark,
+                                 on_tokens: Callable[[dict[str, Any], int, int, int], None] | None = None,
+                                 ) -> _Result:
         """Follow the request's cumulative outputs through the stop watch. ``on_tokens(chunk, start,
-        end)`` gets every stretch of new tokens no stop condition can take back, while the request
-        is still running (the final stretch is left to the caller, with the result)."""
+        end, version)`` gets every stretch of new tokens no stop condition can take back, while the
+        request is still running and no weight update has begun since it started (the rest is left
+        to the caller, with the result and SGLang's version spans)."""
         watch = StopStringWatch(plan.stop_strings, self._decode, plan.watched_stop_token_ids)
         last: dict[str, Any] | None = None
         handed_out = 0
@@ -335,10 +365,11 @@ class SGLangEngine:
                 # Abort at once; keep reading so SGLang finishes the request's bookkeeping.
                 self.tm.abort_request(rid)
             finished = bool(chunk.get("meta_info", {}).get("finish_reason"))
-            if on_tokens is not None and watch.match is None and not finished and rid not in self._aborted:
+            if on_tokens is not None and watch.match is None and not finished and rid not in self._aborted \
+                    and self._updates.unchanged_since(mark):
                 end = len(chunk["output_ids"])
                 if end > handed_out:
-                    on_tokens(chunk, handed_out, end)
+                    on_tokens(chunk, handed_out, end, mark.version)
                     handed_out = end
         assert last is not None
         result = self._result(last)
@@ -373,7 +404,20 @@ class SGLangEngine:
             text=result.text if result.text is not None else self._decode(tokens),
             stop_reason=stop_reason,
             request_id=rid,
+            token_versions=self._versions(result, len(tokens)),
         )
+
+    def _versions(self, result: _Result, count: int) -> TokenVersions | None:
+        """SGLang's spans for the first ``count`` tokens, or, when no update has begun since the
+        request started, the version it started under."""
+        if not self._labels:
+            return None
+        spans = versions.from_meta(result.meta_info, count)
+        if spans is not None:
+            return spans
+        if result.mark is not None and self._updates.unchanged_since(result.mark):
+            return TokenVersions.uniform(count, result.mark.version)
+        return None
 
     async def _rescore(self, request: GenerateRequest, completions: list[Completion], plan: SGLangSampling) -> None:
         """Teacher-forced log-probabilities of the generated tokens under the unaltered model."""
@@ -393,6 +437,8 @@ class SGLangEngine:
                 kwargs["top_logprobs_num"] = plan.top_logprobs_num
             if request.lora_name is not None:
                 kwargs["lora_path"] = request.lora_name
+            if self._salted:
+                kwargs["cache_salt"] = f"skyrl-weights-{self._updates.version}"
             out = await self.engine.async_generate(**kwargs)
             chosen, top = lp.from_prefill(out["meta_info"], completion.token_ids, plan.top_logprobs_num)
             completion.logprobs = chosen
@@ -417,11 +463,11 @@ class SGLangEngine:
                 else:
                     # Submitted but not registered yet: SGLang ignores aborts of unknown ids.
                     asyncio.get_running_loop().create_task(self._abort_when_registered(rid))
-        if running and self._paused:
-            await self._retire_while_paused(running)
+        if running and self._pause_mode in ("in_place", "retract"):
+            await self._retire_while_paused(running, self._pause_mode)
 
-    async def _retire_while_paused(self, rids: list[str]) -> None:
-        """SGLang retires an aborted request at its next scheduling step, and an in-place pause runs
+    async def _retire_while_paused(self, rids: list[str], mode: str) -> None:
+        """SGLang retires an aborted request at its next scheduling step, and a paused scheduler runs
         none: resume just long enough for the aborted requests to come back, then pause again."""
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
 
@@ -431,7 +477,7 @@ class SGLangEngine:
             while any(rid in self.tm.rid_to_state for rid in rids) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.002)
         finally:
-            await self.tm.pause_generation(PauseGenerationReqInput(mode="in_place"))
+            await self.tm.pause_generation(PauseGenerationReqInput(mode=mode))
 
     async def _abort_when_registered(self, rid: str) -> None:
         while rid in self._live:
@@ -441,19 +487,22 @@ class SGLangEngine:
             await asyncio.sleep(0.002)
 
     @hookimpl
-    async def skyrl_backends_pause_generation(self) -> None:
+    async def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
         from sglang.srt.managers.io_struct import PauseGenerationReqInput
 
-        # In place: running requests keep their KV cache and continue after resume.
-        await self._on_loop(self.tm.pause_generation(PauseGenerationReqInput(mode="in_place")))
-        self._paused = True
+        # keep: in place (running requests keep their KV cache and continue after resume), or
+        # retract (their caches are dropped and rebuilt under the weights current at resume).
+        # abort: SGLang aborts every request and holds new ones.
+        sglang_mode = "abort" if mode == "abort" else ("retract" if recompute else "in_place")
+        await self._on_loop(self.tm.pause_generation(PauseGenerationReqInput(mode=sglang_mode)))
+        self._pause_mode = sglang_mode
 
     @hookimpl
     async def skyrl_backends_resume_generation(self) -> None:
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput
 
         await self._on_loop(self.tm.continue_generation(ContinueGenerationReqInput(torch_empty_cache=not self.cpu)))
-        self._paused = False
+        self._pause_mode = None
 
     # -- memory --------------------------------------------------------------------------------
     @hookimpl
@@ -498,12 +547,14 @@ class SGLangEngine:
         self._weight_group = init_info.group_name
 
     @hookimpl
-    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest, version: int) -> None:
         from sglang.srt.managers import io_struct
 
-        # While paused with requests in flight SGLang cannot flush (it flushes only when idle): the
-        # flush then happens as soon as the last of them finishes.
-        flush_now = not (self._paused and self._live)
+        # While paused in place with requests in flight SGLang cannot flush (it flushes only when
+        # idle): the flush then happens as soon as the last of them finishes. A retract pause leaves
+        # nothing running, so the flush happens now and the retracted requests are prefilled anew.
+        flush_now = not (self._pause_mode == "in_place" and self._live)
+        labelled = {"weight_version": str(version)} if self._labels else {}
         if request.strategy != "broadcast":
             from sglang.srt.utils import MultiprocessingSerializer
 
@@ -514,16 +565,16 @@ class SGLangEngine:
                 named = await asyncio.to_thread(self._received_tensors, request)
             obj: Any = io_struct.UpdateWeightsFromTensorReqInput(
                 serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.tp_size)],
-                load_format=None, flush_cache=flush_now)
+                load_format=None, flush_cache=flush_now, **labelled)
             call = self.tm.update_weights_from_tensor
         else:
             if self._weight_group is None:
                 raise EngineStateError("broadcast weight sync needs init_weight_update_communicator() first.")
             obj = io_struct.UpdateWeightsFromDistributedReqInput(
                 names=list(request.names), dtypes=list(request.dtypes), shapes=[list(s) for s in request.shapes],
-                group_name=self._weight_group, flush_cache=flush_now)
+                group_name=self._weight_group, flush_cache=flush_now, **labelled)
             call = self.tm.update_weights_from_distributed
-        success, message = await self._on_loop(self._update_in_session(call, obj))
+        success, message = await self._on_loop(self._update_labelled(call, obj, version))
         if not success:
             raise EngineStateError(f"SGLang failed to load the weights: {message}")
         if not flush_now:
@@ -545,6 +596,19 @@ class SGLangEngine:
             return list(receive_named_tensors(request, device=device))
         return [(name, tensor.to(device, copy=True))
                 for name, tensor in receive_named_tensors(request, device=device)]
+
+    async def _update_labelled(self, call: Any, obj: Any, version: int) -> tuple[bool, str]:
+        """The update on the engine loop, with new requests held until it is done (they are
+        submitted under the new version's cache salt) and the version adopted if it succeeds."""
+        result: tuple[bool, str] = (False, "not applied")
+        try:
+            async with self._updates.updating(version):
+                result = await self._update_in_session(call, obj)
+                if not result[0]:
+                    raise _UpdateRefused(result[1])
+        except _UpdateRefused:
+            pass
+        return result
 
     async def _update_in_session(self, call: Any, obj: Any) -> tuple[bool, str]:
         if not self.has_update_session:
@@ -642,6 +706,10 @@ class SGLangEngine:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
         self._pids = []
+
+
+class _UpdateRefused(Exception):
+    """SGLang answered an update with success=False (the caller raises with its message)."""
 
 
 def _sglang_tags(tags: list[str]) -> list[str]:

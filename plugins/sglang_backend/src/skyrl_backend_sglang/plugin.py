@@ -15,6 +15,7 @@ from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import BackendInfo
 
 from skyrl_backend_sglang.translation import MAX_TOP_LOGPROBS, SGLangSampling, is_cpu, translate_sampling
+from skyrl_backend_sglang.versions import engine_labels_tokens
 
 NAME = "sglang"
 # 0.5.17 is the GPU authority (docs/parity.md); 0.5.23 runs the CPU smoke tests. Releases differ in
@@ -62,6 +63,10 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         prefix_caching=True,
         abort=True,
         native_pause=True,
+        # SGLang's in-place (keep), retract (keep with recompute) and abort pauses; it has no wait.
+        pause_modes=("abort",),
+        recompute_on_resume=True,
+        token_versions=engine_labels_tokens(config.engine_init_kwargs if config is not None else {}, cpu),
         # shared_memory and cuda_ipc arrive in this process (skyrl_backends.weight_sync) and go on to
         # SGLang's scheduler with update_weights_from_tensor; broadcast is SGLang's own receiver.
         weight_sync_strategies=("tensors", "shared_memory", "broadcast") if cpu

@@ -6,6 +6,12 @@ pass runs on one worker thread (so torch never competes with itself for the core
 loop stays free), and between steps the loop honours abort and pause. Concurrent ``generate`` calls
 interleave step by step. The loop yields after every step, so ``generate`` runs it to the end and
 ``generate_stream`` hands out each step's tokens as they are chosen.
+
+Weight versions: weight updates run on the same worker thread as the forward passes, so each
+forward pass sees one set of weights, and the version it saw labels the tokens chosen from it. A
+pause returns once every decode loop is parked between steps; on resume a loop continues with its
+cache, or, when the pause asked for recomputation and the weights changed, first re-runs the prefill
+of its prompts and tokens so far under the new weights.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from skyrl_backends.types import (
     ParallelSizes,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
@@ -77,6 +84,7 @@ class _Sequence:
     generator: torch.Generator | None
     stop_matcher: StopStringMatcher
     tokens: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the weight version that chose each token
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
@@ -125,6 +133,14 @@ class TransformersEngine:
         self._abort_epoch = 0
         self._closing = False  # set by teardown
         self._paused = False
+        # The version of the weights in the model (set on the worker thread, with the weights).
+        self._version = 0
+        # Decode loops between two parking points (a pause waits until there are none), and the
+        # number of resumes that asked for kept caches to be recomputed.
+        self._running_loops = 0
+        self._quiet: asyncio.Event | None = None
+        self._recompute_next_resume = False
+        self._recompute_epoch = 0
         self._param_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._communicator: Any = None
         self.prefix_cache = PrefixCache(cache_tokens) if config.enable_prefix_caching else None
@@ -177,7 +193,8 @@ class TransformersEngine:
                     sent[index] = len(s.tokens)
                     yield StreamChunk(index, s.tokens[start:],
                                       s.logprobs[start:] if params.logprobs is not None else None,
-                                      s.top_logprobs[start:] if params.logprobs else None)
+                                      s.top_logprobs[start:] if params.logprobs else None,
+                                      token_versions=TokenVersions.from_per_token(s.versions[start:]))
 
     async def _decode_loop(self, request: GenerateRequest, params: SamplingParams) -> AsyncIterator[list[_Sequence]]:
         """The decode loop: yields the batch's sequences after every step (each live one a token
@@ -204,14 +221,21 @@ class TransformersEngine:
         epoch = self._abort_epoch
         weights_epoch = self._weights_epoch
         budget = [min(params.max_generate_length, self.max_model_len - len(s.prompt)) for s in sequences]
-        logits, cache, mask = await self._run(self._prefill, [s.prompt for s in sequences], request.lora_name)
-        fed = [list(s.prompt) for s in sequences]  # the tokens whose keys/values each cache row holds
+        self._loop_started()
         try:
+            await self._wait_while_paused(sequences, epoch)  # a request sent to a paused engine waits
+            if all(s.finish_reason is not None for s in sequences):
+                yield sequences
+                return
+            recompute_epoch = self._recompute_epoch
+            logits, cache, mask, version = await self._run(self._prefill, [s.prompt for s in sequences],
+                                                           request.lora_name)
+            fed = [list(s.prompt) for s in sequences]  # the tokens whose keys/values each cache row holds
             while True:
                 self._apply_aborts(sequences, epoch)
                 live = [i for i, s in enumerate(sequences) if s.finish_reason is None]
                 if live:
-                    self._advance(sequences, live, logits, params, budget)
+                    self._advance(sequences, live, logits, params, budget, version)
                 yield sequences
                 if all(s.finish_reason is not None for s in sequences):
                     break
@@ -219,14 +243,22 @@ class TransformersEngine:
                 if all(s.finish_reason is not None for s in sequences):
                     yield sequences  # aborted while paused
                     break
-                logits, cache, mask = await self._step(sequences, fed, cache, mask, request.lora_name)
+                if self._recompute_epoch != recompute_epoch and self._version != version:
+                    # Kept across a weight update by a pause that asked for recomputation: rebuild the
+                    # cache of every row (prompt and tokens so far) with the weights now loaded.
+                    recompute_epoch = self._recompute_epoch
+                    fed = [s.prompt + s.tokens for s in sequences]
+                    logits, cache, mask, version = await self._run(self._prefill, fed, request.lora_name)
+                    continue
+                logits, cache, mask, version = await self._step(sequences, fed, cache, mask, request.lora_name)
         finally:
+            self._loop_ended()
             self._aborted.difference_update(s.request_id for s in sequences)
         if self.prefix_cache is not None and not self._closing:  # the worker is gone once closing
             await self._run(self._remember_prefixes, fed, cache, mask, request.lora_name, weights_epoch)
 
     async def _step(self, sequences: list[_Sequence], fed: list[list[int]], cache: Any, mask: torch.Tensor,
-                    lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+                    lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor, int]:
         """Feed every live sequence's last token (finished rows ride along, masked out)."""
         live_rows = [s.finish_reason is None for s in sequences]
         last = [s.tokens[-1] if live else self.pad_token_id for s, live in zip(sequences, live_rows)]
@@ -248,14 +280,32 @@ class TransformersEngine:
                 s.finish_reason = "abort"
 
     async def _wait_while_paused(self, sequences: list[_Sequence], epoch: int) -> None:
-        while self._paused:
-            self._apply_aborts(sequences, epoch)
-            if all(s.finish_reason is not None for s in sequences):
-                return
-            await asyncio.sleep(_PAUSE_POLL_S)
+        if not self._paused:
+            return
+        self._loop_parked()
+        try:
+            while self._paused:
+                self._apply_aborts(sequences, epoch)
+                if all(s.finish_reason is not None for s in sequences):
+                    return
+                await asyncio.sleep(_PAUSE_POLL_S)
+        finally:
+            self._loop_started()
+
+    # A pause returns once no decode loop is between two parking points: every token chosen so far
+    # is in its sequence, and none is chosen before resume.
+    def _loop_started(self) -> None:
+        self._running_loops += 1
+
+    def _loop_parked(self) -> None:
+        self._running_loops -= 1
+        if not self._running_loops and self._quiet is not None:
+            self._quiet.set()
+
+    _loop_ended = _loop_parked
 
     def _advance(self, sequences: list[_Sequence], live: list[int], logits: torch.Tensor,
-                 params: SamplingParams, budget: list[int]) -> None:
+                 params: SamplingParams, budget: list[int], version: int) -> None:
         """Choose the next token of every live sequence and apply the stop conditions."""
         raw = logits[live].float()
         processed = apply_repetition_penalty(
@@ -274,6 +324,7 @@ class TransformersEngine:
             s = sequences[i]
             token = int(chosen[row])
             s.tokens.append(token)
+            s.versions.append(version)
             if chosen_lp is not None:
                 s.logprobs.append(chosen_lp[row])
             if top is not None:
@@ -312,6 +363,7 @@ class TransformersEngine:
             text=s.text if s.text is not None else self._decode(s.tokens),
             stop_reason=s.stop_reason,
             request_id=s.request_id,
+            token_versions=TokenVersions.from_per_token(s.versions),
         )
 
     # -- forward passes (run on the worker thread) -------------------------------------------
@@ -331,7 +383,8 @@ class TransformersEngine:
                 return self.peft_model(**inputs)
         return model(**inputs)
 
-    def _prefill(self, prompts: list[list[int]], lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]],
+                 lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor, int]:
         """Feed every prompt, reusing cached prefixes. The batch cache is laid out as
         ``[left pad | cached prefix]`` followed by ``[left pad | new tokens]`` per row; the attention
         mask marks the real columns, so positions and attention ignore the padding in between."""
@@ -354,7 +407,7 @@ class TransformersEngine:
             self._seed_cache(cache, hits, past_width)
         out = self._forward(lora_name, input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_arg: cache})
-        return out.logits[:, -1, :], cache, mask
+        return out.logits[:, -1, :], cache, mask, self._version
 
     def _lookup_prefix(self, prompt: list[int], lora_name: str | None) -> tuple[int, list[LayerKV] | None]:
         if self.prefix_cache is None:
@@ -388,7 +441,7 @@ class TransformersEngine:
                                      [(k[row][:, columns], v[row][:, columns]) for k, v in layers])
 
     def _decode_step(self, last_tokens: list[int], live_rows: list[bool], cache: Any, mask: torch.Tensor,
-                     lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+                     lora_name: str | None) -> tuple[torch.Tensor, Any, torch.Tensor, int]:
         ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(-1)
         # Finished rows still ride along in the batch; their new column is masked out so the cache
         # stays exact for the prefix cache.
@@ -397,7 +450,7 @@ class TransformersEngine:
         positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
         out = self._forward(lora_name, input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_arg: cache})
-        return out.logits[:, -1, :], cache, mask
+        return out.logits[:, -1, :], cache, mask, self._version
 
     # -- abort and pause -----------------------------------------------------------------------
     @hookimpl
@@ -408,11 +461,19 @@ class TransformersEngine:
             self._aborted.update(request_ids)
 
     @hookimpl
-    async def skyrl_backends_pause_generation(self) -> None:
+    async def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
+        # Only "keep" is declared: the facade does "abort" and "wait" itself.
         self._paused = True
+        self._recompute_next_resume = recompute
+        while self._running_loops:
+            self._quiet = asyncio.Event()
+            await self._quiet.wait()
 
     @hookimpl
     async def skyrl_backends_resume_generation(self) -> None:
+        if self._recompute_next_resume:
+            self._recompute_epoch += 1
+            self._recompute_next_resume = False
         self._paused = False
 
     # -- memory --------------------------------------------------------------------------------
@@ -471,10 +532,10 @@ class TransformersEngine:
         self._communicator = await self._run(make_receiver, init_info, self.device)
 
     @hookimpl
-    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
-        await self._run(self._load_weights, request)
+    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest, version: int) -> None:
+        await self._run(self._load_weights, request, version)
 
-    def _load_weights(self, request: WeightUpdateRequest) -> None:
+    def _load_weights(self, request: WeightUpdateRequest, version: int) -> None:
         # Every tensor that reaches ``load`` was checked against the request's declaration (by the
         # facade for in-process tensors, by the receiver for transported ones), and the declaration
         # against this engine's parameters, so each copy fits its parameter. Everything is received
@@ -496,6 +557,7 @@ class TransformersEngine:
                 from skyrl_backends.weight_sync import load_named_tensors
 
                 load_named_tensors(request, self.device, load, communicator=self._communicator)
+            self._version = version  # on the worker thread: the next forward pass runs on these weights
         finally:  # a partly applied streamed update must not be served from the old prefixes either
             self._invalidate_prefixes()
 

@@ -50,6 +50,10 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         prefix_caching=config.enable_prefix_caching if config is not None else True,
         abort=True,
         native_pause=True,
+        # Forward passes and weight updates share one worker thread: each token's version is exact,
+        # and a kept request's cache can be rebuilt by a fresh prefill under the new weights.
+        recompute_on_resume=True,
+        token_versions=True,
         weight_sync_strategies=_weight_sync_strategies(),
         streaming=True,
     )

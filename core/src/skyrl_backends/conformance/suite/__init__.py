@@ -16,6 +16,7 @@ from skyrl_backends.conformance.suite.abort_pause import AbortPauseTests
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.conformance.suite.concurrency import ConcurrencyTests
 from skyrl_backends.conformance.suite.generation import GenerationContractTests
+from skyrl_backends.conformance.suite.inflight_update import InflightUpdateTests
 from skyrl_backends.conformance.suite.lifecycle import LifecycleStateMachine
 from skyrl_backends.conformance.suite.logprobs import LogprobTests
 from skyrl_backends.conformance.suite.lora import LoraTests
@@ -36,6 +37,7 @@ GROUPS: tuple[type[ConformanceTestBase], ...] = (
     LoraTests,
     PrefixCacheTests,
     AbortPauseTests,
+    InflightUpdateTests,
     ConcurrencyTests,
     StreamingTests,
     LifecycleStateMachine,
