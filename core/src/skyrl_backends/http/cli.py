@@ -1,4 +1,5 @@
-"""``skyrl-backends serve``: engines, the client and the OpenAI-compatible endpoint in one command.
+"""``skyrl-backends serve``: engines, the client and the OpenAI-compatible endpoint in one command,
+and the engine API (``/skyrl/v1``, :mod:`skyrl_backends.http.engine_routes`) that remote engines use.
 
     skyrl-backends serve --backend transformers --model DIR [--num-engines N] [--host 127.0.0.1]
                          [--port 8000] [--api-key KEY] [--ray]
@@ -41,6 +42,15 @@ def add_subcommand(subparsers: Any) -> None:
     serve.add_argument("--ray", action="store_true", help="run each engine as a Ray actor (local Ray if none)")
     serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                        help="a generator-config option for every engine (YAML value), repeatable")
+    serve.add_argument("--allow-no-api-key", action="store_true",
+                       help="serve on a non-loopback address without an API key (refused otherwise: whoever reaches "
+                            "the port could drive the engines, weights and LoRA adapters included)")
+    serve.add_argument("--no-engine-api", action="store_true",
+                       help="serve the OpenAI endpoint only, not the engine API under /skyrl/v1")
+    serve.add_argument("--engine-api-max-body-bytes", type=int, default=None,
+                       help="largest engine-API request body (default 64 MiB: a rollout batch of token ids)")
+    serve.add_argument("--url-file", default=None,
+                       help="write the server's URL to this file once its port is bound (with --port 0: a free port)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -76,6 +86,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.num_engines < 1:
         raise SystemExit("--num-engines must be >= 1")
     _generator_config(args)  # a bad option is reported before anything starts
+    from skyrl_backends.errors import ConfigError
+    from skyrl_backends.http.engine_server import check_exposure
+
+    try:
+        check_exposure(args.host, args.api_key, args.allow_no_api_key, engine_api=not args.no_engine_api)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     try:  # uvicorn.run would pick uvloop too; vLLM's own server runs on it
         import uvloop
     except ImportError:
@@ -86,15 +103,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    from skyrl_backends.http.engine_server import LoadingResponder, write_url_file
+    from skyrl_backends.http.server import bind_socket, uvicorn_config
+
+    # The port is bound first and answers "loading" until the engines are up (see engine_server).
+    sock = bind_socket(args.host, args.port)
+    loading = LoadingResponder(sock).start()
+    if args.url_file:
+        write_url_file(args.url_file, sock)
+    try:
+        client, app, name = await _serving_app(args)
+    except BaseException:
+        loading.stop()
+        sock.close()
+        raise
+    loading.stop()
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name!r} ({args.backend}, {args.num_engines} engine(s)) on http://{host}:{port}/v1"
+          + ("" if args.no_engine_api else f", engine API on http://{host}:{port}/skyrl/v1"), flush=True)
+    try:
+        import uvicorn
+
+        await uvicorn.Server(uvicorn_config(app)).serve(sockets=[sock])
+    finally:
+        await client.teardown()
+
+
+async def _serving_app(args: argparse.Namespace) -> Any:
     from transformers import AutoTokenizer
 
     from skyrl_backends.client import InferenceEngineClient
+    from skyrl_backends.config import REMOTE_FIELDS
     from skyrl_backends.http.app import create_app
+    from skyrl_backends.http.engine_routes import DEFAULT_ENGINE_API_MAX_BODY_BYTES, create_engine_app
+    from skyrl_backends.http.engine_server import with_engine_api
     from skyrl_backends.http.guards import DEFAULT_MAX_BODY_BYTES
-    from skyrl_backends.http.server import serve
 
     config = _generator_config(args)
-    options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model")}
+    # The engines are this server's own (a config written for the trainer's side may name remote ones).
+    options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model", *REMOTE_FIELDS)}
     args.backend, args.model = config.backend, config.model
     if args.ray:
         import ray
@@ -113,9 +160,8 @@ async def _serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(client, tokenizer, model_name=name, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
-    print(f"serving {name!r} ({args.backend}, {args.num_engines} engine(s)) on http://{args.host}:{args.port}/v1",
-          flush=True)
-    try:
-        await serve(app, args.host, args.port, api_key=args.api_key)
-    finally:
-        await client.teardown()
+    if not args.no_engine_api:
+        app = with_engine_api(app, create_engine_app(
+            engines, api_key=args.api_key,
+            max_body_bytes=args.engine_api_max_body_bytes or DEFAULT_ENGINE_API_MAX_BODY_BYTES))
+    return client, app, name
