@@ -102,6 +102,7 @@ def test_finished_operations_expire_after_the_retention_window():
 
         op = log.get_or_start("old", "b", call)
         await op.wait()
+        await asyncio.sleep(0.01)
         log.get_or_start("new", "b", call)
         assert len(log) == 1  # "old" is gone: a retry that late starts a new call
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from skyrl_backends.client.loop_thread import LoopThread
 
@@ -19,6 +20,7 @@ class FlakyProxy:
         self.connections = 0
         self.cuts = 0
         self._marker: bytes | None = None
+        self._then: Callable[[], None] | None = None
         self._loop = LoopThread("flaky-proxy")
         self._server = self._loop.run(self._start())
         self.port = self._server.sockets[0].getsockname()[1]
@@ -29,8 +31,10 @@ class FlakyProxy:
         self._flowing.set()
         return await asyncio.start_server(self._handle, "127.0.0.1", 0)
 
-    def cut_after(self, marker: bytes) -> None:
+    def cut_after(self, marker: bytes, then: Callable[[], None] | None = None) -> None:
+        """Cut the next connection whose answer contains ``marker``; ``then`` runs right after the cut."""
         self._marker = marker
+        self._then = then
 
     def stall(self) -> None:
         self._loop.loop.call_soon_threadsafe(self._flowing.clear)
@@ -62,6 +66,8 @@ class FlakyProxy:
                     self.cuts += 1
                     client_writer.transport.abort()  # a reset, not a clean end of the answer
                     server_writer.transport.abort()
+                    if self._then is not None:
+                        self._then()
                     return
             client_writer.close()
 

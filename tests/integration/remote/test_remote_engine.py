@@ -142,6 +142,23 @@ def test_a_broken_stream_resumes_where_it_broke(served, proxy):
     run(remote.teardown())
 
 
+def test_a_call_the_server_forgot_is_not_spliced_from_two_runs(served, proxy):
+    """The stream breaks and the server loses the call (as if it restarted): resuming would join two
+    generations, so the remote engine reports the engine dead instead."""
+    remote = connect_engine(proxy.url, api_key=API_KEY, retries=3)
+
+    def forget():
+        served.loop.loop.call_soon_threadsafe(served.log._operations.clear)
+
+    async def main():
+        proxy.cut_after(b'"chunk"', then=forget)
+        return [c async for c in remote.generate_stream([PROMPTS[1]], {**GREEDY, "max_generate_length": 24})]
+
+    with pytest.raises(errors.EngineDeadError, match="lost a call in progress"):
+        run(main())
+    run(remote.teardown())
+
+
 def test_a_silent_server_is_reported_dead_and_the_call_is_not_repeated(served, proxy):
     remote = connect_engine(proxy.url, api_key=API_KEY, retries=1, heartbeat_timeout_s=1.0)
     rid = uuid.uuid4().hex

@@ -43,8 +43,9 @@ HEARTBEAT_S = 5.0
 class Operation:
     """One engine call and its events; read by any number of connections, each from any event."""
 
-    def __init__(self, key: str, fingerprint: str) -> None:
+    def __init__(self, key: str, fingerprint: str, on_finish: Callable[[Operation], None] | None = None) -> None:
         self.key = key
+        self._on_finish = on_finish
         self.fingerprint = fingerprint
         self.events: list[dict[str, Any]] = []
         self.status = 200
@@ -77,6 +78,8 @@ class Operation:
         self.finished_at = time.monotonic()
         self._cancel_orphan_timer()
         self._notify()
+        if self._on_finish is not None:
+            self._on_finish(self)
 
     def fail(self, exc: BaseException) -> None:
         status = wire.status_of(exc)
@@ -148,13 +151,18 @@ class OperationLog:
         self.orphan_grace_s = orphan_grace_s
         self.tombstone_s = tombstone_s
         self.max_tombstones = max_tombstones
-        self._operations: OrderedDict[str, Operation] = OrderedDict()
+        self._operations: dict[str, Operation] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()  # key -> when, oldest first
         self._running_ids: dict[str, Operation] = {}
         self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __len__(self) -> int:
         return len(self._operations)
+
+    def get(self, key: str) -> Operation | None:
+        self._expire()
+        return self._operations.get(key)
 
     def get_or_start(self, key: str, fingerprint: str, run: Callable[[Operation], Awaitable[None]]) -> Operation:
         """The operation under ``key``, started with ``run`` if it is new. Raises the ConfigError of
@@ -165,7 +173,7 @@ class OperationLog:
             if existing.fingerprint != fingerprint:
                 raise key_reused(key)
             return existing
-        operation = Operation(key, fingerprint)
+        operation = Operation(key, fingerprint, self._finish)
         self._operations[key] = operation
 
         async def guarded() -> None:
@@ -183,16 +191,17 @@ class OperationLog:
         task.add_done_callback(self._tasks.discard)
         return operation
 
+    def _finish(self, operation: Operation) -> None:
+        self._finished[operation.key] = time.monotonic()
+
     def _expire(self) -> None:
         now = time.monotonic()
-        finished = [k for k, op in self._operations.items() if op.done]
-        excess = len(finished) - self.max_finished
-        for key in finished:
-            op = self._operations[key]
-            assert op.finished_at is not None
-            if excess > 0 or now - op.finished_at > self.retention_s:
-                del self._operations[key]
-                excess -= 1
+        while self._finished:
+            key, finished_at = next(iter(self._finished.items()))
+            if now - finished_at <= self.retention_s and len(self._finished) <= self.max_finished:
+                break
+            del self._finished[key]
+            self._operations.pop(key, None)
         while self._tombstones:
             key, expires = next(iter(self._tombstones.items()))
             if expires > now and len(self._tombstones) <= self.max_tombstones:

@@ -184,14 +184,18 @@ class EngineRoutes:
         key = request.headers.get(wire.IDEMPOTENCY_HEADER) or uuid.uuid4().hex
         fingerprint = hashlib.sha256(request.url.path.encode() + b"\0" + raw).hexdigest()
         try:
-            op = self.log.get_or_start(key, fingerprint, run)
-        except ConfigError as exc:  # the key was used for another call
-            return _error(exc, 409)
-        try:
             start = int(request.headers.get(wire.RESUME_HEADER, "0"))
         except ValueError:
             return _error(ConfigError(wire.RESUME_HEADER, "must be an integer (events already received)"))
-        return await self._respond(op, _wants(request), start)
+        attached = self.log.get(key) is not None
+        try:
+            op = self.log.get_or_start(key, fingerprint, run)
+        except ConfigError as exc:  # the key was used for another call
+            return _error(exc, 409)
+        response = await self._respond(op, _wants(request), start)
+        # A caller resuming a call this server does not know (it restarted) must not splice two runs.
+        response.headers[wire.OPERATION_HEADER] = "attached" if attached else "new"
+        return response
 
     def _call(self, operation: str, arguments: dict[str, Any]) -> Callable[[Operation], Awaitable[None]]:
         engine = self.engine
@@ -223,7 +227,8 @@ class EngineRoutes:
             op.emit({"event": "accepted"})
             # Ids this server has not received yet were sent by the caller and are still on their
             # way: remembered, and aborted when they arrive.
-            log.remember_aborted([rid for rid in pending if rid not in log.running_ids()])
+            running = set(log.running_ids())
+            log.remember_aborted([rid for rid in pending if rid not in running])
             if ids is not None:
                 log.split_abort(ids)
             await engine.abort(ids)

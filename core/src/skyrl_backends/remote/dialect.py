@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skyrl_backends.capabilities import Capabilities
+from skyrl_backends.errors import ConfigError, RemoteEngineError
 from skyrl_backends.remote import wire
 from skyrl_backends.remote.transport import HttpTransport
 from skyrl_backends.types import (
@@ -140,12 +141,23 @@ class SkyRLDialect(WireDialect):
         self.transport = transport
 
     def describe(self, wait_ready_s: float) -> ServerDescription:
-        info = self.transport.get_sync("/info", wait_ready_s)
+        url = self.transport.base_url
+        try:
+            info = self.transport.get_sync("/info", wait_ready_s)
+        except RemoteEngineError as exc:
+            if exc.status == 404:
+                raise ConfigError("remote_inference_engine_urls", f"{url} serves no skyrl engine API (HTTP 404): "
+                                                                  f"start the server with `skyrl-backends serve` "
+                                                                  f"(without --no-engine-api)") from None
+            raise
         if not isinstance(info, dict) or info.get("dialect") != wire.DIALECT:
-            raise ValueError(f"{self.transport.base_url} does not serve the skyrl engine API (got {info!r:.200})")
+            raise ConfigError("remote_inference_engine_urls", f"{url} does not serve the skyrl engine API "
+                                                              f"(got {str(info)[:200]})")
         if info.get("wire_version") != wire.WIRE_VERSION:
-            raise ValueError(f"{self.transport.base_url} speaks wire version {info.get('wire_version')}; this "
-                             f"client speaks {wire.WIRE_VERSION}: install matching skyrl-backends versions")
+            raise ConfigError("remote_inference_engine_urls", f"{url} speaks wire version "
+                                                              f"{info.get('wire_version')}; this side speaks "
+                                                              f"{wire.WIRE_VERSION}: install matching skyrl-backends "
+                                                              f"versions")
         return ServerDescription(
             backend=info["backend"], capabilities=wire.capabilities_from_json(info["capabilities"]),
             parallel_sizes=wire.parallel_sizes_from_json(info.get("parallel_sizes", {})),

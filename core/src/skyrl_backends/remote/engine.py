@@ -175,17 +175,21 @@ class RemoteEngine:
         ids = sample_request_ids(request)
         finished: set[int] = set()
         events = self._events(request, stream=True)
+        failed = False
         try:
             async for event in events:
                 if event.kind == "chunk" and event.chunk is not None:
                     if event.chunk.completion is not None:
                         finished.add(event.chunk.index)
                     yield event.chunk
+        except Exception:
+            failed = True  # the server's error (or its absence) ends the stream; nothing left to abort here
+            raise
         finally:
             await events.aclose()
             unfinished = [rid for i, rid in enumerate(ids) if i not in finished]
-            if unfinished and len(finished) < len(ids) and self.capabilities.abort and not self._closed:
-                try:
+            if unfinished and not failed and self.capabilities.abort and not self._closed:
+                try:  # the caller left early: end what still runs, as a local engine does
                     await self.abort(unfinished)
                 except Exception:  # the server may be gone: its own orphan timeout then ends them
                     pass

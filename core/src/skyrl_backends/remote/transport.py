@@ -162,6 +162,11 @@ class HttpTransport:
             if response.status_code != 200:
                 await response.aread()
                 self._decode(response)  # raises the server's error
+            if start and response.headers.get(wire.OPERATION_HEADER) == "new":
+                # The call broke, and the server no longer knows it (it restarted): running it again
+                # here would splice two runs (and repeat a weight update). The engine that had it is gone.
+                raise EngineDeadError(f"engine server {self.base_url} lost a call in progress (did it restart?); "
+                                      f"it was not run again")
             async for line in response.aiter_lines():
                 if line:
                     yield wire.loads(line)

@@ -47,6 +47,8 @@ SSE = "text/event-stream"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # How many events of an operation the caller has already seen (a retry resumes after them).
 RESUME_HEADER = "X-Skyrl-Resume-From"
+# The server's answer: "new" (the call starts now) or "attached" (the key's call was already running or done).
+OPERATION_HEADER = "X-Skyrl-Operation"
 
 # Engine operations reached by POST, by the Engine method they call: path under API_PREFIX.
 POST_OPERATIONS: dict[str, str] = {
@@ -355,7 +357,8 @@ def is_loading(body: Any, status: int) -> bool:
 
 
 __all__ = [
-    "API_PREFIX", "DIALECT", "ERROR_CLASSES", "IDEMPOTENCY_HEADER", "NDJSON", "POST_OPERATIONS", "RESUME_HEADER",
+    "API_PREFIX", "DIALECT", "ERROR_CLASSES", "IDEMPOTENCY_HEADER", "NDJSON", "OPERATION_HEADER", "POST_OPERATIONS",
+    "RESUME_HEADER",
     "SSE", "WIRE_VERSION", "capabilities_from_json", "capabilities_to_json", "chunk_from_json", "chunk_to_json",
     "completion_from_json", "completion_to_json", "dumps", "error_from_json", "error_to_json",
     "generate_request_from_json", "generate_request_to_json", "init_info_from_json", "init_info_to_json",
