@@ -64,6 +64,7 @@ class FlakyProxy:
                 if self._marker is not None and self._marker in data:
                     self._marker = None
                     self.cuts += 1
+                    await asyncio.sleep(0.2)  # the caller reads what it got (a reset drops unread bytes)
                     client_writer.transport.abort()  # a reset, not a clean end of the answer
                     server_writer.transport.abort()
                     if self._then is not None:

@@ -51,6 +51,8 @@ def add_subcommand(subparsers: Any) -> None:
                        help="largest engine-API request body (default 64 MiB: a rollout batch of token ids)")
     serve.add_argument("--url-file", default=None,
                        help="write the server's URL to this file once its port is bound (with --port 0: a free port)")
+    serve.add_argument("--stop-on-stdin-close", action="store_true",
+                       help="stop when standard input closes (a parent process that started the server died)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -103,7 +105,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from skyrl_backends.http.engine_server import LoadingResponder, write_url_file
+    from skyrl_backends.http.engine_server import LoadingResponder, stop_on_stdin_close, write_url_file
+
+    if args.stop_on_stdin_close:
+        stop_on_stdin_close()
     from skyrl_backends.http.server import bind_socket, uvicorn_config
 
     # The port is bound first and answers "loading" until the engines are up (see engine_server).

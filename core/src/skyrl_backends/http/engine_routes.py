@@ -327,7 +327,7 @@ def create_engine_app(engines: Sequence[Any] | Any, *, api_key: str | None = Non
     if not engines:
         raise ValueError("the engine API needs at least one engine")
     app = FastAPI(title="skyrl-backends engine API", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.operations = log or OperationLog()
+    app.state.operations = log if log is not None else OperationLog()
     prefixes: list[tuple[str, EngineRoutes]] = []
     for index, engine in enumerate(engines):
         routes = EngineRoutes(engine, app.state.operations, index, len(engines))

@@ -116,6 +116,23 @@ class LoadingResponder:
         self._thread.join(10)
 
 
+def stop_on_stdin_close() -> None:
+    """SIGTERM this process when its standard input reaches end of file: a parent that started the
+    server holds the other end of the pipe, so the server ends with it, even when the parent is killed."""
+    import signal
+    import sys
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="skyrl-stdin-watch", daemon=True).start()
+
+
 def write_url_file(path: str, sock: socket.socket) -> str:
     """Write the server's base URL (``http://host:port``) into ``path``; returns it."""
     host, port = sock.getsockname()[:2]
@@ -126,5 +143,5 @@ def write_url_file(path: str, sock: socket.socket) -> str:
     return url
 
 
-__all__ = ["ALLOW_NO_API_KEY_FLAG", "ENGINE_API_ROOT", "LoadingResponder", "check_exposure", "with_engine_api",
-           "write_url_file"]
+__all__ = ["ALLOW_NO_API_KEY_FLAG", "ENGINE_API_ROOT", "LoadingResponder", "check_exposure", "stop_on_stdin_close",
+           "with_engine_api", "write_url_file"]

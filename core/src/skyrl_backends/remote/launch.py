@@ -46,14 +46,17 @@ class ServerProcess:
         overrides = [f"generator.{key}={json.dumps(value)}" for key, value in (options or {}).items()]
         self.command = [python, "-m", "skyrl_backends.cli", "serve", "--backend", backend,
                         "--model", os.fspath(model), "--host", host, "--port", "0",
-                        "--url-file", str(self.url_file), *(extra_args or []), *overrides]
+                        "--url-file", str(self.url_file), "--stop-on-stdin-close", *(extra_args or []), *overrides]
         child_env = {**os.environ, **(env or {})}
         child_env.pop(API_KEY_ENV, None)
         if api_key:
             child_env[API_KEY_ENV] = api_key
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=child_env,
-                                        start_new_session=True)
+        # The child's stdin is a pipe only this process writes: when this process ends, however it
+        # ends, the pipe closes and the server stops (--stop-on-stdin-close). Its own session keeps a
+        # terminal's Ctrl-C for the parent, which stops the server in order.
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
         self.url: str | None = None
 
     def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
@@ -87,6 +90,8 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 30 s) and remove its files."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
