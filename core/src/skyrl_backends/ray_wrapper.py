@@ -164,6 +164,8 @@ class RayEngineProxy:
     spawn: dict[str, Any] | None = None
     # The placement group created for this engine alone (by a restart), removed at teardown.
     own_placement_group: Any = None
+    # The placement group and bundle the actor was scheduled on (a restart goes back to the bundle).
+    placement: tuple[Any, int] | None = None
 
     def __repr__(self) -> str:
         return f"<RayEngineProxy {self.name} backend={self.backend!r} pid={self.pid} node={self.node_id}>"
@@ -343,8 +345,11 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
                    **(actor_options or {})}
         actors.append(actor_class.options(**options).remote(backend, model_path, dict(engine_options)))
     try:
-        return [RayEngineProxy.from_actor(actor, f"ray-engine-{i}", start_timeout_s, spawn)
-                for i, actor in enumerate(actors)]
+        proxies = [RayEngineProxy.from_actor(actor, f"ray-engine-{i}", start_timeout_s, spawn)
+                   for i, actor in enumerate(actors)]
+        for proxy, index in zip(proxies, indices, strict=True):
+            proxy.placement = (group, index)
+        return proxies
     except BaseException:
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -356,19 +361,26 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
 def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
                        name: str | None = None) -> RayEngineProxy:
     """A new actor for an engine that was lost (its node died, its process crashed): the same
-    backend, model, engine options and resources, in a placement group of its own that Ray schedules
-    on any live node with room. The new engine has the model's initial weights: push the current
-    ones before it serves (``EngineRecovery`` does, through its ``restore`` step)."""
+    backend, model, engine options and resources, on a live node. An engine of a placement group goes
+    back to its bundle, which Ray moves to a live node with room when the bundle's node died (the
+    group's strategy still holds: STRICT_SPREAD keeps engines on distinct nodes); other engines get a
+    one-bundle group of their own. The new engine has the model's initial weights: push the current
+    ones before it serves (``EngineRecovery`` does, in its ``restore`` step)."""
     if lost.spawn is None:
         raise ConfigError("lost", f"{lost.name} was not started by create_ray_engines, so how to start it again is "
                                   f"unknown; create a new engine and add it to the pool instead")
     spawn = lost.spawn
     with contextlib.suppress(Exception):  # a dead actor: make sure Ray does not bring it back as well
         ray.kill(lost.actor, no_restart=True)
-    group = engine_placement_group(1, spawn["num_gpus"], spawn["num_cpus"], timeout_s=start_timeout_s)
+    own_group = lost.own_placement_group
+    if lost.placement is not None:
+        group, index = lost.placement
+    else:
+        group, index = engine_placement_group(1, spawn["num_gpus"], spawn["num_cpus"], timeout_s=start_timeout_s), 0
+        own_group = group
     options = {"num_cpus": spawn["num_cpus"], "num_gpus": spawn["num_gpus"], "max_restarts": 0,
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=group,
-                                                                        placement_group_bundle_index=0),
+                                                                        placement_group_bundle_index=index),
                **spawn["actor_options"]}
     actor = ray.remote(RayWrappedInferenceEngine).options(**options).remote(
         spawn["backend"], spawn["model"], dict(spawn["engine_options"]))
@@ -376,7 +388,9 @@ def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT
         proxy = RayEngineProxy.from_actor(actor, name or lost.name, start_timeout_s, spawn)
     except BaseException:
         ray.kill(actor, no_restart=True)
-        ray.util.remove_placement_group(group)
+        if own_group is not None and own_group is not lost.own_placement_group:
+            ray.util.remove_placement_group(own_group)
         raise
-    proxy.own_placement_group = group
+    proxy.placement = (group, index)
+    proxy.own_placement_group = own_group
     return proxy

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 
 import pytest
 
@@ -42,6 +43,10 @@ FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_peri
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Ray's memory monitor judges the whole machine: on a shared CI machine another job's memory would
+    # get this test's (small) engines killed. The raylets read the setting from their environment.
+    saved = os.environ.get("RAY_memory_monitor_refresh_ms")
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     sim = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
     nodes = [sim.add_node(num_cpus=1, include_dashboard=False) for _ in range(3)]
@@ -50,6 +55,10 @@ def cluster():
     yield sim, nodes
     ray.shutdown()
     sim.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_memory_monitor_refresh_ms", None)
+    else:
+        os.environ["RAY_memory_monitor_refresh_ms"] = saved
 
 
 @pytest.fixture(scope="module")
