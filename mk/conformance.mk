@@ -2,7 +2,6 @@
 # `make test-conformance` (Makefile) runs the suite against the transformers backend and leaves its
 # report in $(CONFORMANCE_OUT); the targets here add the example plugin and compare both reports
 # with the committed table.
-TF_EXTRA_EDITABLE += examples/minimal_backend
 EXTRA_TESTS += test-conformance-example test-parity-table
 
 CONFORMANCE_OUT := .cache/conformance

@@ -1,15 +1,15 @@
 # The SGLang backend. Its pure parts (translation, log-probabilities, logit processor, stop strings,
 # hooks) are unit-tested in the transformers environment without SGLang: `test-sglang-unit`. The real
-# engine runs in its own environment (.venv/sglang, sglang==0.5.23 from PyPI: 3 to 4 minutes and
-# 11 GB on an idle 2-core machine, CUDA wheels included since SGLang pins a CUDA torch) on the CPU:
+# engine runs in its own environment (.venv/sglang, sglang==0.5.23 from PyPI, about 10 GB: CUDA wheels
+# included since SGLang pins a CUDA torch) on the CPU:
 # `test-sglang-cpu` (the plugin's smoke tests, about 75 s) and `conformance-sglang-cpu` (the shared
 # suite, about 45 s). All three are in `make test` (about 6 minutes together on an idle machine; drop
 # the second line below to keep only the unit tests). The GPU authority is SGLang 0.5.17 on the GPU
-# machine (docs/parity.md).
+# machine (docs/parity.md). The environment is the workspace's `sglang` extra (uv.lock): uv builds it in
+# about a minute, PyPI's CUDA torch and libraries included (docs/packaging.md).
 EXTRA_TESTS += test-sglang-unit
 EXTRA_TESTS += test-sglang-cpu conformance-sglang-cpu
 
-SGLANG_CPU_VERSION := sglang==0.5.23
 # Test-only import hook (a sitecustomize) that keeps sgl-kernel's CUDA-only ops from loading on a
 # machine without a CUDA driver; only these targets put it on PYTHONPATH.
 SGLANG_CPU_HOOK := plugins/sglang_backend/tests/cpu/hook
@@ -17,10 +17,8 @@ SGLANG_CPU_RUN := SKYRL_TEST_MODEL=$(abspath $(MODEL)) PYTHONPATH=$(abspath $(SG
 
 .PHONY: test-sglang-unit test-sglang-cpu conformance-sglang-cpu
 
-$(SGLANG_ENV)/.ready: core/pyproject.toml plugins/sglang_backend/pyproject.toml mk/sglang.mk
-	rm -rf $(SGLANG_ENV) && $(PYTHON) -m venv $(SGLANG_ENV)
-	$(SGLANG_ENV)/bin/python $(PIP) $(SGLANG_CPU_VERSION)
-	$(SGLANG_ENV)/bin/python $(PIP) -e 'core[dev,testing]' -e plugins/sglang_backend $(SGLANG_CPU_VERSION)
+$(SGLANG_ENV)/.ready: $(WORKSPACE) core/pyproject.toml plugins/sglang_backend/pyproject.toml mk/sglang.mk | $(UV)
+	$(call uv_sync,sglang)
 	touch $@
 
 test-sglang-unit: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model

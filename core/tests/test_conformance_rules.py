@@ -142,3 +142,19 @@ def test_classes_of_other_backends_are_deselected(suite_dir: pytest.Pytester) ->
             backend = "capsonly"
     """, "--conformance-backend", "capsonly", "-k", "test_load_changes_output_unload_restores")
     result.assert_outcomes(skipped=1)
+
+
+def test_engine_options_are_read_as_every_command_reads_them(suite_dir: pytest.Pytester) -> None:
+    # --conformance-engine-option takes the one KEY=VALUE format (JSON, else YAML) of `serve` and the demo.
+    suite_dir.makepyfile(test_options="""
+        class TestOptions:
+            backend = "capsonly"
+
+            def test_options(self, conformance_config):
+                assert conformance_config.engine_options == {"rate": 0.001, "kw": {"a": 1}, "dtype": "float32"}
+    """)
+    result = suite_dir.runpytest_inprocess(
+        "--conformance-model", str(suite_dir.path), "-p", "no:cacheprovider", "-p", "no:asyncio",
+        "--conformance-engine-option", "rate=1e-3", "--conformance-engine-option", "kw={a: 1}",
+        "--conformance-engine-option", "dtype=float32", "test_options.py")
+    result.assert_outcomes(passed=1)

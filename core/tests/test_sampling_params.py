@@ -5,14 +5,18 @@ from skyrl_backends import SamplingParams, SamplingParamsError
 INVALID = [
     ("max_generate_length", 0, "integer >= 1"),
     ("max_generate_length", 2.5, "integer >= 1"),
-    ("temperature", -0.1, "finite number >= 0"),
-    ("temperature", float("nan"), "finite number >= 0"),
+    ("temperature", -0.1, "0 (greedy) or a finite number >= 1e-05"),
+    ("temperature", float("nan"), "0 (greedy) or a finite number >= 1e-05"),
+    # Schema-valid values that used to crash sampling (logits / 1e-40 overflow to inf, then NaN).
+    ("temperature", 1e-40, "0 (greedy) or a finite number >= 1e-05"),
     ("top_p", 0.0, "(0, 1]"),
     ("top_p", 1.5, "(0, 1]"),
     ("top_k", 0, "-1 (disabled)"),
     ("top_k", -2, "-1 (disabled)"),
     ("min_p", 1.5, "[0, 1]"),
-    ("repetition_penalty", 0.0, "> 0"),
+    ("repetition_penalty", 0.0, ">= 1e-05"),
+    ("repetition_penalty", 1e-300, ">= 1e-05"),
+    ("repetition_penalty", float("inf"), ">= 1e-05"),
     ("logprobs", -1, "None (off)"),
     ("logprobs", True, "None (off)"),
     ("stop", [""], "non-empty strings"),
@@ -20,8 +24,12 @@ INVALID = [
     ("stop_token_ids", [-1], "non-negative integer"),
     ("min_new_tokens", -1, "integer >= 0"),
     ("ignore_eos", "yes", "true or false"),
-    ("seed", -5, "None or an integer >= 0"),
+    ("seed", -5, "None or an integer in [0, 9223372036854775807]"),
+    ("seed", 2**64, "None or an integer in [0, 9223372036854775807]"),  # overflowed torch's generator
     ("n", 0, "integer >= 1"),
+    ("n", 10**9, "SKYRL_BACKENDS_MAX_N"),
+    ("stop", 5, "a list of strings"),
+    ("stop_token_ids", 7, "a list of token ids"),
 ]
 
 
@@ -82,3 +90,25 @@ def test_replace_validates_and_rejects_unknown():
         params.replace(top_k=0)
     with pytest.raises(SamplingParamsError, match="Did you mean 'top_k'"):
         params.replace(topk=5)
+
+
+def test_seed_plus_samples_must_fit_64_bits():
+    SamplingParams(seed=2**63 - 1)
+    with pytest.raises(SamplingParamsError, match="seed.*9223372036854775804"):
+        SamplingParams(seed=2**63 - 1, n=4)
+
+
+def test_n_limit_is_raised_with_its_environment_variable(monkeypatch):
+    from skyrl_backends import limits
+
+    with pytest.raises(SamplingParamsError, match="at most 4096"):
+        SamplingParams(n=limits.MAX_N + 1)
+    monkeypatch.setenv(limits.MAX_N_ENV, str(limits.MAX_N + 1))
+    assert SamplingParams(n=limits.MAX_N + 1).n == limits.MAX_N + 1
+
+
+@pytest.mark.parametrize("values", [[("temperature", 0.5)], ["temperature"], "temperature=1", 3])
+def test_sampling_params_that_are_not_a_mapping_name_the_field(values):
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams.from_dict(values)
+    assert info.value.field == "sampling_params"

@@ -25,6 +25,7 @@ from skyrl_backends.errors import (
     EngineStateError,
     EngineVersionError,
     LoraAdapterError,
+    PluginAPIVersionError,
     RemoteEngineError,
     SamplingParamsError,
     SkyRLBackendsError,
@@ -32,7 +33,7 @@ from skyrl_backends.errors import (
     WeightsNotLoadedError,
     WeightUpdateError,
 )
-from skyrl_backends.hookspecs import hookimpl
+from skyrl_backends.hookspecs import PLUGIN_API_VERSION, hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
     BackendInfo,
@@ -48,11 +49,12 @@ from skyrl_backends.types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_BACKEND", "BackendInfo", "BackendLoadError", "BackendNotFoundError", "Capabilities", "Completion",
+    "DEFAULT_BACKEND", "PLUGIN_API_VERSION", "BackendInfo", "BackendLoadError", "BackendNotFoundError",
+    "Capabilities", "Completion",
     "ConfigError", "EngineAsleepError", "EngineClosedError", "EngineDeadError", "EngineStateError",
     "EngineVersionError", "GenerateOutput", "GenerateRequest", "GeneratorConfig", "InferenceEngine",
-    "LoraAdapterError", "ParallelSizes", "RemoteEngineError", "SamplingParams", "SamplingParamsError",
-    "SkyRLBackendsError", "TensorSpec", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
-    "WeightUpdateError", "WeightsNotLoadedError", "create_engine", "create_engines", "hookimpl", "list_backends",
-    "load_config", "register_backend", "unregister_backend",
+    "LoraAdapterError", "ParallelSizes", "PluginAPIVersionError", "RemoteEngineError", "SamplingParams",
+    "SamplingParamsError", "SkyRLBackendsError", "TensorSpec", "UnsupportedCapabilityError", "WeightSyncInitInfo",
+    "WeightUpdateRequest", "WeightUpdateError", "WeightsNotLoadedError", "create_engine", "create_engines", "hookimpl",
+    "list_backends", "load_config", "register_backend", "unregister_backend",
 ]

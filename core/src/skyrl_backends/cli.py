@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -49,9 +50,22 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# What make-tiny-model imports, all in the core's `testing` extra.
+TINY_MODEL_NEEDS = ("torch", "transformers", "tokenizers", "peft", "safetensors")
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    import importlib
+
     from skyrl_backends.testing.tiny_model import build_tiny_model, fingerprint
 
+    for name in TINY_MODEL_NEEDS:  # before anything is written
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            print(f"skyrl-backends make-tiny-model: needs {', '.join(TINY_MODEL_NEEDS)} ({name} is not "
+                  f"installed). Install them with: pip install 'skyrl-backends[testing]'", file=sys.stderr)
+            return 2
     path = build_tiny_model(args.out_dir, args.seed)
     print(f"tiny model in {path} (sha256 {fingerprint(path)[:16]})")
     return 0
@@ -88,6 +102,18 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+    except BrokenPipeError:
+        # The reader stopped early (`skyrl-backends plugins --json | head`): nothing is wrong with the
+        # command, and the rest of its output has nowhere to go.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -3,12 +3,14 @@
 Each entry point is loaded on its own. A plugin that fails to import or fails validation is recorded
 with its name, distribution and error, and every other backend still works; only selecting the
 broken backend raises, with that context. A plugin whose engine is missing or outside its declared
-versions is recorded as skipped, with the reason. Engines are never imported here: discovery reads
+versions, or that was written for another plugin API version, is recorded as skipped with the reason
+and the command that fixes it. Engines are never imported here: discovery reads
 engine versions from package metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -19,8 +21,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from skyrl_backends.capabilities import Capabilities
-from skyrl_backends.errors import BackendLoadError, BackendNotFoundError, EngineVersionError
-from skyrl_backends.hookspecs import PROJECT
+from skyrl_backends.errors import BackendLoadError, BackendNotFoundError, EngineVersionError, PluginAPIVersionError
+from skyrl_backends.hookspecs import PLUGIN_API_VERSION, PROJECT
 from skyrl_backends.registration import backend_manager
 from skyrl_backends.types import BackendInfo
 
@@ -30,6 +32,14 @@ ENTRY_POINT_GROUP = PROJECT
 DISABLE_ENV = "SKYRL_BACKENDS_DISABLE"
 
 Status = Literal["ok", "skipped", "error", "disabled"]
+
+# The backends this project publishes, with the command that installs each (named when one is asked
+# for but not installed; the README's install table has the CPU variants).
+PUBLISHED_BACKENDS = {
+    "transformers": "pip install skyrl-backend-transformers",
+    "vllm": "pip install 'skyrl-backend-vllm[gpu]'",
+    "sglang": "pip install 'skyrl-backend-sglang[gpu]'",
+}
 
 
 @dataclass
@@ -61,8 +71,10 @@ class Backend:
             raise BackendLoadError(self.name, self.distribution, f"disabled by {DISABLE_ENV}")
         if self.status == "skipped":
             assert self.info is not None
+            if not plugin_api_supported(self.info):
+                raise _api_version_error(self.name, self.distribution, self.info)
             raise EngineVersionError(self.name, self.info.engine, self.engine_version,
-                                     self.info.supported_versions or "(any version)")
+                                     self.info.supported_versions, self.info.engine_install_command())
 
     def capabilities(self, config: Any = None) -> Capabilities | None:
         """Declared capabilities, or None when the backend cannot be asked."""
@@ -71,6 +83,18 @@ class Backend:
         return self._manager.hook.skyrl_backends_capabilities(config=config)
 
 
+# Exceptions that stop discovery instead of marking one plugin broken: the cancellation of the task
+# or generator discovery runs in is not the plugin's failure. Everything else a plugin raises while
+# importing (SystemExit from a sys.exit() at import, a KeyboardInterrupt raised by its code, ...)
+# marks that plugin broken and leaves the others usable.
+_PROPAGATE: tuple[type[BaseException], ...] = (GeneratorExit, asyncio.CancelledError)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, Exception):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} raised while loading the plugin ({exc!r}); a plugin must not exit or interrupt " \
+           f"the process that imports it"
 def installed_engine_version(info: BackendInfo) -> str | None:
     """The installed version of the engine distribution (or an alternative), from metadata only."""
     for dist in (info.engine, *info.engine_alternatives):
@@ -92,6 +116,16 @@ def version_supported(version: str, specifier: str) -> bool:
         return False
 
 
+def plugin_api_supported(info: BackendInfo) -> bool:
+    return PLUGIN_API_VERSION in info.plugin_api_versions
+
+
+def _api_version_error(name: str, distribution: str | None, info: BackendInfo) -> PluginAPIVersionError:
+    from skyrl_backends import __version__
+
+    return PluginAPIVersionError(name, distribution, info.plugin_api_versions, PLUGIN_API_VERSION, __version__)
+
+
 def load_backend(name: str, plugin: object, distribution: str | None = None,
                  distribution_version: str | None = None) -> Backend:
     """Validate ``plugin`` and check its engine version; never raises, records problems instead."""
@@ -104,17 +138,20 @@ def load_backend(name: str, plugin: object, distribution: str | None = None,
             raise TypeError(f"skyrl_backends_backend_info returned {type(info).__name__}, not BackendInfo")
         if info.name != name:
             raise ValueError(f"entry point is named {name!r} but the plugin calls itself {info.name!r}")
-    except Exception as exc:  # a broken plugin must not take the host down
-        backend.status, backend.error, backend.reason = "error", exc, f"{type(exc).__name__}: {exc}"
+    except _PROPAGATE:
+        raise
+    except BaseException as exc:  # a broken plugin must not take the host down, SystemExit included
+        backend.status, backend.error, backend.reason = "error", exc, _describe_failure(exc)
         return backend
     backend.info, backend._manager = info, manager
     backend.engine_version = installed_engine_version(info)
-    if backend.engine_version is None:
+    if not plugin_api_supported(info):
         backend.status = "skipped"
-        backend.reason = f"engine {info.engine} is not installed"
-    elif not version_supported(backend.engine_version, info.supported_versions):
+        backend.reason = str(_api_version_error(name, distribution, info))
+    elif backend.engine_version is None or not version_supported(backend.engine_version, info.supported_versions):
         backend.status = "skipped"
-        backend.reason = f"{info.engine} {backend.engine_version} is outside {info.supported_versions}"
+        backend.reason = str(EngineVersionError(name, info.engine, backend.engine_version, info.supported_versions,
+                                                info.engine_install_command()))
     return backend
 
 
@@ -139,9 +176,11 @@ def discover_backends() -> dict[str, Backend]:
             continue
         try:
             plugin = entry_point.load()
-        except Exception as exc:  # report, keep going: one bad plugin must not hide the others
+        except _PROPAGATE:
+            raise
+        except BaseException as exc:  # report, keep going: one bad plugin must not hide the others
             backends[entry_point.name] = Backend(entry_point.name, dist_name, dist_version, status="error",
-                                                 reason=f"{type(exc).__name__}: {exc}", error=exc)
+                                                 reason=_describe_failure(exc), error=exc)
             continue
         backends[entry_point.name] = load_backend(entry_point.name, plugin, dist_name, dist_version)
     return backends
@@ -194,7 +233,7 @@ def get_backend(name: str) -> Backend:
     """The usable backend called ``name``; raises a helpful error if it is absent or broken."""
     backends = all_backends()
     if name not in backends:
-        raise BackendNotFoundError(name, [n for n, b in backends.items()])
+        raise BackendNotFoundError(name, [n for n, b in backends.items()], PUBLISHED_BACKENDS)
     backend = backends[name]
     backend.raise_if_unusable()
     return backend

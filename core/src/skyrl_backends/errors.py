@@ -8,7 +8,7 @@ can catch the framework's errors apart from an engine's own crashes.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class SkyRLBackendsError(Exception):
@@ -53,16 +53,50 @@ class SamplingParamsError(ConfigError):
 class BackendNotFoundError(ConfigError, LookupError):
     """No installed backend has the requested name (a configuration error of the key ``backend``)."""
 
-    def __init__(self, name: str, installed: Iterable[str]) -> None:
+    def __init__(self, name: str, installed: Iterable[str], published: Mapping[str, str] | None = None) -> None:
+        """``published`` maps the backends this project publishes to the command that installs each."""
         installed = sorted(installed)
+        published = dict(published or {})
         self.name = name
         self.field = "backend"
         listing = ", ".join(installed) if installed else "none"
+        near_installed = closest_match(name, installed)
+        near_published = closest_match(name, published)
+        if near_installed:
+            # A typo of an installed backend: suggest it, and no package named after the typo.
+            advice = f"Did you mean {near_installed!r}?"
+        elif name in published:
+            advice = (f"Install it with `{published[name]}` (in its own environment if its engine conflicts "
+                      f"with others).")
+        elif near_published:
+            advice = (f"Did you mean {near_published!r}? It is not installed either: "
+                      f"`{published[near_published]}`.")
+        else:
+            known = ", ".join(sorted(published)) or "none"
+            advice = (f"No published backend has that name (published: {known}); a third-party backend is a "
+                      f"distribution with an entry point in the `skyrl_backends` group.")
         SkyRLBackendsError.__init__(
-            self,
-            f"No backend named {name!r} is installed.{_did_you_mean(name, installed)} "
-            f"Install it with `pip install skyrl-backend-{name}` (in its own environment if its "
-            f"engine conflicts with others). Installed backends: {listing}."
+            self, f"No backend named {name!r} is installed. {advice} Installed backends: {listing}.")
+
+
+class PluginAPIVersionError(SkyRLBackendsError, ImportError):
+    """A backend plugin was written for a plugin API version this core does not provide."""
+
+    def __init__(self, backend: str, distribution: str | None, declared: Iterable[int], provided: int,
+                 core_version: str) -> None:
+        self.backend = backend
+        self.declared = tuple(declared)
+        self.provided = provided
+        dist = distribution or f"the {backend!r} plugin"
+        versions = ", ".join(str(v) for v in self.declared) or "none"
+        newer = any(v > provided for v in self.declared)
+        fix = (f"upgrade skyrl-backends (`pip install -U skyrl-backends`) or install a release of {dist} for "
+               f"plugin API {provided}" if newer else
+               f"upgrade {dist} to a release for plugin API {provided}, or install a skyrl-backends release "
+               f"that provides API {versions}")
+        super().__init__(
+            f"Backend {backend!r} ({dist}) was written for plugin API version {versions}, but skyrl-backends "
+            f"{core_version} provides version {provided}: {fix}."
         )
 
 
@@ -80,15 +114,17 @@ class BackendLoadError(SkyRLBackendsError, ImportError):
 class EngineVersionError(SkyRLBackendsError):
     """The installed engine is missing or outside the versions a backend supports."""
 
-    def __init__(self, backend: str, engine: str, installed: str | None, supported: str) -> None:
+    def __init__(self, backend: str, engine: str, installed: str | None, supported: str,
+                 install: str | None = None) -> None:
         self.backend = backend
         self.engine = engine
         self.installed = installed
         self.supported = supported
         have = f"version {installed} is installed" if installed else "it is not installed"
+        install = install or f"pip install '{engine}{supported}'"
         super().__init__(
-            f"Backend {backend!r} supports {engine} {supported}, but {have}. "
-            f"Install a supported version: `pip install '{engine}{supported}'`."
+            f"Backend {backend!r} supports {engine} {supported or '(any version)'}, but {have}. "
+            f"Install a supported version: `{install}`."
         )
 
 

@@ -43,6 +43,12 @@ if TYPE_CHECKING:
     )
 
 PROJECT = "skyrl_backends"
+# The version of the plugin API this core provides: the hook specifications below and the types they
+# exchange. It goes up only for a change that breaks existing plugins (a hook removed, an argument or
+# a result whose meaning changed); a new optional hook or argument leaves it as it is. A plugin lists
+# the versions it was written for in ``BackendInfo.plugin_api_versions``, and discovery skips a plugin
+# that does not list this one, saying why.
+PLUGIN_API_VERSION = 1
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

@@ -14,7 +14,8 @@ Semantics shared by every backend (the conformance suite checks them):
   reason ``"stop"`` (unless ``ignore_eos`` for EOS).
 * ``stop`` strings end a sequence at the first token whose decoded text completes a match; that
   token is the last response token, and the response text ends exactly where the stop string ends
-  (the string is included). ``stop_reason`` holds the matched string.
+  (the string is included). ``stop_reason`` holds the matched string. (The OpenAI-compatible
+  HTTP endpoint follows OpenAI instead and leaves the stop string out of the text it returns.)
 * ``min_new_tokens`` suppresses EOS and stop token ids until that many tokens were generated.
 * ``logprobs=None`` returns no log-probabilities, ``0`` the chosen token's, ``N`` the chosen token's
   plus the top ``N`` alternatives.
@@ -30,7 +31,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from skyrl_backends import limits
 from skyrl_backends.errors import SamplingParamsError
+
+# The smallest positive temperature and repetition penalty: dividing logits by less overflows them
+# to infinity and turns sampling into NaN (a crash, not a sharper distribution). Greedy is 0.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 1e-5
+# Seeds must fit the engines' 64-bit signed generators, ``seed + n - 1`` included.
+MAX_SEED = 2**63 - 1
 
 # Names the design's configuration uses for the same thing, accepted on input so a SkyRL-style
 # config works unchanged. They are translated, never stored under the alias.
@@ -58,6 +67,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params stay hashable.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise SamplingParamsError.out_of_range(name, value, "a list" + (" of strings" if name == "stop"
+                                                                               else " of token ids"))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
@@ -72,16 +86,18 @@ class SamplingParams:
 
         if not _is_int(self.max_generate_length) or self.max_generate_length < 1:
             fail("max_generate_length", "an integer >= 1")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            fail("temperature", "a finite number >= 0 (0 means greedy)")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0 \
+                or 0 < self.temperature < MIN_TEMPERATURE:
+            fail("temperature", f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "a number in (0, 1]")
         if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
             fail("top_k", "-1 (disabled) or an integer >= 1")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "a number in [0, 1]")
-        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            fail("repetition_penalty", "a number > 0 (1.0 disables it)")
+        if not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) \
+                or not self.repetition_penalty >= MIN_REPETITION_PENALTY:
+            fail("repetition_penalty", f"a finite number >= {MIN_REPETITION_PENALTY} (1.0 disables it)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             fail("logprobs", "None (off), 0 (chosen token only) or N >= 1 (chosen plus top N)")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -96,10 +112,13 @@ class SamplingParams:
                 f"at most max_generate_length ({self.max_generate_length})")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "true or false")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            fail("seed", "None or an integer >= 0")
         if not _is_int(self.n) or self.n < 1:
             fail("n", "an integer >= 1")
+        if self.n > limits.max_n():
+            fail("n", f"at most {limits.max_n()} (skyrl_backends.limits; raise it with {limits.MAX_N_ENV}=...)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED - (self.n - 1)):
+            fail("seed", f"None or an integer in [0, {MAX_SEED - (self.n - 1)}] (2**63 - 1 less n - 1: sample j "
+                         f"uses seed + j, a 64-bit signed value)")
 
     @property
     def greedy(self) -> bool:
@@ -116,6 +135,9 @@ class SamplingParams:
             return cls()
         if isinstance(values, SamplingParams):
             return values
+        if not isinstance(values, Mapping):
+            raise SamplingParamsError("sampling_params", f"expected a mapping of parameter names to values (or a "
+                                                         f"SamplingParams), got {type(values).__name__}.")
         names = set(cls.field_names())
         kwargs: dict[str, Any] = {}
         for key, value in values.items():

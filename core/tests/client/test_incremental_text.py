@@ -40,3 +40,18 @@ def test_a_final_text_that_contradicts_the_deltas_is_an_error():
     text.feed(list(b"abc"))
     with pytest.raises(ValueError, match="prefix"):
         text.finish("xbc")
+
+
+def test_streamed_text_decodes_a_bounded_window_per_token():
+    calls = []
+
+    def counting(ids):
+        calls.append(len(ids))
+        return decode(ids)
+
+    text = IncrementalText(counting, stop=["never"])
+    data = ("Grüße, 東京 🙂 " * 400).encode()
+    deltas = [text.feed([b]) for b in data]
+    deltas.append(text.finish(decode(list(data))))
+    assert "".join(deltas) == decode(list(data))
+    assert max(calls) <= 40 and sum(calls) <= 24 * len(data)  # before: the whole text every token

@@ -238,8 +238,11 @@ def test_plain_json_and_server_sent_events(served):
     assert sum(len(e["chunk"]["token_ids"]) for e in events if e["event"] == "chunk") == 3
     bad = httpx.post(served.url + "/skyrl/v1/sleep", headers=headers, json={"level": 1, "tgas": ["weights"]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tgas"
-    not_json = httpx.post(served.url + "/skyrl/v1/wake_up", headers=headers, content=b"{nope")
+    not_json = httpx.post(served.url + "/skyrl/v1/wake_up", content=b"{nope",
+                          headers={**headers, "Content-Type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
+    form = httpx.post(served.url + "/skyrl/v1/wake_up", headers=headers, data={"tags": "weights"})
+    assert form.status_code == 415  # JSON only, as on the OpenAI routes
 
 
 def test_every_engine_route_needs_the_key(served):
@@ -262,7 +265,9 @@ def test_create_engine_from_skyrl_keys(served, monkeypatch):
     engines = sb.create_engines(config={"run_engines_locally": False, "remote_inference_engine_api_key": API_KEY,
                                         "remote_inference_engine_urls": [served.url, served.url]})
     try:
-        assert isinstance(engine, sb.remote.RemoteEngine) and len(engines) == 2
+        from skyrl_backends.remote import RemoteEngine
+
+        assert isinstance(engine, RemoteEngine) and len(engines) == 2
         out = run(engines[1].generate(PROMPTS, GREEDY))
         assert out.response_ids == served.run(served.engine.generate(PROMPTS, GREEDY)).response_ids
     finally:

@@ -2,7 +2,8 @@
 
 Registered into the core CLI through ``add_subcommand``; it runs pytest programmatically on
 :mod:`skyrl_backends.conformance.standalone_suite` with the suite's plugin switched on. Arguments
-given with ``--pytest-args`` go to pytest unchanged (``--pytest-args "-k logprobs -x"``).
+given with ``--pytest-args`` go to pytest unchanged (``--pytest-args "-k logprobs -x"``). The backend
+and the engine options are checked first, so a wrong name is one error, not a failing suite.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from pathlib import Path
+
+from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
+
+# Hypothesis keeps its example database and caches in ./.hypothesis unless told where.
+HYPOTHESIS_STORAGE_ENV = "HYPOTHESIS_STORAGE_DIRECTORY"
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +29,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                         help="model folder (default: the suite's tiny test model, built offline on first use)")
     parser.add_argument("--report", default=None, metavar="FILE", help="write the JSON report here")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra create_engine option (VALUE parsed as JSON when it can be), repeatable")
+                        help=f"extra create_engine option: {ENGINE_OPTION_HELP}")
     parser.add_argument("-k", dest="keyword", default=None, metavar="EXPR", help="only tests matching EXPR (pytest -k)")
     parser.add_argument("--pytest-args", default="", metavar="ARGS",
                         help='more pytest arguments, as one string (e.g. "-x -v")')
@@ -47,10 +54,32 @@ def pytest_arguments(args: argparse.Namespace) -> list[str]:
     return argv + (extra or ["-q"])
 
 
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the backend or the engine options, or None."""
+    from skyrl_backends.discovery import get_backend
+    from skyrl_backends.engine_options import parse_engine_options
+    from skyrl_backends.errors import SkyRLBackendsError
+
+    try:
+        get_backend(args.backend)
+        parse_engine_options(args.engine_option)
+    except SkyRLBackendsError as exc:
+        return str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import pytest
     except ImportError:
-        print("the conformance suite needs pytest and the testing extra: pip install 'skyrl-backends[testing]'")
+        print("skyrl-backends conformance: the suite needs pytest and the testing extra: "
+              "pip install 'skyrl-backends[testing]'", file=sys.stderr)
         return 2
+    problem = check_arguments(args)
+    if problem:
+        print(f"skyrl-backends conformance: {problem}", file=sys.stderr)
+        return 2
+    from skyrl_backends.testing.cache import cache_dir
+
+    os.environ.setdefault(HYPOTHESIS_STORAGE_ENV, str(cache_dir("hypothesis")))
     return int(pytest.main(pytest_arguments(args)))

@@ -14,10 +14,8 @@ plugin adds the options below, the fixtures the suite needs (``conformance_confi
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,13 +31,17 @@ from skyrl_backends.conformance.config import ConformanceConfig
 from skyrl_backends.conformance.harness import ConformanceHarness, new_event_loop
 from skyrl_backends.conformance.report import ResultCollector
 from skyrl_backends.conformance.suite.base import FAILED_KEY, ConformanceTestBase, standard_tests
+from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
+from skyrl_backends.engine_options import parse_engine_options
+from skyrl_backends.errors import ConfigError
+from skyrl_backends.testing.cache import CACHE_ENV, cache_dir
 
 BACKEND_ENV = "SKYRL_CONFORMANCE_BACKEND"
 MODEL_ENV = "SKYRL_CONFORMANCE_MODEL"
 REPORT_ENV = "SKYRL_CONFORMANCE_REPORT"
 REMOTE_ENV = "SKYRL_CONFORMANCE_REMOTE"
 TEST_MODEL_ENV = "SKYRL_TEST_MODEL"
-MODEL_CACHE_ENV = "SKYRL_BACKENDS_CACHE"
+MODEL_CACHE_ENV = CACHE_ENV
 
 _COLLECTOR = pytest.StashKey[ResultCollector]()
 _HARNESSES = pytest.StashKey[dict]()
@@ -56,7 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"model folder (env {MODEL_ENV} or {TEST_MODEL_ENV}; default: the tiny test model, "
                          "built offline on first use)")
     group.addoption("--conformance-engine-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra create_engine option (VALUE parsed as JSON when it can be), repeatable")
+                    help=f"extra create_engine option: {ENGINE_OPTION_HELP}")
     group.addoption("--conformance-remote", action="store_true", default=None,
                     help=f"run every engine through the wire: a `skyrl-backends serve` process on loopback driven by "
                          f"a RemoteEngine (env {REMOTE_ENV}=1); the report's column is <backend>-remote")
@@ -94,14 +96,11 @@ def resolve_config(config: pytest.Config, cls: type) -> ConformanceConfig:
     model = (config.getoption("--conformance-model") or os.environ.get(MODEL_ENV) or getattr(cls, "model", None)
              or os.environ.get(TEST_MODEL_ENV) or None)
     options = dict(getattr(cls, "engine_options", None) or {})
-    for item in config.getoption("--conformance-engine-option"):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise pytest.UsageError(f"--conformance-engine-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    try:
+        options.update(parse_engine_options(config.getoption("--conformance-engine-option"),
+                                            "--conformance-engine-option"))
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from exc
     overrides = dict(getattr(cls, "conformance_overrides", None) or {})
     remote = bool(config.getoption("--conformance-remote") or os.environ.get(REMOTE_ENV, "") not in ("", "0"))
     return ConformanceConfig(backend=backend, model=model, engine_options=options, remote=remote, **overrides)
@@ -111,8 +110,7 @@ def default_model_dir() -> str:
     """The suite's own tiny model, built once per machine (offline, deterministic)."""
     from skyrl_backends.testing.tiny_model import build_tiny_model
 
-    root = Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "skyrl_backends")
-    return str(build_tiny_model(root / "tiny-model"))
+    return str(build_tiny_model(cache_dir("tiny-model")))
 
 
 def _loop(config: pytest.Config) -> asyncio.AbstractEventLoop:

@@ -2,14 +2,15 @@
 and the engine API (``/skyrl/v1``, :mod:`skyrl_backends.http.engine_routes`) that remote engines use.
 
     skyrl-backends serve --backend transformers --model DIR [--num-engines N] [--host 127.0.0.1]
-                         [--port 8000] [--api-key KEY] [--ray]
+                         [--port 8000] [--api-key KEY] [--ray] [limits: see --help]
     skyrl-backends serve generator.backend=sglang generator.model=DIR generator.dtype=bfloat16
 
 Engine options come as the design's dotted overrides (``generator.KEY=VALUE``, values read as YAML),
 as ``--engine-option KEY=VALUE`` or through ``--backend``/``--model``; all are checked by the
 generator config's one rule (:mod:`skyrl_backends.config`).
 
-Picked up by the core CLI when this module imports; it imports nothing heavy until the command runs.
+Picked up by the core CLI when this module imports; it imports nothing heavy until the command runs,
+so the command is listed without the ``http`` extra and then says how to install it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import argparse
 import asyncio
 import os
 from typing import Any
+
+from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
+from skyrl_backends.engine_options import parse_engine_options
+from skyrl_backends.errors import ConfigError
+
+# What the endpoint imports, as the core's `http` extra declares it (core/pyproject.toml).
+HTTP_EXTRA = {"fastapi": None, "uvicorn": None, "pydantic": "2"}
+INSTALL_HTTP = "pip install 'skyrl-backends[http]'"
 
 
 def add_subcommand(subparsers: Any) -> None:
@@ -35,20 +44,21 @@ def add_subcommand(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("SKYRL_BACKENDS_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $SKYRL_BACKENDS_API_KEY)")
-    serve.add_argument("--max-body-bytes", type=int, default=None)
+    _add_limit_flags(serve)
     serve.add_argument("--request-timeout", type=float, default=600.0,
                        help="seconds an engine may take for one call before it is marked unhealthy and its "
                             "requests fail over (0: no limit)")
     serve.add_argument("--ray", action="store_true", help="run each engine as a Ray actor (local Ray if none)")
     serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="a generator-config option for every engine (YAML value), repeatable")
+                       help=f"a generator-config option for every engine: {ENGINE_OPTION_HELP}")
     serve.add_argument("--allow-no-api-key", action="store_true",
                        help="serve on a non-loopback address without an API key (refused otherwise: whoever reaches "
                             "the port could drive the engines, weights and LoRA adapters included)")
     serve.add_argument("--no-engine-api", action="store_true",
                        help="serve the OpenAI endpoint only, not the engine API under /skyrl/v1")
     serve.add_argument("--engine-api-max-body-bytes", type=int, default=None,
-                       help="largest engine-API request body (default 64 MiB: a rollout batch of token ids)")
+                       help="largest engine-API request body (default 64 MiB: a rollout batch of token ids); the "
+                            "other limits are the endpoint's")
     serve.add_argument("--url-file", default=None,
                        help="write the server's URL to this file once its port is bound (with --port 0: a free port)")
     serve.add_argument("--stop-on-stdin-close", action="store_true",
@@ -56,16 +66,89 @@ def add_subcommand(subparsers: Any) -> None:
     serve.set_defaults(func=_cmd_serve)
 
 
-def _engine_options(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+# Flags of HTTPSettings, with their help (the defaults come from HTTPSettings itself).
+_LIMIT_HELP = {
+    "max_body_bytes": "largest request body accepted (413 above)",
+    "body_timeout_s": "seconds the whole request body may take to arrive (408 after)",
+    "header_timeout_s": "seconds a request's headers may take to arrive (408 and close after)",
+    "keep_alive_timeout_s": "seconds an idle keep-alive connection stays open",
+    "max_concurrent_requests": "requests in progress at once (503 above)",
+    "max_connections": "open connections at once (uvicorn's limit_concurrency; 503 above)",
+    "max_prompts_per_request": "prompts in one /v1/completions request",
+    "max_n": "samples per prompt (n)",
+    "max_sequences_per_request": "prompts x n in one request",
+    "max_model_len": "context length (prompt + max_tokens) requests are checked against "
+                     "(default: the engines' max_model_len, else the model's config.json)",
+}
 
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--engine-option expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
-    return options
+
+def _add_limit_flags(serve: Any) -> None:
+    from dataclasses import fields
+
+    from skyrl_backends.http.settings import FLAGS, HTTPSettings
+
+    defaults = HTTPSettings()
+    for f in fields(HTTPSettings):
+        if f.name not in _LIMIT_HELP:
+            continue
+        kind = float if f.name.endswith("_s") else int
+        serve.add_argument(FLAGS[f.name], dest=f.name, type=kind, default=getattr(defaults, f.name),
+                           help=f"{_LIMIT_HELP[f.name]} (default: {getattr(defaults, f.name)})")
+    serve.add_argument("--allowed-hosts", default=None,
+                       help="comma-separated Host names served besides localhost on a loopback bind "
+                            "(against DNS rebinding); '*' accepts any")
+    serve.add_argument("--uvicorn-log-level", default=defaults.uvicorn_log_level,
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help=f"uvicorn's log level (default: {defaults.uvicorn_log_level})")
+
+
+def http_settings(args: argparse.Namespace) -> Any:
+    """The HTTPSettings the parsed flags ask for."""
+    from skyrl_backends.http.settings import HTTPSettings
+
+    values = {name: getattr(args, name) for name in _LIMIT_HELP}
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else None
+    try:
+        return HTTPSettings(**values, allowed_hosts=hosts, uvicorn_log_level=args.uvicorn_log_level)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _engine_options(pairs: list[str]) -> dict[str, Any]:
+    try:
+        return parse_engine_options(pairs)
+    except ConfigError as exc:
+        raise SystemExit(f"skyrl-backends serve: {exc}") from exc
+
+
+def http_extra_problem(installed: dict[str, str | None]) -> str | None:
+    """What keeps the endpoint from running, given the installed version of each package of
+    :data:`HTTP_EXTRA` (None: not installed), or None when nothing does."""
+    missing = [name for name in HTTP_EXTRA if installed.get(name) is None]
+    if missing:
+        return f"needs the http extra ({', '.join(missing)} not installed): {INSTALL_HTTP}"
+    for name, least_major in HTTP_EXTRA.items():
+        version = installed[name] or ""
+        if least_major and not _major_at_least(version, int(least_major)):
+            return f"needs {name}>={least_major} ({name} {version} is installed): {INSTALL_HTTP}"
+    return None
+
+
+def _major_at_least(version: str, major: int) -> bool:
+    head = version.split(".", 1)[0]
+    return head.isdigit() and int(head) >= major
+
+
+def installed_versions(names: Any) -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _generator_config(args: argparse.Namespace) -> Any:
@@ -85,10 +168,12 @@ def _generator_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    problem = http_extra_problem(installed_versions(HTTP_EXTRA))
+    if problem:
+        raise SystemExit(f"skyrl-backends serve: {problem}")
     if args.num_engines < 1:
         raise SystemExit("--num-engines must be >= 1")
     _generator_config(args)  # a bad option is reported before anything starts
-    from skyrl_backends.errors import ConfigError
     from skyrl_backends.http.engine_server import check_exposure
 
     try:
@@ -106,18 +191,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     from skyrl_backends.http.engine_server import LoadingResponder, stop_on_stdin_close, write_url_file
+    from skyrl_backends.http.server import bind_socket, uvicorn_config
 
     if args.stop_on_stdin_close:
         stop_on_stdin_close()
-    from skyrl_backends.http.server import bind_socket, uvicorn_config
-
+    settings = http_settings(args)
     # The port is bound first and answers "loading" until the engines are up (see engine_server).
     sock = bind_socket(args.host, args.port)
     loading = LoadingResponder(sock).start()
     if args.url_file:
         write_url_file(args.url_file, sock)
     try:
-        client, app, name = await _serving_app(args)
+        client, app, name = await _serving_app(args, settings)
     except BaseException:
         loading.stop()
         sock.close()
@@ -129,12 +214,12 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        await uvicorn.Server(uvicorn_config(app)).serve(sockets=[sock])
+        await uvicorn.Server(uvicorn_config(app, settings)).serve(sockets=[sock])
     finally:
         await client.teardown()
 
 
-async def _serving_app(args: argparse.Namespace) -> Any:
+async def _serving_app(args: argparse.Namespace, settings: Any) -> Any:
     from transformers import AutoTokenizer
 
     from skyrl_backends.client import InferenceEngineClient
@@ -142,9 +227,10 @@ async def _serving_app(args: argparse.Namespace) -> Any:
     from skyrl_backends.http.app import create_app
     from skyrl_backends.http.engine_routes import DEFAULT_ENGINE_API_MAX_BODY_BYTES, create_engine_app
     from skyrl_backends.http.engine_server import with_engine_api
-    from skyrl_backends.http.guards import DEFAULT_MAX_BODY_BYTES
 
     config = _generator_config(args)
+    if settings.max_model_len is not None and config.max_model_len is None:  # as vLLM's flag: the engines' too
+        config = config.replace(max_model_len=settings.max_model_len)
     # The engines are this server's own (a config written for the trainer's side may name remote ones).
     options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model", *REMOTE_FIELDS)}
     args.backend, args.model = config.backend, config.model
@@ -163,10 +249,9 @@ async def _serving_app(args: argparse.Namespace) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     client = InferenceEngineClient(engines, tokenizer=tokenizer, request_timeout=args.request_timeout or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key, settings=settings)
     if not args.no_engine_api:
-        app = with_engine_api(app, create_engine_app(
-            engines, api_key=args.api_key,
-            max_body_bytes=args.engine_api_max_body_bytes or DEFAULT_ENGINE_API_MAX_BODY_BYTES))
+        engine_settings = settings.replace(
+            max_body_bytes=args.engine_api_max_body_bytes or DEFAULT_ENGINE_API_MAX_BODY_BYTES)
+        app = with_engine_api(app, create_engine_app(engines, api_key=args.api_key, settings=engine_settings))
     return client, app, name

@@ -6,7 +6,7 @@ serve`` mounts beside its OpenAI endpoint. The routes (``P`` is the prefix):
 
 =========================================  ==========================================================
 ``GET  P/info``                            backend, engine version, capabilities, parallel sizes, state
-``GET  P/health``                          ``ok`` / ``asleep`` / ``paused`` / ``closed`` with the state
+``GET  P/health``                          ``ok`` / ``asleep`` / ``weights_missing`` / ``paused`` / ``closed``
 ``GET  P/state``, ``GET P/capabilities``   the engine's state; what it declares
 ``GET  P/weights/version``, ``P/weights/specs``  weight version; every updatable parameter
 ``POST P/generate``                        token ids in, completions out (``"stream": true``: chunks)
@@ -47,8 +47,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from skyrl_backends.engine import sample_request_ids
 from skyrl_backends.errors import ConfigError
+from skyrl_backends.http import engine_info
 from skyrl_backends.http.engine_operations import Operation, OperationLog
-from skyrl_backends.http.guards import ApiKeyGuard, BodySizeGuard
+from skyrl_backends.http.guards import guard_app
+from skyrl_backends.http.settings import HTTPSettings
 from skyrl_backends.remote import same_host, wire
 from skyrl_backends.weight_sync.manifest import request_from_json
 
@@ -93,29 +95,27 @@ def _bind(method: Callable[..., Any], name: str, arguments: dict[str, Any]) -> d
 
 # -- state ---------------------------------------------------------------------------------------------
 async def engine_state(engine: Any) -> dict[str, Any]:
-    """What the engine is doing, from the facade's attributes or a Ray proxy's ``state()``."""
-    if hasattr(engine, "asleep_tags"):
-        return {"weight_version": engine.weight_version, "asleep": sorted(engine.asleep_tags),
-                "weights_loaded": engine.weights_loaded, "paused": engine.paused, "closed": engine.closed,
-                "lora_adapters": dict(engine.lora_adapters), "inflight": engine.num_inflight}
-    state = getattr(engine, "state", None)
-    if callable(state):
-        raw = state()
-        raw = await raw if inspect.isawaitable(raw) else raw
-        return {"weight_version": raw.get("weight_version", 0), "asleep": list(raw.get("asleep", [])),
-                "weights_loaded": raw.get("weights_loaded", True), "paused": raw.get("paused", False),
-                "closed": raw.get("closed", False), "lora_adapters": dict(raw.get("lora_adapters", {})),
-                "inflight": raw.get("num_inflight", 0)}
-    return {"weight_version": getattr(engine, "weight_version", 0), "asleep": [], "weights_loaded": True,
-            "paused": bool(getattr(engine, "paused", False)), "closed": bool(getattr(engine, "closed", False)),
-            "lora_adapters": {}, "inflight": 0}
+    """What the engine is doing (:func:`skyrl_backends.http.engine_info.engine_state`), with every key
+    the wire's state carries."""
+    raw = await engine_info.engine_state(engine)
+    version = raw.get("weight_version")
+    return {"weight_version": int(version if version is not None else getattr(engine, "weight_version", 0)),
+            "asleep": sorted(raw.get("asleep", [])), "weights_loaded": bool(raw.get("weights_loaded", True)),
+            "paused": bool(raw.get("paused", False)),
+            "closed": bool(getattr(engine, "closed", False) or raw.get("closed", False)),
+            "lora_adapters": dict(raw.get("lora_adapters", {})),
+            "inflight": int(getattr(engine, "num_inflight", raw.get("num_inflight", 0)) or 0)}
 
 
 def health_status(state: dict[str, Any]) -> str:
+    """The endpoint's health words (``/health``), for one engine: ``closed``, ``asleep``,
+    ``weights_missing``, ``paused`` or ``ok``."""
     if state["closed"]:
         return "closed"
     if state["asleep"]:
         return "asleep"
+    if not state["weights_loaded"]:
+        return "weights_missing"
     if state["paused"]:
         return "paused"
     return "ok"
@@ -319,10 +319,11 @@ def _sizes(sizes: Any) -> dict[str, int]:
 
 # -- the app ---------------------------------------------------------------------------------------------
 def create_engine_app(engines: Sequence[Any] | Any, *, api_key: str | None = None,
-                      max_body_bytes: int = DEFAULT_ENGINE_API_MAX_BODY_BYTES,
-                      log: OperationLog | None = None) -> Any:
-    """The engine API of ``engines`` (one engine, or several), as an ASGI app behind the body-size
-    guard and, with ``api_key``, the API-key guard (every engine route needs the key)."""
+                      settings: HTTPSettings | None = None, log: OperationLog | None = None) -> Any:
+    """The engine API of ``engines`` (one engine, or several), as an ASGI app behind the endpoint's
+    guards (:func:`skyrl_backends.http.guards.guard_app`: concurrency, Host, the API key on every
+    engine route, JSON content type, body size and time). ``settings`` defaults to the endpoint's
+    limits with request bodies up to :data:`DEFAULT_ENGINE_API_MAX_BODY_BYTES`."""
     engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
     if not engines:
         raise ValueError("the engine API needs at least one engine")
@@ -350,11 +351,8 @@ def create_engine_app(engines: Sequence[Any] | Any, *, api_key: str | None = Non
             logger.exception("engine API request failed", exc_info=exc)
         return _error(exc)
 
-    guarded: Any = BodySizeGuard(app, max_body_bytes)
-    if api_key:
-        guarded = ApiKeyGuard(guarded, api_key)
-    guarded.fastapi_app = app
-    return guarded
+    settings = settings if settings is not None else HTTPSettings(max_body_bytes=DEFAULT_ENGINE_API_MAX_BODY_BYTES)
+    return guard_app(app, settings, api_key, fastapi_app=app)
 
 
 def _mount(app: FastAPI, prefix: str, routes: EngineRoutes) -> None:

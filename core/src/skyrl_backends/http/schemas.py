@@ -1,10 +1,14 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic).
 
 OpenAI's fields, plus the extensions vLLM's server also accepts (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``) and ``session_id``,
-which routes every request of a session to the same engine. Unknown fields are rejected with a
-400 naming them (as OpenAI does), never silently ignored; so are OpenAI features the engines do not
-implement (penalties, ``logit_bias``, ``suffix``...), with the reason.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``,
+``return_tokens_as_token_ids``, ``add_generation_prompt``, ``continue_final_message``,
+``chat_template_kwargs``) and our own: ``session_id``, which routes every request of a session to
+the same engine, and, on chat, ``prompt_token_ids``, a prompt given as token ids instead of
+messages. Unknown fields are rejected with a 400 naming them (as OpenAI does), never silently
+ignored; so are OpenAI features the engines do not implement (penalties, ``logit_bias``,
+``suffix``, forced tool choice...), with the reason. Limits that depend on the server's settings
+(``n``, prompts per request, context length) are checked by the app.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from skyrl_backends.http.errors import APIError
 
-MAX_N = 64
 MAX_TOP_LOGPROBS = 20
 
 
@@ -36,6 +39,8 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -44,6 +49,14 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it (content as one string)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
 
 class _Sampling(_Strict):
     """Fields shared by both endpoints."""
@@ -51,7 +64,7 @@ class _Sampling(_Strict):
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -68,6 +81,8 @@ class _Sampling(_Strict):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -112,17 +127,41 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(default_factory=list)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # Extensions: vLLM's template options, and a prompt given as token ids (no template applied).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _logprobs(self) -> ChatCompletionRequest:
+    def _chat_checks(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+        if not self.messages and self.prompt_token_ids is None:
+            raise APIError(400, "messages must not be empty (or give the prompt as prompt_token_ids).",
+                           param="messages")
+        if self.messages and self.prompt_token_ids is not None:
+            raise APIError(400, "give either messages or prompt_token_ids, not both (send messages=[] with "
+                                "prompt_token_ids).", param="prompt_token_ids")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which "
+                                "these engines do not do; use 'auto' or 'none'.", param="tool_choice")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt=false.",
+                           param="continue_final_message")
         return self
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template sees (none with ``tool_choice="none"``)."""
+        return None if self.tool_choice == "none" else self.tools
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

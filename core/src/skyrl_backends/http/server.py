@@ -1,6 +1,12 @@
 """Running the app with uvicorn: in this process (``serve``) or on a background thread
 (``BackgroundServer``, for tests and notebooks). Loopback by default; binding any other address is
-the caller's explicit choice."""
+the caller's explicit choice.
+
+The connection-level limits of :class:`~skyrl_backends.http.settings.HTTPSettings` are applied here:
+the header deadline (:mod:`skyrl_backends.http.protocol`), the keep-alive timeout, the connection
+limit and uvicorn's log level. Pass the app's own settings (``app.settings`` for an app made by
+:func:`~skyrl_backends.http.create_app`), which is the default.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from typing import Any
 import uvicorn
 
 from skyrl_backends.client.loop_thread import LoopThread
+from skyrl_backends.http.protocol import default_http_protocol, header_timeout_protocol
+from skyrl_backends.http.settings import HTTPSettings
 
 logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
@@ -38,21 +46,24 @@ def bind_socket(host: str = DEFAULT_HOST, port: int = 0) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:
-    options = {"log_level": "warning", "access_log": False, "timeout_keep_alive": 30, "backlog": 2048,
-               "timeout_graceful_shutdown": 5}
+def uvicorn_config(app: Any, settings: HTTPSettings | None = None, **overrides: Any) -> uvicorn.Config:
+    settings = settings or getattr(app, "settings", None) or HTTPSettings()
+    options = {"log_level": settings.uvicorn_log_level, "access_log": False,
+               "timeout_keep_alive": settings.keep_alive_timeout_s, "limit_concurrency": settings.max_connections,
+               "backlog": 2048, "timeout_graceful_shutdown": 5,
+               "http": header_timeout_protocol(default_http_protocol(), settings.header_timeout_s)}
     options.update(overrides)
     return uvicorn.Config(app, **options)
 
 
 async def serve(app: Any, host: str = DEFAULT_HOST, port: int = 8000, api_key: str | None = None,
-                **uvicorn_options: Any) -> None:
+                settings: HTTPSettings | None = None, **uvicorn_options: Any) -> None:
     """Serve until interrupted. A non-loopback ``host`` without an API key is allowed (it is the
     caller's choice) but logged as a warning."""
     if not is_loopback(host) and not api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this port can generate", host)
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn_config(app, **uvicorn_options))
+    server = uvicorn.Server(uvicorn_config(app, settings, **uvicorn_options))
     await server.serve(sockets=[sock])
 
 
@@ -67,10 +78,10 @@ class BackgroundServer:
     """
 
     def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0, loop: LoopThread | None = None,
-                 **uvicorn_options: Any) -> None:
+                 settings: HTTPSettings | None = None, **uvicorn_options: Any) -> None:
         self._sock = bind_socket(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
-        self._server = uvicorn.Server(uvicorn_config(app, **uvicorn_options))
+        self._server = uvicorn.Server(uvicorn_config(app, settings, **uvicorn_options))
         self._own_loop = loop is None
         self.loop_thread = loop or LoopThread("skyrl-http")
         self._serving: Any = None

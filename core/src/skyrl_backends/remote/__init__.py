@@ -1,5 +1,5 @@
 """Engines on other processes and machines, behind the same engine protocol (``pip install
-'skyrl-backends[http]'``).
+'skyrl-backends[remote]'``).
 
     from skyrl_backends.remote import connect_engine
     engine = connect_engine("10.0.0.2:8000", api_key=key)     # a server started with `skyrl-backends serve`
@@ -7,14 +7,32 @@
 
 or from configuration, as SkyRL spells it: ``run_engines_locally: false`` with
 ``remote_inference_engine_urls: [...]`` (``skyrl_backends.create_engines``). :mod:`.wire` is the JSON
-format both sides share, :mod:`.dialect` how calls are spoken to a kind of server, :mod:`.transport`
-retries and timeouts, :mod:`.launch` a server in a child process.
+format both sides share (the server imports it without httpx), :mod:`.dialect` how calls are spoken
+to a kind of server, :mod:`.transport` retries and timeouts, :mod:`.launch` a server in a child
+process. Names are imported on first use.
 """
 
-from skyrl_backends.remote.connect import connect_engine, normalize_url
-from skyrl_backends.remote.dialect import ServerDescription, SkyRLDialect, WireDialect
-from skyrl_backends.remote.engine import RemoteEngine, transport_capabilities
-from skyrl_backends.remote.launch import ServerProcess, launch_engine
+from __future__ import annotations
 
-__all__ = ["RemoteEngine", "ServerDescription", "ServerProcess", "SkyRLDialect", "WireDialect", "connect_engine",
-           "launch_engine", "normalize_url", "transport_capabilities"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RemoteEngine": "skyrl_backends.remote.engine",
+    "transport_capabilities": "skyrl_backends.remote.engine",
+    "ServerDescription": "skyrl_backends.remote.dialect",
+    "SkyRLDialect": "skyrl_backends.remote.dialect",
+    "WireDialect": "skyrl_backends.remote.dialect",
+    "connect_engine": "skyrl_backends.remote.connect",
+    "normalize_url": "skyrl_backends.remote.connect",
+    "ServerProcess": "skyrl_backends.remote.launch",
+    "launch_engine": "skyrl_backends.remote.launch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'skyrl_backends.remote' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from skyrl_backends.errors import BackendLoadError
 from skyrl_backends.remote import wire
 from skyrl_backends.remote.connect import API_KEY_ENV, connect_engine
 from skyrl_backends.remote.engine import RemoteEngine
+from skyrl_backends.remote.transport import httpx
 
 DEFAULT_START_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 30.0

@@ -27,7 +27,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+try:
+    import httpx
+except ImportError as exc:  # the trainer's side of remote engines is an extra
+    raise ImportError("remote engines need httpx: pip install 'skyrl-backends[remote]'") from exc
 
 from skyrl_backends.errors import EngineDeadError
 from skyrl_backends.remote import wire

@@ -10,7 +10,9 @@ from skyrl_backends import BackendInfo, Capabilities, GeneratorConfig, SamplingP
 
 @hookimpl
 def skyrl_backends_backend_info() -> BackendInfo:
+    # plugin_api_versions: the versions of skyrl_backends' plugin API this file was written for.
     return BackendInfo(name="minimal", engine="transformers", supported_versions=">=4.56,<6",
+                       plugin_api_versions=(1,),
                        description="Plain forward passes, no KV cache: small enough to read in one sitting.",
                        # Named so the engine's hooks are checked before an engine starts.
                        engine_class="skyrl_backend_minimal.engine:MinimalEngine")

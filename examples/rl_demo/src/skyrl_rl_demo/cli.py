@@ -8,17 +8,19 @@ import math
 import sys
 from typing import Any
 
-import yaml
+from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
+from skyrl_backends.engine_options import parse_engine_option
+from skyrl_backends.errors import ConfigError
 
 from skyrl_rl_demo.metrics import WINDOW
 from skyrl_rl_demo.trainer import TrainerConfig, train
 
 
 def _engine_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. dtype=bfloat16), got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return parse_engine_option(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: CUDA IPC for a GPU trainer, else shared memory, when the engines support it")
     p.add_argument("--trainer-device", default=defaults.trainer_device, help="device of the trainer's model")
     p.add_argument("--engine-option", type=_engine_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="generator config option for the engine (repeatable), e.g. dtype=bfloat16")
+                   help=f"generator config option for the engine: {ENGINE_OPTION_HELP}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError
+from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError, SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
@@ -168,7 +168,7 @@ class SGLangEngine:
     async def skyrl_backends_generate(self, request: GenerateRequest, engine_params: SGLangSampling) -> GenerateOutput:
         params = request.sampling_params
         plan = engine_params  # the plugin's translation (translation.py), made once by the facade
-        self._check_prompts(request.prompt_token_ids)
+        self._check_prompts(request.prompt_token_ids, request.sampling_params.stop_token_ids)
         results = await self._on_loop(self._generate_all(request, plan))
         completions = []
         for rid, prompt, result in zip(request.request_ids, request.prompt_token_ids, results):
@@ -186,7 +186,7 @@ class SGLangEngine:
         end: such a request's tokens then arrive in its final chunk."""
         params = request.sampling_params
         plan = engine_params
-        self._check_prompts(request.prompt_token_ids)
+        self._check_prompts(request.prompt_token_ids, request.sampling_params.stop_token_ids)
         caller = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[int, list[int], Any, Any]] = asyncio.Queue()
         incremental = not plan.rescore_logprobs
@@ -241,7 +241,7 @@ class SGLangEngine:
             self._submit([rid], [prompt], plan, request.lora_name, streamed=True, on_tokens=on_tokens(i))
             for i, (rid, prompt) in enumerate(zip(request.request_ids, request.prompt_token_ids)))))
 
-    def _check_prompts(self, prompts: list[list[int]]) -> None:
+    def _check_prompts(self, prompts: list[list[int]], stop_token_ids: tuple[int, ...] = ()) -> None:
         """Refuse what SGLang would crash or fail on: an out-of-vocabulary id takes its scheduler
         down (and with it this process), an over-long prompt is an error deep inside it."""
         vocab, context = self.tm.model_config.vocab_size, self.tm.context_len
@@ -254,6 +254,11 @@ class SGLangEngine:
                 raise ConfigError(f"prompt_token_ids[{i}]",
                                   f"has {len(prompt)} tokens; the model's limit (max_model_len) is {context}. "
                                   "Shorten the prompt.")
+        outside = [t for t in stop_token_ids if t >= vocab]
+        if outside:  # never generated; with min_new_tokens the engine would index past its logits
+            raise SamplingParamsError.out_of_range("stop_token_ids", list(stop_token_ids),
+                                                   f"token ids below the vocabulary size ({vocab}); "
+                                                   f"{outside[0]} is outside it")
 
     async def _generate_all(self, request: GenerateRequest, plan: SGLangSampling) -> list[_Result]:
         """One batched ``async_generate`` (the way SGLang is cheapest to drive); requests with stop

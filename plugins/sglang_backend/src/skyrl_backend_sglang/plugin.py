@@ -21,6 +21,8 @@ NAME = "sglang"
 # the weight-update API (0.5.23 wraps tensor updates in begin/end_weight_update); the engine detects
 # that by feature, not by version.
 SUPPORTED_SGLANG = ">=0.5.17,<0.6"
+# The plugin's `gpu` extra carries the same bounds (pyproject.toml). PyPI serves SGLang's CUDA build only.
+INSTALL_SGLANG = "pip install 'skyrl-backend-sglang[gpu]'"
 
 
 @hookimpl
@@ -29,6 +31,8 @@ def skyrl_backends_backend_info() -> BackendInfo:
         name=NAME,
         engine="sglang",
         supported_versions=SUPPORTED_SGLANG,
+        plugin_api_versions=(1,),
+        install_hint=INSTALL_SGLANG,
         description="SGLang (sglang.Engine) in token-in-token-out mode, with exact stop strings, "
                     "min_new_tokens and seeded sampling done by the plugin.",
         engine_import="sglang",

