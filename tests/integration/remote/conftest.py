@@ -40,7 +40,7 @@ class Served:
         self.observed = EngineObserver(self.engine)
         self.log = OperationLog(orphan_grace_s=0.5)
         self.app = create_engine_app(self.observed, api_key=API_KEY, log=self.log)
-        self.server = BackgroundServer(self.app, loop=self.loop).start()
+        self.server = BackgroundServer(self.app, loop=self.loop).start(timeout_s=120)  # a loaded CI machine
         self.url = self.server.url
 
     def run(self, coro, timeout_s: float = 120.0):

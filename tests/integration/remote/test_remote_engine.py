@@ -300,3 +300,25 @@ def test_a_server_elsewhere_offers_no_same_host_strategy(served, remote):
     assert elsewhere.capabilities.weight_sync_strategies == ("broadcast",)
     with pytest.raises(errors.UnsupportedCapabilityError, match="connect_broadcast"):
         run(elsewhere.update_weights_from_tensors([("x", __import__("torch").zeros(1))]))
+
+
+def test_a_server_at_its_concurrency_limit_is_waited_for_not_failed(served):
+    """The endpoint's guard refuses calls over max_concurrent_requests before they start (503,
+    Retry-After): the remote engine sends them again, so every call completes, each once."""
+    from skyrl_backends.http import BackgroundServer
+    from skyrl_backends.http.engine_routes import create_engine_app
+    from skyrl_backends.http.settings import HTTPSettings
+
+    app = create_engine_app(served.observed, api_key=API_KEY, settings=HTTPSettings(max_concurrent_requests=2))
+    with BackgroundServer(app, loop=served.loop) as narrow:
+        remote = connect_engine(narrow.url, api_key=API_KEY, retries=1)
+        ids = [f"narrow-{i}-{uuid.uuid4().hex}" for i in range(6)]
+
+        async def main():
+            return await asyncio.gather(*(remote.generate([PROMPTS[i % 2]], GREEDY, request_ids=[rid])
+                                          for i, rid in enumerate(ids)))
+
+        outs = run(main())
+        run(remote.teardown())
+    assert all(o[0].finish_reason == "length" for o in outs)
+    assert all(served.observed.request_ids.count(rid) == 1 for rid in ids)

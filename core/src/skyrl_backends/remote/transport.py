@@ -40,12 +40,18 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 5.0
+_BUSY_RETRY_S = 1.0  # the guard's Retry-After
 # What a broken connection or an unresponsive server looks like to httpx (retried with the same key).
 _RETRYABLE = (httpx.TransportError,)
 
 
 class _Loading(Exception):
     """The server answered that its engine is still loading (retried until ready)."""
+
+
+class _Busy(Exception):
+    """The server refused the call before starting it: too many requests at once (503 with
+    ``Retry-After``). Sent again, with the same key, for up to ``heartbeat_timeout_s``."""
 
 
 class HttpTransport:
@@ -130,6 +136,7 @@ class HttpTransport:
         content = wire.dumps(body)
         seen = 0
         attempt = 0
+        busy_since: float | None = None
         while True:
             try:
                 async for event in self._stream_once(path, content, key, seen):
@@ -144,6 +151,11 @@ class HttpTransport:
                     if kind == "result":
                         return
                 raise httpx.RemoteProtocolError("the server ended the event stream before the call's outcome")
+            except _Busy as exc:
+                busy_since = busy_since or time.monotonic()
+                if time.monotonic() - busy_since > self.heartbeat_timeout_s:
+                    raise self._dead(exc, attempt + 1) from None
+                await asyncio.sleep(_BUSY_RETRY_S)
             except (_Loading, *_RETRYABLE) as exc:
                 attempt += 1
                 if attempt > self.retries:
@@ -184,6 +196,8 @@ class HttpTransport:
             return body
         if wire.is_loading(body, response.status_code):
             raise _Loading(f"{self.base_url}: the engine is still loading")
+        if wire.is_busy(body, response.status_code):
+            raise _Busy(f"{self.base_url}: too many requests at once")
         raise wire.error_from_json(body, response.status_code)
 
     def _backoff(self, attempt: int) -> float:

@@ -356,12 +356,17 @@ def is_loading(body: Any, status: int) -> bool:
     return status == 503 and isinstance(body, Mapping) and body.get("status") == "loading"
 
 
+def is_busy(body: Any, status: int) -> bool:
+    """Whether an answer refused the call, before starting it, for too many requests at once."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    return status == 503 and isinstance(error, Mapping) and error.get("code") == "too_many_requests"
+
+
 __all__ = [
     "API_PREFIX", "DIALECT", "ERROR_CLASSES", "IDEMPOTENCY_HEADER", "NDJSON", "OPERATION_HEADER", "POST_OPERATIONS",
-    "RESUME_HEADER",
-    "SSE", "WIRE_VERSION", "capabilities_from_json", "capabilities_to_json", "chunk_from_json", "chunk_to_json",
-    "completion_from_json", "completion_to_json", "dumps", "error_from_json", "error_to_json",
-    "generate_request_from_json", "generate_request_to_json", "init_info_from_json", "init_info_to_json",
+    "RESUME_HEADER", "SSE", "WIRE_VERSION", "capabilities_from_json", "capabilities_to_json", "chunk_from_json",
+    "chunk_to_json", "completion_from_json", "completion_to_json", "dumps", "error_from_json", "error_to_json",
+    "generate_request_from_json", "generate_request_to_json", "init_info_from_json", "init_info_to_json", "is_busy",
     "is_loading", "loads", "output_from_json", "output_to_json", "parallel_sizes_from_json", "sampling_to_json",
     "specs_from_json", "specs_to_json", "status_of",
 ]
