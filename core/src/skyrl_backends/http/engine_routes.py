@@ -289,7 +289,9 @@ class EngineRoutes:
     def _abandon(self, op: Operation) -> None:
         """A generation nobody reads any more: abort it, as closing a local stream does."""
         logger.info("aborting %d request(s) of an abandoned generation", len(op.sample_ids))
-        asyncio.ensure_future(_quietly(self.engine.abort(list(op.sample_ids))))
+        task = asyncio.ensure_future(_quietly(self.engine.abort(list(op.sample_ids))))
+        _background.add(task)  # referenced until done: a task nobody holds may be collected mid-flight
+        task.add_done_callback(_background.discard)
 
     async def probe(self, request: Request) -> Response:
         try:
@@ -298,6 +300,9 @@ class EngineRoutes:
         except ValueError as exc:
             return _error(ConfigError("segment", str(exc)))
         return _json({"content": content})
+
+
+_background: set[asyncio.Task[Any]] = set()
 
 
 async def _pump(op: Operation, stream: AsyncIterator[Any]) -> None:

@@ -103,7 +103,8 @@ class RemoteEngine:
     # -- what the engine is -------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Torn down here, or the server said its engine was torn down."""
+        return self._closed or self._state.closed
 
     @property
     def asleep_tags(self) -> frozenset[str]:
