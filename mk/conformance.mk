@@ -32,6 +32,8 @@ parity: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 		--conformance-report $(PARITY_DIR)/transformers-cpu.json
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q examples/minimal_backend/tests \
 		--conformance-report $(PARITY_DIR)/minimal-cpu.json
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q tests/conformance --backend transformers \
+		--conformance-remote --conformance-report $(PARITY_DIR)/transformers-remote.json
 	$(if $(wildcard $(VLLM_ENV)/.ready),SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
 		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm \
 		--conformance-report $(PARITY_DIR)/vllm-cpu.json,@echo "no $(VLLM_ENV): vllm-cpu column kept as committed")

@@ -16,8 +16,10 @@ from skyrl_backends.protocols import ENGINE_METHODS, Engine
 
 ray_wrapper = pytest.importorskip("skyrl_backends.ray_wrapper", reason="the Ray kinds need ray ([ray] extra)")
 
+remote = pytest.importorskip("skyrl_backends.remote.engine", reason="the remote engine needs httpx ([remote] extra)")
+
 IMPLEMENTATIONS = [InferenceEngine, InferenceEngineClient, ray_wrapper.RayEngineProxy,
-                   ray_wrapper.RayWrappedInferenceEngine]
+                   ray_wrapper.RayWrappedInferenceEngine, remote.RemoteEngine]
 
 
 def _parameters(function) -> list[tuple[str, object, object]]:

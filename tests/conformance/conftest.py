@@ -2,7 +2,8 @@
 that backend's own environment: ``pytest tests/conformance --backend transformers``.
 
 Each backend has its own suite class (``test_<backend>.py``), where its known gaps are listed as
-expected failures with reasons; classes of the other backends are deselected.
+expected failures with reasons; classes of the other backends are deselected. With
+``--conformance-remote`` every engine runs behind ``skyrl-backends serve`` and is driven over HTTP.
 """
 
 from __future__ import annotations
@@ -28,4 +29,5 @@ def pytest_configure(config: pytest.Config) -> None:
     # Every run leaves its report where `make parity` and the CI table check look for it.
     if not config.option.conformance_report:
         directory = os.environ.get(REPORT_DIR_ENV, os.path.join(str(config.rootpath), ".cache", "conformance"))
-        config.option.conformance_report = os.path.join(directory, f"{backend}.json")
+        remote = config.option.conformance_remote or os.environ.get("SKYRL_CONFORMANCE_REMOTE", "") not in ("", "0")
+        config.option.conformance_report = os.path.join(directory, f"{backend}{'-remote' if remote else ''}.json")

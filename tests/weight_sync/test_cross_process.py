@@ -1,8 +1,10 @@
 """A trainer process and engine processes exchange weights over shared memory and a gloo broadcast.
 
 The engines are real engines of the selected backend (``SKYRL_WEIGHT_SYNC_BACKEND``, default
-transformers), each in its own OS process, reached over loopback. The oracle is independent of the
-engines: Hugging Face greedy decoding, in the trainer process, of the very weights that were sent.
+transformers), each behind ``skyrl-backends serve`` in its own OS process, driven over loopback by
+a :class:`~skyrl_backends.remote.RemoteEngine` (the engine API: JSON only, nothing unpickled). The
+oracle is independent of the engines: Hugging Face greedy decoding, in the trainer process, of the
+very weights that were sent.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import copy
 
 import pytest
 import torch
-from remote_engine import RemoteEngine
-from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.errors import WeightsNotLoadedError, WeightUpdateError
+from skyrl_backends.remote import RemoteEngine, ServerProcess, connect_engine
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.chunks import plan
@@ -37,12 +39,15 @@ def trainer_model(model_dir):
 
 @pytest.fixture(scope="module")
 def engines(backend, model_dir, num_engines):
-    started = [RemoteEngine(backend, model_dir, wait=False, dtype="float32") for _ in range(num_engines)]
-    for engine in started:
-        engine.wait_ready()
-    yield started
-    for engine in started:
-        engine.close()
+    servers = [ServerProcess(backend, model_dir, options={"dtype": "float32"}) for _ in range(num_engines)]
+    started = []
+    try:
+        for server in servers:
+            started.append(connect_engine(server.wait_ready(), _owned_server=server))
+        yield started
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def perturbed(model, seed: int) -> dict[str, torch.Tensor]:
@@ -67,11 +72,11 @@ def oracle_greedy(model, weights: dict[str, torch.Tensor]) -> list[list[int]]:
 
 async def greedy(engine: RemoteEngine) -> tuple[list[list[int]], list[int]]:
     out = await engine.generate(PROMPTS, GREEDY)
-    return [c["token_ids"] for c in out], [c["weight_version"] for c in out]
+    return out.response_ids, [c.weight_version for c in out]
 
 
 async def versions(engines) -> list[int]:
-    return [(await e.state())["weight_version"] for e in engines]
+    return [(await e.refresh()).weight_version for e in engines]
 
 
 def test_shared_memory_sync_into_engine_processes(engines, trainer_model):
@@ -157,9 +162,8 @@ def test_streamed_broadcast_failing_midway_is_never_served_and_a_complete_update
         assert results[0] is None and isinstance(results[1], Exception), results
         assert await versions([engine]) == [version_before]
         # The first bucket may be loaded and the rest not: the engine refuses to serve the mix.
-        with pytest.raises(RuntimeError) as info:
+        with pytest.raises(WeightsNotLoadedError, match="streamed weight update failed partway"):
             await greedy(engine)
-        assert "WeightsNotLoadedError" in str(info.value) and "streamed weight update failed partway" in str(info.value)
         await sync_weights(engine, recovery, "shared_memory")
         tokens, stamped = await greedy(engine)
         assert tokens == oracle_greedy(trainer_model, recovery)

@@ -20,8 +20,8 @@ import threading
 import native_broadcast_peer  # beside this file: the conftest puts the folder on sys.path
 import pytest
 import torch
-from remote_engine import RemoteEngine
 from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.remote import ServerProcess, connect_engine
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.broadcast import BroadcastSender
@@ -186,13 +186,14 @@ def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):
     # The engine runs in its own process, out of reach of scripts/gpu/with_engine_defaults.py: it
     # gets the same per-backend defaults (SGLang's kernels on the GPU machine) as options.
     defaults = json.loads(os.environ.get("SKYRL_ENGINE_DEFAULTS", "{}")).get(backend, {})
-    engine = RemoteEngine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1"},
-                          **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
+    server = ServerProcess(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1"},
+                           options={**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
+    engine = connect_engine(server.wait_ready(), _owned_server=server)
     params = {"max_generate_length": 8, "temperature": 0.0, "ignore_eos": True}
     prompts = [[5, 6, 7, 8], [100, 42, 17]]
 
     async def greedy() -> list[list[int]]:
-        return [c["token_ids"] for c in await engine.generate(prompts, params)]
+        return (await engine.generate(prompts, params)).response_ids
 
     async def scenario():
         from transformers import AutoModelForCausalLM
@@ -230,4 +231,4 @@ def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):
     try:
         asyncio.run(scenario())
     finally:
-        engine.close()
+        asyncio.run(engine.teardown())

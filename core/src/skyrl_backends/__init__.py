@@ -10,7 +10,7 @@ Backends are separate distributions (``skyrl-backend-transformers``, ``skyrl-bac
 ``skyrl-backend-sglang``) found through the ``skyrl_backends`` entry-point group.
 """
 
-from skyrl_backends.api import DEFAULT_BACKEND, create_engine, list_backends
+from skyrl_backends.api import DEFAULT_BACKEND, create_engine, create_engines, list_backends
 from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig, load_config
 from skyrl_backends.discovery import register_backend, unregister_backend
@@ -26,6 +26,7 @@ from skyrl_backends.errors import (
     EngineVersionError,
     LoraAdapterError,
     PluginAPIVersionError,
+    RemoteEngineError,
     SamplingParamsError,
     SkyRLBackendsError,
     UnsupportedCapabilityError,
@@ -54,9 +55,9 @@ __all__ = [
     "Capabilities", "Completion",
     "ConfigError", "EngineAsleepError", "EngineClosedError", "EngineDeadError", "EngineStateError",
     "EngineVersionError", "GenerateOutput", "GenerateRequest", "GeneratorConfig", "InferenceEngine",
-    "LoraAdapterError", "ParallelSizes", "PauseMode", "PluginAPIVersionError", "SamplingParams",
-    "SamplingParamsError", "SkyRLBackendsError",
-    "TensorSpec", "TokenVersions", "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest",
-    "WeightUpdateError", "WeightsNotLoadedError", "create_engine", "hookimpl", "list_backends", "load_config",
+    "LoraAdapterError", "ParallelSizes", "PauseMode", "PluginAPIVersionError", "RemoteEngineError",
+    "SamplingParams", "SamplingParamsError", "SkyRLBackendsError", "TensorSpec", "TokenVersions",
+    "UnsupportedCapabilityError", "WeightSyncInitInfo", "WeightUpdateRequest", "WeightUpdateError",
+    "WeightsNotLoadedError", "create_engine", "create_engines", "hookimpl", "list_backends", "load_config",
     "register_backend", "unregister_backend",
 ]

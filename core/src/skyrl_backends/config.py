@@ -30,6 +30,8 @@ from typing import Any, Literal
 from skyrl_backends.errors import ConfigError
 from skyrl_backends.sampling import SamplingParams
 
+# The fields that describe engines served elsewhere (run_engines_locally false).
+REMOTE_FIELDS = ("run_engines_locally", "remote_inference_engine_urls", "remote_inference_engine_api_key")
 WEIGHT_SYNC_BACKENDS = ("nccl", "gloo", "broadcast", "cuda_ipc", "shared_memory", "tensors")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 WeightSyncBackend = Literal["nccl", "gloo", "broadcast", "cuda_ipc", "shared_memory", "tensors"]
@@ -79,6 +81,11 @@ class GeneratorConfig:
     max_lora_rank: int = field(default=64, metadata=_at_least(1))
     max_loras: int = field(default=4, metadata=_at_least(1))
     run_engines_locally: bool = True
+    # With run_engines_locally false: one engine server per URL (`skyrl-backends serve`), as SkyRL
+    # spells it ("10.0.0.2:8001" or a full http(s) URL); the key is sent to every one of them.
+    remote_inference_engine_urls: list[str] = field(default_factory=list, metadata={
+        "check": lambda v: all(u.strip() for u in v), "accepted": "a list of host:port or http(s):// URLs"})
+    remote_inference_engine_api_key: str | None = None
     async_engine: bool = True
     batched: bool = True
     enable_http_endpoint: bool = False
@@ -137,6 +144,7 @@ class GeneratorConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["sampling_params"] = self.sampling_params.to_dict()
         values["engine_init_kwargs"] = dict(self.engine_init_kwargs)
+        values["remote_inference_engine_urls"] = list(self.remote_inference_engine_urls)
         return values
 
 
@@ -245,6 +253,11 @@ def _check_type(name: str, annotation: Any, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError.out_of_range(name, value, "a mapping")
         return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError.out_of_range(name, value, "a list")
+        return [_check_type(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
     if annotation is SamplingParams:
         return value if isinstance(value, SamplingParams) else SamplingParams.from_dict(value)
     raise TypeError(f"GeneratorConfig.{name}: no validation rule for {annotation!r}")  # pragma: no cover

@@ -711,6 +711,19 @@ def _check_tags(tags: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def sample_request_ids(request: GenerateRequest) -> list[str]:
+    """The id the engine tracks (and aborts) each completion of ``request`` by, in ``generate``'s
+    output order (prompt-major): the request id when ``n`` is 1, ``<id>-<j>`` for sample ``j``."""
+    n = request.sampling_params.n
+    if n == 1:
+        return list(request.request_ids)
+    return [_sample_id(rid, j) for rid in request.request_ids for j in range(n)]
+
+
+def _sample_id(request_id: str, sample: int) -> str:
+    return f"{request_id}-{sample}"
+
+
 def _expand_samples(request: GenerateRequest) -> list[GenerateRequest]:
     """Turn ``n`` samples per prompt into batches with ``n=1``, ordered so that concatenating their
     outputs and calling :func:`_sample_major` gives prompt-major order.
@@ -727,7 +740,7 @@ def _expand_samples(request: GenerateRequest) -> list[GenerateRequest]:
         batches.append(GenerateRequest(
             prompt_token_ids=request.prompt_token_ids,
             sampling_params=params.replace(n=1, seed=None if params.seed is None else params.seed + j),
-            request_ids=[f"{rid}-{j}" for rid in request.request_ids],
+            request_ids=[_sample_id(rid, j) for rid in request.request_ids],
             session_ids=request.session_ids, lora_name=request.lora_name))
     if params.seed is None:
         merged = GenerateRequest(

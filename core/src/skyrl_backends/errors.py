@@ -202,3 +202,14 @@ class LoraAdapterError(SkyRLBackendsError, LookupError):
 
 class EngineDeadError(SkyRLBackendsError, RuntimeError):
     """An engine stopped responding or crashed; its requests could not be completed."""
+
+
+class RemoteEngineError(SkyRLBackendsError, RuntimeError):
+    """An engine server reported an error of a type this side does not rebuild (an engine's own
+    exception), or answered with something that is not the engine protocol's error body.
+    ``remote_type`` names what the server raised, ``status`` is the HTTP status."""
+
+    def __init__(self, remote_type: str, message: str, status: int | None = None) -> None:
+        self.remote_type = remote_type
+        self.status = status
+        super().__init__(f"the engine server raised {remote_type}: {message}")

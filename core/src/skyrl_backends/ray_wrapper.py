@@ -10,14 +10,18 @@
   client fails over); the engine's own errors (bad sampling parameters, a rejected weight update)
   arrive as the same exception types as in-process.
 * :func:`create_ray_engines` places the actors: on a placement group of their own (one bundle per
-  engine, ``num_gpus_per_engine`` GPUs each), or on bundles of the trainer's placement group with a
-  fractional GPU each (``colocate``), as the design's ``colocate_all`` does.
+  engine, ``num_gpus_per_engine`` GPUs each; ``placement_strategy="STRICT_SPREAD"`` puts each engine
+  on a node of its own), or on bundles of the trainer's placement group with a fractional GPU each
+  (``colocate``), as the design's ``colocate_all`` does.
+* :func:`restart_ray_engine` starts a lost engine again, with the same options and resources, on
+  any live node (:class:`~skyrl_backends.client.recovery.EngineRecovery` puts it back into a pool).
 
 Only this module (and ``skyrl-backends serve --ray``) imports ray; ``pip install 'skyrl-backends[ray]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -66,7 +70,8 @@ class RayWrappedInferenceEngine:
         engine = self.engine
         return {"backend": engine.backend, "capabilities": engine.capabilities, "config": engine.config,
                 "distribution": engine.distribution, "parallel_sizes": engine.parallel_sizes(),
-                "engine_version": engine.engine_version(), "pid": os.getpid()}
+                "engine_version": engine.engine_version(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def ping(self) -> bool:
         return True
@@ -156,12 +161,20 @@ class RayEngineProxy:
     pid: int | None = None
     weight_version: int = 0
     closed: bool = False
+    node_id: str | None = None
+    # How the actor was started (backend, model, engine options, resources): what a restart repeats.
+    spawn: dict[str, Any] | None = None
+    # The placement group created for this engine alone (by a restart), removed at teardown.
+    own_placement_group: Any = None
+    # The placement group and bundle the actor was scheduled on (a restart goes back to the bundle).
+    placement: tuple[Any, int] | None = None
 
     def __repr__(self) -> str:
-        return f"<RayEngineProxy {self.name} backend={self.backend!r} pid={self.pid}>"
+        return f"<RayEngineProxy {self.name} backend={self.backend!r} pid={self.pid} node={self.node_id}>"
 
     @classmethod
-    def from_actor(cls, actor: Any, name: str, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> RayEngineProxy:
+    def from_actor(cls, actor: Any, name: str, timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                   spawn: dict[str, Any] | None = None) -> RayEngineProxy:
         """Wait for the actor's engine to start and cache what never changes."""
         try:
             info = ray.get(actor.describe.remote(), timeout=timeout_s)
@@ -172,7 +185,8 @@ class RayEngineProxy:
             raise EngineDeadError(f"Ray engine {name} failed to start: {exc}") from exc
         return cls(actor=actor, name=name, backend=info["backend"], capabilities=info["capabilities"],
                    config=info["config"], distribution=info["distribution"], _parallel_sizes=info["parallel_sizes"],
-                   _engine_version=info["engine_version"], pid=info["pid"])
+                   _engine_version=info["engine_version"], pid=info["pid"], node_id=info.get("node_id"),
+                   spawn=spawn)
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -265,6 +279,8 @@ class RayEngineProxy:
             await self._call("teardown")
         finally:
             ray.kill(self.actor, no_restart=True)
+            if self.own_placement_group is not None:
+                ray.util.remove_placement_group(self.own_placement_group)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -293,7 +309,8 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
                        num_gpus_per_engine: float = 0.0, num_cpus_per_engine: float = 1.0,
                        placement_group: PlacementGroup | None = None, bundle_indices: Sequence[int] | None = None,
                        colocate: bool = False, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                       actor_options: dict[str, Any] | None = None, **engine_options: Any) -> list[RayEngineProxy]:
+                       actor_options: dict[str, Any] | None = None, placement_strategy: str = "PACK",
+                       **engine_options: Any) -> list[RayEngineProxy]:
     """Start ``num_engines`` engine actors and return their proxies (ready to use).
 
     * Own GPUs (default): a new placement group with one bundle of ``num_gpus_per_engine`` GPUs and
@@ -302,7 +319,9 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
       ``i`` is scheduled on bundle ``bundle_indices[i]`` (default ``i``) with a fractional
       ``num_gpus_per_engine`` (for example 0.2), leaving the rest of the GPU to the training actor.
 
-    ``engine_options`` are ``create_engine`` keywords (a generator config's fields).
+    ``placement_strategy`` is the new placement group's (Ray's ``PACK``, ``SPREAD``, ``STRICT_SPREAD``:
+    one engine per node, ``STRICT_PACK``). ``engine_options`` are ``create_engine`` keywords (a
+    generator config's fields).
     """
     if colocate and placement_group is None:
         raise ConfigError("placement_group", "colocate=True needs the trainer's placement group to share.")
@@ -311,12 +330,15 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
                                        "a fraction in (0, 1) when colocated with training (or 0 on CPU)")
     own_group = placement_group is None
     group = placement_group or engine_placement_group(num_engines, num_gpus_per_engine, num_cpus_per_engine,
-                                                      timeout_s=start_timeout_s)
+                                                      strategy=placement_strategy, timeout_s=start_timeout_s)
     indices = list(bundle_indices) if bundle_indices is not None else list(range(num_engines))
     if len(indices) != num_engines:
         raise ConfigError("bundle_indices", f"has {len(indices)} entries for {num_engines} engines.")
     actor_class = ray.remote(RayWrappedInferenceEngine)
     model_path = os.fspath(model) if model is not None else None
+    spawn = {"backend": backend, "model": model_path, "engine_options": dict(engine_options),
+             "num_cpus": num_cpus_per_engine, "num_gpus": num_gpus_per_engine,
+             "actor_options": dict(actor_options or {})}
     actors = []
     for index in indices:
         options = {"num_cpus": num_cpus_per_engine, "num_gpus": num_gpus_per_engine, "max_restarts": 0,
@@ -325,10 +347,52 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
                    **(actor_options or {})}
         actors.append(actor_class.options(**options).remote(backend, model_path, dict(engine_options)))
     try:
-        return [RayEngineProxy.from_actor(actor, f"ray-engine-{i}", start_timeout_s) for i, actor in enumerate(actors)]
+        proxies = [RayEngineProxy.from_actor(actor, f"ray-engine-{i}", start_timeout_s, spawn)
+                   for i, actor in enumerate(actors)]
+        for proxy, index in zip(proxies, indices, strict=True):
+            proxy.placement = (group, index)
+        return proxies
     except BaseException:
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if own_group:
             ray.util.remove_placement_group(group)
         raise
+
+
+def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                       name: str | None = None) -> RayEngineProxy:
+    """A new actor for an engine that was lost (its node died, its process crashed): the same
+    backend, model, engine options and resources, on a live node. An engine of a placement group goes
+    back to its bundle, which Ray moves to a live node with room when the bundle's node died (the
+    group's strategy still holds: STRICT_SPREAD keeps engines on distinct nodes); other engines get a
+    one-bundle group of their own. The new engine has the model's initial weights: push the current
+    ones before it serves (``EngineRecovery`` does, in its ``restore`` step)."""
+    if lost.spawn is None:
+        raise ConfigError("lost", f"{lost.name} was not started by create_ray_engines, so how to start it again is "
+                                  f"unknown; create a new engine and add it to the pool instead")
+    spawn = lost.spawn
+    with contextlib.suppress(Exception):  # a dead actor: make sure Ray does not bring it back as well
+        ray.kill(lost.actor, no_restart=True)
+    own_group = lost.own_placement_group
+    if lost.placement is not None:
+        group, index = lost.placement
+    else:
+        group, index = engine_placement_group(1, spawn["num_gpus"], spawn["num_cpus"], timeout_s=start_timeout_s), 0
+        own_group = group
+    options = {"num_cpus": spawn["num_cpus"], "num_gpus": spawn["num_gpus"], "max_restarts": 0,
+               "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=group,
+                                                                        placement_group_bundle_index=index),
+               **spawn["actor_options"]}
+    actor = ray.remote(RayWrappedInferenceEngine).options(**options).remote(
+        spawn["backend"], spawn["model"], dict(spawn["engine_options"]))
+    try:
+        proxy = RayEngineProxy.from_actor(actor, name or lost.name, start_timeout_s, spawn)
+    except BaseException:
+        ray.kill(actor, no_restart=True)
+        if own_group is not None and own_group is not lost.own_placement_group:
+            ray.util.remove_placement_group(own_group)
+        raise
+    proxy.placement = (group, index)
+    proxy.own_placement_group = own_group
+    return proxy

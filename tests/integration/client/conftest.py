@@ -2,8 +2,9 @@
 
 The backend comes from ``--client-backend`` or ``SKYRL_CLIENT_BACKEND`` (default ``transformers``);
 the model from ``SKYRL_TEST_MODEL``. Engines are expensive to start, so each pool is built once
-per session: ``local`` (several engines in this process) and ``ray`` (engine actors on a local Ray
-started here, ``ray.init(num_cpus=2)``; skipped where ray is not installed).
+per session: ``local`` (several engines in this process), ``ray`` (engine actors on a local Ray
+started here, ``ray.init(num_cpus=2)``; skipped where ray is not installed) and ``remote`` (engines
+behind ``skyrl-backends serve`` processes, driven over HTTP by ``RemoteEngine``).
 
 Every engine is created and driven on one event loop (``aio``, a loop thread): some engines bind
 background tasks to their first loop (vLLM), and the HTTP tests serve from the same loop.
@@ -29,6 +30,7 @@ BACKEND_OPTIONS: dict[str, dict] = {
 NUM_LOCAL_ENGINES = {"vllm": 2}  # each vLLM engine is a process with its own KV cache
 DEFAULT_LOCAL_ENGINES = 3
 NUM_RAY_ENGINES = 2
+NUM_REMOTE_ENGINES = 2
 
 
 def pytest_addoption(parser):
@@ -110,7 +112,41 @@ def ray_engines(make_ray_engines):
     return make_ray_engines(NUM_RAY_ENGINES)
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(scope="session")
+def make_remote_engines(aio, backend, model_dir, engine_options):
+    """Engines behind `skyrl-backends serve`, one child process each on loopback, driven over HTTP
+    (``RemoteEngine``); started together. ``kill(engine)`` ends a server's process abruptly."""
+    from skyrl_backends.remote import ServerProcess, connect_engine
+
+    started = []
+
+    def make(count):
+        servers = [ServerProcess(backend, model_dir, options=engine_options) for _ in range(count)]
+        try:
+            urls = [server.wait_ready() for server in servers]
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        # Few retries: a killed server is reported (and failed over) within a second or two.
+        engines = [aio.call(connect_engine, url, retries=1, _owned_server=server) for url, server in zip(urls, servers)]
+        started.extend(engines)
+        return engines
+
+    yield make
+    for engine in started:
+        try:
+            aio.run(engine.teardown(), 60)
+        except Exception:
+            pass  # killed by a test
+
+
+@pytest.fixture(scope="session")
+def remote_engines(make_remote_engines):
+    return make_remote_engines(NUM_REMOTE_ENGINES)
+
+
+@pytest.fixture(params=["local", "ray", "remote"])
 def placement(request):
     return request.param
 

@@ -1,4 +1,5 @@
-"""The engine client over real engines: several in this process, and Ray actors.
+"""The engine client over real engines: several in this process, Ray actors, and remote engines behind
+engine servers.
 
 Every assertion is checked against the engines themselves: outputs against the same engine's
 uninterrupted output for the same request, routing against the request ids each engine received.
@@ -180,6 +181,8 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engin
     the same tokens as an uninterrupted run."""
     if placement == "ray":
         victim = request.getfixturevalue("make_ray_engines")(1)[0]
+    elif placement == "remote":
+        victim = request.getfixturevalue("make_remote_engines")(1)[0]
     else:
         victim = make_local_engine()
     batch = prompts(24, length=5, start=50)
@@ -191,6 +194,8 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engin
             import ray
 
             ray.kill(victim.actor, no_restart=True)
+        elif placement == "remote":
+            victim._owned_server.process.kill()  # the server's process dies mid-answer
         else:
             await victim.teardown()
 

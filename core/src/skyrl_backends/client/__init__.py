@@ -8,7 +8,8 @@
 from skyrl_backends.client.client import EngineStats, InferenceEngineClient, is_engine_failure
 from skyrl_backends.client.continuation import Continuation
 from skyrl_backends.client.hashing import ConsistentHashRing, stable_hash
+from skyrl_backends.client.recovery import EngineRecovery, Recovered
 from skyrl_backends.client.routing import LoadTracker, Router, reassemble
 
-__all__ = ["ConsistentHashRing", "Continuation", "EngineStats", "InferenceEngineClient", "LoadTracker", "Router",
-           "is_engine_failure", "reassemble", "stable_hash"]
+__all__ = ["ConsistentHashRing", "Continuation", "EngineRecovery", "EngineStats", "InferenceEngineClient",
+           "LoadTracker", "Recovered", "Router", "is_engine_failure", "reassemble", "stable_hash"]

@@ -193,6 +193,16 @@ class InferenceEngineClient:
         del self._slots[engine_id]
         return slot.engine
 
+    def replace_engine(self, engine_id: str, engine: Engine) -> Engine:
+        """Put ``engine`` in the place of the pool's engine ``engine_id`` (a restarted one, say) and
+        mark it healthy: it keeps the id, so the sessions the ring gives that id return to it. Returns
+        the engine it replaces (not torn down). Give it the current weights first."""
+        slot = self._slot(engine_id)
+        old, slot.engine = slot.engine, engine
+        slot.healthy, slot.failure = True, None
+        slot.inflight.clear()  # requests of the old engine failed over or finished
+        return old
+
     @property
     def engine_ids(self) -> list[str]:
         return list(self._slots)

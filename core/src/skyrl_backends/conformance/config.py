@@ -34,12 +34,15 @@ class ConformanceConfig:
     ``model`` None means the suite's own tiny test model (built once, offline, into pytest's cache).
     ``engine_options`` go to :func:`skyrl_backends.create_engine` (e.g. ``dtype``, ``device``,
     ``gpu_memory_utilization``); the suite adds ``enable_lora=True`` when the backend declares LoRA,
-    unless the options say otherwise.
+    unless the options say otherwise. ``remote`` runs every engine through the wire: each is a
+    ``skyrl-backends serve`` process on loopback, driven by a
+    :class:`~skyrl_backends.remote.RemoteEngine` (the report's column is ``<backend>-remote``).
     """
 
     backend: str
     model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    remote: bool = False
     logprob_tolerance: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOGPROB_TOLERANCE))
     greedy_margin: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GREEDY_MARGIN))
     # Bounds that keep the suite quick on two CPU cores; raise them for a deeper soak.
@@ -52,7 +55,8 @@ class ConformanceConfig:
 
     def key(self) -> tuple[Any, ...]:
         """Identifies configs that can share engines."""
-        return (self.backend, self.model, tuple(sorted((k, repr(v)) for k, v in self.engine_options.items())))
+        return (self.backend, self.model, tuple(sorted((k, repr(v)) for k, v in self.engine_options.items())),
+                self.remote)
 
     def tolerance_for(self, dtype: str) -> float:
         return self._lookup(self.logprob_tolerance, dtype, "logprob_tolerance")

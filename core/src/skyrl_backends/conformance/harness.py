@@ -39,8 +39,11 @@ class ConformanceHarness:
         self.config = config
         self.loop = loop
         self.backend = get_backend(config.backend)
-        self.capabilities: Capabilities = capabilities_of(config)
+        # What the backend declares (decides the engine options); through the wire, the suite gates
+        # tests on what the remote engine reports instead (see `capabilities`).
+        self.declared: Capabilities = capabilities_of(config)
         self._shared: InferenceEngine | None = None
+        self._remote_capabilities: Capabilities | None = None
         self._reference: ReferenceModel | None = None
         self._engine_dtype: str | None = None
         self._second_lora: str | None = None
@@ -75,15 +78,29 @@ class ConformanceHarness:
             self._second_lora = target
         return self._second_lora
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the engine under test offers: the backend's declaration, or through the wire what
+        the remote engine reports (the server's, less what the connection cannot carry)."""
+        if self.config.remote:
+            if self._remote_capabilities is None:
+                self._remote_capabilities = self.engine.capabilities
+            return self._remote_capabilities
+        return self.declared
+
     def engine_options(self, **overrides: Any) -> dict[str, Any]:
         options = dict(self.config.engine_options)
-        if self.capabilities.lora:
+        if self.declared.lora:
             options.setdefault("enable_lora", True)
         options.update(overrides)
         return options
 
     def create(self, **overrides: Any) -> InferenceEngine:
         async def start() -> InferenceEngine:  # created inside the loop it will live on
+            if self.config.remote:
+                from skyrl_backends.remote import launch_engine
+
+                return launch_engine(self.config.backend, self.model_dir, **self.engine_options(**overrides))
             return create_engine(self.config.backend, model=self.model_dir, **self.engine_options(**overrides))
 
         return self.run(start())
@@ -94,6 +111,8 @@ class ConformanceHarness:
         """The shared engine (started on first use)."""
         if self._shared is None or self._shared.closed:
             self._shared = self.create()
+            if self.config.remote:
+                self._remote_capabilities = self._shared.capabilities
         return self._shared
 
     def shared_engine_is_clean(self) -> bool:

@@ -39,6 +39,7 @@ from skyrl_backends.testing.cache import CACHE_ENV, cache_dir
 BACKEND_ENV = "SKYRL_CONFORMANCE_BACKEND"
 MODEL_ENV = "SKYRL_CONFORMANCE_MODEL"
 REPORT_ENV = "SKYRL_CONFORMANCE_REPORT"
+REMOTE_ENV = "SKYRL_CONFORMANCE_REMOTE"
 TEST_MODEL_ENV = "SKYRL_TEST_MODEL"
 MODEL_CACHE_ENV = CACHE_ENV
 
@@ -58,6 +59,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "built offline on first use)")
     group.addoption("--conformance-engine-option", action="append", default=[], metavar="KEY=VALUE",
                     help=f"extra create_engine option: {ENGINE_OPTION_HELP}")
+    group.addoption("--conformance-remote", action="store_true", default=None,
+                    help=f"run every engine through the wire: a `skyrl-backends serve` process on loopback driven by "
+                         f"a RemoteEngine (env {REMOTE_ENV}=1); the report's column is <backend>-remote")
     group.addoption("--conformance-report", default=None, metavar="FILE",
                     help=f"write the JSON report (per test and per parity-table feature) here (env {REPORT_ENV})")
 
@@ -98,7 +102,8 @@ def resolve_config(config: pytest.Config, cls: type) -> ConformanceConfig:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from exc
     overrides = dict(getattr(cls, "conformance_overrides", None) or {})
-    return ConformanceConfig(backend=backend, model=model, engine_options=options, **overrides)
+    remote = bool(config.getoption("--conformance-remote") or os.environ.get(REMOTE_ENV, "") not in ("", "0"))
+    return ConformanceConfig(backend=backend, model=model, engine_options=options, remote=remote, **overrides)
 
 
 def default_model_dir() -> str:

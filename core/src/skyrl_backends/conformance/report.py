@@ -167,7 +167,9 @@ def build_report(harness: ConformanceHarness, tests: list[CaseResult], features:
     return {
         "format": REPORT_FORMAT,
         "backend": harness.config.backend,
-        "column": column_name(harness.config.backend, device_kind(harness)),
+        "column": column_name(harness.config.backend, "remote" if harness.config.remote else device_kind(harness)),
+        "transport": ("remote: skyrl-backends serve on loopback, driven by RemoteEngine over HTTP"
+                      if harness.config.remote else "in process"),
         "distribution": backend.distribution,
         "distribution_version": backend.distribution_version,
         "engine": backend.info.engine if backend.info else None,

@@ -5,7 +5,8 @@
     with BackgroundServer(app) as server:      # 127.0.0.1, a free port
         print(server.url)
 
-From the command line: ``skyrl-backends serve --backend transformers --model DIR``.
+From the command line: ``skyrl-backends serve --backend transformers --model DIR``, which also serves
+the engine API (``create_engine_app``) that :mod:`skyrl_backends.remote` engines talk to.
 
 Names are imported on first use, so that the ``serve`` command is listed (and says what to install)
 where the ``http`` extra is missing.
@@ -20,6 +21,7 @@ _EXPORTS = {
     "APIError": "skyrl_backends.http.errors",
     "BackgroundServer": "skyrl_backends.http.server",
     "create_app": "skyrl_backends.http.app",
+    "create_engine_app": "skyrl_backends.http.engine_routes",
     "serve": "skyrl_backends.http.server",
 }
 

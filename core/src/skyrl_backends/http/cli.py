@@ -1,4 +1,5 @@
-"""``skyrl-backends serve``: engines, the client and the OpenAI-compatible endpoint in one command.
+"""``skyrl-backends serve``: engines, the client and the OpenAI-compatible endpoint in one command,
+and the engine API (``/skyrl/v1``, :mod:`skyrl_backends.http.engine_routes`) that remote engines use.
 
     skyrl-backends serve --backend transformers --model DIR [--num-engines N] [--host 127.0.0.1]
                          [--port 8000] [--api-key KEY] [--ray] [limits: see --help]
@@ -50,6 +51,18 @@ def add_subcommand(subparsers: Any) -> None:
     serve.add_argument("--ray", action="store_true", help="run each engine as a Ray actor (local Ray if none)")
     serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                        help=f"a generator-config option for every engine: {ENGINE_OPTION_HELP}")
+    serve.add_argument("--allow-no-api-key", action="store_true",
+                       help="serve on a non-loopback address without an API key (refused otherwise: whoever reaches "
+                            "the port could drive the engines, weights and LoRA adapters included)")
+    serve.add_argument("--no-engine-api", action="store_true",
+                       help="serve the OpenAI endpoint only, not the engine API under /skyrl/v1")
+    serve.add_argument("--engine-api-max-body-bytes", type=int, default=None,
+                       help="largest engine-API request body (default 64 MiB: a rollout batch of token ids); the "
+                            "other limits are the endpoint's")
+    serve.add_argument("--url-file", default=None,
+                       help="write the server's URL to this file once its port is bound (with --port 0: a free port)")
+    serve.add_argument("--stop-on-stdin-close", action="store_true",
+                       help="stop when standard input closes (a parent process that started the server died)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -161,6 +174,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.num_engines < 1:
         raise SystemExit("--num-engines must be >= 1")
     _generator_config(args)  # a bad option is reported before anything starts
+    from skyrl_backends.http.engine_server import check_exposure
+
+    try:
+        check_exposure(args.host, args.api_key, args.allow_no_api_key, engine_api=not args.no_engine_api)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     try:  # uvicorn.run would pick uvloop too; vLLM's own server runs on it
         import uvloop
     except ImportError:
@@ -171,17 +190,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    from skyrl_backends.http.engine_server import LoadingResponder, stop_on_stdin_close, write_url_file
+    from skyrl_backends.http.server import bind_socket, uvicorn_config
+
+    if args.stop_on_stdin_close:
+        stop_on_stdin_close()
+    settings = http_settings(args)
+    # The port is bound first and answers "loading" until the engines are up (see engine_server).
+    sock = bind_socket(args.host, args.port)
+    loading = LoadingResponder(sock).start()
+    if args.url_file:
+        write_url_file(args.url_file, sock)
+    try:
+        client, app, name = await _serving_app(args, settings)
+    except BaseException:
+        loading.stop()
+        sock.close()
+        raise
+    loading.stop()
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name!r} ({args.backend}, {args.num_engines} engine(s)) on http://{host}:{port}/v1"
+          + ("" if args.no_engine_api else f", engine API on http://{host}:{port}/skyrl/v1"), flush=True)
+    try:
+        import uvicorn
+
+        await uvicorn.Server(uvicorn_config(app, settings)).serve(sockets=[sock])
+    finally:
+        await client.teardown()
+
+
+async def _serving_app(args: argparse.Namespace, settings: Any) -> Any:
     from transformers import AutoTokenizer
 
     from skyrl_backends.client import InferenceEngineClient
+    from skyrl_backends.config import REMOTE_FIELDS
     from skyrl_backends.http.app import create_app
-    from skyrl_backends.http.server import serve
+    from skyrl_backends.http.engine_routes import DEFAULT_ENGINE_API_MAX_BODY_BYTES, create_engine_app
+    from skyrl_backends.http.engine_server import with_engine_api
 
-    settings = http_settings(args)
     config = _generator_config(args)
     if settings.max_model_len is not None and config.max_model_len is None:  # as vLLM's flag: the engines' too
         config = config.replace(max_model_len=settings.max_model_len)
-    options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model")}
+    # The engines are this server's own (a config written for the trainer's side may name remote ones).
+    options = {k: v for k, v in config.to_dict().items() if k not in ("backend", "model", *REMOTE_FIELDS)}
     args.backend, args.model = config.backend, config.model
     if args.ray:
         import ray
@@ -199,9 +250,8 @@ async def _serve(args: argparse.Namespace) -> None:
     client = InferenceEngineClient(engines, tokenizer=tokenizer, request_timeout=args.request_timeout or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(client, tokenizer, model_name=name, api_key=args.api_key, settings=settings)
-    print(f"serving {name!r} ({args.backend}, {args.num_engines} engine(s)) on http://{args.host}:{args.port}/v1",
-          flush=True)
-    try:
-        await serve(app, args.host, args.port, api_key=args.api_key, settings=settings)
-    finally:
-        await client.teardown()
+    if not args.no_engine_api:
+        engine_settings = settings.replace(
+            max_body_bytes=args.engine_api_max_body_bytes or DEFAULT_ENGINE_API_MAX_BODY_BYTES)
+        app = with_engine_api(app, create_engine_app(engines, api_key=args.api_key, settings=engine_settings))
+    return client, app, name

@@ -1,0 +1,324 @@
+"""The remote engine against a real transformers engine behind the engine API: the same outputs and
+the same exceptions as the engine in process, retries that never run a generation twice, aborts that
+cannot miss, and the API key on every engine route."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+import skyrl_backends as sb
+from conftest import API_KEY
+from skyrl_backends import errors
+from skyrl_backends.remote import connect_engine, wire
+from skyrl_backends.types import WeightUpdateRequest
+
+GREEDY = {"max_generate_length": 12, "temperature": 0.0, "ignore_eos": True, "logprobs": 3}
+LONG = {"max_generate_length": 400, "temperature": 0.0, "ignore_eos": True}
+PROMPTS = [[5, 6, 7, 8], [100, 42, 17]]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_remote_output_is_the_engines_own_output(served, remote):
+    ids = [uuid.uuid4().hex for _ in PROMPTS]
+    local = served.run(served.engine.generate(PROMPTS, GREEDY))
+    got = run(remote.generate(PROMPTS, GREEDY, request_ids=ids))
+    assert got.response_ids == local.response_ids
+    # Not bit-exact: the second run may be served from the prefix cache (floats cross JSON exactly:
+    # core/tests/remote/test_wire.py).
+    for ours, theirs in zip(got, local, strict=True):
+        assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
+        assert [sorted(step) for step in ours.top_logprobs] == [sorted(step) for step in theirs.top_logprobs]
+    assert [c.request_id for c in got] == ids
+    assert [c.weight_version for c in got] == [served.engine.weight_version] * 2
+    assert remote.backend == "transformers" and remote.capabilities.streaming
+    assert remote.parallel_sizes() == served.engine.parallel_sizes()
+    assert remote.engine_version() == served.engine.engine_version()
+
+
+def test_n_samples_and_seeds_cross_the_wire(served, remote):
+    params = {"max_generate_length": 6, "temperature": 1.0, "seed": 7, "n": 3}
+    local = served.run(served.engine.generate(PROMPTS, params))
+    got = run(remote.generate(PROMPTS, params))
+    assert len(got) == 6 and got.response_ids == local.response_ids
+
+
+def test_stream_chunks_add_up_to_the_completion(served, remote):
+    async def main():
+        chunks = [c async for c in remote.generate_stream([PROMPTS[0]], GREEDY)]
+        return chunks
+
+    chunks = run(main())
+    local = served.run(served.engine.generate([PROMPTS[0]], GREEDY))
+    assert len(chunks) > 1, "tokens should arrive as they are generated, not all at the end"
+    assert [t for c in chunks for t in c.token_ids] == local[0].token_ids
+    assert chunks[-1].completion is not None and chunks[-1].completion.token_ids == local[0].token_ids
+
+
+def _outcome(call):
+    try:
+        call()
+    except Exception as exc:  # what the engine raised, to compare
+        return type(exc), str(exc), {k: v for k, v in vars(exc).items()}
+    return None
+
+
+@pytest.mark.parametrize("case", ["logprobs_beyond_max", "sleep_level_3", "unknown_adapter", "bad_shape",
+                                  "typo_name", "lora_missing_dir"])
+def test_errors_are_the_same_class_and_message_as_in_process(served, remote, case):
+    spec = next(iter(served.run(served.engine.weight_specs()).values()))
+
+    def call(engine, execute):
+        if case == "logprobs_beyond_max":
+            return lambda: execute(engine.generate(PROMPTS, {"max_generate_length": 2, "logprobs": 50}))
+        if case == "sleep_level_3":
+            return lambda: execute(engine.sleep(level=3))
+        if case == "unknown_adapter":
+            return lambda: execute(engine.unload_lora_adapter("nope"))
+        if case == "lora_missing_dir":
+            return lambda: execute(engine.load_lora_adapter("a", "/no/such/dir"))
+        import torch
+
+        if case == "bad_shape":
+            return lambda: execute(engine.update_weights_from_tensors([(spec.name, torch.zeros(3))]))
+        request = WeightUpdateRequest([spec.name + "x"], [spec.dtype], [spec.shape])
+        return lambda: execute(engine.validate_weight_update(request))
+
+    local = _outcome(call(served.engine, served.run))
+    got = _outcome(call(remote, run))
+    assert local is not None and got is not None
+    assert got[0] is local[0], f"{got[0].__name__} instead of {local[0].__name__}"
+    assert got[1] == local[1]
+    assert got[2] == local[2]
+
+
+def test_state_errors_and_the_mirrored_state(served, remote):
+    async def main():
+        await remote.sleep(tags=["kv_cache"])
+        assert remote.asleep_tags == {"kv_cache"}
+        with pytest.raises(errors.EngineAsleepError) as info:
+            await remote.generate(PROMPTS, GREEDY)
+        assert info.value.asleep_tags == ["kv_cache"]
+        await remote.wake_up()
+        assert remote.asleep_tags == frozenset() and remote.weights_loaded
+        await remote.pause_generation()
+        assert remote.paused and (await remote.health())["status"] == "paused"
+        await remote.resume_generation()
+        assert not remote.paused and (await remote.health())["status"] == "ok"
+
+    run(main())
+
+
+def test_a_dropped_connection_is_retried_without_running_the_generation_twice(served, proxy):
+    remote = connect_engine(proxy.url, api_key=API_KEY, retries=3)
+    rid = uuid.uuid4().hex
+    proxy.cut_after(b'"accepted"')
+    before = served.observed.request_ids.count(rid)
+    out = run(remote.generate([PROMPTS[0]], GREEDY, request_ids=[rid]))
+    assert proxy.cuts == 1, "the proxy should have broken the first answer"
+    assert served.observed.request_ids.count(rid) - before == 1, "the retry started a second generation"
+    local = served.run(served.engine.generate([PROMPTS[0]], GREEDY))
+    assert out.response_ids == local.response_ids and out[0].request_id == rid
+    run(remote.teardown())
+
+
+def test_a_broken_stream_resumes_where_it_broke(served, proxy):
+    remote = connect_engine(proxy.url, api_key=API_KEY, retries=3)
+    rid = uuid.uuid4().hex
+    params = {**GREEDY, "max_generate_length": 24}
+
+    async def main():
+        proxy.cut_after(b'"chunk"')
+        return [c async for c in remote.generate_stream([PROMPTS[1]], params, request_ids=[rid])]
+
+    chunks = run(main())
+    local = served.run(served.engine.generate([PROMPTS[1]], params))
+    assert proxy.cuts == 1
+    assert served.observed.request_ids.count(rid) == 1
+    assert [t for c in chunks for t in c.token_ids] == local[0].token_ids  # nothing lost, nothing twice
+    assert chunks[-1].completion.token_ids == local[0].token_ids
+    run(remote.teardown())
+
+
+def test_a_call_the_server_forgot_is_not_spliced_from_two_runs(served, proxy):
+    """The stream breaks and the server loses the call (as if it restarted): resuming would join two
+    generations, so the remote engine reports the engine dead instead."""
+    remote = connect_engine(proxy.url, api_key=API_KEY, retries=3)
+
+    def forget():
+        served.loop.loop.call_soon_threadsafe(served.log._operations.clear)
+
+    async def main():
+        proxy.cut_after(b'"chunk"', then=forget)
+        return [c async for c in remote.generate_stream([PROMPTS[1]], {**GREEDY, "max_generate_length": 24})]
+
+    with pytest.raises(errors.EngineDeadError, match="lost a call in progress"):
+        run(main())
+    run(remote.teardown())
+
+
+def test_a_silent_server_is_reported_dead_and_the_call_is_not_repeated(served, proxy):
+    remote = connect_engine(proxy.url, api_key=API_KEY, retries=1, heartbeat_timeout_s=1.0)
+    rid = uuid.uuid4().hex
+    proxy.stall()
+    try:
+        with pytest.raises(errors.EngineDeadError, match="did not answer"):
+            run(remote.generate([PROMPTS[0]], {"max_generate_length": 4}, request_ids=[rid]))
+    finally:
+        proxy.resume()
+    assert served.observed.request_ids.count(rid) == 1
+    run(remote.teardown())
+
+
+def test_an_abort_that_overtakes_its_request_still_aborts_it(served, remote):
+    async def main():
+        await remote.abort(["overtaken"])  # the generate below has not reached the server yet
+        return await remote.generate([PROMPTS[0]], LONG, request_ids=["overtaken"])
+
+    out = run(main())
+    assert out[0].finish_reason == "abort" and len(out[0].token_ids) < LONG["max_generate_length"]
+
+
+def test_abort_of_a_running_request_and_abort_all(served, remote):
+    async def main():
+        victim = asyncio.ensure_future(remote.generate([PROMPTS[0]], LONG, request_ids=["victim"]))
+        others = [asyncio.ensure_future(remote.generate([p], LONG)) for p in PROMPTS]
+        while remote.num_inflight < 3:
+            await asyncio.sleep(0.01)
+        await remote.abort(["victim"])
+        first = await victim
+        await remote.abort()
+        return first, await asyncio.gather(*others)
+
+    first, rest = run(main())
+    assert first[0].finish_reason == "abort"
+    assert all(o[0].finish_reason == "abort" for o in rest)
+    assert remote.num_inflight == 0
+
+
+def test_an_abandoned_stream_is_aborted_on_the_server(served):
+    key = uuid.uuid4().hex
+    body = {"prompt_token_ids": [PROMPTS[0]], "sampling_params": LONG, "request_ids": [key], "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}", "Accept": wire.NDJSON, wire.IDEMPOTENCY_HEADER: key}
+    with httpx.stream("POST", served.url + "/skyrl/v1/generate", json=body, headers=headers, timeout=30) as response:
+        for line in response.iter_lines():
+            if '"chunk"' in line:
+                break  # the caller goes away mid-stream
+    operation = next(op for op in list(served.log._operations.values()) if op.key == key)
+    terminal = served.run(operation.wait(), 60)
+    finals = [e["chunk"]["completion"] for e in operation.events if e.get("event") == "chunk"
+              and e["chunk"]["completion"]]
+    assert terminal["event"] == "result" and finals and finals[0]["finish_reason"] == "abort"
+
+
+def test_a_key_reused_for_another_request_is_refused(served):
+    headers = {"Authorization": f"Bearer {API_KEY}", wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+    first = httpx.post(served.url + "/skyrl/v1/generate", headers=headers, timeout=60,
+                       json={"prompt_token_ids": [[1, 2]], "sampling_params": {"max_generate_length": 2}})
+    second = httpx.post(served.url + "/skyrl/v1/generate", headers=headers, timeout=60,
+                        json={"prompt_token_ids": [[3, 4]], "sampling_params": {"max_generate_length": 2}})
+    assert first.status_code == 200 and len(first.json()["result"]["completions"]) == 1
+    assert second.status_code == 409 and second.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_plain_json_and_server_sent_events(served):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt_token_ids": [[1, 2, 3]], "sampling_params": {"max_generate_length": 3, "temperature": 0},
+            "stream": True}
+    with httpx.stream("POST", served.url + "/skyrl/v1/generate", json=body, timeout=60,
+                      headers={**headers, "Accept": wire.SSE}) as response:
+        assert response.headers["content-type"].startswith(wire.SSE)
+        events = [wire.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[0]["event"] == "accepted" and events[-1]["event"] == "result"
+    assert sum(len(e["chunk"]["token_ids"]) for e in events if e["event"] == "chunk") == 3
+    bad = httpx.post(served.url + "/skyrl/v1/sleep", headers=headers, json={"level": 1, "tgas": ["weights"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tgas"
+    not_json = httpx.post(served.url + "/skyrl/v1/wake_up", content=b"{nope",
+                          headers={**headers, "Content-Type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
+    form = httpx.post(served.url + "/skyrl/v1/wake_up", headers=headers, data={"tags": "weights"})
+    assert form.status_code == 415  # JSON only, as on the OpenAI routes
+
+
+def test_every_engine_route_needs_the_key(served):
+    routes = [("GET", p) for p in ("/info", "/health", "/state", "/capabilities", "/weights/version",
+                                   "/weights/specs")]
+    routes += [("POST", p) for p in (*wire.POST_OPERATIONS.values(), "/host/probe")]
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = httpx.request(method, served.url + wire.API_PREFIX + path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, response.status_code)
+    with pytest.raises(errors.ConfigError) as info:
+        connect_engine(served.url, api_key="wrong")
+    assert info.value.field == "remote_inference_engine_api_key"
+
+
+def test_create_engine_from_skyrl_keys(served, monkeypatch):
+    monkeypatch.setenv("SKYRL_BACKENDS_API_KEY", "wrong")  # the config's key wins over the environment
+    engine = sb.create_engine(run_engines_locally=False, remote_inference_engine_urls=[served.url.split("//")[1]],
+                              remote_inference_engine_api_key=API_KEY)
+    engines = sb.create_engines(config={"run_engines_locally": False, "remote_inference_engine_api_key": API_KEY,
+                                        "remote_inference_engine_urls": [served.url, served.url]})
+    try:
+        from skyrl_backends.remote import RemoteEngine
+
+        assert isinstance(engine, RemoteEngine) and len(engines) == 2
+        out = run(engines[1].generate(PROMPTS, GREEDY))
+        assert out.response_ids == served.run(served.engine.generate(PROMPTS, GREEDY)).response_ids
+    finally:
+        for e in (engine, *engines):
+            run(e.teardown())
+
+
+def test_in_process_tensors_travel_through_shared_memory_on_the_same_host(served, remote, model_dir):
+    from safetensors.torch import load_file
+
+    assert remote.same_host and "tensors" in remote.capabilities.weight_sync_strategies
+    original = load_file(f"{model_dir}/model.safetensors")
+    specs = run(remote.weight_specs())
+    reference = served.run(served.engine.generate(PROMPTS, GREEDY))
+    changed = [(n, original[n] * 1.5 if original[n].dim() > 1 else original[n]) for n in specs]
+    before = served.engine.weight_version
+    version = run(remote.update_weights_from_tensors(changed))
+    assert version == before + 1 == remote.weight_version == served.engine.weight_version
+    moved = run(remote.generate(PROMPTS, GREEDY))
+    assert moved.response_ids == served.run(served.engine.generate(PROMPTS, GREEDY)).response_ids
+    assert moved.response_ids != reference.response_ids, "the new weights did not reach the engine"
+    run(remote.update_weights_from_tensors([(n, original[n]) for n in specs]))
+    assert run(remote.generate(PROMPTS, GREEDY)).response_ids == reference.response_ids
+
+
+def test_a_server_elsewhere_offers_no_same_host_strategy(served, remote):
+    from skyrl_backends.remote import RemoteEngine
+
+    elsewhere = RemoteEngine(remote._dialect, remote.description, same_host=False, url=remote.url)
+    assert elsewhere.capabilities.weight_sync_strategies == ("broadcast",)
+    with pytest.raises(errors.UnsupportedCapabilityError, match="connect_broadcast"):
+        run(elsewhere.update_weights_from_tensors([("x", __import__("torch").zeros(1))]))
+
+
+def test_a_server_at_its_concurrency_limit_is_waited_for_not_failed(served):
+    """The endpoint's guard refuses calls over max_concurrent_requests before they start (503,
+    Retry-After): the remote engine sends them again, so every call completes, each once."""
+    from skyrl_backends.http import BackgroundServer
+    from skyrl_backends.http.engine_routes import create_engine_app
+    from skyrl_backends.http.settings import HTTPSettings
+
+    app = create_engine_app(served.observed, api_key=API_KEY, settings=HTTPSettings(max_concurrent_requests=2))
+    with BackgroundServer(app, loop=served.loop) as narrow:
+        remote = connect_engine(narrow.url, api_key=API_KEY, retries=1)
+        ids = [f"narrow-{i}-{uuid.uuid4().hex}" for i in range(6)]
+
+        async def main():
+            return await asyncio.gather(*(remote.generate([PROMPTS[i % 2]], GREEDY, request_ids=[rid])
+                                          for i, rid in enumerate(ids)))
+
+        outs = run(main())
+        run(remote.teardown())
+    assert all(o[0].finish_reason == "length" for o in outs)
+    assert all(served.observed.request_ids.count(rid) == 1 for rid in ids)
