@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import skyrl_backends as sb
+import torch
 from doubles import DOUBLE_CAPABILITIES, ArithmeticEngineDouble, DoublePlugin
 from skyrl_backends import hookimpl
 from skyrl_backends.errors import ConfigError, EngineStateError, UnsupportedCapabilityError
@@ -103,7 +104,8 @@ def make_engine(tmp_path, name="stepping", label=False, mislabel=False, **declar
 
 
 def update():
-    return WeightUpdateRequest(names=["b"], shapes=[(2,)], dtypes=["float32"], payload=[None])
+    # Real tensors: the facade checks what an in-process update delivers against its declaration.
+    return WeightUpdateRequest(names=["b"], shapes=[(2,)], dtypes=["float32"], payload=[torch.zeros(2)])
 
 
 async def until_produced(engine, rid: str, count: int = 5) -> None:
