@@ -42,7 +42,7 @@ class EngineServer:
 
     async def op_generate(self, msg: dict[str, Any]) -> Any:
         out = await self.engine.generate(msg["prompts"], msg["sampling_params"])
-        return [{"token_ids": c.token_ids, "weight_version": c.weight_version} for c in out]
+        return [{"token_ids": c.token_ids, "weight_version": c.weight_version, "logprobs": c.logprobs} for c in out]
 
     async def op_state(self, msg: dict[str, Any]) -> Any:
         return {"weight_version": self.engine.weight_version, "capabilities": self.engine.capabilities.to_dict()}

@@ -37,6 +37,14 @@ class RemoteEngine:
         if wait:
             self.wait_ready()
 
+    @classmethod
+    def connect(cls, backend: str, port: int, capabilities: dict[str, Any]) -> RemoteEngine:
+        """A handle on an engine server another process started (a trainer rank of its own)."""
+        engine = cls.__new__(cls)
+        engine.backend, engine.port, engine.process = backend, port, None
+        engine.capabilities = Capabilities.from_dict(capabilities)
+        return engine
+
     def wait_ready(self) -> RemoteEngine:
         # Engines may print their own lines on stdout before the server announces itself.
         for line in self.process.stdout:
@@ -82,7 +90,7 @@ class RemoteEngine:
         return await self._call("state")
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             try:
                 asyncio.run(self._call("shutdown"))
                 self.process.wait(timeout=30)

@@ -24,8 +24,9 @@ from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
 from skyrl_backends.types import TensorSpec, WeightUpdateRequest
-from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
-from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, plan
+from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory, sharded
+from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, named_tensors, plan
+from skyrl_backends.weight_sync.ranks import DEFAULT_TIMEOUT_S as DEFAULT_RANKS_TIMEOUT_S
 
 STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
 _ENGINE_DTYPES = "engine"
@@ -123,22 +124,34 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
     return sender
 
 
-async def sync_weights(targets: Targets, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
+async def sync_weights(targets: Targets | None, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
-                       sender: Any = None) -> list[int]:
+                       sender: Any = None, group: Any = None,
+                       timeout_s: float = DEFAULT_RANKS_TIMEOUT_S) -> list[int]:
     """Push ``weights`` (a module, a state dict or ``(name, tensor)`` pairs) into every engine of
     ``targets`` and return the weight version each engine serves afterwards, in order.
 
     ``strategy``: ``"shared_memory"`` (same machine, CPU buffers), ``"cuda_ipc"`` (same GPU node),
     ``"broadcast"`` (anywhere; pass ``sender=await connect_broadcast(engines)``) or ``"tensors"``
     (engines in this process). ``bucket_bytes`` bounds each packed buffer. A sender passed in is
-    reused and left open; one made here is closed before returning."""
-    engines = _as_list(targets)
+    reused and left open; one made here is closed before returning.
+
+    A model sharded across trainer ranks (DTensor parameters, as FSDP2's ``fully_shard`` makes them)
+    is synced collectively: every rank of ``group`` (default: the default process group) calls this
+    with the same strategy, bucket size and model; rank 0 of the group passes the engines (and the
+    broadcast sender), the others may pass None. Every rank returns the same versions or raises the
+    same error; ranks that call differently fail at once, and a rank that does not call makes the
+    others fail after ``timeout_s`` (:mod:`skyrl_backends.weight_sync.sharded`)."""
+    pairs = named_tensors(weights)
+    if group is not None or sharded.is_sharded(pairs):
+        return await sharded.sync_sharded(targets, pairs, strategy, bucket_bytes=bucket_bytes, dtype_for=dtype_for,
+                                          sender=sender, group=group, timeout_s=timeout_s)
+    engines = _as_list(targets) if targets is not None else []
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
     if dtype_for == _ENGINE_DTYPES:
         dtype_for = await _engine_dtypes(engines)
-    layout = plan(weights, bucket_bytes, dtype_for)
+    layout = plan(pairs, bucket_bytes, dtype_for)
     if strategy == "tensors":
         tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors)
