@@ -343,7 +343,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             ranks.publish("plan", _plan_message(layout, "segments" if direct else "gather", sender.segment_names))
             published = True
             await asyncio.to_thread(_fill_segments, assembler, buffers, direct)
-            versions = await sync._apply(engines, request)
+            versions = sync._versions(engines, await sync._apply(engines, request))
         elif strategy == cuda_ipc.STRATEGY:
             buffers = sender.allocate(layout)
             await sync._validate(engines, _request(layout, strategy, {"buckets": [b.to_json() for b in layout.buckets]}))
@@ -351,7 +351,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             published = True
             await asyncio.to_thread(_gather_all, assembler, buffers, sender.device)
             request = _request(layout, strategy, sender.share([b.to_json() for b in layout.buckets]))
-            versions = await sync._apply(engines, request)
+            versions = sync._versions(engines, await sync._apply(engines, request))
         else:
             direct = same_machine and sender.device.type == "cpu"
             ring = sender.ring(layout, shared=direct)

@@ -15,7 +15,8 @@ each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says oth
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -152,47 +153,67 @@ async def sync_weights(targets: Targets | None, weights: Weights, strategy: str 
     if dtype_for == _ENGINE_DTYPES:
         dtype_for = await _engine_dtypes(engines)
     layout = plan(pairs, bucket_bytes, dtype_for)
+    return _versions(engines, await deliver(engines, layout, strategy, sender, BASE_WEIGHTS))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What every engine does with an update's request: check it, then apply it (returning a version)."""
+
+    validate: Callable[[Engine, WeightUpdateRequest], Awaitable[None]]
+    apply: Callable[[Engine, WeightUpdateRequest], Awaitable[Any]]
+
+
+BASE_WEIGHTS = Delivery(lambda engine, request: engine.validate_weight_update(request),
+                        lambda engine, request: engine.update_named_weights(request))
+
+
+async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender: Any,
+                  delivery: Delivery = BASE_WEIGHTS) -> list[Any]:
+    """Move ``layout`` by ``strategy`` as one request that every engine validates, then applies;
+    returns each engine's result. A sender passed in is reused and left open; one made here is
+    closed before returning."""
     if strategy == "tensors":
         tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors)
-        return await _apply(engines, request)
+        return await _apply(engines, request, delivery)
     if strategy == broadcast.STRATEGY:
         if not isinstance(sender, broadcast.BroadcastSender):
             raise WeightUpdateError(
                 {"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
-        return await _broadcast(engines, layout, sender)
+        return await _broadcast(engines, layout, sender, delivery)
     own_sender = sender is None
     sender = sender or make_sender(strategy)
     if sender.strategy != strategy:
         raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
     try:
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout))
-        return await _apply(engines, request)
+        return await _apply(engines, request, delivery)
     finally:
         if own_sender:
             sender.close()
 
 
-async def _validate(engines: list[Engine], request: WeightUpdateRequest) -> None:
+async def _validate(engines: list[Engine], request: WeightUpdateRequest, delivery: Delivery = BASE_WEIGHTS) -> None:
     for engine in engines:
-        await engine.validate_weight_update(request)
+        await delivery.validate(engine, request)
 
 
-async def _apply(engines: list[Engine], request: WeightUpdateRequest) -> list[int]:
-    await _validate(engines, request)
-    results = await asyncio.gather(*(e.update_named_weights(request) for e in engines))
-    return _versions(engines, results)
+async def _apply(engines: list[Engine], request: WeightUpdateRequest, delivery: Delivery = BASE_WEIGHTS) -> list[Any]:
+    await _validate(engines, request, delivery)
+    return list(await asyncio.gather(*(delivery.apply(e, request) for e in engines)))
 
 
-async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender) -> list[int]:
+async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender,
+                     delivery: Delivery) -> list[Any]:
     request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, broadcast.STRATEGY,
                                   sender.payload(layout))
     # Every engine must take part in every broadcast: check them all before the first byte moves,
     # since an engine that refuses would leave the others waiting until the group's timeout.
-    await _validate(engines, request)
+    await _validate(engines, request, delivery)
     results = await asyncio.gather(asyncio.to_thread(sender.send, layout),
-                                   *(e.update_named_weights(request) for e in engines))
-    return _versions(engines, results[1:])
+                                   *(delivery.apply(e, request) for e in engines))
+    return list(results[1:])
 
 
 def _versions(targets: list[Engine], results: Sequence[Any]) -> list[int]:

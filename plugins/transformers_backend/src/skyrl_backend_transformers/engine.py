@@ -509,6 +509,48 @@ class TransformersEngine:
         self._invalidate_prefixes()  # adapter names may be reused for different weights
 
     @hookimpl
+    async def skyrl_backends_load_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                                            request: WeightUpdateRequest, pinned: bool) -> None:
+        await self._run(self._load_lora_from_tensors, lora_name, lora_config, request)
+
+    def _load_lora_from_tensors(self, lora_name: str, lora_config: dict[str, Any], request: WeightUpdateRequest) -> None:
+        """peft's own in-memory path: inject the adapter's layers (or keep those of the adapter it
+        replaces, when its shape is the same) and load the tensors with set_peft_model_state_dict.
+        Every tensor is received first, so a transfer that fails changes nothing."""
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+
+        if request.strategy == "tensors":
+            state = dict(zip(request.names, request.payload))
+        else:
+            from skyrl_backends.weight_sync import receive_named_tensors
+
+            state = dict(receive_named_tensors(request, self.device, self._communicator))
+        config = LoraConfig.from_peft_type(**{**lora_config, "inference_mode": True})
+        loaded = self.peft_model.peft_config if self.peft_model is not None else {}
+        if lora_name in loaded and not _same_adapter_layers(loaded[lora_name], config):
+            self._unload_lora(lora_name)  # other rank or layers: the new adapter's layers replace the old ones
+            loaded = self.peft_model.peft_config if self.peft_model is not None else {}
+        try:
+            if self.peft_model is None:
+                from peft import PeftModel
+
+                self.peft_model = PeftModel(self.model, config, adapter_name=lora_name)
+            elif lora_name not in loaded:
+                self.peft_model.add_adapter(lora_name, config)
+            else:  # the same layers: only the scaling may differ
+                self.peft_model.peft_config[lora_name] = config
+                _set_scaling(self.peft_model, lora_name, config)
+            outcome = set_peft_model_state_dict(self.peft_model, state, adapter_name=lora_name)
+        except Exception as exc:
+            raise LoraAdapterError(f"could not load LoRA adapter {lora_name!r} from tensors: {exc}") from exc
+        unexpected = [k for k in getattr(outcome, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise LoraAdapterError(f"LoRA adapter {lora_name!r}: peft did not place {unexpected[:3]}")
+        self.peft_model.eval()
+        self._invalidate_prefixes()  # the adapter's cached prefixes were computed with its old weights
+
+    @hookimpl
     async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
         await self._run(self._unload_lora, lora_name)
 
@@ -539,6 +581,24 @@ class TransformersEngine:
         self._executor.shutdown(wait=True)
         self.model = None
         self.peft_model = None
+
+
+def _same_adapter_layers(old: Any, new: Any) -> bool:
+    """Whether an adapter of config ``new`` has the layers (targets and rank) of one of ``old``."""
+    def targets(config: Any) -> Any:
+        value = config.target_modules
+        return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+    return targets(old) == targets(new) and old.r == new.r
+
+
+def _set_scaling(peft_model: Any, adapter_name: str, config: Any) -> None:
+    """Bring every LoRA layer's scaling of ``adapter_name`` to ``config`` (alpha / r, or alpha / sqrt(r))."""
+    scaling = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    for module in peft_model.modules():
+        layer_scaling = getattr(module, "scaling", None)
+        if isinstance(layer_scaling, dict) and adapter_name in layer_scaling:
+            layer_scaling[adapter_name] = scaling
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
