@@ -40,9 +40,18 @@ class EngineServer:
     async def op_init(self, msg: dict[str, Any]) -> Any:
         await self.engine.init_weight_update_communicator(WeightSyncInitInfo(**msg["init_info"]))
 
+    async def op_validate_lora(self, msg: dict[str, Any]) -> Any:
+        await self.engine.validate_lora_adapter_from_tensors(msg["lora_name"], msg["lora_config"],
+                                                             request_from_json(msg["request"]))
+
+    async def op_load_lora(self, msg: dict[str, Any]) -> Any:
+        return await self.engine.load_lora_adapter_from_tensors(msg["lora_name"], msg["lora_config"],
+                                                                request_from_json(msg["request"]))
+
     async def op_generate(self, msg: dict[str, Any]) -> Any:
-        out = await self.engine.generate(msg["prompts"], msg["sampling_params"])
-        return [{"token_ids": c.token_ids, "weight_version": c.weight_version, "logprobs": c.logprobs} for c in out]
+        out = await self.engine.generate(msg["prompts"], msg["sampling_params"], lora_name=msg.get("lora_name"))
+        return [{"token_ids": c.token_ids, "weight_version": c.weight_version, "logprobs": c.logprobs,
+                 "lora_version": c.lora_version} for c in out]
 
     async def op_state(self, msg: dict[str, Any]) -> Any:
         return {"weight_version": self.engine.weight_version, "capabilities": self.engine.capabilities.to_dict()}

@@ -1,6 +1,7 @@
 """The trainer's handle on an engine served by ``engine_server.py`` in another process: the methods
-``sync_weights`` and ``connect_broadcast`` call (``weight_specs``, ``validate_weight_update``,
-``update_named_weights``, ``init_weight_update_communicator``), sent as JSON over loopback."""
+``sync_weights``, ``sync_lora_adapter`` and ``connect_broadcast`` call (``weight_specs``,
+``validate_weight_update``, ``update_named_weights``, the LoRA-from-tensors pair,
+``init_weight_update_communicator``), sent as JSON over loopback."""
 
 from __future__ import annotations
 
@@ -83,8 +84,19 @@ class RemoteEngine:
     async def init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
         await self._call("init", init_info=dataclasses.asdict(init_info))
 
-    async def generate(self, prompts: list[list[int]], sampling_params: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self._call("generate", prompts=prompts, sampling_params=sampling_params)
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        await self._call("validate_lora", lora_name=lora_name, lora_config=lora_config,
+                         request=request_to_json(request))
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        return await self._call("load_lora", lora_name=lora_name, lora_config=lora_config,
+                                request=request_to_json(request))
+
+    async def generate(self, prompts: list[list[int]], sampling_params: dict[str, Any],
+                       lora_name: str | None = None) -> list[dict[str, Any]]:
+        return await self._call("generate", prompts=prompts, sampling_params=sampling_params, lora_name=lora_name)
 
     async def state(self) -> dict[str, Any]:
         return await self._call("state")

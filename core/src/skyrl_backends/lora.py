@@ -48,7 +48,8 @@ def config_to_json(config: Any) -> dict[str, Any]:
     sorted lists and enumerations their values."""
     raw = config.to_dict() if hasattr(config, "to_dict") else config
     if not isinstance(raw, Mapping):
-        raise WeightUpdateError({"lora_config": f"expected a PEFT LoraConfig or a JSON object, got {type(config).__name__}"})
+        raise WeightUpdateError({"lora_config": f"expected a PEFT LoraConfig or a JSON object, got "
+                                                f"{type(config).__name__}"})
     return {str(key): _plain(value) for key, value in raw.items()}
 
 

@@ -62,7 +62,8 @@ async def sync_lora_adapter(targets: Targets, lora_name: str, adapter: Adapter, 
         config = lora.config_to_json(lora_config) if lora_config is not None else config_of_model
     else:
         if lora_config is None:
-            raise WeightUpdateError({"lora_config": "give the adapter's PEFT LoraConfig (or its JSON) with its tensors"})
+            raise WeightUpdateError({"lora_config": "give the adapter's PEFT LoraConfig (or its JSON) with its "
+                                                    "tensors"})
         pairs = named_tensors(adapter)
         config = lora.config_to_json(lora_config)
     if sharded.is_sharded(pairs):

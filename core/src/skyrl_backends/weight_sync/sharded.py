@@ -346,11 +346,12 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             versions = sync._versions(engines, await sync._apply(engines, request))
         elif strategy == cuda_ipc.STRATEGY:
             buffers = sender.allocate(layout)
-            await sync._validate(engines, _request(layout, strategy, {"buckets": [b.to_json() for b in layout.buckets]}))
+            manifests = [b.to_json() for b in layout.buckets]
+            await sync._validate(engines, _request(layout, strategy, {"buckets": manifests}))
             ranks.publish("plan", _plan_message(layout, "gather", []))
             published = True
             await asyncio.to_thread(_gather_all, assembler, buffers, sender.device)
-            request = _request(layout, strategy, sender.share([b.to_json() for b in layout.buckets]))
+            request = _request(layout, strategy, sender.share(manifests))
             versions = sync._versions(engines, await sync._apply(engines, request))
         else:
             direct = same_machine and sender.device.type == "cpu"

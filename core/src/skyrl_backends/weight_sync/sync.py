@@ -25,7 +25,7 @@ from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
 from skyrl_backends.types import TensorSpec, WeightUpdateRequest
-from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory, sharded
+from skyrl_backends.weight_sync import broadcast, cuda_ipc, sharded, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, named_tensors, plan
 from skyrl_backends.weight_sync.ranks import DEFAULT_TIMEOUT_S as DEFAULT_RANKS_TIMEOUT_S
 

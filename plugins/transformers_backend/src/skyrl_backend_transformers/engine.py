@@ -513,7 +513,8 @@ class TransformersEngine:
                                                             request: WeightUpdateRequest, pinned: bool) -> None:
         await self._run(self._load_lora_from_tensors, lora_name, lora_config, request)
 
-    def _load_lora_from_tensors(self, lora_name: str, lora_config: dict[str, Any], request: WeightUpdateRequest) -> None:
+    def _load_lora_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                request: WeightUpdateRequest) -> None:
         """peft's own in-memory path: inject the adapter's layers (or keep those of the adapter it
         replaces, when its shape is the same) and load the tensors with set_peft_model_state_dict.
         Every tensor is received first, so a transfer that fails changes nothing."""

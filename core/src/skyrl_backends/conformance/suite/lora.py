@@ -36,8 +36,9 @@ def adapter_tensors(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def in_process_strategies(conformance: ConformanceHarness) -> list[str]:
-    declared = conformance.engine.capabilities.lora_from_tensors
-    usable = [s for s in IN_PROCESS_STRATEGIES if s in declared and s in conformance.engine.capabilities.weight_sync_strategies]
+    caps = conformance.engine.capabilities
+    declared = caps.lora_from_tensors
+    usable = [s for s in IN_PROCESS_STRATEGIES if s in declared and s in caps.weight_sync_strategies]
     assert usable, (f"the backend loads adapters from tensors only by {list(declared)}; the suite tests "
                     f"{list(IN_PROCESS_STRATEGIES)} in one process")
     return usable
