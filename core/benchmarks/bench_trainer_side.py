@@ -151,6 +151,7 @@ def model_of(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> torc
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty gives every parameter storage of its own, tied ones included
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -239,31 +240,37 @@ async def lora_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     from skyrl_backends.lora import config_to_json
     from skyrl_backends.weight_sync import make_sender, sync_lora_adapter, sync_weights
 
+    torch.set_num_threads(args.threads)  # the trainer and the engine share this process
     dtype = getattr(torch, args.dtype)
     model = model_of(args.shape, dtype, "cpu")
-    state = {k: v for k, v in model.state_dict().items()}
+    everything = model.state_dict()
+    state = {name: everything[name] for name, _ in qwen2_specs(args.shape)}  # a tied head once, as engines hold it
     config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
                         lora_dropout=0.0, init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     adapter = {k: v.to(dtype) for k, v in get_peft_model_state_dict(peft_model).items()}
     config_json = config_to_json(peft_model.peft_config["default"])
     with tempfile.TemporaryDirectory() as folder:
-        write_model_folder(args.shape, {n: state[n] for n, _ in qwen2_specs(args.shape)}, folder)
+        write_model_folder(args.shape, state, folder)
         engine = sb.create_engine(args.backend, model=folder, dtype=args.dtype, enable_lora=True,
                                   max_lora_rank=args.lora_rank, max_model_len=512)
     try:
-        sender = make_sender("shared_memory")
+        # One sender per kind of update, as a trainer keeps them: each reuses its segments step to step.
+        senders = {"full": make_sender("shared_memory"), "lora": make_sender("shared_memory")}
         timings: dict[str, list[float]] = {"full": [], "lora": []}
         for repeat in range(args.warmup + args.repeats):
             for case in ("full", "lora"):
                 started = time.perf_counter()
                 if case == "full":
-                    await sync_weights(engine, state, "shared_memory", sender=sender, bucket_bytes=args.bucket_bytes)
+                    await sync_weights(engine, state, "shared_memory", sender=senders[case],
+                                       bucket_bytes=args.bucket_bytes)
                 else:
-                    await sync_lora_adapter(engine, "bench", adapter, config_json, "shared_memory", sender=sender)
+                    await sync_lora_adapter(engine, "bench", adapter, config_json, "shared_memory",
+                                            sender=senders[case])
                 if repeat >= args.warmup:
                     timings[case].append(time.perf_counter() - started)
-        sender.close()
+        for sender in senders.values():
+            sender.close()
         out = await engine.generate([[5, 6, 7]], {"max_generate_length": 2, "temperature": 0.0}, lora_name="bench")
         assert out[0].lora_version == args.warmup + args.repeats
     finally:

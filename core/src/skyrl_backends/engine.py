@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import time
@@ -84,6 +85,7 @@ class InferenceEngine:
         self._inflight: dict[str, asyncio.Event] = {}
         self._loras: dict[str, str] = {}
         self._lora_versions: dict[str, int] = {}  # per adapter name, bumped by every load (never reset)
+        self._lora_expected: dict[str, dict[str, TensorSpec]] = {}  # by config: what an adapter carries
         self._weight_specs: dict[str, TensorSpec] | None = None
 
     # -- introspection -----------------------------------------------------------------------
@@ -475,9 +477,25 @@ class InferenceEngine:
             raise EngineStateError("LoRA is off for this engine; create it with enable_lora=True.")
         if not isinstance(lora_name, str) or not lora_name:
             raise LoraAdapterError(f"lora_name must be a non-empty string, got {lora_name!r}.")
-        lora.validate_adapter_request(request, lora_config, self._specs(), self.config.max_lora_rank)
+        lora.check_adapter_tensors(request, self._lora_tensors_of(lora_config))
         if request.strategy == "broadcast":
             self._check_broadcast_layout(request)
+
+    def _lora_tensors_of(self, lora_config: Mapping[str, Any]) -> dict[str, TensorSpec]:
+        """The tensors an adapter of ``lora_config`` must carry here (kept per config: a trainer sends
+        the same adapter shape every step, and working it out walks every parameter)."""
+        try:
+            key = json.dumps(lora_config, sort_keys=True)
+        except (TypeError, ValueError):
+            key = None  # check_config names the problem
+        expected = self._lora_expected.get(key) if key is not None else None
+        if expected is None:
+            expected = lora.expected_tensors(lora_config, self._specs(), self.config.max_lora_rank)
+            if key is not None:
+                if len(self._lora_expected) >= 8:
+                    self._lora_expected.clear()
+                self._lora_expected[key] = expected
+        return expected
 
     async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
                                              request: WeightUpdateRequest, pinned: bool = False) -> int:

@@ -162,7 +162,12 @@ def validate_adapter_request(request: WeightUpdateRequest, config: Mapping[str, 
                              specs: Mapping[str, TensorSpec], max_rank: int | None = None) -> None:
     """Raise :class:`WeightUpdateError` naming every problem of an adapter sent as ``request``: config
     fields, tensors missing or not of this adapter (with a did-you-mean), wrong shapes and dtypes."""
-    expected = expected_tensors(config, specs, max_rank)
+    check_adapter_tensors(request, expected_tensors(config, specs, max_rank))
+
+
+def check_adapter_tensors(request: WeightUpdateRequest, expected: Mapping[str, TensorSpec]) -> None:
+    """The tensor half of :func:`validate_adapter_request`, against :func:`expected_tensors`' answer
+    (which a caller may keep: it depends on the config and the engine's parameters only)."""
     problems: dict[str, str] = {}
     for name, shape, dtype in zip(request.names, request.shapes, request.dtypes, strict=True):
         spec = expected.get(name)
