@@ -290,20 +290,25 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     machine = hardware("gpu" if args.device == "cuda" else "cpu")
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {machine}; torch {torch.__version__}; "
           f"commit {commit}; {args.threads} torch thread(s) per process")
+    # Medians of each side, and the median of paired ratios (each run over the baseline run just
+    # before it), which a load that drifts during the run disturbs less.
     if args.part == "sharded":
-        print("| strategy | unsharded, one rank | sharded, FSDP2 over 2 ranks | unsharded / sharded |")
+        print("| strategy | unsharded, one rank | sharded, FSDP2 over 2 ranks | unsharded / sharded (medians; paired) "
+              "|")
         print("| --- | --- | --- | --- |")
         for row in rows:
             a, b = statistics.median(row["unsharded"]), statistics.median(row["sharded"])
-            print(f"| {row['strategy']} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {a / b:.2f} |")
+            paired = statistics.median(x / y for x, y in zip(row["unsharded"], row["sharded"], strict=True))
+            print(f"| {row['strategy']} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {a / b:.2f}; {paired:.2f} |")
     else:
-        print("| strategy | adapter | full sync | LoRA-only sync | full / LoRA |")
+        print("| strategy | adapter | full sync | LoRA-only sync | full / LoRA (medians; paired) |")
         print("| --- | --- | --- | --- | --- |")
         for row in rows:
             a, b = statistics.median(row["full"]), statistics.median(row["lora"])
+            paired = statistics.median(x / y for x, y in zip(row["full"], row["lora"], strict=True))
             sizes = f"{row['nbytes']['full'] / 1e9:.3f} GB vs {row['nbytes']['lora'] / 1e6:.1f} MB"
             print(f"| {row['strategy']} | {row['adapter']}; {sizes} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | "
-                  f"{a / b:.1f}x |")
+                  f"{a / b:.1f}x; {paired:.1f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
