@@ -25,6 +25,9 @@
 #   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path (PYTEST_ARGS adds
 #                             pytest options, e.g. "-k other_gpu"); SKYRL_ENGINE_DEFAULTS, if set, replaces
 #                             the engine defaults below
+#   trainer-side:ENGINE       core/benchmarks/bench_trainer_side.py: a Qwen2.5-1.5B-shaped model sharded with
+#                             FSDP2 over 2 GPUs (NCCL) against it unsharded, by CUDA IPC and NCCL broadcast
+#                             into an engine process on GPU 1 (needs 2 GPUs) -> $OUT/trainer-side.json
 #   broadcast                 bench_weight_sync.py GPU mode without an engine (NCCL needs 2 GPUs);
 #                             BROADCAST_ARGS adds options, e.g. "--repeats 20 --skip colocated,per_tensor"
 #   async-rl:ENGINE           examples/rl_demo/benchmarks/bench_async.py: the RL demo on ENGINE, trainer on
@@ -60,7 +63,8 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=300
-                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540)
+                  [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
+                  [trainer-side]=400)
 
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
@@ -211,6 +215,9 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             --json "$OUT/$engine-weight-sync.json" ;;
         weight-sync-tests) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ${PYTEST_ARGS:-} ;;
+        trainer-side) engine_env "$engine" && bounded "$seconds" python3 core/benchmarks/bench_trainer_side.py \
+            --part sharded --device cuda --shape qwen2.5-1.5b --bucket-bytes $((1 << 30)) \
+            --json "$OUT/trainer-side.json" ;;
         broadcast) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
             --shape qwen2.5-1.5b --skip colocated ${BROADCAST_ARGS:-} --json "$OUT/broadcast.json" ;;
         async-rl) engine_env "$engine" && PYTHONPATH=$PYTHONPATH:$REPO/examples/rl_demo/src bounded "$seconds" \

@@ -1,5 +1,6 @@
 """GPU proofs: CUDA IPC into another process and into real engines, NCCL broadcast between two GPUs
-and into a real engine on the second GPU.
+and into a real engine on the second GPU, and a trainer sharded with FSDP2 over two GPUs syncing by
+CUDA IPC and NCCL.
 
 Skipped without CUDA. Run on the GPU machine in an environment with the engine installed, e.g.::
 
@@ -19,7 +20,9 @@ import threading
 
 import native_broadcast_peer  # beside this file: the conftest puts the folder on sys.path
 import pytest
+import sharded_trainer
 import torch
+from remote_engine import RemoteEngine  # the sharded-trainer test's engine process (to be ported)
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.remote import ServerProcess, connect_engine
 from skyrl_backends.types import WeightUpdateRequest
@@ -232,3 +235,32 @@ def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):
         asyncio.run(scenario())
     finally:
         asyncio.run(engine.teardown())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_a_trainer_sharded_over_two_gpus_syncs_by_cuda_ipc_and_nccl(backend, model_dir):
+    """Two trainer ranks, one per GPU (NCCL), hold the tiny model sharded with FSDP2 and sync it into an
+    engine process on GPU 1: by CUDA IPC (the ranks gather into the sending rank's buffers over NCCL),
+    shared memory, and NCCL broadcast (atomic, and streamed where the backend loads packed buckets).
+    After each, the engine serves what it serves after the same weights arrive unsharded."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed in this environment")
+    dtype = "bfloat16" if backend == "sglang" else "float32"  # the trainer's float32 is converted on the way
+    defaults = json.loads(os.environ.get("SKYRL_ENGINE_DEFAULTS", "{}")).get(backend, {})
+    # SGLang's scheduler runs NCCL with NCCL_CUMEM_ENABLE=0: the trainer's ranks must too.
+    nccl = {CUMEM_ENV: "0"} if backend == "sglang" else {}
+    engine = RemoteEngine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1", **nccl},
+                          **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
+    try:
+        first, second = sharded_trainer.launch([engine], backend, model_dir, device="cuda", env=nccl, timeout_s=600)
+    finally:
+        engine.close()
+    assert [c["strategy"] for c in first["cases"]][:3] == ["cuda_ipc", "shared_memory", "broadcast"]
+    for case, other in zip(first["cases"], second["cases"], strict=True):
+        assert case["versions"] == other["versions"] == [case["unsharded_versions"][0] - 1], case["strategy"]
+        [sharded], [unsharded] = case["sharded"], case["unsharded"]
+        assert sharded["tokens"] == unsharded["tokens"], case
+    for result in (first, second):
+        assert "rank 1: strategy" in result["failures"]["strategy"]["problems"]
+        assert result["failures"]["engine_refuses"]["type"] == "WeightUpdateError"

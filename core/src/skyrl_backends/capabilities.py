@@ -45,6 +45,10 @@ class Capabilities:
     receiver takes both, and ``apply="streamed"`` (loading each bucket as it arrives) needs
     ``"packed"``; an engine that receives broadcasts with its own code may take ``"per_tensor"`` only.
 
+    ``lora_from_tensors`` are the weight-sync strategies by which the engine loads (or replaces) a
+    LoRA adapter sent as tensors (``skyrl_backends_load_lora_adapter_from_tensors``); empty: only
+    from a folder.
+
     ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
     at which weights are dropped (the engine must then receive weights before generating again);
     None means weights always survive sleep.
@@ -64,6 +68,7 @@ class Capabilities:
     discards_weights_at_level: int | None = None
     sleep_tags: bool = False
     lora: bool = False
+    lora_from_tensors: tuple[str, ...] = ()
     top_logprobs: bool = False
     max_top_logprobs: int = 0
     stop_strings: bool = False
@@ -106,8 +111,9 @@ class Capabilities:
                 present.append("native_pause_modes(" + ",".join(value) + ")")
             elif f.name == "sleep_levels" and value:
                 present.append("sleep(levels " + ",".join(map(str, value)) + ")")
-            elif f.name == "weight_sync_strategies" and value:
-                present.append("weight_sync(" + ",".join(value) + ")")
+            elif f.name in ("weight_sync_strategies", "lora_from_tensors") and value:
+                label = "weight_sync" if f.name == "weight_sync_strategies" else f.name
+                present.append(label + "(" + ",".join(value) + ")")
             elif value is True:
                 present.append(f.name)
         return present
@@ -175,6 +181,7 @@ DISCARDS_WEIGHTS = Requirement(
     "discards_weights", lambda caps: caps.discards_weights_at_level is not None and any(
         level >= caps.discards_weights_at_level for level in caps.sleep_levels), SLEEP)
 LORA = _flag("lora")
+LORA_FROM_TENSORS = Requirement("lora_from_tensors", lambda caps: caps.lora and bool(caps.lora_from_tensors), LORA)
 TOP_LOGPROBS = _flag("top_logprobs")
 STOP_STRINGS = _flag("stop_strings")
 MIN_NEW_TOKENS = _flag("min_new_tokens")
@@ -211,6 +218,12 @@ def weight_sync(strategy: str) -> Requirement:
     """The engine receives weight updates by ``strategy`` (``"tensors"``, ``"shared_memory"``...)."""
     return Requirement(f"weight_sync:{strategy}", lambda caps: strategy in caps.weight_sync_strategies,
                        label=f"weight sync strategy {strategy!r}")
+
+
+def lora_from_tensors_by(strategy: str) -> Requirement:
+    """The engine loads a LoRA adapter sent as tensors by ``strategy``."""
+    return Requirement(f"lora_from_tensors:{strategy}", lambda caps: strategy in caps.lora_from_tensors,
+                       LORA_FROM_TENSORS, label=f"LoRA adapters from tensors by {strategy!r}")
 
 
 def missing(caps: Capabilities, requirements: Iterable[Requirement]) -> list[str]:
@@ -274,6 +287,7 @@ REQUIRED_HOOKS: tuple[str, ...] = ("skyrl_backends_generate", "skyrl_backends_we
 HOOKS_BY_REQUIREMENT: dict[Requirement, tuple[str, ...]] = {
     SLEEP: ("skyrl_backends_sleep", "skyrl_backends_wake_up"),
     LORA: ("skyrl_backends_load_lora_adapter", "skyrl_backends_unload_lora_adapter"),
+    LORA_FROM_TENSORS: ("skyrl_backends_load_lora_adapter_from_tensors",),
     ABORT: ("skyrl_backends_abort",),
     Requirement("pause_modes", lambda caps: caps.native_pause or bool(caps.pause_modes)): (
         "skyrl_backends_pause_generation", "skyrl_backends_resume_generation"),
@@ -305,9 +319,10 @@ def receives_packed_broadcast(caps: Capabilities | None) -> bool:
 
 
 __all__ = [
-    "ABORT", "BROADCAST_LAYOUTS", "DISCARDS_WEIGHTS", "HOOKS_BY_REQUIREMENT", "LORA", "MIN_NEW_TOKENS", "MIN_P",
-    "NATIVE_PAUSE", "NATIVE_PAUSE_MODES", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES", "PREFIX_CACHING",
-    "RECOMPUTE_ON_RESUME", "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP", "SLEEP_TAGS",
-    "STOP_STRINGS", "STREAMING", "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement", "broadcast_layouts_of", "check_sampling",
-    "missing", "missing_hooks", "pause_mode", "receives_packed_broadcast", "require", "sleep_level", "weight_sync",
+    "ABORT", "BROADCAST_LAYOUTS", "DISCARDS_WEIGHTS", "HOOKS_BY_REQUIREMENT", "LORA", "LORA_FROM_TENSORS",
+    "MIN_NEW_TOKENS", "MIN_P", "NATIVE_PAUSE", "NATIVE_PAUSE_MODES", "PARAMETER_REQUIREMENTS", "PAUSE_MODE_NAMES",
+    "PREFIX_CACHING", "RECOMPUTE_ON_RESUME", "REPETITION_PENALTY", "REQUIRED_HOOKS", "SEEDED_SAMPLING", "SLEEP",
+    "SLEEP_TAGS", "STOP_STRINGS", "STREAMING", "TOKEN_VERSIONS", "TOP_LOGPROBS", "Capabilities", "Requirement",
+    "broadcast_layouts_of", "check_sampling", "lora_from_tensors_by", "missing", "missing_hooks", "pause_mode",
+    "receives_packed_broadcast", "require", "sleep_level", "weight_sync",
 ]

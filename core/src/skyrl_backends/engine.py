@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from skyrl_backends import capabilities as caps
+from skyrl_backends import lora
 from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import (
@@ -106,6 +108,8 @@ class InferenceEngine:
         self._applying: int | None = None  # the version an update being applied becomes
         self._inflight: dict[str, asyncio.Event] = {}
         self._loras: dict[str, str] = {}
+        self._lora_versions: dict[str, int] = {}  # per adapter name, bumped by every load (never reset)
+        self._lora_expected: dict[str, dict[str, TensorSpec]] = {}  # by config: what an adapter carries
         self._weight_specs: dict[str, TensorSpec] | None = None
 
     # -- introspection -----------------------------------------------------------------------
@@ -136,6 +140,11 @@ class InferenceEngine:
     @property
     def lora_adapters(self) -> dict[str, str]:
         return dict(self._loras)
+
+    @property
+    def lora_versions(self) -> dict[str, int]:
+        """The version of each loaded adapter (stamped on its completions as ``lora_version``)."""
+        return {name: self._lora_versions[name] for name in self._loras}
 
     @property
     def num_inflight(self) -> int:
@@ -185,6 +194,7 @@ class InferenceEngine:
         sampling parameters (and GenerateRequest's other fields as keywords)."""
         request, batches = self._admit(request, sampling_params, request_fields)
         params = request.sampling_params
+        lora_version = self._lora_versions.get(request.lora_name) if request.lora_name is not None else None
         all_ids = [rid for b, _ in batches for rid in b.request_ids]
         aborted = await self._enter(all_ids)
         # Nothing awaits from here to the registration below: an update barrier or a pause that
@@ -204,6 +214,7 @@ class InferenceEngine:
                 completion.request_id = completion.request_id or rid
                 completion.token_versions = self._versions(completion.token_versions, len(completion.token_ids),
                                                            version, f"the completion of {rid}")
+                completion.lora_version = lora_version
             completions.extend(output)
         return GenerateOutput(_sample_major(completions, len(request), params.n))
 
@@ -267,6 +278,7 @@ class InferenceEngine:
         all_ids = [rid for b, _ in batches for rid in b.request_ids]
         aborted = await self._enter(all_ids)
         version = self.weight_version
+        lora_version = self._lora_versions.get(request.lora_name) if request.lora_name is not None else None
         streams = _StreamMerger(len(request), request.sampling_params.n, [b for b, _ in batches])
         events = {rid: asyncio.Event() for rid in all_ids}
         self._inflight.update(events)
@@ -295,8 +307,11 @@ class InferenceEngine:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                yield streams.place(number, item, self.backend,
-                                    lambda given, count, what: self._versions(given, count, version, what))
+                chunk = streams.place(number, item, self.backend,
+                                      lambda given, count, what: self._versions(given, count, version, what))
+                if chunk.completion is not None:
+                    chunk.completion.lora_version = lora_version
+                yield chunk
             streams.check_complete(self.backend)
         finally:
             await self._end_streams(tasks, [rid for rid in all_ids if rid in self._inflight])
@@ -582,6 +597,58 @@ class InferenceEngine:
             raise LoraAdapterError(f"A LoRA adapter named {lora_name!r} is already loaded; unload it first.")
         await self._call("skyrl_backends_load_lora_adapter", lora_name=lora_name, lora_path=path, pinned=pinned)
         self._loras[lora_name] = path
+        self._lora_versions[lora_name] = self._lora_versions.get(lora_name, 0) + 1
+
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        """Raise if :meth:`load_lora_adapter_from_tensors` would refuse the adapter: the capability
+        and strategy, the config, and every tensor's name, shape and dtype (WeightUpdateError)."""
+        self._validate_lora_from_tensors(lora_name, lora_config, request)
+
+    def _validate_lora_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                    request: WeightUpdateRequest) -> None:
+        self._check_open()
+        caps.require(self.capabilities, caps.LORA_FROM_TENSORS, self.backend)
+        caps.require(self.capabilities, caps.lora_from_tensors_by(request.strategy), self.backend,
+                     f"Supported: {list(self.capabilities.lora_from_tensors)}.")
+        if not self.config.enable_lora:
+            raise EngineStateError("LoRA is off for this engine; create it with enable_lora=True.")
+        if not isinstance(lora_name, str) or not lora_name:
+            raise LoraAdapterError(f"lora_name must be a non-empty string, got {lora_name!r}.")
+        lora.check_adapter_tensors(request, self._lora_tensors_of(lora_config))
+        if request.strategy == "broadcast":
+            self._check_broadcast_layout(request)
+
+    def _lora_tensors_of(self, lora_config: Mapping[str, Any]) -> dict[str, TensorSpec]:
+        """The tensors an adapter of ``lora_config`` must carry here (kept per config: a trainer sends
+        the same adapter shape every step, and working it out walks every parameter)."""
+        try:
+            key = json.dumps(lora_config, sort_keys=True)
+        except (TypeError, ValueError):
+            key = None  # check_config names the problem
+        expected = self._lora_expected.get(key) if key is not None else None
+        if expected is None:
+            expected = lora.expected_tensors(lora_config, self._specs(), self.config.max_lora_rank)
+            if key is not None:
+                if len(self._lora_expected) >= 8:
+                    self._lora_expected.clear()
+                self._lora_expected[key] = expected
+        return expected
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        """Load the LoRA adapter whose tensors ``request`` carries (any weight-sync strategy the backend
+        declares in ``lora_from_tensors``) under ``lora_name``, replacing an adapter of that name.
+        ``lora_config`` is a PEFT ``LoraConfig`` as JSON (:mod:`skyrl_backends.lora`). Everything is
+        validated first: a refused adapter changes nothing, and the previous adapter keeps serving.
+        Returns the adapter's new version, stamped on its completions as ``lora_version``."""
+        self._validate_lora_from_tensors(lora_name, lora_config, request)
+        self._check_weights_awake()
+        await self._call("skyrl_backends_load_lora_adapter_from_tensors", lora_name=lora_name,
+                         lora_config=dict(lora_config), request=request, pinned=pinned)
+        self._loras[lora_name] = lora.FROM_TENSORS
+        self._lora_versions[lora_name] = self._lora_versions.get(lora_name, 0) + 1
+        return self._lora_versions[lora_name]
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         self._check_open()

@@ -211,6 +211,20 @@ class EngineHookSpecs:
         """Load a PEFT LoRA adapter from ``lora_path`` under ``lora_name`` (async)."""
 
     @hookspec(firstresult=True)
+    def skyrl_backends_load_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                                      request: WeightUpdateRequest, pinned: bool) -> None:
+        """Load the LoRA adapter whose tensors ``request`` carries under ``lora_name``, or replace the
+        adapter of that name (async). Only called when the backend declares ``lora_from_tensors``
+        (the strategies it takes), and with a request the facade validated against ``lora_config``
+        (a PEFT ``LoraConfig`` as JSON) and the engine's parameters (:mod:`skyrl_backends.lora`):
+        tensors named ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``, in the dtype of
+        the module's weight. Receive them like a weight update (``request.payload`` for ``"tensors"``,
+        else ``skyrl_backends.weight_sync.receive_named_tensors``), every one before the adapter
+        changes: if loading fails, the previous adapter of that name (if any) stays in place.
+        Requests started after the hook returns use the new adapter; no prefix cached with the old
+        one is reused."""
+
+    @hookspec(firstresult=True)
     def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
         """Unload the adapter ``lora_name`` (async). Raise LoraAdapterError if it is unknown."""
 

@@ -99,6 +99,17 @@ class Engine(Protocol):
     async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
                                 pinned: bool = False) -> None: ...
 
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        """Raise if :meth:`load_lora_adapter_from_tensors` would refuse the adapter."""
+        ...
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        """Load or replace an adapter sent as tensors (PEFT naming, ``lora_config`` a LoraConfig as
+        JSON); returns the adapter's new version."""
+        ...
+
     async def unload_lora_adapter(self, lora_name: str) -> None: ...
 
     async def reset_prefix_cache(self) -> None: ...

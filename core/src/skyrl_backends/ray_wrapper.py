@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +121,14 @@ class RayWrappedInferenceEngine:
     async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
                                 pinned: bool = False) -> None:
         await self.engine.load_lora_adapter(lora_name, lora_path, pinned)
+
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        await self.engine.validate_lora_adapter_from_tensors(lora_name, lora_config, request)
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        return await self.engine.load_lora_adapter_from_tensors(lora_name, lora_config, request, pinned)
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         await self.engine.unload_lora_adapter(lora_name)
@@ -252,6 +260,18 @@ class RayEngineProxy:
     async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
                                 pinned: bool = False) -> None:
         await self._call("load_lora_adapter", lora_name, os.fspath(lora_path), pinned)
+
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        # Validation needs names, shapes and dtypes (and a broadcast's layout): not the tensors themselves.
+        described = WeightUpdateRequest(names=request.names, dtypes=request.dtypes, shapes=request.shapes,
+                                        strategy=request.strategy,
+                                        payload=None if request.strategy == "tensors" else request.payload)
+        await self._call("validate_lora_adapter_from_tensors", lora_name, dict(lora_config), described)
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        return await self._call("load_lora_adapter_from_tensors", lora_name, dict(lora_config), request, pinned)
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         await self._call("unload_lora_adapter", lora_name)

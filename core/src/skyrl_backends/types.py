@@ -254,6 +254,9 @@ class Completion:
     stop_reason: str | int | None = None
     request_id: str | None = None
     token_versions: TokenVersions | None = None
+    # The version of the LoRA adapter the completion was generated with (None: no adapter), bumped
+    # by every load of an adapter under that name.
+    lora_version: int | None = None
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:

@@ -27,7 +27,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +169,7 @@ class InferenceEngineClient:
         self._abort_epoch = 0
         self._user_aborted: set[str] = set()
         self.weight_version = 0
+        self._lora_versions: dict[str, int] = {}
         for engine in engines:
             self.add_engine(engine)
         if not self._slots:
@@ -795,6 +796,22 @@ class InferenceEngineClient:
     async def load_lora_adapter(self, lora_name: str, lora_path: str | os.PathLike[str],
                                 pinned: bool = False) -> None:
         await self._fan_out("load_lora_adapter", lora_name, lora_path, pinned)
+
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        """Raise if any healthy engine would refuse the adapter."""
+        await _gather_or_cancel([s.engine.validate_lora_adapter_from_tensors(lora_name, lora_config, request)
+                                 for s in self._require_usable()])
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        """Load (or replace) the adapter on every healthy engine, each having validated it first;
+        returns the client's version of the adapter (bumped by every load under that name)."""
+        self._check_open()
+        await self.validate_lora_adapter_from_tensors(lora_name, lora_config, request)
+        await self._fan_out("load_lora_adapter_from_tensors", lora_name, lora_config, request, pinned)
+        self._lora_versions[lora_name] = self._lora_versions.get(lora_name, 0) + 1
+        return self._lora_versions[lora_name]
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         await self._fan_out("unload_lora_adapter", lora_name)

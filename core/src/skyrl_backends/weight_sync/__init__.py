@@ -1,6 +1,7 @@
 """Weight synchronisation from a trainer to engines of any backend.
 
-Trainer side: :func:`sync_weights` (one call, strategy by name), the senders, and
+Trainer side: :func:`sync_weights` (one call, strategy by name; collective over the ranks of a
+sharded trainer), :func:`sync_lora_adapter` (a LoRA adapter from tensors), the senders, and
 :func:`iter_weight_chunks` (a model as packed byte buckets). Engine side, for backends:
 :data:`RECEIVER_STRATEGIES`, :func:`make_receiver` and :func:`load_named_tensors` (or
 :func:`receive_named_tensors`, the whole update at once).
@@ -22,6 +23,7 @@ _EXPORTS = {
     "DEFAULT_BUCKET_BYTES": "chunks",
     "SharedMemorySender": "shared_memory", "CudaIpcSender": "cuda_ipc", "BroadcastSender": "broadcast",
     "sync_weights": "sync", "make_sender": "sync", "connect_broadcast": "sync", "STRATEGIES": "sync",
+    "sync_lora_adapter": "adapters",
     "request_to_json": "manifest", "request_from_json": "manifest",
 }
 

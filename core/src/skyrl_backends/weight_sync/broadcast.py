@@ -275,6 +275,7 @@ class BroadcastSender:
         self.group: Any = None
         self._buffers: list[torch.Tensor] = []
         self._packer = Packer()
+        self._shared_ring: list[Any] = []  # shared-memory segments of the ring, for a sharded trainer
 
     def init_info(self, rank_offset: int) -> WeightSyncInitInfo:
         return WeightSyncInitInfo(master_addr=self.master_addr, master_port=self.master_port, rank_offset=rank_offset,
@@ -313,12 +314,9 @@ class BroadcastSender:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             return
-        largest = max((b.nbytes for b in layout.buckets), default=0)
-        count = min(2, len(layout.buckets))
-        if len(self._buffers) < count or any(b.numel() < largest for b in self._buffers[:count]):
-            self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        ring = self.ring(layout)
         pending: list[Any] = [None, None]
-        targets = [self._buffers[i % 2][:manifest.nbytes] for i, manifest in enumerate(layout.buckets)]
+        targets = [ring[i % 2][:manifest.nbytes] for i, manifest in enumerate(layout.buckets)]
         self._packer.prepare(targets, layout)
         for i, buffer in enumerate(targets):
             slot = i % 2
@@ -332,7 +330,59 @@ class BroadcastSender:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
+    def ring(self, layout: PackPlan, shared: bool = False) -> list[torch.Tensor]:
+        """The two buffers of the largest bucket that buckets alternate in (kept between updates).
+        ``shared``: in shared-memory segments (CPU only), which the other ranks of a sharded trainer
+        on this machine write their shards into (:attr:`ring_segment_names`)."""
+        largest = max((b.nbytes for b in layout.buckets), default=0)
+        count = min(2, len(layout.buckets))
+        if shared:
+            if len(self._shared_ring) < count or any(s.nbytes < largest for s in self._shared_ring[:count]):
+                from skyrl_backends.weight_sync.shared_memory import Segment
+
+                self._release_shared_ring()
+                self._shared_ring = [Segment(largest) for _ in range(count)]
+            return [segment.tensor for segment in self._shared_ring[:count]]
+        if len(self._buffers) < count or any(b.numel() < largest for b in self._buffers[:count]):
+            self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        return self._buffers[:count]
+
+    @property
+    def ring_segment_names(self) -> list[str]:
+        return [segment.name for segment in self._shared_ring]
+
+    def send_assembled(self, layout: PackPlan, ring: list[torch.Tensor],
+                       fill: Callable[[int, torch.Tensor], None]) -> None:
+        """Broadcast every bucket of ``layout`` after ``fill(index, buffer)`` wrote it into its slot of
+        ``ring`` (from :meth:`ring`), in order, in the sender's layout and with at most two buckets
+        in flight: a sharded trainer's ranks assemble each bucket while the previous one travels."""
+        if self.group is None:
+            raise WeightUpdateError({"communicator": "the group is not joined; call join() first"})
+        check_broadcast_modes(self.layout, self.apply)
+        pending: list[list[Any]] = [[], []]
+        for i, manifest in enumerate(layout.buckets):
+            slot = i % 2
+            for work in pending[slot]:  # the collectives that last read this buffer
+                work.wait()
+            buffer = ring[slot][:manifest.nbytes]
+            fill(i, buffer)
+            if self.layout == "per_tensor":  # typed views of the bucket, in the request's order
+                pending[slot] = [self.group.broadcast([tensor], _root0()) for _, tensor in unpack(manifest, buffer)]
+            else:
+                pending[slot] = [self.group.broadcast([buffer], _root0())]
+        for works in pending:
+            for work in works:
+                work.wait()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _release_shared_ring(self) -> None:
+        for segment in self._shared_ring:
+            segment.release()
+        self._shared_ring = []
+
     def close(self) -> None:
         self.group = None
         self._buffers = []
+        self._release_shared_ring()
         self.store = None

@@ -38,7 +38,7 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs of a module (its state dict: parameters and persistent buffers, tied
     weights once), a state dict, or an iterable of pairs. Tensors are referenced, not copied."""
     if isinstance(weights, torch.nn.Module):
-        items: Iterable[tuple[str, Any]] = _without_tied_aliases(weights.state_dict(keep_vars=False))
+        items: Iterable[tuple[str, Any]] = _without_tied_aliases(weights, weights.state_dict(keep_vars=False))
     elif isinstance(weights, Mapping):
         items = weights.items()
     else:
@@ -52,19 +52,20 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     return pairs
 
 
-def _without_tied_aliases(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def _without_tied_aliases(module: torch.nn.Module,
+                          state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """A module's state dict lists a tied tensor under every name (``lm_head.weight`` beside
     ``model.embed_tokens.weight``); engines that load tied checkpoints hold it once, under the first
-    name, and would reject the alias. Send each storage once."""
-    seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
-    pairs = []
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        pairs.append((name, tensor))
-    return pairs
+    name, and would reject the alias. Send each once.
+
+    Aliases are read from the module's structure (a parameter or buffer registered under several
+    names keeps its first), not from storage addresses: the parameters of a model sharded across
+    ranks (FSDP2) are shards whose addresses differ from rank to rank, and every rank must drop the
+    same names."""
+    first = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    every = ({name for name, _ in module.named_parameters(remove_duplicate=False)}
+             | {name for name, _ in module.named_buffers(remove_duplicate=False)})
+    return [(name, tensor) for name, tensor in state.items() if name in first or name not in every]
 
 
 def resolve_dtype_for(dtype_for: DtypeFor) -> Callable[[str, torch.Tensor], torch.dtype]:

@@ -150,10 +150,18 @@ class CudaIpcSender:
         self._packer = Packer()
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
+        manifests = self._packer.pack(self.allocate(layout), layout)
+        return self.share(manifests)
+
+    def allocate(self, layout: PackPlan) -> list[torch.Tensor]:
+        """One buffer per bucket of ``layout`` (kept from the last update when the sizes match)."""
         sizes = [b.nbytes for b in layout.buckets]
         if [b.numel() for b in self._buffers] != sizes:
             self._buffers = [torch.empty(max(n, 1), dtype=torch.uint8, device=self.device)[:n] for n in sizes]
-        manifests = self._packer.pack(self._buffers, layout)
+        return self._buffers
+
+    def share(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+        """The payload for the allocated buffers, once written (``manifests``: each bucket's JSON)."""
         # The engine reads on its own stream: every copy must be finished before the handles are used.
         torch.cuda.current_stream(self.device).synchronize()
         # A fresh share per update: the handle (same memory, so the engine finds it among its opened

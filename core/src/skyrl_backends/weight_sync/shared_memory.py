@@ -33,7 +33,7 @@ SEGMENT_PREFIX = "skyrl_ws_"
 _SEGMENT_NAME = re.compile(r"^skyrl_ws_[0-9a-f]{16,64}$")
 
 
-class _Segment:
+class Segment:
     """A segment this process created, with a uint8 tensor over it."""
 
     def __init__(self, nbytes: int) -> None:
@@ -70,18 +70,30 @@ class SharedMemorySender:
     strategy = STRATEGY
 
     def __init__(self) -> None:
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
+        for buffer, manifest in zip(self.allocate(layout), layout.buckets, strict=True):
+            pack_into(buffer, manifest, layout.tensors)
+        return self.payload(layout)
+
+    def allocate(self, layout: PackPlan) -> list[torch.Tensor]:
+        """One segment per bucket of ``layout`` (kept from the last update when the sizes match), as
+        uint8 tensors to write the buckets into; :meth:`segment_names` names them."""
         sizes = [b.nbytes for b in layout.buckets]
         if [s.nbytes for s in self._segments] != sizes:
             self.close()
-            self._segments = [_Segment(n) for n in sizes]
-        buckets = []
-        for segment, manifest in zip(self._segments, layout.buckets, strict=False):
-            pack_into(segment.tensor, manifest, layout.tensors)
-            buckets.append({"segment": segment.name, **manifest.to_json()})
-        return {"buckets": buckets}
+            self._segments = [Segment(n) for n in sizes]
+        return [segment.tensor for segment in self._segments]
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [segment.name for segment in self._segments]
+
+    def payload(self, layout: PackPlan) -> dict[str, Any]:
+        """The request payload describing ``layout`` in the allocated segments."""
+        return {"buckets": [{"segment": segment.name, **manifest.to_json()}
+                            for segment, manifest in zip(self._segments, layout.buckets, strict=True)]}
 
     def close(self) -> None:
         for segment in self._segments:
@@ -152,6 +164,19 @@ def _map(name: str, nbytes: int, where: str) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
 
 
+def map_segment(name: str, nbytes: int, where: str) -> torch.Tensor:
+    """A writable uint8 tensor over the first ``nbytes`` of segment ``name`` created by another process
+    of this machine (the sending rank, for the other ranks of a sharded trainer), checked as a
+    receiver checks it."""
+    return _map(name, nbytes, where)
+
+
+def forget_mappings_except(names: set[str]) -> None:
+    """Let go of the kept mappings of every segment not in ``names``."""
+    for name in [n for n in _mapped if n not in names]:
+        del _mapped[name]
+
+
 def receive(request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
     """Map and validate every bucket first, then return an iterator of views into the segments.
 
@@ -161,7 +186,5 @@ def receive(request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
     buckets = parse_buckets(request, extra_fields=("segment",))
     for b, (manifest, raw) in enumerate(buckets):
         staged.append((manifest, _map(raw["segment"], manifest.nbytes, f"payload.buckets[{b}]")))
-    current = {raw["segment"] for _, raw in buckets}
-    for name in [n for n in _mapped if n not in current]:  # segments of older layouts
-        del _mapped[name]
+    forget_mappings_except({raw["segment"] for _, raw in buckets})  # segments of older layouts
     return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))

@@ -15,7 +15,8 @@ each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says oth
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +25,9 @@ from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
 from skyrl_backends.types import TensorSpec, WeightUpdateRequest
-from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
-from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, plan
+from skyrl_backends.weight_sync import broadcast, cuda_ipc, sharded, shared_memory
+from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, named_tensors, plan
+from skyrl_backends.weight_sync.ranks import DEFAULT_TIMEOUT_S as DEFAULT_RANKS_TIMEOUT_S
 
 STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
 _ENGINE_DTYPES = "engine"
@@ -123,9 +125,10 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
     return sender
 
 
-async def sync_weights(targets: Targets, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
+async def sync_weights(targets: Targets | None, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
-                       sender: Any = None, check_finite: bool = False) -> list[int]:
+                       sender: Any = None, check_finite: bool = False, group: Any = None,
+                       timeout_s: float = DEFAULT_RANKS_TIMEOUT_S) -> list[int]:
     """Push ``weights`` (a module, a state dict or ``(name, tensor)`` pairs) into every engine of
     ``targets`` and return the weight version each engine serves afterwards, in order.
 
@@ -138,23 +141,56 @@ async def sync_weights(targets: Targets, weights: Weights, strategy: str = share
     an update holding a NaN or an infinity is refused with a WeightUpdateError naming the tensors,
     and no engine changes (a ``streamed`` broadcast excepted, whose engines then refuse to generate
     until every weight arrives again). It costs each engine one pass over the bytes
-    (docs/benchmarks.md)."""
-    engines = _as_list(targets)
+    (docs/benchmarks.md).
+
+    A model sharded across trainer ranks (DTensor parameters, as FSDP2's ``fully_shard`` makes them)
+    is synced collectively: every rank of ``group`` (default: the default process group) calls this
+    with the same strategy, bucket size and model; rank 0 of the group passes the engines (and the
+    broadcast sender), the others may pass None. Every rank returns the same versions or raises the
+    same error; ranks that call differently fail at once, and a rank that does not call makes the
+    others fail after ``timeout_s`` (:mod:`skyrl_backends.weight_sync.sharded`)."""
+    pairs = named_tensors(weights)
+    if group is not None or sharded.is_sharded(pairs):
+        return await sharded.sync_sharded(targets, pairs, strategy, bucket_bytes=bucket_bytes, dtype_for=dtype_for,
+                                          sender=sender, group=group, timeout_s=timeout_s,
+                                          check_finite=check_finite)
+    engines = _as_list(targets) if targets is not None else []
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
     if dtype_for == _ENGINE_DTYPES:
         dtype_for = await _engine_dtypes(engines)
-    layout = plan(weights, bucket_bytes, dtype_for)
+    layout = plan(pairs, bucket_bytes, dtype_for)
+    return _versions(engines, await deliver(engines, layout, strategy, sender, BASE_WEIGHTS,
+                                            check_finite=check_finite))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What every engine does with an update's request: check it, then apply it (returning a version)."""
+
+    validate: Callable[[Engine, WeightUpdateRequest], Awaitable[None]]
+    apply: Callable[[Engine, WeightUpdateRequest], Awaitable[Any]]
+
+
+BASE_WEIGHTS = Delivery(lambda engine, request: engine.validate_weight_update(request),
+                        lambda engine, request: engine.update_named_weights(request))
+
+
+async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender: Any,
+                  delivery: Delivery = BASE_WEIGHTS, *, check_finite: bool = False) -> list[Any]:
+    """Move ``layout`` by ``strategy`` as one request that every engine validates, then applies;
+    returns each engine's result. A sender passed in is reused and left open; one made here is
+    closed before returning."""
     if strategy == "tensors":
         tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors,
                                       check_finite=check_finite)
-        return await _apply(engines, request)
+        return await _apply(engines, request, delivery)
     if strategy == broadcast.STRATEGY:
         if not isinstance(sender, broadcast.BroadcastSender):
             raise WeightUpdateError(
                 {"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
-        return await _broadcast(engines, layout, sender, check_finite)
+        return await _broadcast(engines, layout, sender, delivery, check_finite)
     own_sender = sender is None
     sender = sender or make_sender(strategy)
     if sender.strategy != strategy:
@@ -162,33 +198,32 @@ async def sync_weights(targets: Targets, weights: Weights, strategy: str = share
     try:
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout),
                                       check_finite=check_finite)
-        return await _apply(engines, request)
+        return await _apply(engines, request, delivery)
     finally:
         if own_sender:
             sender.close()
 
 
-async def _validate(engines: list[Engine], request: WeightUpdateRequest) -> None:
+async def _validate(engines: list[Engine], request: WeightUpdateRequest, delivery: Delivery = BASE_WEIGHTS) -> None:
     for engine in engines:
-        await engine.validate_weight_update(request)
+        await delivery.validate(engine, request)
 
 
-async def _apply(engines: list[Engine], request: WeightUpdateRequest) -> list[int]:
-    await _validate(engines, request)
-    results = await asyncio.gather(*(e.update_named_weights(request) for e in engines))
-    return _versions(engines, results)
+async def _apply(engines: list[Engine], request: WeightUpdateRequest, delivery: Delivery = BASE_WEIGHTS) -> list[Any]:
+    await _validate(engines, request, delivery)
+    return list(await asyncio.gather(*(delivery.apply(e, request) for e in engines)))
 
 
 async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender,
-                     check_finite: bool) -> list[int]:
+                     delivery: Delivery, check_finite: bool) -> list[Any]:
     request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, broadcast.STRATEGY,
                                   sender.payload(layout), check_finite=check_finite)
     # Every engine must take part in every broadcast: check them all before the first byte moves,
     # since an engine that refuses would leave the others waiting until the group's timeout.
-    await _validate(engines, request)
+    await _validate(engines, request, delivery)
     results = await asyncio.gather(asyncio.to_thread(sender.send, layout),
-                                   *(e.update_named_weights(request) for e in engines))
-    return _versions(engines, results[1:])
+                                   *(delivery.apply(e, request) for e in engines))
+    return list(results[1:])
 
 
 def _versions(targets: list[Engine], results: Sequence[Any]) -> list[int]:

@@ -176,6 +176,12 @@ class SGLangEngine:
         self._flush_when_idle = False
         self._weight_specs: list[TensorSpec] | None = None
         self._weight_group: str | None = None
+        # Adapters loaded from tensors live in SGLang under a name per version ("<name>@<n>"), so
+        # a replacement is loaded before the adapter it replaces is unloaded (SGLang refuses a name
+        # twice); requests ask for the current one.
+        self._lora_serving: dict[str, str] = {}
+        self._lora_folder_loads: set[str] = set()  # adapters SGLang holds under their own name
+        self._lora_loads = 0
 
     # -- helpers -------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
@@ -260,7 +266,8 @@ class SGLangEngine:
             return forward
 
         return list(await asyncio.gather(*(
-            self._submit([rid], [prompt], plan, request.lora_name, streamed=True, on_tokens=on_tokens(i))
+            self._submit([rid], [prompt], plan, self._served_lora(request.lora_name), streamed=True,
+                         on_tokens=on_tokens(i))
             for i, (rid, prompt) in enumerate(zip(request.request_ids, request.prompt_token_ids)))))
 
     def _check_prompts(self, prompts: list[list[int]], stop_token_ids: tuple[int, ...] = ()) -> None:
@@ -285,7 +292,7 @@ class SGLangEngine:
     async def _generate_all(self, request: GenerateRequest, plan: SGLangSampling) -> list[_Result]:
         """One batched ``async_generate`` (the way SGLang is cheapest to drive); requests with stop
         strings stream one by one instead, each with its own watch."""
-        rids, prompts, lora = list(request.request_ids), request.prompt_token_ids, request.lora_name
+        rids, prompts, lora = list(request.request_ids), request.prompt_token_ids, self._served_lora(request.lora_name)
         if plan.streamed:
             return list(await asyncio.gather(*(self._submit([rid], [prompt], plan, lora, streamed=True)
                                                for rid, prompt in zip(rids, prompts))))
@@ -436,7 +443,7 @@ class SGLangEngine:
             if plan.top_logprobs_num:
                 kwargs["top_logprobs_num"] = plan.top_logprobs_num
             if request.lora_name is not None:
-                kwargs["lora_path"] = request.lora_name
+                kwargs["lora_path"] = self._served_lora(request.lora_name)
             if self._salted:
                 kwargs["cache_salt"] = f"skyrl-weights-{self._updates.version}"
             out = await self.engine.async_generate(**kwargs)
@@ -635,14 +642,48 @@ class SGLangEngine:
         if not getattr(out, "success", False):
             raise LoraAdapterError(f"SGLang could not load LoRA adapter {lora_name!r} from {lora_path}: "
                                    f"{getattr(out, 'error_message', out)}")
+        self._lora_folder_loads.add(lora_name)
+
+    def _served_lora(self, lora_name: str | None) -> str | None:
+        return None if lora_name is None else self._lora_serving.get(lora_name, lora_name)
+
+    @hookimpl
+    async def skyrl_backends_load_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                                            request: WeightUpdateRequest, pinned: bool) -> None:
+        """SGLang's own in-memory loading (``load_lora_adapter_from_tensors``, SGLang >= 0.5.23): the
+        tensors are received here, copied into memory this process owns, and handed to SGLang's
+        scheduler serialized per tensor-parallel rank, as weight updates are."""
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterFromTensorsReqInput
+        from sglang.srt.utils import MultiprocessingSerializer
+
+        named = await asyncio.to_thread(self._received_tensors, request)
+        tensors = {name: tensor.clone() for name, tensor in named}  # owned: SGLang shares them onwards
+        self._lora_loads += 1
+        served = f"{lora_name}@{self._lora_loads}"
+        obj = LoadLoRAAdapterFromTensorsReqInput(
+            lora_name=served, config_dict=dict(lora_config), pinned=pinned,
+            serialized_named_tensors=[MultiprocessingSerializer.serialize(tensors) for _ in range(self.tp_size)])
+        out = await self._on_loop(self.tm.load_lora_adapter_from_tensors(obj, None))
+        if not getattr(out, "success", False):
+            raise LoraAdapterError(f"SGLang could not load LoRA adapter {lora_name!r} from tensors: "
+                                   f"{getattr(out, 'error_message', out)}")
+        replaced = self._lora_serving.get(lora_name, lora_name if lora_name in self._lora_folder_loads else None)
+        self._lora_serving[lora_name] = served
+        self._lora_folder_loads.discard(lora_name)
+        if replaced is not None:  # new requests already ask for the new adapter
+            await self._unload(replaced)
 
     @hookimpl
     async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
+        await self._unload(self._lora_serving.pop(lora_name, lora_name))
+        self._lora_folder_loads.discard(lora_name)
+
+    async def _unload(self, served: str) -> None:
         from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
 
-        out = await self._on_loop(self.tm.unload_lora_adapter(UnloadLoRAAdapterReqInput(lora_name=lora_name), None))
+        out = await self._on_loop(self.tm.unload_lora_adapter(UnloadLoRAAdapterReqInput(lora_name=served), None))
         if not getattr(out, "success", False):
-            raise LoraAdapterError(f"SGLang could not unload LoRA adapter {lora_name!r}: "
+            raise LoraAdapterError(f"SGLang could not unload LoRA adapter {served!r}: "
                                    f"{getattr(out, 'error_message', out)}")
 
     # -- cache and lifecycle -------------------------------------------------------------------

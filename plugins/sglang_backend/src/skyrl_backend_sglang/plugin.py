@@ -53,6 +53,9 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         discards_weights_at_level=None if cpu else 1,
         sleep_tags=not cpu,
         lora=not cpu,
+        # SGLang's own in-memory loading; the tensors arrive in this process, so not by broadcast
+        # (which SGLang's scheduler receives itself, for base weights only).
+        lora_from_tensors=("tensors", "shared_memory", "cuda_ipc") if not cpu and _loads_lora_from_tensors() else (),
         top_logprobs=True,
         max_top_logprobs=MAX_TOP_LOGPROBS,
         stop_strings=True,
@@ -74,6 +77,19 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         broadcast_layouts=("per_tensor",),  # update_weights_from_distributed: one typed broadcast per tensor
         streaming=True,
     )
+
+
+def _loads_lora_from_tensors() -> bool:
+    """SGLang's load_lora_adapter_from_tensors with per-rank serialized tensors: 0.5.23 has it (0.5.17
+    has no in-memory adapter loading). Read from the package's metadata: SGLang is not imported here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("sglang")) >= Version("0.5.23")
+    except PackageNotFoundError:
+        return False
 
 
 @hookimpl

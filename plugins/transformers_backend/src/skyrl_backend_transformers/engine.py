@@ -122,6 +122,7 @@ class TransformersEngine:
         if lm_head_dtype == "float32":
             use_float32_lm_head(self.model, "engine_init_kwargs.lm_head_dtype")
         self.peft_model: Any = None
+        self._lora_params: dict[str, dict[str, torch.nn.Parameter]] = {}  # adapters from tensors, by saved name
         self.max_model_len = config.max_model_len or getattr(self.model.config, "max_position_embeddings", 4096)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -589,11 +590,60 @@ class TransformersEngine:
         self._invalidate_prefixes()  # adapter names may be reused for different weights
 
     @hookimpl
+    async def skyrl_backends_load_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                                            request: WeightUpdateRequest, pinned: bool) -> None:
+        await self._run(self._load_lora_from_tensors, lora_name, lora_config, request)
+
+    def _load_lora_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                request: WeightUpdateRequest) -> None:
+        """peft in memory: inject the adapter's layers (or keep those of the adapter it replaces, when
+        its targets and rank are the same) and copy the tensors into them. Every tensor is received
+        first, so a transfer that fails changes nothing."""
+        from peft import LoraConfig
+
+        if request.strategy == "tensors":
+            state = dict(zip(request.names, request.payload))
+        else:
+            from skyrl_backends.weight_sync import receive_named_tensors
+
+            state = dict(receive_named_tensors(request, self.device, self._communicator))
+        config = LoraConfig.from_peft_type(**{**lora_config, "inference_mode": True})
+        loaded = self.peft_model.peft_config if self.peft_model is not None else {}
+        previous = loaded.get(lora_name)
+        if previous is not None and not _same_adapter_layers(previous, config):
+            self._unload_lora(lora_name)  # other rank or layers: the new adapter's layers replace the old ones
+            previous = None
+        params = self._lora_params.get(lora_name) if previous is not None else None
+        try:
+            if params is None:
+                if self.peft_model is None:
+                    from peft import PeftModel
+
+                    self.peft_model = PeftModel(self.model, config, adapter_name=lora_name)
+                elif previous is None:
+                    self.peft_model.add_adapter(lora_name, config)
+                params = self._lora_params[lora_name] = _adapter_parameters(self.peft_model, lora_name)
+                self.peft_model.eval()
+            if previous is not None and _scaling(previous) != _scaling(config):
+                _set_scaling(self.peft_model, lora_name, config)
+            self.peft_model.peft_config[lora_name] = config
+        except Exception as exc:
+            raise LoraAdapterError(f"could not load LoRA adapter {lora_name!r} from tensors: {exc}") from exc
+        unplaced = sorted(set(state) - set(params))
+        if unplaced:
+            raise LoraAdapterError(f"LoRA adapter {lora_name!r}: the model has no place for {unplaced[:3]}")
+        with torch.no_grad():  # straight into the adapter's layers (peft's set_peft_model_state_dict walks the model)
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+        self._invalidate_prefixes()  # the adapter's cached prefixes were computed with its old weights
+
+    @hookimpl
     async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
         await self._run(self._unload_lora, lora_name)
 
     def _unload_lora(self, lora_name: str) -> None:
         self._invalidate_prefixes()
+        self._lora_params.pop(lora_name, None)
         remaining = [n for n in self.peft_model.peft_config if n != lora_name]
         if not remaining:
             # Removing the last adapter restores the plain model (and the plain parameter names).
@@ -623,6 +673,36 @@ class TransformersEngine:
         await asyncio.to_thread(self._executor.shutdown, True)
         self.model = None
         self.peft_model = None
+
+
+def _same_adapter_layers(old: Any, new: Any) -> bool:
+    """Whether an adapter of config ``new`` has the layers (targets and rank) of one of ``old``."""
+    def targets(config: Any) -> Any:
+        value = config.target_modules
+        return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+    return targets(old) == targets(new) and old.r == new.r
+
+
+def _adapter_parameters(peft_model: Any, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters under the names of peft's saved state (what arrives): peft names them
+    ``<module>.lora_A.<adapter>.weight``, the saved state leaves the adapter name out."""
+    marker = f".{adapter_name}."
+    return {name.replace(marker, "."): param for name, param in peft_model.named_parameters()
+            if marker in name and ".lora_" in name}
+
+
+def _scaling(config: Any) -> float:
+    return config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+
+
+def _set_scaling(peft_model: Any, adapter_name: str, config: Any) -> None:
+    """Bring every LoRA layer's scaling of ``adapter_name`` to ``config`` (alpha / r, or alpha / sqrt(r))."""
+    scaling = _scaling(config)
+    for module in peft_model.modules():
+        layer_scaling = getattr(module, "scaling", None)
+        if isinstance(layer_scaling, dict) and adapter_name in layer_scaling:
+            layer_scaling[adapter_name] = scaling
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

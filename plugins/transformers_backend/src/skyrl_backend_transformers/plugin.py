@@ -40,6 +40,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         discards_weights_at_level=2,
         sleep_tags=True,
         lora=True,
+        lora_from_tensors=_weight_sync_strategies(),  # adapters arrive like weights, by any strategy
         top_logprobs=True,
         max_top_logprobs=MAX_TOP_LOGPROBS,
         stop_strings=True,

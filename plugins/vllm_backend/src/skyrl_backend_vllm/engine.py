@@ -57,6 +57,7 @@ from skyrl_backends.types import (
 from skyrl_backends.version_labels import UpdateMark, UpdateWatch
 
 from skyrl_backend_vllm import options, outputs, transfer, versions
+from skyrl_backend_vllm.adapters import AdapterFolder
 from skyrl_backend_vllm.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 
@@ -99,6 +100,7 @@ class VLLMEngine:
         self._aborted: OrderedDict[str, None] = OrderedDict()
         self._loras: dict[str, Any] = {}
         self._next_lora_id = 1
+        self._adapter_folders: dict[str, AdapterFolder] = {}  # adapters loaded from tensors
         self._background: set[asyncio.Task] = set()
         self._labels = versions.engine_labels_tokens()
         self._updates = UpdateWatch()
@@ -400,17 +402,7 @@ class VLLMEngine:
         else:
             message = transfer.pack_request(request)
         with message:
-            try:
-                await self._engine.collective_rpc("skyrl_apply_weights", args=(message.message,))
-            except Exception as exc:
-                # Workers run in other processes and their exceptions come back as text; give the
-                # trainer the same WeightUpdateError (with its offending tensors) the worker raised.
-                from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
-
-                recovered = weight_update_error_from_text(str(exc))
-                if recovered is None:
-                    raise
-                raise recovered from exc
+            await self._worker_call("skyrl_apply_weights", message.message)
 
     # -- LoRA ----------------------------------------------------------------------------------
     @hookimpl
@@ -430,12 +422,68 @@ class VLLMEngine:
         self._loras[lora_name] = lora_request
 
     @hookimpl
+    async def skyrl_backends_load_lora_adapter_from_tensors(self, lora_name: str, lora_config: dict[str, Any],
+                                                            request: WeightUpdateRequest, pinned: bool) -> None:
+        """The workers receive the tensors and write them as a PEFT folder; vLLM loads that folder
+        (in place of the adapter it replaces: vLLM loads the new one before dropping the old)."""
+        from vllm.lora.request import LoRARequest
+
+        folder = self._adapter_folders.setdefault(lora_name, AdapterFolder())
+        staged = folder.stage(lora_config)
+        if request.strategy == "tensors":
+            message = await asyncio.to_thread(transfer.pack_tensors, request.names, request.payload)
+        else:
+            message = transfer.pack_request(request)
+        with message:
+            await self._worker_call("skyrl_save_adapter", message.message, staged)
+        previous = self._loras.get(lora_name)
+        lora_id = previous.lora_int_id if previous is not None else self._next_lora_id
+        replaced = folder.publish(staged)
+        try:
+            added = await self._engine.add_lora(LoRARequest(lora_name=lora_name, lora_int_id=lora_id,
+                                                            lora_path=folder.path, load_inplace=previous is not None))
+            if added is False:
+                raise LoraAdapterError(f"vLLM refused LoRA adapter {lora_name!r} from tensors.")
+        except Exception as exc:
+            if replaced is not None:
+                folder.publish(replaced)  # vLLM still serves the previous adapter: its path shows it again
+            folder.keep_only(replaced)
+            if isinstance(exc, LoraAdapterError):
+                raise
+            raise LoraAdapterError(f"vLLM could not load LoRA adapter {lora_name!r} from tensors: {exc}") from exc
+        if previous is None:
+            self._next_lora_id += 1
+        if pinned:
+            await self._engine.pin_lora(lora_id)
+        folder.keep_only(staged, replaced)
+        # Requests name the adapter by this id without load_inplace (which would reload it every step).
+        self._loras[lora_name] = LoRARequest(lora_name=lora_name, lora_int_id=lora_id, lora_path=folder.path)
+        if previous is not None:  # cached blocks are keyed by adapter id, and were computed with the old one
+            await self.skyrl_backends_reset_prefix_cache()
+
+    async def _worker_call(self, method: str, *args: Any) -> Any:
+        try:
+            return await self._engine.collective_rpc(method, args=args)
+        except Exception as exc:
+            # Workers run in other processes and their exceptions come back as text; give the
+            # trainer the same WeightUpdateError (with its offending tensors) the worker raised.
+            from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
+
+            recovered = weight_update_error_from_text(str(exc))
+            if recovered is None:
+                raise
+            raise recovered from exc
+
+    @hookimpl
     async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
         lora_request = self._loras.get(lora_name)
         if lora_request is None:
             raise LoraAdapterError(f"No LoRA adapter named {lora_name!r} is loaded.")
         await self._engine.remove_lora(lora_request.lora_int_id)
         del self._loras[lora_name]
+        folder = self._adapter_folders.pop(lora_name, None)
+        if folder is not None:
+            folder.remove()
 
     # -- the rest ------------------------------------------------------------------------------
     @hookimpl
@@ -474,6 +522,9 @@ class VLLMEngine:
         if handler is not None:
             handler.cancel()
         await asyncio.to_thread(engine.shutdown)
+        for folder in self._adapter_folders.values():
+            folder.remove()
+        self._adapter_folders.clear()
         # Wait until they are really gone (a worker still exiting holds memory, and on GPU the
         # device), and kill any that hang.
         await asyncio.to_thread(_reap, self._processes)

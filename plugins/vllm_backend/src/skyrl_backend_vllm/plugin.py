@@ -55,6 +55,9 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         # allows wake_up(tags) whenever sleep is declared).
         sleep_tags=False,
         lora=True,
+        # Adapters from tensors arrive like weights (by the same strategies) and are loaded by vLLM
+        # from a folder the workers write (skyrl_backend_vllm.adapters).
+        lora_from_tensors=_weight_sync_strategies(on_cpu),
         top_logprobs=True,
         max_top_logprobs=options.max_logprobs(config),
         stop_strings=True,

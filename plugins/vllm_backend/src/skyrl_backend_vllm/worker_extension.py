@@ -59,6 +59,26 @@ class SkyRLWorkerExtension:
         self._skyrl_load(named)
         return len(named)
 
+    def skyrl_save_adapter(self, transfer: dict[str, Any], folder: str) -> int:
+        """Receive a LoRA adapter's tensors (every worker takes part, as in a weight update) and write
+        them into ``folder`` as PEFT's ``adapter_model.safetensors`` (the first worker; the engine
+        then loads the folder with vLLM's own adapter loading). Returns the number of tensors."""
+        if transfer["kind"] == "request":
+            from skyrl_backends.weight_sync import receive_named_tensors
+
+            named = list(receive_named_tensors(pickle.loads(transfer["data"]), self._skyrl_device(),
+                                               getattr(self, "_skyrl_communicator", None)))
+        else:
+            named = self._skyrl_receive(transfer)
+        if int(self.rank) == 0:
+            from safetensors.torch import save_file
+
+            from skyrl_backend_vllm.adapters import WEIGHTS_FILE
+
+            save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in named},
+                      os.path.join(folder, WEIGHTS_FILE))
+        return len(named)
+
     def skyrl_pid(self) -> int:
         return os.getpid()
 
