@@ -32,6 +32,7 @@ from skyrl_backends.http.schemas import ChatCompletionRequest, ChatMessage, Comp
 from skyrl_backends.http.serving import ServingState
 from skyrl_backends.http.settings import HTTPSettings
 from skyrl_backends.http.streaming import ChoiceStreams, prefetched
+from skyrl_backends.http.vllm_rl_routes import VLLMRLOptions, vllm_rl_router
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ class DetokenizeRequest(BaseModel):
 
 
 def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
-               settings: HTTPSettings | None = None, max_body_bytes: int | None = None) -> Guarded:
+               settings: HTTPSettings | None = None, max_body_bytes: int | None = None,
+               vllm_rl: VLLMRLOptions | None = None) -> Guarded:
     """The ASGI app: the FastAPI routes behind the guards of :mod:`skyrl_backends.http.guards`
     (``api_key`` turns the key check on). ``settings`` holds every limit; serve the app with
-    :mod:`skyrl_backends.http.server`, which applies the connection-level ones."""
+    :mod:`skyrl_backends.http.server`, which applies the connection-level ones. ``vllm_rl`` adds
+    vLLM's RL routes (:mod:`skyrl_backends.http.vllm_rl_routes`)."""
     settings = settings or HTTPSettings()
     if max_body_bytes is not None:
         settings = settings.replace(max_body_bytes=max_body_bytes)
@@ -70,6 +73,8 @@ def create_app(client: Any, tokenizer: Any, *, model_name: str, api_key: str | N
                   openapi_url=None)
     app.state.serving = state
     _install_error_handlers(app)
+    if vllm_rl is not None:
+        app.include_router(vllm_rl_router(client, vllm_rl))
     metrics = state.metrics
 
     @app.get("/health")

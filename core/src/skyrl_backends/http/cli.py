@@ -63,6 +63,12 @@ def add_subcommand(subparsers: Any) -> None:
                        help="write the server's URL to this file once its port is bound (with --port 0: a free port)")
     serve.add_argument("--stop-on-stdin-close", action="store_true",
                        help="stop when standard input closes (a parent process that started the server died)")
+    serve.add_argument("--weight-transfer-config", default=None, metavar="JSON",
+                       help="vLLM's flag: the weight-transfer backend of vLLM's RL routes "
+                            "(/init_weight_transfer_engine ...), '{\"backend\": \"skyrl\"}' (skyrl's strategies); "
+                            "without it those routes answer as vLLM's do when weight transfer is not configured")
+    serve.add_argument("--no-vllm-rl-api", action="store_true",
+                       help="do not serve vLLM's RL routes (/pause, /resume, /sleep, /wake_up, weight transfer ...)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -167,6 +173,27 @@ def _generator_config(args: argparse.Namespace) -> Any:
     return config
 
 
+def _weight_transfer_backend(args: argparse.Namespace) -> str | None:
+    from skyrl_backends.weight_sync.phases import parse_weight_transfer_config
+
+    try:
+        return parse_weight_transfer_config(args.weight_transfer_config)
+    except ConfigError as exc:
+        raise SystemExit(f"skyrl-backends serve: {exc}") from None
+
+
+async def _vllm_rl_options(args: argparse.Namespace, client: Any, name: str, settings: Any) -> Any:
+    """What vLLM's RL routes need (None with --no-vllm-rl-api)."""
+    if args.no_vllm_rl_api:
+        return None
+    from skyrl_backends.http.engine_info import context_length
+    from skyrl_backends.http.vllm_rl_routes import VLLMRLOptions, engines_dtype
+
+    return VLLMRLOptions(model_name=name, model_path=args.model, dtype=await engines_dtype(client),
+                         max_model_len=context_length(client, settings.max_model_len),
+                         weight_transfer_backend=_weight_transfer_backend(args))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     problem = http_extra_problem(installed_versions(HTTP_EXTRA))
     if problem:
@@ -177,9 +204,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from skyrl_backends.http.engine_server import check_exposure
 
     try:
-        check_exposure(args.host, args.api_key, args.allow_no_api_key, engine_api=not args.no_engine_api)
+        check_exposure(args.host, args.api_key, args.allow_no_api_key,
+                       engine_api=not (args.no_engine_api and args.no_vllm_rl_api))
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
+    _weight_transfer_backend(args)
     try:  # uvicorn.run would pick uvloop too; vLLM's own server runs on it
         import uvloop
     except ImportError:
@@ -249,7 +278,8 @@ async def _serving_app(args: argparse.Namespace, settings: Any) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     client = InferenceEngineClient(engines, tokenizer=tokenizer, request_timeout=args.request_timeout or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key, settings=settings)
+    app = create_app(client, tokenizer, model_name=name, api_key=args.api_key, settings=settings,
+                     vllm_rl=await _vllm_rl_options(args, client, name, settings))
     if not args.no_engine_api:
         engine_settings = settings.replace(
             max_body_bytes=args.engine_api_max_body_bytes or DEFAULT_ENGINE_API_MAX_BODY_BYTES)

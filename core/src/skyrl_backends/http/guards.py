@@ -145,19 +145,29 @@ class ApiKeyGuard:
 
 
 class ContentTypeGuard:
-    """A POST must declare ``Content-Type: application/json`` (parameters such as charset allowed): 415."""
+    """A POST must declare ``Content-Type: application/json`` (parameters such as charset allowed): 415.
+
+    One exception: a POST without a body and without an ``Origin`` header, which is what vLLM's and
+    TRL's clients send to vLLM's RL routes (``/pause?mode=keep``, ``/start_weight_update``). A
+    browser sends ``Origin`` with every POST, so a web page still cannot reach those routes."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST":
+        if scope["type"] == "http" and scope.get("method") == "POST" and not _bodyless_non_browser(scope):
             declared = (_header(scope, b"content-type") or b"").decode("latin-1")
             if declared.split(";", 1)[0].strip().lower() != JSON_MEDIA_TYPE:
                 await send_error(send, 415, f"Content-Type must be {JSON_MEDIA_TYPE}, got {declared or 'none'!r}.",
                                  "invalid_request_error", code="unsupported_media_type")
                 return
         await self.app(scope, receive, send)
+
+
+def _bodyless_non_browser(scope: Scope) -> bool:
+    if _header(scope, b"origin") is not None or _header(scope, b"transfer-encoding") is not None:
+        return False
+    return (_header(scope, b"content-length") or b"0").strip() == b"0"
 
 
 class BodySizeGuard:

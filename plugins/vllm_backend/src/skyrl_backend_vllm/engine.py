@@ -16,12 +16,13 @@ and no ``min_new_tokens`` is set (vLLM defers stop strings until ``min_tokens`` 
 rule does not). Otherwise the plugin streams the tokens through the core's exact matcher
 (:class:`~skyrl_backends.stopping.StopStringMatcher`) and aborts the request at the match.
 
-Weights reach the workers through the plugin's worker extension
-(:mod:`skyrl_backend_vllm.worker_extension`) and ``collective_rpc``, with generation paused (mode
-``keep``) around the load and the version label (:mod:`skyrl_backend_vllm.versions`), so vLLM's
-per-token version stamps are exact. Every request carries a ``cache_salt`` naming the weight version
-it was submitted under, so no request admitted after an update matches a cached block computed
-with older weights, while requests kept across the update keep their own blocks.
+Weights reach the workers through vLLM's weight-transfer API with the plugin's ``"skyrl"``
+weight-transfer engine where the installed vLLM has that API, else through the plugin's worker
+extension and ``collective_rpc`` (:mod:`skyrl_backend_vllm.weight_transfer.updates`), with generation
+paused (mode ``keep``) around the load and the version label (:mod:`skyrl_backend_vllm.versions`), so
+vLLM's per-token version stamps are exact. Every request carries a ``cache_salt`` naming the weight
+version it was submitted under, so no request admitted after an update matches a cached block
+computed with older weights, while requests kept across the update keep their own blocks.
 
 Pause modes: ``keep`` is vLLM's ``pause_generation(mode="keep")``, with ``clear_cache=True`` when
 the kept requests are to be recomputed (vLLM then preempts them, and they are prefilled again under
@@ -60,6 +61,7 @@ from skyrl_backend_vllm import options, outputs, transfer, versions
 from skyrl_backend_vllm.adapters import AdapterFolder
 from skyrl_backend_vllm.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
+from skyrl_backend_vllm.weight_transfer import updates as weight_updates
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +85,15 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # How updates reach the workers (skyrl_backend_vllm.weight_transfer.updates).
+        self.weight_path = weight_updates.choose_path()
+        if self.weight_path == "weight_transfer":
+            kwargs.update(weight_updates.engine_kwargs())
         _check_engine_args(kwargs, AsyncEngineArgs)
         before = _child_processes()
         self._engine: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self._weight_updates = (weight_updates.WeightTransferUpdates(self._engine)
+                                if self.weight_path == "weight_transfer" else None)
         # The engine core and its workers, so teardown can make sure they are gone.
         self._processes = [p for pid, p in _child_processes().items() if pid not in before]
         model_config = self._engine.model_config
@@ -374,6 +382,9 @@ class VLLMEngine:
 
     @hookimpl
     async def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
+        if self._weight_updates is not None:
+            await self._weight_updates.init(init_info)
+            return
         await self._engine.collective_rpc("skyrl_init_communicator", args=(pickle.dumps(init_info),))
 
     @hookimpl
@@ -397,6 +408,9 @@ class VLLMEngine:
                 await self._engine.reset_prefix_cache()
 
     async def _load_weights(self, request: WeightUpdateRequest) -> None:
+        if self._weight_updates is not None:  # vLLM's weight-transfer API
+            await _with_worker_errors(self._weight_updates.apply(request))
+            return
         if request.strategy == "tensors":
             message = await asyncio.to_thread(transfer.pack_tensors, request.names, request.payload)
         else:
@@ -462,17 +476,7 @@ class VLLMEngine:
             await self.skyrl_backends_reset_prefix_cache()
 
     async def _worker_call(self, method: str, *args: Any) -> Any:
-        try:
-            return await self._engine.collective_rpc(method, args=args)
-        except Exception as exc:
-            # Workers run in other processes and their exceptions come back as text; give the
-            # trainer the same WeightUpdateError (with its offending tensors) the worker raised.
-            from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
-
-            recovered = weight_update_error_from_text(str(exc))
-            if recovered is None:
-                raise
-            raise recovered from exc
+        return await _with_worker_errors(self._engine.collective_rpc(method, args=args))
 
     @hookimpl
     async def skyrl_backends_unload_lora_adapter(self, lora_name: str) -> None:
@@ -509,6 +513,8 @@ class VLLMEngine:
         engine, self._engine = self._engine, None
         if engine is None:
             return
+        if self._weight_updates is not None:
+            self._weight_updates.close()
         if self._inflight:
             await engine.abort(sorted(self._inflight))
         for task in list(self._background):
@@ -528,6 +534,20 @@ class VLLMEngine:
         # Wait until they are really gone (a worker still exiting holds memory, and on GPU the
         # device), and kill any that hang.
         await asyncio.to_thread(_reap, self._processes)
+
+
+async def _with_worker_errors(call: Any) -> Any:
+    """Await ``call``; workers run in other processes and their exceptions come back as text: give
+    the trainer the same WeightUpdateError (with its offending tensors) the worker raised."""
+    try:
+        return await call
+    except Exception as exc:
+        from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
+
+        recovered = weight_update_error_from_text(str(exc))
+        if recovered is None:
+            raise
+        raise recovered from exc
 
 
 def _child_processes() -> dict[int, Any]:

@@ -3,20 +3,12 @@
 vLLM mixes this class into its worker, so ``self`` is the worker: ``self.model_runner``,
 ``self.vllm_config``, ``self.device``, ``self.rank``. The engine reaches these methods through
 ``collective_rpc``; each worker of a tensor- or pipeline-parallel engine runs them, and vLLM's
-``load_weights`` keeps the shard that belongs to it.
+``load_weights`` keeps the shard that belongs to it. This is the way weights reach the workers on
+vLLM releases without the weight-transfer engine API (and where it is chosen, see
+:mod:`skyrl_backend_vllm.weight_transfer`); how they are loaded is :mod:`skyrl_backend_vllm.loading`.
 
-How weights are applied depends on the platform:
-
-* CUDA: ``model.load_weights`` copies checkpoint-format tensors into the parameters in place, so a
-  partial update touches only the tensors named (fused ``qkv_proj`` shards included).
-* CPU: after loading, vLLM repacks linear weights for its CPU kernels and drops the original
-  parameter (it becomes an empty tensor), so ``load_weights`` afterwards has no effect on what is
-  served. The worker's ``reload_weights`` path rebuilds each layer from checkpoint-format tensors
-  and repacks it; a layer must receive all of its tensors at once, so the whole model is reloaded
-  from the checkpoint with every tensor updated so far taken from memory instead.
-
-With LoRA enabled, vLLM wraps the target layers and their weights live at
-``<module>.base_layer.<param>``; checkpoint names are renamed to that form before loading.
+Importing this module (vLLM does, in every worker) registers the plugin's weight-transfer engine
+with vLLM, so the plugin's engines need no installed entry point to use it.
 """
 
 from __future__ import annotations
@@ -26,14 +18,17 @@ import logging
 import mmap
 import os
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from skyrl_backend_vllm.loading import NamedTensors, ServedModelLoader
+from skyrl_backend_vllm.weight_transfer import register
+
 logger = logging.getLogger(__name__)
 
-NamedTensors = list[tuple[str, torch.Tensor]]
+register()
 
 
 class SkyRLWorkerExtension:
@@ -56,7 +51,7 @@ class SkyRLWorkerExtension:
         if transfer["kind"] == "request":
             return self._skyrl_load_request(pickle.loads(transfer["data"]))
         named = self._skyrl_receive(transfer)
-        self._skyrl_load(named)
+        self._skyrl_loader().load(named)
         return len(named)
 
     def skyrl_save_adapter(self, transfer: dict[str, Any], folder: str) -> int:
@@ -90,6 +85,14 @@ class SkyRLWorkerExtension:
         device = getattr(self, "device", None)
         return device if isinstance(device, torch.device) else torch.device("cpu")
 
+    def _skyrl_loader(self) -> ServedModelLoader:
+        loader = getattr(self, "_skyrl_model_loader", None)
+        if loader is None:
+            loader = ServedModelLoader(self.vllm_config, lambda: self.model_runner.model, self._skyrl_device(),
+                                       lambda weights: self.model_runner.reload_weights(weights_iterator=weights))
+            self._skyrl_model_loader = loader
+        return loader
+
     def _skyrl_receive(self, transfer: dict[str, Any]) -> NamedTensors:
         kind = transfer["kind"]
         if kind == "shared_memory":
@@ -104,103 +107,25 @@ class SkyRLWorkerExtension:
 
         communicator = getattr(self, "_skyrl_communicator", None)
         device = self._skyrl_device()
-        if device.type == "cpu":
-            # The CPU path reloads whole layers (module docstring), so buckets of a streamed update
-            # are collected (copied out of the receiver's reused buffers) and reloaded once.
+        loader = self._skyrl_loader()
+        if loader.on_cpu:
+            # The CPU path reloads whole layers (skyrl_backend_vllm.loading), so buckets of a streamed
+            # update are collected (copied out of the receiver's reused buffers) and reloaded once.
             collected: NamedTensors = []
             load_named_tensors(request, device, lambda named: collected.extend((n, t.clone()) for n, t in named),
                                communicator=communicator)
-            self._skyrl_load(collected)
+            loader.load(collected)
             return len(collected)
         loaded = 0
 
         def load_in_place(named: NamedTensors) -> None:
             nonlocal loaded
-            model = self.model_runner.model
-            model.load_weights(weights=_rename_for_lora(model, named))
+            loader.load_in_place(named)
             loaded += len(named)
 
         load_named_tensors(request, device, load_in_place, communicator=communicator)
         torch.cuda.synchronize()
         return loaded
-
-    # -- loading -------------------------------------------------------------------------------
-    def _skyrl_load(self, named: NamedTensors) -> None:
-        if self._skyrl_device().type == "cpu":
-            self._skyrl_reload_on_cpu(named)
-        else:
-            model = self.model_runner.model
-            model.load_weights(weights=_rename_for_lora(model, named))
-            if self._skyrl_device().type == "cuda":
-                torch.cuda.synchronize()
-
-    def _skyrl_reload_on_cpu(self, named: NamedTensors) -> None:
-        previous: dict[str, torch.Tensor] = getattr(self, "_skyrl_updated", {})
-        updated = dict(previous)
-        updated.update((name, tensor.detach().to("cpu").clone()) for name, tensor in named)
-        try:
-            self._skyrl_reload_all(updated)
-        except Exception:
-            logger.exception("weight reload failed; restoring the previous weights")
-            self._skyrl_reload_all(previous)
-            raise
-        self._skyrl_updated = updated
-
-    def _skyrl_reload_all(self, updated: dict[str, torch.Tensor]) -> None:
-        model = self.model_runner.model
-        weights = _rename_for_lora(model, _checkpoint_with_updates(self, updated))
-        # Reloading logs a warning for every layer the checkpoint has nothing for (rotary
-        # embeddings, tied heads): expected here, and noise on every update.
-        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        level = layerwise.level
-        layerwise.setLevel(logging.ERROR)
-        try:
-            self.model_runner.reload_weights(weights_iterator=weights)
-        finally:
-            layerwise.setLevel(level)
-
-
-def _checkpoint_with_updates(worker: Any, updated: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every checkpoint tensor, in checkpoint order, with updated ones taken from ``updated``."""
-    from vllm.model_executor.model_loader import get_model_loader
-
-    loader = get_model_loader(worker.vllm_config.load_config)
-    seen = set()
-    for name, tensor in loader.get_all_weights(worker.vllm_config.model_config, worker.model_runner.model):
-        seen.add(name)
-        yield name, updated.get(name, tensor)
-    for name, tensor in updated.items():  # e.g. a tied lm_head the checkpoint leaves out
-        if name not in seen:
-            yield name, tensor
-
-
-def _rename_for_lora(model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checkpoint names -> the names vLLM's ``load_weights`` expects once LoRA wrapped a layer:
-    ``...q_proj.weight`` -> ``...q_proj.base_layer.weight`` when ``qkv_proj`` is wrapped.
-
-    Recent vLLM (0.32) LoRA wrappers load checkpoint names themselves (they have ``load_weights``);
-    older ones (0.26) need the renaming."""
-    wrapped = {name.split(".base_layer.")[0] for name, _ in model.named_parameters() if ".base_layer." in name}
-    if not wrapped or _lora_wrappers_load_plain_names():
-        yield from named
-        return
-    # Checkpoint module name -> the fused module that holds it (q_proj -> qkv_proj).
-    fused = {part: whole for whole, parts in (getattr(model, "packed_modules_mapping", None) or {}).items()
-             for part in parts}
-    for name, tensor in named:
-        module, _, param = name.rpartition(".")
-        if ".base_layer" not in name and module:
-            parent, _, leaf = module.rpartition(".")
-            served = f"{parent}.{fused.get(leaf, leaf)}" if parent else fused.get(leaf, leaf)
-            if served in wrapped:
-                name = f"{module}.base_layer.{param}"
-        yield name, tensor
-
-
-def _lora_wrappers_load_plain_names() -> bool:
-    from vllm.lora.layers import BaseLayerWithLoRA
-
-    return callable(getattr(BaseLayerWithLoRA, "load_weights", None))
 
 
 def _receive_shared_memory(transfer: dict[str, Any]) -> NamedTensors:
