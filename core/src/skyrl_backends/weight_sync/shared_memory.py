@@ -23,7 +23,16 @@ import torch
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
-from skyrl_backends.weight_sync.chunks import PackPlan, pack_into, unpack
+from skyrl_backends.weight_sync.chunks import (
+    DEFAULT_BUCKET_BYTES,
+    DtypeFor,
+    Packer,
+    PackPlan,
+    Weights,
+    adopt,
+    plan,
+    unpack,
+)
 from skyrl_backends.weight_sync.manifest import BucketManifest, parse_buckets
 
 STRATEGY = "shared_memory"
@@ -71,11 +80,27 @@ class SharedMemorySender:
 
     def __init__(self) -> None:
         self._segments: list[Segment] = []
+        self._packer = Packer()
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
-        for buffer, manifest in zip(self.allocate(layout), layout.buckets, strict=True):
-            pack_into(buffer, manifest, layout.tensors)
+        self._packer.pack(self.allocate(layout), layout)
         return self.payload(layout)
+
+    @property
+    def copied(self) -> int:
+        """How many tensors the last :meth:`write` copied (0 for a model that lives in the segments)."""
+        return self._packer.copied
+
+    def adopt(self, weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+              dtype_for: DtypeFor = None) -> dict[str, torch.Tensor]:
+        """Move ``weights`` into this sender's segments, where they stay: a module's parameters and
+        buffers become views of the segments (``.data``), so training updates them in place and
+        every later sync of the same layout copies nothing on the trainer's side. Returns each name's
+        view (for a mapping or pairs, train those). As :meth:`CudaIpcSender.adopt
+        <skyrl_backends.weight_sync.cuda_ipc.CudaIpcSender.adopt>`; the segments then live as long as
+        the adopted tensors, even after :meth:`close` unlinks their names."""
+        layout = plan(weights, bucket_bytes, dtype_for)
+        return adopt(weights, self.allocate(layout), layout, self._packer)
 
     def allocate(self, layout: PackPlan) -> list[torch.Tensor]:
         """One segment per bucket of ``layout`` (kept from the last update when the sizes match), as
