@@ -42,6 +42,11 @@ SEGMENT_PREFIX = "skyrl_ws_"
 _SEGMENT_NAME = re.compile(r"^skyrl_ws_[0-9a-f]{16,64}$")
 
 
+# Segments released while tensors still view them (adopted parameters outlive their sender): their
+# mappings stay until the last view goes, then are closed by a later release.
+_lingering: list[shared_memory.SharedMemory] = []
+
+
 class Segment:
     """A segment this process created, with a uint8 tensor over it."""
 
@@ -50,7 +55,9 @@ class Segment:
         # SharedMemory refuses size 0; an empty bucket still gets a (1-byte) segment.
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1))
         self.nbytes = nbytes
-        self.tensor = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=nbytes) if nbytes else \
+        # Over a memoryview of its own, which holds the mapping exported while any view of the tensor
+        # lives: closing the segment then fails (BufferError) instead of unmapping memory in use.
+        self.tensor = torch.frombuffer(memoryview(self.shm.buf), dtype=torch.uint8, count=nbytes) if nbytes else \
             torch.empty(0, dtype=torch.uint8)
 
     @property
@@ -60,13 +67,16 @@ class Segment:
     def release(self) -> None:
         self.tensor = None  # drop the export of shm.buf before closing
         try:
-            self.shm.close()
-        except BufferError:  # a view is still referenced somewhere; the mapping goes with it
-            pass
-        try:
             self.shm.unlink()
         except FileNotFoundError:
             pass
+        _lingering.append(self.shm)
+        for shm in list(_lingering):
+            try:
+                shm.close()
+            except BufferError:  # a view is still referenced somewhere: mapped until it goes
+                continue
+            _lingering.remove(shm)
 
 
 class SharedMemorySender:
