@@ -42,11 +42,6 @@ SEGMENT_PREFIX = "skyrl_ws_"
 _SEGMENT_NAME = re.compile(r"^skyrl_ws_[0-9a-f]{16,64}$")
 
 
-# Segments released while tensors still view them (adopted parameters outlive their sender): their
-# mappings stay until the last view goes, then are closed by a later release.
-_lingering: list[shared_memory.SharedMemory] = []
-
-
 class Segment:
     """A segment this process created, with a uint8 tensor over it."""
 
@@ -70,13 +65,13 @@ class Segment:
             self.shm.unlink()
         except FileNotFoundError:
             pass
-        _lingering.append(self.shm)
-        for shm in list(_lingering):
-            try:
-                shm.close()
-            except BufferError:  # a view is still referenced somewhere: mapped until it goes
-                continue
-            _lingering.remove(shm)
+        try:
+            self.shm.close()
+        except BufferError:
+            # Tensors still view the segment (adopted parameters outlive their sender): the mapping
+            # stays until the last of them goes, owned by their memoryview, not by this object, whose
+            # own close (again at garbage collection) would fail the same way.
+            self.shm._mmap = None
 
 
 class SharedMemorySender:
@@ -93,7 +88,8 @@ class SharedMemorySender:
         self._packer = Packer()
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
-        self._packer.pack(self.allocate(layout), layout)
+        buffers = self.allocate(layout)  # first: new segments come with a new packer
+        self._packer.pack(buffers, layout)
         return self.payload(layout)
 
     @property
@@ -131,6 +127,7 @@ class SharedMemorySender:
                             for segment, manifest in zip(self._segments, layout.buckets, strict=True)]}
 
     def close(self) -> None:
+        self._packer = Packer()  # its views into the segments would keep them mapped
         for segment in self._segments:
             segment.release()
         self._segments = []
