@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -408,9 +409,12 @@ async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor])
     validation): the plugins' "tensors" path is the engine's native one (vLLM: one CUDA IPC handle
     per tensor through collective_rpc into load_weights; SGLang: update_weights_from_tensor)."""
     request = WeightUpdateRequest.from_named_tensors(list(weights.items()))
+    # The hook takes the version to label tokens with; these labels never reach a completion here,
+    # but they keep growing as the facade's would.
+    versions = itertools.count(1_000_000)
 
     async def run() -> None:
-        await engine.impl.skyrl_backends_update_named_weights(request=request)
+        await engine.impl.skyrl_backends_update_named_weights(request=request, version=next(versions))
     return run
 
 
