@@ -35,6 +35,7 @@ import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from skyrl_backends import capabilities as caps
@@ -49,7 +50,6 @@ from skyrl_backends.errors import (
     WeightUpdateError,
 )
 from skyrl_backends.protocols import Prompts, SamplingInput
-from skyrl_backends.weight_sync.delivery import check_delivered, payload_pairs
 from skyrl_backends.remote.dialect import RemoteState, ServerDescription, WireDialect
 from skyrl_backends.types import (
     GenerateOutput,
@@ -61,6 +61,7 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.weight_sync.delivery import check_delivered, payload_pairs
 
 # Strategies that pass weights through memory both processes map: only with a trainer on the server's host.
 SAME_HOST_STRATEGIES: tuple[str, ...] = ("tensors", "shared_memory", "cuda_ipc")
@@ -86,6 +87,21 @@ def _carried(strategies: Sequence[str], same_host: bool) -> tuple[str, ...]:
     if same_host and "shared_memory" in strategies:
         offered.insert(0, "tensors")
     return tuple(offered)
+
+
+@dataclass(frozen=True)
+class _TensorCalls:
+    """The two calls that deliver tensors to the server's engine, and what in-process tensors need
+    of the connection."""
+
+    validate: str
+    apply: str
+    tensors: caps.Requirement
+
+
+_WEIGHTS = _TensorCalls("validate_weight_update", "update_named_weights", caps.weight_sync("tensors"))
+_LORA = _TensorCalls("validate_lora_adapter_from_tensors", "load_lora_adapter_from_tensors",
+                     caps.lora_from_tensors_by("tensors"))
 
 
 class RemoteEngine:
@@ -266,7 +282,7 @@ class RemoteEngine:
         return dict(self._specs)
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
-        await self._call("validate_weight_update", request=self._described(request, caps.weight_sync("tensors")))
+        await self._validate(_WEIGHTS, request)
 
     async def init_weight_update_communicator(
             self, init_info: WeightSyncInitInfo | Sequence[WeightSyncInitInfo]) -> None:
@@ -275,32 +291,47 @@ class RemoteEngine:
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
         """Apply an update on the server's engine; returns its new weight version. In-process tensors
         (``strategy="tensors"``) travel through shared memory when the server is on this machine."""
-        return int(await self._transported("update_named_weights", request, caps.weight_sync("tensors")))
+        return int(await self._apply(_WEIGHTS, request))
 
     # -- how a request's tensors reach the server -----------------------------------------------------
-    def _described(self, request: WeightUpdateRequest, tensors: caps.Requirement) -> WeightUpdateRequest:
-        """``request`` as the server validates it: in-process tensors are checked here against their
-        declaration (as the facade checks them) and described as the shared-memory update they will
-        travel as; a transported request travels as it is (``check_finite`` included)."""
-        self._check_open()
-        if request.strategy != "tensors":
-            return request
-        caps.require(self.capabilities, tensors, self.backend, self._tensors_detail())
-        check_delivered(request, payload_pairs(request))
-        return dataclasses.replace(request, strategy="shared_memory", payload=None)
+    async def _validate(self, kind: _TensorCalls, request: WeightUpdateRequest, **arguments: Any) -> None:
+        await self._call(kind.validate, request=await self._described(kind, request, arguments), **arguments)
 
-    async def _transported(self, method: str, request: WeightUpdateRequest, tensors: caps.Requirement,
-                           **arguments: Any) -> Any:
-        """Call ``method`` with ``request``, its in-process tensors written into shared memory first."""
-        described = self._described(request, tensors)
+    async def _apply(self, kind: _TensorCalls, request: WeightUpdateRequest, extra: dict[str, Any] | None = None,
+                     **arguments: Any) -> Any:
+        """Call ``kind.apply`` with ``request`` (and ``arguments``, ``extra``), its in-process tensors
+        written into shared memory first."""
+        described = await self._described(kind, request, arguments)
         if request.strategy != "tensors":
-            return await self._call(method, request=request, **arguments)
+            return await self._call(kind.apply, request=request, **arguments, **(extra or {}))
         if self._tensor_lock is None:
             self._tensor_lock = asyncio.Lock()
         async with self._tensor_lock:  # one set of segments per engine: one tensor transfer at a time
-            return await self._call(method, request=self._through_shared_memory(request, described), **arguments)
+            transferred = self._through_shared_memory(request, described)
+            return await self._call(kind.apply, request=transferred, **arguments, **(extra or {}))
 
-    def _through_shared_memory(self, request: WeightUpdateRequest, described: WeightUpdateRequest) -> WeightUpdateRequest:
+    async def _described(self, kind: _TensorCalls, request: WeightUpdateRequest,
+                         arguments: dict[str, Any]) -> WeightUpdateRequest:
+        """``request`` as the server sees it: a transported request as it is (``check_finite``
+        included); in-process tensors checked here against their declaration (packing them would
+        otherwise convert a tensor of another dtype) and described as the shared-memory update they
+        travel as."""
+        self._check_open()
+        if request.strategy != "tensors":
+            return request
+        caps.require(self.capabilities, kind.tensors, self.backend, self._tensors_detail())
+        described = dataclasses.replace(request, strategy="shared_memory", payload=None)
+        try:
+            check_delivered(request, payload_pairs(request))
+        except WeightUpdateError:
+            # An engine in process names the declaration's problems before the payload's: the
+            # server's engine is asked about the declaration first, so the same error comes back.
+            await self._call(kind.validate, request=described, **arguments)
+            raise
+        return described
+
+    def _through_shared_memory(self, request: WeightUpdateRequest,
+                               described: WeightUpdateRequest) -> WeightUpdateRequest:
         from skyrl_backends.weight_sync.chunks import plan
         from skyrl_backends.weight_sync.shared_memory import SharedMemorySender
 
@@ -326,16 +357,14 @@ class RemoteEngine:
                                                  request: WeightUpdateRequest) -> None:
         """Raise if :meth:`load_lora_adapter_from_tensors` would refuse the adapter (checked by the
         server's engine, with the adapter's tensors described, not sent)."""
-        await self._call("validate_lora_adapter_from_tensors", lora_name=lora_name, lora_config=dict(lora_config),
-                         request=self._described(request, caps.lora_from_tensors_by("tensors")))
+        await self._validate(_LORA, request, lora_name=lora_name, lora_config=dict(lora_config))
 
     async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
                                              request: WeightUpdateRequest, pinned: bool = False) -> int:
         """Load or replace an adapter sent as tensors by ``request``'s strategy (in-process tensors
         through shared memory on the server's machine); returns the adapter's new version."""
-        return int(await self._transported("load_lora_adapter_from_tensors", request,
-                                           caps.lora_from_tensors_by("tensors"), lora_name=lora_name,
-                                           lora_config=dict(lora_config), pinned=pinned))
+        return int(await self._apply(_LORA, request, {"pinned": pinned}, lora_name=lora_name,
+                                     lora_config=dict(lora_config)))
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         await self._call("unload_lora_adapter", lora_name=lora_name)
