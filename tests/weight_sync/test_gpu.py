@@ -101,6 +101,44 @@ def test_cuda_ipc_into_another_process_reuses_handles_and_refuses_bad_ones():
         sender.close()
 
 
+def test_an_adopted_model_syncs_by_cuda_ipc_without_a_copy_through_handles_opened_once():
+    """The trainer's tensors live in the sender's buckets: a sync copies none of them, the engine
+    opens each bucket's handle once for all steps, a reallocation (another bucket size) is opened
+    anew, and a request made before it is refused, not read through its stale handle."""
+    pipe, peer = _peer(None, "cuda:0")
+    peer.start()
+    assert pipe.recv_bytes() == b"joined"
+    sender = CudaIpcSender("cuda:0")
+    try:
+        weights = sender.adopt(_weights("cuda:0", 4), bucket_bytes=300 * 1024)
+        opened = None
+        for _step in range(3):
+            with torch.no_grad():  # a training step, in place on the current stream
+                for tensor in weights.values():
+                    tensor.mul_(0.5).add_(1)
+            layout = plan(weights, bucket_bytes=300 * 1024)
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
+            assert sender.copied == 0
+            reply = _ask(pipe, request)
+            assert reply["sums"] == pytest.approx(_sums(weights))
+            assert opened is None or reply["handles_opened"] == opened  # nothing opened again
+            opened = reply["handles_opened"]
+        assert opened == len(request.payload["buckets"])
+        stale = request
+        layout = plan(weights, bucket_bytes=200 * 1024)  # other buckets: new buffers, a new generation
+        fresh = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
+        assert sender.copied == len(weights)
+        reply = _ask(pipe, fresh)
+        assert reply["sums"] == pytest.approx(_sums(weights))
+        assert reply["handles_opened"] == opened + len(fresh.payload["buckets"])
+        reply = _ask(pipe, stale)
+        assert "reallocated its buffers" in reply["error"]["payload.buckets[0].ipc.generation"]
+    finally:
+        pipe.send_bytes(b"stop")
+        peer.join(60)
+        sender.close()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_broadcast_between_two_gpus_in_every_layout_and_apply_mode():
     """Streamed: each bucket is loaded (copies queued on the receiver's stream) while the next
