@@ -22,9 +22,8 @@ import native_broadcast_peer  # beside this file: the conftest puts the folder o
 import pytest
 import sharded_trainer
 import torch
-from remote_engine import RemoteEngine  # the sharded-trainer test's engine process (to be ported)
 from skyrl_backends.errors import WeightUpdateError
-from skyrl_backends.remote import ServerProcess, connect_engine
+from skyrl_backends.remote import ServerProcess, connect_engine, launch_engine
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.broadcast import BroadcastSender
@@ -288,12 +287,12 @@ def test_a_trainer_sharded_over_two_gpus_syncs_by_cuda_ipc_and_nccl(backend, mod
     defaults = json.loads(os.environ.get("SKYRL_ENGINE_DEFAULTS", "{}")).get(backend, {})
     # SGLang's scheduler runs NCCL with NCCL_CUMEM_ENABLE=0: the trainer's ranks must too.
     nccl = {CUMEM_ENV: "0"} if backend == "sglang" else {}
-    engine = RemoteEngine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1", **nccl},
-                          **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
+    engine = launch_engine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1", **nccl},
+                           **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
     try:
-        first, second = sharded_trainer.launch([engine], backend, model_dir, device="cuda", env=nccl, timeout_s=600)
+        first, second = sharded_trainer.launch([engine], model_dir, device="cuda", env=nccl, timeout_s=600)
     finally:
-        engine.close()
+        asyncio.run(engine.teardown())
     assert [c["strategy"] for c in first["cases"]][:3] == ["cuda_ipc", "shared_memory", "broadcast"]
     for case, other in zip(first["cases"], second["cases"], strict=True):
         assert case["versions"] == other["versions"] == [case["unsharded_versions"][0] - 1], case["strategy"]
