@@ -97,6 +97,12 @@ class SkyRLWeightTransferEngine(WeightTransferEngine[SkyRLInitInfo, SkyRLUpdateI
             self._communicator.close()
         self._communicator = make_receiver(group, self.device, local_rank=self._worker_rank())
 
+    @property
+    def communicator(self) -> Any:
+        """The trainer's broadcast group (None until a broadcast init): the worker extension
+        receives LoRA adapters from tensors through it too."""
+        return self._communicator
+
     def _worker_rank(self) -> int:
         """This worker's rank across the engine's data-parallel replicas."""
         parallel = self.parallel_config
