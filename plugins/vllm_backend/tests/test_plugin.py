@@ -15,7 +15,7 @@ from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
 
 from skyrl_backend_vllm import options, plugin
-from skyrl_backend_vllm.checkpoint import checkpoint_specs
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 from skyrl_backend_vllm.outputs import split_logprobs, to_completion
 from skyrl_backend_vllm.sampling import translate

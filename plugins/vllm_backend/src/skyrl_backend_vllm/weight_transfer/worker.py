@@ -29,7 +29,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from skyrl_backend_vllm.checkpoint import checkpoint_specs
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.loading import NamedTensors, ServedModelLoader
 
 
