@@ -28,6 +28,16 @@ class ResponseText:
         self._tokenizer: Any = None
         self._unavailable = model_dir is None or not os.path.isdir(model_dir)
 
+    @property
+    def available(self) -> bool:
+        return self._load()
+
+    def ends_mid_character(self, prompt: Sequence[int]) -> bool:
+        """Whether the prompt's text ends in an incomplete UTF-8 character (a character spans at most
+        four byte-level tokens, so the last few tokens decide). Servers prime their detokenizer with
+        the prompt, and then match stop strings against text that is not the response's."""
+        return self._load() and self.decode(list(prompt[-8:])).endswith("\ufffd")
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
 

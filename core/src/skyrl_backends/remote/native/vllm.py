@@ -57,6 +57,7 @@ from skyrl_backends.remote.native.engine import ServerEngine, ServerInfo, empty_
 from skyrl_backends.remote.native.http import ServerAnswer, ServerHTTP
 from skyrl_backends.remote.native.text import ResponseText
 from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.stopping import StopStringMatcher
 from skyrl_backends.types import (
     Completion,
     GenerateOutput,
@@ -151,7 +152,7 @@ def _capabilities(model: Mapping[str, Any], config: Mapping[str, Any], env: Mapp
         sleep_tags=False,
         lora=config.get("lora_config") is not None and runtime_lora,
         top_logprobs=True,
-        max_top_logprobs=int(model.get("max_logprobs", 20)),
+        max_top_logprobs=int(model.get("max_logprobs", 20)) - 1,  # one is asked for on top (Translation)
         stop_strings=True,
         min_new_tokens=True,
         seeded_sampling=True,
@@ -187,12 +188,16 @@ class Translation:
     def skyrl_backends_translate_sampling_params(self, params: SamplingParams, config: Any = None) -> dict[str, Any]:
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise SamplingParamsError.out_of_range("logprobs", params.logprobs,
-                                                   f"at most {self.max_logprobs} (the server's --max-logprobs)")
+                                                   f"at most {self.max_logprobs} (one below the server's --max-logprobs)")
         body: dict[str, Any] = {
             "n": 1, "max_tokens": params.max_generate_length, "min_tokens": params.min_new_tokens,
             "temperature": float(params.temperature), "top_p": float(params.top_p),
             "top_k": 0 if params.top_k == -1 else params.top_k, "min_p": float(params.min_p),
-            "repetition_penalty": float(params.repetition_penalty), "logprobs": params.logprobs,
+            "repetition_penalty": float(params.repetition_penalty),
+            # vLLM's route lists the sampled token first and cuts the list at N entries, losing the N-th
+            # candidate when the sampled token is not among the top N: one more is asked for, and the
+            # top N by rank kept (_logprobs).
+            "logprobs": params.logprobs + 1 if params.logprobs else params.logprobs,
             "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos, "seed": params.seed,
             "skip_special_tokens": True,
             # Stop strings need vLLM's detokenizer; the response text is decoded here.
@@ -230,8 +235,20 @@ class VLLMServerEngine(ServerEngine):
             body["model"] = lora_name
         return body
 
+    def matches_stop_here(self, prompt: list[int], params: SamplingParams) -> bool:
+        """Whether stop strings are matched on this side: where vLLM's own matching is not the
+        engine API's rule (a prompt whose text ends mid-character, which vLLM matches against; a
+        ``min_new_tokens``, until which vLLM defers stop strings) and a tokenizer is at hand."""
+        return bool(params.stop) and (params.min_new_tokens > 0 or self.text.ends_mid_character(prompt))
+
     async def _generate_one(self, prompt: list[int], request_id: str, engine_params: dict[str, Any],
                             params: SamplingParams, lora_name: str | None) -> Completion:
+        if self.matches_stop_here(prompt, params):
+            final: Completion | None = None
+            async for chunk in self._stream_one(0, prompt, request_id, engine_params, params, lora_name):
+                final = chunk.completion or final
+            assert final is not None
+            return final
         await self._updates.wait_idle()  # submitted on settled weights, under their cache salt
         if self.take_abort(request_id):
             return empty_aborted(request_id, params.logprobs)
@@ -297,6 +314,11 @@ class VLLMServerEngine(ServerEngine):
         logprob_entries: list[Any] = []
         sent = 0
         final: Mapping[str, Any] | None = None
+        matcher = None
+        if self.matches_stop_here(prompt, params):
+            matcher = StopStringMatcher(params.stop, self.text.decode)
+            engine_params = {k: v for k, v in engine_params.items() if k not in ("stop", "include_stop_str_in_output")}
+            engine_params["detokenize"] = False
         with self.in_flight(request_id):
             async for event in self.http.events(GENERATE, self._body(prompt, request_id, engine_params, lora_name,
                                                                     True)):
@@ -308,6 +330,12 @@ class VLLMServerEngine(ServerEngine):
                 new = [int(t) for t in choice.get("token_ids") or []]
                 tokens.extend(new)
                 logprob_entries.extend(((choice.get("logprobs") or {}).get("content")) or [])
+                stopped = _first_stop(matcher, tokens, len(new)) if matcher is not None else None
+                if stopped is not None:  # the rest of the request is not wanted: leaving ends it
+                    end, stop_reason = stopped
+                    del tokens[end:], logprob_entries[end:]
+                    final = {"finish_reason": "stop", "stop_reason": stop_reason}
+                    break
                 if choice.get("finish_reason") is not None:
                     final = choice
                     break
@@ -319,6 +347,9 @@ class VLLMServerEngine(ServerEngine):
                     yield StreamChunk(index, tokens[sent:], logprobs, top,
                                       token_versions=TokenVersions.uniform(len(tokens) - sent, mark.version))
                     sent = len(tokens)
+                # Events that arrived together are read without suspending; a caller reacting to a
+                # token (a pause, an abort) gets its turn after each one.
+                await asyncio.sleep(0)
         whole = dict(final or {"finish_reason": "abort"})
         whole["token_ids"], whole["logprobs"] = tokens, {"content": logprob_entries}
         completion = self._completion(whole, request_id, params)
@@ -439,6 +470,16 @@ class VLLMServerEngine(ServerEngine):
             if answer.status == 400:
                 raise WeightUpdateError({"request": message})
         raise EngineStateError(f"vLLM at {self.http.base_url}{path} answered HTTP {answer.status}: {message}")
+
+
+def _first_stop(matcher: StopStringMatcher, tokens: list[int], added: int) -> tuple[int, str] | None:
+    """The first of the ``added`` last tokens that completes a stop string: ``(number of tokens up
+    to and including it, the stop string)``."""
+    for end in range(len(tokens) - added + 1, len(tokens) + 1):
+        match = matcher.feed(tokens[:end])
+        if match is not None:
+            return end, match[0]
+    return None
 
 
 def _flag(value: bool) -> str:
