@@ -28,6 +28,7 @@ from skyrl_backend_vllm.weight_transfer.trainer import SkyRLTrainerInitInfo  # r
 
 PROMPT = [5, 6, 7, 8, 9]
 GREEDY_TOKENS = 12
+LONG = 400  # a request still running when the test pauses or aborts it (within the servers' 512 context)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -174,20 +175,21 @@ def test_a_rejected_update_changes_neither_weights_nor_version(server):
 
 # -- pausing ---------------------------------------------------------------------------------------------
 def test_pause_keep_holds_requests_through_an_update_and_resume_finishes_them(server, trainer_model):
-    stream = Stream(server, max_tokens=120)
+    stream = Stream(server, max_tokens=LONG)
     assert server.post("/pause", mode="keep").json() == {"status": "paused"}
+    assert stream.finish_reason is None, "the request ended before the pause: nothing was kept"
     assert server.get("/is_paused").json() == {"is_paused": True}
     send_weights(server, trainer_model)  # the same weights: the update must not lose the request
     assert server.post("/resume").json() == {"status": "resumed"}
     assert server.get("/is_paused").json() == {"is_paused": False}
-    assert stream.result() == (120, "length")
+    assert stream.result() == (LONG, "length")
 
 
 def test_pause_abort_ends_requests_in_flight(server):
-    stream = Stream(server, max_tokens=400)
+    stream = Stream(server, max_tokens=LONG)
     assert server.post("/pause", mode="abort").json() == {"status": "paused"}
     tokens, finish_reason = stream.result()
-    assert tokens < 400 and finish_reason == "abort"
+    assert tokens < LONG and finish_reason == "abort"
     assert server.post("/resume").json() == {"status": "resumed"}
     assert complete(server)["finish_reason"] in ("length", "stop")
 
@@ -259,9 +261,9 @@ def test_bad_requests_are_answered_as_vllm_answers_them(server, call, answer):
 
 
 def test_abort_requests_ends_every_request_without_pausing(server):
-    stream = Stream(server, max_tokens=400)
+    stream = Stream(server, max_tokens=LONG)
     response = server.post("/abort_requests", {})
     assert response.status_code == 200 and response.json()["status"] == "aborted"
     tokens, finish_reason = stream.result()
-    assert tokens < 400 and finish_reason == "abort"
+    assert tokens < LONG and finish_reason == "abort"
     assert server.get("/is_paused").json() == {"is_paused": False}
