@@ -17,11 +17,12 @@ test-conformance-example: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 		--conformance-report $(CONFORMANCE_OUT)/minimal.json
 	$(TF_ENV)/bin/skyrl-backends conformance minimal --model $(MODEL) -k "max_length or abort_one"
 
-# Every report this make run produced (transformers, the example, and vLLM's CPU build when
-# test-vllm ran the suite) must agree with the committed table. Secondary expansion lets the rule
-# wait for test-vllm, whose fragment is read after this one.
+# Every report this make run produced (transformers, the example, and vLLM's CPU build and its own
+# server when test-vllm and conformance-vllm-server ran the suite) must agree with the committed table.
+# Secondary expansion lets the rule wait for those, whose fragments are read after this one.
 .SECONDEXPANSION:
-test-parity-table: test-conformance test-conformance-example $$(filter test-vllm,$$(EXTRA_TESTS))
+test-parity-table: test-conformance test-conformance-example \
+		$$(filter test-vllm conformance-vllm-server,$$(EXTRA_TESTS))
 	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity check $(PARITY_TABLE) $(wildcard $(PARITY_DIR)/*.json) \
 		--fresh $(wildcard $(CONFORMANCE_OUT)/*.json)
 
@@ -37,6 +38,9 @@ parity: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	$(if $(wildcard $(VLLM_ENV)/.ready),SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
 		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm \
 		--conformance-report $(PARITY_DIR)/vllm-cpu.json,@echo "no $(VLLM_ENV): vllm-cpu column kept as committed")
+	$(if $(wildcard $(VLLM_ENV)/.ready),SKYRL_TEST_MODEL=$(abspath $(MODEL)) \
+		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm --conformance-server \
+		--conformance-report $(PARITY_DIR)/vllm-server.json,@echo "no $(VLLM_ENV): vllm-server column kept as committed")
 	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity generate $(PARITY_DIR)/*.json -o $(PARITY_TABLE)
 
 # Re-render the table from the committed reports only (after adding a GPU column's report).

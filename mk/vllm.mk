@@ -10,11 +10,15 @@ $(VLLM_ENV)/.ready: $(WORKSPACE) core/pyproject.toml plugins/vllm_backend/pyproj
 	$(UV) pip uninstall -q --python $(VLLM_ENV)/bin/python torchvision torchaudio torchcodec
 	touch $@
 
-# The plugin's tests, then the conformance suite against vLLM. VLLM_ENABLE_V1_MULTIPROCESSING=0
+# The plugin's tests (weights through vLLM's weight-transfer API, the default, then again through the
+# worker extension, the path for releases without that API), then the conformance suite against vLLM.
+# VLLM_ENABLE_V1_MULTIPROCESSING=0
 # runs each engine's worker inside its engine-core process (one process start fewer per engine);
 # the plugin's tests also cover the default topology.
 test-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q plugins/vllm_backend/tests
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_VLLM_WEIGHT_PATH=worker_extension \
+		$(VLLM_ENV)/bin/python -m pytest -q plugins/vllm_backend/tests/test_weights_and_lora.py
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
 		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm
 

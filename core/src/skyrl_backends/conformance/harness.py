@@ -82,7 +82,7 @@ class ConformanceHarness:
     def capabilities(self) -> Capabilities:
         """What the engine under test offers: the backend's declaration, or through the wire what
         the remote engine reports (the server's, less what the connection cannot carry)."""
-        if self.config.remote:
+        if self.config.remote or self.config.server:
             if self._remote_capabilities is None:
                 self._remote_capabilities = self.engine.capabilities
             return self._remote_capabilities
@@ -97,6 +97,10 @@ class ConformanceHarness:
 
     def create(self, **overrides: Any) -> InferenceEngine:
         async def start() -> InferenceEngine:  # created inside the loop it will live on
+            if self.config.server:
+                from skyrl_backends.remote.native.launch import launch_server
+
+                return launch_server(self.config.backend, self.model_dir, **self.engine_options(**overrides))
             if self.config.remote:
                 from skyrl_backends.remote import launch_engine
 
@@ -111,7 +115,7 @@ class ConformanceHarness:
         """The shared engine (started on first use)."""
         if self._shared is None or self._shared.closed:
             self._shared = self.create()
-            if self.config.remote:
+            if self.config.remote or self.config.server:
                 self._remote_capabilities = self._shared.capabilities
         return self._shared
 

@@ -40,6 +40,7 @@ BACKEND_ENV = "SKYRL_CONFORMANCE_BACKEND"
 MODEL_ENV = "SKYRL_CONFORMANCE_MODEL"
 REPORT_ENV = "SKYRL_CONFORMANCE_REPORT"
 REMOTE_ENV = "SKYRL_CONFORMANCE_REMOTE"
+SERVER_ENV = "SKYRL_CONFORMANCE_SERVER"
 TEST_MODEL_ENV = "SKYRL_TEST_MODEL"
 MODEL_CACHE_ENV = CACHE_ENV
 
@@ -62,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--conformance-remote", action="store_true", default=None,
                     help=f"run every engine through the wire: a `skyrl-backends serve` process on loopback driven by "
                          f"a RemoteEngine (env {REMOTE_ENV}=1); the report's column is <backend>-remote")
+    group.addoption("--conformance-server", action="store_true", default=None,
+                    help=f"run every engine as the engine's own, unmodified server (vllm serve, SGLang's launch_server) "
+                         f"driven through its HTTP API (env {SERVER_ENV}=1); the report's column is <backend>-server")
     group.addoption("--conformance-report", default=None, metavar="FILE",
                     help=f"write the JSON report (per test and per parity-table feature) here (env {REPORT_ENV})")
 
@@ -103,7 +107,12 @@ def resolve_config(config: pytest.Config, cls: type) -> ConformanceConfig:
         raise pytest.UsageError(str(exc)) from exc
     overrides = dict(getattr(cls, "conformance_overrides", None) or {})
     remote = bool(config.getoption("--conformance-remote") or os.environ.get(REMOTE_ENV, "") not in ("", "0"))
-    return ConformanceConfig(backend=backend, model=model, engine_options=options, remote=remote, **overrides)
+    server = bool(config.getoption("--conformance-server") or os.environ.get(SERVER_ENV, "") not in ("", "0"))
+    if remote and server:
+        raise pytest.UsageError("--conformance-remote and --conformance-server exclude each other: the first serves "
+                                "engines with `skyrl-backends serve`, the second with the engine's own server")
+    return ConformanceConfig(backend=backend, model=model, engine_options=options, remote=remote, server=server,
+                             **overrides)
 
 
 def default_model_dir() -> str:

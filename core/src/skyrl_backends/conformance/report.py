@@ -167,9 +167,8 @@ def build_report(harness: ConformanceHarness, tests: list[CaseResult], features:
     return {
         "format": REPORT_FORMAT,
         "backend": harness.config.backend,
-        "column": column_name(harness.config.backend, "remote" if harness.config.remote else device_kind(harness)),
-        "transport": ("remote: skyrl-backends serve on loopback, driven by RemoteEngine over HTTP"
-                      if harness.config.remote else "in process"),
+        "column": column_name(harness.config.backend, transport_kind(harness)),
+        "transport": TRANSPORTS.get(transport_kind(harness), "in process"),
         "distribution": backend.distribution,
         "distribution_version": backend.distribution_version,
         "engine": backend.info.engine if backend.info else None,
@@ -184,6 +183,17 @@ def build_report(harness: ConformanceHarness, tests: list[CaseResult], features:
         "features": [asdict(f) for f in features],
         "tests": [asdict(t) for t in tests],
     }
+
+
+# How a column's engines were reached, by the column's suffix.
+TRANSPORTS = {"remote": "remote: skyrl-backends serve on loopback, driven by RemoteEngine over HTTP",
+              "server": "server: the engine's own server (unmodified) on loopback, driven through its HTTP API"}
+
+
+def transport_kind(harness: ConformanceHarness) -> str:
+    if harness.config.server:
+        return "server"
+    return "remote" if harness.config.remote else device_kind(harness)
 
 
 def column_name(backend: str, kind: str) -> str:

@@ -16,19 +16,20 @@ engines, TRL's asynchronous GRPO) then drives transformers or SGLang engines unc
 * ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/server_info``.
 
 Errors have vLLM's body, ``{"error": {"message", "type", "param", "code"}}`` with the status as
-``code``, and vLLM's status for the exception raised, as vLLM's exception handlers decide it:
-malformed input 400 (``Bad Request``), a ``ValueError`` (a weight update the engines reject, a bad
-init_info) 400 (``BadRequestError``), a ``NotImplementedError`` (what a backend cannot do) 501
-(``NotImplementedError``), anything else, an update out of sequence included, 500
-(``InternalServerError``). ``/pause`` and ``/resume`` answer ``{"error": "..."}`` as vLLM's do.
+``code``, and vLLM's status, as ``vllm serve`` answers (checked against it by
+``tests/native_protocols``): a malformed body or query (a field missing or of the wrong type) 400
+(``Bad Request``, ``param`` naming it); in the weight transfer, every failure of the phases (a bad
+init_info, an update the engines refuse, a call out of sequence, weight transfer not configured) 500
+(``InternalServerError``), since vLLM's workers raise them through ``collective_rpc``; elsewhere a
+``ValueError`` 400 (``BadRequestError``), a ``NotImplementedError`` (what a backend cannot do) 501
+(``NotImplementedError``), anything else 500. ``/pause`` and ``/resume`` answer ``{"error": "..."}``
+as vLLM's do.
 What no backend here can do answers 501: ``/weight_checker``, ``/collective_rpc``,
 ``/start_draft_weight_update`` (500, as vLLM without a draft model).
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 PAUSE_MODES = ("abort", "wait", "keep")
 # vLLM's wake-up tags: the engines' memory tags, and "scheduling" (the pause of a level-0 sleep).
 SCHEDULING_TAG = "scheduling"
-# How long a pause in mode "wait" (or a sleep in that mode) waits for in-flight requests.
-_WAIT_POLL_S = 0.01
 
 
 @dataclass
@@ -91,7 +90,15 @@ def error_response(exc: BaseException) -> JSONResponse:
         return vllm_error(400, str(exc), "BadRequestError", getattr(exc, "field", None))
     if isinstance(exc, NotImplementedError):
         return vllm_error(501, str(exc), "NotImplementedError")
-    if not isinstance(exc, EngineStateError):
+    return internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> JSONResponse:
+    """vLLM's 500: what its engine raised from its workers, whatever the exception (``collective_rpc``
+    re-raises a worker's error as a RuntimeError), or from an unexpected failure."""
+    if isinstance(exc, VLLMHTTPError):
+        return exc.response()
+    if not isinstance(exc, (EngineStateError, ValueError, NotImplementedError)):
         logger.exception("vLLM RL route failed", exc_info=exc)
     return vllm_error(500, str(exc) or type(exc).__name__, "InternalServerError")
 
@@ -143,33 +150,34 @@ def _query_mode(request: Request) -> str:
 
 
 # -- pausing ---------------------------------------------------------------------------------------
-async def pause(client: Any, mode: str) -> None:
-    """Pause the client in vLLM's ``mode``: new requests wait until resume in every mode;
-    ``abort`` ends in-flight requests now (finish reason ``abort``), ``wait`` lets them finish
-    first, ``keep`` keeps them (natively, or as continuations on engines that cannot hold them)."""
-    if "mode" in inspect.signature(client.pause_generation).parameters:
-        await client.pause_generation(mode)  # a client that takes the modes itself
-        return
-    if mode == "wait":
-        await _wait_idle(client)
-    await client.pause_generation()
-    if mode == "abort":
-        await client.abort()  # aborted by the user: not continued on resume
+async def pause(client: Any, mode: str, clear_cache: bool = True) -> None:
+    """Pause ``client`` as vLLM's ``/pause?mode=...&clear_cache=...`` pauses its engine, with the
+    client's own pause modes (:meth:`InferenceEngineClient.pause_generation`): new requests wait
+    until resume in every mode; ``abort`` ends in-flight requests now (finish reason ``abort``),
+    ``wait`` lets them finish first, ``keep`` keeps them.
 
-
-async def _wait_idle(client: Any) -> None:
-    while any(info.get("inflight") for info in client.health().values()):
-        await asyncio.sleep(_WAIT_POLL_S)
+    ``clear_cache`` is vLLM's: with ``keep``, vLLM preempts the kept requests and prefills them again
+    on resume, so here it asks for ``recompute`` (kept requests continue on the weights current at
+    resume, their caches recomputed); with ``abort`` and ``wait`` the prefix caches are reset once
+    the engines are idle. Pausing a client already paused in another mode is refused (vLLM answers
+    such a ValueError with 400)."""
+    recompute = mode == "keep" and clear_cache
+    try:
+        await client.pause_generation(mode, recompute=recompute)
+    except EngineStateError as exc:  # already paused in another mode: the caller's mistake
+        raise ValueError(str(exc)) from None
+    if clear_cache and mode != "keep" and client.capabilities.prefix_caching:
+        await client.reset_prefix_cache()
 
 
 class VLLMRLState:
-    """The server's side of vLLM's RL API: the weight transfer's phases, and a level-0 sleep."""
+    """The server's side of vLLM's RL API: the weight transfer's phases, and sleep as vLLM does it
+    (its scheduler paused to sleep, resumed once every memory tag is awake again)."""
 
     def __init__(self, client: Any, options: VLLMRLOptions) -> None:
         self.client = client
         self.options = options
         self.transfer = PhasedWeightTransfer(client, options.weight_transfer_backend)
-        self.scheduling_asleep = False  # paused by a level-0 sleep (woken by the "scheduling" tag)
 
     async def asleep_tags(self) -> set[str]:
         tags: set[str] = set()
@@ -178,28 +186,42 @@ class VLLMRLState:
         return tags
 
     async def sleep(self, level: int, mode: str) -> None:
-        if level == 0:
-            await pause(self.client, mode)
-            self.scheduling_asleep = True
-            return
-        if mode == "keep":
-            raise UnsupportedCapabilityError(self.client.backend, "sleep with mode=keep",
-                                             "Requests cannot be kept through a sleep that releases memory here; "
-                                             "sleep with mode=abort or mode=wait, or pause with mode=keep.")
-        if mode == "wait":
-            await _wait_idle(self.client)
-        await self.client.sleep(level=level, abort_first=True)
+        """vLLM's ``sleep(level, mode)``: pause in ``mode`` (level 0 stops there), then release the
+        engines' memory. A level >= 1 sleep cannot keep requests here: every engine's sleep ends the
+        requests it runs (their callers get partial output), so ``mode=keep`` is refused."""
+        if level >= 1:
+            caps = self.client.capabilities
+            if not caps.sleep_levels:
+                raise UnsupportedCapabilityError(self.client.backend, "sleep",
+                                                 "The engines declare no sleep level (vLLM on CPU, for one).")
+            if mode == "keep":
+                raise UnsupportedCapabilityError(
+                    self.client.backend, "sleep with mode=keep",
+                    "Requests cannot be kept through a sleep that releases memory here; sleep with mode=abort "
+                    "or mode=wait, or pause with mode=keep.")
+        paused_here = not self.client.paused
+        if paused_here:
+            # vLLM's level-0 sleep keeps its caches; deeper ones are cleared by the sleep itself.
+            await pause(self.client, mode, clear_cache=False)
+        if level >= 1:
+            try:
+                await self.client.sleep(level=level, abort_first=True)
+            except BaseException:
+                if paused_here:  # nothing slept: serve again, as before the call
+                    await self.client.resume_generation()
+                raise
 
     async def wake_up(self, tags: list[str] | None) -> bool:
         memory = None if tags is None else [t for t in tags if t != SCHEDULING_TAG]
-        if memory is None or memory:
+        if (memory is None or memory) and await self.asleep_tags():
             await self.client.wake_up(memory)
         fully_awake = not await self.asleep_tags()
-        if self.scheduling_asleep and fully_awake:
-            # vLLM resumes scheduling once all memory is resident again, whichever tags woke it.
-            await self.client.resume_generation()
-            self.scheduling_asleep = False
-        return fully_awake and not self.scheduling_asleep
+        if fully_awake:
+            # As vLLM: scheduling resumes once all memory is resident again, whichever tags woke it
+            # (and whoever paused it: vLLM's wake_up resumes a /pause too).
+            if self.client.paused:
+                await self.client.resume_generation()
+        return fully_awake
 
 
 def vllm_rl_router(client: Any, options: VLLMRLOptions) -> APIRouter:
@@ -207,13 +229,17 @@ def vllm_rl_router(client: Any, options: VLLMRLOptions) -> APIRouter:
     state = VLLMRLState(client, options)
     router = APIRouter()
 
-    def route(method: str, path: str):
+    def route(method: str, path: str, *, in_workers: bool = False):
+        """Register ``handler``; ``in_workers``: a call vLLM's workers answer (the weight transfer),
+        whose every failure vLLM's HTTP server answers 500, a refused payload included."""
+        answer = internal_error if in_workers else error_response
+
         def register(handler):
             async def endpoint(request: Request) -> Response:
                 try:
                     return await handler(request)
                 except Exception as exc:  # every failure is answered as vLLM answers it
-                    return error_response(exc)
+                    return answer(exc)
 
             endpoint.__name__ = f"vllm_rl_{handler.__name__}"
             router.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
@@ -226,9 +252,7 @@ def vllm_rl_router(client: Any, options: VLLMRLOptions) -> APIRouter:
         mode = _query_mode(request)
         clear_cache = _query_bool(request, "clear_cache", True)
         try:
-            await pause(client, mode)
-            if clear_cache and mode != "keep" and client.capabilities.prefix_caching:
-                await client.reset_prefix_cache()
+            await pause(client, mode, clear_cache)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except Exception as exc:
@@ -240,7 +264,6 @@ def vllm_rl_router(client: Any, options: VLLMRLOptions) -> APIRouter:
     async def resume_generation(request: Request) -> Response:
         try:
             await client.resume_generation()
-            state.scheduling_asleep = False
         except Exception as exc:
             logger.exception("resume failed")
             return JSONResponse({"error": f"Failed to resume generation: {exc}"}, status_code=500)
@@ -264,33 +287,35 @@ def vllm_rl_router(client: Any, options: VLLMRLOptions) -> APIRouter:
         return JSONResponse({"is_paused": bool(client.paused)})
 
     # -- weight transfer -----------------------------------------------------------------------------
-    @route("POST", "/init_weight_transfer_engine")
+    @route("POST", "/init_weight_transfer_engine", in_workers=True)
     async def init_weight_transfer_engine(request: Request) -> Response:
         init_info = _field(await _json_body(request), "init_info", (dict,), required=True)
         await state.transfer.initialize(init_info)
         return JSONResponse({"message": "Weight transfer initialized"})
 
-    @route("POST", "/shutdown_weight_transfer_engine")
+    @route("POST", "/shutdown_weight_transfer_engine", in_workers=True)
     async def shutdown_weight_transfer_engine(request: Request) -> Response:
         await state.transfer.shutdown()
         return JSONResponse({"message": "Weight transfer shut down"})
 
-    @route("POST", "/start_weight_update")
+    @route("POST", "/start_weight_update", in_workers=True)
     async def start_weight_update(request: Request) -> Response:
         await state.transfer.start()
         return JSONResponse({"message": "Weight update started"})
 
-    @route("POST", "/start_draft_weight_update")
+    @route("POST", "/start_draft_weight_update", in_workers=True)
     async def start_draft_weight_update(request: Request) -> Response:
         raise EngineStateError("Draft model weight update requested, but no draft model is configured.")
 
-    @route("POST", "/update_weights")
+    @route("POST", "/update_weights", in_workers=True)
     async def update_weights(request: Request) -> Response:
         update_info = _field(await _json_body(request), "update_info", (dict, list), required=True)
+        if isinstance(update_info, list) and not all(isinstance(item, dict) for item in update_info):
+            raise VLLMHTTPError(400, "Input should be a valid dictionary: update_info[...]", param="body.update_info")
         await state.transfer.update(update_info)
         return JSONResponse({"message": "Weights updated"})
 
-    @route("POST", "/finish_weight_update")
+    @route("POST", "/finish_weight_update", in_workers=True)
     async def finish_weight_update(request: Request) -> Response:
         version = _field(await _json_body(request, required=False), "weight_version", (str,), required=False)
         await state.transfer.finish(version)
@@ -346,7 +371,8 @@ def vllm_rl_router(client: Any, options: VLLMRLOptions) -> APIRouter:
 
     @route("GET", "/is_sleeping")
     async def is_sleeping(request: Request) -> Response:
-        return JSONResponse({"is_sleeping": state.scheduling_asleep or bool(await state.asleep_tags())})
+        # vLLM: asleep at any level, a paused scheduler (level 0) included.
+        return JSONResponse({"is_sleeping": bool(client.paused) or bool(await state.asleep_tags())})
 
     @route("POST", "/release_kv_cache_memory")
     async def release_kv_cache_memory(request: Request) -> Response:

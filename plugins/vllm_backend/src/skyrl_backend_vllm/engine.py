@@ -59,7 +59,7 @@ from skyrl_backends.version_labels import UpdateMark, UpdateWatch
 
 from skyrl_backend_vllm import options, outputs, transfer, versions
 from skyrl_backend_vllm.adapters import AdapterFolder
-from skyrl_backend_vllm.checkpoint import checkpoint_specs
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 from skyrl_backend_vllm.weight_transfer import updates as weight_updates
 

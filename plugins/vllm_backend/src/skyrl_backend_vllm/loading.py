@@ -111,7 +111,7 @@ class ServedModelLoader:
 
     def _names_in_checkpoint(self) -> list[str] | None:
         if self._checkpoint_names is None:
-            from skyrl_backend_vllm.checkpoint import read_header, safetensors_files
+            from skyrl_backends.checkpoint import read_header, safetensors_files
 
             try:
                 self._checkpoint_names = [name for path in safetensors_files(self.vllm_config.model_config.model)

@@ -62,7 +62,7 @@ class SkyRLWorkerExtension:
             from skyrl_backends.weight_sync import receive_named_tensors
 
             named = list(receive_named_tensors(pickle.loads(transfer["data"]), self._skyrl_device(),
-                                               getattr(self, "_skyrl_communicator", None)))
+                                               self._skyrl_group()))
         else:
             named = self._skyrl_receive(transfer)
         if int(self.rank) == 0:
@@ -85,6 +85,16 @@ class SkyRLWorkerExtension:
         device = getattr(self, "device", None)
         return device if isinstance(device, torch.device) else torch.device("cpu")
 
+    def _skyrl_group(self) -> Any:
+        """The trainer's broadcast group this worker joined: through the worker extension
+        (``skyrl_init_communicator``), or through vLLM's weight-transfer API, where the ``"skyrl"``
+        weight-transfer engine holds it (LoRA adapters from tensors still come through here)."""
+        own = getattr(self, "_skyrl_communicator", None)
+        if own is not None:
+            return own
+        transfer_engine = getattr(self, "weight_transfer_engine", None)
+        return getattr(transfer_engine, "communicator", None)
+
     def _skyrl_loader(self) -> ServedModelLoader:
         loader = getattr(self, "_skyrl_model_loader", None)
         if loader is None:
@@ -105,7 +115,7 @@ class SkyRLWorkerExtension:
         """A request the worker receives itself (a broadcast), through skyrl's receiver."""
         from skyrl_backends.weight_sync import load_named_tensors
 
-        communicator = getattr(self, "_skyrl_communicator", None)
+        communicator = self._skyrl_group()
         device = self._skyrl_device()
         loader = self._skyrl_loader()
         if loader.on_cpu:

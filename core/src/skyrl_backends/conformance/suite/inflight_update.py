@@ -39,6 +39,13 @@ LENGTH = 64
 SEEN_BEFORE_PAUSE = 6  # tokens a streamed request has produced before the test pauses
 
 
+def _kept_length(conformance: ConformanceHarness) -> int:
+    """How long the requests a pause must catch mid-way run. An engine's own server starts each
+    request after its own HTTP round trip, so the plain request may be tens of steps ahead of the
+    streamed one the test watches: its requests run four times longer, to be still running."""
+    return LENGTH * 4 if conformance.config.server else LENGTH
+
+
 def _params(length: int = LENGTH) -> SamplingParams:
     return SamplingParams(max_generate_length=length, temperature=0.0, ignore_eos=True, logprobs=0)
 
@@ -188,15 +195,16 @@ class InflightUpdateTests(ConformanceTestBase):
     def test_keep_stamps_each_token_and_continues_on_the_kept_cache(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(2, seed=171)
         waiting_prompt = conformance.reference.prompts(1, seed=172)[0]
+        length = _kept_length(conformance)
         (plain, streamed_out), streamed, old, new, waiting = self._scenario(
-            conformance, lambda e: e.pause_generation("keep"), waiting_prompt=waiting_prompt)
+            conformance, lambda e: e.pause_generation("keep"), waiting_prompt=waiting_prompt, length=length)
         assert new == old + 1
         streamed.check_chunks()
         for prompt, completion in zip(prompts, (plain, streamed_out), strict=True):
-            assert len(completion.token_ids) == LENGTH and completion.finish_reason == "length", (
+            assert len(completion.token_ids) == length and completion.finish_reason == "length", (
                 "a kept request ends with exactly its requested length")
             seam = self._seam(completion, old, new)
-            assert 0 < seam < LENGTH, f"the update should land mid-way (seam {seam} of {LENGTH})"
+            assert 0 < seam < length, f"the update should land mid-way (seam {seam} of {length})"
             self._check(conformance, prompt, completion, seam, "kept")
         assert self._seam(streamed_out, old, new) >= SEEN_BEFORE_PAUSE or not conformance.capabilities.streaming
         assert waiting is not None and waiting.token_versions.runs == ((0, new),)
@@ -205,13 +213,14 @@ class InflightUpdateTests(ConformanceTestBase):
     @requires(capabilities.RECOMPUTE_ON_RESUME, capabilities.TOKEN_VERSIONS)
     def test_keep_with_recompute_continues_as_the_new_weights_would(self, conformance: ConformanceHarness) -> None:
         prompts = conformance.reference.prompts(2, seed=171)
+        length = _kept_length(conformance)
         (plain, streamed_out), streamed, old, new, _ = self._scenario(
-            conformance, lambda e: e.pause_generation("keep", recompute=True))
+            conformance, lambda e: e.pause_generation("keep", recompute=True), length=length)
         streamed.check_chunks()
         for prompt, completion in zip(prompts, (plain, streamed_out), strict=True):
-            assert len(completion.token_ids) == LENGTH and completion.finish_reason == "length"
+            assert len(completion.token_ids) == length and completion.finish_reason == "length"
             seam = self._seam(completion, old, new)
-            assert 0 < seam < LENGTH, f"the update should land mid-way (seam {seam} of {LENGTH})"
+            assert 0 < seam < length, f"the update should land mid-way (seam {seam} of {length})"
             self._check(conformance, prompt, completion, seam, "fresh")
 
     @requires(capabilities.TOKEN_VERSIONS)

@@ -29,7 +29,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from skyrl_backend_vllm.checkpoint import checkpoint_specs
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.loading import NamedTensors, ServedModelLoader
 
 
@@ -96,6 +96,12 @@ class SkyRLWeightTransferEngine(WeightTransferEngine[SkyRLInitInfo, SkyRLUpdateI
         if self._communicator is not None:
             self._communicator.close()
         self._communicator = make_receiver(group, self.device, local_rank=self._worker_rank())
+
+    @property
+    def communicator(self) -> Any:
+        """The trainer's broadcast group (None until a broadcast init): the worker extension
+        receives LoRA adapters from tensors through it too."""
+        return self._communicator
 
     def _worker_rank(self) -> int:
         """This worker's rank across the engine's data-parallel replicas."""

