@@ -118,8 +118,7 @@ def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerIn
         native_pause=True,
         pause_modes=("abort",),
         recompute_on_resume=True,
-        # SGLang labels a token when its step's result is processed: exact without overlap scheduling.
-        token_versions=bool(args.get("disable_overlap_schedule")),
+        token_versions=_labels_tokens(args),
         weight_sync_strategies=tuple(strategies),
         broadcast_layouts=("per_tensor",),
         streaming=True,
@@ -133,6 +132,19 @@ def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerIn
         max_model_len=args.get("context_length"),
         weight_version=version_number(model_info.get("weight_version")), same_host=same_host,
         extra={"tp_size": int(args.get("tp_size") or 1), "cpu": cpu})
+
+
+def _labels_tokens(args: Mapping[str, Any]) -> bool:
+    """Whether the server's per-token version spans are exact: SGLang reports them from 0.5.23, and
+    labels a token when its step's result is processed, so only without overlap scheduling (under
+    overlap a step in flight when an update lands is labelled with the new version)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        reports = Version(str(args.get("version"))).release >= (0, 5, 23)
+    except InvalidVersion:
+        return False
+    return reports and bool(args.get("disable_overlap_schedule"))
 
 
 def _served_dtype(args: Mapping[str, Any], model_path: str | None) -> str:
