@@ -12,6 +12,9 @@
 #   model                     a random Qwen2.5-1.5B-shaped model in /tmp/models (make_random_qwen.py)
 #   conformance:ENGINE        tests/conformance --backend ENGINE -> $OUT/ENGINE-gpu.json (more options:
 #                             CONFORMANCE_OPTIONS="--conformance-engine-option KEY=VALUE ...")
+#   server-conformance:ENGINE the same suite against ENGINE's own, unmodified server (vllm serve, SGLang's
+#                             launch_server) driven through its HTTP API -> $OUT/ENGINE-server.json (the
+#                             parity table's ENGINE-server column; the vllm one also runs on CPU in CI)
 #   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate.json
 #                             (GENERATE_REPEATS timed runs of each side, default 7; GENERATE_ENGINE_KWARGS
 #                             replaces the engine_init_kwargs, e.g. '{}' for vLLM with CUDA graphs)
@@ -69,8 +72,8 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
   \"sglang\": {\"engine_init_kwargs\": {$SGLANG_KERNELS}}}"}
 
 WHEELS=
-declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [generate]=200 [weight-sync]=400
-                  [colocated]=150
+declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [server-conformance]=480 [generate]=200
+                  [weight-sync]=400 [colocated]=150
                   [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
                   [trainer-side]=400)
 
@@ -158,6 +161,15 @@ conformance() {  # ENGINE SECONDS
         --conformance-engine-option "engine_init_kwargs=$options" ${CONFORMANCE_OPTIONS:-}
 }
 
+server_conformance() {  # ENGINE SECONDS: the suite against the engine's own server, same engine options
+    local options
+    options=$(suite_kwargs "$1")
+    bounded "$2" python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/conformance --backend "$1" \
+        --conformance-server --timeout "$(( $2 - 60 ))" --conformance-report "$OUT/$1-server.json" \
+        --conformance-engine-option gpu_memory_utilization=0.2 --conformance-engine-option dtype=bfloat16 \
+        --conformance-engine-option "engine_init_kwargs=$options" ${CONFORMANCE_OPTIONS:-}
+}
+
 consistency() {  # ENGINE SECONDS: the consistency columns, with the conformance runs' engine options
     local options skip=() site=/tmp/${1}site
     options=$(suite_kwargs "$1")
@@ -215,6 +227,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         stage) stage "$engine" ;;
         model) core_env && bounded "$seconds" python3 scripts/gpu/make_random_qwen.py "$MODEL15" ;;
         conformance) engine_env "$engine" && conformance "$engine" "$seconds" ;;
+        server-conformance) engine_env "$engine" && server_conformance "$engine" "$seconds" ;;
         generate) engine_env "$engine" && generate "$engine" "$seconds" ;;
         diagnose) engine_env "$engine" && diagnose "$engine" "$seconds" ;;
         consistency) engine_env "$engine" && consistency "$engine" "$seconds" ;;

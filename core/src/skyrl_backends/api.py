@@ -126,7 +126,8 @@ def _check_local(cfg: GeneratorConfig) -> None:
 def _connect(cfg: GeneratorConfig, url: str) -> Any:
     from skyrl_backends.remote import connect_engine
 
-    return connect_engine(url, api_key=cfg.remote_inference_engine_api_key)
+    return connect_engine(url, api_key=cfg.remote_inference_engine_api_key,
+                          dialect=cfg.remote_inference_engine_protocol)
 
 
 def _tear_down_unusable_engine(engine: Any) -> None:

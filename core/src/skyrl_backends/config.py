@@ -31,7 +31,9 @@ from skyrl_backends.errors import ConfigError
 from skyrl_backends.sampling import SamplingParams
 
 # The fields that describe engines served elsewhere (run_engines_locally false).
-REMOTE_FIELDS = ("run_engines_locally", "remote_inference_engine_urls", "remote_inference_engine_api_key")
+REMOTE_FIELDS = ("run_engines_locally", "remote_inference_engine_urls", "remote_inference_engine_api_key",
+                 "remote_inference_engine_protocol")
+RemoteProtocol = Literal["skyrl", "vllm", "sglang"]
 WEIGHT_SYNC_BACKENDS = ("nccl", "gloo", "broadcast", "cuda_ipc", "shared_memory", "tensors")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 WeightSyncBackend = Literal["nccl", "gloo", "broadcast", "cuda_ipc", "shared_memory", "tensors"]
@@ -86,6 +88,9 @@ class GeneratorConfig:
     remote_inference_engine_urls: list[str] = field(default_factory=list, metadata={
         "check": lambda v: all(u.strip() for u in v), "accepted": "a list of host:port or http(s):// URLs"})
     remote_inference_engine_api_key: str | None = None
+    # What those servers are: `skyrl-backends serve` ("skyrl"), or an engine's own unmodified server,
+    # `vllm serve` ("vllm") or SGLang's launch_server ("sglang"), driven through its HTTP API.
+    remote_inference_engine_protocol: RemoteProtocol = "skyrl"
     async_engine: bool = True
     batched: bool = True
     enable_http_endpoint: bool = False

@@ -131,8 +131,6 @@ def render(reports: list[dict[str, Any]]) -> str:
             values = [str(r.get(key) or "?") for r in reports]
         lines.append(f"| *{label}* | " + " | ".join(_escape(v) for v in values) + " |")
     text = "\n".join(lines) + "\n"
-    notes += [f"{len(notes) + k + 1}. `{r['column']}`: {_escape(str(r['note']))}"
-              for k, r in enumerate(r for r in reports if r.get("note"))]
     if notes:
         text += "\nNotes:\n\n" + "\n".join(notes) + "\n"
     return text

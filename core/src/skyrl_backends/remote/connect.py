@@ -24,6 +24,8 @@ from skyrl_backends.remote.transport import (
 API_KEY_ENV = "SKYRL_BACKENDS_API_KEY"
 DEFAULT_WAIT_READY_S = 60.0
 DIALECTS: dict[str, type[WireDialect]] = {SkyRLDialect.name: SkyRLDialect}
+# Engines' own, unmodified servers, driven through their HTTP APIs (an InferenceEngine, not a RemoteEngine).
+NATIVE_DIALECTS = ("vllm", "sglang")
 
 
 def normalize_url(url: str, field: str = "remote_inference_engine_urls") -> str:
@@ -58,9 +60,14 @@ def connect_engine(url: str, *, api_key: str | None = None, wait_ready_s: float 
     still starting or loading its engine is waited for up to ``wait_ready_s`` seconds. ``retries``
     and ``heartbeat_timeout_s`` bound how long a lost server takes to be reported
     (:class:`~skyrl_backends.errors.EngineDeadError`, which the engine client fails over). ``dialect``
-    names the server protocol (``"skyrl"``: ``skyrl-backends serve``)."""
+    names the server protocol (``"skyrl"``: ``skyrl-backends serve``; ``"vllm"``, ``"sglang"``: the
+    engine's own server, see :mod:`skyrl_backends.remote.native`)."""
+    if dialect in NATIVE_DIALECTS:  # an engine's own server: skyrl_backends.remote.native
+        from skyrl_backends.remote.native import connect_server
+
+        return connect_server(url, dialect, api_key=api_key, wait_ready_s=wait_ready_s)
     if dialect not in DIALECTS:
-        raise ConfigError("dialect", f"got {dialect!r}; known: {sorted(DIALECTS)}")
+        raise ConfigError("dialect", f"got {dialect!r}; known: {sorted([*DIALECTS, *NATIVE_DIALECTS])}")
     base = normalize_url(url)
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None

@@ -81,6 +81,25 @@ class ServerEngine(abc.ABC):
     async def abort_on_server(self, request_ids: list[str] | None) -> None:
         """Ask the server to abort ``request_ids`` (None: everything it runs)."""
 
+    # -- requests ----------------------------------------------------------------------------------------
+    def check_prompts(self, prompts: list[list[int]]) -> None:
+        """Refuse, naming the prompt, what the server would refuse in its own words (or fail on):
+        a prompt as long as the context, a token id outside the vocabulary."""
+        limit = self.info.max_model_len
+        vocab = self._vocab_size()
+        for i, prompt in enumerate(prompts):
+            if limit is not None and len(prompt) >= limit:
+                raise ConfigError(f"prompt_token_ids[{i}]", f"has {len(prompt)} tokens; the server's context is "
+                                                            f"{limit} tokens. Shorten the prompt.")
+            bad = next((t for t in prompt if vocab is not None and t >= vocab), None)
+            if bad is not None:
+                raise ConfigError(f"prompt_token_ids[{i}]", f"token id {bad} is outside the vocabulary (size {vocab}).")
+
+    def _vocab_size(self) -> int | None:
+        if "vocab_size" not in self.info.extra:
+            self.info.extra["vocab_size"] = _config_vocab_size(self.info.model)
+        return self.info.extra["vocab_size"]
+
     # -- requests in flight ------------------------------------------------------------------------------
     def cache_salt(self) -> str:
         """The prefix-cache salt of a request submitted now: the weights it runs on."""
@@ -200,6 +219,22 @@ class ServerEngine(abc.ABC):
     def own_server(self, server: Any) -> None:
         """Stop ``server`` (a process this side started) when the engine is torn down."""
         self._owned_server = server
+
+
+def _config_vocab_size(model_dir: str | None) -> int | None:
+    """The vocabulary size in the model folder's config.json (None when not readable here)."""
+    import json
+    import os
+
+    if not model_dir:
+        return None
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
 
 
 def empty_aborted(request_id: str, top_n: int | None) -> Completion:

@@ -14,6 +14,7 @@ flag is refused, naming it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,7 +46,8 @@ def server_command(protocol: str, model: str, port: int, options: Mapping[str, A
                    host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of ``protocol``'s server for ``model``, with the
     generator-config ``options`` (dtype, seed, max_model_len, enable_lora, max_lora_rank, max_loras,
-    enable_prefix_caching, device, gpu_memory_utilization, tensor parallel size)."""
+    enable_prefix_caching, device, gpu_memory_utilization, tensor parallel size; ``engine_init_kwargs``
+    become the server's own flags, ``{"enforce_eager": True}`` -> ``--enforce-eager``)."""
     options = dict(options)
     if protocol == "vllm":
         from skyrl_backends.remote.native.vllm import LORA_ENV, server_flags
@@ -86,10 +88,18 @@ def server_command(protocol: str, model: str, port: int, options: Mapping[str, A
             command.append("--enable-memory-saver")
     else:
         raise ConfigError("protocol", f"got {protocol!r}; one of {list(PROTOCOLS)}")
+    for key, value in dict(options.pop("engine_init_kwargs", None) or {}).items():
+        # The server's own arguments, as its command line spells them: --snake-case VALUE, a flag for True.
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is not False and value is not None:
+            command += [flag, value if isinstance(value, str) else json.dumps(value)]
     for key, value in options.items():
         flag = mapped.get(key)
         if flag is None:
-            raise ConfigError(key, f"has no {protocol} server flag here; known: {sorted([*mapped, 'device', 'enable_lora', 'enable_prefix_caching'])}")
+            known = sorted([*mapped, "device", "enable_lora", "enable_prefix_caching", "engine_init_kwargs"])
+            raise ConfigError(key, f"has no {protocol} server flag here; known: {known}")
         if value is not None:
             command += [flag, str(value)]
     return command, env

@@ -222,6 +222,7 @@ class VLLMServerEngine(ServerEngine):
     @hookimpl
     async def skyrl_backends_generate(self, request: GenerateRequest, engine_params: dict[str, Any]) -> GenerateOutput:
         params = request.sampling_params
+        self.check_prompts(request.prompt_token_ids)
         completions = await asyncio.gather(*(
             self._generate_one(prompt, rid, engine_params, params, request.lora_name)
             for prompt, rid in zip(request.prompt_token_ids, request.request_ids)))
@@ -278,6 +279,7 @@ class VLLMServerEngine(ServerEngine):
     async def skyrl_backends_generate_stream(self, request: GenerateRequest,
                                              engine_params: dict[str, Any]) -> AsyncIterator[StreamChunk]:
         params = request.sampling_params
+        self.check_prompts(request.prompt_token_ids)
         chunks: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
 
         async def one(index: int, prompt: list[int], request_id: str) -> None:

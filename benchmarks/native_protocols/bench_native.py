@@ -1,0 +1,280 @@
+"""The engines' native RL protocols: what speaking them costs, against baselines measured in the same
+run (not a test). Run in the vLLM environment (vLLM's client code drives the servers); the
+transformers server runs in its own (``$SKYRL_TRANSFORMERS_PYTHON``).
+
+``weight-sync``
+    One full weight update of the served model per round, into one ``skyrl-backends serve`` process
+    per backend (transformers, vLLM), sent two ways in alternating rounds: through vLLM's protocol
+    (vLLM's ``HTTPVLLMWeightSyncClient`` and trainer-side engine with the ``"skyrl"`` backend, shared
+    memory; the four phases over HTTP) and through the server's own engine API (``RemoteEngine``,
+    ``update_named_weights`` with the tensors, shared memory). Ratio: own-client time / vLLM-protocol
+    time (goal >= 1: no slower).
+``generate``
+    64 concurrent requests (``/v1/completions``, token-id prompts, greedy, fixed length) to vLLM's own
+    server and to ``skyrl-backends serve --backend vllm`` (the protocol front-end over the same
+    engine), alternating rounds, both servers up; and the same 64 requests through the engine behind
+    vLLM's own server (``skyrl_backends.remote.native``: the facade over vLLM's token-in route)
+    against raw calls of that route. Ratios: tokens/s of ours over the engine's own (goal >= 0.95).
+``vllm-paths``
+    The vLLM plugin's two ways into vLLM's workers, one in-process engine each, alternating: vLLM's
+    weight-transfer API (``weight_transfer``) and the worker extension (``worker_extension``). Ratio:
+    worker-extension time / weight-transfer time (> 1: the weight-transfer API is faster).
+
+Examples::
+
+    python benchmarks/native_protocols/bench_native.py all --model .cache/tiny-model
+    python benchmarks/native_protocols/bench_native.py generate --model .cache/tiny-model --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+TRANSFORMERS_PYTHON_ENV = "SKYRL_TRANSFORMERS_PYTHON"
+WEIGHT_TRANSFER = ["--weight-transfer-config", json.dumps({"backend": "skyrl"})]
+
+
+def header(title: str) -> None:
+    from skyrl_backends.testing.hardware import cpu_model
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "?"
+    print(f"# {title}\n# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, "
+          f"{cpu_model()} ({len(os.sched_getaffinity(0))} cores), Python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def skyrl_server(backend: str, model: str, options: dict[str, Any]) -> tuple[str, Any]:
+    from skyrl_backends.remote.launch import ServerProcess
+
+    python = sys.executable
+    if backend == "transformers":
+        python = os.environ.get(TRANSFORMERS_PYTHON_ENV) or str(ROOT / ".venv" / "transformers" / "bin" / "python")
+    process = ServerProcess(backend, model, options=options, python=python, extra_args=WEIGHT_TRANSFER)
+    return process.wait_ready(), process
+
+
+def vllm_server(model: str, options: dict[str, Any]) -> tuple[str, Any]:
+    import requests
+
+    from skyrl_backends.remote.native.launch import NativeServer
+
+    process = NativeServer("vllm", model, options=options)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        process.check_alive()
+        try:
+            if requests.get(process.url + "/health", timeout=5).status_code == 200:
+                return process.url, process
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    process.stop()
+    raise RuntimeError(f"vllm serve did not start:\n{process.log_tail()}")
+
+
+def ratio_line(name: str, ours: list[float], theirs: list[float], what: str) -> None:
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    print(f"{name}: ratio median {statistics.median(ratios):.3f} ({what}; per round "
+          f"{', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
+
+
+# -- weight sync ---------------------------------------------------------------------------------------
+def bench_weight_sync(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from skyrl_backend_vllm.weight_transfer.trainer import SkyRLTrainerInitInfo
+    from skyrl_backends.remote import connect_engine
+
+    header("weight sync: vLLM's protocol (HTTPVLLMWeightSyncClient) vs the server's own engine API (RemoteEngine)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    nbytes = sum(t.numel() * t.element_size() for _, t in named)
+    for backend, options in (("transformers", {"dtype": "float32", "device": "cpu"}),
+                             ("vllm", {"dtype": "float32", "max_model_len": 512})):
+        url, process = skyrl_server(backend, args.model, options)
+        try:
+            trainer = WeightTransferTrainerFactory.trainer_init(
+                SkyRLTrainerInitInfo(strategy="shared_memory", dtype="float32", rank=0),
+                client=HTTPVLLMWeightSyncClient(url), source=ModuleSource(model))
+            engine = connect_engine(url)
+
+            async def own() -> float:
+                t0 = time.perf_counter()
+                await engine.update_weights_from_tensors(named)
+                return time.perf_counter() - t0
+
+            loop = asyncio.new_event_loop()
+            times: dict[str, list[float]] = {"vllm": [], "own": []}
+            for round_ in range(args.rounds + 1):  # the first round warms both paths up
+                t0 = time.perf_counter()
+                trainer.send_weights()
+                vllm_s = time.perf_counter() - t0
+                own_s = loop.run_until_complete(own())
+                if round_:
+                    times["vllm"].append(vllm_s)
+                    times["own"].append(own_s)
+            loop.run_until_complete(engine.teardown())
+            loop.close()
+            trainer.shutdown()
+        finally:
+            process.stop()
+        print(f"{backend}: {len(named)} tensors, {nbytes / 1e6:.1f} MB; vLLM protocol median "
+              f"{statistics.median(times['vllm']) * 1e3:.1f} ms, own engine API median "
+              f"{statistics.median(times['own']) * 1e3:.1f} ms")
+        ratio_line(f"{backend} weight sync", times["own"], times["vllm"], "own-client time / vLLM-protocol time")
+
+
+# -- generation ----------------------------------------------------------------------------------------
+async def _completions(url: str, model_name: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        async def one(prompt: list[int]) -> int:
+            response = await client.post(url + "/v1/completions", json={
+                "model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True})
+            response.raise_for_status()
+            return int(response.json()["usage"]["completion_tokens"])
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        return time.perf_counter() - t0, sum(counts)
+
+
+async def _raw_generate(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        async def one(prompt: list[int]) -> int:
+            response = await client.post(url + "/inference/v1/generate", json={
+                "token_ids": prompt, "sampling_params": {"max_tokens": max_tokens, "temperature": 0,
+                                                         "ignore_eos": True, "logprobs": 0}})
+            response.raise_for_status()
+            return len(response.json()["choices"][0]["token_ids"])
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        return time.perf_counter() - t0, sum(counts)
+
+
+async def _engine_generate(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    params = {"max_generate_length": max_tokens, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(engine.generate([p], params) for p in prompts))
+    return time.perf_counter() - t0, sum(len(o[0].token_ids) for o in outs)
+
+
+def bench_generate(args: argparse.Namespace) -> None:
+    import random
+
+    import requests
+
+    from skyrl_backends.remote.native import connect_server
+
+    header(f"generation, {args.requests} concurrent requests of {args.max_tokens} tokens: ours vs vLLM's own server")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 500) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    options = {"dtype": "float32", "max_model_len": 512}
+    vllm_url, vllm_process = vllm_server(args.model, options)
+    ours_url, ours_process = skyrl_server("vllm", args.model, options)
+    loop = asyncio.new_event_loop()
+    try:
+        names = {u: requests.get(u + "/v1/models", timeout=30).json()["data"][0]["id"] for u in (vllm_url, ours_url)}
+        engine = connect_server(vllm_url, "vllm")
+        rows: dict[str, list[float]] = {"vllm": [], "front-end": [], "raw": [], "engine": []}
+        for round_ in range(args.rounds + 1):  # the first round warms every path up
+            for name, call in (("vllm", lambda: _completions(vllm_url, names[vllm_url], prompts, args.max_tokens)),
+                               ("front-end", lambda: _completions(ours_url, names[ours_url], prompts,
+                                                                  args.max_tokens)),
+                               ("raw", lambda: _raw_generate(vllm_url, prompts, args.max_tokens)),
+                               ("engine", lambda: _engine_generate(engine, prompts, args.max_tokens))):
+                seconds, tokens = loop.run_until_complete(call())
+                if round_:
+                    rows[name].append(tokens / seconds)
+        loop.run_until_complete(engine.teardown())
+    finally:
+        loop.close()
+        ours_process.stop()
+        vllm_process.stop()
+    for name, values in rows.items():
+        print(f"{name}: median {statistics.median(values):.1f} tok/s")
+    ratio_line("protocol front-end (skyrl-backends serve --backend vllm) vs vllm serve, /v1/completions",
+               rows["front-end"], rows["vllm"], "tokens/s, ours / vLLM's")
+    ratio_line("engine behind vllm serve (remote.native) vs raw /inference/v1/generate", rows["engine"], rows["raw"],
+               "tokens/s, ours / raw")
+
+
+# -- the vLLM plugin's weight paths ----------------------------------------------------------------------
+def bench_vllm_paths(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    import skyrl_backends as sb
+
+    header("vLLM plugin: weights through vLLM's weight-transfer API vs the worker extension (in-process engines)")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    state = load_file(os.path.join(args.model, "model.safetensors"))
+    named = list(state.items())
+    engines = {}
+    for path in ("weight_transfer", "worker_extension"):
+        os.environ["SKYRL_VLLM_WEIGHT_PATH"] = path
+        engines[path] = sb.create_engine("vllm", model=args.model, dtype="float32", max_model_len=512, seed=0)
+    os.environ.pop("SKYRL_VLLM_WEIGHT_PATH")
+    loop = asyncio.new_event_loop()
+
+    async def update(engine: Any) -> float:
+        t0 = time.perf_counter()
+        await engine.update_weights_from_tensors(named)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {path: [] for path in engines}
+    try:
+        for round_ in range(args.rounds + 1):
+            for path, engine in engines.items():
+                seconds = loop.run_until_complete(update(engine))
+                if round_:
+                    times[path].append(seconds)
+    finally:
+        for engine in engines.values():
+            loop.run_until_complete(engine.teardown())
+        loop.close()
+    for path, values in times.items():
+        print(f"{path}: median {statistics.median(values) * 1e3:.1f} ms per full update")
+    ratio_line("worker extension vs weight-transfer API", times["worker_extension"], times["weight_transfer"],
+               "worker-extension time / weight-transfer time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["weight-sync", "generate", "vllm-paths", "all"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    args.model = os.path.abspath(args.model)
+    for what, bench in (("weight-sync", bench_weight_sync), ("generate", bench_generate),
+                        ("vllm-paths", bench_vllm_paths)):
+        if args.what in (what, "all"):
+            bench(args)
+
+
+if __name__ == "__main__":
+    main()
