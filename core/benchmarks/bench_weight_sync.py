@@ -13,7 +13,15 @@ CPU mode (``--mode cpu``, runs anywhere)::
 GPU mode (``--mode gpu``)::
 
     cuda_ipc        vs (a) device-to-device copy of the same bytes  [engine process on the same GPU]
+    cuda_ipc, adopted: the trainer's tensors live in the sender's buckets (``CudaIpcSender.adopt``),
+                    so nothing is packed; vs (a) and, paired, vs the warm cuda_ipc sync
     broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
+
+(CPU mode has the same adopted case over shared memory.) Every ratio is printed twice: of the medians,
+and paired (the median over rounds of each round's ratio: the cases take turns, so one round's cases
+share the machine's state). ``--json`` writes every timing with the commit (``SKYRL_COMMIT``, else
+``git rev-parse``), the hardware and the versions; ``core/benchmarks/pool_weight_sync.py`` pools such
+files from several machine calls into the rows of docs/benchmarks.md.
 
 Broadcast runs in both ways of applying: ``atomic`` (the engine stages every bucket, then copies)
 and ``streamed`` (it copies each bucket while the next arrives, through two bucket-sized buffers);
@@ -24,8 +32,9 @@ the raw baseline writes straight into the live parameters, which is what ``strea
 before loading any), each against the same sync without it in the same run; the ratio of times is
 printed under the table (``--skip finite`` leaves these cases out).
     --engine vllm|sglang: also a full sync into a real engine through skyrl_backends (cuda_ipc, or
-    what the backend declares) vs (b) the engine's own update path called directly (vLLM: per-tensor
-    CUDA IPC handles through collective_rpc into load_weights; SGLang: update_weights_from_tensor).
+    what the backend declares; warm, and from an adopting sender) vs (b) the engine's own update path
+    called directly (vLLM: per-tensor CUDA IPC handles through collective_rpc into load_weights;
+    SGLang: update_weights_from_tensor), the three taking turns.
 
 Examples::
 
@@ -39,11 +48,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -53,7 +64,7 @@ from typing import Any
 import torch
 from skyrl_backends.testing.hardware import cpu_model
 from skyrl_backends.types import WeightUpdateRequest
-from skyrl_backends.weight_sync import SharedMemorySender, load_named_tensors, make_receiver
+from skyrl_backends.weight_sync import CudaIpcSender, SharedMemorySender, load_named_tensors, make_receiver
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
 from skyrl_backends.weight_sync.chunks import plan
 from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
@@ -190,8 +201,9 @@ class EngineProcess:
 # and the strategies alike.
 class Case:
     def __init__(self, label: str, run, baseline: str | None = None, parts: dict[str, list[float]] | None = None,
-                 close=None) -> None:
+                 close=None, compare: str | None = None) -> None:
         self.label, self.run, self.baseline, self.parts = label, run, baseline, parts
+        self.compare = compare  # another case this one is also set against (paired), e.g. the path it replaces
         self.close = close or (lambda: None)
         self.times: list[float] = []
         self.staging: list[int] = []  # what the engine holds for receiving (broadcast cases)
@@ -216,7 +228,8 @@ def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case
 
 
 def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor], bucket_bytes: int,
-                   label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False) -> Case:
+                   label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False,
+                   compare: str | None = None) -> Case:
     """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
     A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold)."""
     parts: dict[str, list[float]] = {"pack_s": [], "receive_s": [], "apply_s": []}
@@ -236,7 +249,7 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
         if fresh_sender:
             sender.close()
 
-    return Case(label, run, baseline, parts, close=kept.close if kept is not None else None)
+    return Case(label, run, baseline, parts, close=kept.close if kept is not None else None, compare=compare)
 
 
 def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], backend: str, device: str,
@@ -325,7 +338,9 @@ def write_model_folder(shape: str, weights: dict[str, torch.Tensor], folder: str
 
 
 async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.Tensor], bucket_bytes: int,
-                            repeats: int, warmup: int, rows: list[dict[str, Any]]) -> None:
+                            repeats: int, warmup: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sync into a real engine through skyrl (warm sender, and an adopting sender where the strategy
+    has one) and by the engine's own path, in turns; returns the engine's version and options."""
     import skyrl_backends as sb
     from skyrl_backends.weight_sync import make_sender, sync_weights
 
@@ -333,30 +348,60 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
         write_model_folder(shape, weights, folder)
         engine = sb.create_engine(backend, model=folder, dtype="bfloat16", gpu_memory_utilization=0.3,
                                   max_model_len=2048)
+        senders = []
         try:
             strategy = "cuda_ipc" if "cuda_ipc" in engine.capabilities.weight_sync_strategies else "tensors"
-            sender = make_sender(strategy) if strategy != "tensors" else None
+            own_label = f"{backend}: own path (b)"
+            paths = []
+            if strategy != "tensors":
+                sender = make_sender(strategy)
+                adopter = make_sender(strategy)
+                adopted = adopter.adopt(dict(weights), bucket_bytes)
+                senders += [sender, adopter]
 
-            async def ours() -> None:
-                await sync_weights(engine, weights, strategy, bucket_bytes=bucket_bytes, sender=sender)
+                async def ours() -> None:
+                    await sync_weights(engine, weights, strategy, bucket_bytes=bucket_bytes, sender=sender)
 
-            own = await _own_path(backend, engine, weights)
-            # Label "skyrl" rows by strategy; "tensors" means the backend declares no faster one here.
-            for label, fn in ((f"{backend}: skyrl {strategy}", ours), (f"{backend}: own path (b)", own)):
+                async def ours_adopted() -> None:
+                    await sync_weights(engine, adopted, strategy, bucket_bytes=bucket_bytes, sender=adopter)
+
+                paths += [(f"{backend}: skyrl {strategy}", ours, own_label, None),
+                          (f"{backend}: skyrl {strategy}, adopted", ours_adopted, own_label,
+                           f"{backend}: skyrl {strategy}")]
+            else:  # the backend declares no faster strategy here
+                async def ours() -> None:
+                    await sync_weights(engine, weights, strategy, bucket_bytes=bucket_bytes)
+
+                paths.append((f"{backend}: skyrl {strategy}", ours, own_label, None))
+            paths.append((own_label, await _own_path(backend, engine, weights), None, None))
+            for _, fn, _, _ in paths:
                 for _ in range(warmup):
                     await fn()
-                times = []
-                for _ in range(repeats):
+            times: dict[str, list[float]] = {label: [] for label, *_ in paths}
+            for _ in range(repeats):  # in turns, as the process-level cases
+                for label, fn, _, _ in paths:
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     await fn()
                     torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                rows.append({"strategy": label, "times": times})
-            if sender is not None:
-                sender.close()
+                    times[label].append(time.perf_counter() - t0)
+            for label, _, baseline, compare in paths:
+                rows.append({"strategy": label, "times": times[label], "baseline": baseline, "compare": compare})
+            return {"backend": backend, "version": _engine_version(backend)}
         finally:
+            for sender in senders:
+                sender.close()
             await engine.teardown()
+
+
+def _engine_version(backend: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(backend)
+    except importlib.metadata.PackageNotFoundError:
+        module = sys.modules.get(backend)
+        return getattr(module, "__version__", None)
 
 
 async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor]):
@@ -364,9 +409,12 @@ async def _own_path(backend: str, engine: Any, weights: dict[str, torch.Tensor])
     validation): the plugins' "tensors" path is the engine's native one (vLLM: one CUDA IPC handle
     per tensor through collective_rpc into load_weights; SGLang: update_weights_from_tensor)."""
     request = WeightUpdateRequest.from_named_tensors(list(weights.items()))
+    # The hook takes the version to label tokens with; these labels never reach a completion here,
+    # but they keep growing as the facade's would.
+    versions = itertools.count(1_000_000)
 
     async def run() -> None:
-        await engine.impl.skyrl_backends_update_named_weights(request=request)
+        await engine.impl.skyrl_backends_update_named_weights(request=request, version=next(versions))
     return run
 
 
@@ -385,35 +433,75 @@ def hardware(mode: str) -> str:
     return text
 
 
-def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, ntensors: int) -> None:
+def paired(times: list[float], base: list[float]) -> float | None:
+    """The median over rounds of each round's time ratio (``times[i] / base[i]``), None if unpaired."""
+    if not times or len(times) != len(base):
+        return None
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
+
+
+def commit() -> str | None:
+    """The commit measured: ``SKYRL_COMMIT`` (a frozen snapshot has no git), else git's HEAD (``-dirty``
+    when the working tree has changes)."""
+    if os.environ.get("SKYRL_COMMIT"):
+        return os.environ["SKYRL_COMMIT"]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                             timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, ntensors: int,
+           extra: dict[str, Any] | None = None) -> None:
     by_label = {r["strategy"]: statistics.median(r["times"]) for r in rows}
+    times = {r["strategy"]: r["times"] for r in rows}
+    measured = commit()
     print(f"\n# weight sync, {args.mode}, shape {args.shape} ({ntensors} tensors, {nbytes / 1e9:.3f} GB {args.dtype}), "
           f"bucket {_size(args.bucket_bytes)}, {args.repeats} repeats (median)")
-    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {hardware(args.mode)}; "
-          f"torch {torch.__version__}; {args.threads} torch thread(s) per process; cases run in turns")
-    print(f"| {'transfer':44} | {'median':>10} | {'GB/s':>7} | {'vs baseline':>24} |")
-    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 9}|{'-' * 26}|")
+    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; commit {measured}; {hardware(args.mode)}; "
+          f"torch {torch.__version__}; {args.threads} torch thread(s) per process; cases run in turns"
+          + (f"; {extra['backend']} {extra['version']}" if extra else ""))
+    print(f"| {'transfer':44} | {'median':>10} | {'GB/s':>7} | {'vs baseline (medians; paired)':>40} |")
+    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 9}|{'-' * 42}|")
     for row in rows:
         t = by_label[row["strategy"]]
         base = row.get("baseline")
         # speed relative to the baseline: 100% = as fast, 50% = takes twice as long
-        versus = f"{by_label[base] / t:.0%} of {base.split()[0]} speed" if base in by_label else ""
-        print(f"| {row['strategy']:44} | {t * 1e3:8.1f}ms | {nbytes / t / 1e9:7.2f} | {versus:>24} |")
+        versus = ""
+        if base in by_label:
+            row["ratio"] = by_label[base] / t
+            row["paired"] = paired(times[base], row["times"])  # baseline time / case time, per round
+            versus = f"{row['ratio']:.0%}; {row['paired']:.0%} of {base.split()[0]} speed" if row["paired"] else \
+                f"{row['ratio']:.0%} of {base.split()[0]} speed"
+        print(f"| {row['strategy']:44} | {t * 1e3:8.2f}ms | {nbytes / t / 1e9:7.2f} | {versus:>40} |")
         if "parts" in row:
-            parts = ", ".join(f"{k[:-2]} {v * 1e3:.1f}ms" for k, v in row["parts"].items())
-            print(f"|   {'(' + parts + ')':42} | {'':10} | {'':7} | {'':24} |")
+            parts = ", ".join(f"{k[:-2]} {v * 1e3:.2f}ms" for k, v in row["parts"].items())
+            print(f"|   {'(' + parts + ')':42} | {'':10} | {'':7} | {'':40} |")
         if row.get("staging_bytes"):
             held = f"(engine holds {row['staging_bytes'] / 2**20:.0f} MiB to receive)"
-            print(f"|   {held:42} | {'':10} | {'':7} | {'':24} |")
+            print(f"|   {held:42} | {'':10} | {'':7} | {'':40} |")
+    for row in rows:
+        other = row.get("compare")
+        if other in by_label:
+            row["compare_paired"] = paired(row["times"], times[other])
+            print(f"# {row['strategy']}: {by_label[row['strategy']] / by_label[other]:.2f}x the time of {other} "
+                  f"(medians {by_label[row['strategy']] * 1e3:.2f} vs {by_label[other] * 1e3:.2f} ms; paired "
+                  f"{row['compare_paired']:.2f}x)")
     finite = [r for r in rows if r["strategy"].endswith(FINITE) and r.get("baseline") in by_label]
     for row in finite:
         with_check, without = by_label[row["strategy"]], by_label[row["baseline"]]
         print(f"# {FINITE[2:-1]}: {row['baseline']}: {with_check / without:.2f}x the time of the same sync without "
               f"it ({with_check * 1e3:.1f} vs {without * 1e3:.1f} ms)")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "nbytes": nbytes, "hardware": hardware(args.mode), "rows": rows}, f,
-                      indent=1)
+            json.dump({"args": vars(args), "commit": measured, "nbytes": nbytes, "ntensors": ntensors,
+                       "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+                       "hardware": hardware(args.mode), "torch": torch.__version__, "engine": extra,
+                       "rows": rows}, f, indent=1)
 
 
 def main() -> None:
@@ -428,7 +516,8 @@ def main() -> None:
     parser.add_argument("--engine", choices=("none", "vllm", "sglang"), default="none",
                         help="GPU: also sync into a real engine and compare with its own update path")
     parser.add_argument("--skip", default="",
-                        help="comma-separated cases to skip: colocated,cold,broadcast,streamed,per_tensor,raw,finite")
+                        help="comma-separated cases to skip: "
+                             "colocated,adopted,cold,broadcast,streamed,per_tensor,raw,finite")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the trainer and of each engine process (default: 1 on CPU, where "
@@ -437,7 +526,7 @@ def main() -> None:
     gpu = args.mode == "gpu"
     args.shape = args.shape or ("qwen2.5-1.5b" if gpu else "qwen2.5-0.5b")
     args.bucket_bytes = args.bucket_bytes or ((1 << 30) if gpu else (256 << 20))
-    args.repeats = args.repeats or (10 if gpu else 5)
+    args.repeats = args.repeats or (20 if gpu else 5)
     skip = set(filter(None, args.skip.split(",")))
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA")
@@ -455,8 +544,6 @@ def main() -> None:
             colocated = EngineProcess(args.shape, args.dtype, device, args.threads)  # same device: colocated
             engines.append(colocated)
             if gpu:
-                from skyrl_backends.weight_sync import CudaIpcSender
-
                 make, warm = (lambda: CudaIpcSender(device)), "cuda_ipc (warm: buffers reused)"
             else:
                 make, warm = SharedMemorySender, "shared_memory (warm: segments reused)"
@@ -467,6 +554,15 @@ def main() -> None:
             if "finite" not in skip:
                 cases.append(colocated_case(colocated, lambda: sender, weights, args.bucket_bytes, warm + FINITE,
                                             warm, check_finite=True))
+            if "adopted" not in skip:
+                # Its own engine: an engine keeps the buffers of the sender it received from last, and
+                # two senders taking turns into one engine would have it open them afresh every time.
+                adopting = EngineProcess(args.shape, args.dtype, device, args.threads)
+                engines.append(adopting)
+                adopter = make()
+                adopted = adopter.adopt(dict(weights), args.bucket_bytes)  # a copy of the weights, in the buckets
+                cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes,
+                                            f"{warm.split()[0]}, adopted (nothing packed)", copy_label, compare=warm))
             if not gpu:
                 if "cold" not in skip:  # its own engine: its mappings would evict the warm case's
                     cold = EngineProcess(args.shape, args.dtype, device, args.threads)
@@ -509,18 +605,17 @@ def main() -> None:
             case.close()
         for engine in engines:
             engine.stop()
-    rows = [{"strategy": c.label, "times": c.times, "baseline": c.baseline,
+    rows = [{"strategy": c.label, "times": c.times, "baseline": c.baseline, "compare": c.compare,
              **({"parts": {k: statistics.median(v) for k, v in c.parts.items()}} if c.parts else {}),
              **({"staging_bytes": c.staging[0]} if c.staging else {})}
             for c in cases]
+    extra = None
     if gpu and args.engine != "none":
         import asyncio
 
-        asyncio.run(bench_real_engine(args.engine, args.shape, weights, args.bucket_bytes, args.repeats,
-                                      args.warmup, rows))
-        ours = next(r for r in rows if r["strategy"].startswith(f"{args.engine}: skyrl"))
-        ours["baseline"] = f"{args.engine}: own path (b)"
-    report(rows, nbytes, args, len(weights))
+        extra = asyncio.run(bench_real_engine(args.engine, args.shape, weights, args.bucket_bytes, args.repeats,
+                                              args.warmup, rows))
+    report(rows, nbytes, args, len(weights), extra)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@
 #                             batch-invariant / deterministic) -> $OUT/consistency/ENGINE-gpu-bf16*.json; a
 #                             column whose option the staged build lacks is left out, with a log line
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
-#                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync.json
-#   weight-sync-tests:ENGINE  tests/weight_sync/test_gpu.py with ENGINE on the path (PYTEST_ARGS adds
-#                             pytest options, e.g. "-k other_gpu"); SKYRL_ENGINE_DEFAULTS, if set, replaces
-#                             the engine defaults below
+#                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync-HHMMSS.json
+#   colocated                 the same benchmark's colocated cases without an engine (copy floor, warm and
+#                             adopted CUDA IPC; core only, nothing staged) -> $OUT/colocated-HHMMSS.json;
+#                             pool the JSON of several calls with core/benchmarks/pool_weight_sync.py
+#   weight-sync-tests[:ENGINE] tests/weight_sync/test_gpu.py with ENGINE on the path (without ENGINE: the
+#                             core only, engine tests skipped; PYTEST_ARGS adds pytest options, e.g.
+#                             "-k other_gpu"); SKYRL_ENGINE_DEFAULTS, if set, replaces the engine defaults below
 #   trainer-side:ENGINE       core/benchmarks/bench_trainer_side.py: a Qwen2.5-1.5B-shaped model sharded with
 #                             FSDP2 over 2 GPUs (NCCL) against it unsharded, by CUDA IPC and NCCL broadcast
 #                             into an engine process on GPU 1 (needs 2 GPUs) -> $OUT/trainer-side.json
@@ -44,6 +47,8 @@
 # Run from a committed snapshot (`git archive HEAD | tar -x -C .gpu/src`, carried) so that results
 # belong to a commit: `cd .gpu/src && ASSETS=../.. scripts/gpu/run_on_gpu.sh ...`. ASSETS is the
 # folder holding the ignored things a call carries: .gpu/ENGINE/part*, .whl/, .cache/tiny-model.
+# The snapshot has no git: write its commit into .gpu/src/COMMIT (`git rev-parse --short HEAD`), which
+# the benchmarks record as SKYRL_COMMIT.
 set -uo pipefail
 
 REPO=$(pwd)
@@ -52,6 +57,8 @@ OUT=${OUT:-$REPO/out/gpu}
 MODEL15=/tmp/models/qwen2.5-1.5b-random
 TINY=/tmp/tiny-model
 mkdir -p "$OUT"
+[ -z "${SKYRL_COMMIT:-}" ] && [ -f "$REPO/COMMIT" ] && SKYRL_COMMIT=$(cat "$REPO/COMMIT")
+export SKYRL_COMMIT=${SKYRL_COMMIT:-}
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export VLLM_USE_FLASHINFER_SAMPLER=0   # flashinfer is not in the vLLM build
@@ -66,7 +73,7 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [server-conformance]=480 [generate]=200
-                  [weight-sync]=300
+                  [weight-sync]=400 [colocated]=150
                   [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
                   [trainer-side]=400)
 
@@ -226,8 +233,12 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         consistency) engine_env "$engine" && consistency "$engine" "$seconds" ;;
         weight-sync) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
-            --json "$OUT/$engine-weight-sync.json" ;;
-        weight-sync-tests) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
+            ${WEIGHT_SYNC_ARGS:-} --json "$OUT/$engine-weight-sync-$(date -u +%H%M%S).json" ;;
+        colocated) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
+            --shape qwen2.5-1.5b --skip broadcast,streamed,per_tensor,raw ${WEIGHT_SYNC_ARGS:-} \
+            --json "$OUT/colocated-$(date -u +%H%M%S).json" ;;
+        weight-sync-tests) { if [ -n "$engine" ]; then engine_env "$engine"; else core_env; fi; } \
+            && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ${PYTEST_ARGS:-} ;;
         trainer-side) engine_env "$engine" && bounded "$seconds" python3 core/benchmarks/bench_trainer_side.py \
             --part sharded --device cuda --shape qwen2.5-1.5b --bucket-bytes $((1 << 30)) \

@@ -180,8 +180,9 @@ MUTANTS: tuple[Mutant, ...] = (
             ("engine.py", "        if request_ids is None:\n            self._abort_epoch += 1\n",
              "        if request_ids is None:\n            pass\n")),
     _mutant("pause_ignored", "pause_generation ignored: requests keep decoding",
-            ("engine.py", "    async def skyrl_backends_pause_generation(self) -> None:\n        self._paused = True\n",
-             "    async def skyrl_backends_pause_generation(self) -> None:\n        pass\n")),
+            ("engine.py", "        self._paused = True\n        self._recompute_next_resume = recompute\n"
+                          "        while self._running_loops:\n",
+             "        self._recompute_next_resume = recompute\n        while False:\n")),
     _mutant("stream_chunks_overlap", "stream chunks not adding up: each repeats the previous chunk's last token",
             ("engine.py", "yield StreamChunk(index, s.tokens[start:],",
              "yield StreamChunk(index, s.tokens[max(start - 1, 0):],")),

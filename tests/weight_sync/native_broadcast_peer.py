@@ -38,8 +38,9 @@ def receive_with_skyrl(conn: Any, init_info: dict[str, Any] | None, device: str 
     """A skyrl receiver in its own process, loading like an engine: it copies what it receives into
     its own tensors (queued on the current stream, on a GPU). It joins (broadcast; None for colocated
     strategies), then answers each request (JSON) with ``sums`` (the sum of each loaded tensor),
-    ``loads`` (how many times its loader was called) and ``staging_bytes`` (what the broadcast
-    receiver holds afterwards), or with the rejection."""
+    ``loads`` (how many times its loader was called), ``staging_bytes`` (what the broadcast
+    receiver holds afterwards) and ``handles_opened`` (CUDA IPC handles opened so far), or with the
+    rejection."""
     import torch
     from skyrl_backends.errors import WeightUpdateError
     from skyrl_backends.types import WeightSyncInitInfo
@@ -70,7 +71,16 @@ def receive_with_skyrl(conn: Any, init_info: dict[str, Any] | None, device: str 
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             reply: Any = {"sums": {name: float(params[name].double().sum()) for name in request.names},
-                          "loads": len(loads), "staging_bytes": getattr(communicator, "staging_bytes", 0)}
+                          "loads": len(loads), "staging_bytes": getattr(communicator, "staging_bytes", 0),
+                          "handles_opened": _handles_opened(device)}
         except WeightUpdateError as exc:
             reply = {"error": exc.problems}
         conn.send_bytes(json.dumps(reply).encode())
+
+
+def _handles_opened(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    from skyrl_backends.weight_sync import cuda_ipc
+
+    return cuda_ipc.handles_opened()

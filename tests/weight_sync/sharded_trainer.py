@@ -1,13 +1,15 @@
 """One rank of a trainer whose model is sharded with FSDP2 over two processes (gloo, CPU).
 
-Test support for ``test_sharded.py``: the test starts engine servers (``engine_server.py``) and two of
-these processes; each rank loads the tiny model, shards it with ``fully_shard`` and runs the same
-scenario, calling ``sync_weights`` collectively. Rank 0 holds the engines and an unsharded copy of
-the model that receives the same changes (the oracle's weights). Each rank prints one JSON line,
+Test support for ``test_trainer_side.py`` and ``test_gpu.py``: the test starts engine servers
+(``skyrl-backends serve``, :class:`~skyrl_backends.remote.ServerProcess`) and two of these processes;
+each rank connects to every server by its URL (``connect_engine``), loads the tiny model, shards it
+with ``fully_shard`` and runs the same scenario, calling ``sync_weights`` collectively. Rank 0 passes
+the engines and holds an unsharded copy of the model that receives the same changes (the oracle's
+weights); the other rank reads only what the engines declare. Each rank prints one JSON line,
 ``RESULT {...}``, which the test checks.
 
-    python sharded_trainer.py --rank R --world 2 --port P --model DIR --backend transformers \\
-        --engines '[[port, capabilities], ...]' [--device cuda]
+    python sharded_trainer.py --rank R --world 2 --port P --model DIR \\
+        --engines '["http://127.0.0.1:PORT", ...]' [--device cuda]
 
 Cases marked "separate machines" make every rank report a machine of its own, so the ranks gather
 their shards over the group instead of writing them into shared memory (the path of ranks on several
@@ -99,8 +101,8 @@ async def _served(engines: list[Any]) -> list[dict[str, Any]]:
     served = []
     for engine in engines:
         out = await engine.generate(PROMPTS, GREEDY)
-        served.append({"tokens": [c["token_ids"] for c in out], "logprobs": [c["logprobs"] for c in out],
-                       "stamped": [c["weight_version"] for c in out]})
+        served.append({"tokens": out.response_ids, "logprobs": out.logprobs,
+                       "stamped": [c.weight_version for c in out]})
     return served
 
 
@@ -112,14 +114,26 @@ async def _error_of(coro: Any) -> dict[str, Any] | None:
     return None
 
 
-async def scenario(args: argparse.Namespace) -> dict[str, Any]:
-    from remote_engine import RemoteEngine
-    from skyrl_backends.weight_sync import connect_broadcast, sync_weights
+async def _versions(engines: list[Any]) -> list[int]:
+    return [(await e.refresh()).weight_version for e in engines]
 
-    from skyrl_backends.weight_sync import make_sender
+
+async def scenario(args: argparse.Namespace) -> dict[str, Any]:
+    from skyrl_backends.remote import connect_engine
 
     rank = dist.get_rank()
-    engines = [RemoteEngine.connect(args.backend, port, caps) for port, caps in json.loads(args.engines)]
+    # Every rank gets its own handle on the same servers (what each rank reads of them: capabilities).
+    engines = [connect_engine(url) for url in json.loads(args.engines)]
+    try:
+        return await _scenario(args, rank, engines)
+    finally:
+        for engine in engines:
+            await engine.teardown()  # the connection; the servers belong to the test
+
+
+async def _scenario(args: argparse.Namespace, rank: int, engines: list[Any]) -> dict[str, Any]:
+    from skyrl_backends.weight_sync import connect_broadcast, make_sender, sync_weights
+
     model, reference = _models(args.model, args.device)
     result: dict[str, Any] = {"rank": rank, "cases": [], "failures": {}}
     if args.device == "cuda":  # the ranks gather over NCCL; the engine's layout is connect_broadcast's choice
@@ -163,11 +177,11 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     failures["bucket_bytes"] = await _error_of(sync_weights(
         engines if rank == 0 else None, model, "shared_memory", bucket_bytes=SMALL_BUCKETS * (rank + 1)))
     # Every rank refuses what the engines refuse, before a byte moves (float16 for float32 engines).
-    before = [(await e.state())["weight_version"] for e in engines] if rank == 0 else None
+    before = await _versions(engines) if rank == 0 else None
     failures["engine_refuses"] = await _error_of(sync_weights(engines if rank == 0 else None, model,
                                                               "shared_memory", dtype_for=torch.float16))
     if rank == 0:
-        failures["versions_after_refusal"] = [[(await e.state())["weight_version"] for e in engines], before]
+        failures["versions_after_refusal"] = [await _versions(engines), before]
     failures["tensors"] = await _error_of(sync_weights(engines if rank == 0 else None, model, "tensors"))
     # A rank that does not call: the others give up after timeout_s, naming it; the next sync works.
     if rank == 0:
@@ -180,20 +194,20 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def launch(engines: list[Any], backend: str, model_dir: str, device: str = "cpu",
-           env: dict[str, str] | None = None, timeout_s: float = 900) -> list[dict[str, Any]]:
-    """Run the scenario in two trainer processes (this file) against ``engines`` (``RemoteEngine`` s);
-    returns each rank's result."""
+def launch(engines: list[Any], model_dir: str, device: str = "cpu", env: dict[str, str] | None = None,
+           timeout_s: float = 900) -> list[dict[str, Any]]:
+    """Run the scenario in two trainer processes (this file) against ``engines`` (``RemoteEngine`` s,
+    which each rank reaches by URL); returns each rank's result."""
     import socket
     import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    described = json.dumps([[e.port, e.capabilities.to_dict()] for e in engines])
+    urls = json.dumps([e.url for e in engines])
     processes = [subprocess.Popen([sys.executable, __file__, "--rank", str(rank), "--world", "2", "--port", str(port),
-                                   "--model", model_dir, "--backend", backend, "--engines", described,
-                                   "--device", device], stdout=subprocess.PIPE, text=True,
+                                   "--model", model_dir, "--engines", urls, "--device", device],
+                                  stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, **(env or {})})
                  for rank in range(2)]
     results = []
@@ -213,8 +227,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--backend", default="transformers")
-    parser.add_argument("--engines", required=True)
+    parser.add_argument("--engines", required=True, help="the engine servers' URLs, as a JSON list")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: rank r on GPU r, NCCL, and the cases cuda_ipc and NCCL broadcast")
     args = parser.parse_args()

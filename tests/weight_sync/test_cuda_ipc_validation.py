@@ -41,3 +41,57 @@ def test_a_bucket_without_its_handle_is_refused():
     with pytest.raises(WeightUpdateError) as info:
         cuda_ipc.receive(request, "cpu")
     assert "ipc" in info.value.problems["payload.buckets[0]"]
+
+
+@pytest.mark.parametrize("changes, field, words", [
+    ({"sender": "../../x", "generation": 1}, "payload.buckets[0].ipc.sender", "hex digits"),
+    ({"generation": 1}, "payload.buckets[0].ipc.sender", "hex digits"),
+    ({"sender": "ab" * 8, "generation": -1}, "payload.buckets[0].ipc.generation", "non-negative"),
+    ({"sender": "ab" * 8, "generation": "2"}, "payload.buckets[0].ipc.generation", "non-negative"),
+])
+def test_bad_sender_generation_fields_are_named(changes, field, words):
+    with pytest.raises(WeightUpdateError) as info:
+        cuda_ipc.receive(_request(**changes), "cpu")
+    assert words in info.value.problems[field], info.value.problems
+
+
+class Opener:
+    """Test double for opening a handle: counts the calls and returns a fresh buffer."""
+
+    def __init__(self, nbytes: int = 64) -> None:
+        self.calls, self.nbytes = 0, nbytes
+
+    def __call__(self):
+        import torch
+
+        self.calls += 1
+        return torch.zeros(self.nbytes, dtype=torch.uint8)
+
+
+def test_a_generation_is_opened_once_and_reused():
+    shares, opener = cuda_ipc.OpenedShares(), Opener()
+    first = shares.get("a" * 16, 1, "h0", 64, "payload.buckets[0]", opener)
+    assert shares.get("a" * 16, 1, "h0", 64, "payload.buckets[0]", opener) is first
+    shares.get("a" * 16, 1, "h1", 64, "payload.buckets[1]", opener)  # another bucket of the same generation
+    assert opener.calls == 2 and shares.opened == 2
+
+
+def test_a_newer_generation_drops_the_older_buffers_and_an_older_one_is_refused():
+    shares, opener = cuda_ipc.OpenedShares(), Opener()
+    old = shares.get("a" * 16, 1, "h0", 64, "where", opener)
+    new = shares.get("a" * 16, 2, "h0", 64, "where", opener)  # same handle text, reallocated: opened anew
+    assert new is not old and opener.calls == 2 and shares.generation("a" * 16) == 2
+    with pytest.raises(WeightUpdateError) as info:
+        shares.get("a" * 16, 1, "h0", 64, "payload.buckets[0]", opener)
+    assert "reallocated its buffers" in info.value.problems["payload.buckets[0].ipc.generation"]
+    assert opener.calls == 2  # nothing opened for the stale request
+
+
+def test_a_size_other_than_the_opened_buckets_is_refused_and_other_senders_are_let_go():
+    shares, opener = cuda_ipc.OpenedShares(), Opener(64)
+    shares.get("a" * 16, 1, "h0", 64, "where", opener)
+    with pytest.raises(WeightUpdateError, match="holds 64 bytes"):
+        shares.get("a" * 16, 1, "h0", 128, "payload.buckets[0]", opener)
+    shares.get("b" * 16, 5, "h0", 64, "where", opener)
+    shares.keep_only({"b" * 16})
+    assert shares.generation("a" * 16) is None and shares.generation("b" * 16) == 5

@@ -22,9 +22,8 @@ import native_broadcast_peer  # beside this file: the conftest puts the folder o
 import pytest
 import sharded_trainer
 import torch
-from remote_engine import RemoteEngine  # the sharded-trainer test's engine process (to be ported)
 from skyrl_backends.errors import WeightUpdateError
-from skyrl_backends.remote import ServerProcess, connect_engine
+from skyrl_backends.remote import ServerProcess, connect_engine, launch_engine
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.broadcast import BroadcastSender
@@ -96,6 +95,44 @@ def test_cuda_ipc_into_another_process_reuses_handles_and_refuses_bad_ones():
         bad["buckets"][-1]["ipc"]["storage_nbytes"] = 16
         reply = _ask(pipe, WeightUpdateRequest(request.names, request.dtypes, request.shapes, "cuda_ipc", bad))
         assert "holds 16 bytes" in reply["error"][f"payload.buckets[{len(bad['buckets']) - 1}].ipc"]
+    finally:
+        pipe.send_bytes(b"stop")
+        peer.join(60)
+        sender.close()
+
+
+def test_an_adopted_model_syncs_by_cuda_ipc_without_a_copy_through_handles_opened_once():
+    """The trainer's tensors live in the sender's buckets: a sync copies none of them, the engine
+    opens each bucket's handle once for all steps, a reallocation (another bucket size) is opened
+    anew, and a request made before it is refused, not read through its stale handle."""
+    pipe, peer = _peer(None, "cuda:0")
+    peer.start()
+    assert pipe.recv_bytes() == b"joined"
+    sender = CudaIpcSender("cuda:0")
+    try:
+        weights = sender.adopt(_weights("cuda:0", 4), bucket_bytes=300 * 1024)
+        opened = None
+        for _step in range(3):
+            with torch.no_grad():  # a training step, in place on the current stream
+                for tensor in weights.values():
+                    tensor.mul_(0.5).add_(1)
+            layout = plan(weights, bucket_bytes=300 * 1024)
+            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
+            assert sender.copied == 0
+            reply = _ask(pipe, request)
+            assert reply["sums"] == pytest.approx(_sums(weights))
+            assert opened is None or reply["handles_opened"] == opened  # nothing opened again
+            opened = reply["handles_opened"]
+        assert opened == len(request.payload["buckets"])
+        stale = request
+        layout = plan(weights, bucket_bytes=200 * 1024)  # other buckets: new buffers, a new generation
+        fresh = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", sender.write(layout))
+        assert sender.copied == len(weights)
+        reply = _ask(pipe, fresh)
+        assert reply["sums"] == pytest.approx(_sums(weights))
+        assert reply["handles_opened"] == opened + len(fresh.payload["buckets"])
+        reply = _ask(pipe, stale)
+        assert "reallocated its buffers" in reply["error"]["payload.buckets[0].ipc.generation"]
     finally:
         pipe.send_bytes(b"stop")
         peer.join(60)
@@ -250,12 +287,12 @@ def test_a_trainer_sharded_over_two_gpus_syncs_by_cuda_ipc_and_nccl(backend, mod
     defaults = json.loads(os.environ.get("SKYRL_ENGINE_DEFAULTS", "{}")).get(backend, {})
     # SGLang's scheduler runs NCCL with NCCL_CUMEM_ENABLE=0: the trainer's ranks must too.
     nccl = {CUMEM_ENV: "0"} if backend == "sglang" else {}
-    engine = RemoteEngine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1", **nccl},
-                          **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
+    engine = launch_engine(backend, model_dir, env={"CUDA_VISIBLE_DEVICES": "1", **nccl},
+                           **{**defaults, "dtype": dtype, "gpu_memory_utilization": 0.3})
     try:
-        first, second = sharded_trainer.launch([engine], backend, model_dir, device="cuda", env=nccl, timeout_s=600)
+        first, second = sharded_trainer.launch([engine], model_dir, device="cuda", env=nccl, timeout_s=600)
     finally:
-        engine.close()
+        asyncio.run(engine.teardown())
     assert [c["strategy"] for c in first["cases"]][:3] == ["cuda_ipc", "shared_memory", "broadcast"]
     for case, other in zip(first["cases"], second["cases"], strict=True):
         assert case["versions"] == other["versions"] == [case["unsharded_versions"][0] - 1], case["strategy"]

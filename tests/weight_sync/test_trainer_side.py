@@ -2,7 +2,9 @@
 over two ranks, and LoRA adapters pushed as tensors.
 
 The engines are real engines of the selected backend (``SKYRL_WEIGHT_SYNC_BACKEND``, default
-transformers), each in its own OS process, started with LoRA on.
+transformers), each behind ``skyrl-backends serve`` in its own OS process, started with LoRA on and
+driven over loopback by a :class:`~skyrl_backends.remote.RemoteEngine`; each trainer rank connects
+to the same servers by URL.
 
 * Sharded: two trainer ranks (``sharded_trainer.py``, gloo on CPU) hold DTensor shards of the tiny
   model and call ``sync_weights`` collectively, through shared memory and gloo broadcast (packed, per
@@ -23,25 +25,32 @@ from pathlib import Path
 import pytest
 import sharded_trainer  # beside this file: the conftest puts the folder on sys.path
 import torch
-from remote_engine import RemoteEngine
 from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.remote import RemoteEngine, ServerProcess, connect_engine
 from skyrl_backends.weight_sync import connect_broadcast, sync_lora_adapter, sync_weights
+
 
 @pytest.fixture(scope="module")
 def engines(backend, model_dir, num_engines):
-    started = [RemoteEngine(backend, model_dir, wait=False, dtype="float32", enable_lora=True)
+    """The engine servers, started together, each with a remote engine that stops it at teardown."""
+    servers = [ServerProcess(backend, model_dir, options={"dtype": "float32", "enable_lora": True})
                for _ in range(num_engines)]
-    for engine in started:
-        engine.wait_ready()
-    yield started
-    for engine in started:
-        engine.close()
+    started = []
+    try:
+        for server in servers:
+            started.append(connect_engine(server.wait_ready(), _owned_server=server))
+        yield started
+    finally:
+        for engine in started:
+            asyncio.run(engine.teardown())
+        for server in servers:
+            server.stop()  # those whose engine never connected (stopping twice is harmless)
 
 
 @pytest.fixture(scope="module")
-def ranks(engines, backend, model_dir):
+def ranks(engines, model_dir):
     """Both ranks' results of the whole scenario (one run of the two trainer processes)."""
-    return sharded_trainer.launch(engines, backend, model_dir)
+    return sharded_trainer.launch(engines, model_dir)
 
 
 def test_sharded_sync_serves_the_unsharded_weights(ranks, engines):
@@ -125,7 +134,7 @@ def adapters(model_dir, lora_dir, tmp_path_factory):
 
 async def _adapted(engine: RemoteEngine, name: str) -> tuple[list[list[int]], list[int]]:
     out = await engine.generate(PROMPTS, GREEDY, lora_name=name)
-    return [c["token_ids"] for c in out], [c["lora_version"] for c in out]
+    return out.response_ids, [c.lora_version for c in out]
 
 
 @pytest.mark.parametrize("strategy", ["shared_memory", "broadcast"])

@@ -141,7 +141,8 @@ class RayWrappedInferenceEngine:
         return {"weight_version": engine.weight_version, "asleep": sorted(engine.asleep_tags),
                 "weights_loaded": engine.weights_loaded, "closed": engine.closed, "paused": engine.paused,
                 "pause_mode": engine.pause_mode,
-                "num_inflight": engine.num_inflight, "lora_adapters": engine.lora_adapters}
+                "num_inflight": engine.num_inflight, "lora_adapters": engine.lora_adapters,
+                "lora_versions": engine.lora_versions}
 
     async def teardown(self) -> None:
         await self.engine.teardown()

@@ -18,8 +18,11 @@ from skyrl_backends.types import (
     GenerateRequest,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
+    WeightUpdateRequest,
 )
+from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
 
 
 def through_json(value):
@@ -57,16 +60,65 @@ def test_a_malformed_request_is_an_error_naming_the_field(body, field):
 def test_completions_round_trip_exactly_with_integer_token_ids_in_top_logprobs():
     completion = Completion(token_ids=[5, 6], finish_reason="stop", logprobs=[-0.1234567890123, -math.inf],
                             top_logprobs=[{5: -0.1, 9: -2.5}, {6: -math.inf}], text="hi", stop_reason=6,
-                            request_id="r", weight_version=3)
+                            request_id="r", token_versions=TokenVersions(((0, 3), (1, 4)), 2), lora_version=2)
     back = wire.output_from_json(through_json(wire.output_to_json(GenerateOutput([completion]))))
     assert back.completions == [completion]
     assert all(isinstance(t, int) for step in back[0].top_logprobs for t in step)
+    assert back[0].token_versions.per_token() == [3, 4] and back[0].weight_version == 4
 
 
-def test_stream_chunks_round_trip():
-    final = Completion(token_ids=[1, 2], finish_reason="length", logprobs=[-1.0, -2.0])
-    for chunk in (StreamChunk(0, [1], [-1.0]), StreamChunk.final(3, final, start=1)):
+@pytest.mark.parametrize("versions", [None, TokenVersions((), 0), TokenVersions.uniform(0, 5)],
+                         ids=["none", "no-runs", "empty-with-its-version"])
+def test_the_versions_of_a_completion_without_tokens_round_trip(versions):
+    completion = Completion(token_ids=[], finish_reason="abort", token_versions=versions)
+    assert wire.completion_from_json(through_json(wire.completion_to_json(completion))) == completion
+
+
+def test_stream_chunks_round_trip_with_their_token_versions():
+    final = Completion(token_ids=[1, 2, 3], finish_reason="length", logprobs=[-1.0, -2.0, -3.0],
+                       token_versions=TokenVersions(((0, 1), (2, 2)), 3), lora_version=7)
+    chunks = (StreamChunk(0, [1], [-1.0]), StreamChunk(0, [1], [-1.0], token_versions=TokenVersions.uniform(1, 1)),
+              StreamChunk(0, [], token_versions=TokenVersions((), 0)), StreamChunk.final(3, final, start=1))
+    for chunk in chunks:
         assert wire.chunk_from_json(through_json(wire.chunk_to_json(chunk))) == chunk
+    assert chunks[-1].token_versions.runs == ((0, 1), (1, 2))  # the versions of the chunk's own tokens
+
+
+@pytest.mark.parametrize("versions, field", [
+    ("[[0, 1]]", "completion.token_versions"),
+    ([[0, "1"]], "completion.token_versions"),
+    ([[1, 1]], "completion.token_versions"),           # the first run starts at token 0
+    ([[0, 1], [2, 2]], "completion.token_versions"),   # a run starts beyond the 2 tokens
+])
+def test_malformed_token_versions_are_an_error_naming_the_field(versions, field):
+    with pytest.raises(ConfigError) as info:
+        wire.completion_from_json({"token_ids": [1, 2], "finish_reason": "stop", "token_versions": versions})
+    assert info.value.field == field
+
+
+def test_versions_that_do_not_cover_the_tokens_are_not_sent():
+    completion = Completion(token_ids=[1, 2], finish_reason="stop", token_versions=TokenVersions.uniform(3, 1))
+    with pytest.raises(ValueError, match="cover 3 token"):
+        wire.completion_to_json(completion)
+
+
+def test_check_finite_survives_a_weight_update_manifest():
+    request = WeightUpdateRequest(["w"], ["float32"], [(2,)], "shared_memory", {"buckets": []}, check_finite=True)
+    assert request_from_json(through_json(request_to_json(request))).check_finite is True
+
+
+def test_the_servers_config_travels_without_its_keys():
+    from skyrl_backends.config import GeneratorConfig
+
+    config = GeneratorConfig(model="/m", max_lora_rank=8, enable_lora=True, http_endpoint_api_key="secret",
+                             remote_inference_engine_api_key="secret2", engine_init_kwargs={"token": "secret3"})
+    sent = through_json(wire.config_to_json(config))
+    assert not {"http_endpoint_api_key", "remote_inference_engine_api_key", "engine_init_kwargs"} & set(sent)
+    assert "secret" not in wire.dumps(sent).decode()
+    back = wire.config_from_json({**sent, "a_field_of_a_newer_server": 1})
+    assert (back.model, back.max_lora_rank, back.enable_lora) == ("/m", 8, True)
+    assert back.http_endpoint_api_key is None and back.engine_init_kwargs == {}
+    assert wire.config_from_json(None) is None and wire.config_from_json({"max_lora_rank": -1}) is None
 
 
 def test_capabilities_specs_and_init_info_round_trip():

@@ -1,10 +1,14 @@
 """The remote engine against a real transformers engine behind the engine API: the same outputs and
 the same exceptions as the engine in process, retries that never run a generation twice, aborts that
-cannot miss, and the API key on every engine route."""
+cannot miss, the API key on every engine route, and every feature of the engine API through the wire
+(per-token weight versions, pause modes, LoRA adapters sent as tensors, check_finite)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import os
 import uuid
 
 import httpx
@@ -13,7 +17,7 @@ import skyrl_backends as sb
 from conftest import API_KEY
 from skyrl_backends import errors
 from skyrl_backends.remote import connect_engine, wire
-from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.types import TokenVersions, WeightUpdateRequest
 
 GREEDY = {"max_generate_length": 12, "temperature": 0.0, "ignore_eos": True, "logprobs": 3}
 LONG = {"max_generate_length": 400, "temperature": 0.0, "ignore_eos": True}
@@ -35,10 +39,23 @@ def test_remote_output_is_the_engines_own_output(served, remote):
         assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
         assert [sorted(step) for step in ours.top_logprobs] == [sorted(step) for step in theirs.top_logprobs]
     assert [c.request_id for c in got] == ids
+    assert [c.token_versions for c in got] == [c.token_versions for c in local]
     assert [c.weight_version for c in got] == [served.engine.weight_version] * 2
     assert remote.backend == "transformers" and remote.capabilities.streaming
     assert remote.parallel_sizes() == served.engine.parallel_sizes()
     assert remote.engine_version() == served.engine.engine_version()
+
+
+def test_capabilities_and_config_are_the_servers_plus_what_the_connection_carries(served, remote):
+    from skyrl_backends.remote import transport_capabilities
+
+    assert remote.capabilities == transport_capabilities(served.engine.capabilities, same_host=True)
+    for strategies in (remote.capabilities.weight_sync_strategies, remote.capabilities.lora_from_tensors):
+        assert strategies[0] == "tensors" and "shared_memory" in strategies  # in-process tensors by shared memory
+    caps = remote.capabilities
+    assert caps.token_versions and caps.native_pause and caps.recompute_on_resume
+    assert (remote.config.model, remote.config.max_lora_rank, remote.config.enable_lora) == (
+        served.engine.config.model, served.engine.config.max_lora_rank, True)
 
 
 def test_n_samples_and_seeds_cross_the_wire(served, remote):
@@ -68,12 +85,35 @@ def _outcome(call):
     return None
 
 
+def adapter(lora_dir: str) -> tuple[dict, dict]:
+    """The tiny model's adapter: its tensors (PEFT naming) and its config as JSON."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(lora_dir, "adapter_config.json")) as f:
+        return load_file(os.path.join(lora_dir, "adapter_model.safetensors")), json.load(f)
+
+
 @pytest.mark.parametrize("case", ["logprobs_beyond_max", "sleep_level_3", "unknown_adapter", "bad_shape",
-                                  "typo_name", "lora_missing_dir"])
-def test_errors_are_the_same_class_and_message_as_in_process(served, remote, case):
+                                  "typo_name", "lora_missing_dir", "pause_mode_unknown", "recompute_outside_keep",
+                                  "not_finite", "delivered_dtype_differs", "adapter_tensor_missing",
+                                  "adapter_rank_too_high"])
+def test_errors_are_the_same_class_and_message_as_in_process(served, remote, case, lora_dir):
     spec = next(iter(served.run(served.engine.weight_specs()).values()))
 
     def call(engine, execute):
+        if case == "pause_mode_unknown":
+            return lambda: execute(engine.pause_generation("freeze"))
+        if case == "recompute_outside_keep":
+            return lambda: execute(engine.pause_generation("abort", recompute=True))
+        if case.startswith("adapter_"):
+            from skyrl_backends.weight_sync import sync_lora_adapter
+
+            tensors, config = adapter(lora_dir)
+            if case == "adapter_tensor_missing":
+                tensors = {k: v for k, v in tensors.items() if "layers.0" not in k}
+            if case == "adapter_rank_too_high":
+                config = {**config, "r": 1000}
+            return lambda: execute(sync_lora_adapter(engine, "a", tensors, config, "tensors"))
         if case == "logprobs_beyond_max":
             return lambda: execute(engine.generate(PROMPTS, {"max_generate_length": 2, "logprobs": 50}))
         if case == "sleep_level_3":
@@ -86,11 +126,21 @@ def test_errors_are_the_same_class_and_message_as_in_process(served, remote, cas
 
         if case == "bad_shape":
             return lambda: execute(engine.update_weights_from_tensors([(spec.name, torch.zeros(3))]))
+        if case == "not_finite":
+            bad = torch.full(spec.shape, math.nan, dtype=getattr(torch, spec.dtype))
+            return lambda: execute(engine.update_named_weights(
+                WeightUpdateRequest.from_named_tensors([(spec.name, bad)], check_finite=True)))
+        if case == "delivered_dtype_differs":  # declared as the engine holds it, delivered as float16
+            request = WeightUpdateRequest([spec.name], [spec.dtype], [spec.shape], "tensors",
+                                          [torch.zeros(spec.shape, dtype=torch.float16)])
+            return lambda: execute(engine.update_named_weights(request))
         request = WeightUpdateRequest([spec.name + "x"], [spec.dtype], [spec.shape])
         return lambda: execute(engine.validate_weight_update(request))
 
+    before = served.engine.weight_version
     local = _outcome(call(served.engine, served.run))
     got = _outcome(call(remote, run))
+    assert served.engine.weight_version == before and not served.engine.lora_adapters  # nothing was applied
     assert local is not None and got is not None
     assert got[0] is local[0], f"{got[0].__name__} instead of {local[0].__name__}"
     assert got[1] == local[1]
@@ -298,6 +348,7 @@ def test_a_server_elsewhere_offers_no_same_host_strategy(served, remote):
 
     elsewhere = RemoteEngine(remote._dialect, remote.description, same_host=False, url=remote.url)
     assert elsewhere.capabilities.weight_sync_strategies == ("broadcast",)
+    assert elsewhere.capabilities.lora_from_tensors == ("broadcast",)
     with pytest.raises(errors.UnsupportedCapabilityError, match="connect_broadcast"):
         run(elsewhere.update_weights_from_tensors([("x", __import__("torch").zeros(1))]))
 
@@ -322,3 +373,126 @@ def test_a_server_at_its_concurrency_limit_is_waited_for_not_failed(served):
         run(remote.teardown())
     assert all(o[0].finish_reason == "length" for o in outs)
     assert all(served.observed.request_ids.count(rid) == 1 for rid in ids)
+
+
+# -- the newer engine API through the wire ----------------------------------------------------------------------
+def _original(model_dir: str, names) -> list:
+    from safetensors.torch import load_file
+
+    weights = load_file(f"{model_dir}/model.safetensors")
+    return [(n, weights[n]) for n in names]
+
+
+class _Stream:
+    """A remote stream read in the background, its chunks kept."""
+
+    def __init__(self, engine, prompt, params) -> None:
+        self.chunks = []
+        self.running = asyncio.Event()
+        self.task = asyncio.ensure_future(self._read(engine, prompt, params))
+
+    async def _read(self, engine, prompt, params):
+        async for chunk in engine.generate_stream([prompt], params):
+            self.chunks.append(chunk)
+            if sum(len(c.token_ids) for c in self.chunks) >= 4:
+                self.running.set()
+        self.running.set()
+        return self.chunks[-1].completion
+
+    def versions(self) -> TokenVersions:
+        versions = TokenVersions((), 0)
+        for chunk in self.chunks:
+            assert chunk.token_versions is not None and chunk.token_versions.length == len(chunk.token_ids)
+            versions = versions.concat(chunk.token_versions)
+        return versions
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "keep+recompute"])
+def test_a_kept_request_spans_a_weight_update_with_per_token_versions(served, remote, model_dir, recompute):
+    """Pause "keep" through the wire, update the weights under the kept request, resume: its tokens
+    say which version produced each, in the completion and in the stream chunks."""
+    names = list(run(remote.weight_specs()))
+    same_weights = _original(model_dir, names)  # a new version of the same values: the tokens do not change
+    reference = served.run(served.engine.generate([PROMPTS[0]], LONG))[0]
+
+    async def main():
+        old = remote.weight_version
+        stream = _Stream(remote, PROMPTS[0], LONG)
+        await asyncio.wait_for(stream.running.wait(), 300)  # a bound on a hang, not a speed check
+        await remote.pause_generation("keep", recompute=recompute)
+        assert remote.paused and remote.pause_mode == "keep" and not stream.task.done()
+        new = await remote.update_weights_from_tensors(same_weights)
+        await remote.resume_generation()
+        assert not remote.paused and remote.pause_mode is None
+        return old, new, await stream.task, stream
+
+    old, new, final, stream = run(main())
+    assert new == old + 1 and final.finish_reason == "length" and final.token_ids == reference.token_ids
+    (start, first), (seam, second) = final.token_versions.runs
+    assert (start, first, second) == (0, old, new) and 0 < seam < len(final.token_ids)
+    assert stream.versions() == final.token_versions
+
+
+@pytest.mark.parametrize("mode", ["abort", "wait"])
+def test_pause_modes_that_end_or_finish_running_requests(served, remote, mode):
+    async def main():
+        stream = _Stream(remote, PROMPTS[1], LONG)
+        await asyncio.wait_for(stream.running.wait(), 300)
+        await remote.pause_generation(mode)
+        state = (remote.paused, remote.pause_mode, (await remote.health())["status"])
+        await remote.resume_generation()
+        return state, await stream.task, stream
+
+    state, final, stream = run(main())
+    assert state == (True, mode, "paused")
+    if mode == "abort":
+        assert final.finish_reason == "abort" and 0 < len(final.token_ids) < LONG["max_generate_length"]
+    else:  # "wait" returned once the running request had finished
+        assert final.finish_reason == "length" and len(final.token_ids) == LONG["max_generate_length"]
+    assert stream.versions() == final.token_versions == TokenVersions.uniform(len(final.token_ids),
+                                                                              remote.weight_version)
+
+
+@pytest.mark.parametrize("strategy", ["tensors", "shared_memory"])
+def test_a_lora_adapter_sent_as_tensors_serves_what_its_folder_serves(served, remote, lora_dir, strategy):
+    from skyrl_backends.weight_sync import sync_lora_adapter
+
+    tensors, config = adapter(lora_dir)
+    served.run(served.engine.load_lora_adapter("from-folder", lora_dir))
+    try:
+        expected = served.run(served.engine.generate(PROMPTS, GREEDY, lora_name="from-folder")).response_ids
+    finally:
+        served.run(served.engine.unload_lora_adapter("from-folder"))
+    name = f"from-{strategy}"
+
+    async def main():
+        try:
+            versions = [await sync_lora_adapter(remote, name, tensors, config, strategy) for _ in range(2)]
+            assert remote.lora_versions == {name: 2} and remote.lora_adapters.keys() == {name}
+            return versions, await remote.generate(PROMPTS, GREEDY, lora_name=name)
+        finally:
+            await remote.unload_lora_adapter(name)
+
+    versions, out = run(main())
+    assert versions == [[1], [2]]  # a second load under the name replaces the adapter, with a new version
+    assert out.response_ids == expected
+    assert [c.lora_version for c in out] == [2, 2]
+    assert not remote.lora_adapters and not served.engine.lora_adapters
+
+
+@pytest.mark.parametrize("strategy", ["tensors", "shared_memory"])
+def test_check_finite_is_honoured_by_the_servers_engine(served, remote, model_dir, strategy):
+    import torch
+    from skyrl_backends.weight_sync import sync_weights
+
+    names = list(run(remote.weight_specs()))
+    weights = dict(_original(model_dir, names))
+    victim = names[-1]
+    weights[victim] = torch.full_like(weights[victim], math.nan)
+    before = served.engine.weight_version
+    reference = served.run(served.engine.generate(PROMPTS, GREEDY)).response_ids
+    with pytest.raises(errors.WeightUpdateError) as info:
+        run(sync_weights(remote, weights, strategy, check_finite=True))
+    assert list(info.value.problems) == [victim] and "NaN" in info.value.problems[victim]
+    assert served.engine.weight_version == before == remote.weight_version
+    assert run(remote.generate(PROMPTS, GREEDY)).response_ids == reference

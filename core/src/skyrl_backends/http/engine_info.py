@@ -18,12 +18,13 @@ CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", 
 
 
 async def engine_state(engine: Any) -> dict[str, Any]:
-    """``{"asleep": [...], "weights_loaded", "paused", "lora_adapters": {name: path}, "weight_version"}``
-    (what is known; empty when the engine cannot say)."""
+    """``{"asleep": [...], "weights_loaded", "paused", "pause_mode", "lora_adapters": {name: path},
+    "lora_versions": {name: version}, "weight_version"}`` (what is known; empty when the engine cannot say)."""
     if hasattr(engine, "asleep_tags"):
         return {"asleep": sorted(engine.asleep_tags), "weights_loaded": bool(getattr(engine, "weights_loaded", True)),
-                "paused": bool(getattr(engine, "paused", False)),
+                "paused": bool(getattr(engine, "paused", False)), "pause_mode": getattr(engine, "pause_mode", None),
                 "lora_adapters": dict(getattr(engine, "lora_adapters", {}) or {}),
+                "lora_versions": dict(getattr(engine, "lora_versions", {}) or {}),
                 "weight_version": getattr(engine, "weight_version", None)}
     state = getattr(engine, "state", None)
     if callable(state):

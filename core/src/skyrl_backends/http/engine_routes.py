@@ -5,16 +5,19 @@ What a trainer's :class:`~skyrl_backends.remote.RemoteEngine` talks to, and what
 serve`` mounts beside its OpenAI endpoint. The routes (``P`` is the prefix):
 
 =========================================  ==========================================================
-``GET  P/info``                            backend, engine version, capabilities, parallel sizes, state
+``GET  P/info``                            backend, engine version, capabilities, parallel sizes, state,
+                                           the generator config (less keys and engine keyword arguments)
 ``GET  P/health``                          ``ok`` / ``asleep`` / ``weights_missing`` / ``paused`` / ``closed``
 ``GET  P/state``, ``GET P/capabilities``   the engine's state; what it declares
 ``GET  P/weights/version``, ``P/weights/specs``  weight version; every updatable parameter
 ``POST P/generate``                        token ids in, completions out (``"stream": true``: chunks)
-``POST P/abort``, ``P/pause``, ``P/resume``  abort by request id (or all); native pause
+``POST P/abort``, ``P/pause``, ``P/resume``  abort by request id (or all); pause (``mode``, ``recompute``)
 ``POST P/sleep``, ``P/wake_up``            by memory tag and level
 ``POST P/weights/init_communicator``       join the trainer's broadcast group (gloo or NCCL)
 ``POST P/weights/validate``, ``P/weights/update``  a weight update's manifest (broadcast, shared memory, CUDA IPC)
 ``POST P/lora/load``, ``P/lora/unload``    LoRA adapters (a path on the server's machine)
+``POST P/lora/validate_from_tensors``,     LoRA adapters sent as tensors (``lora_name``, ``lora_config``,
+``P/lora/load_from_tensors``               ``request``: a weight update's manifest, ``pinned``)
 ``POST P/reset_prefix_cache``
 ``POST P/host/probe``                      does the caller share this machine's shared memory
 =========================================  ==========================================================
@@ -73,6 +76,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
 }
 _RESULTS: dict[str, Callable[[Any], Any]] = {
     "update_named_weights": int,
+    "load_lora_adapter_from_tensors": int,
 }
 
 
@@ -101,9 +105,9 @@ async def engine_state(engine: Any) -> dict[str, Any]:
     version = raw.get("weight_version")
     return {"weight_version": int(version if version is not None else getattr(engine, "weight_version", 0)),
             "asleep": sorted(raw.get("asleep", [])), "weights_loaded": bool(raw.get("weights_loaded", True)),
-            "paused": bool(raw.get("paused", False)),
+            "paused": bool(raw.get("paused", False)), "pause_mode": raw.get("pause_mode"),
             "closed": bool(getattr(engine, "closed", False) or raw.get("closed", False)),
-            "lora_adapters": dict(raw.get("lora_adapters", {})),
+            "lora_adapters": dict(raw.get("lora_adapters", {})), "lora_versions": dict(raw.get("lora_versions", {})),
             "inflight": int(getattr(engine, "num_inflight", raw.get("num_inflight", 0)) or 0)}
 
 
@@ -156,7 +160,7 @@ class EngineRoutes:
         return {"wire_version": wire.WIRE_VERSION, "dialect": wire.DIALECT, "backend": engine.backend,
                 "engine_version": engine.engine_version(), "distribution": getattr(engine, "distribution", None),
                 "model": getattr(config, "model", None), "capabilities": wire.capabilities_to_json(engine.capabilities),
-                "parallel_sizes": _sizes(engine.parallel_sizes()),
+                "parallel_sizes": _sizes(engine.parallel_sizes()), "config": wire.config_to_json(config),
                 "engine_index": self.index, "num_engines": self.count, "state": await engine_state(engine)}
 
     async def health(self) -> Response:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skyrl_backends.capabilities import Capabilities
+from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, RemoteEngineError
 from skyrl_backends.remote import wire
 from skyrl_backends.remote.transport import HttpTransport
@@ -40,16 +41,21 @@ class RemoteState:
     asleep: tuple[str, ...] = ()
     weights_loaded: bool = True
     paused: bool = False
+    pause_mode: str | None = None
     closed: bool = False
     lora_adapters: dict[str, str] = field(default_factory=dict)
+    lora_versions: dict[str, int] = field(default_factory=dict)
     inflight: int = 0
 
     @classmethod
     def from_json(cls, value: Any) -> RemoteState:
         value = value if isinstance(value, dict) else {}
+        mode = value.get("pause_mode")
         return cls(weight_version=int(value.get("weight_version", 0)), asleep=tuple(value.get("asleep", ())),
                    weights_loaded=bool(value.get("weights_loaded", True)), paused=bool(value.get("paused", False)),
+                   pause_mode=mode if isinstance(mode, str) else None,
                    closed=bool(value.get("closed", False)), lora_adapters=dict(value.get("lora_adapters", {})),
+                   lora_versions={str(k): int(v) for k, v in dict(value.get("lora_versions") or {}).items()},
                    inflight=int(value.get("inflight", 0)))
 
 
@@ -64,6 +70,8 @@ class ServerDescription:
     model: str | None
     state: RemoteState
     distribution: str | None = None
+    # The server engine's generator config, less keys and engine keyword arguments (None: not described).
+    config: GeneratorConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,6 +171,7 @@ class SkyRLDialect(WireDialect):
             parallel_sizes=wire.parallel_sizes_from_json(info.get("parallel_sizes", {})),
             engine_version=info.get("engine_version"), model=info.get("model"),
             state=RemoteState.from_json(info.get("state")), distribution=info.get("distribution"),
+            config=wire.config_from_json(info.get("config")),
             extra={k: info[k] for k in ("engine_index", "num_engines") if k in info})
 
     def probe_same_host(self) -> bool:

@@ -14,11 +14,14 @@ What the engine semantics need beyond the wire (:mod:`skyrl_backends.remote.dial
 * **Capabilities are the server's**, less what cannot cross this connection: the ``tensors`` and
   ``shared_memory`` weight-sync strategies (and ``cuda_ipc``) need a trainer on the server's machine,
   which the remote engine checks when it connects (:mod:`skyrl_backends.remote.same_host`). There,
-  ``update_named_weights`` with in-process tensors sends them through shared memory, so code written
-  for a local engine works unchanged; elsewhere weights travel by broadcast (``connect_broadcast``).
-* **State is mirrored**: ``weight_version``, ``asleep_tags``, ``weights_loaded``, ``lora_adapters``
-  and ``paused`` are what the server said after the last call (``await engine.refresh()`` asks
-  again); ``num_inflight`` counts this engine's requests the server has accepted.
+  ``update_named_weights`` and ``load_lora_adapter_from_tensors`` with in-process tensors send them
+  through shared memory, so code written for a local engine works unchanged; elsewhere weights and
+  adapters travel by broadcast (``connect_broadcast``). The same holds for the strategies of
+  ``lora_from_tensors``.
+* **State is mirrored**: ``weight_version``, ``asleep_tags``, ``weights_loaded``, ``lora_adapters``,
+  ``lora_versions``, ``paused`` and ``pause_mode`` are what the server said after the last call
+  (``await engine.refresh()`` asks again); ``num_inflight`` counts this engine's requests the server
+  has accepted; ``config`` is the server engine's generator config, less its keys.
 * **Aborts cannot miss**: an abort naming a request still on its way to the server is remembered
   there and applied when the request arrives.
 * **Teardown closes the connection**; the server and its engine keep running for other callers,
@@ -31,11 +34,13 @@ import asyncio
 import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from skyrl_backends import capabilities as caps
 from skyrl_backends.capabilities import Capabilities
+from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.engine import sample_request_ids
 from skyrl_backends.errors import (
     EngineClosedError,
@@ -50,29 +55,53 @@ from skyrl_backends.types import (
     GenerateOutput,
     GenerateRequest,
     ParallelSizes,
+    PauseMode,
     StreamChunk,
     TensorSpec,
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.weight_sync.delivery import check_delivered, payload_pairs
 
 # Strategies that pass weights through memory both processes map: only with a trainer on the server's host.
 SAME_HOST_STRATEGIES: tuple[str, ...] = ("tensors", "shared_memory", "cuda_ipc")
 
 
 def transport_capabilities(server: Capabilities, same_host: bool) -> Capabilities:
-    """What a remote engine offers: the server's capabilities, with the weight-sync strategies this
-    connection can carry (in-process ``tensors`` travel through shared memory on the same host)."""
+    """What a remote engine offers: the server's capabilities, with the strategies this connection
+    can carry for weight updates and for LoRA adapters sent as tensors (in-process ``tensors``
+    travel through shared memory on the same host)."""
+    return dataclasses.replace(server,
+                               weight_sync_strategies=_carried(server.weight_sync_strategies, same_host),
+                               lora_from_tensors=_carried(server.lora_from_tensors, same_host))
+
+
+def _carried(strategies: Sequence[str], same_host: bool) -> tuple[str, ...]:
     offered = []
-    for strategy in server.weight_sync_strategies:
+    for strategy in strategies:
         if strategy == "tensors":
             continue  # offered below when shared memory carries it
         if strategy in SAME_HOST_STRATEGIES and not same_host:
             continue
         offered.append(strategy)
-    if same_host and "shared_memory" in server.weight_sync_strategies:
+    if same_host and "shared_memory" in strategies:
         offered.insert(0, "tensors")
-    return dataclasses.replace(server, weight_sync_strategies=tuple(offered))
+    return tuple(offered)
+
+
+@dataclass(frozen=True)
+class _TensorCalls:
+    """The two calls that deliver tensors to the server's engine, and what in-process tensors need
+    of the connection."""
+
+    validate: str
+    apply: str
+    tensors: caps.Requirement
+
+
+_WEIGHTS = _TensorCalls("validate_weight_update", "update_named_weights", caps.weight_sync("tensors"))
+_LORA = _TensorCalls("validate_lora_adapter_from_tensors", "load_lora_adapter_from_tensors",
+                     caps.lora_from_tensors_by("tensors"))
 
 
 class RemoteEngine:
@@ -85,6 +114,7 @@ class RemoteEngine:
         self.description = description
         self.backend = description.backend
         self.server_capabilities = description.capabilities
+        self.config: GeneratorConfig | None = description.config
         self.same_host = same_host
         self.capabilities = transport_capabilities(description.capabilities, same_host)
         self._state = description.state
@@ -119,8 +149,18 @@ class RemoteEngine:
         return self._state.paused
 
     @property
+    def pause_mode(self) -> str | None:
+        """The mode of the server engine's current pause (None: not paused)."""
+        return self._state.pause_mode
+
+    @property
     def lora_adapters(self) -> dict[str, str]:
         return dict(self._state.lora_adapters)
+
+    @property
+    def lora_versions(self) -> dict[str, int]:
+        """The version of each loaded adapter (stamped on its completions as ``lora_version``)."""
+        return dict(self._state.lora_versions)
 
     @property
     def num_inflight(self) -> int:
@@ -217,8 +257,10 @@ class RemoteEngine:
         pending = [rid for sent in self._pending.values() for rid in sent] if ids is None else []
         self._mirror(await self._dialect.abort(ids, pending))
 
-    async def pause_generation(self) -> None:
-        await self._call("pause_generation")
+    async def pause_generation(self, mode: PauseMode = "keep", *, recompute: bool = False) -> None:
+        """Pause the server's engine in ``mode`` (``"abort"``, ``"wait"`` or ``"keep"``; with
+        ``recompute``, kept requests' caches are recomputed on resume), as ``InferenceEngine`` does."""
+        await self._call("pause_generation", mode=mode, recompute=recompute)
 
     async def resume_generation(self) -> None:
         await self._call("resume_generation")
@@ -240,14 +282,7 @@ class RemoteEngine:
         return dict(self._specs)
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
-        self._check_open()
-        if request.strategy == "tensors":
-            caps.require(self.capabilities, caps.weight_sync("tensors"), self.backend, self._tensors_detail())
-            request = WeightUpdateRequest(request.names, request.dtypes, request.shapes, "shared_memory")
-        else:
-            request = WeightUpdateRequest(request.names, request.dtypes, request.shapes, request.strategy,
-                                          request.payload)
-        await self._call("validate_weight_update", request=request)
+        await self._validate(_WEIGHTS, request)
 
     async def init_weight_update_communicator(
             self, init_info: WeightSyncInitInfo | Sequence[WeightSyncInitInfo]) -> None:
@@ -256,30 +291,54 @@ class RemoteEngine:
     async def update_named_weights(self, request: WeightUpdateRequest) -> int:
         """Apply an update on the server's engine; returns its new weight version. In-process tensors
         (``strategy="tensors"``) travel through shared memory when the server is on this machine."""
-        self._check_open()
+        return int(await self._apply(_WEIGHTS, request))
+
+    # -- how a request's tensors reach the server -----------------------------------------------------
+    async def _validate(self, kind: _TensorCalls, request: WeightUpdateRequest, **arguments: Any) -> None:
+        await self._call(kind.validate, request=await self._described(kind, request, arguments), **arguments)
+
+    async def _apply(self, kind: _TensorCalls, request: WeightUpdateRequest, extra: dict[str, Any] | None = None,
+                     **arguments: Any) -> Any:
+        """Call ``kind.apply`` with ``request`` (and ``arguments``, ``extra``), its in-process tensors
+        written into shared memory first."""
+        described = await self._described(kind, request, arguments)
         if request.strategy != "tensors":
-            result = await self._call("update_named_weights", request=request)
-            return int(result)
-        caps.require(self.capabilities, caps.weight_sync("tensors"), self.backend, self._tensors_detail())
+            return await self._call(kind.apply, request=request, **arguments, **(extra or {}))
         if self._tensor_lock is None:
             self._tensor_lock = asyncio.Lock()
-        async with self._tensor_lock:  # one set of segments per engine: one tensor update at a time
-            transferred = self._through_shared_memory(request)
-            return int(await self._call("update_named_weights", request=transferred))
+        async with self._tensor_lock:  # one set of segments per engine: one tensor transfer at a time
+            transferred = self._through_shared_memory(request, described)
+            return await self._call(kind.apply, request=transferred, **arguments, **(extra or {}))
 
-    def _through_shared_memory(self, request: WeightUpdateRequest) -> WeightUpdateRequest:
+    async def _described(self, kind: _TensorCalls, request: WeightUpdateRequest,
+                         arguments: dict[str, Any]) -> WeightUpdateRequest:
+        """``request`` as the server sees it: a transported request as it is (``check_finite``
+        included); in-process tensors checked here against their declaration (packing them would
+        otherwise convert a tensor of another dtype) and described as the shared-memory update they
+        travel as."""
+        self._check_open()
+        if request.strategy != "tensors":
+            return request
+        caps.require(self.capabilities, kind.tensors, self.backend, self._tensors_detail())
+        described = dataclasses.replace(request, strategy="shared_memory", payload=None)
+        try:
+            check_delivered(request, payload_pairs(request))
+        except WeightUpdateError:
+            # An engine in process names the declaration's problems before the payload's: the
+            # server's engine is asked about the declaration first, so the same error comes back.
+            await self._call(kind.validate, request=described, **arguments)
+            raise
+        return described
+
+    def _through_shared_memory(self, request: WeightUpdateRequest,
+                               described: WeightUpdateRequest) -> WeightUpdateRequest:
         from skyrl_backends.weight_sync.chunks import plan
         from skyrl_backends.weight_sync.shared_memory import SharedMemorySender
 
-        tensors = list(request.payload or [])
-        if len(tensors) != len(request.names):
-            raise WeightUpdateError({"payload": f"has {len(tensors)} tensors for {len(request.names)} names"})
         if self._tensor_sender is None:
             self._tensor_sender = SharedMemorySender()
-        layout = plan(list(zip(request.names, tensors, strict=True)), dtype_for=dict(zip(request.names,
-                                                                                         request.dtypes, strict=True)))
-        return WeightUpdateRequest(request.names, request.dtypes, request.shapes, "shared_memory",
-                                   self._tensor_sender.write(layout))
+        layout = plan(payload_pairs(request), dtype_for=dict(zip(request.names, request.dtypes, strict=True)))
+        return dataclasses.replace(described, payload=self._tensor_sender.write(layout))
 
     def _tensors_detail(self) -> str:
         return (f"In-process tensors reach a remote engine through shared memory, which needs the trainer on the "
@@ -293,6 +352,19 @@ class RemoteEngine:
                                 pinned: bool = False) -> None:
         """Load an adapter from ``lora_path`` on the server's machine."""
         await self._call("load_lora_adapter", lora_name=lora_name, lora_path=os.fspath(lora_path), pinned=pinned)
+
+    async def validate_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                                 request: WeightUpdateRequest) -> None:
+        """Raise if :meth:`load_lora_adapter_from_tensors` would refuse the adapter (checked by the
+        server's engine, with the adapter's tensors described, not sent)."""
+        await self._validate(_LORA, request, lora_name=lora_name, lora_config=dict(lora_config))
+
+    async def load_lora_adapter_from_tensors(self, lora_name: str, lora_config: Mapping[str, Any],
+                                             request: WeightUpdateRequest, pinned: bool = False) -> int:
+        """Load or replace an adapter sent as tensors by ``request``'s strategy (in-process tensors
+        through shared memory on the server's machine); returns the adapter's new version."""
+        return int(await self._apply(_LORA, request, {"pinned": pinned}, lora_name=lora_name,
+                                     lora_config=dict(lora_config)))
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         await self._call("unload_lora_adapter", lora_name=lora_name)

@@ -6,8 +6,9 @@ nor torch. Nothing that arrives is unpickled or evaluated: each value is rebuilt
 the library's own types, and a malformed field is a :class:`~skyrl_backends.errors.ConfigError`
 naming it.
 
-Forward compatibility: dataclasses travel field by field (a field added to ``Completion`` or
-``GenerateRequest`` on both sides travels with no change here), sampling parameters travel as the
+Forward compatibility: dataclasses travel field by field (a field of plain JSON values added to
+``Completion`` or ``GenerateRequest`` on both sides travels with no change here; one of the library's
+own types, as ``token_versions``, needs its encoding here), sampling parameters travel as the
 fields that differ from their defaults, and keyword arguments of control calls travel by name (a new
 keyword of ``pause_generation``, say, reaches the engine as it is).
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from skyrl_backends import errors as _errors
 from skyrl_backends.capabilities import Capabilities
+from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, RemoteEngineError, SkyRLBackendsError
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import (
@@ -36,6 +38,7 @@ from skyrl_backends.types import (
     ParallelSizes,
     StreamChunk,
     TensorSpec,
+    TokenVersions,
     WeightSyncInitInfo,
 )
 
@@ -62,6 +65,8 @@ POST_OPERATIONS: dict[str, str] = {
     "update_named_weights": "/weights/update",
     "init_weight_update_communicator": "/weights/init_communicator",
     "load_lora_adapter": "/lora/load",
+    "validate_lora_adapter_from_tensors": "/lora/validate_from_tensors",
+    "load_lora_adapter_from_tensors": "/lora/load_from_tensors",
     "unload_lora_adapter": "/lora/unload",
     "reset_prefix_cache": "/reset_prefix_cache",
 }
@@ -163,9 +168,37 @@ def _top_from_json(value: Any, field: str) -> list[dict[int, float]] | None:
     return steps
 
 
+def _versions_to_json(versions: TokenVersions | None, num_tokens: int, field: str) -> Any:
+    # Runs only ([[start, version], ...], as the HTTP responses carry them): their length is the
+    # number of tokens beside them, which the engine facade guarantees (version_labels.labelled).
+    if versions is None:
+        return None
+    if versions.length != num_tokens:
+        raise ValueError(f"{field} cover {versions.length} token(s) of {num_tokens}")
+    return versions.to_json()
+
+
+def _versions_from_json(value: Any, num_tokens: int, field: str) -> TokenVersions | None:
+    if value is None:
+        return None
+    _expect(isinstance(value, list) and all(isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r)
+                                            for r in value), field, "expected [[start, version], ...]")
+    try:
+        return TokenVersions.from_json(value, num_tokens)
+    except ValueError as exc:
+        raise ConfigError(field, f"{exc} (of {num_tokens} token(s))") from None
+
+
+def _token_ids(value: Any, field: str) -> list[int]:
+    _expect(isinstance(value, list) and all(_is_int(t) for t in value), field, "expected a list of token ids")
+    return list(value)
+
+
 def completion_to_json(completion: Completion) -> dict[str, Any]:
     values = {f.name: getattr(completion, f.name) for f in dataclasses.fields(completion)}
     values["top_logprobs"] = _top_to_json(completion.top_logprobs)
+    values["token_versions"] = _versions_to_json(completion.token_versions, len(completion.token_ids),
+                                                 "completion.token_versions")
     return values
 
 
@@ -174,7 +207,12 @@ def completion_from_json(value: Any) -> Completion:
     names = {f.name for f in dataclasses.fields(Completion)}
     # A newer server may send fields this side does not know: they are left out, never guessed.
     fields = {k: v for k, v in raw.items() if k in names}
+    fields["token_ids"] = _token_ids(fields.get("token_ids"), "completion.token_ids")
     fields["top_logprobs"] = _top_from_json(fields.get("top_logprobs"), "completion.top_logprobs")
+    fields["token_versions"] = _versions_from_json(fields.get("token_versions"), len(fields["token_ids"]),
+                                                   "completion.token_versions")
+    lora_version = fields.get("lora_version")
+    _expect(lora_version is None or _is_int(lora_version), "completion.lora_version", "expected an integer or null")
     return Completion(**fields)
 
 
@@ -191,16 +229,20 @@ def output_from_json(value: Any) -> GenerateOutput:
 def chunk_to_json(chunk: StreamChunk) -> dict[str, Any]:
     return {"index": chunk.index, "token_ids": chunk.token_ids, "logprobs": chunk.logprobs,
             "top_logprobs": _top_to_json(chunk.top_logprobs),
+            "token_versions": _versions_to_json(chunk.token_versions, len(chunk.token_ids), "chunk.token_versions"),
             "completion": None if chunk.completion is None else completion_to_json(chunk.completion)}
 
 
 def chunk_from_json(value: Any) -> StreamChunk:
     raw = _mapping(value, "chunk")
     _expect(_is_int(raw.get("index")), "chunk.index", "expected an integer")
+    tokens = _token_ids(raw.get("token_ids") or [], "chunk.token_ids")
     completion = raw.get("completion")
-    return StreamChunk(index=raw["index"], token_ids=list(raw.get("token_ids") or []), logprobs=raw.get("logprobs"),
+    return StreamChunk(index=raw["index"], token_ids=tokens, logprobs=raw.get("logprobs"),
                        top_logprobs=_top_from_json(raw.get("top_logprobs"), "chunk.top_logprobs"),
-                       completion=None if completion is None else completion_from_json(completion))
+                       completion=None if completion is None else completion_from_json(completion),
+                       token_versions=_versions_from_json(raw.get("token_versions"), len(tokens),
+                                                          "chunk.token_versions"))
 
 
 # -- engine description -----------------------------------------------------------------------------
@@ -216,6 +258,34 @@ def parallel_sizes_from_json(value: Any) -> ParallelSizes:
     raw = _mapping(value, "parallel_sizes")
     names = {f.name for f in dataclasses.fields(ParallelSizes)}
     return ParallelSizes(**{k: int(v) for k, v in raw.items() if k in names})
+
+
+# Generator-config fields a server never describes: keys, and engine-specific keyword arguments
+# (arbitrary values, credentials among them for some engines).
+PRIVATE_CONFIG_FIELDS: tuple[str, ...] = ("remote_inference_engine_api_key", "http_endpoint_api_key",
+                                          "engine_init_kwargs")
+
+
+def config_to_json(config: GeneratorConfig | None) -> dict[str, Any] | None:
+    """The server engine's generator config as the remote engine sees it (``RemoteEngine.config``),
+    less :data:`PRIVATE_CONFIG_FIELDS`; None when the engine has no GeneratorConfig."""
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None
+    values = {k: v for k, v in to_dict().items() if k not in PRIVATE_CONFIG_FIELDS}
+    return values if _jsonable(values) else None
+
+
+def config_from_json(value: Any) -> GeneratorConfig | None:
+    """A GeneratorConfig from :func:`config_to_json` (fields this side does not know are left out);
+    None when the server described none or one this side cannot read (the engine works without it)."""
+    if not isinstance(value, Mapping):
+        return None
+    known = set(GeneratorConfig.field_names())
+    try:
+        return GeneratorConfig.from_dict({k: v for k, v in value.items() if k in known})
+    except (ConfigError, TypeError, ValueError):
+        return None
 
 
 def specs_to_json(specs: Mapping[str, TensorSpec] | Sequence[TensorSpec]) -> list[dict[str, Any]]:
@@ -364,9 +434,10 @@ def is_busy(body: Any, status: int) -> bool:
 
 __all__ = [
     "API_PREFIX", "DIALECT", "ERROR_CLASSES", "IDEMPOTENCY_HEADER", "NDJSON", "OPERATION_HEADER", "POST_OPERATIONS",
-    "RESUME_HEADER", "SSE", "WIRE_VERSION", "capabilities_from_json", "capabilities_to_json", "chunk_from_json",
-    "chunk_to_json", "completion_from_json", "completion_to_json", "dumps", "error_from_json", "error_to_json",
-    "generate_request_from_json", "generate_request_to_json", "init_info_from_json", "init_info_to_json", "is_busy",
-    "is_loading", "loads", "output_from_json", "output_to_json", "parallel_sizes_from_json", "sampling_to_json",
-    "specs_from_json", "specs_to_json", "status_of",
+    "PRIVATE_CONFIG_FIELDS", "RESUME_HEADER", "SSE", "WIRE_VERSION", "capabilities_from_json", "capabilities_to_json",
+    "chunk_from_json", "chunk_to_json", "completion_from_json", "completion_to_json", "config_from_json",
+    "config_to_json", "dumps", "error_from_json", "error_to_json", "generate_request_from_json",
+    "generate_request_to_json", "init_info_from_json", "init_info_to_json", "is_busy", "is_loading", "loads",
+    "output_from_json", "output_to_json", "parallel_sizes_from_json", "sampling_to_json", "specs_from_json",
+    "specs_to_json", "status_of",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.weight_sync.delivery import dtype_name as _dtype_name
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, BucketManifest, plan_buckets
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB
@@ -23,7 +24,7 @@ Weights = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, tor
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return _dtype_name(dtype)
 
 
 def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -117,10 +118,27 @@ def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: 
     names, dtypes, shapes = [], [], []
     for name, tensor in pairs:
         names.append(name)
-        dtypes.append(dtype_name(target(name, tensor)))
+        dtypes.append(_dtype_name(target(name, tensor)))
         shapes.append(tuple(tensor.shape))
-    buckets = plan_buckets(list(zip(names, dtypes, shapes, strict=False)), bucket_bytes)
-    return PackPlan(dict(pairs), names, dtypes, shapes, buckets)
+    return PackPlan(dict(pairs), names, dtypes, shapes, _buckets_of(names, dtypes, shapes, bucket_bytes))
+
+
+# The buckets planned last time, handed out again (the same objects) for the same tensors: a training
+# run plans the same layout at every step, and the senders' and receivers' caches compare layouts,
+# which is quickest when they are the very objects seen before. One tuple, replaced whole, so that
+# threads planning at once never see one layout's key with another's buckets.
+_last_buckets: tuple[tuple[Any, ...], list[BucketManifest]] | None = None
+
+
+def _buckets_of(names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]],
+                bucket_bytes: int) -> list[BucketManifest]:
+    global _last_buckets
+    key = (bucket_bytes, names, dtypes, shapes)
+    last = _last_buckets
+    if last is None or last[0] != key:
+        last = _last_buckets = ((bucket_bytes, list(names), list(dtypes), list(shapes)),
+                                plan_buckets(list(zip(names, dtypes, shapes, strict=True)), bucket_bytes))
+    return list(last[1])
 
 
 def view(buffer: torch.Tensor, offset: int, dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -152,16 +170,22 @@ class Packer:
     """Packs each update's layout into a sender's fixed buffers, keeping the destination views and
     the manifests' JSON while the layout and the buffers stay the same (every step of a training run):
     rebuilding 300+ views and dicts each time costs milliseconds of Python, more than the copy itself
-    on a GPU. The returned dicts are shared between updates: read them, do not change them."""
+    on a GPU. The returned dicts are shared between updates: read them, do not change them.
+
+    A tensor that already lives at its place in the buffers (a trainer whose parameters were adopted
+    by the sender, :func:`adopt`) is not copied: packing such a model costs a pointer comparison per
+    tensor. ``copied`` counts the tensors the last :meth:`pack` did copy."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._destinations: list[list[torch.Tensor]] = []
         self._json: list[dict[str, Any]] = []
+        self.copied = 0
 
     def pack(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
         """Pack every bucket of ``layout`` into its buffer; returns the manifests' JSON."""
         self.prepare(buffers, layout)
+        self.copied = 0
         for index in range(len(layout.buckets)):
             self.pack_bucket(index, layout)
         return self._json
@@ -176,9 +200,59 @@ class Packer:
             self._key = key
         return self._json
 
+    def destinations(self, index: int) -> list[torch.Tensor]:
+        """The views of bucket ``index``'s tensors in its buffer (after :meth:`prepare`)."""
+        return self._destinations[index]
+
     def pack_bucket(self, index: int, layout: PackPlan) -> None:
-        """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`)."""
-        copy_all(self._destinations[index], [layout.tensors[e.name] for e in layout.buckets[index].tensors])
+        """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`), but for those
+        already in place."""
+        destinations, sources = [], []
+        for destination, entry in zip(self._destinations[index], layout.buckets[index].tensors, strict=True):
+            source = layout.tensors[entry.name]
+            if not in_place(source, destination):
+                destinations.append(destination)
+                sources.append(source)
+        if destinations:
+            copy_all(destinations, sources)
+        self.copied += len(destinations)
+
+
+def in_place(tensor: torch.Tensor, destination: torch.Tensor) -> bool:
+    """Whether ``tensor`` is ``destination``'s very bytes: same address, dtype and shape, contiguous."""
+    return (tensor.data_ptr() == destination.data_ptr() and tensor.dtype == destination.dtype
+            and tensor.shape == destination.shape and tensor.is_contiguous())
+
+
+def adopt(weights: Weights, buffers: list[torch.Tensor], layout: PackPlan, packer: Packer) -> dict[str, torch.Tensor]:
+    """Copy ``weights`` into ``buffers`` (a sender's send buckets, allocated for ``layout``) and make
+    the buckets their storage from now on: a module's parameters and buffers are re-pointed there
+    (``.data``), so the trainer keeps training them in place and a sync packs nothing. Returns each
+    name's view in the buckets (for weights given as a mapping or pairs, use these from now on: a
+    tensor that is not in place is simply copied, as before).
+
+    Every tensor must already have the dtype it is sent in (no conversion can live in place)."""
+    problems = {name: f"is {_dtype_name(layout.tensors[name].dtype)} but is sent as {dtype}; adopt sends "
+                      f"tensors in their own dtype (convert the model first, or do not adopt it)"
+                for name, dtype in zip(layout.names, layout.dtypes, strict=True)
+                if _dtype_name(layout.tensors[name].dtype) != dtype}
+    if problems:
+        raise WeightUpdateError(problems)
+    packer.pack(buffers, layout)
+    views = {entry.name: destination for index, manifest in enumerate(layout.buckets)
+             for entry, destination in zip(manifest.tensors, packer.destinations(index), strict=True)}
+    if isinstance(weights, torch.nn.Module):
+        with torch.no_grad():
+            for name, tensor in _module_tensors(weights):
+                if name in views:
+                    tensor.data = views[name]
+    return views
+
+
+def _module_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The module's parameters and buffers by state-dict name, tied ones under each of their names."""
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
 
 
 def unpack(manifest: BucketManifest, buffer: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,26 +1,45 @@
 """Colocated weight sync on GPU: one CUDA IPC handle per packed bucket (zero copy).
 
 The sender packs each bucket into a CUDA buffer it keeps (and reuses while the layout stays the
-same, so the engine's opened handles stay valid and are not reopened every step) and sends, per
-bucket, the handle's fields as JSON: raw handle bytes in base64 and integers. The receiver rebuilds
-the storage with torch's CUDA IPC machinery from fixed, known classes, never from anything the
-request names, so nothing is unpickled. The GPU is identified by its UUID so that sender and engine
-may see different ``CUDA_VISIBLE_DEVICES`` orderings.
+same) and sends, per bucket, the handle's fields as JSON: raw handle bytes in base64 and integers.
+The receiver rebuilds the storage with torch's CUDA IPC machinery from fixed, known classes, never
+from anything the request names, so nothing is unpickled. The GPU is identified by its UUID so that
+sender and engine may see different ``CUDA_VISIBLE_DEVICES`` orderings.
+
+Handles are shared once per allocation, not once per update: every handle names its sender (a random
+id) and the sender's *generation*, which grows whenever the sender allocates new buffers. An engine
+opens a (sender, generation)'s handles once and uses the opened buffers for every later update of
+that generation; a newer generation makes it let go of the older buffers and open the new ones, and
+a request of an older generation than one it has opened is refused, so a reallocated buffer is never
+read through a stale handle. A trainer whose parameters live in the send buckets
+(:meth:`CudaIpcSender.adopt`) then syncs with no copy on its side at all.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import os
+import re
+import secrets
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
-from skyrl_backends.weight_sync.chunks import Packer, PackPlan, unpack
+from skyrl_backends.weight_sync.chunks import (
+    DEFAULT_BUCKET_BYTES,
+    DtypeFor,
+    Packer,
+    PackPlan,
+    Weights,
+    adopt,
+    plan,
+    unpack,
+)
 from skyrl_backends.weight_sync.layout_memo import LayoutMemo
 from skyrl_backends.weight_sync.manifest import parse_buckets
 
@@ -30,11 +49,63 @@ STRATEGY = "cuda_ipc"
 # cannot open a handle in the process that exported it ("invalid device context"), and there is no
 # need to, the buffer is right here. Weak: a closed sender's buffers go.
 _own_buffers: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
-# Opened storages of the last update, kept so that the next update with the same handles rebuilds
-# them from torch's cache instead of opening the handles again (cudaIpcOpenMemHandle is slow).
+# Opened storages of the last update whose handles name no sender generation, kept so that the next
+# update with the same handles rebuilds them from torch's cache instead of opening the handles again
+# (cudaIpcOpenMemHandle is slow).
 _open_storages: dict[tuple[bytes, int], torch.Tensor] = {}
+_SENDER_ID = re.compile(r"^[0-9a-f]{16,64}$")
 
 
+class OpenedShares:
+    """The buffers this process opened from senders' handles, by sender and generation.
+
+    A generation's handle is opened once (``open`` is called once per handle) and its buffer handed
+    out for every later update of that generation. A newer generation of the same sender drops the
+    older one's buffers first (the sender has let go of them; its memory stays valid until this
+    process lets go too, as torch's CUDA IPC reference counting ensures); an older one is refused.
+    ``opened`` counts the handles opened so far."""
+
+    def __init__(self) -> None:
+        self._by_sender: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+        self.opened = 0
+
+    def get(self, sender: str, generation: int, key: str, nbytes: int, where: str,
+            open: Callable[[], torch.Tensor]) -> torch.Tensor:
+        known = self._by_sender.get(sender)
+        if known is not None and generation < known[0]:
+            raise WeightUpdateError({f"{where}.ipc.generation": (
+                f"is {generation}, but this engine has opened generation {known[0]} of that sender: the sender "
+                f"reallocated its buffers after this request was made; send a new request")})
+        if known is None or generation > known[0]:
+            known = self._by_sender[sender] = (generation, {})
+        buffer = known[1].get(key)
+        if buffer is None:
+            buffer = known[1][key] = open()
+            self.opened += 1
+        if buffer.numel() != nbytes:
+            raise WeightUpdateError({f"{where}.nbytes": f"is {nbytes}, but this handle's bucket, opened before, "
+                                                        f"holds {buffer.numel()} bytes"})
+        return buffer
+
+    def keep_only(self, senders: set[str]) -> None:
+        """Let go of the buffers of every sender not in ``senders`` (those of the last update)."""
+        for sender in [s for s in self._by_sender if s not in senders]:
+            del self._by_sender[sender]
+
+    def generation(self, sender: str) -> int | None:
+        known = self._by_sender.get(sender)
+        return None if known is None else known[0]
+
+
+_shares = OpenedShares()
+
+
+def handles_opened() -> int:
+    """How many CUDA IPC handles of generation-naming senders this process has opened (each once)."""
+    return _shares.opened
+
+
+@functools.cache
 def device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
@@ -98,7 +169,18 @@ def _is_own(ipc: Any) -> bool:
 
 
 def _own_key(ipc: dict[str, Any]) -> str:
-    return f"{ipc.get('handle')}:{ipc.get('storage_offset')}:{ipc.get('tensor_offset')}"
+    return (f"{ipc.get('handle')}:{ipc.get('storage_offset')}:{ipc.get('tensor_offset')}:{ipc.get('sender')}:"
+            f"{ipc.get('generation')}")
+
+
+def _persistent(ipc: dict[str, Any], where: str) -> tuple[str, int] | None:
+    """The (sender, generation) a handle names, checked; None for a handle that names none."""
+    if "sender" not in ipc and "generation" not in ipc:
+        return None
+    sender = ipc.get("sender")
+    if not isinstance(sender, str) or not _SENDER_ID.match(sender):
+        raise WeightUpdateError({f"{where}.ipc.sender": f"expected 16-64 lowercase hex digits, got {sender!r}"})
+    return sender, _int_field(ipc, "generation", f"{where}.ipc")
 
 
 def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torch.Tensor:
@@ -118,63 +200,98 @@ def open_handle(ipc: Any, nbytes: int, device: torch.device, where: str) -> torc
     if tensor_offset + nbytes > storage_nbytes:
         raise WeightUpdateError({f"{where}.ipc": f"the shared storage holds {storage_nbytes} bytes but the bucket "
                                                  f"needs [{tensor_offset}, {tensor_offset + nbytes})"})
+    persistent = _persistent(ipc, where)
     if _is_own(ipc):
         own = _own_buffers.get(_own_key(ipc))
         if own is None or own.numel() != nbytes:
             raise WeightUpdateError({f"{where}.ipc": "names a buffer of this process that no live CudaIpcSender "
-                                                     f"holds (closed, or written again since)"})
+                                                     "holds (closed, or written again since)"})
         return own
     index = _local_index(ipc.get("device_uuid"), device)
-    try:
-        with torch.cuda.device(index):
-            tensor = rebuild_cuda_tensor(
-                torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,
-                handle, storage_nbytes, storage_offset, False, ref_handle, ref_offset, event_handle,
-                bool(ipc.get("event_sync_required", True)))
-    except RuntimeError as exc:
-        raise WeightUpdateError({f"{where}.ipc": f"could not open the CUDA IPC handle: {exc}"}) from None
-    return tensor
+
+    def rebuild() -> torch.Tensor:
+        try:
+            with torch.cuda.device(index):
+                return rebuild_cuda_tensor(
+                    torch.Tensor, torch.Size([nbytes]), (1,), tensor_offset, torch.UntypedStorage, torch.uint8, index,
+                    handle, storage_nbytes, storage_offset, False, ref_handle, ref_offset, event_handle,
+                    bool(ipc.get("event_sync_required", True)))
+        except RuntimeError as exc:
+            raise WeightUpdateError({f"{where}.ipc": f"could not open the CUDA IPC handle: {exc}"}) from None
+
+    if persistent is None:
+        return rebuild()
+    sender, generation = persistent
+    key = f"{ipc['handle']}:{storage_offset}:{tensor_offset}:{storage_nbytes}:{index}"
+    return _shares.get(sender, generation, key, nbytes, where, rebuild)
 
 
 class CudaIpcSender:
     """Packs buckets into CUDA buffers it owns and describes them by IPC handle.
 
-    Keep one sender across steps: buffers (and so handles) are reused while the layout is the same.
-    The caller must not :meth:`write` again before the engines applied the previous update."""
+    Keep one sender across steps: buffers (and so handles) are reused while the layout is the same,
+    and each is shared once (engines open it once). The caller must not :meth:`write` again before
+    the engines applied the previous update."""
 
     strategy = STRATEGY
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.id = secrets.token_hex(8)  # names this sender's handles; with the generation, the engines' cache key
+        self.generation = 0  # grows with every allocation of new buffers
         self._buffers: list[torch.Tensor] = []
+        self._handles: list[dict[str, Any]] | None = None  # the current buffers' shares, made once
         self._packer = Packer()
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
         manifests = self._packer.pack(self.allocate(layout), layout)
         return self.share(manifests)
 
+    @property
+    def copied(self) -> int:
+        """How many tensors the last :meth:`write` copied (0 for a model that lives in the buckets)."""
+        return self._packer.copied
+
+    def adopt(self, weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+              dtype_for: DtypeFor = None) -> dict[str, torch.Tensor]:
+        """Move ``weights`` into this sender's send buckets, where they stay: a module's parameters and
+        buffers become views of the buckets (``.data``), so training updates them in place and every
+        later sync of the same layout copies nothing on the trainer's side. Returns each name's view
+        (for a mapping or pairs, train those). ``bucket_bytes`` and ``dtype_for`` must be those of the
+        syncs to come, and ``dtype_for`` must keep every tensor's dtype (nothing is converted in
+        place); see :func:`skyrl_backends.weight_sync.chunks.adopt`.
+
+        The trainer's writes (optimizer steps) must be done on this device's current stream, or
+        synchronized with it, before the next sync: the sender waits for that stream only."""
+        layout = plan(weights, bucket_bytes, dtype_for)
+        return adopt(weights, self.allocate(layout), layout, self._packer)
+
     def allocate(self, layout: PackPlan) -> list[torch.Tensor]:
         """One buffer per bucket of ``layout`` (kept from the last update when the sizes match)."""
         sizes = [b.nbytes for b in layout.buckets]
         if [b.numel() for b in self._buffers] != sizes:
             self._buffers = [torch.empty(max(n, 1), dtype=torch.uint8, device=self.device)[:n] for n in sizes]
+            self.generation += 1
+            self._handles = None
         return self._buffers
 
     def share(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
         """The payload for the allocated buffers, once written (``manifests``: each bucket's JSON)."""
         # The engine reads on its own stream: every copy must be finished before the handles are used.
         torch.cuda.current_stream(self.device).synchronize()
-        # A fresh share per update: the handle (same memory, so the engine finds it among its opened
-        # storages) comes with a new reference count, which the engine releases once per share. Reusing
-        # one share for several updates would release the same count several times.
-        handles = [encode_handle(b) if b.numel() else {} for b in self._buffers]
-        for handle, buffer in zip(handles, self._buffers, strict=True):
-            if handle:
-                _own_buffers[_own_key(handle)] = buffer
-        return {"buckets": [{"ipc": h, **m} for h, m in zip(handles, manifests, strict=True)]}
+        if self._handles is None:
+            # Shared once per generation: each share takes a reference count that an engine releases
+            # when it lets go of the opened buffer, which it keeps for the whole generation.
+            self._handles = [{**encode_handle(b), "sender": self.id, "generation": self.generation} if b.numel()
+                             else {} for b in self._buffers]
+            for handle, buffer in zip(self._handles, self._buffers, strict=True):
+                if handle:
+                    _own_buffers[_own_key(handle)] = buffer
+        return {"buckets": [{"ipc": h, **m} for h, m in zip(self._handles, manifests, strict=True)]}
 
     def close(self) -> None:
         self._buffers = []
+        self._handles = None
         self._packer = Packer()
 
 
@@ -188,8 +305,8 @@ def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterato
     device = torch.device(device)
     if _memo.matches(request):
         raw_buckets = request.payload["buckets"]
-        buffers = [open_handle(raw.get("ipc"), raw["nbytes"], device, f"payload.buckets[{b}]") if raw["nbytes"] else None
-                   for b, raw in enumerate(raw_buckets)]
+        buffers = [open_handle(raw.get("ipc"), raw["nbytes"], device, f"payload.buckets[{b}]")
+                   if raw["nbytes"] else None for b, raw in enumerate(raw_buckets)]
         pairs = _memo.views(buffers)
         if pairs is not None:
             _keep_open(raw_buckets, buffers)
@@ -215,7 +332,11 @@ def receive(request: WeightUpdateRequest, device: torch.device | str) -> Iterato
 def _keep_open(raw_buckets: list[Any], buffers: list[torch.Tensor | None]) -> None:
     """Keep this update's opened storages (and only those) for the next update to find."""
     keep: dict[tuple[bytes, int], torch.Tensor] = {}
+    senders = {raw["ipc"].get("sender") for raw in raw_buckets if isinstance(raw.get("ipc"), dict)}
+    _shares.keep_only({s for s in senders if isinstance(s, str)})
     for raw, buffer in zip(raw_buckets, buffers, strict=True):
+        if buffer is not None and "sender" in raw["ipc"]:
+            continue  # kept by _shares, for its generation
         if buffer is not None and not _is_own(raw["ipc"]):  # a sender's own buffers are not ours
             # Buckets may share one CUDA allocation (one handle) at different offsets.
             keep[(_decode_bytes(raw["ipc"]["handle"], "handle"), raw["ipc"]["storage_offset"])] = buffer

@@ -109,13 +109,19 @@ def check_finite(named_tensors: Sequence[tuple[str, Any]]) -> None:
         by_device.setdefault(tensor.device, []).append(index)
     suspects: list[int] = []
     for indices in by_device.values():
-        # float8 has no sum on every device: summed as float32.
+        # float8 is summed as float32 (float16 could overflow a sum of finite values).
         sums = [(t if t.element_size() > 1 else t.float()).sum().float() for t in (floats[i][1] for i in indices)]
         finite = torch.isfinite(torch.stack(sums)).tolist()
         suspects += [i for i, ok in zip(indices, finite, strict=True) if not ok]
-    bad = [floats[i][0] for i in sorted(suspects) if not bool(torch.isfinite(floats[i][1]).all())]
+    bad = [floats[i][0] for i in sorted(suspects) if not bool(torch.isfinite(_widened(floats[i][1])).all())]
     if bad:
         raise WeightUpdateError({name: "holds NaN or infinite values (check_finite=True)" for name in bad})
+
+
+def _widened(tensor: Any) -> Any:
+    # float8 has neither sum nor isfinite on every device; float16 holds every float8 value (and
+    # keeps NaN and infinity as they are), so the check reads the same values.
+    return tensor.half() if tensor.element_size() == 1 else tensor
 
 
 _DTYPE_NAMES: dict[Any, str] = {}

@@ -23,7 +23,16 @@ import torch
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
-from skyrl_backends.weight_sync.chunks import PackPlan, pack_into, unpack
+from skyrl_backends.weight_sync.chunks import (
+    DEFAULT_BUCKET_BYTES,
+    DtypeFor,
+    Packer,
+    PackPlan,
+    Weights,
+    adopt,
+    plan,
+    unpack,
+)
 from skyrl_backends.weight_sync.manifest import BucketManifest, parse_buckets
 
 STRATEGY = "shared_memory"
@@ -41,7 +50,9 @@ class Segment:
         # SharedMemory refuses size 0; an empty bucket still gets a (1-byte) segment.
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1))
         self.nbytes = nbytes
-        self.tensor = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=nbytes) if nbytes else \
+        # Over a memoryview of its own, which holds the mapping exported while any view of the tensor
+        # lives: closing the segment then fails (BufferError) instead of unmapping memory in use.
+        self.tensor = torch.frombuffer(memoryview(self.shm.buf), dtype=torch.uint8, count=nbytes) if nbytes else \
             torch.empty(0, dtype=torch.uint8)
 
     @property
@@ -51,13 +62,16 @@ class Segment:
     def release(self) -> None:
         self.tensor = None  # drop the export of shm.buf before closing
         try:
-            self.shm.close()
-        except BufferError:  # a view is still referenced somewhere; the mapping goes with it
-            pass
-        try:
             self.shm.unlink()
         except FileNotFoundError:
             pass
+        try:
+            self.shm.close()
+        except BufferError:
+            # Tensors still view the segment (adopted parameters outlive their sender): the mapping
+            # stays until the last of them goes, owned by their memoryview, not by this object, whose
+            # own close (again at garbage collection) would fail the same way.
+            self.shm._mmap = None
 
 
 class SharedMemorySender:
@@ -71,11 +85,28 @@ class SharedMemorySender:
 
     def __init__(self) -> None:
         self._segments: list[Segment] = []
+        self._packer = Packer()
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
-        for buffer, manifest in zip(self.allocate(layout), layout.buckets, strict=True):
-            pack_into(buffer, manifest, layout.tensors)
+        buffers = self.allocate(layout)  # first: new segments come with a new packer
+        self._packer.pack(buffers, layout)
         return self.payload(layout)
+
+    @property
+    def copied(self) -> int:
+        """How many tensors the last :meth:`write` copied (0 for a model that lives in the segments)."""
+        return self._packer.copied
+
+    def adopt(self, weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+              dtype_for: DtypeFor = None) -> dict[str, torch.Tensor]:
+        """Move ``weights`` into this sender's segments, where they stay: a module's parameters and
+        buffers become views of the segments (``.data``), so training updates them in place and
+        every later sync of the same layout copies nothing on the trainer's side. Returns each name's
+        view (for a mapping or pairs, train those). As :meth:`CudaIpcSender.adopt
+        <skyrl_backends.weight_sync.cuda_ipc.CudaIpcSender.adopt>`; the segments then live as long as
+        the adopted tensors, even after :meth:`close` unlinks their names."""
+        layout = plan(weights, bucket_bytes, dtype_for)
+        return adopt(weights, self.allocate(layout), layout, self._packer)
 
     def allocate(self, layout: PackPlan) -> list[torch.Tensor]:
         """One segment per bucket of ``layout`` (kept from the last update when the sizes match), as
@@ -96,6 +127,7 @@ class SharedMemorySender:
                             for segment, manifest in zip(self._segments, layout.buckets, strict=True)]}
 
     def close(self) -> None:
+        self._packer = Packer()  # its views into the segments would keep them mapped
         for segment in self._segments:
             segment.release()
         self._segments = []

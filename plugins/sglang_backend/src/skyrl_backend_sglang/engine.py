@@ -400,12 +400,13 @@ class SGLangEngine:
         logprobs = top = None
         if plan.return_logprob and not plan.rescore_logprobs:
             logprobs, top = lp.from_output(result.meta_info, tokens, plan.top_logprobs_num)
-        stop_reason = result.stop_reason
+        finish, stop_reason = stop_on_last_token(result.finish_reason, tokens, result.stop_reason, params,
+                                                 self.eos_token_ids)
         if isinstance(stop_reason, int) and stop_reason not in params.stop_token_ids:
             stop_reason = None  # EOS: no stop reason, as on every backend
         return Completion(
             token_ids=tokens,
-            finish_reason=result.finish_reason,  # type: ignore[arg-type]
+            finish_reason=finish,  # type: ignore[arg-type]
             logprobs=logprobs if plan.return_logprob else None,
             top_logprobs=top if plan.top_logprobs_num else None,
             text=result.text if result.text is not None else self._decode(tokens),
@@ -776,6 +777,18 @@ def hf_weight_specs(model_dir: str, dtype: str) -> list[TensorSpec]:
         model = AutoModelForCausalLM.from_config(hf_config)
     return [TensorSpec(name, tuple(param.shape), dtype)
             for name, param in model.named_parameters(remove_duplicate=False)]
+
+
+def stop_on_last_token(finish: str, tokens: list[int], stop_reason: Any, params: SamplingParams,
+                       eos_token_ids: list[int]) -> tuple[str, Any]:
+    """A stop token id (or EOS, unless ignored) that is also the last token ``max_generate_length``
+    allows is a stop, as on every backend; SGLang 0.5.17 reports it as ``"length"``."""
+    if finish != "length" or not tokens:
+        return finish, stop_reason
+    last = tokens[-1]
+    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids):
+        return "stop", last
+    return finish, stop_reason
 
 
 def _eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
