@@ -24,6 +24,8 @@ Examples::
 
     python benchmarks/native_protocols/bench_native.py all --model .cache/tiny-model
     python benchmarks/native_protocols/bench_native.py generate --model .cache/tiny-model --rounds 5
+    python scripts/gpu/make_random_qwen.py /tmp/qwen-4l --layers 4 --device cpu     # 0.84 GB in bfloat16
+    python benchmarks/native_protocols/bench_native.py weight-sync --model /tmp/qwen-4l --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ def skyrl_server(backend: str, model: str, options: dict[str, Any]) -> tuple[str
 
 def vllm_server(model: str, options: dict[str, Any]) -> tuple[str, Any]:
     import requests
-
     from skyrl_backends.remote.native.launch import NativeServer
 
     process = NativeServer("vllm", model, options=options)
@@ -86,7 +87,7 @@ def vllm_server(model: str, options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def ratio_line(name: str, ours: list[float], theirs: list[float], what: str) -> None:
-    ratios = [a / b for a, b in zip(ours, theirs)]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
     print(f"{name}: ratio median {statistics.median(ratios):.3f} ({what}; per round "
           f"{', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
 
@@ -94,28 +95,27 @@ def ratio_line(name: str, ours: list[float], theirs: list[float], what: str) -> 
 # -- weight sync ---------------------------------------------------------------------------------------
 def bench_weight_sync(args: argparse.Namespace) -> None:
     import torch
+    from skyrl_backend_vllm.weight_transfer.trainer import SkyRLTrainerInitInfo
+    from skyrl_backends.remote import connect_engine
     from transformers import AutoModelForCausalLM
     from vllm.distributed.weight_transfer.base import ModuleSource
     from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from skyrl_backend_vllm.weight_transfer.trainer import SkyRLTrainerInitInfo
-    from skyrl_backends.remote import connect_engine
-
     header("weight sync: vLLM's protocol (HTTPVLLMWeightSyncClient) vs the server's own engine API (RemoteEngine)")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
-    for backend, options in (("transformers", {"dtype": "float32", "device": "cpu"}),
-                             ("vllm", {"dtype": "float32", "max_model_len": 512})):
+    for backend, options in (("transformers", {"dtype": args.dtype, "device": "cpu"}),
+                             ("vllm", {"dtype": args.dtype, "max_model_len": 512})):
         url, process = skyrl_server(backend, args.model, options)
         try:
             trainer = WeightTransferTrainerFactory.trainer_init(
-                SkyRLTrainerInitInfo(strategy="shared_memory", dtype="float32", rank=0),
+                SkyRLTrainerInitInfo(strategy="shared_memory", dtype=args.dtype, rank=0),
                 client=HTTPVLLMWeightSyncClient(url), source=ModuleSource(model))
             engine = connect_engine(url)
 
-            async def own() -> float:
+            async def own(engine: Any = engine) -> float:
                 t0 = time.perf_counter()
                 await engine.update_weights_from_tensors(named)
                 return time.perf_counter() - t0
@@ -185,7 +185,6 @@ def bench_generate(args: argparse.Namespace) -> None:
     import random
 
     import requests
-
     from skyrl_backends.remote.native import connect_server
 
     header(f"generation, {args.requests} concurrent requests of {args.max_tokens} tokens: ours vs vLLM's own server")
@@ -223,9 +222,8 @@ def bench_generate(args: argparse.Namespace) -> None:
 
 # -- the vLLM plugin's weight paths ----------------------------------------------------------------------
 def bench_vllm_paths(args: argparse.Namespace) -> None:
-    from safetensors.torch import load_file
-
     import skyrl_backends as sb
+    from safetensors.torch import load_file
 
     header("vLLM plugin: weights through vLLM's weight-transfer API vs the worker extension (in-process engines)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -265,6 +263,7 @@ def main() -> None:
     parser.add_argument("what", choices=["weight-sync", "generate", "vllm-paths", "all"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", help="the served and sent dtype (weight-sync)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)

@@ -6,7 +6,6 @@ and by the conformance suite's server columns."""
 from __future__ import annotations
 
 import pytest
-
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.remote.connect import connect_engine
@@ -36,9 +35,9 @@ def test_vllm_sampling_json_covers_every_canonical_field():
 
 def test_vllm_top_logprobs_keep_the_top_n_by_rank_whatever_the_sampled_token():
     # vLLM lists the sampled token first (here rank 5), then the candidates; one more was asked for.
-    content = [{"token_id": 9, "logprob": -3.0, "rank": 5,
-                "top_logprobs": [{"token_id": 9, "logprob": -3.0, "rank": 5}, {"token_id": 1, "logprob": -0.1, "rank": 1},
-                                 {"token_id": 2, "logprob": -0.5, "rank": 2}, {"token_id": 3, "logprob": -1.0, "rank": 3}]}]
+    top = [{"token_id": 9, "logprob": -3.0, "rank": 5}, {"token_id": 1, "logprob": -0.1, "rank": 1},
+           {"token_id": 2, "logprob": -0.5, "rank": 2}, {"token_id": 3, "logprob": -1.0, "rank": 3}]
+    content = [{"token_id": 9, "logprob": -3.0, "rank": 5, "top_logprobs": top}]
     chosen, top = vllm_server._logprobs([9], {"content": content}, 2)
     assert chosen == [-3.0] and top == [{1: -0.1, 2: -0.5}]
     assert vllm_server._logprobs([9], {"content": content}, 0) == ([-3.0], None)

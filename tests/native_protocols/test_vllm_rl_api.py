@@ -19,12 +19,11 @@ from typing import Any
 import pytest
 import requests
 import torch
+from skyrl_backend_vllm.weight_transfer.trainer import SkyRLTrainerInitInfo  # registers "skyrl"
 from transformers import AutoModelForCausalLM
 from vllm.distributed.weight_transfer.base import ModuleSource
 from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-
-from skyrl_backend_vllm.weight_transfer.trainer import SkyRLTrainerInitInfo  # registers "skyrl"
 
 PROMPT = [5, 6, 7, 8, 9]
 GREEDY_TOKENS = 12
@@ -148,9 +147,9 @@ def test_finish_weight_update_labels_the_version(server, trainer_model):
 
 def test_a_rejected_update_changes_neither_weights_nor_version(server):
     from skyrl_backends.types import WeightUpdateRequest
+    from skyrl_backends.weight_sync.chunks import plan
     from skyrl_backends.weight_sync.phases import init_info_to_json, update_info_to_json
     from skyrl_backends.weight_sync.shared_memory import SharedMemorySender
-    from skyrl_backends.weight_sync.chunks import plan
 
     before, version = complete(server)["token_ids"], server.get("/weight_info").json()
     client = HTTPVLLMWeightSyncClient(server.url)

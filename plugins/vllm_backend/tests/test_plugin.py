@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.discovery import all_backends, version_supported
 from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
-
-from skyrl_backends.checkpoint import checkpoint_specs
 
 from skyrl_backend_vllm import options, plugin
 from skyrl_backend_vllm.engine_platform import detect_platform

@@ -64,8 +64,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"run every engine through the wire: a `skyrl-backends serve` process on loopback driven by "
                          f"a RemoteEngine (env {REMOTE_ENV}=1); the report's column is <backend>-remote")
     group.addoption("--conformance-server", action="store_true", default=None,
-                    help=f"run every engine as the engine's own, unmodified server (vllm serve, SGLang's launch_server) "
-                         f"driven through its HTTP API (env {SERVER_ENV}=1); the report's column is <backend>-server")
+                    help=f"run every engine as the engine's own, unmodified server (vllm serve, SGLang's "
+                         f"launch_server) driven through its HTTP API (env {SERVER_ENV}=1); the report's column "
+                         f"is <backend>-server")
     group.addoption("--conformance-report", default=None, metavar="FILE",
                     help=f"write the JSON report (per test and per parity-table feature) here (env {REPORT_ENV})")
 

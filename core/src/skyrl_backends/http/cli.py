@@ -222,6 +222,7 @@ async def _serve(args: argparse.Namespace) -> None:
     from skyrl_backends.http.engine_server import LoadingResponder, stop_on_stdin_close, write_url_file
     from skyrl_backends.http.server import bind_socket, uvicorn_config
 
+    _exit_on_sigterm()
     if args.stop_on_stdin_close:
         stop_on_stdin_close()
     settings = http_settings(args)
@@ -246,6 +247,20 @@ async def _serve(args: argparse.Namespace) -> None:
         await uvicorn.Server(uvicorn_config(app, settings)).serve(sockets=[sock])
     finally:
         await client.teardown()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the server through ``SystemExit``, so the engines are torn down on the way out.
+
+    uvicorn takes SIGTERM while it serves and, once stopped, raises it again under the handler it
+    found; under the default one that kills the process there, before ``_serve`` tears its engines
+    down, and an engine's own processes (vLLM's engine core) outlive the server."""
+    import signal
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 async def _serving_app(args: argparse.Namespace, settings: Any) -> Any:

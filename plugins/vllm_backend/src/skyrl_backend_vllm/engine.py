@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, LoraAdapterError, SamplingParamsError, closest_match
 from skyrl_backends.hookspecs import hookimpl
@@ -59,7 +60,6 @@ from skyrl_backends.version_labels import UpdateMark, UpdateWatch
 
 from skyrl_backend_vllm import options, outputs, transfer, versions
 from skyrl_backend_vllm.adapters import AdapterFolder
-from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.engine_platform import detect_platform
 from skyrl_backend_vllm.weight_transfer import updates as weight_updates
 

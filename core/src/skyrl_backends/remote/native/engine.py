@@ -151,9 +151,8 @@ class ServerEngine(abc.ABC):
                 return
             try:
                 await self.abort_on_server(sorted(pending))
-            except Exception as exc:  # the server may be the thing that failed; the request reports it
+            except Exception as exc:  # tried again while the request runs; a dead server ends the request too
                 logger.debug("repeated abort failed: %r", exc)
-                return
             delay = min(delay * 2, _ABORT_RETRY_MAX_S)
 
     # -- weights -----------------------------------------------------------------------------------------

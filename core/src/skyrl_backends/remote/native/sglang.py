@@ -212,7 +212,8 @@ class SGLangServerEngine(ServerEngine):
             return final
 
         return GenerateOutput(list(await asyncio.gather(*(one(p, rid) for p, rid in
-                                                          zip(request.prompt_token_ids, request.request_ids)))))
+                                                          zip(request.prompt_token_ids, request.request_ids,
+                                                              strict=True)))))
 
     @hookimpl
     async def skyrl_backends_generate_stream(self, request: GenerateRequest,
@@ -230,7 +231,7 @@ class SGLangServerEngine(ServerEngine):
                 raise
 
         tasks = [asyncio.ensure_future(one(i, p, rid))
-                 for i, (p, rid) in enumerate(zip(request.prompt_token_ids, request.request_ids))]
+                 for i, (p, rid) in enumerate(zip(request.prompt_token_ids, request.request_ids, strict=True))]
         try:
             finished = 0
             while finished < len(tasks):
@@ -471,8 +472,8 @@ def _first_stop(matcher: StopStringMatcher | None, watched: set[int], tokens: li
     return None
 
 
-def _logprobs(meta: Mapping[str, Any], start: int, end: int, top_n: int | None) -> tuple[list[float] | None,
-                                                                                          list[dict[int, float]] | None]:
+def _logprobs(meta: Mapping[str, Any], start: int, end: int,
+              top_n: int | None) -> tuple[list[float] | None, list[dict[int, float]] | None]:
     if top_n is None:
         return None, None
     chosen_entries = list(meta.get("output_token_logprobs") or [])[start:end]

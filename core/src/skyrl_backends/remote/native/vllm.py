@@ -69,7 +69,8 @@ from skyrl_backends.types import (
     WeightUpdateRequest,
 )
 from skyrl_backends.weight_sync.manifest import weight_update_error_from_text
-from skyrl_backends.weight_sync.phases import BACKEND as SKYRL_TRANSFER, init_info_to_json, update_info_to_json
+from skyrl_backends.weight_sync.phases import BACKEND as SKYRL_TRANSFER
+from skyrl_backends.weight_sync.phases import init_info_to_json, update_info_to_json
 
 PROTOCOL = "vllm"
 GENERATE = "/inference/v1/generate"
@@ -132,7 +133,8 @@ def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerIn
         max_model_len=model.get("max_model_len"),
         weight_version=version_number((weight_label.body or {}).get("weight_version")) if weight_label.ok else 0,
         same_host=same_host,
-        extra={"weight_transfer_backend": transfer, "device": device, "served_model_name": model.get("served_model_name")},
+        extra={"weight_transfer_backend": transfer, "device": device,
+               "served_model_name": model.get("served_model_name")},
     )
 
 
@@ -187,8 +189,8 @@ class Translation:
 
     def skyrl_backends_translate_sampling_params(self, params: SamplingParams, config: Any = None) -> dict[str, Any]:
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise SamplingParamsError.out_of_range("logprobs", params.logprobs,
-                                                   f"at most {self.max_logprobs} (one below the server's --max-logprobs)")
+            raise SamplingParamsError.out_of_range(
+                "logprobs", params.logprobs, f"at most {self.max_logprobs} (one below the server's --max-logprobs)")
         body: dict[str, Any] = {
             "n": 1, "max_tokens": params.max_generate_length, "min_tokens": params.min_new_tokens,
             "temperature": float(params.temperature), "top_p": float(params.top_p),
@@ -225,7 +227,7 @@ class VLLMServerEngine(ServerEngine):
         self.check_prompts(request.prompt_token_ids)
         completions = await asyncio.gather(*(
             self._generate_one(prompt, rid, engine_params, params, request.lora_name)
-            for prompt, rid in zip(request.prompt_token_ids, request.request_ids)))
+            for prompt, rid in zip(request.prompt_token_ids, request.request_ids, strict=True)))
         return GenerateOutput(list(completions))
 
     def _body(self, prompt: list[int], request_id: str, engine_params: dict[str, Any], lora_name: str | None,
@@ -292,7 +294,7 @@ class VLLMServerEngine(ServerEngine):
                 raise
 
         tasks = [asyncio.ensure_future(one(i, p, rid))
-                 for i, (p, rid) in enumerate(zip(request.prompt_token_ids, request.request_ids))]
+                 for i, (p, rid) in enumerate(zip(request.prompt_token_ids, request.request_ids, strict=True))]
         try:
             finished = 0
             while finished < len(tasks):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backends.errors import WeightUpdateError, closest_match
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync.phases import TransferInit, init_info_from_json, update_info_from_json
@@ -29,7 +30,6 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from skyrl_backends.checkpoint import checkpoint_specs
 from skyrl_backend_vllm.loading import NamedTensors, ServedModelLoader
 
 

@@ -1,0 +1,24 @@
+"""Stopping a server stops everything it started: `skyrl-backends serve` over vLLM (whose engine core
+is a process of its own) and vLLM's own server, as the tests, benchmarks and conformance columns stop
+them (SIGTERM). A server killed before its engines are torn down leaves vLLM's engine core running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import start
+
+
+@pytest.mark.parametrize("kind", ["vllm", "vllm-serve"])
+def test_stopping_a_server_stops_the_engines_processes(kind, model_dir, request):
+    _, process = start(kind, model_dir, Path(request.config.rootpath))
+    started = psutil.Process(process.process.pid).children(recursive=True)
+    assert started, f"the {kind} server started no engine process (the test would check nothing)"
+    process.stop()
+    _, alive = psutil.wait_procs(started, timeout=60)
+    for leftover in alive:  # not left behind for the next test
+        leftover.kill()
+    assert not alive, f"still running after the {kind} server stopped: {[p.pid for p in alive]}"
