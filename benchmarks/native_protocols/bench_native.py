@@ -69,21 +69,14 @@ def skyrl_server(backend: str, model: str, options: dict[str, Any]) -> tuple[str
 
 
 def vllm_server(model: str, options: dict[str, Any]) -> tuple[str, Any]:
-    import requests
     from skyrl_backends.remote.native.launch import NativeServer
 
     process = NativeServer("vllm", model, options=options)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        process.check_alive()
-        try:
-            if requests.get(process.url + "/health", timeout=5).status_code == 200:
-                return process.url, process
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    process.stop()
-    raise RuntimeError(f"vllm serve did not start:\n{process.log_tail()}")
+    try:
+        return process.wait_ready(), process
+    except BaseException:
+        process.stop()
+        raise
 
 
 def ratio_line(name: str, ours: list[float], theirs: list[float], what: str) -> None:

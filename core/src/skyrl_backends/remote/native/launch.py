@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from skyrl_backends.errors import BackendLoadError, ConfigError, EngineDeadError
+from skyrl_backends.errors import BackendLoadError, ConfigError
 
 DEFAULT_START_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 30.0
@@ -133,6 +133,47 @@ class NativeServer:
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
 
+    def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S, path: str = "/health") -> str:
+        """Until the server answers ``GET path`` with 200; returns its URL. The port was free when it
+        was chosen, not reserved: a server that lost it to another process fails to start, and the
+        other process's answers are not taken for this server's (its listener must be this one)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                ready = httpx.get(self.url + path, timeout=5.0).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            if ready and self.listens():
+                return self.url
+            time.sleep(0.5)
+        raise BackendLoadError(f"{self.protocol}-server", None, f"the {self.protocol} server did not become ready "
+                                                              f"within {timeout_s}s:\n{self.log_tail()}")
+
+    def listens(self) -> bool:
+        """Whether this server's processes hold the listening socket of its port (assumed without
+        psutil, which the engines' environments have)."""
+        try:
+            import psutil
+        except ImportError:
+            return True
+
+        try:
+            root = psutil.Process(self.process.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        for process in processes:
+            try:
+                connections = process.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in connections):
+                return True
+        return False
+
     def check_alive(self) -> None:
         if self.process.poll() is not None:
             raise BackendLoadError(f"{self.protocol}-server", None, f"the {self.protocol} server exited with code "
@@ -174,17 +215,8 @@ def launch_server(protocol: str, model: str | os.PathLike[str], *, python: str =
 
     server = NativeServer(protocol, model, options=options, python=python, env=env)
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            server.check_alive()
-            try:
-                engine = connect_server(server.url, protocol, wait_ready_s=5.0)
-                break
-            except EngineDeadError:  # not listening yet (loading its model)
-                if time.monotonic() > deadline:
-                    raise BackendLoadError(f"{protocol}-server", None, f"the {protocol} server did not become "
-                                                                      f"ready within {start_timeout_s}s:\n"
-                                                                      f"{server.log_tail()}") from None
+        server.wait_ready(start_timeout_s)
+        engine = connect_server(server.url, protocol, wait_ready_s=60.0)
         engine.impl.own_server(server)
         return engine
     except BaseException:
