@@ -220,12 +220,14 @@ def bench_vllm_paths(args: argparse.Namespace) -> None:
 
     header("vLLM plugin: weights through vLLM's weight-transfer API vs the worker extension (in-process engines)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+
     state = load_file(os.path.join(args.model, "model.safetensors"))
-    named = list(state.items())
+    named = [(name, tensor.to(getattr(torch, args.dtype))) for name, tensor in state.items()]
     engines = {}
     for path in ("weight_transfer", "worker_extension"):
         os.environ["SKYRL_VLLM_WEIGHT_PATH"] = path
-        engines[path] = sb.create_engine("vllm", model=args.model, dtype="float32", max_model_len=512, seed=0)
+        engines[path] = sb.create_engine("vllm", model=args.model, dtype=args.dtype, max_model_len=512, seed=0)
     os.environ.pop("SKYRL_VLLM_WEIGHT_PATH")
     loop = asyncio.new_event_loop()
 
@@ -256,7 +258,7 @@ def main() -> None:
     parser.add_argument("what", choices=["weight-sync", "generate", "vllm-paths", "all"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", help="the served and sent dtype (weight-sync)")
+    parser.add_argument("--dtype", default="float32", help="the served and sent dtype (weight-sync, vllm-paths)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
