@@ -69,21 +69,14 @@ def skyrl_server(backend: str, model: str, options: dict[str, Any]) -> tuple[str
 
 
 def vllm_server(model: str, options: dict[str, Any]) -> tuple[str, Any]:
-    import requests
     from skyrl_backends.remote.native.launch import NativeServer
 
     process = NativeServer("vllm", model, options=options)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        process.check_alive()
-        try:
-            if requests.get(process.url + "/health", timeout=5).status_code == 200:
-                return process.url, process
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    process.stop()
-    raise RuntimeError(f"vllm serve did not start:\n{process.log_tail()}")
+    try:
+        return process.wait_ready(), process
+    except BaseException:
+        process.stop()
+        raise
 
 
 def ratio_line(name: str, ours: list[float], theirs: list[float], what: str) -> None:
@@ -227,12 +220,14 @@ def bench_vllm_paths(args: argparse.Namespace) -> None:
 
     header("vLLM plugin: weights through vLLM's weight-transfer API vs the worker extension (in-process engines)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+
     state = load_file(os.path.join(args.model, "model.safetensors"))
-    named = list(state.items())
+    named = [(name, tensor.to(getattr(torch, args.dtype))) for name, tensor in state.items()]
     engines = {}
     for path in ("weight_transfer", "worker_extension"):
         os.environ["SKYRL_VLLM_WEIGHT_PATH"] = path
-        engines[path] = sb.create_engine("vllm", model=args.model, dtype="float32", max_model_len=512, seed=0)
+        engines[path] = sb.create_engine("vllm", model=args.model, dtype=args.dtype, max_model_len=512, seed=0)
     os.environ.pop("SKYRL_VLLM_WEIGHT_PATH")
     loop = asyncio.new_event_loop()
 
@@ -263,7 +258,7 @@ def main() -> None:
     parser.add_argument("what", choices=["weight-sync", "generate", "vllm-paths", "all"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", help="the served and sent dtype (weight-sync)")
+    parser.add_argument("--dtype", default="float32", help="the served and sent dtype (weight-sync, vllm-paths)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)

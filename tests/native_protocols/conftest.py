@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -81,18 +80,11 @@ def start(kind: str, model_dir: str, rootdir: Path) -> tuple[str, Any]:
         require_weight_transfer_entry_point()
         process = NativeServer("vllm", model_dir, options={"dtype": "float32", "max_model_len": 512, "seed": 0},
                                env=SERVER_ENV)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            process.check_alive()
-            try:
-                if requests.get(process.url + "/health", timeout=5).status_code == 200:
-                    return process.url, process
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                process.stop()
-                pytest.fail(f"vllm serve did not start:\n{process.log_tail()}")
-            time.sleep(0.5)
+        try:
+            return process.wait_ready(START_TIMEOUT_S), process
+        except BaseException:
+            process.stop()
+            raise
     from skyrl_backends.remote.launch import ServerProcess
 
     python = transformers_python(rootdir) if kind == "transformers" else sys.executable

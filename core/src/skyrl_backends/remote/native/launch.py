@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from skyrl_backends.errors import BackendLoadError, ConfigError, EngineDeadError
+from skyrl_backends.config import GeneratorConfig
+from skyrl_backends.errors import BackendLoadError, ConfigError
 
 DEFAULT_START_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 30.0
@@ -49,6 +50,12 @@ def server_command(protocol: str, model: str, port: int, options: Mapping[str, A
     enable_prefix_caching, device, gpu_memory_utilization, tensor parallel size; ``engine_init_kwargs``
     become the server's own flags, ``{"enforce_eager": True}`` -> ``--enforce-eager``)."""
     options = dict(options)
+    if options.get("enable_lora"):
+        # The generator config's defaults, as the in-process backends apply them (the servers' own
+        # defaults differ: vLLM serves one adapter per batch, of rank 16 at most).
+        defaults = GeneratorConfig()
+        options.setdefault("max_lora_rank", defaults.max_lora_rank)
+        options.setdefault("max_loras", defaults.max_loras)
     if protocol == "vllm":
         from skyrl_backends.remote.native.vllm import LORA_ENV, server_flags
 
@@ -133,6 +140,64 @@ class NativeServer:
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
 
+    def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S, path: str = "/health") -> str:
+        """Until the server answers ``GET path`` with 200; returns its URL. The port was free when it
+        was chosen, not reserved: a server that lost it to another process fails to start, and the
+        other process's answers are not taken for this server's (its listener must be this one)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                ready = httpx.get(self.url + path, timeout=5.0).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            if ready and self.listens():
+                return self.url
+            time.sleep(0.5)
+        raise BackendLoadError(f"{self.protocol}-server", None, f"the {self.protocol} server did not become ready "
+                                                              f"within {timeout_s}s:\n{self.log_tail()}")
+
+    def warm_up(self) -> None:
+        """One plain and one streamed request of two tokens: a server's first request of each kind
+        takes paths its later ones do not (hundreds of milliseconds on a loaded CPU), which would
+        otherwise fall on the first requests of whoever uses the server."""
+        import httpx
+
+        if self.protocol == "vllm":
+            path, body = "/inference/v1/generate", {"token_ids": [1, 2], "sampling_params": {"max_tokens": 2}}
+        else:
+            path, body = "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
+        with httpx.Client(timeout=120.0) as client:
+            client.post(self.url + path, json=body).raise_for_status()
+            with client.stream("POST", self.url + path, json={**body, "stream": True}) as response:
+                response.raise_for_status()
+                for _ in response.iter_lines():
+                    pass
+
+    def listens(self) -> bool:
+        """Whether this server's processes hold the listening socket of its port (assumed without
+        psutil, which the engines' environments have)."""
+        try:
+            import psutil
+        except ImportError:
+            return True
+
+        try:
+            root = psutil.Process(self.process.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        for process in processes:
+            try:
+                connections = process.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in connections):
+                return True
+        return False
+
     def check_alive(self) -> None:
         if self.process.poll() is not None:
             raise BackendLoadError(f"{self.protocol}-server", None, f"the {self.protocol} server exited with code "
@@ -174,17 +239,9 @@ def launch_server(protocol: str, model: str | os.PathLike[str], *, python: str =
 
     server = NativeServer(protocol, model, options=options, python=python, env=env)
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            server.check_alive()
-            try:
-                engine = connect_server(server.url, protocol, wait_ready_s=5.0)
-                break
-            except EngineDeadError:  # not listening yet (loading its model)
-                if time.monotonic() > deadline:
-                    raise BackendLoadError(f"{protocol}-server", None, f"the {protocol} server did not become "
-                                                                      f"ready within {start_timeout_s}s:\n"
-                                                                      f"{server.log_tail()}") from None
+        server.wait_ready(start_timeout_s)
+        server.warm_up()
+        engine = connect_server(server.url, protocol, wait_ready_s=60.0)
         engine.impl.own_server(server)
         return engine
     except BaseException:

@@ -81,7 +81,7 @@ _FINISH_REASONS = ("stop", "length", "abort")
 
 def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerInfo:
     http.wait_ready("/health", wait_ready_s)
-    answer = http.request_sync("GET", "/server_info")
+    answer = _get_either(http, "/server_info", "/get_server_info")  # the second before 0.5.23
     if not answer.ok or not isinstance(answer.body, Mapping):
         raise ConfigError("remote_inference_engine_urls", f"{http.base_url}/server_info answered HTTP {answer.status}: "
                                                           f"{answer.message()}; is it an SGLang server?")
@@ -90,7 +90,7 @@ def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerIn
         raise ConfigError("remote_inference_engine_urls",
                           f"{http.base_url} detokenizes its outputs itself; token ids in and out need "
                           f"`python -m sglang.launch_server ... --skip-tokenizer-init`")
-    model = http.request_sync("GET", "/model_info")
+    model = _get_either(http, "/model_info", "/get_model_info")
     model_info = model.body if model.ok and isinstance(model.body, Mapping) else {}
     cpu = str(args.get("device", "cuda")) == "cpu"
     sleeps = not cpu and bool(args.get("enable_memory_saver"))
@@ -132,6 +132,11 @@ def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerIn
         max_model_len=args.get("context_length"),
         weight_version=version_number(model_info.get("weight_version")), same_host=same_host,
         extra={"tp_size": int(args.get("tp_size") or 1), "cpu": cpu})
+
+
+def _get_either(http: ServerHTTP, path: str, older: str) -> ServerAnswer:
+    answer = http.request_sync("GET", path)
+    return http.request_sync("GET", older) if answer.status == 404 else answer
 
 
 def _labels_tokens(args: Mapping[str, Any]) -> bool:
@@ -346,7 +351,8 @@ class SGLangServerEngine(ServerEngine):
 
     @hookimpl
     async def skyrl_backends_resume_generation(self) -> None:
-        await self._post("/continue_generation", {"torch_empty_cache": not self.info.extra.get("cpu")})
+        # No torch.cuda.empty_cache() on SGLang's CPU path (the field is 0.5.23's; older servers empty it anyway).
+        await self._post("/continue_generation", {"torch_empty_cache": False} if self.info.extra.get("cpu") else {})
         self._pause_mode = None
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -376,7 +382,9 @@ class SGLangServerEngine(ServerEngine):
         # Paused in place with requests in flight, SGLang cannot flush (it flushes only when idle):
         # the flush then follows once the last of them has returned.
         flush_now = not (self._pause_mode == "in_place" and self._inflight)
-        body: dict[str, Any] = {"flush_cache": flush_now, "weight_version": str(version)}
+        body: dict[str, Any] = {"flush_cache": flush_now}
+        if self.info.capabilities.token_versions:  # the label SGLang stamps on the tokens (0.5.23 on)
+            body["weight_version"] = str(version)
         keep_alive: Any = None
         if request.strategy == "broadcast":
             if self._group is None:
