@@ -105,10 +105,15 @@ def test_pause_update_resume_with_64_requests_in_flight(aio, engines, placement,
         client = InferenceEngineClient(engines, keep_strategy=keep_strategy)
         reference = await asyncio.gather(*(client.generate([p], {"max_generate_length": n, **GREEDY})
                                            for p, n in zip(batch, lengths)))
-        tasks = [asyncio.create_task(client.generate([p], {"max_generate_length": n, **GREEDY}))
-                 for p, n in zip(batch, lengths)]
+        # Every other request is streamed: its chunks show when the engines are decoding. A fixed
+        # sleep is not enough on a loaded machine, where the pause could land before any request
+        # has a token (then no completion spans two versions).
+        progress = [0] * len(batch)
+        tasks = [asyncio.create_task(_streamed(client, p, n, progress, i) if i % 2 else
+                                     client.generate([p], {"max_generate_length": n, **GREEDY}))
+                 for i, (p, n) in enumerate(zip(batch, lengths))]
         await _until_in_flight(client, 64)
-        await asyncio.sleep(0.05)
+        await _until_decoding(progress, lengths)
         await client.pause_generation()
         if keep_strategy == "auto":  # natively paused sequences stay in their engines
             assert sum(h["inflight"] for h in client.health().values()) > 0
@@ -267,6 +272,28 @@ def test_engine_torn_down_mid_batch_returns_partial_output_and_the_batch_continu
               f"and continued; the batch took {elapsed_s:.2f}s (undisturbed on the survivors: {undisturbed_s:.2f}s)")
 
     aio.run(main(), 300)
+
+
+async def _streamed(client, prompt, length, progress, index):
+    """``client.generate([prompt], ...)`` through the client's stream, counting tokens in
+    ``progress[index]`` as they arrive."""
+    async for chunk in client.generate_stream([prompt], {"max_generate_length": length, **GREEDY}):
+        progress[index] += len(chunk.token_ids)
+        if chunk.completion is not None:
+            return [chunk.completion]
+    raise AssertionError("the stream ended without its completion")
+
+
+async def _until_decoding(progress, lengths, timeout_s=120.0):
+    """Wait (bounded) until some streamed request has tokens and is far from done, so that a
+    pause now lands mid-way through it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if any(0 < done <= n - 16 for done, n in zip(progress, lengths)):
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"no streamed request was ever mid-way (tokens so far: {progress})")
 
 
 async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):
