@@ -10,8 +10,9 @@ The scenario, one test because each step needs the state the previous one left:
 
 1. two engines on two distinct nodes through a STRICT_SPREAD placement group;
 2. the trainer broadcasts new weights to both over one gloo group;
-3. requests run on both when one engine's node is removed: every request completes, with the
-   output of the current weights (the client fails over; no request is lost);
+3. requests are held on both engines (the client paused, "keep") when one engine's node is removed:
+   after resume every request completes with the output of the current weights (the client fails
+   over; no request is lost);
 4. ``EngineRecovery`` restarts the lost engine on a live node, gives it the current weights over a
    gloo group of its own and puts it back in rotation under its id;
 5. the next broadcast reaches both engines again.
@@ -87,6 +88,14 @@ def oracle(model, weights) -> list[list[int]]:
     return outputs
 
 
+async def _until(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def test_engines_on_other_nodes_survive_losing_a_node(cluster, model_dir, trainer_model):
     sim, nodes = cluster
     engines = create_ray_engines(2, "transformers", model_dir, num_cpus_per_engine=1,
@@ -109,12 +118,19 @@ def test_engines_on_other_nodes_survive_losing_a_node(cluster, model_dir, traine
         for engine in engines:
             assert (await engine.generate(PROMPTS[:2], GREEDY)).response_ids == expected_first[:2]
 
-        # 3. A node dies under load; every request still completes with the current weights.
+        # 3. A node dies with requests in flight on it; every request still completes with the
+        # current weights. The client is paused ("keep": the engines hold their requests) while the
+        # node goes, so that the victim cannot finish its share first, however loaded the machine
+        # (a pause for a weight update is also when a trainer's requests sit longest in engines).
         tasks = [asyncio.ensure_future(client.generate([p], GREEDY, request_ids=[f"r{i}"]))
                  for i, p in enumerate(PROMPTS)]
-        while client.health()[victim_id]["inflight"] == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: all(h["inflight"] > 0 for h in client.health().values()), "requests on both engines")
+        await client.pause_generation("keep")
+        held = client.health()[victim_id]["inflight"]
+        assert held > 0, "the victim should hold requests while paused"
         await asyncio.to_thread(sim.remove_node, victim_node, False)
+        await _until(lambda: not client.health()[victim_id]["healthy"], "the victim's loss to be detected")
+        await client.resume_generation()
         outs = await asyncio.wait_for(asyncio.gather(*tasks), 600)
         assert [o[0].token_ids for o in outs] == expected_first, "a request was lost or served stale weights"
         health = client.health()
