@@ -78,7 +78,7 @@ def start(kind: str, model_dir: str, rootdir: Path) -> tuple[str, Any]:
         from skyrl_backends.remote.native.launch import NativeServer
 
         require_weight_transfer_entry_point()
-        process = NativeServer("vllm", model_dir, options={"dtype": "float32", "max_model_len": 512, "seed": 0},
+        process = NativeServer("vllm", model_dir, options={"dtype": "float32", "max_model_len": 1024, "seed": 0},
                                env=SERVER_ENV)
         try:
             return process.wait_ready(START_TIMEOUT_S), process
@@ -88,7 +88,7 @@ def start(kind: str, model_dir: str, rootdir: Path) -> tuple[str, Any]:
     from skyrl_backends.remote.launch import ServerProcess
 
     python = transformers_python(rootdir) if kind == "transformers" else sys.executable
-    options = {"dtype": "float32", "seed": 0} | ({"max_model_len": 512} if kind == "vllm" else {"device": "cpu"})
+    options = {"dtype": "float32", "seed": 0} | ({"max_model_len": 1024} if kind == "vllm" else {"device": "cpu"})
     process = ServerProcess(kind, model_dir, options=options, python=python, env=SERVER_ENV,
                             extra_args=WEIGHT_TRANSFER)
     return process.wait_ready(START_TIMEOUT_S), process

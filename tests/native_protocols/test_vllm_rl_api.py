@@ -27,7 +27,7 @@ from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactor
 
 PROMPT = [5, 6, 7, 8, 9]
 GREEDY_TOKENS = 12
-LONG = 400  # a request still running when the test pauses or aborts it (within the servers' 512 context)
+LONG = 960  # a request still running when the test pauses or aborts it (within the servers' 1024 context)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -173,6 +173,15 @@ def test_a_rejected_update_changes_neither_weights_nor_version(server):
 
 
 # -- pausing ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def resumed_afterwards(server):
+    """A pause test that fails half-way must not leave the shared server paused for the next ones."""
+    yield
+    if server.get("/is_paused").json().get("is_paused"):
+        server.post("/resume")
+
+
+@pytest.mark.usefixtures("resumed_afterwards")
 def test_pause_keep_holds_requests_through_an_update_and_resume_finishes_them(server, trainer_model):
     stream = Stream(server, max_tokens=LONG)
     assert server.post("/pause", mode="keep").json() == {"status": "paused"}
@@ -184,6 +193,7 @@ def test_pause_keep_holds_requests_through_an_update_and_resume_finishes_them(se
     assert stream.result() == (LONG, "length")
 
 
+@pytest.mark.usefixtures("resumed_afterwards")
 def test_pause_abort_ends_requests_in_flight(server):
     stream = Stream(server, max_tokens=LONG)
     assert server.post("/pause", mode="abort").json() == {"status": "paused"}
@@ -193,6 +203,7 @@ def test_pause_abort_ends_requests_in_flight(server):
     assert complete(server)["finish_reason"] in ("length", "stop")
 
 
+@pytest.mark.usefixtures("resumed_afterwards")
 def test_pause_wait_returns_once_requests_in_flight_have_finished(server):
     stream = Stream(server, max_tokens=60)
     assert server.post("/pause", mode="wait").json() == {"status": "paused"}
@@ -259,10 +270,21 @@ def test_bad_requests_are_answered_as_vllm_answers_them(server, call, answer):
     assert server.get("/is_paused").json() == {"is_paused": False}
 
 
-def test_abort_requests_ends_every_request_without_pausing(server):
+@pytest.mark.usefixtures("resumed_afterwards")
+def test_abort_requests_ends_every_request_and_leaves_the_pause_state_alone(server):
+    # The request is held by a "keep" pause when the abort comes, so that it cannot finish first: a
+    # tiny model generates LONG tokens within a second, less than an abort can take to arrive when
+    # the machine is loaded.
     stream = Stream(server, max_tokens=LONG)
+    assert server.post("/pause", mode="keep").json() == {"status": "paused"}
+    assert stream.finish_reason is None, "the request ended before the pause: nothing to abort"
     response = server.post("/abort_requests", {})
     assert response.status_code == 200 and response.json()["status"] == "aborted"
     tokens, finish_reason = stream.result()
     assert tokens < LONG and finish_reason == "abort"
+    assert server.get("/is_paused").json() == {"is_paused": True}, "an abort must not resume"
+    assert server.post("/resume").json() == {"status": "resumed"}
+    # ... nor pause a running server.
+    assert server.post("/abort_requests", {}).json()["status"] == "aborted"
     assert server.get("/is_paused").json() == {"is_paused": False}
+    assert complete(server)["finish_reason"] in ("length", "stop")
