@@ -11,6 +11,7 @@ from skyrl_backends.client import InferenceEngineClient
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 PROMPT = [15, 22, 29, 36, 43, 50]
+LONG_STREAM = 600  # within the engines' 1024-token context
 
 
 async def collect(stream):
@@ -72,7 +73,9 @@ def test_stream_follows_its_session_and_counts_as_load(aio, local_engines):
 def test_pause_by_abort_is_seamless_in_a_stream(aio, engines):
     async def main():
         client = InferenceEngineClient(engines, keep_strategy="continue")
-        params = {"max_generate_length": 96, "logprobs": 0, **GREEDY}
+        # Long enough that the pause cuts the stream mid-way even when a remote engine's chunks reach
+        # this client many tokens behind the engine (a loaded machine: 96 tokens were once not enough).
+        params = {"max_generate_length": LONG_STREAM, "logprobs": 0, **GREEDY}
         expected = (await client.generate([PROMPT], params))[0]
         chunks = []
         paused = asyncio.Event()
@@ -98,7 +101,7 @@ def test_pause_by_abort_is_seamless_in_a_stream(aio, engines):
         final = chunks[-1].completion
         assert final is not None and final.finish_reason == "length"
         assert tokens_of(chunks) == final.token_ids == expected.token_ids
-        assert len(final.logprobs) == 96
+        assert len(final.logprobs) == LONG_STREAM
         continuations = sum(h["continuations"] for h in client.health().values())
         if engines[0].capabilities.streaming:
             assert continuations >= 1, "the pause should have cut the stream mid-way"
