@@ -88,7 +88,8 @@ class ServerProcess:
             return "(no log)"
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 30 s) and remove its files."""
+        """Stop the server (SIGTERM, then SIGKILL after 30 s) and what is left of its process
+        session, and remove its files."""
         if self.process.stdin is not None and not self.process.stdin.closed:
             self.process.stdin.close()
         if self.process.poll() is None:
@@ -98,6 +99,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # The server's own children (a vLLM engine core and its workers) outlive it when it was
+        # killed rather than stopped: whatever is left of its session goes too.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if not self._log.closed:
             self._log.close()
         self._dir.cleanup()
