@@ -28,6 +28,16 @@ DEFAULT_START_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 30.0
 
 
+def kill_session_leftovers(process: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the session of ``process``, started with ``start_new_session=True``
+    and ended: a server's own children (a vLLM engine core and its workers) outlive it when it was
+    killed rather than stopped."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class ServerProcess:
     """``skyrl-backends serve`` for one engine of ``backend``, on ``host`` (loopback) and a free port.
 
@@ -99,12 +109,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        # The server's own children (a vLLM engine core and its workers) outlive it when it was
-        # killed rather than stopped: whatever is left of its session goes too.
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_session_leftovers(self.process)
         if not self._log.closed:
             self._log.close()
         self._dir.cleanup()

@@ -28,6 +28,7 @@ from typing import Any
 
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import BackendLoadError, ConfigError
+from skyrl_backends.remote.launch import kill_session_leftovers
 
 DEFAULT_START_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 30.0
@@ -221,10 +222,7 @@ class NativeServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        try:  # children left in the group (engine processes) go with it
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_session_leftovers(self.process)
         if not self._log.closed:
             self._log.close()
         self._dir.cleanup()
