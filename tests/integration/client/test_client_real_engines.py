@@ -284,30 +284,31 @@ async def _streamed(client, prompt, length, progress, index):
     raise AssertionError("the stream ended without its completion")
 
 
+async def _until(condition, what, timeout_s, poll_s=0.005):
+    """Wait (bounded) until ``condition()`` holds; fail naming ``what()`` was never seen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() >= deadline:
+            raise AssertionError(what())
+        await asyncio.sleep(poll_s)
+
+
 async def _until_decoding(progress, lengths, timeout_s=120.0):
     """Wait (bounded) until some streamed request has tokens and is far from done, so that a
     pause now lands mid-way through it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        # 40 tokens to go: a remote engine's chunks can reach the client many tokens late.
-        if any(0 < done <= n - 40 for done, n in zip(progress, lengths)):
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError(f"no streamed request was ever mid-way (tokens so far: {progress})")
+    # 40 tokens to go: a remote engine's chunks can reach the client many tokens late.
+    await _until(lambda: any(0 < done <= n - 40 for done, n in zip(progress, lengths)),
+                 lambda: f"no streamed request was ever mid-way (tokens so far: {progress})", timeout_s, poll_s=0.002)
 
 
 async def _until_in_flight(client, count, engine_id=None, timeout_s=60.0):
     """Wait (bounded) until the client has ``count`` sequences in flight (on one engine if given)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
+    def inflight():
         health = client.health()
-        inflight = health[engine_id]["inflight"] if engine_id else sum(h["inflight"] for h in health.values())
-        if inflight >= count:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"fewer than {count} requests were ever in flight")
+        return health[engine_id]["inflight"] if engine_id else sum(h["inflight"] for h in health.values())
+
+    await _until(lambda: inflight() >= count, lambda: f"fewer than {count} requests were ever in flight", timeout_s)
 
 
 def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session, backend, model_dir,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from observers import EngineObserver
 from skyrl_backends.client import InferenceEngineClient
 
@@ -78,7 +77,8 @@ def test_pause_by_abort_is_seamless_in_a_stream(aio, engines, placement, backend
         # 2-core machine: twice in CI runs the whole 600-token response was generated before the
         # pause's abort arrived, so nothing was cut. The client code under test is the same for
         # every engine; the remote variant runs on the transformers backend (test-client).
-        pytest.skip("remote vLLM-CPU outruns its stream on a loaded machine; covered by the transformers remote variant")
+        pytest.skip("remote vLLM-CPU outruns its stream on a loaded machine; "
+                    "covered by the transformers remote variant")
 
     async def main():
         client = InferenceEngineClient(engines, keep_strategy="continue")
