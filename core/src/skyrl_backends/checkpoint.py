@@ -57,3 +57,18 @@ def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> li
         if config.get("tie_word_embeddings") and embed is not None:
             specs["lm_head.weight"] = TensorSpec("lm_head.weight", embed.shape, served_dtype)
     return list(specs.values())
+
+
+def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]:
+    """The EOS ids a model folder declares in ``config.json`` and ``generation_config.json`` (all of
+    them count; a tokenizer may add one more). Empty when the folder is not readable here."""
+    ids: set[int] = set()
+    if model_dir is None:
+        return ids
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        value = json.loads(path.read_text()).get("eos_token_id")
+        ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
+    return ids

@@ -12,9 +12,11 @@ the stop string out of the text it returns (:mod:`skyrl_backends.http`); token i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from skyrl_backends.detokenize import IncrementalDetokenizer
+from skyrl_backends.sampling import SamplingParams
 
 
 class StopStringMatcher:
@@ -71,3 +73,16 @@ class StopStringMatcher:
         text = "".join(self._pieces) + delta + pending
         end = len(text) - len(window) + pos + len(s)
         return s, text[:end]
+
+
+def stop_on_last_token(finish: str, tokens: Sequence[int], stop_reason: Any, params: SamplingParams,
+                       eos_token_ids: Collection[int]) -> tuple[str, Any]:
+    """``(finish, stop_reason)`` with a stop token id (or EOS, unless ignored) that is also the last
+    token ``max_generate_length`` allows counted as a stop, as on every backend: SGLang 0.5.17
+    reports it as ``"length"``. The stop reason becomes that token."""
+    if finish != "length" or not tokens:
+        return finish, stop_reason
+    last = tokens[-1]
+    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids):
+        return "stop", last
+    return finish, stop_reason

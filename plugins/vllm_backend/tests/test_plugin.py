@@ -208,3 +208,25 @@ def test_the_skyrl_weight_transfer_engine_is_registered_for_vllms_processes():
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     assert "skyrl" in WeightTransferEngineFactory._registry and "skyrl" in WeightTransferTrainerFactory._registry
+
+
+# Methods some supported vLLM release declares abstract on its worker-side WeightTransferEngine
+# (0.26: ``trainer_send_weights``, a static method later moved to the trainer-side engines). The
+# installed release's own abstract methods are checked too; a missing one keeps every vLLM worker
+# from creating the "skyrl" engine, so no engine starts.
+ABSTRACT_IN_SOME_RELEASE = {"init_transfer_engine", "start_weight_update", "finish_weight_update",
+                            "receive_weights", "shutdown", "trainer_send_weights"}
+
+
+def test_the_weight_transfer_engine_implements_every_release_s_abstract_methods():
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+
+    from skyrl_backend_vllm.weight_transfer.worker import SkyRLWeightTransferEngine
+
+    assert not SkyRLWeightTransferEngine.__abstractmethods__
+    required = ABSTRACT_IN_SOME_RELEASE | set(WeightTransferEngine.__abstractmethods__)
+    missing = {name for name in required
+               if getattr(SkyRLWeightTransferEngine, name, None) is getattr(WeightTransferEngine, name, None)}
+    assert not missing, f"inherited, not implemented: {sorted(missing)}"
+    with pytest.raises(NotImplementedError, match="SkyRLTrainerWeightTransferEngine"):
+        SkyRLWeightTransferEngine.trainer_send_weights(iter(()), {})

@@ -41,10 +41,12 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from skyrl_backends.checkpoint import declared_eos_token_ids
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError, SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
 from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.stopping import stop_on_last_token
 from skyrl_backends.types import (
     Completion,
     GenerateOutput,
@@ -779,26 +781,9 @@ def hf_weight_specs(model_dir: str, dtype: str) -> list[TensorSpec]:
             for name, param in model.named_parameters(remove_duplicate=False)]
 
 
-def stop_on_last_token(finish: str, tokens: list[int], stop_reason: Any, params: SamplingParams,
-                       eos_token_ids: list[int]) -> tuple[str, Any]:
-    """A stop token id (or EOS, unless ignored) that is also the last token ``max_generate_length``
-    allows is a stop, as on every backend; SGLang 0.5.17 reports it as ``"length"``."""
-    if finish != "length" or not tokens:
-        return finish, stop_reason
-    last = tokens[-1]
-    if last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids):
-        return "stop", last
-    return finish, stop_reason
-
-
 def _eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
     """EOS ids from the model config, its generation config and the tokenizer (all of them count)."""
-    ids: set[int] = set()
-    for name in ("config.json", "generation_config.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
+    ids = declared_eos_token_ids(model_dir)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids

@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from skyrl_backends.capabilities import Capabilities
+from skyrl_backends.checkpoint import declared_eos_token_ids
 from skyrl_backends.errors import (
     ConfigError,
     EngineStateError,
@@ -60,7 +61,7 @@ from skyrl_backends.remote.native.engine import ServerEngine, ServerInfo, empty_
 from skyrl_backends.remote.native.http import ServerAnswer, ServerHTTP
 from skyrl_backends.remote.native.text import ResponseText
 from skyrl_backends.sampling import SamplingParams
-from skyrl_backends.stopping import StopStringMatcher
+from skyrl_backends.stopping import StopStringMatcher, stop_on_last_token
 from skyrl_backends.types import (
     Completion,
     GenerateOutput,
@@ -198,6 +199,9 @@ class SGLangServerEngine(ServerEngine):
     def __init__(self, http: ServerHTTP, info: ServerInfo) -> None:
         super().__init__(http, info)
         self.text = ResponseText(info.model)
+        # For EOS as the last allowed token, which SGLang 0.5.17 reports as "length" (known where the
+        # model folder is readable here, as the text is).
+        self.eos_token_ids = declared_eos_token_ids(info.model)
         self._pause_mode: str | None = None  # SGLang's: in_place, retract or abort
         self._group: str | None = None
         self._flush_when_idle = False
@@ -321,6 +325,7 @@ class SGLangServerEngine(ServerEngine):
             reason = info.get("matched") if finish == "stop" else None
             if finish == "stop" and reason is None and tokens:
                 reason = tokens[-1]  # EOS
+            finish, reason = stop_on_last_token(finish, tokens, reason, params, self.eos_token_ids)
         logprobs, top = _logprobs(meta, 0, len(tokens), params.logprobs)
         text = self.text.of(tokens, reason if isinstance(reason, str) else None)
         return Completion(token_ids=tokens, finish_reason=finish, logprobs=logprobs, top_logprobs=top,  # type: ignore[arg-type]

@@ -60,6 +60,18 @@ class SkyRLWeightTransferEngine(WeightTransferEngine[SkyRLInitInfo, SkyRLUpdateI
         self._collected: NamedTensors | None = None
         self._specs: dict[str, tuple[tuple[int, ...], str]] | None = None
 
+    @staticmethod
+    def trainer_send_weights(iterator: Any, trainer_args: Any) -> None:
+        """The trainer-side entry point of vLLM releases before the trainer engine registry (0.26
+        declares it abstract on the worker class: without it the workers cannot create this engine).
+        The ``"skyrl"`` trainer side is :class:`~skyrl_backend_vllm.weight_transfer.trainer.
+        SkyRLTrainerWeightTransferEngine`, or the engine facade's own weight sync."""
+        raise NotImplementedError(
+            "the 'skyrl' weight-transfer backend sends from the trainer through "
+            "skyrl_backend_vllm.weight_transfer.trainer.SkyRLTrainerWeightTransferEngine (vLLM's trainer-side "
+            "engine API) or skyrl_backends' weight sync (engine.update_named_weights / connect_broadcast), "
+            "not through trainer_send_weights")
+
     # -- parsing (ValueError for a bad payload, as vLLM's own engines raise) -----------------------
     def parse_init_info(self, init_dict: dict[str, Any]) -> SkyRLInitInfo:
         return SkyRLInitInfo(init_info_from_json(init_dict))
