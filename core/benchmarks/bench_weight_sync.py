@@ -352,6 +352,10 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
         try:
             strategy = "cuda_ipc" if "cuda_ipc" in engine.capabilities.weight_sync_strategies else "tensors"
             own_label = f"{backend}: own path (b)"
+            if getattr(engine.impl, "weight_path", "worker_extension") != "worker_extension":
+                # The vLLM plugin's tensors then cross through its weight-transfer engine (skyrl's
+                # shared memory or CUDA IPC), not vLLM's per-tensor handles: not the engine's own path.
+                own_label = f"{backend}: tensors, {engine.impl.weight_path} path (b, not vLLM's own)"
             paths = []
             if strategy != "tensors":
                 sender = make_sender(strategy)

@@ -30,8 +30,9 @@ def test_updates_take_the_path_the_environment_chooses(engine):
     # make test-vllm runs this file on both paths (SKYRL_VLLM_WEIGHT_PATH); each run tests the one it names.
     from skyrl_backend_vllm.weight_transfer.updates import choose_path
 
-    assert engine.impl.weight_path == choose_path()
-    assert (engine.impl._weight_updates is not None) == (choose_path() == "weight_transfer")
+    chosen = choose_path(engine.impl.platform)
+    assert engine.impl.weight_path == chosen
+    assert (engine.impl._weight_updates is not None) == (chosen == "weight_transfer")
 
 
 async def test_tensor_update_changes_output_and_restoring_restores_it_exactly(engine, checkpoint):

@@ -86,7 +86,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # How updates reach the workers (skyrl_backend_vllm.weight_transfer.updates).
-        self.weight_path = weight_updates.choose_path()
+        self.weight_path = weight_updates.choose_path(self.platform)
         if self.weight_path == "weight_transfer":
             kwargs.update(weight_updates.engine_kwargs())
         _check_engine_args(kwargs, AsyncEngineArgs)

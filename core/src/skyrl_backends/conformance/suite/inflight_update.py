@@ -31,6 +31,7 @@ from skyrl_backends.client import InferenceEngineClient
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.conformance.suite.logprobs import LogprobCheck
 from skyrl_backends.conformance.suite.weight_sync import PERTURBED, perturbed
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, StreamChunk, TokenVersions
@@ -181,11 +182,13 @@ class InflightUpdateTests(ConformanceTestBase):
         if not tokens:
             return
         chosen = expected.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
-        drifts = (chosen - torch.tensor(logprobs)).abs()
-        drift, worst = drifts.max().item(), int(drifts.argmax())
-        assert drift <= conformance.logprob_tolerance, (
-            f"log-probabilities {what}: off by {drift:.3g} nats at its token {worst} of {len(tokens)} "
-            f"(tolerance {conformance.logprob_tolerance}); off per token: {[round(d, 3) for d in drifts.tolist()[:8]]}")
+        # The suite's one rule for log-probabilities (exact in float32; in half precision a few
+        # rounding outliers, a bounded worst and a small mean): GPU kernels in bfloat16 put single
+        # tokens 0.3-0.4 nats off the trainer's forward pass (docs/consistency.md, max |delta|).
+        check = LogprobCheck(conformance)
+        for i, (got, want) in enumerate(zip(logprobs, chosen.tolist(), strict=True)):
+            check.add(got, want, f"{what}, token {tokens[i]} at {i} of {len(tokens)}")
+        check.verify()
         below_argmax = (expected.max(dim=-1).values - chosen).max().item()
         assert below_argmax <= conformance.greedy_margin + conformance.logprob_tolerance, (
             f"greedy tokens {what}: a token is {below_argmax:.3g} nats below the oracle's argmax")
