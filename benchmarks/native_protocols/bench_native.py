@@ -200,6 +200,8 @@ def bench_generate(args: argparse.Namespace) -> None:
                 seconds, tokens = loop.run_until_complete(call())
                 if round_:
                     rows[name].append(tokens / seconds)
+                print(f"round {round_}{' (warm-up)' if not round_ else ''}: {name} {tokens / seconds:.1f} tok/s",
+                      flush=True)
         loop.run_until_complete(engine.teardown())
     finally:
         loop.close()

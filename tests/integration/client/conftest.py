@@ -31,11 +31,16 @@ NUM_LOCAL_ENGINES = {"vllm": 2}  # each vLLM engine is a process with its own KV
 DEFAULT_LOCAL_ENGINES = 3
 NUM_RAY_ENGINES = 2
 NUM_REMOTE_ENGINES = 2
+# Where the engines run: in this process, as Ray actors, behind `skyrl-backends serve` processes.
+PLACEMENTS = ("local", "ray", "remote")
 
 
 def pytest_addoption(parser):
     parser.addoption("--client-backend", default=None,
                      help="backend the client tests run on (default: $SKYRL_CLIENT_BACKEND or transformers)")
+    parser.addoption("--client-placements", default=",".join(PLACEMENTS),
+                     help="comma-separated placements to run the engine tests on (default: all of "
+                          f"{', '.join(PLACEMENTS)}); the others are skipped")
 
 
 @pytest.fixture(scope="session")
@@ -146,8 +151,11 @@ def remote_engines(make_remote_engines):
     return make_remote_engines(NUM_REMOTE_ENGINES)
 
 
-@pytest.fixture(params=["local", "ray", "remote"])
+@pytest.fixture(params=PLACEMENTS)
 def placement(request):
+    chosen = request.config.getoption("--client-placements").split(",")
+    if request.param not in chosen:
+        pytest.skip(f"{request.param} engines not chosen (--client-placements {','.join(chosen)})")
     return request.param
 
 

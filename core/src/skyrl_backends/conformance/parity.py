@@ -46,7 +46,11 @@ the local column's; a difference is a bug or a capability the remote engine decl
 A `-server` column runs it against the engine's own, unmodified server (`vllm serve`, SGLang's
 `launch_server`), driven through that server's HTTP API (`skyrl_backends.remote.native`): what a
 trainer gets from a server it already deploys. A difference from the in-process column is the
-server's (its protocol exposes less, or behaves otherwise), listed in the notes.
+server's (its protocol exposes less, or behaves otherwise), listed in the notes. Neither runs in CI's
+`make test`, which has no room for a second vLLM-CPU column: `vllm-server` comes from `make
+conformance-vllm-server` on the CPU machine and `sglang-server` from the GPU machine. CI runs the
+groups that exercise the servers' protocols instead (`make test-native-protocols`: vLLM's RL API
+against `vllm serve`, with vLLM's own client code).
 """
 
 

@@ -41,6 +41,11 @@ DEFAULT_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 5.0
 _BUSY_RETRY_S = 1.0  # the guard's Retry-After
+# A client must drop an idle keep-alive connection before the server does: servers close theirs
+# after 5 s (uvicorn's default, under `skyrl-backends serve`, `vllm serve` and SGLang's server), and a
+# request sent on a connection the server is closing at that moment fails with a read error, which
+# a generation cannot safely repeat (the server may have received it). httpx's own expiry is 5 s too.
+IDLE_CONNECTION_EXPIRY_S = 2.0
 # What a broken connection or an unresponsive server looks like to httpx (retried with the same key).
 _RETRYABLE = (httpx.TransportError,)
 
@@ -70,7 +75,8 @@ class HttpTransport:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=heartbeat_timeout_s,
                                       write=heartbeat_timeout_s, pool=None)
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                    keepalive_expiry=IDLE_CONNECTION_EXPIRY_S)
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -209,4 +215,5 @@ class HttpTransport:
                                f"is it running and reachable?")
 
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_HEARTBEAT_TIMEOUT_S", "DEFAULT_RETRIES", "HttpTransport"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_HEARTBEAT_TIMEOUT_S", "DEFAULT_RETRIES", "IDLE_CONNECTION_EXPIRY_S",
+           "HttpTransport"]

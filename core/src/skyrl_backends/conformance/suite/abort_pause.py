@@ -11,20 +11,13 @@ from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.conformance.suite.races import WAIT_S, retry_lost_race, until_inflight
 from skyrl_backends.sampling import SamplingParams
 
 # While paused, an engine may still hand out the tokens of steps that ran before the pause took
 # effect (at most a few); one that keeps decoding hands out many more while the test watches.
 PAUSE_SLACK_TOKENS = 8
 PAUSE_WATCH_S = 1.0
-# How long an aborted request may take to return before the test gives up on it (a bound against
-# hanging on an engine that ignores the abort, not a speed requirement).
-ABORT_RETURN_S = 120.0
-
-
-async def _until_inflight(engine, count: int = 1) -> None:
-    while engine.num_inflight < count:
-        await asyncio.sleep(0.005)
 
 
 class AbortPauseTests(ConformanceTestBase):
@@ -45,15 +38,17 @@ class AbortPauseTests(ConformanceTestBase):
         long = SamplingParams(max_generate_length=conformance.long_generation, temperature=0.0, ignore_eos=True)
         short = SamplingParams(max_generate_length=6, temperature=0.0)
 
-        async def abort_first():
-            victim = asyncio.ensure_future(engine.generate([prompts[0]], long, request_ids=["victim"]))
-            await _until_inflight(engine)
+        async def abort_first(attempt: int):
+            victim_id = f"victim-{attempt}"
+            victim = asyncio.ensure_future(engine.generate([prompts[0]], long, request_ids=[victim_id]))
+            await until_inflight(engine)
             await asyncio.sleep(0.05)
-            await engine.abort(["victim"])
+            await engine.abort([victim_id])
             bystander = await engine.generate([prompts[1]], short)
             return await victim, bystander
 
-        victim, bystander = conformance.run(abort_first())
+        victim, bystander = retry_lost_race(lambda n: conformance.run(abort_first(n)),
+                                            lambda result: result[0][0].finish_reason == "length", "abort one request")
         c = victim[0]
         assert c.finish_reason == "abort", f"an aborted request must finish with 'abort', got {c.finish_reason!r}"
         assert len(c.token_ids) < conformance.long_generation
@@ -69,12 +64,14 @@ class AbortPauseTests(ConformanceTestBase):
 
         async def abort_everything():
             tasks = [asyncio.ensure_future(engine.generate([p], long)) for p in prompts]
-            await _until_inflight(engine, len(prompts))
+            await until_inflight(engine, len(prompts))
             await asyncio.sleep(0.05)
             await engine.abort()
             return await asyncio.gather(*tasks)
 
-        for prompt, out in zip(prompts, conformance.run(abort_everything()), strict=True):
+        outs = retry_lost_race(lambda _: conformance.run(abort_everything()),
+                               lambda outs: any(out[0].finish_reason == "length" for out in outs), "abort all")
+        for prompt, out in zip(prompts, outs, strict=True):
             assert out[0].finish_reason == "abort" and len(out[0].token_ids) < conformance.long_generation
             self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)
         prompt = prompts[0]
@@ -95,7 +92,7 @@ class AbortPauseTests(ConformanceTestBase):
 
         async def paused_midway():
             task = asyncio.ensure_future(engine.generate([prompt], params))
-            await _until_inflight(engine)
+            await until_inflight(engine)
             await engine.pause_generation()
             assert engine.paused
             await asyncio.sleep(0.1)
@@ -159,17 +156,17 @@ class AbortPauseTests(ConformanceTestBase):
 
         async def abort_paused():
             task = asyncio.ensure_future(engine.generate([prompt], params))
-            await _until_inflight(engine)
+            await until_inflight(engine)
             await engine.pause_generation()
             await engine.abort()
             try:  # a paused engine that ignores the abort would hold the request, and the suite, forever
-                return await asyncio.wait_for(asyncio.shield(task), ABORT_RETURN_S)
+                return await asyncio.wait_for(asyncio.shield(task), WAIT_S)
             except asyncio.TimeoutError:
                 return None
             finally:
                 await engine.resume_generation()
 
         out = conformance.run(abort_paused())
-        assert out is not None, f"a request aborted while paused had not returned {ABORT_RETURN_S:.0f} s later"
+        assert out is not None, f"a request aborted while paused had not returned {WAIT_S:.0f} s later"
         assert out[0].finish_reason == "abort"
         self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)

@@ -32,6 +32,7 @@ from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
 from skyrl_backends.conformance.suite.logprobs import LogprobCheck
+from skyrl_backends.conformance.suite.races import until_inflight
 from skyrl_backends.conformance.suite.weight_sync import PERTURBED, perturbed
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, StreamChunk, TokenVersions
@@ -97,8 +98,7 @@ async def _until_running(engine: Any, streamed: _StreamedRequest | None) -> None
     if streamed is not None and engine.capabilities.streaming:
         await streamed.started()
         return
-    while engine.num_inflight == 0:
-        await asyncio.sleep(0.005)
+    await until_inflight(engine)
     await asyncio.sleep(0.05)
 
 

@@ -11,6 +11,7 @@ from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
+from skyrl_backends.conformance.suite.races import until_inflight
 from skyrl_backends.conformance.suite.weight_sync import PERTURBED, perturbed
 from skyrl_backends.errors import EngineAsleepError, UnsupportedCapabilityError, WeightsNotLoadedError
 from skyrl_backends.sampling import SamplingParams
@@ -113,8 +114,7 @@ class SleepWakeTests(ConformanceTestBase):
 
         async def sleep_while_generating():
             task = asyncio.ensure_future(engine.generate([prompt], long))
-            while engine.num_inflight == 0:
-                await asyncio.sleep(0.005)
+            await until_inflight(engine)
             await engine.sleep(level=level)
             return await task
 

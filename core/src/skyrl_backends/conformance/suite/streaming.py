@@ -12,6 +12,7 @@ from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
+from skyrl_backends.conformance.suite.races import WAIT_S, retry_lost_race, until_inflight
 from skyrl_backends.conformance.suite.stopping import _first_repeat_free_index, own_greedy, stop_string_cases
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, StreamChunk
@@ -84,28 +85,31 @@ class StreamingTests(ConformanceTestBase):
         long = SamplingParams(max_generate_length=conformance.long_generation, temperature=0.0, ignore_eos=True)
         streaming = conformance.capabilities.streaming
 
-        async def abort_midway() -> list[StreamChunk]:
+        async def abort_midway(attempt: int) -> list[StreamChunk]:
+            victim_id = f"streamed-victim-{attempt}"
             chunks: list[StreamChunk] = []
             started = asyncio.Event()
 
             async def read() -> None:
-                async for chunk in engine.generate_stream([prompt], long, request_ids=["streamed-victim"]):
+                async for chunk in engine.generate_stream([prompt], long, request_ids=[victim_id]):
                     chunks.append(chunk)
                     if sum(len(c.token_ids) for c in chunks) >= 2:
                         started.set()
 
             reader = asyncio.ensure_future(read())
             if streaming:  # abort once tokens have arrived; otherwise once the request runs
-                await asyncio.wait_for(started.wait(), 120)
+                await asyncio.wait_for(started.wait(), WAIT_S)
             else:
-                while engine.num_inflight < 1:
-                    await asyncio.sleep(0.005)
+                await until_inflight(engine)
                 await asyncio.sleep(0.05)
-            await engine.abort(["streamed-victim"])
+            await engine.abort([victim_id])
             await reader
             return chunks
 
-        chunks = conformance.run(abort_midway())
+        def finished_first(chunks: list[StreamChunk]) -> bool:
+            return any(c.completion is not None and c.completion.finish_reason == "length" for c in chunks)
+
+        chunks = retry_lost_race(lambda n: conformance.run(abort_midway(n)), finished_first, "abort mid-stream")
         (final,) = completions_of(chunks, 1)
         assert final.finish_reason == "abort", f"an aborted stream must end with 'abort', got {final.finish_reason!r}"
         assert len(final.token_ids) < conformance.long_generation

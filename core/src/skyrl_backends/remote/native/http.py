@@ -25,6 +25,7 @@ except ImportError as exc:  # the trainer's side of remote engines is an extra
         from exc
 
 from skyrl_backends.errors import EngineDeadError
+from skyrl_backends.remote.transport import IDLE_CONNECTION_EXPIRY_S
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # Generations run for minutes, and these servers send nothing until a non-streamed one ends.
@@ -69,7 +70,8 @@ class ServerHTTP:
         self.retries = retries
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s, pool=None)
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                    keepalive_expiry=IDLE_CONNECTION_EXPIRY_S)
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
