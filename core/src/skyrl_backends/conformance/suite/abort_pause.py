@@ -11,7 +11,7 @@ from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import feature, requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase
-from skyrl_backends.conformance.suite.races import WAIT_S, retry_lost_race, until_inflight
+from skyrl_backends.conformance.suite.races import WAIT_S, ran_to_the_end, retry_lost_race, until_inflight
 from skyrl_backends.sampling import SamplingParams
 
 # While paused, an engine may still hand out the tokens of steps that ran before the pause took
@@ -48,7 +48,7 @@ class AbortPauseTests(ConformanceTestBase):
             return await victim, bystander
 
         victim, bystander = retry_lost_race(lambda n: conformance.run(abort_first(n)),
-                                            lambda result: result[0][0].finish_reason == "length", "abort one request")
+                                            lambda result: ran_to_the_end(result[0][0], long), "abort one request")
         c = victim[0]
         assert c.finish_reason == "abort", f"an aborted request must finish with 'abort', got {c.finish_reason!r}"
         assert len(c.token_ids) < conformance.long_generation
@@ -70,7 +70,7 @@ class AbortPauseTests(ConformanceTestBase):
             return await asyncio.gather(*tasks)
 
         outs = retry_lost_race(lambda _: conformance.run(abort_everything()),
-                               lambda outs: any(out[0].finish_reason == "length" for out in outs), "abort all")
+                               lambda outs: any(ran_to_the_end(out[0], long) for out in outs), "abort all")
         for prompt, out in zip(prompts, outs, strict=True):
             assert out[0].finish_reason == "abort" and len(out[0].token_ids) < conformance.long_generation
             self._assert_prefix_of_reference(conformance, prompt, out[0].token_ids)

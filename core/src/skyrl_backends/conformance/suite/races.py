@@ -14,6 +14,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.types import Completion
+
 T = TypeVar("T")
 
 # How long a request may take to be in flight, or an aborted request to return, before the test gives
@@ -34,6 +37,13 @@ async def until_inflight(engine: Any, count: int = 1, timeout_s: float = WAIT_S)
         await asyncio.sleep(0.005)
 
 
+def ran_to_the_end(completion: Completion, params: SamplingParams) -> bool:
+    """Whether a request the test meant to abort finished on its own first: every token it asked for,
+    finish reason ``length``. (An engine that aborts but reports ``length`` stops short: that is not a
+    lost race, and the test's own assertion names it.)"""
+    return completion.finish_reason == "length" and len(completion.token_ids) >= params.max_generate_length
+
+
 def retry_lost_race(attempt: Callable[[int], T], lost: Callable[[T], bool], what: str,
                     attempts: int = RACE_ATTEMPTS) -> T:
     """``attempt(0)``, ``attempt(1)``, ... until one did not lose the race (``lost(result)`` false);
@@ -47,4 +57,4 @@ def retry_lost_race(attempt: Callable[[int], T], lost: Callable[[T], bool], what
                          f"than an abort reaches it")
 
 
-__all__ = ["RACE_ATTEMPTS", "WAIT_S", "retry_lost_race", "until_inflight"]
+__all__ = ["RACE_ATTEMPTS", "WAIT_S", "ran_to_the_end", "retry_lost_race", "until_inflight"]

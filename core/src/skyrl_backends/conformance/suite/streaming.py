@@ -12,7 +12,7 @@ from skyrl_backends import capabilities
 from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import ConformanceTestBase, require_parameter
-from skyrl_backends.conformance.suite.races import WAIT_S, retry_lost_race, until_inflight
+from skyrl_backends.conformance.suite.races import WAIT_S, ran_to_the_end, retry_lost_race, until_inflight
 from skyrl_backends.conformance.suite.stopping import _first_repeat_free_index, own_greedy, stop_string_cases
 from skyrl_backends.sampling import SamplingParams
 from skyrl_backends.types import Completion, StreamChunk
@@ -107,7 +107,7 @@ class StreamingTests(ConformanceTestBase):
             return chunks
 
         def finished_first(chunks: list[StreamChunk]) -> bool:
-            return any(c.completion is not None and c.completion.finish_reason == "length" for c in chunks)
+            return any(c.completion is not None and ran_to_the_end(c.completion, long) for c in chunks)
 
         chunks = retry_lost_race(lambda n: conformance.run(abort_midway(n)), finished_first, "abort mid-stream")
         (final,) = completions_of(chunks, 1)
