@@ -211,3 +211,15 @@ def test_command_line_generate_then_check(tmp_path: Path, capsys: pytest.Capture
     assert main(["check", str(doc), str(committed)]) == 0
     assert main(["check", str(doc), str(committed), "--fresh", str(fresh)]) == 1
     assert "mean_abs_delta" in capsys.readouterr().err
+
+
+def test_cpu_reports_of_different_vector_instruction_sets_are_not_held_against_each_other():
+    from skyrl_backends.consistency.report import incomparable
+
+    committed, fresh = report(), report(scale=1.5)
+    assert incomparable(committed, fresh) is None and compare(committed, fresh)  # no ISA named: compared
+    committed["cpu_isa"], fresh["cpu_isa"] = "avx512_bf16", "avx2"
+    reason = incomparable(committed, fresh)
+    assert reason is not None and "avx512_bf16" in reason and "avx2" in reason
+    fresh["cpu_isa"] = "avx512_bf16"
+    assert incomparable(committed, fresh) is None and compare(committed, fresh)  # same ISA: compared

@@ -18,7 +18,6 @@ from typing import Any
 
 from skyrl_backends.errors import ConfigError
 
-
 ENGINE_RESERVED_POSITIONS = 2
 
 

@@ -28,6 +28,7 @@ from skyrl_backends.consistency.metrics import mismatch_metrics
 from skyrl_backends.consistency.plan import DEFAULT_PLAN, Length, RolloutPlan, Setting
 from skyrl_backends.consistency.report import REPORT_FORMAT, column_name
 from skyrl_backends.errors import ConfigError
+from skyrl_backends.testing.hardware import cpu_vector_isa
 
 # Environment variables that change an engine's numerics or the path its log-probabilities take; the
 # report records those that are set.
@@ -220,6 +221,7 @@ async def run(config: RunConfig) -> dict[str, Any]:
         "environment": {k: os.environ[k] for k in sorted(NUMERICS_ENV) if k in os.environ},
         "model": {"name": os.path.basename(config.model.rstrip("/")), "weights": weights_fingerprint(config.model)},
         "hardware": _hardware(device_kind),
+        **({"cpu_isa": cpu_vector_isa()} if device_kind == "cpu" else {}),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
         "python": platform.python_version(),
         "trainer": {"dtype": config.resolved_trainer_dtype(), "lm_head": config.trainer_lm_head,

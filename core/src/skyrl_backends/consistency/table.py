@@ -123,7 +123,7 @@ def render(reports: list[dict[str, Any]]) -> str:
     row("*Rollouts*", [f"{r['rollouts']['sequences']} sequences, {r['rollouts']['tokens']} tokens" for r in reports])
     row("*Trainer side*", [f"torch {r['trainer']['torch']}, transformers {r['trainer']['transformers']}"
                            for r in reports])
-    row("*Hardware*", [r["hardware"] for r in reports])
+    row("*Hardware*", [r["hardware"] + (f", {r['cpu_isa']}" if r.get("cpu_isa") else "") for r in reports])
     row("*Date (UTC)*", [r["date"] for r in reports])
     lines += ["", END]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_vector_isa() -> str:
+    """The widest vector instruction set this CPU offers for bfloat16 work (``/proc/cpuinfo`` flags):
+    ``avx512_bf16`` (native bfloat16 dot products, or AMX), ``avx512``, ``avx2`` or ``baseline``.
+    Engines' CPU kernels pick their code by it, and bfloat16 results differ between those paths."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "unknown"
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "baseline"
+
+
 def describe_hardware() -> str:
     """``"<GPU name> x<count>"`` when CUDA is available, else ``"<CPU model>, <n> cores"``."""
     try:
