@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from skyrl_backends.consistency.plan import DEFAULT_PLAN, Length, parse_lengths
 from skyrl_backends.consistency.report import column_name, compare, load_reports
 from skyrl_backends.consistency.table import BEGIN, END, check, main, render, write
@@ -223,3 +222,14 @@ def test_cpu_reports_of_different_vector_instruction_sets_are_not_held_against_e
     assert reason is not None and "avx512_bf16" in reason and "avx2" in reason
     fresh["cpu_isa"] = "avx512_bf16"
     assert incomparable(committed, fresh) is None and compare(committed, fresh)  # same ISA: compared
+
+
+def test_the_table_check_leaves_a_column_measured_on_another_cpu_kind_alone(tmp_path):
+    committed, fresh = report(), report(scale=1.5)
+    committed["cpu_isa"], fresh["cpu_isa"] = "avx512_bf16", "avx2"
+    document = tmp_path / "consistency.md"
+    document.write_text(f"# Consistency\n\n{BEGIN}\n{END}\n")
+    write(document, [committed])
+    assert check(document, [committed], [fresh]) == []
+    fresh["cpu_isa"] = "avx512_bf16"
+    assert check(document, [committed], [fresh])  # the same kind: the numbers must agree
