@@ -48,7 +48,9 @@ def choose_path(platform: str) -> str:
     if chosen is not None:
         return chosen
     default = DEFAULT_PATH.get(platform, "worker_extension")
-    return default if default == "worker_extension" or native_api_available() else "worker_extension"
+    if default == "weight_transfer" and not native_api_available():
+        return "worker_extension"
+    return default
 
 
 def engine_kwargs() -> dict[str, Any]:
