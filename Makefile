@@ -36,7 +36,7 @@ uv_sync = UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)/$(1)) $(UV) sync -q --python 
 # Packages outside the lock that a fragment adds to an environment (prefer adding them to its extra).
 uv_pip_extra = $(if $(strip $(2)),$(UV) pip install -q --python $(1)/bin/python $(2))
 
-.PHONY: demo test test-core test-transformers test-conformance envs model lock clean
+.PHONY: demo test print-test-targets test-core test-transformers test-conformance envs model lock clean
 
 # Each feature area adds its own targets in mk/<area>.mk: extra test targets to EXTRA_TESTS. Packages
 # belong in the environment's extra in pyproject.toml; TF_EXTRA_PIP / TF_EXTRA_EDITABLE /
@@ -50,7 +50,12 @@ CORE_EXTRA_PIP :=
 demo: $(DEMO_READY) $(MODEL)/.skyrl_tiny_model
 	$(DEMO_ENV)/bin/python -m skyrl_rl_demo --backend $(BACKEND) --model $(MODEL) --out $(DEMO_OUT) $(DEMO_ARGS)
 
-test: test-core test-transformers test-conformance $(EXTRA_TESTS)
+TEST_TARGETS = test-core test-transformers test-conformance $(EXTRA_TESTS)
+test: $(TEST_TARGETS)
+
+# For scripts/ci/time_targets.sh: the targets of `make test`, in order.
+print-test-targets:
+	@echo $(TEST_TARGETS)
 
 test-core: $(CORE_ENV)/.ready
 	$(CORE_ENV)/bin/python -m pytest -q core/tests
