@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Runs every target of `make test`, one at a time and in make's order, and prints how long each took:
 # the way to find what to trim when a fresh clone's `make test` nears CI's time budget.
-# Usage: scripts/ci/time_targets.sh [report.tsv]   (run it in a fresh clone to count environment builds)
+# Usage: scripts/ci/time_targets.sh [report.tsv]   (run it in a fresh clone to count environment builds;
+# each target's output goes to target-logs/ beside the report)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 report=${1:-.cache/target-times.tsv}
-mkdir -p "$(dirname "$report")"
+logs=$(dirname "$report")/target-logs
+mkdir -p "$logs"
 targets=$(make -s print-test-targets)
 printf 'target\tseconds\texit\tload1\n' > "$report"
 start_all=$(date +%s)
 for target in $targets; do
     start=$(date +%s)
-    make "$target" > ".cache/time-$target.log" 2>&1
+    make "$target" > "$logs/$target.log" 2>&1
     rc=$?
     printf '%s\t%d\t%d\t%s\n' "$target" $(( $(date +%s) - start )) "$rc" "$(cut -d' ' -f1 /proc/loadavg)" | tee -a "$report"
 done
