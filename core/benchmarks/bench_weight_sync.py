@@ -54,7 +54,6 @@ import math
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,6 +62,7 @@ from typing import Any
 
 import torch
 from skyrl_backends.testing.hardware import cpu_model
+from skyrl_backends.testing.provenance import measured_commit
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, SharedMemorySender, load_named_tensors, make_receiver
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
@@ -445,17 +445,7 @@ def paired(times: list[float], base: list[float]) -> float | None:
 
 
 def commit() -> str | None:
-    """The commit measured: ``SKYRL_COMMIT`` (a frozen snapshot has no git), else git's HEAD (``-dirty``
-    when the working tree has changes)."""
-    if os.environ.get("SKYRL_COMMIT"):
-        return os.environ["SKYRL_COMMIT"]
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
-                             timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+    return measured_commit(os.path.dirname(os.path.abspath(__file__)))
 
 
 def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, ntensors: int,

@@ -15,7 +15,7 @@
 #   server-conformance:ENGINE the same suite against ENGINE's own, unmodified server (vllm serve, SGLang's
 #                             launch_server) driven through its HTTP API -> $OUT/ENGINE-server.json (the
 #                             parity table's ENGINE-server column; the vllm one also runs on CPU in CI)
-#   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate.json
+#   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate-HHMMSS.json
 #                             (GENERATE_REPEATS timed runs of each side, default 7; GENERATE_ENGINE_KWARGS
 #                             replaces the engine_init_kwargs, e.g. '{}' for vLLM with CUDA graphs)
 #   diagnose:ENGINE           diagnose_logprobs.py with the conformance options -> $OUT/ENGINE-logprobs.json;
@@ -25,6 +25,9 @@
 #                             column whose option the staged build lacks is left out, with a log line
 #   weight-sync:ENGINE        core/benchmarks/bench_weight_sync.py, GPU mode, into ENGINE
 #                             (with 2 GPUs also NCCL broadcast) -> $OUT/ENGINE-weight-sync-HHMMSS.json
+#   wake-cycle:ENGINE         core/benchmarks/bench_wake_cycle.py: sleep -> wake(weights) -> sync -> wake(kv_cache)
+#                             -> first token through skyrl vs the engine's own calls (issue 23, P4), the
+#                             1.5B-shaped random model -> $OUT/ENGINE-wake-cycle-HHMMSS.json
 #   colocated                 the same benchmark's colocated cases without an engine (copy floor, warm and
 #                             adopted CUDA IPC; core only, nothing staged) -> $OUT/colocated-HHMMSS.json;
 #                             pool the JSON of several calls with core/benchmarks/pool_weight_sync.py
@@ -73,7 +76,7 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [server-conformance]=480 [generate]=200
-                  [weight-sync]=400 [colocated]=150
+                  [weight-sync]=400 [wake-cycle]=300 [colocated]=150
                   [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
                   [trainer-side]=400)
 
@@ -212,7 +215,7 @@ generate() {  # ENGINE SECONDS
     kwargs=${GENERATE_ENGINE_KWARGS:-$kwargs}  # e.g. '{}' for vLLM with torch.compile and CUDA graphs
     bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --prompt-len 128 --max-tokens 128 --dtype bfloat16 \
         --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --repeats "${GENERATE_REPEATS:-7}" \
-        --output "$OUT/$1-generate.json"
+        --output "$OUT/$1-generate-$(date -u +%H%M%S).json"
 }
 
 run_step() {  # STEP[:ENGINE][@SECONDS]
@@ -234,6 +237,9 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         weight-sync) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             core/benchmarks/bench_weight_sync.py --mode gpu --shape qwen2.5-1.5b --engine "$engine" \
             ${WEIGHT_SYNC_ARGS:-} --json "$OUT/$engine-weight-sync-$(date -u +%H%M%S).json" ;;
+        wake-cycle) engine_env "$engine" && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
+            core/benchmarks/bench_wake_cycle.py --engine "$engine" --shape qwen2.5-1.5b ${WAKE_CYCLE_ARGS:-} \
+            --json "$OUT/$engine-wake-cycle-$(date -u +%H%M%S).json" ;;
         colocated) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
             --shape qwen2.5-1.5b --skip broadcast,streamed,per_tensor,raw ${WEIGHT_SYNC_ARGS:-} \
             --json "$OUT/colocated-$(date -u +%H%M%S).json" ;;

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from skyrl_backends.testing.hardware import describe_hardware
+from skyrl_backends.testing.provenance import measured_commit
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,6 +113,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": measured_commit(),
         "hardware": describe_hardware(), "vllm": vllm.__version__, "model": os.path.basename(os.path.normpath(args.model)),
         "dtype": args.dtype, "prompts": args.prompts, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
         "logprobs": args.logprobs, "engine_kwargs": json.loads(args.engine_kwargs), "engine_start_s": round(start_s, 1),

@@ -1,0 +1,256 @@
+"""The colocated RL step's memory cycle, through skyrl against the engine's own calls (not a test).
+
+Issue 23's P4. Between two rollouts a colocated trainer puts the engine to sleep, trains, and then
+brings it back: wake the weights' memory, sync the new weights into it, wake the KV cache, and
+generate again. This benchmark runs that cycle on one real engine (vLLM or SGLang, GPU) in two ways,
+taking turns, and times each phase and the whole cycle up to the first token:
+
+    skyrl   Engine.sleep(level) -> Engine.wake_up(["weights"]) -> sync_weights(cuda_ipc, a sender
+            that adopted the trainer's weights) -> Engine.wake_up(["kv_cache"]) -> Engine.generate
+            (one token)
+    own     the engine's own calls on the same engine object:
+            vLLM: AsyncLLM.sleep(level) -> wake_up(tags=["weights"]) -> one CUDA IPC handle per
+                  tensor through collective_rpc into the model's load_weights (what an RL worker
+                  extension does) -> wake_up(tags=["kv_cache"]) -> AsyncLLM.generate (one token)
+            SGLang: the tokenizer manager's release_memory_occupation -> resume_memory_occupation
+                  (weights) -> update_weights_from_tensor -> resume_memory_occupation (kv_cache) ->
+                  generate_request (one token)
+
+The level is the one at which the engine discards its weights (vLLM 2, SGLang 1): the sync
+overwrites them anyway, which is why RL trainers sleep that deep. Printed: per phase and for the
+whole cycle, the median of each side and skyrl's time over the engine's (goal: the cycle <= 1.05x),
+as a ratio of medians and paired (the median of each round's ratio; the two sides take turns).
+``--json`` writes every timing with the commit, the hardware and the versions.
+
+    python core/benchmarks/bench_wake_cycle.py --engine vllm --shape qwen2.5-1.5b --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_weight_sync import (  # noqa: E402  (the sibling benchmark's model and report helpers)
+    SHAPES,
+    commit,
+    hardware,
+    paired,
+    random_weights,
+    write_model_folder,
+)
+
+PHASES = ("sleep", "wake_weights", "sync", "wake_kv_cache", "first_token")
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+Phase = Callable[[], Awaitable[Any]]
+
+
+def skyrl_cycle(engine: Any, weights: dict[str, torch.Tensor], level: int, bucket_bytes: int
+                ) -> tuple[dict[str, Phase], Callable[[], None]]:
+    """The cycle through the facade, syncing from a sender that adopted the trainer's weights (the
+    trainer's parameters live in its buckets: nothing is packed). Returns the phases and a closer."""
+    from skyrl_backends.weight_sync import make_sender, sync_weights
+
+    sender = make_sender("cuda_ipc")
+    adopted = sender.adopt(dict(weights), bucket_bytes)
+
+    async def sync() -> None:
+        await sync_weights(engine, adopted, "cuda_ipc", bucket_bytes=bucket_bytes, sender=sender)
+
+    async def first_token() -> None:
+        out = await engine.generate([PROMPT], {"max_tokens": 1, "temperature": 0.0})
+        assert len(out.completions[0].token_ids) == 1
+
+    phases = {
+        "sleep": lambda: engine.sleep(level=level),
+        "wake_weights": lambda: engine.wake_up(["weights"]),
+        "sync": sync,
+        "wake_kv_cache": lambda: engine.wake_up(["kv_cache"]),
+        "first_token": first_token,
+    }
+    return phases, sender.close
+
+
+def vllm_own_cycle(impl: Any, weights: dict[str, torch.Tensor], level: int) -> dict[str, Phase]:
+    """vLLM's own calls on the plugin's AsyncLLM (``impl._engine``), the weights as one CUDA IPC
+    handle per tensor into the workers' load_weights (the plugin's worker extension is installed in
+    every worker; its ``skyrl_apply_weights`` is that load, as any RL worker extension writes it)."""
+    from skyrl_backend_vllm import transfer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = impl._engine
+    names, tensors = list(weights), list(weights.values())
+    request_ids = (f"own-{i}" for i in itertools.count())
+
+    async def sync() -> None:
+        with transfer.pack_tensors(names, tensors) as message:
+            await llm.collective_rpc("skyrl_apply_weights", args=(message.message,))
+
+    async def first_token() -> None:
+        final = None
+        async for out in llm.generate(TokensPrompt(prompt_token_ids=PROMPT),
+                                      SamplingParams(max_tokens=1, temperature=0.0), next(request_ids)):
+            final = out
+        assert final is not None and len(final.outputs[0].token_ids) == 1
+
+    return {
+        "sleep": lambda: llm.sleep(level=level),
+        "wake_weights": lambda: llm.wake_up(tags=["weights"]),
+        "sync": sync,
+        "wake_kv_cache": lambda: llm.wake_up(tags=["kv_cache"]),
+        "first_token": first_token,
+    }
+
+
+def sglang_own_cycle(impl: Any, weights: dict[str, torch.Tensor]) -> dict[str, Phase]:
+    """SGLang's own calls on the plugin's tokenizer manager (``impl.tm``, run on the engine's loop
+    as sglang.Engine's own methods run them): what sglang.Engine's release/resume/update/generate do."""
+    from sglang.srt.managers import io_struct
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    tm = impl.tm
+    named = list(weights.items())
+
+    async def on_loop(make: Callable[[], Awaitable[Any]]) -> Any:
+        return await impl._on_loop(make())
+
+    async def sync() -> None:
+        obj = io_struct.UpdateWeightsFromTensorReqInput(
+            serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(impl.tp_size)],
+            load_format=None, flush_cache=True)
+        success, message = await on_loop(lambda: tm.update_weights_from_tensor(obj, None))
+        assert success, message
+
+    async def generate_one() -> Any:
+        obj = io_struct.GenerateReqInput(input_ids=PROMPT, sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+        return await tm.generate_request(obj, None).__anext__()
+
+    async def first_token() -> None:
+        out = await on_loop(generate_one)
+        assert len(out["output_ids"]) == 1, out
+
+    return {
+        "sleep": lambda: on_loop(lambda: tm.release_memory_occupation(
+            io_struct.ReleaseMemoryOccupationReqInput(), None)),
+        "wake_weights": lambda: on_loop(lambda: tm.resume_memory_occupation(
+            io_struct.ResumeMemoryOccupationReqInput(tags=["weights"]), None)),
+        "sync": sync,
+        "wake_kv_cache": lambda: on_loop(lambda: tm.resume_memory_occupation(
+            io_struct.ResumeMemoryOccupationReqInput(tags=["kv_cache"]), None)),
+        "first_token": first_token,
+    }
+
+
+async def run_cycle(phases: dict[str, Phase]) -> dict[str, float]:
+    """One cycle, each phase timed to the end of its GPU work."""
+    times = {}
+    for name in PHASES:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        await phases[name]()
+        torch.cuda.synchronize()
+        times[name] = time.perf_counter() - t0
+    times["cycle"] = sum(times[name] for name in PHASES)
+    return times
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import skyrl_backends as sb
+
+    weights = random_weights(args.shape, torch.bfloat16, "cuda")
+    with tempfile.TemporaryDirectory() as folder:
+        write_model_folder(args.shape, weights, folder)
+        engine = sb.create_engine(args.engine, model=folder, dtype="bfloat16", max_model_len=2048,
+                                  gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=True)
+        close_sender = None
+        try:
+            level = engine.capabilities.discards_weights_at_level
+            if level is None:
+                raise SystemExit(f"{args.engine} declares no sleep level that discards weights here")
+            ours, close_sender = skyrl_cycle(engine, weights, level, args.bucket_bytes)
+            own = (vllm_own_cycle(engine.impl, weights, level) if args.engine == "vllm"
+                   else sglang_own_cycle(engine.impl, weights))
+            sides = {"skyrl": ours, "own": own}
+            rounds: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+            for i in range(args.warmup + args.repeats):
+                order = list(sides) if i % 2 == 0 else list(reversed(sides))  # alternate who goes first
+                for side in order:
+                    times = await run_cycle(sides[side])
+                    if i >= args.warmup:
+                        rounds[side].append(times)
+                print(f"round {i + 1}/{args.warmup + args.repeats}"
+                      f"{' (warm-up)' if i < args.warmup else ''}: "
+                      + ", ".join(f"{s} {rounds[s][-1]['cycle'] * 1e3:.1f} ms" for s in sides if rounds[s]
+                                  and i >= args.warmup), flush=True)
+            return {"rounds": rounds, "level": level, "version": _version(args.engine)}
+        finally:
+            if close_sender is not None:
+                close_sender()
+            await engine.teardown()
+
+
+def _version(engine: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(engine)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(sys.modules.get(engine), "__version__", None)
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    print(f"\n{args.engine} {result['version']}, {args.shape}, sleep level {result['level']}, "
+          f"{args.repeats} rounds; milliseconds, median")
+    print(f"{'phase':<16}{'skyrl':>10}{'own':>10}{'skyrl/own (medians)':>22}{'paired':>10}")
+    for name in (*PHASES, "cycle"):
+        ours = [r[name] for r in result["rounds"]["skyrl"]]
+        own = [r[name] for r in result["rounds"]["own"]]
+        ratio = statistics.median(ours) / statistics.median(own)
+        pair = paired(ours, own)  # the median of each round's skyrl / own
+        pair_ratio = pair if pair is not None else float("nan")
+        rows.append({"phase": name, "skyrl": ours, "own": own})
+        print(f"{name:<16}{statistics.median(ours) * 1e3:>10.2f}{statistics.median(own) * 1e3:>10.2f}"
+              f"{ratio:>22.3f}{pair_ratio:>10.3f}")
+    print("goal (issue 23, P4): the cycle through skyrl <= 1.05x the engine's own calls")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engine", choices=("vllm", "sglang"), required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bucket-bytes", type=int, default=1 << 30)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--json", help="write every timing here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_wake_cycle needs a GPU: sleep and wake are GPU memory operations")
+    result = asyncio.run(bench(args))
+    rows = report(result, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "wake_cycle", "engine": args.engine, "engine_version": result["version"],
+                       "shape": args.shape, "level": result["level"], "commit": commit(),
+                       "hardware": hardware("gpu"), "torch": torch.__version__,
+                       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

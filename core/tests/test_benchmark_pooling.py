@@ -1,0 +1,68 @@
+"""The pooling of generation benchmark results over machine calls, and the commit they record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from skyrl_backends.testing.provenance import measured_commit
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _pool_generate():
+    spec = importlib.util.spec_from_file_location("pool_generate", BENCHMARKS / "pool_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, name: str, native: list[float], plugin: list[float], **fields) -> str:
+    result = {"date": name, "commit": "abc1234", "vllm": "0.26.0", "model": "m", "dtype": "bfloat16",
+              "prompts": 256, "prompt_len": 128, "max_tokens": 128, "logprobs": False,
+              "engine_kwargs": {"enforce_eager": True}, "native_tok_s": native, "plugin_tok_s": plugin, **fields}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_pooled_over_calls_medians_and_pairs(tmp_path):
+    pool = _pool_generate()
+    runs = pool.load([_run(tmp_path, "a", [100.0, 110.0, 90.0], [95.0, 110.0, 99.0]),
+                      _run(tmp_path, "b", [200.0, 210.0], [210.0, 189.0])])
+    pooled = pool.pool(runs)
+    assert pooled["calls"] == 2 and pooled["runs"] == 5
+    assert pooled["native_median"] == 110.0 and pooled["plugin_median"] == 110.0
+    # pairs: 0.95, 1.0, 1.1, 1.05, 0.9 -> median 1.0
+    assert pooled["paired_median"] == pytest.approx(1.0)
+    assert [c[0] for c in pooled["per_call"]] == ["a", "b"]
+
+
+@pytest.mark.parametrize("field, value", [("commit", "def5678"), ("engine_kwargs", {}), ("max_tokens", 64)])
+def test_runs_of_different_settings_are_not_pooled(tmp_path, field, value):
+    pool = _pool_generate()
+    paths = [_run(tmp_path, "a", [1.0], [1.0]), _run(tmp_path, "b", [1.0], [1.0], **{field: value})]
+    with pytest.raises(SystemExit, match=field):
+        pool.load(paths)
+
+
+def test_the_commit_comes_from_the_environment_first(monkeypatch):
+    monkeypatch.setenv("SKYRL_COMMIT", "frozen1")
+    assert measured_commit() == "frozen1"
+
+
+def test_the_commit_of_a_checkout_is_its_head(monkeypatch, tmp_path):
+    monkeypatch.delenv("SKYRL_COMMIT", raising=False)
+    assert measured_commit(tmp_path) is None  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert measured_commit(tmp_path) == head
+    (tmp_path / "f").write_text("y")
+    assert measured_commit(tmp_path) == f"{head}-dirty"
