@@ -14,7 +14,7 @@ taking turns, and times each phase and the whole cycle up to the first token:
                   extension does) -> wake_up(tags=["kv_cache"]) -> AsyncLLM.generate (one token)
             SGLang: the tokenizer manager's release_memory_occupation -> resume_memory_occupation
                   (weights) -> update_weights_from_tensor -> resume_memory_occupation (kv_cache) ->
-                  generate_request (one token)
+                  sglang.Engine.async_generate (one token)
 
 The level is the one at which the engine discards its weights (vLLM 2, SGLang 1): the sync
 overwrites them anyway, which is why RL trainers sleep that deep. Printed: per phase and for the
@@ -116,8 +116,9 @@ def vllm_own_cycle(impl: Any, weights: dict[str, torch.Tensor], level: int) -> d
 
 
 def sglang_own_cycle(impl: Any, weights: dict[str, torch.Tensor]) -> dict[str, Phase]:
-    """SGLang's own calls on the plugin's tokenizer manager (``impl.tm``, run on the engine's loop
-    as sglang.Engine's own methods run them): what sglang.Engine's release/resume/update/generate do."""
+    """SGLang's own calls on the plugin's sglang.Engine (``impl.engine``) and its tokenizer manager
+    (``impl.tm``), on the engine's loop: sglang.Engine's release / resume / update methods are these
+    tokenizer-manager calls wrapped in a blocking run of that loop, which cannot be nested here."""
     from sglang.srt.managers import io_struct
     from sglang.srt.utils import MultiprocessingSerializer
 
@@ -134,12 +135,9 @@ def sglang_own_cycle(impl: Any, weights: dict[str, torch.Tensor]) -> dict[str, P
         success, message = await on_loop(lambda: tm.update_weights_from_tensor(obj, None))
         assert success, message
 
-    async def generate_one() -> Any:
-        obj = io_struct.GenerateReqInput(input_ids=PROMPT, sampling_params={"max_new_tokens": 1, "temperature": 0.0})
-        return await tm.generate_request(obj, None).__anext__()
-
     async def first_token() -> None:
-        out = await on_loop(generate_one)
+        out = await on_loop(lambda: impl.engine.async_generate(
+            input_ids=PROMPT, sampling_params={"max_new_tokens": 1, "temperature": 0.0}))
         assert len(out["output_ids"]) == 1, out
 
     return {
