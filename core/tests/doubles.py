@@ -31,6 +31,8 @@ class ArithmeticEngineDouble:
         self.calls: list[tuple[str, Any]] = []
         self.offset = 1
         self.update_failure: Exception | None = None  # raised by the next weight update, if set
+        # What the double serves; a test may replace it before the facade first asks.
+        self.specs = [TensorSpec("w", (2, 2), "float32"), TensorSpec("b", (2,), "float32")]
 
     @hookimpl
     async def skyrl_backends_generate(self, request: GenerateRequest) -> GenerateOutput:
@@ -43,7 +45,7 @@ class ArithmeticEngineDouble:
 
     @hookimpl
     def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
-        return [TensorSpec("w", (2, 2), "float32"), TensorSpec("b", (2,), "float32")]
+        return list(self.specs)
 
     @hookimpl
     async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest) -> None:

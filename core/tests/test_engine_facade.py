@@ -16,7 +16,7 @@ from skyrl_backends import (
     WeightUpdateError,
 )
 from skyrl_backends.capabilities import Capabilities
-from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.types import TensorSpec, WeightUpdateRequest
 
 
 def run(coro):
@@ -69,6 +69,22 @@ def test_generate_while_asleep_then_after_discarding_weights(engine):
     with pytest.raises(WeightsNotLoadedError):
         run(engine.generate([[1]], {"max_generate_length": 1}))
     run(engine.update_named_weights(update(["b"], [(2,)])))
+    assert run(engine.generate([[1]], {"max_generate_length": 1})).response_ids == [[2]]
+
+
+@pytest.mark.parametrize("sent", [["w", "embed"], ["w", "head"], ["w", "embed", "head"]])
+def test_a_tied_parameter_is_sent_under_either_name(engine, sent):
+    # A tied model's trainer sends named_parameters() (the tied parameter once, under one name) or
+    # its state_dict() (under every name): either is every weight.
+    engine.impl.specs = [TensorSpec("w", (2, 2), "float32"), TensorSpec("embed", (3, 2), "float32"),
+                         TensorSpec("head", (3, 2), "float32", tied_to="embed")]
+    shapes = {"w": (2, 2), "embed": (3, 2), "head": (3, 2)}
+    run(engine.sleep(level=2))
+    run(engine.wake_up())
+    run(engine.update_named_weights(update(["w"], [(2, 2)])))
+    assert not engine.weights_loaded  # the tied parameter is still missing under both names
+    run(engine.update_named_weights(update(sent[1:], [shapes[n] for n in sent[1:]])))
+    assert engine.weights_loaded
     assert run(engine.generate([[1]], {"max_generate_length": 1})).response_ids == [[2]]
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from skyrl_backends.errors import ConfigError
 from skyrl_backends.types import TensorSpec
@@ -55,7 +57,8 @@ def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> li
         config = json.loads(config_path.read_text())
         embed = specs.get("model.embed_tokens.weight")
         if config.get("tie_word_embeddings") and embed is not None:
-            specs["lm_head.weight"] = TensorSpec("lm_head.weight", embed.shape, served_dtype)
+            specs["lm_head.weight"] = TensorSpec("lm_head.weight", embed.shape, served_dtype,
+                                                 tied_to="model.embed_tokens.weight")
     return list(specs.values())
 
 
@@ -72,3 +75,18 @@ def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]
         value = json.loads(path.read_text()).get("eos_token_id")
         ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
     return ids
+
+
+def module_specs(named_parameters: Iterable[tuple[str, Any]], dtype_of: Callable[[Any], str] | None = None,
+                 ) -> list[TensorSpec]:
+    """Specs of a module's parameters listed with their duplicates (``named_parameters(
+    remove_duplicate=False)``): a parameter met again under another name (tied embeddings) is listed
+    under that name too, ``tied_to`` its first name. ``dtype_of`` gives a parameter's dtype name
+    (default: its torch dtype without the ``torch.`` prefix); shapes are the parameters' own."""
+    first_name: dict[int, str] = {}
+    specs = []
+    for name, param in named_parameters:
+        first = first_name.setdefault(id(param), name)
+        dtype = dtype_of(param) if dtype_of is not None else str(param.dtype).removeprefix("torch.")
+        specs.append(TensorSpec(name, tuple(param.shape), dtype, tied_to=None if first == name else first))
+    return specs

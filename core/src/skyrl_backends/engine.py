@@ -570,8 +570,13 @@ class InferenceEngine:
             self._applying = None
         self.weight_version += 1
         if self._weights_missing is not None:
-            self._weights_received_since_missing.update(request.names)
-            if self._weights_received_since_missing >= set(self._specs()):
+            specs = self._specs()
+            received = self._weights_received_since_missing
+            received.update(request.names)
+            # A tied name stands for its parameter: either name sent is the parameter sent.
+            received.update(specs[name].tied_to for name in request.names
+                            if name in specs and specs[name].tied_to is not None)
+            if received >= {name for name, spec in specs.items() if spec.tied_to is None}:
                 self._weights_missing = None
         return self.weight_version
 

@@ -358,11 +358,17 @@ class ParallelSizes:
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, shape and dtype of one parameter, as the engine holds it (dtype as a torch name, e.g.
-    ``"bfloat16"``)."""
+    ``"bfloat16"``).
+
+    ``tied_to``: this name is another name of the parameter ``tied_to`` (tied word embeddings:
+    ``lm_head.weight`` of ``model.embed_tokens.weight``). An update may send either name or both, and
+    one that sends either has sent the parameter: a trainer's ``named_parameters()`` lists a tied
+    parameter once, its ``state_dict()`` under every name."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    tied_to: str | None = None
 
 
 @dataclass

@@ -125,7 +125,7 @@ def test_capabilities_specs_and_init_info_round_trip():
     caps = Capabilities(sleep_levels=(1, 2), discards_weights_at_level=2, lora=True, max_top_logprobs=20,
                         weight_sync_strategies=("tensors", "broadcast"))
     assert wire.capabilities_from_json(through_json(wire.capabilities_to_json(caps))) == caps
-    specs = {"w": TensorSpec("w", (2, 3), "bfloat16")}
+    specs = {"w": TensorSpec("w", (2, 3), "bfloat16"), "head": TensorSpec("head", (4, 3), "bfloat16", tied_to="embed")}
     assert wire.specs_from_json(through_json(wire.specs_to_json(specs))) == specs
     info = WeightSyncInitInfo("10.0.0.1", 29500, 1, 3, backend="nccl", extra={"timeout_s": 30})
     assert wire.init_info_from_json(through_json(wire.init_info_to_json(info))) == info

@@ -290,7 +290,8 @@ def config_from_json(value: Any) -> GeneratorConfig | None:
 
 def specs_to_json(specs: Mapping[str, TensorSpec] | Sequence[TensorSpec]) -> list[dict[str, Any]]:
     values = specs.values() if isinstance(specs, Mapping) else specs
-    return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in values]
+    return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype,
+             **({"tied_to": s.tied_to} if s.tied_to is not None else {})} for s in values]
 
 
 def specs_from_json(value: Any) -> dict[str, TensorSpec]:
@@ -298,7 +299,9 @@ def specs_from_json(value: Any) -> dict[str, TensorSpec]:
     specs = {}
     for i, raw in enumerate(value):
         raw = _mapping(raw, f"specs[{i}]")
-        specs[raw["name"]] = TensorSpec(raw["name"], tuple(int(d) for d in raw["shape"]), raw["dtype"])
+        tied_to = raw.get("tied_to")
+        _expect(tied_to is None or isinstance(tied_to, str), f"specs[{i}].tied_to", "expected a name or null")
+        specs[raw["name"]] = TensorSpec(raw["name"], tuple(int(d) for d in raw["shape"]), raw["dtype"], tied_to)
     return specs
 
 

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from skyrl_backends.checkpoint import declared_eos_token_ids
+from skyrl_backends.checkpoint import declared_eos_token_ids, module_specs
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, EngineStateError, LoraAdapterError, SamplingParamsError
 from skyrl_backends.hookspecs import hookimpl
@@ -777,8 +777,7 @@ def hf_weight_specs(model_dir: str, dtype: str) -> list[TensorSpec]:
     hf_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    return [TensorSpec(name, tuple(param.shape), dtype)
-            for name, param in model.named_parameters(remove_duplicate=False)]
+    return module_specs(model.named_parameters(remove_duplicate=False), lambda _: dtype)
 
 
 def _eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:

@@ -519,11 +519,14 @@ class TransformersEngine:
     @hookimpl
     def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
         specs = []
+        first_name: dict[int, str] = {}  # a parameter met again under another name is tied to the first
         for name, param in self._named_parameters().items():
             shape, dtype = (param.shape, param.dtype)
             if param.numel() == 0 and name in self._param_shapes:  # discarded while asleep
                 shape, dtype = self._param_shapes[name]
-            specs.append(TensorSpec(name, tuple(shape), str(dtype).removeprefix("torch.")))
+            first = first_name.setdefault(id(param), name)
+            specs.append(TensorSpec(name, tuple(shape), str(dtype).removeprefix("torch."),
+                                    tied_to=None if first == name else first))
         return specs
 
     @hookimpl
