@@ -23,6 +23,7 @@ as a ratio of medians and paired (the median of each round's ratio; the two side
 ``--json`` writes every timing with the commit, the hardware and the versions.
 
     python core/benchmarks/bench_wake_cycle.py --engine vllm --shape qwen2.5-1.5b --json out.json
+    python core/benchmarks/bench_wake_cycle.py pool call1/vllm-wake-cycle-*.json call2/vllm-wake-cycle-*.json
 """
 
 from __future__ import annotations
@@ -227,7 +228,35 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
     return rows
 
 
+def pool(paths: list[str]) -> None:
+    """Pool ``--json`` results of several machine calls (one commit, engine and shape): per phase,
+    the medians over every round of every call, the per-call medians, and the paired ratio over all
+    rounds."""
+    runs = [json.load(open(p)) for p in paths]
+    for key in ("commit", "engine", "engine_version", "shape", "level"):
+        values = {str(r.get(key)) for r in runs}
+        if len(values) > 1:
+            raise SystemExit(f"the runs differ in {key} ({sorted(values)}): pool runs of one setting only")
+    first = runs[0]
+    print(f"{first['engine']} {first['engine_version']}, {first['shape']}, sleep level {first['level']}, "
+          f"commit {first['commit']}, {len(runs)} calls; milliseconds")
+    print("| phase | skyrl: median (per call) | own: median (per call) | skyrl / own: medians / paired |")
+    print("| --- | --- | --- | --- |")
+    for name in (*PHASES, "cycle"):
+        rows = [next(r for r in run["rows"] if r["phase"] == name) for run in runs]
+        ours = [t for r in rows for t in r["skyrl"]]
+        own = [t for r in rows for t in r["own"]]
+        per_call = [(statistics.median(r["skyrl"]) * 1e3, statistics.median(r["own"]) * 1e3) for r in rows]
+        label = f"**{name}**" if name == "cycle" else name
+        print(f"| {label} | {statistics.median(ours) * 1e3:.1f} ({', '.join(f'{a:.1f}' for a, _ in per_call)}) | "
+              f"{statistics.median(own) * 1e3:.1f} ({', '.join(f'{b:.1f}' for _, b in per_call)}) | "
+              f"{statistics.median(ours) / statistics.median(own):.3f} / {paired(ours, own):.3f} |")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["pool"]:
+        pool(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engine", choices=("vllm", "sglang"), required=True)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
