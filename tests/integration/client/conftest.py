@@ -35,6 +35,13 @@ NUM_REMOTE_ENGINES = 2
 PLACEMENTS = ("local", "ray", "remote")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "own_engines: the test starts and tears down engines of its own beside the session's "
+                   "shared ones (a vLLM-CPU engine takes about a minute to start); `make test-client-vllm` leaves "
+                   "these to `make test-client-vllm-full`, `make test-client` runs every one on transformers")
+
+
 def pytest_addoption(parser):
     parser.addoption("--client-backend", default=None,
                      help="backend the client tests run on (default: $SKYRL_CLIENT_BACKEND or transformers)")

@@ -180,6 +180,7 @@ def test_new_weights_during_pause_reach_every_engine_and_lengths_stay_exact(aio,
     aio.run(main(), 300)
 
 
+@pytest.mark.own_engines
 def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engines, placement, make_local_engine,
                                                                       request):
     """One engine of the pool dies while it serves requests: they complete on the others, with
@@ -225,6 +226,7 @@ def test_engine_killed_mid_run_is_detected_and_its_requests_fail_over(aio, engin
     aio.run(main(), 300)
 
 
+@pytest.mark.own_engines
 def test_engine_torn_down_mid_batch_returns_partial_output_and_the_batch_continues_from_it(
         aio, local_engines, make_local_engine):
     """An in-process engine torn down while it generates part of a batch hands back what it has

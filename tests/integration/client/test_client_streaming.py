@@ -118,6 +118,7 @@ def test_pause_by_abort_is_seamless_in_a_stream(aio, engines, placement, backend
     aio.run(main(), 300)
 
 
+@pytest.mark.own_engines
 def test_stream_whose_engine_is_torn_down_goes_on_from_its_partial_output_elsewhere(aio, local_engines,
                                                                                    make_local_engine):
     """An in-process engine torn down mid-stream ends its part with what it generated (finish reason

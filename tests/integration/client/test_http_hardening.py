@@ -225,6 +225,7 @@ def test_requests_over_the_concurrency_limit_get_503_before_the_key_check(make_s
 
 
 # -- health and models -----------------------------------------------------------------------------
+@pytest.mark.own_engines
 def test_health_says_asleep_and_paused_while_staying_live(make_server, make_local_engine):
     engine = make_local_engine()
     server = make_server(engines=[engine])
@@ -252,6 +253,7 @@ def test_health_says_asleep_and_paused_while_staying_live(make_server, make_loca
     assert health()[1]["status"] == "ok"
 
 
+@pytest.mark.own_engines
 def test_models_lists_loaded_lora_adapters_and_serves_them(make_server, aio, backend, model_dir, engine_options,
                                                            tokenizer):
     import os
