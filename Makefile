@@ -36,12 +36,14 @@ uv_sync = UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)/$(1)) $(UV) sync -q --python 
 # Packages outside the lock that a fragment adds to an environment (prefer adding them to its extra).
 uv_pip_extra = $(if $(strip $(2)),$(UV) pip install -q --python $(1)/bin/python $(2))
 
-.PHONY: demo test print-test-targets test-core test-transformers test-conformance envs model lock clean
+.PHONY: demo test test-full print-test-targets test-core test-transformers test-conformance envs model lock clean
 
-# Each feature area adds its own targets in mk/<area>.mk: extra test targets to EXTRA_TESTS. Packages
+# Each feature area adds its own targets in mk/<area>.mk: extra test targets to EXTRA_TESTS, and the
+# slower variants that `make test` leaves out for CI's time (docs/testing.md) to FULL_TESTS. Packages
 # belong in the environment's extra in pyproject.toml; TF_EXTRA_PIP / TF_EXTRA_EDITABLE /
 # CORE_EXTRA_PIP still add unlocked ones on top.
 EXTRA_TESTS :=
+FULL_TESTS :=
 TF_EXTRA_PIP :=
 TF_EXTRA_EDITABLE :=
 CORE_EXTRA_PIP :=
@@ -52,6 +54,9 @@ demo: $(DEMO_READY) $(MODEL)/.skyrl_tiny_model
 
 TEST_TARGETS = test-core test-transformers test-conformance $(EXTRA_TESTS)
 test: $(TEST_TARGETS)
+
+# Everything: `make test` and the variants it leaves out for CI's time (docs/testing.md).
+test-full: test $(FULL_TESTS)
 
 # For scripts/ci/time_targets.sh: the targets of `make test`, in order.
 print-test-targets:

