@@ -186,6 +186,34 @@ async def test_several_adapters_load_serve_and_unload(lora_engine, lora_dir, sec
     assert lora_engine.lora_adapters == {}
 
 
+async def test_base_requests_beside_adapter_requests_stay_base_with_every_adapter_slot_full(
+        lora_engine, lora_dir, second_adapter):
+    """vLLM's CPU LoRA ops give a token without an adapter the last slot's adapter once that slot is
+    filled (options.spare_lora_slots): with max_loras adapters loaded, base and adapter requests
+    batched together must each get their own model."""
+    import asyncio
+
+    max_loras = lora_engine.config.max_loras
+    base = await greedy(lora_engine)
+    await lora_engine.load_lora_adapter("first", lora_dir)
+    try:
+        alone = await greedy(lora_engine, lora_name="first")
+        for i in range(max_loras - 1):
+            await lora_engine.load_lora_adapter(f"filler-{i}", second_adapter)
+        mixed = await asyncio.gather(*(lora_engine.generate([p], GREEDY_LONG, lora_name="first" if i % 2 else None)
+                                       for i, p in enumerate(PROMPTS * 2)))
+        for i, out in enumerate(mixed):
+            expected = alone if i % 2 else base
+            assert out.response_ids[0] == expected[i % len(PROMPTS)], (
+                f"request {i} ({'adapter' if i % 2 else 'base'}) beside the others got another model's output")
+        if lora_engine.impl.platform == "cpu":  # the spare slot must stay empty: one more is refused
+            with pytest.raises(LoraAdapterError, match="max_loras"):
+                await lora_engine.load_lora_adapter("one-too-many", second_adapter)
+    finally:
+        for name in list(lora_engine.lora_adapters):
+            await lora_engine.unload_lora_adapter(name)
+
+
 async def test_adapters_survive_a_base_weight_update(lora_engine, lora_dir, checkpoint):
     await lora_engine.load_lora_adapter("kept", lora_dir)
     try:

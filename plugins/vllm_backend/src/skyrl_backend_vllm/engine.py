@@ -423,6 +423,7 @@ class VLLMEngine:
     async def skyrl_backends_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> None:
         from vllm.lora.request import LoRARequest
 
+        self._check_adapter_room(lora_name)
         lora_request = LoRARequest(lora_name=lora_name, lora_int_id=self._next_lora_id, lora_path=lora_path)
         self._next_lora_id += 1
         try:
@@ -442,6 +443,7 @@ class VLLMEngine:
         (in place of the adapter it replaces: vLLM loads the new one before dropping the old)."""
         from vllm.lora.request import LoRARequest
 
+        self._check_adapter_room(lora_name)
         folder = self._adapter_folders.setdefault(lora_name, AdapterFolder())
         staged = folder.stage(lora_config)
         if request.strategy == "tensors":
@@ -474,6 +476,15 @@ class VLLMEngine:
         self._loras[lora_name] = LoRARequest(lora_name=lora_name, lora_int_id=lora_id, lora_path=folder.path)
         if previous is not None:  # cached blocks are keyed by adapter id, and were computed with the old one
             await self.skyrl_backends_reset_prefix_cache()
+
+    def _check_adapter_room(self, lora_name: str) -> None:
+        """Where vLLM has a spare adapter slot that must stay empty (options.spare_lora_slots: its CPU
+        path), at most ``max_loras`` adapters are loaded at once; another is refused, not left to evict."""
+        if (options.spare_lora_slots(self.platform) and lora_name not in self._loras
+                and len(self._loras) >= self.config.max_loras):
+            raise LoraAdapterError(
+                f"{len(self._loras)} LoRA adapters are loaded ({sorted(self._loras)}), the engine's max_loras: "
+                f"unload one before loading {lora_name!r}, or create the engine with a larger max_loras.")
 
     async def _worker_call(self, method: str, *args: Any) -> Any:
         return await _with_worker_errors(self._engine.collective_rpc(method, args=args))

