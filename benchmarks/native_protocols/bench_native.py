@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,9 +49,9 @@ WEIGHT_TRANSFER = ["--weight-transfer-config", json.dumps({"backend": "skyrl"})]
 
 def header(title: str) -> None:
     from skyrl_backends.testing.hardware import cpu_model
+    from skyrl_backends.testing.provenance import measured_commit
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "?"
+    commit = measured_commit(ROOT) or "?"
     print(f"# {title}\n# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"{cpu_model()} ({len(os.sched_getaffinity(0))} cores), Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)

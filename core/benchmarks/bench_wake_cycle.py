@@ -47,11 +47,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_weight_sync import (  # noqa: E402  (the sibling benchmark's model and report helpers)
     SHAPES,
     commit,
+    engine_version,
     hardware,
     paired,
     random_weights,
     write_model_folder,
 )
+from pool_generate import load as load_runs  # noqa: E402  (one setting per pool)
 
 PHASES = ("sleep", "wake_weights", "sync", "wake_kv_cache", "first_token")
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -194,20 +196,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                       f"{' (warm-up)' if i < args.warmup else ''}: "
                       + ", ".join(f"{s} {rounds[s][-1]['cycle'] * 1e3:.1f} ms" for s in sides if rounds[s]
                                   and i >= args.warmup), flush=True)
-            return {"rounds": rounds, "level": level, "version": _version(args.engine)}
+            return {"rounds": rounds, "level": level, "version": engine_version(args.engine)}
         finally:
             if close_sender is not None:
                 close_sender()
             await engine.teardown()
-
-
-def _version(engine: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(engine)
-    except importlib.metadata.PackageNotFoundError:
-        return getattr(sys.modules.get(engine), "__version__", None)
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -232,11 +225,7 @@ def pool(paths: list[str]) -> None:
     """Pool ``--json`` results of several machine calls (one commit, engine and shape): per phase,
     the medians over every round of every call, the per-call medians, and the paired ratio over all
     rounds."""
-    runs = [json.load(open(p)) for p in paths]
-    for key in ("commit", "engine", "engine_version", "shape", "level"):
-        values = {str(r.get(key)) for r in runs}
-        if len(values) > 1:
-            raise SystemExit(f"the runs differ in {key} ({sorted(values)}): pool runs of one setting only")
+    runs = load_runs(paths, same=("commit", "engine", "engine_version", "shape", "level"))
     first = runs[0]
     print(f"{first['engine']} {first['engine_version']}, {first['shape']}, sleep level {first['level']}, "
           f"commit {first['commit']}, {len(runs)} calls; milliseconds")

@@ -391,14 +391,14 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
                     times[label].append(time.perf_counter() - t0)
             for label, _, baseline, compare in paths:
                 rows.append({"strategy": label, "times": times[label], "baseline": baseline, "compare": compare})
-            return {"backend": backend, "version": _engine_version(backend)}
+            return {"backend": backend, "version": engine_version(backend)}
         finally:
             for sender in senders:
                 sender.close()
             await engine.teardown()
 
 
-def _engine_version(backend: str) -> str | None:
+def engine_version(backend: str) -> str | None:
     import importlib.metadata
 
     try:

@@ -20,11 +20,12 @@ SAME = ("commit", "vllm", "sglang", "model", "dtype", "prompts", "prompt_len", "
         "engine_kwargs")
 
 
-def load(paths: list[str]) -> list[dict[str, Any]]:
+def load(paths: list[str], same: tuple[str, ...] = SAME) -> list[dict[str, Any]]:
+    """The result files, refused unless every run agrees on each key of ``same``."""
     runs = [json.load(open(p)) for p in paths]
     if not runs:
         raise SystemExit("no result files given")
-    for key in SAME:
+    for key in same:
         values = {json.dumps(r.get(key), sort_keys=True) for r in runs}
         if len(values) > 1:
             raise SystemExit(f"the runs differ in {key} ({sorted(values)}): pool runs of one setting only")

@@ -47,4 +47,5 @@ def test_module_specs_name_the_first_name_of_a_parameter_met_again():
     assert specs["embed.weight"].tied_to is None
     assert specs["head.weight"].tied_to == "embed.weight"
     assert specs["head.weight"].dtype == "float32" and specs["head.weight"].shape == (8, 4)
-    assert module_specs(module.named_parameters(), lambda _: "bfloat16")[0].dtype == "bfloat16"
+    described = module_specs(module.named_parameters(), lambda _, param: ((1,), "bfloat16"))[0]
+    assert (described.shape, described.dtype) == ((1,), "bfloat16")

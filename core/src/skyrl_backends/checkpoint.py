@@ -77,16 +77,20 @@ def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]
     return ids
 
 
-def module_specs(named_parameters: Iterable[tuple[str, Any]], dtype_of: Callable[[Any], str] | None = None,
-                 ) -> list[TensorSpec]:
+Described = tuple[tuple[int, ...], str]  # a parameter's shape and dtype name
+
+
+def module_specs(named_parameters: Iterable[tuple[str, Any]],
+                 describe: Callable[[str, Any], Described] | None = None) -> list[TensorSpec]:
     """Specs of a module's parameters listed with their duplicates (``named_parameters(
     remove_duplicate=False)``): a parameter met again under another name (tied embeddings) is listed
-    under that name too, ``tied_to`` its first name. ``dtype_of`` gives a parameter's dtype name
-    (default: its torch dtype without the ``torch.`` prefix); shapes are the parameters' own."""
+    under that name too, ``tied_to`` its first name. ``describe(name, parameter)`` gives the shape and
+    dtype name to list (default: the parameter's own, the dtype without the ``torch.`` prefix)."""
     first_name: dict[int, str] = {}
     specs = []
     for name, param in named_parameters:
         first = first_name.setdefault(id(param), name)
-        dtype = dtype_of(param) if dtype_of is not None else str(param.dtype).removeprefix("torch.")
-        specs.append(TensorSpec(name, tuple(param.shape), dtype, tied_to=None if first == name else first))
+        shape, dtype = (describe(name, param) if describe is not None
+                        else (tuple(param.shape), str(param.dtype).removeprefix("torch.")))
+        specs.append(TensorSpec(name, shape, dtype, tied_to=None if first == name else first))
     return specs

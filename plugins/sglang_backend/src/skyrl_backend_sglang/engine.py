@@ -777,7 +777,7 @@ def hf_weight_specs(model_dir: str, dtype: str) -> list[TensorSpec]:
     hf_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    return module_specs(model.named_parameters(remove_duplicate=False), lambda _: dtype)
+    return module_specs(model.named_parameters(remove_duplicate=False), lambda _, param: (tuple(param.shape), dtype))
 
 
 def _eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from skyrl_backends.checkpoint import module_specs
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.consistency.lm_head import check_lm_head_dtype, use_float32_lm_head
 from skyrl_backends.errors import ConfigError, LoraAdapterError, SamplingParamsError
@@ -518,16 +519,13 @@ class TransformersEngine:
     # -- weights -------------------------------------------------------------------------------
     @hookimpl
     def skyrl_backends_weight_specs(self) -> list[TensorSpec]:
-        specs = []
-        first_name: dict[int, str] = {}  # a parameter met again under another name is tied to the first
-        for name, param in self._named_parameters().items():
+        def describe(name: str, param: torch.nn.Parameter) -> tuple[tuple[int, ...], str]:
             shape, dtype = (param.shape, param.dtype)
             if param.numel() == 0 and name in self._param_shapes:  # discarded while asleep
                 shape, dtype = self._param_shapes[name]
-            first = first_name.setdefault(id(param), name)
-            specs.append(TensorSpec(name, tuple(shape), str(dtype).removeprefix("torch."),
-                                    tied_to=None if first == name else first))
-        return specs
+            return tuple(shape), str(dtype).removeprefix("torch.")
+
+        return module_specs(self._named_parameters().items(), describe)
 
     @hookimpl
     async def skyrl_backends_init_weight_update_communicator(self, init_info: WeightSyncInitInfo) -> None:
