@@ -45,6 +45,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 TRANSFORMERS_PYTHON_ENV = "SKYRL_TRANSFORMERS_PYTHON"
 WEIGHT_TRANSFER = ["--weight-transfer-config", json.dumps({"backend": "skyrl"})]
+# Before each timed generation path, this long with no requests. A vLLM worker keeps busy-looping on
+# its shared-memory queue for a second after its last message (``busy_loop_s`` in vLLM's
+# ``shm_broadcast.py``), and vLLM-CPU binds both servers' workers to the same core, so a path timed
+# straight after the other server's ran at about half speed for its first second (measured on the
+# 2-core CI machine: without the pause our front-end, always timed after vLLM's server, came out at
+# 0.70-0.75 of it; with the pause at 1.02 over 45 rounds).
+SETTLE_S = 2.0
 
 
 def header(title: str) -> None:
@@ -176,6 +183,7 @@ async def _engine_generate(engine: Any, prompts: list[list[int]], max_tokens: in
 def bench_generate(args: argparse.Namespace) -> None:
     import random
 
+    import psutil
     import requests
     from skyrl_backends.remote.native import connect_server
 
@@ -189,16 +197,26 @@ def bench_generate(args: argparse.Namespace) -> None:
     try:
         names = {u: requests.get(u + "/v1/models", timeout=30).json()["data"][0]["id"] for u in (vllm_url, ours_url)}
         engine = connect_server(vllm_url, "vllm")
-        rows: dict[str, list[float]] = {"vllm": [], "front-end": [], "raw": [], "engine": []}
+        paths = [("vllm", lambda: _completions(vllm_url, names[vllm_url], prompts, args.max_tokens)),
+                 ("front-end", lambda: _completions(ours_url, names[ours_url], prompts, args.max_tokens)),
+                 ("raw", lambda: _raw_generate(vllm_url, prompts, args.max_tokens)),
+                 ("engine", lambda: _engine_generate(engine, prompts, args.max_tokens))]
+        # The CPU time of the server process each path's requests reach (its HTTP front, not its
+        # engine's processes): what the front-end costs, steadier on a busy machine than tokens/s.
+        fronts = {"vllm": psutil.Process(vllm_process.process.pid),
+                  "front-end": psutil.Process(ours_process.process.pid)}
+        fronts["raw"] = fronts["engine"] = fronts["vllm"]
+        rows: dict[str, list[float]] = {name: [] for name, _ in paths}
+        front_cpu: dict[str, list[float]] = {name: [] for name, _ in paths}
         for round_ in range(args.rounds + 1):  # the first round warms every path up
-            for name, call in (("vllm", lambda: _completions(vllm_url, names[vllm_url], prompts, args.max_tokens)),
-                               ("front-end", lambda: _completions(ours_url, names[ours_url], prompts,
-                                                                  args.max_tokens)),
-                               ("raw", lambda: _raw_generate(vllm_url, prompts, args.max_tokens)),
-                               ("engine", lambda: _engine_generate(engine, prompts, args.max_tokens))):
+            # The order turns each round, so no path always follows the other server's.
+            for name, call in paths[round_ % len(paths):] + paths[:round_ % len(paths)]:
+                time.sleep(args.settle)
+                cpu_before = sum(fronts[name].cpu_times()[:2])
                 seconds, tokens = loop.run_until_complete(call())
                 if round_:
                     rows[name].append(tokens / seconds)
+                    front_cpu[name].append(sum(fronts[name].cpu_times()[:2]) - cpu_before)
                 print(f"round {round_}{' (warm-up)' if not round_ else ''}: {name} {tokens / seconds:.1f} tok/s",
                       flush=True)
         loop.run_until_complete(engine.teardown())
@@ -207,7 +225,8 @@ def bench_generate(args: argparse.Namespace) -> None:
         ours_process.stop()
         vllm_process.stop()
     for name, values in rows.items():
-        print(f"{name}: median {statistics.median(values):.1f} tok/s")
+        print(f"{name}: median {statistics.median(values):.1f} tok/s; the server's front process "
+              f"{statistics.median(front_cpu[name]):.3f} CPU s per round (median)")
     ratio_line("protocol front-end (skyrl-backends serve --backend vllm) vs vllm serve, /v1/completions",
                rows["front-end"], rows["vllm"], "tokens/s, ours / vLLM's")
     ratio_line("engine behind vllm serve (remote.native) vs raw /inference/v1/generate", rows["engine"], rows["raw"],
@@ -259,6 +278,8 @@ def main() -> None:
     parser.add_argument("what", choices=["weight-sync", "generate", "vllm-paths", "all"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=SETTLE_S,
+                        help="seconds of quiet before each timed generation path (see SETTLE_S)")
     parser.add_argument("--dtype", default="float32", help="the served and sent dtype (weight-sync, vllm-paths)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
