@@ -4,5 +4,5 @@ EXTRA_TESTS += test-gpu-scripts
 
 .PHONY: test-gpu-scripts
 
-test-gpu-scripts: $(CORE_ENV)/.ready
+test-gpu-scripts: $(CORE_ENV)/.ready $(TF_ENV)/.ready
 	$(CORE_ENV)/bin/python -m pytest -q tests/gpu_scripts

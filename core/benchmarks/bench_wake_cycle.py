@@ -8,7 +8,7 @@ taking turns, and times each phase and the whole cycle up to the first token:
     skyrl   Engine.sleep(level) -> Engine.wake_up(["weights"]) -> sync_weights(cuda_ipc, a sender
             that adopted the trainer's weights) -> Engine.wake_up(["kv_cache"]) -> Engine.generate
             (one token)
-    own     the engine's own calls on the same engine object:
+    own     the engine's own calls on the same engine object (engine_own_calls.py):
             vLLM: AsyncLLM.sleep(level) -> wake_up(tags=["weights"]) -> one CUDA IPC handle per
                   tensor through collective_rpc into the model's load_weights (what an RL worker
                   extension does) -> wake_up(tags=["kv_cache"]) -> AsyncLLM.generate (one token)
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import itertools
 import json
 import os
 import statistics
@@ -53,6 +52,7 @@ from bench_weight_sync import (  # noqa: E402  (the sibling benchmark's model an
     random_weights,
     write_model_folder,
 )
+from engine_own_calls import OwnCalls, own_calls  # noqa: E402
 from pool_generate import load as load_runs  # noqa: E402  (one setting per pool)
 
 PHASES = ("sleep", "wake_weights", "sync", "wake_kv_cache", "first_token")
@@ -86,71 +86,20 @@ def skyrl_cycle(engine: Any, weights: dict[str, torch.Tensor], level: int, bucke
     return phases, sender.close
 
 
-def vllm_own_cycle(impl: Any, weights: dict[str, torch.Tensor], level: int) -> dict[str, Phase]:
-    """vLLM's own calls on the plugin's AsyncLLM (``impl._engine``), the weights as one CUDA IPC
-    handle per tensor into the workers' load_weights (the plugin's worker extension is installed in
-    every worker; its ``skyrl_apply_weights`` is that load, as any RL worker extension writes it)."""
-    from skyrl_backend_vllm import transfer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = impl._engine
-    names, tensors = list(weights), list(weights.values())
-    request_ids = (f"own-{i}" for i in itertools.count())
-
-    async def sync() -> None:
-        with transfer.pack_tensors(names, tensors) as message:
-            await llm.collective_rpc("skyrl_apply_weights", args=(message.message,))
-
-    async def first_token() -> None:
-        final = None
-        async for out in llm.generate(TokensPrompt(prompt_token_ids=PROMPT),
-                                      SamplingParams(max_tokens=1, temperature=0.0), next(request_ids)):
-            final = out
-        assert final is not None and len(final.outputs[0].token_ids) == 1
-
-    return {
-        "sleep": lambda: llm.sleep(level=level),
-        "wake_weights": lambda: llm.wake_up(tags=["weights"]),
-        "sync": sync,
-        "wake_kv_cache": lambda: llm.wake_up(tags=["kv_cache"]),
-        "first_token": first_token,
-    }
-
-
-def sglang_own_cycle(impl: Any, weights: dict[str, torch.Tensor]) -> dict[str, Phase]:
-    """SGLang's own calls on the plugin's sglang.Engine (``impl.engine``) and its tokenizer manager
-    (``impl.tm``), on the engine's loop: sglang.Engine's release / resume / update methods are these
-    tokenizer-manager calls wrapped in a blocking run of that loop, which cannot be nested here."""
-    from sglang.srt.managers import io_struct
-    from sglang.srt.utils import MultiprocessingSerializer
-
-    tm = impl.tm
+def own_cycle(own: OwnCalls, weights: dict[str, torch.Tensor], level: int, flush_cache: bool) -> dict[str, Phase]:
+    """The same cycle through the engine's own calls on the same engine object
+    (:mod:`engine_own_calls`: vLLM's AsyncLLM, SGLang's tokenizer manager and sglang.Engine)."""
     named = list(weights.items())
 
-    async def on_loop(make: Callable[[], Awaitable[Any]]) -> Any:
-        return await impl._on_loop(make())
-
-    async def sync() -> None:
-        obj = io_struct.UpdateWeightsFromTensorReqInput(
-            serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(impl.tp_size)],
-            load_format=None, flush_cache=True)
-        success, message = await on_loop(lambda: tm.update_weights_from_tensor(obj, None))
-        assert success, message
-
     async def first_token() -> None:
-        out = await on_loop(lambda: impl.engine.async_generate(
-            input_ids=PROMPT, sampling_params={"max_new_tokens": 1, "temperature": 0.0}))
-        assert len(out["output_ids"]) == 1, out
+        out = await own.generate([PROMPT], max_tokens=1, temperature=0.0)
+        assert len(out[0].token_ids) == 1
 
     return {
-        "sleep": lambda: on_loop(lambda: tm.release_memory_occupation(
-            io_struct.ReleaseMemoryOccupationReqInput(), None)),
-        "wake_weights": lambda: on_loop(lambda: tm.resume_memory_occupation(
-            io_struct.ResumeMemoryOccupationReqInput(tags=["weights"]), None)),
-        "sync": sync,
-        "wake_kv_cache": lambda: on_loop(lambda: tm.resume_memory_occupation(
-            io_struct.ResumeMemoryOccupationReqInput(tags=["kv_cache"]), None)),
+        "sleep": lambda: own.sleep(level),
+        "wake_weights": lambda: own.wake_up(["weights"]),
+        "sync": lambda: own.sync(named, flush_cache),
+        "wake_kv_cache": lambda: own.wake_up(["kv_cache"]),
         "first_token": first_token,
     }
 
@@ -182,8 +131,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             if level is None:
                 raise SystemExit(f"{args.engine} declares no sleep level that discards weights here")
             ours, close_sender = skyrl_cycle(engine, weights, level, args.bucket_bytes)
-            own = (vllm_own_cycle(engine.impl, weights, level) if args.engine == "vllm"
-                   else sglang_own_cycle(engine.impl, weights))
+            # vLLM's sleep has emptied its prefix cache already; SGLang's update flushes it by default.
+            own = own_cycle(own_calls(args.engine, engine.impl), weights, level, flush_cache=args.engine == "sglang")
             sides = {"skyrl": ours, "own": own}
             rounds: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
             for i in range(args.warmup + args.repeats):

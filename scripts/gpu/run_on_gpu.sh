@@ -42,6 +42,11 @@
 #   async-rl:ENGINE           examples/rl_demo/benchmarks/bench_async.py: the RL demo on ENGINE, trainer on
 #                             the GPU, synchronous vs asynchronous steps/s at equal reward ->
 #                             $OUT/ENGINE-async-rl.json (ASYNC_RL_ARGS adds options, e.g. "--steps 80")
+#   rl-model                  a random Qwen2.5-1.5B-shaped model with the test tokenizer's vocabulary, the
+#                             RL demo's task needs it (make_random_qwen.py --tokenizer-vocab) in /tmp/models
+#   rl-step:ENGINE            examples/rl_demo/benchmarks/bench_step.py (issue 23, P8): the demo's colocated
+#                             step through skyrl vs the same step on ENGINE's own calls, that model, trainer
+#                             on the GPU -> $OUT/ENGINE-rl-step-HHMMSS.json (RL_STEP_ARGS adds options)
 #
 # ENGINE is vllm or sglang (the builds of ../shared/gpu/stage.py); engine steps unpack the staged
 # parts once into /tmp/ENGINEsite. Nothing is installed: the project runs from its source folders, and
@@ -58,6 +63,7 @@ REPO=$(pwd)
 ASSETS=$(cd "${ASSETS:-.}" && pwd)
 OUT=${OUT:-$REPO/out/gpu}
 MODEL15=/tmp/models/qwen2.5-1.5b-random
+RL_MODEL=/tmp/models/qwen2.5-1.5b-random-rl
 TINY=/tmp/tiny-model
 mkdir -p "$OUT"
 [ -z "${SKYRL_COMMIT:-}" ] && [ -f "$REPO/COMMIT" ] && SKYRL_COMMIT=$(cat "$REPO/COMMIT")
@@ -78,7 +84,7 @@ WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [server-conformance]=480 [generate]=200
                   [weight-sync]=400 [wake-cycle]=300 [colocated]=150
                   [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
-                  [trainer-side]=400)
+                  [trainer-side]=400 [rl-model]=120 [rl-step]=540)
 
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
@@ -255,6 +261,11 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_async.py \
             --backend "$engine" --model $TINY --trainer-device cuda --steps 40 --repeats 2 \
             --engine-option gpu_memory_utilization=0.3 ${ASYNC_RL_ARGS:-} --json "$OUT/$engine-async-rl.json" ;;
+        rl-model) core_env && bounded "$seconds" python3 scripts/gpu/make_random_qwen.py "$RL_MODEL" --tokenizer-vocab ;;
+        rl-step) engine_env "$engine" && PYTHONPATH=$PYTHONPATH:$REPO/examples/rl_demo/src bounded "$seconds" \
+            python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_step.py \
+            --backend "$engine" --model "$RL_MODEL" --trainer-device cuda --engine-option gpu_memory_utilization=0.3 \
+            ${RL_STEP_ARGS:-} --json "$OUT/$engine-rl-step-$(date -u +%H%M%S).json" ;;
         *) log "unknown step $name"; return 2 ;;
     esac
 }

@@ -67,3 +67,24 @@ def test_run_script_is_valid_bash_and_rejects_an_unknown_step(tmp_path: Path) ->
                             env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown step no-such-step" in (tmp_path / "log").read_text()
+
+
+def test_random_model_for_the_rl_step_has_the_tokenizers_vocabulary(tmp_path: Path) -> None:
+    """`run_on_gpu.sh rl-model`'s model (one layer here): the demo's digits must be ids the model can
+    say, so its vocabulary is the test tokenizer's, its embeddings tied as in the shape."""
+    python = REPO / ".venv" / "transformers" / "bin" / "python"  # the script needs transformers
+    out = tmp_path / "model"
+    done = subprocess.run([str(python), str(SCRIPTS / "make_random_qwen.py"), str(out), "--shape", "qwen2.5-0.5b",
+                           "--layers", "1", "--tokenizer-vocab", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.split("MODEL ", 1)[1])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["tie_word_embeddings"]) == (896, 1, True)
+    assert summary == {**summary, "shape": "qwen2.5-0.5b", "layers": 1, "vocab": config["vocab_size"]}
+    assert config["vocab_size"] == 512, "the test tokenizer's vocabulary, as the tiny model has it"
+    check = subprocess.run([str(python), "-c", "import sys; from transformers import AutoTokenizer; "
+                            "t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+                            "print(max(i for d in '0123456789' for i in t.encode(d)))", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert int(check.stdout) < config["vocab_size"], "a digit the model cannot say"

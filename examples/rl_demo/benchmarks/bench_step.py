@@ -1,0 +1,251 @@
+"""The demo's RL step through skyrl against the same step written by hand on the engine's own calls
+(issue 23's P8; a benchmark, not a test).
+
+One ``RLTrainer`` (the demo's agent loop, GRPO update and policy) drives one engine, and its steps
+take turns between two ways of driving it:
+
+    skyrl  ``RLTrainer.train_step``, as ``make demo`` runs it: the client's wake_up(["kv_cache"]) ->
+           the agent loop through the client -> sleep(level) -> the GRPO update ->
+           wake_up(["weights"]) -> sync_weights (the demo's strategy: CUDA IPC with the trainer on a
+           GPU, shared memory on a CPU)
+    own    the same step on the engine's own calls, made on the same engine object
+           (``core/benchmarks/engine_own_calls.py``): the same agent loop over the engine's own
+           generate, the same update, the engine's own sleep, wake and weight load (one handle per
+           parameter, as a hand-written RL loop sends them)
+
+Both sides train the one policy, so the run's reward is that of every step: it must rise, or the
+step timed is not a step that learns (printed at the end: the reward of the first and the last
+steps). Without sleep mode (vLLM on a CPU) both sides skip the memory phases (``colocate`` off) and
+flush the prefix cache after the weights instead.
+
+Steps go in pairs, the pair's first side alternating; the first ``--warmup`` pairs are not counted.
+Each step is timed to the end of its GPU work. Printed per phase (the rollout, sleep, update,
+wake_weights, sync, wake_kv_cache) and for the step: the median of each side and skyrl / own as a
+ratio of medians and paired (the median of the pairs' ratios). Goal (P8): the step <= 1.03x.
+
+    python examples/rl_demo/benchmarks/bench_step.py --backend vllm --model DIR --trainer-device cuda \\
+        --engine-option gpu_memory_utilization=0.3 --json out.json
+    python examples/rl_demo/benchmarks/bench_step.py --backend vllm --model .cache/tiny-model --pairs 6   # CPU
+    python examples/rl_demo/benchmarks/bench_step.py pool call1/vllm-step.json call2/vllm-step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from skyrl_backends.sampling import SamplingParams
+from skyrl_backends.testing.provenance import measured_commit
+from skyrl_backends.types import Completion, GenerateOutput, TokenVersions
+from skyrl_rl_demo.agent_loop import run_agent_loops
+from skyrl_rl_demo.cli import _engine_option
+from skyrl_rl_demo.trainer import RLTrainer, TrainerConfig, rollout_metrics
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "core" / "benchmarks"))
+from bench_weight_sync import engine_version  # noqa: E402
+from engine_own_calls import OwnCalls, own_calls  # noqa: E402  (the engines' own calls, shared with P4)
+from pool_generate import load as load_runs  # noqa: E402  (one setting per pool)
+
+# The phases of a step, as RLTrainer.train_step names them; "rollout" is the rest of the step (the
+# agent loop: its generate calls, the environment, the tokenizer).
+PHASES = ("wake_kv_cache_s", "rollout_s", "sleep_s", "update_s", "wake_weights_s", "weight_sync_s")
+SIDES = ("skyrl", "own")
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+class OwnGenerator:
+    """The agent loop's ``generate`` over the engine's own calls. Tokens are labelled with
+    ``version()``, the policy version the engine holds, for the trainer's staleness masks."""
+
+    def __init__(self, own: OwnCalls, version: Any) -> None:
+        self.own = own
+        self.version = version
+
+    async def generate(self, prompts: list[list[int]], sampling_params: SamplingParams, **_fields: Any
+                       ) -> GenerateOutput:
+        outs = await self.own.generate(prompts, max_tokens=sampling_params.max_generate_length,
+                                       temperature=sampling_params.temperature,
+                                       logprobs=sampling_params.logprobs is not None,
+                                       stop_token_ids=sampling_params.stop_token_ids)
+        version = self.version()
+        return GenerateOutput([Completion(token_ids=o.token_ids, logprobs=o.logprobs,
+                                          finish_reason=FINISH_REASONS.get(o.finish_reason, "abort"),  # type: ignore[arg-type]
+                                          token_versions=TokenVersions.uniform(len(o.token_ids), version))
+                               for o in outs])
+
+
+async def own_step(trainer: RLTrainer, own: OwnCalls, step: int) -> dict[str, Any]:
+    """``RLTrainer.train_step``'s step on the engine's own calls (module docstring)."""
+    metrics: dict[str, Any] = {"step": step}
+    started = time.perf_counter()
+
+    async def timed(key: str, call: Any) -> Any:
+        t0 = time.perf_counter()
+        result = await call
+        metrics[key] = time.perf_counter() - t0
+        return result
+
+    if trainer.colocate:
+        await timed("wake_kv_cache_s", own.wake_up(["kv_cache"]))
+    generator = OwnGenerator(own, lambda: trainer.policy_version)
+    rollout = await run_agent_loops(generator, trainer.make_envs(), trainer.chat, trainer.sampling,
+                                    max_turns=trainer.config.turns)
+    trainer.last_rollout = rollout
+    metrics.update(rollout_metrics(rollout))
+    if trainer.colocate:
+        await timed("sleep_s", own.sleep(trainer.sleep_level))
+    update_started = time.perf_counter()
+    metrics.update(trainer.update(rollout))
+    metrics["update_s"] = time.perf_counter() - update_started
+    if trainer.colocate:
+        await timed("wake_weights_s", own.wake_up(["weights"]))
+    # A sleep at the trainer's level emptied the prefix cache; without one the load must flush it.
+    await timed("weight_sync_s", own.sync(list(trainer.policy.named_parameters()), flush_cache=not trainer.colocate))
+    metrics["step_s"] = time.perf_counter() - started
+    return metrics
+
+
+async def timed_step(trainer: RLTrainer, own: OwnCalls, side: str, step: int) -> dict[str, Any]:
+    """One step of ``side``, timed to the end of its GPU work, with its rollout phase filled in."""
+    if side == "skyrl":
+        # The engine labels tokens with the versions it received through skyrl; the own side's loads
+        # bypass it, so the trainer's count is set to the engine's before each skyrl step (the
+        # staleness masks compare the two). The own side labels its tokens with the trainer's count.
+        trainer.policy_version = trainer.engine.weight_version
+    started = time.perf_counter()
+    metrics = await (trainer.train_step(step) if side == "skyrl" else own_step(trainer, own, step))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    metrics["step_s"] = time.perf_counter() - started
+    metrics["rollout_s"] = metrics["step_s"] - sum(metrics.get(k, 0.0) for k in PHASES if k != "rollout_s")
+    metrics["side"] = side
+    return metrics
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    config = TrainerConfig(model=args.model, backend=args.backend, steps=2 * (args.pairs + args.warmup),
+                           seed=args.seed, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                           colocate=not args.no_colocate, trainer_device=args.trainer_device,
+                           engine_options=dict(args.engine_option), out_dir="")
+    trainer = RLTrainer(config)
+    try:
+        own = own_calls(args.backend, trainer.engine.impl)
+        rows: list[dict[str, Any]] = []
+        for pair in range(args.warmup + args.pairs):
+            order = SIDES if pair % 2 == 0 else tuple(reversed(SIDES))
+            for side in order:
+                metrics = await timed_step(trainer, own, side, len(rows) + 1)
+                metrics["warmup"] = pair < args.warmup
+                rows.append(metrics)
+            last = rows[-2:]
+            print(f"pair {pair + 1}/{args.warmup + args.pairs}{' (warm-up)' if pair < args.warmup else ''}: "
+                  + ", ".join(f"{m['side']} {m['step_s'] * 1e3:.0f} ms (reward {m['reward_mean']:.2f})" for m in last),
+                  flush=True)
+        return {"rows": rows, "colocate": trainer.colocate, "sleep_level": trainer.sleep_level,
+                "weight_sync": trainer.weight_sync.strategy, "engine_version": engine_version(args.backend)}
+    finally:
+        await trainer.close()
+
+
+def pairs_of(rows: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    """The counted steps as pairs ``{"skyrl": metrics, "own": metrics}``."""
+    counted = [r for r in rows if not r["warmup"]]
+    return [{r["side"]: r for r in counted[i:i + 2]} for i in range(0, len(counted) - 1, 2)]
+
+
+def table(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
+    """Per phase and for the step: medians (ms) of each side, skyrl / own of the medians, paired."""
+    lines = [f"{'phase':<16}{'skyrl':>10}{'own':>10}{'skyrl/own (medians)':>22}{'paired':>10}"]
+    for key in (*PHASES, "step_s"):
+        if key not in pairs[0]["skyrl"] or key not in pairs[0]["own"]:
+            continue
+        ours = [p["skyrl"][key] for p in pairs]
+        theirs = [p["own"][key] for p in pairs]
+        medians = statistics.median(ours) / statistics.median(theirs) if statistics.median(theirs) else float("nan")
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True) if b]
+        paired = statistics.median(ratios) if ratios else float("nan")
+        lines.append(f"{key.removesuffix('_s'):<16}{statistics.median(ours) * 1e3:>10.1f}"
+                     f"{statistics.median(theirs) * 1e3:>10.1f}{medians:>22.3f}{paired:>10.3f}")
+    return lines
+
+
+def learning(rows: list[dict[str, Any]], window: int = 10) -> str:
+    rewards = [r["reward_mean"] for r in rows]
+    w = min(window, max(1, len(rewards) // 2))
+    return (f"reward over the run ({len(rewards)} steps, both sides): first {w} steps "
+            f"{statistics.mean(rewards[:w]):.3f}, last {w} steps {statistics.mean(rewards[-w:]):.3f}")
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    pairs = pairs_of(result["rows"])
+    print(f"\n{args.backend}, {len(pairs)} pairs of steps, colocate {result['colocate']} (sleep level "
+          f"{result['sleep_level']}), weight sync {result['weight_sync']}; milliseconds")
+    print("\n".join(table(pairs)))
+    print(learning(result["rows"]))
+    print("goal (issue 23, P8): the step through skyrl <= 1.03x the step on the engine's own calls")
+
+
+def pool(paths: list[str]) -> None:
+    """Pool ``--json`` results of several machine calls (one commit, backend and model)."""
+    runs = load_runs(paths, same=("commit", "backend", "engine_version", "model_shape", "colocate",
+                                      "trainer_device"))
+    pairs = [p for run in runs for p in pairs_of(run["rows"])]
+    first = runs[0]
+    print(f"{first['backend']}, {first['model_shape']}, commit {first['commit']}, {len(runs)} calls, "
+          f"{len(pairs)} pairs; milliseconds")
+    print("\n".join(table(pairs)))
+    for run in runs:
+        print(f"  {run['date']}: {learning(run['rows'])}")
+
+
+def model_shape(model: str) -> str:
+    config = json.loads((Path(model) / "config.json").read_text())
+    return (f"{config.get('model_type')} hidden {config.get('hidden_size')} x {config.get('num_hidden_layers')} "
+            f"layers, vocabulary {config.get('vocab_size')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pool"]:
+        pool(argv[1:])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("vllm", "sglang"), required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--pairs", type=int, default=20, help="counted pairs of steps (one skyrl step, one own)")
+    p.add_argument("--warmup", type=int, default=2, help="pairs of steps run first and not counted")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--trainer-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-colocate", action="store_true",
+                   help="no sleep / wake (the default where the engine has no sleep mode)")
+    p.add_argument("--engine-option", type=_engine_option, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", default=None, help="write every step's metrics here")
+    args = p.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    result = asyncio.run(bench(args))
+    report(result, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "benchmark": "rl_step", "backend": args.backend, "model_shape": model_shape(args.model),
+            "trainer_device": args.trainer_device, "commit": measured_commit(ROOT),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **result}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
