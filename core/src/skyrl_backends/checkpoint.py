@@ -45,6 +45,12 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
+# Tied word embeddings (``tie_word_embeddings``): the output layer's weight is the input embedding,
+# which a Hugging Face checkpoint stores once, under the embedding's name.
+TIED_EMBEDDING = "model.embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"
+
+
 def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> list[TensorSpec]:
     """Every tensor of the checkpoint, with the served dtype. A model with tied embeddings also
     accepts ``lm_head.weight`` (a trainer's state dict holds it), which vLLM maps onto the embedding."""
@@ -53,12 +59,11 @@ def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> li
         for name, entry in read_header(path).items():
             specs[name] = TensorSpec(name, tuple(int(d) for d in entry["shape"]), served_dtype)
     config_path = Path(model_dir) / "config.json"
-    if config_path.is_file() and "lm_head.weight" not in specs:
+    if config_path.is_file() and TIED_HEAD not in specs:
         config = json.loads(config_path.read_text())
-        embed = specs.get("model.embed_tokens.weight")
+        embed = specs.get(TIED_EMBEDDING)
         if config.get("tie_word_embeddings") and embed is not None:
-            specs["lm_head.weight"] = TensorSpec("lm_head.weight", embed.shape, served_dtype,
-                                                 tied_to="model.embed_tokens.weight")
+            specs[TIED_HEAD] = TensorSpec(TIED_HEAD, embed.shape, served_dtype, tied_to=TIED_EMBEDDING)
     return list(specs.values())
 
 

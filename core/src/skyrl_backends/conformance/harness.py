@@ -48,6 +48,11 @@ class ConformanceHarness:
         self._engine_dtype: str | None = None
         self._second_lora: str | None = None
 
+    def for_model(self, model_dir: str) -> ConformanceHarness:
+        """A harness of the same backend and options on another model folder, on the same loop
+        (its engine started on first use; ``close`` it when done)."""
+        return ConformanceHarness(self.config.replace(model=model_dir), self.loop)
+
     # -- plumbing --------------------------------------------------------------------------------
     def run(self, awaitable: Awaitable[T]) -> T:
         return self.loop.run_until_complete(awaitable)

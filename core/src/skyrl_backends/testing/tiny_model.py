@@ -9,6 +9,10 @@ nothing but a built-in corpus and a seed:
   needs) saved with ``save_pretrained`` as safetensors;
 * a small LoRA adapter for it (peft), under ``lora/``.
 
+``tied=True`` builds the same model with its output layer tied to its input embedding
+(``tie_word_embeddings``, as Qwen2.5 up to 3B and Llama 3.2 1B/3B have), without the adapter: the
+conformance suite's tied-embeddings group runs on it.
+
 The same seed gives the same bytes. Weights are drawn with a larger spread than a trained model's
 so that greedy decoding does not collapse into one repeated token.
 """
@@ -56,14 +60,14 @@ def build_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-def build_model(out_dir: Path, seed: int, vocab_size: int) -> None:
+def build_model(out_dir: Path, seed: int, vocab_size: int, tied: bool = False) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0,
         initializer_range=0.2, torch_dtype="float32",
     )
     torch.manual_seed(seed)
@@ -93,11 +97,13 @@ def build_lora(model_dir: Path, seed: int) -> None:
     (model_dir / LORA_DIR / "README.md").unlink(missing_ok=True)  # a model card naming local paths
 
 
-def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, with_lora: bool = True) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, with_lora: bool = True,
+                     tied: bool = False) -> Path:
     """Build the tiny model into ``out_dir`` (created; reused when already complete)."""
     out = Path(out_dir)
     marker = out / ".skyrl_tiny_model"
-    if marker.exists() and marker.read_text().strip() == str(seed):
+    built = f"{seed}{' tied' if tied else ''}"
+    if marker.exists() and marker.read_text().strip() == built:
         return out
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # a deterministic BPE merge order
@@ -105,10 +111,10 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, 
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(out))
-    build_model(out, seed, max(vocab, VOCAB_SIZE))
-    if with_lora:
+    build_model(out, seed, max(vocab, VOCAB_SIZE), tied=tied)
+    if with_lora and not tied:
         build_lora(out, seed)
-    marker.write_text(f"{seed}\n")
+    marker.write_text(f"{built}\n")
     return out
 
 

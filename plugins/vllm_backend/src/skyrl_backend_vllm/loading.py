@@ -12,7 +12,9 @@ weight-transfer API). How weights are applied depends on the platform:
   served. vLLM's in-place reload rebuilds each layer from checkpoint-format tensors and repacks
   it; a layer must receive all of its tensors at once, so the whole model is reloaded with every
   tensor updated so far taken from memory, and the rest from the checkpoint (not read at all once
-  every checkpoint tensor has been updated).
+  every checkpoint tensor has been updated). A model with tied embeddings has no head in its
+  checkpoint, so the reload would leave the head packed from the old embedding: the embedding is
+  given to the head by its name too (a trainer sending ``named_parameters()`` sends it once).
 
 With LoRA enabled, vLLM wraps the target layers and their weights live at
 ``<module>.base_layer.<param>``; checkpoint names are renamed to that form before loading.
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from skyrl_backends.checkpoint import TIED_EMBEDDING, TIED_HEAD
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,22 @@ class ServedModelLoader:
             layerwise.setLevel(level)
 
     def _checkpoint_with_updates(self, updated: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every checkpoint tensor, in checkpoint order, with updated ones taken from ``updated``,
+        then a tied head (module docstring)."""
+        embedding = None
+        head_given = False
+        for name, tensor in self._checkpoint_tensors(updated):
+            embedding = tensor if name == TIED_EMBEDDING else embedding
+            head_given = head_given or name == TIED_HEAD
+            yield name, tensor
+        if self._tied and not head_given and embedding is not None:
+            yield TIED_HEAD, embedding
+
+    @property
+    def _tied(self) -> bool:
+        return bool(getattr(self.vllm_config.model_config.hf_config, "tie_word_embeddings", False))
+
+    def _checkpoint_tensors(self, updated: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """Every checkpoint tensor, in checkpoint order, with updated ones taken from ``updated``; the
         checkpoint is not read when every tensor of it has been updated."""
         names = self._names_in_checkpoint()

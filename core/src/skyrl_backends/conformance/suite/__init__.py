@@ -25,6 +25,7 @@ from skyrl_backends.conformance.suite.sampling import SamplingParamsTests
 from skyrl_backends.conformance.suite.sleep_wake import SleepWakeTests
 from skyrl_backends.conformance.suite.stopping import StopConditionTests
 from skyrl_backends.conformance.suite.streaming import StreamingTests
+from skyrl_backends.conformance.suite.tied_weights import TiedWeightsTests
 from skyrl_backends.conformance.suite.weight_sync import WeightSyncTests
 
 GROUPS: tuple[type[ConformanceTestBase], ...] = (
@@ -41,6 +42,8 @@ GROUPS: tuple[type[ConformanceTestBase], ...] = (
     ConcurrencyTests,
     StreamingTests,
     LifecycleStateMachine,
+    # Last: it stops the shared engine and runs one of its own, on another model.
+    TiedWeightsTests,
 )
 
 
