@@ -6,7 +6,7 @@ import json
 import struct
 
 import torch
-from skyrl_backends.checkpoint import checkpoint_specs, module_specs
+from skyrl_backends.checkpoint import checkpoint_specs, module_specs, served_dtype
 
 
 def save_file(shapes: dict[str, tuple[int, ...]], path) -> None:
@@ -49,3 +49,25 @@ def test_module_specs_name_the_first_name_of_a_parameter_met_again():
     assert specs["head.weight"].dtype == "float32" and specs["head.weight"].shape == (8, 4)
     described = module_specs(module.named_parameters(), lambda _, param: ((1,), "bfloat16"))[0]
     assert (described.shape, described.dtype) == ((1,), "bfloat16")
+
+
+def test_auto_dtype_is_the_checkpoints_on_every_backend(tmp_path):
+    """"auto" serves what the checkpoint declares (transformers 5's "dtype" or the older "torch_dtype"),
+    float32 when it declares none; a named dtype is kept; a folder-less model stays "auto"."""
+    config = tmp_path / "config.json"
+    for declared, served in (({"dtype": "float32"}, "float32"), ({"torch_dtype": "bfloat16"}, "bfloat16"),
+                             ({"dtype": "float16", "torch_dtype": "float32"}, "float16"), ({}, "float32")):
+        config.write_text(json.dumps(declared))
+        assert served_dtype("auto", tmp_path) == served, declared
+    assert served_dtype("bfloat16", tmp_path) == "bfloat16"
+    assert served_dtype("auto", tmp_path / "missing") == "auto"
+    assert served_dtype("auto", None) == "auto"
+
+
+def test_engine_servers_launched_here_serve_auto_as_the_checkpoint_declares(tmp_path):
+    from skyrl_backends.remote.native.launch import server_command
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    for protocol in ("vllm", "sglang"):
+        command, _ = server_command(protocol, str(tmp_path), 8000, {}, "python")
+        assert command[command.index("--dtype") + 1] == "float32", protocol

@@ -67,6 +67,27 @@ def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> li
     return list(specs.values())
 
 
+SERVED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def served_dtype(dtype: str, model_dir: str | os.PathLike[str] | None) -> str:
+    """The dtype an engine serves for the configured ``dtype``: itself, or for ``"auto"`` the dtype
+    the checkpoint's ``config.json`` declares, float32 when it declares none (as transformers loads
+    it). The same on every backend: vLLM's and SGLang's own "auto" would serve a float32 checkpoint
+    in half precision, so a trainer in float32 would see other log-probabilities than the engine's.
+    "auto" stays "auto" when the model is not a local folder (nothing here reads a hub)."""
+    if dtype != "auto" or model_dir is None:
+        return dtype
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return dtype
+    config = json.loads(config_path.read_text())
+    declared = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
+    if isinstance(declared, str):
+        declared = declared.removeprefix("torch.")
+    return declared if declared in SERVED_DTYPES else "float32"
+
+
 def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]:
     """The EOS ids a model folder declares in ``config.json`` and ``generation_config.json`` (all of
     them count; a tokenizer may add one more). Empty when the folder is not readable here."""

@@ -64,6 +64,8 @@ class GeneratorConfig:
         _BACKEND_NAME, "a backend name such as transformers, vllm or sglang (see `skyrl-backends plugins`)"))
     model: str | None = None
     tokenizer: str | None = None
+    # "auto": the dtype the checkpoint declares, float32 when it declares none, on every backend
+    # (skyrl_backends.checkpoint.served_dtype; not vLLM's or SGLang's own "auto", which halves float32).
     dtype: Dtype = "auto"
     device: str = field(default="auto", metadata=_matching(_DEVICE, "auto, cpu, cuda or cuda:N"))
     seed: int = field(default=0, metadata=_at_least(0))

@@ -110,6 +110,8 @@ def test_engine_options_map_from_the_canonical_config(model_dir):
     assert gpu["logprobs_mode"] == "raw_logprobs" and gpu["worker_extension_cls"] == options.WORKER_EXTENSION
     cpu = options.engine_kwargs(config, "cpu")
     assert "gpu_memory_utilization" not in cpu and "enable_sleep_mode" not in cpu and cpu["enforce_eager"]
+    # "auto" is the checkpoint's dtype (the tiny model declares float32), not vLLM's half precision.
+    assert gpu["dtype"] == cpu["dtype"] == "float32"
 
 
 def test_engine_options_refuse_what_would_break_the_contract(model_dir):

@@ -21,12 +21,15 @@ from skyrl_backends import (
     WeightUpdateRequest,
     hookimpl,
 )
+from skyrl_backends.checkpoint import served_dtype
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class MinimalEngine:
     def __init__(self, config: GeneratorConfig) -> None:
-        dtype = torch.float32 if config.dtype == "auto" else getattr(torch, config.dtype)
+        # "auto" is the checkpoint's own dtype, as on every backend ("auto" again when not a folder).
+        served = served_dtype(config.dtype, config.model)
+        dtype = getattr(torch, served) if served != "auto" else "auto"
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).eval()
         self.vocab_size = self.model.config.vocab_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from skyrl_backends.checkpoint import served_dtype
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError, SamplingParamsError
 from skyrl_backends.sampling import SamplingParams
@@ -174,7 +175,7 @@ def engine_kwargs(config: GeneratorConfig) -> dict[str, Any]:
         raise ConfigError("model", "no model given; pass model=PATH (a Hugging Face model folder).")
     kwargs: dict[str, Any] = {
         "model_path": config.model,
-        "dtype": config.dtype,
+        "dtype": served_dtype(config.dtype, config.model),
         "random_seed": config.seed,
         "tp_size": config.inference_engine_tensor_parallel_size,
         "pp_size": config.inference_engine_pipeline_parallel_size,

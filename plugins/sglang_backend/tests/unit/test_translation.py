@@ -128,3 +128,10 @@ def test_stop_ids_with_ignore_eos_are_watched_by_the_plugin():
     assert "stop_token_ids" not in plan.sampling_params
     plain = translate_sampling(SamplingParams(stop_token_ids=(5, 3)))
     assert plain.watched_stop_token_ids == () and not plain.streamed
+
+
+def test_auto_dtype_is_the_checkpoints_not_sglangs_half_precision(tmp_path):
+    """SGLang's own "auto" serves a float32 checkpoint in float16; the plugin's is the checkpoint's."""
+    (tmp_path / "config.json").write_text('{"dtype": "float32"}')
+    assert engine_kwargs(GeneratorConfig(model=str(tmp_path)))["dtype"] == "float32"
+    assert engine_kwargs(GeneratorConfig(model="/not/a/folder"))["dtype"] == "auto"

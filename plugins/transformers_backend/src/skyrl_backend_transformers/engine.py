@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from skyrl_backends.checkpoint import module_specs
+from skyrl_backends.checkpoint import module_specs, served_dtype
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.consistency.lm_head import check_lm_head_dtype, use_float32_lm_head
 from skyrl_backends.errors import ConfigError, LoraAdapterError, SamplingParamsError
@@ -63,17 +63,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, model_dir: str) -> torch.dtype:
-    if name != "auto":
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ConfigError.out_of_range("dtype", name, "auto, float32, bfloat16 or float16")
-        return dtype
-    from transformers import AutoConfig
+    served = served_dtype(name, model_dir)
+    if served == "auto":  # not a local folder: what transformers reads from its config
+        from transformers import AutoConfig
 
-    configured = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
-    if isinstance(configured, str):
-        configured = getattr(torch, configured, None)
-    return configured if isinstance(configured, torch.dtype) else torch.float32
+        configured = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+        if isinstance(configured, str):
+            configured = getattr(torch, configured, None)
+        return configured if isinstance(configured, torch.dtype) else torch.float32
+    dtype = getattr(torch, served, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError.out_of_range("dtype", name, "auto, float32, bfloat16 or float16")
+    return dtype
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from skyrl_backends.checkpoint import served_dtype
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import ConfigError
 
@@ -47,7 +48,7 @@ def engine_kwargs(config: GeneratorConfig, platform: Platform | None = None) -> 
     kwargs: dict[str, Any] = {
         "model": config.model,
         "tokenizer": config.tokenizer or config.model,
-        "dtype": config.dtype,
+        "dtype": served_dtype(config.dtype, config.model),
         "seed": config.seed,
         "tensor_parallel_size": config.inference_engine_tensor_parallel_size,
         "pipeline_parallel_size": config.inference_engine_pipeline_parallel_size,

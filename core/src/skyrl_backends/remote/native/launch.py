@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from skyrl_backends.checkpoint import served_dtype
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import BackendLoadError, ConfigError
 from skyrl_backends.remote.launch import kill_session_leftovers
@@ -51,6 +52,11 @@ def server_command(protocol: str, model: str, port: int, options: Mapping[str, A
     enable_prefix_caching, device, gpu_memory_utilization, tensor parallel size; ``engine_init_kwargs``
     become the server's own flags, ``{"enforce_eager": True}`` -> ``--enforce-eager``)."""
     options = dict(options)
+    # "auto" as every backend means it (the checkpoint's dtype), not the server's own "auto", which
+    # serves a float32 checkpoint in half precision.
+    dtype = served_dtype(str(options.get("dtype", "auto")), model)
+    if dtype != "auto":
+        options["dtype"] = dtype
     if options.get("enable_lora"):
         # The generator config's defaults, as the in-process backends apply them (the servers' own
         # defaults differ: vLLM serves one adapter per batch, of rank 16 at most).
