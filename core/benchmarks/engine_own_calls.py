@@ -13,7 +13,9 @@ the RL step). Not an API: a hand-written loop of the kind a trainer writes for o
                                    CPU) through ``collective_rpc`` into the model's ``load_weights`` (what
                                    an RL worker extension does; the plugin's ``skyrl_apply_weights`` is
                                    that load), then ``reset_prefix_cache``; SGLang:
-                                   ``update_weights_from_tensor(flush_cache=...)``. Without the flush,
+                                   ``update_weights_from_tensor(flush_cache=...)``, inside
+                                   ``begin_weight_update`` / ``end_weight_update`` where the release
+                                   has them. Without the flush,
                                    prompts whose prefix is cached continue from the old weights' KV: a
                                    loop may skip it only where its sleep already emptied the cache.
     generate(prompts, ...)         vLLM: one ``AsyncLLM.generate`` per prompt, final output only, no
@@ -134,8 +136,23 @@ class SGLangOwnCalls:
         obj = io_struct.UpdateWeightsFromTensorReqInput(
             serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.impl.tp_size)],
             load_format=None, flush_cache=flush_cache)
-        success, message = await self._on_loop(lambda: self.tm.update_weights_from_tensor(obj, None))
+        success, message = await self._on_loop(lambda: self._in_update_session(
+            lambda: self.tm.update_weights_from_tensor(obj, None)))
         assert success, message
+
+    async def _in_update_session(self, update: Callable[[], Awaitable[Any]]) -> Any:
+        """SGLang releases with ``begin_weight_update`` (0.5.23 has it, 0.5.17 not) refuse an update
+        outside one: begin, update, end, as any caller of that release must."""
+        if not hasattr(self.tm, "begin_weight_update"):
+            return await update()
+        from sglang.srt.managers import io_struct
+
+        began, message = await self.tm.begin_weight_update(io_struct.BeginWeightUpdateReqInput(), None)
+        assert began, message
+        try:
+            return await update()
+        finally:
+            await self.tm.end_weight_update(io_struct.EndWeightUpdateReqInput(), None)
 
     async def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float,
                        logprobs: bool = False, stop_token_ids: Sequence[int] = ()) -> list[OwnOutput]:
