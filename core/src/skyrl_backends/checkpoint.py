@@ -51,6 +51,12 @@ TIED_EMBEDDING = "model.embed_tokens.weight"
 TIED_HEAD = "lm_head.weight"
 
 
+def _folder_json(model_dir: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
+    """A JSON file of a model folder (``config.json``...), None when the folder has none."""
+    path = Path(model_dir) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> list[TensorSpec]:
     """Every tensor of the checkpoint, with the served dtype. A model with tied embeddings also
     accepts ``lm_head.weight`` (a trainer's state dict holds it), which vLLM maps onto the embedding."""
@@ -58,9 +64,8 @@ def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> li
     for path in safetensors_files(model_dir):
         for name, entry in read_header(path).items():
             specs[name] = TensorSpec(name, tuple(int(d) for d in entry["shape"]), served_dtype)
-    config_path = Path(model_dir) / "config.json"
-    if config_path.is_file() and TIED_HEAD not in specs:
-        config = json.loads(config_path.read_text())
+    config = _folder_json(model_dir, "config.json")
+    if config is not None and TIED_HEAD not in specs:
         embed = specs.get(TIED_EMBEDDING)
         if config.get("tie_word_embeddings") and embed is not None:
             specs[TIED_HEAD] = TensorSpec(TIED_HEAD, embed.shape, served_dtype, tied_to=TIED_EMBEDDING)
@@ -78,10 +83,9 @@ def served_dtype(dtype: str, model_dir: str | os.PathLike[str] | None) -> str:
     "auto" stays "auto" when the model is not a local folder (nothing here reads a hub)."""
     if dtype != "auto" or model_dir is None:
         return dtype
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
+    config = _folder_json(model_dir, "config.json")
+    if config is None:
         return dtype
-    config = json.loads(config_path.read_text())
     declared = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
     if isinstance(declared, str):
         declared = declared.removeprefix("torch.")
@@ -95,10 +99,10 @@ def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]
     if model_dir is None:
         return ids
     for name in ("config.json", "generation_config.json"):
-        path = Path(model_dir) / name
-        if not path.is_file():
+        declared = _folder_json(model_dir, name)
+        if declared is None:
             continue
-        value = json.loads(path.read_text()).get("eos_token_id")
+        value = declared.get("eos_token_id")
         ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
     return ids
 

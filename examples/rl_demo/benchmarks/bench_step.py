@@ -47,11 +47,12 @@ from skyrl_backends.testing.provenance import measured_commit
 from skyrl_backends.types import Completion, GenerateOutput, TokenVersions
 from skyrl_rl_demo.agent_loop import run_agent_loops
 from skyrl_rl_demo.cli import _engine_option
+from skyrl_rl_demo.metrics import summarize
 from skyrl_rl_demo.trainer import RLTrainer, TrainerConfig, rollout_metrics
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "core" / "benchmarks"))
-from bench_weight_sync import engine_version  # noqa: E402
+from bench_weight_sync import engine_version, paired  # noqa: E402
 from engine_own_calls import OwnCalls, own_calls  # noqa: E402  (the engines' own calls, shared with P4)
 from pool_generate import load as load_runs  # noqa: E402  (one setting per pool)
 
@@ -170,19 +171,16 @@ def table(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
             continue
         ours = [p["skyrl"][key] for p in pairs]
         theirs = [p["own"][key] for p in pairs]
-        medians = statistics.median(ours) / statistics.median(theirs) if statistics.median(theirs) else float("nan")
-        ratios = [a / b for a, b in zip(ours, theirs, strict=True) if b]
-        paired = statistics.median(ratios) if ratios else float("nan")
+        medians = statistics.median(ours) / statistics.median(theirs)
         lines.append(f"{key.removesuffix('_s'):<16}{statistics.median(ours) * 1e3:>10.1f}"
-                     f"{statistics.median(theirs) * 1e3:>10.1f}{medians:>22.3f}{paired:>10.3f}")
+                     f"{statistics.median(theirs) * 1e3:>10.1f}{medians:>22.3f}{paired(ours, theirs):>10.3f}")
     return lines
 
 
-def learning(rows: list[dict[str, Any]], window: int = 10) -> str:
-    rewards = [r["reward_mean"] for r in rows]
-    w = min(window, max(1, len(rewards) // 2))
-    return (f"reward over the run ({len(rewards)} steps, both sides): first {w} steps "
-            f"{statistics.mean(rewards[:w]):.3f}, last {w} steps {statistics.mean(rewards[-w:]):.3f}")
+def learning(rows: list[dict[str, Any]]) -> str:
+    summary = summarize(rows)  # the demo's own reward windows
+    return (f"reward over the run ({summary['steps']} steps, both sides): first {summary['window']} steps "
+            f"{summary['reward_first']:.3f}, last {summary['window']} steps {summary['reward_last']:.3f}")
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:

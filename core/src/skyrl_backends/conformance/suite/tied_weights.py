@@ -20,8 +20,6 @@ from skyrl_backends.conformance.harness import ConformanceHarness
 from skyrl_backends.conformance.markers import requires
 from skyrl_backends.conformance.suite.base import FAILED_KEY, ConformanceTestBase
 
-EMBEDDING, HEAD = TIED_EMBEDDING, TIED_HEAD
-
 
 def tied_model_dir() -> str:
     """The suite's tiny model with tied embeddings, built once per machine (offline, deterministic)."""
@@ -39,13 +37,20 @@ def parameters(harness: ConformanceHarness, state: dict[str, torch.Tensor] | Non
     return {name: source[name] for name in names}
 
 
+def send_parameters(harness: ConformanceHarness, params: dict[str, torch.Tensor] | None = None) -> int:
+    """Push ``params`` (default: the original parameters) by their own names, as a trainer does;
+    returns the engine's new weight version."""
+    params = params if params is not None else parameters(harness)
+    return harness.push_weights(params, names=list(params))
+
+
 def perturbed_parameters(harness: ConformanceHarness, seed: int) -> tuple[dict[str, torch.Tensor], str]:
     """The parameters with seeded noise, the tied tensor perturbed once, and the name they are
     registered under with the reference (the head equal to the embedding, as in the tied model)."""
     reference = harness.reference
     noisy = parameters(harness, reference.perturbed_state(seed=seed))
     name = f"tied-perturbed-{seed}"
-    reference.add_weights(name, {**noisy, HEAD: noisy[EMBEDDING]})
+    reference.add_weights(name, {**noisy, TIED_HEAD: noisy[TIED_EMBEDDING]})
     return noisy, name
 
 
@@ -73,15 +78,16 @@ class TiedWeightsTests(ConformanceTestBase):
         module = tied.reference.module
         assert module.config.tie_word_embeddings
         assert module.get_output_embeddings().weight is module.get_input_embeddings().weight
-        assert HEAD not in parameters(tied), "named_parameters() names a tied tensor once"
+        assert TIED_HEAD not in parameters(tied), "named_parameters() names a tied tensor once"
 
     def test_specs_name_the_head_as_the_embedding(self, tied: ConformanceHarness) -> None:
         specs = tied.weight_specs()
-        assert EMBEDDING in specs, f"the engine lists no {EMBEDDING} among its parameters: {sorted(specs)[:8]}"
-        if HEAD in specs:
-            assert specs[HEAD].tied_to == EMBEDDING, (
-                f"{HEAD} is listed as a tensor of its own (tied_to={specs[HEAD].tied_to!r}); in a tied model it is "
-                f"{EMBEDDING}, and a trainer sending named_parameters() never sends it by that name")
+        assert TIED_EMBEDDING in specs, (
+            f"the engine lists no {TIED_EMBEDDING} among its parameters: {sorted(specs)[:8]}")
+        if TIED_HEAD in specs:
+            assert specs[TIED_HEAD].tied_to == TIED_EMBEDDING, (
+                f"{TIED_HEAD} is listed as a tensor of its own (tied_to={specs[TIED_HEAD].tied_to!r}); in a tied "
+                f"model it is {TIED_EMBEDDING}, and a trainer sending named_parameters() never sends it by that name")
 
     @requires(capabilities.weight_sync("tensors"))
     def test_parameters_sent_once_change_both_ends(self, tied: ConformanceHarness) -> None:
@@ -89,15 +95,14 @@ class TiedWeightsTests(ConformanceTestBase):
         original = tied.greedy(prompts, 12, logprobs=0)
         version = tied.engine.weight_version
         noisy, weights = perturbed_parameters(tied, seed=5)
-        assert tied.push_weights(noisy, names=list(noisy)) == version + 1
+        assert send_parameters(tied, noisy) == version + 1
         changed = tied.greedy(prompts, 12)
         assert changed.response_ids != original.response_ids, "sending different weights did not change output"
         # The reference's head is the perturbed embedding: an engine that changed only its
         # embedding (a head of its own, left as it was) decodes otherwise.
         for prompt, completion in zip(prompts, changed, strict=True):
             tied.assert_greedy_parity(prompt, completion, 12, weights=weights)
-        original_parameters = parameters(tied)
-        tied.push_weights(original_parameters, names=list(original_parameters))
+        send_parameters(tied)
         restored = tied.greedy(prompts, 12, logprobs=0)
         assert restored.response_ids == original.response_ids, "sending the original weights must restore output"
 
@@ -107,13 +112,12 @@ class TiedWeightsTests(ConformanceTestBase):
         specs = tied.weight_specs()
         prompts = tied.reference.prompts(2, seed=72)
         noisy, weights = perturbed_parameters(tied, seed=6)
-        both = {**noisy, HEAD: noisy[EMBEDDING]}
-        names = list(noisy) + ([HEAD] if HEAD in specs else [])
+        both = {**noisy, TIED_HEAD: noisy[TIED_EMBEDDING]}
+        names = list(noisy) + ([TIED_HEAD] if TIED_HEAD in specs else [])
         tied.push_weights(both, names=names)
         for prompt, completion in zip(prompts, tied.greedy(prompts, 12), strict=True):
             tied.assert_greedy_parity(prompt, completion, 12, weights=weights)
-        original_parameters = parameters(tied)
-        tied.push_weights(original_parameters, names=list(original_parameters))
+        send_parameters(tied)
 
     @requires(capabilities.DISCARDS_WEIGHTS, capabilities.weight_sync("tensors"))
     def test_after_discarding_sleep_parameters_sent_once_are_enough(self, tied: ConformanceHarness) -> None:
@@ -125,8 +129,7 @@ class TiedWeightsTests(ConformanceTestBase):
         assert level is not None
         tied.run(engine.sleep(level=level))
         tied.run(engine.wake_up())
-        original_parameters = parameters(tied)
-        tied.push_weights(original_parameters, names=list(original_parameters))
+        send_parameters(tied)
         assert engine.weights_loaded, "every parameter was sent, the tied one once, yet the engine waits for more"
         for prompt, completion in zip(prompts, tied.greedy(prompts, 12), strict=True):
             tied.assert_greedy_parity(prompt, completion, 12)
