@@ -119,6 +119,40 @@ async def test_update_during_native_pause_applies_to_the_resumed_requests(engine
     assert out.token_ids != base
 
 
+async def test_an_update_pauses_vllm_only_while_requests_run(engine, checkpoint, monkeypatch):
+    # vLLM's pause_generation sleeps 20 ms whatever is running; an update with nothing in flight
+    # needs no pause (new requests wait for it), one under running requests does (their steps and
+    # the new weights' label must not interleave).
+    import asyncio
+
+    llm = engine.impl._engine
+    pauses: list[str] = []
+    real_pause = llm.pause_generation
+
+    async def counted_pause(**kwargs):
+        pauses.append(kwargs.get("mode", "abort"))
+        await real_pause(**kwargs)
+
+    monkeypatch.setattr(llm, "pause_generation", counted_pause)
+    base = await greedy(engine)
+    version = engine.weight_version
+    try:
+        await engine.update_weights_from_tensors(perturbed(checkpoint, ["lm_head.weight"]))
+        assert pauses == [] and await greedy(engine) != base
+
+        params = {"max_generate_length": 300, "temperature": 0, "ignore_eos": True}
+        task = asyncio.create_task(engine.generate(PROMPTS[:1], params))
+        await _wait_for_progress(engine, task)
+        await engine.update_weights_from_tensors(list(checkpoint.items()))
+        assert pauses == ["keep"]
+        out = (await task)[0]
+    finally:
+        await engine.update_weights_from_tensors(list(checkpoint.items()))
+    assert await greedy(engine) == base
+    if engine.capabilities.token_versions:  # the request ran across the update, labelled at its seam
+        assert set(out.token_versions.per_token()) == {version + 1, version + 2}
+
+
 # -- with LoRA enabled ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj.weight",   # a LoRA-wrapped layer
                                   "model.layers.1.self_attn.v_proj.weight",   # a shard of wrapped qkv_proj

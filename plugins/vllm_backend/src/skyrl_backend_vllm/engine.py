@@ -390,8 +390,10 @@ class VLLMEngine:
     @hookimpl
     async def skyrl_backends_update_named_weights(self, request: WeightUpdateRequest, version: int) -> None:
         # Loaded with generation paused, so no step runs between the new weights and their label
-        # (an engine with memory asleep is paused by vLLM itself until it is all awake again).
-        pause_here = self._pause_mode is None and not self._asleep
+        # (an engine with memory asleep is paused by vLLM itself until it is all awake again). With
+        # no request in flight there is no step to stop: new requests wait for the update
+        # (``wait_idle``), and vLLM's pause costs a fixed 20 ms sleep (``AsyncLLM.pause_generation``).
+        pause_here = self._pause_mode is None and not self._asleep and bool(self._inflight)
         async with self._updates.updating(version):
             if pause_here:
                 await self._engine.pause_generation(mode="keep", clear_cache=False)
