@@ -135,8 +135,8 @@ async def timed_step(trainer: RLTrainer, own: OwnCalls, side: str, step: int) ->
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     config = TrainerConfig(model=args.model, backend=args.backend, steps=2 * (args.pairs + args.warmup),
                            seed=args.seed, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                           colocate=not args.no_colocate, trainer_device=args.trainer_device,
-                           engine_options=dict(args.engine_option), out_dir="")
+                           learning_rate=args.lr, colocate=not args.no_colocate,
+                           trainer_device=args.trainer_device, engine_options=dict(args.engine_option), out_dir="")
     trainer = RLTrainer(config)
     try:
         own = own_calls(args.backend, trainer.engine.impl)
@@ -178,9 +178,15 @@ def table(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
 
 
 def learning(rows: list[dict[str, Any]]) -> str:
+    """The reward at both ends of the run, and the policy's entropy: a rise to about a third with the
+    entropy near 0 is a policy that collapsed onto one answer (one digit of the task's three), not
+    one that learned to read the prompt."""
     summary = summarize(rows)  # the demo's own reward windows
-    return (f"reward over the run ({summary['steps']} steps, both sides): first {summary['window']} steps "
-            f"{summary['reward_first']:.3f}, last {summary['window']} steps {summary['reward_last']:.3f}")
+    w = summary["window"]
+    entropy = [r["entropy"] for r in rows]
+    return (f"reward over the run ({summary['steps']} steps, both sides): first {w} steps "
+            f"{summary['reward_first']:.3f}, last {w} steps {summary['reward_last']:.3f}; policy entropy "
+            f"{statistics.mean(entropy[:w]):.2f} -> {statistics.mean(entropy[-w:]):.2f} nats")
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -222,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=20, help="counted pairs of steps (one skyrl step, one own)")
     p.add_argument("--warmup", type=int, default=2, help="pairs of steps run first and not counted")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=TrainerConfig.learning_rate,
+                   help="the trainer's learning rate (the demo's default is tuned for the tiny model)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--trainer-device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "benchmark": "rl_step", "backend": args.backend, "model_shape": model_shape(args.model),
-            "trainer_device": args.trainer_device, "commit": measured_commit(ROOT),
+            "trainer_device": args.trainer_device, "learning_rate": args.lr, "commit": measured_commit(ROOT),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **result}, indent=1) + "\n")
     return 0
