@@ -79,6 +79,22 @@ def test_sglang_top_logprobs_and_chosen_come_from_meta_info():
     assert sglang_server._logprobs(meta, 1, 2, 0) == ([-2.0], None)
 
 
+@pytest.mark.parametrize("declared, model_type, served", [
+    ({"dtype": "float32"}, "qwen2", "float16"),        # SGLang's "auto": float32 is served in half precision
+    ({"torch_dtype": "float32"}, "gemma2", "bfloat16"),  # ... in bfloat16 for Gemma
+    ({}, "qwen2", "float16"),                          # nothing declared counts as float32
+    ({"dtype": "bfloat16"}, "qwen2", "bfloat16"),
+    ({"torch_dtype": "float16"}, "llama", "float16"),
+])
+def test_an_sglang_server_on_auto_is_described_by_sglangs_own_rule(tmp_path, declared, model_type, served):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **declared}))
+    assert sglang_server._served_dtype({"dtype": "auto"}, str(tmp_path)) == served
+    assert sglang_server._served_dtype({"dtype": "half"}, str(tmp_path)) == "float16"
+    assert sglang_server._served_dtype({"dtype": "float"}, str(tmp_path)) == "float32"
+
+
 def test_server_addresses_and_the_same_host_rule(monkeypatch):
     monkeypatch.delenv("SKYRL_SERVER_SAME_HOST", raising=False)
     assert server_url("10.0.0.2:8000") == "http://10.0.0.2:8000"

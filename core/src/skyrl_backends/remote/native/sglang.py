@@ -154,6 +154,9 @@ def _labels_tokens(args: Mapping[str, Any]) -> bool:
 
 
 def _served_dtype(args: Mapping[str, Any], model_path: str | None) -> str:
+    """The dtype the server serves: its ``--dtype``, or for ``"auto"`` SGLang's own rule, which keeps
+    the checkpoint's declared dtype except float32 (or none declared), served in float16, bfloat16 for
+    Gemma models. A server started by ``launch.server_command`` always has an explicit dtype."""
     dtype = str(args.get("dtype") or "auto")
     if dtype != "auto" or not model_path:
         return {"half": "float16", "float": "float32"}.get(dtype, dtype)
@@ -164,8 +167,11 @@ def _served_dtype(args: Mapping[str, Any], model_path: str | None) -> str:
         with open(os.path.join(model_path, "config.json")) as f:
             config = json.load(f)
     except OSError:
-        return "bfloat16"
-    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        return "bfloat16"  # the folder is on the server's machine: the usual dtype of a released checkpoint
+    declared = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    if declared == "float32":
+        return "bfloat16" if str(config.get("model_type", "")).startswith("gemma") else "float16"
+    return declared
 
 
 def version_number(label: Any) -> int:
