@@ -1,0 +1,47 @@
+"""The arithmetic of the RL-step benchmark (benchmarks/bench_step.py, issue 23's P8): which steps
+pair up, the ratios it prints, and the learning line that tells a collapsed policy from a learning
+one. The benchmark itself needs an engine with its own calls (vLLM or SGLang) and is run by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench_step():
+    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(side: str, step_s: float, warmup: bool = False, reward: float = 0.0, entropy: float = 6.0) -> dict:
+    return {"side": side, "warmup": warmup, "step_s": step_s, "update_s": step_s / 2, "reward_mean": reward,
+            "exact_rate": reward, "entropy": entropy}
+
+
+def test_warmup_steps_are_left_out_and_each_pair_holds_one_step_of_each_side(bench_step):
+    rows = [_row("skyrl", 9.0, warmup=True), _row("own", 9.0, warmup=True),
+            _row("skyrl", 1.0), _row("own", 2.0),      # pair order alternates...
+            _row("own", 4.0), _row("skyrl", 2.0)]      # ...so each side goes first half the time
+    pairs = bench_step.pairs_of(rows)
+    assert [(p["skyrl"]["step_s"], p["own"]["step_s"]) for p in pairs] == [(1.0, 2.0), (2.0, 4.0)]
+
+
+def test_the_table_gives_medians_and_the_median_of_paired_ratios(bench_step):
+    pairs = [{"skyrl": _row("skyrl", s), "own": _row("own", o)} for s, o in ((1.0, 2.0), (3.0, 2.0), (2.0, 4.0))]
+    step = next(line for line in bench_step.table(pairs) if line.startswith("step"))
+    # medians 2.0 / 2.0 = 1.000; pairs 0.5, 1.5, 0.5 -> median 0.5
+    assert step.split()[1:] == ["2000.0", "2000.0", "1.000", "0.500"]
+
+
+def test_the_learning_line_shows_a_collapse_as_entropy_near_zero(bench_step):
+    collapsed = [_row("skyrl", 1.0, reward=0.0 if i < 10 else 0.33, entropy=5.9 if i < 2 else 0.0) for i in range(20)]
+    line = bench_step.learning(collapsed)
+    assert "first 10 steps 0.000, last 10 steps 0.330" in line
+    assert line.endswith("policy entropy 1.18 -> 0.00 nats")  # (2 x 5.9) / 10 over the first window
