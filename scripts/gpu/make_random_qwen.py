@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from skyrl_backends.testing.tiny_model import VOCAB_SIZE, build_tokenizer
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from skyrl_backends.testing.tiny_model import build_tokenizer, model_vocab_size
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 QWEN25_1P5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                    intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
@@ -42,9 +42,8 @@ def make_model(out: Path, layers: int | None, device: str, seed: int = 0, shape:
         fields["num_hidden_layers"] = layers
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
-    if tokenizer_vocab:
-        # As the tiny model sizes its vocabulary: the tokenizer's, special tokens included.
-        fields["vocab_size"] = max(len(AutoTokenizer.from_pretrained(out)), VOCAB_SIZE)
+    if tokenizer_vocab:  # as the tiny model sizes its vocabulary
+        fields["vocab_size"] = model_vocab_size(out)
     config = Qwen2Config(**fields,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                          bos_token_id=1, eos_token_id=2)

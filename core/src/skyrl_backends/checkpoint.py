@@ -51,8 +51,9 @@ TIED_EMBEDDING = "model.embed_tokens.weight"
 TIED_HEAD = "lm_head.weight"
 
 
-def _folder_json(model_dir: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
-    """A JSON file of a model folder (``config.json``...), None when the folder has none."""
+def model_folder_json(model_dir: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
+    """A JSON file of a model folder (``config.json``...), None when the folder has none (or is not
+    on this machine)."""
     path = Path(model_dir) / name
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -64,7 +65,7 @@ def checkpoint_specs(model_dir: str | os.PathLike[str], served_dtype: str) -> li
     for path in safetensors_files(model_dir):
         for name, entry in read_header(path).items():
             specs[name] = TensorSpec(name, tuple(int(d) for d in entry["shape"]), served_dtype)
-    config = _folder_json(model_dir, "config.json")
+    config = model_folder_json(model_dir, "config.json")
     if config is not None and TIED_HEAD not in specs:
         embed = specs.get(TIED_EMBEDDING)
         if config.get("tie_word_embeddings") and embed is not None:
@@ -83,13 +84,18 @@ def served_dtype(dtype: str, model_dir: str | os.PathLike[str] | None) -> str:
     "auto" stays "auto" when the model is not a local folder (nothing here reads a hub)."""
     if dtype != "auto" or model_dir is None:
         return dtype
-    config = _folder_json(model_dir, "config.json")
+    config = model_folder_json(model_dir, "config.json")
     if config is None:
         return dtype
-    declared = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
-    if isinstance(declared, str):
-        declared = declared.removeprefix("torch.")
+    declared = declared_dtype(config)
     return declared if declared in SERVED_DTYPES else "float32"
+
+
+def declared_dtype(config: dict[str, Any]) -> str:
+    """The dtype a model's ``config.json`` declares (without a ``torch.`` prefix), float32 when it
+    declares none (as transformers loads it)."""
+    declared = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
+    return declared.removeprefix("torch.") if isinstance(declared, str) else "float32"
 
 
 def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]:
@@ -99,7 +105,7 @@ def declared_eos_token_ids(model_dir: str | os.PathLike[str] | None) -> set[int]
     if model_dir is None:
         return ids
     for name in ("config.json", "generation_config.json"):
-        declared = _folder_json(model_dir, name)
+        declared = model_folder_json(model_dir, name)
         if declared is None:
             continue
         value = declared.get("eos_token_id")

@@ -86,8 +86,7 @@ class OwnGenerator:
 
 async def own_step(trainer: RLTrainer, own: OwnCalls, step: int) -> dict[str, Any]:
     """``RLTrainer.train_step``'s step on the engine's own calls (module docstring)."""
-    metrics: dict[str, Any] = {"step": step}
-    started = time.perf_counter()
+    metrics: dict[str, Any] = {"step": step}  # step_s and rollout_s: timed_step
 
     async def timed(key: str, call: Any) -> Any:
         t0 = time.perf_counter()
@@ -111,7 +110,6 @@ async def own_step(trainer: RLTrainer, own: OwnCalls, step: int) -> dict[str, An
         await timed("wake_weights_s", own.wake_up(["weights"]))
     # A sleep at the trainer's level emptied the prefix cache; without one the load must flush it.
     await timed("weight_sync_s", own.sync(list(trainer.policy.named_parameters()), flush_cache=not trainer.colocate))
-    metrics["step_s"] = time.perf_counter() - started
     return metrics
 
 

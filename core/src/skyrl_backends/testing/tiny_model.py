@@ -97,6 +97,14 @@ def build_lora(model_dir: Path, seed: int) -> None:
     (model_dir / LORA_DIR / "README.md").unlink(missing_ok=True)  # a model card naming local paths
 
 
+def model_vocab_size(folder: Path) -> int:
+    """The vocabulary of a model for the tokenizer built into ``folder``: every id the tokenizer
+    can produce, special tokens included, and at least ``VOCAB_SIZE``."""
+    from transformers import AutoTokenizer
+
+    return max(len(AutoTokenizer.from_pretrained(folder)), VOCAB_SIZE)
+
+
 def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, with_lora: bool = True,
                      tied: bool = False) -> Path:
     """Build the tiny model into ``out_dir`` (created; reused when already complete)."""
@@ -108,10 +116,7 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, 
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # a deterministic BPE merge order
     build_tokenizer(out)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(out))
-    build_model(out, seed, max(vocab, VOCAB_SIZE), tied=tied)
+    build_model(out, seed, model_vocab_size(out), tied=tied)
     if with_lora and not tied:
         build_lora(out, seed)
     marker.write_text(f"{built}\n")

@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from skyrl_backends.capabilities import Capabilities
-from skyrl_backends.checkpoint import declared_eos_token_ids
+from skyrl_backends.checkpoint import declared_dtype, declared_eos_token_ids, model_folder_json
 from skyrl_backends.errors import (
     ConfigError,
     EngineStateError,
@@ -160,15 +160,10 @@ def _served_dtype(args: Mapping[str, Any], model_path: str | None) -> str:
     dtype = str(args.get("dtype") or "auto")
     if dtype != "auto" or not model_path:
         return {"half": "float16", "float": "float32"}.get(dtype, dtype)
-    import json
-    import os
-
-    try:
-        with open(os.path.join(model_path, "config.json")) as f:
-            config = json.load(f)
-    except OSError:
+    config = model_folder_json(model_path, "config.json")
+    if config is None:
         return "bfloat16"  # the folder is on the server's machine: the usual dtype of a released checkpoint
-    declared = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    declared = declared_dtype(config)
     if declared == "float32":
         return "bfloat16" if str(config.get("model_type", "")).startswith("gemma") else "float16"
     return declared
