@@ -214,6 +214,46 @@ def test_cuda_ipc_into_a_real_engine_matches_its_own_update_path(backend, model_
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_replayed_loads_serve_what_the_engines_own_load_serves(backend, model_dir):
+    """Colocated CUDA IPC updates through one sender: the engine's first load is recorded, the next
+    ones are replayed as one fused copy (skyrl_backends.weight_sync.replay). After each of them the
+    engine serves exactly what it serves once its own path has loaded the same weights."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed in this environment")
+    import skyrl_backends as sb
+    from transformers import AutoModelForCausalLM
+
+    async def scenario():
+        dtype = "bfloat16"  # SGLang 0.5.17's RMSNorm kernel has no float32
+        engine = sb.create_engine(backend, model=model_dir, dtype=dtype, gpu_memory_utilization=0.3)
+        try:
+            params = {"max_generate_length": 8, "temperature": 0.0, "ignore_eos": True}
+            prompts = [[5, 6, 7, 8], [100, 42, 17]]
+            state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+            sender = CudaIpcSender("cuda:0")
+            served = []
+            for step in range(3):
+                g = torch.Generator().manual_seed(10 + step)
+                weights = {n: (t + 0.5 * t.std().nan_to_num(0.1) * torch.randn(t.shape, generator=g)).to(
+                    "cuda", torch.bfloat16) for n, t in state.items()}
+                await sync_weights(engine, weights, "cuda_ipc", sender=sender, bucket_bytes=64 * 1024)
+                ours = (await engine.generate(prompts, params)).response_ids
+                await engine.update_weights_from_tensors(list(weights.items()))  # the engine's own load
+                assert (await engine.generate(prompts, params)).response_ids == ours, f"update {step}"
+                served.append(ours)
+            assert served[0] != served[1] != served[2]  # each update changed what is served
+            assert sender.generation == 1  # one generation of buffers: the same memory every time
+            if backend == "vllm":
+                [counts] = await engine.impl._worker_call("skyrl_replayed_loads")
+                assert counts == {"recorded": 1, "replayed": 2, "refused": None}
+            sender.close()
+        finally:
+            await engine.teardown()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("backend", ["vllm", "sglang"])
 def test_nccl_broadcast_into_a_real_engine_on_the_other_gpu(backend, model_dir):

@@ -163,6 +163,17 @@ def from_this_process(request: WeightUpdateRequest) -> bool:
     return bool(ipcs) and all(_is_own(i) for i in ipcs)
 
 
+def keeps_buffers(request: WeightUpdateRequest) -> bool:
+    """Whether every bucket of the CUDA IPC request lives in a buffer its sender keeps for a whole
+    generation: the received tensors are then the same memory at every update of that generation
+    (what :class:`skyrl_backends.weight_sync.replay.ReplayedLoad` needs)."""
+    if request.strategy != STRATEGY or not isinstance(request.payload, dict):
+        return False
+    buckets = [b for b in request.payload.get("buckets") or [] if not (isinstance(b, dict) and b.get("nbytes") == 0)]
+    return bool(buckets) and all(isinstance(b, dict) and isinstance(b.get("ipc"), dict)
+                                 and {"sender", "generation"} <= b["ipc"].keys() for b in buckets)
+
+
 def _is_own(ipc: Any) -> bool:
     """Whether the handle fields come from a sender in this very process."""
     return isinstance(ipc, dict) and ipc.get("pid") == os.getpid()

@@ -33,12 +33,10 @@ import atexit
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 from skyrl_backends.checkpoint import declared_eos_token_ids, module_specs
@@ -145,6 +143,10 @@ class SGLangEngine:
         if self.cpu:
             for key, value in CPU_DEFAULTS.items():
                 kwargs.setdefault(key, value)
+        else:  # colocated CUDA IPC updates are loaded by a replayed copy
+            from skyrl_backend_sglang import replayed_load
+
+            replayed_load.register(kwargs)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
@@ -575,7 +577,7 @@ class SGLangEngine:
                 named = await asyncio.to_thread(self._received_tensors, request)
             obj: Any = io_struct.UpdateWeightsFromTensorReqInput(
                 serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.tp_size)],
-                load_format=None, flush_cache=flush_now, **labelled)
+                load_format=self._load_format(request), flush_cache=flush_now, **labelled)
             call = self.tm.update_weights_from_tensor
         else:
             if self._weight_group is None:
@@ -589,6 +591,17 @@ class SGLangEngine:
             raise EngineStateError(f"SGLang failed to load the weights: {message}")
         if not flush_now:
             self._flush_when_idle = True
+
+    def _load_format(self, request: WeightUpdateRequest) -> str | None:
+        """The scheduler's loader for ``request``: the replayed load for buckets of a sender in this
+        process that it keeps (the scheduler opens the same memory every time), else SGLang's own."""
+        from skyrl_backends.weight_sync.cuda_ipc import from_this_process, keeps_buffers
+
+        from skyrl_backend_sglang import replayed_load
+
+        if not self.cpu and from_this_process(request) and keeps_buffers(request):
+            return replayed_load.LOADER
+        return None
 
     def _received_tensors(self, request: WeightUpdateRequest) -> list[tuple[str, Any]]:
         """The update's tensors, owned by this process: SGLang re-shares them with its scheduler

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from skyrl_backends.checkpoint import TIED_EMBEDDING, TIED_HEAD
+
+if TYPE_CHECKING:
+    from skyrl_backends.types import WeightUpdateRequest
+    from skyrl_backends.weight_sync.replay import ReplayedLoad
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class ServedModelLoader:
         self._reload = reload
         self._updated: dict[str, torch.Tensor] = {}  # CPU: every tensor updated so far
         self._checkpoint_names: list[str] | None = None
+        self._replayed: ReplayedLoad | None = None  # GPU: the load of colocated updates, recorded
 
     @property
     def on_cpu(self) -> bool:
@@ -66,6 +71,32 @@ class ServedModelLoader:
         """GPU: load without synchronising (the caller synchronises once after the last bucket)."""
         model = self._model()
         model.load_weights(weights=rename_for_lora(model, named))
+
+    def in_place_loader(self, request: WeightUpdateRequest) -> Callable[[NamedTensors], None]:
+        """GPU: what loads ``request``'s tensors in place. Tensors in buffers their sender keeps
+        (colocated CUDA IPC) are the same memory at every update, so the load is recorded once and
+        then replayed as one fused copy (:mod:`skyrl_backends.weight_sync.replay`)."""
+        from skyrl_backends.weight_sync.cuda_ipc import keeps_buffers
+
+        if not keeps_buffers(request):
+            return self.load_in_place
+        if self._replayed is None:
+            from skyrl_backends.weight_sync.replay import ReplayedLoad
+
+            self._replayed = ReplayedLoad(self._model_tensors)
+        replayed = self._replayed
+        return lambda named: replayed.load(named, self.load_in_place)
+
+    def replay_counts(self) -> dict[str, Any]:
+        replayed = self._replayed
+        if replayed is None:
+            return {"recorded": 0, "replayed": 0, "refused": None}
+        return {"recorded": replayed.recorded, "replayed": replayed.replayed, "refused": replayed.refused}
+
+    def _model_tensors(self) -> Iterator[torch.Tensor]:
+        model = self._model()
+        yield from model.parameters()
+        yield from model.buffers()
 
     def _reload_on_cpu(self, named: NamedTensors) -> None:
         previous = self._updated

@@ -74,6 +74,11 @@ class SkyRLWorkerExtension:
                       os.path.join(folder, WEIGHTS_FILE))
         return len(named)
 
+    def skyrl_replayed_loads(self) -> dict[str, Any]:
+        """How this worker's colocated CUDA IPC loads went (:mod:`skyrl_backends.weight_sync.replay`):
+        loads recorded, loads replayed, and why the last recorded one cannot be replayed (None)."""
+        return self._skyrl_loader().replay_counts()
+
     def skyrl_pid(self) -> int:
         return os.getpid()
 
@@ -127,10 +132,11 @@ class SkyRLWorkerExtension:
             loader.load(collected)
             return len(collected)
         loaded = 0
+        load = loader.in_place_loader(request)
 
         def load_in_place(named: NamedTensors) -> None:
             nonlocal loaded
-            loader.load_in_place(named)
+            load(named)
             loaded += len(named)
 
         load_named_tensors(request, device, load_in_place, communicator=communicator)

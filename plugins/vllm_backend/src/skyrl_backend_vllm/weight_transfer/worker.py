@@ -144,7 +144,7 @@ class SkyRLWeightTransferEngine(WeightTransferEngine[SkyRLInitInfo, SkyRLUpdateI
             if self._collected is None:  # no start_weight_update: apply now
                 self._loader.load(collected)
             return
-        load_named_tensors(request, self.device, self._loader.load_in_place, communicator=self._communicator)
+        load_named_tensors(request, self.device, self._loader.in_place_loader(request), communicator=self._communicator)
 
     def finish_weight_update(self) -> None:
         collected, self._collected = self._collected, None
