@@ -40,8 +40,9 @@ from skyrl_backends.weight_sync.chunks import (
     plan,
     unpack,
 )
+from skyrl_backends.weight_sync.delivery import check_finite
 from skyrl_backends.weight_sync.layout_memo import LayoutMemo
-from skyrl_backends.weight_sync.manifest import parse_buckets
+from skyrl_backends.weight_sync.manifest import BucketManifest, parse_buckets
 
 STRATEGY = "cuda_ipc"
 # Buffers of this process's live senders by their handle's text, for an engine that runs in the
@@ -172,6 +173,17 @@ def keeps_buffers(request: WeightUpdateRequest) -> bool:
     buckets = [b for b in request.payload.get("buckets") or [] if not (isinstance(b, dict) and b.get("nbytes") == 0)]
     return bool(buckets) and all(isinstance(b, dict) and isinstance(b.get("ipc"), dict)
                                  and {"sender", "generation"} <= b["ipc"].keys() for b in buckets)
+
+
+def own_buckets(request: WeightUpdateRequest, device: torch.device | str) -> list[tuple[BucketManifest, torch.Tensor]]:
+    """The buckets of a request from a sender in this process (:func:`from_this_process`), validated
+    as :func:`receive` validates them, with the sender's own buffers: for an engine that hands whole
+    buckets onwards instead of a view per tensor (values checked too when the request asks)."""
+    buckets = [(manifest, open_handle(raw["ipc"], manifest.nbytes, torch.device(device), f"payload.buckets[{b}]"))
+               for b, (manifest, raw) in enumerate(parse_buckets(request, extra_fields=("ipc",))) if manifest.nbytes]
+    if request.check_finite:
+        check_finite([pair for manifest, buffer in buckets for pair in unpack(manifest, buffer)])
+    return buckets
 
 
 def _is_own(ipc: Any) -> bool:

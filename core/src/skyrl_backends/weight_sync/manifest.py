@@ -94,6 +94,13 @@ class BucketManifest:
     def to_json(self) -> dict[str, Any]:
         return {"nbytes": self.nbytes, "tensors": [t.to_json() for t in self.tensors]}
 
+    @classmethod
+    def from_trusted_json(cls, obj: dict[str, Any]) -> BucketManifest:
+        """The manifest :meth:`to_json` wrote, read back unchecked: only for JSON this project wrote
+        itself after validating it (a request from outside goes through :func:`parse_buckets`)."""
+        return cls(obj["nbytes"], tuple(TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"])
+                                        for t in obj["tensors"]))
+
 
 def aligned(n: int, alignment: int = ALIGNMENT) -> int:
     return -(-n // alignment) * alignment

@@ -616,6 +616,12 @@ class SGLangEngine:
         if request.strategy == "cuda_ipc" and from_this_process(request):
             # The trainer's sender lives in this process: its buckets are ours to share onwards, one
             # CUDA allocation per bucket that the scheduler opens once and finds again next step.
+            if self._load_format(request) is not None:
+                from skyrl_backends.weight_sync.cuda_ipc import own_buckets
+
+                from skyrl_backend_sglang import replayed_load
+
+                return replayed_load.bucket_pairs(own_buckets(request, device))
             return list(receive_named_tensors(request, device=device))
         return [(name, tensor.to(device, copy=True))
                 for name, tensor in receive_named_tensors(request, device=device)]

@@ -6,23 +6,40 @@ CUDA IPC updates from a sender in the engine's own process whose buckets it keep
 generation (:func:`skyrl_backends.weight_sync.cuda_ipc.keeps_buffers`): the scheduler then opens the
 same buckets at every update, and the model's ``load_weights`` is recorded once and replayed
 (:mod:`skyrl_backends.weight_sync.replay`). A load that is not replayable runs as SGLang's own.
+
+The plugin hands SGLang whole buckets, not a view per tensor (:func:`bucket_pairs`): SGLang shares
+each tensor with its scheduler by a CUDA IPC handle and event of its own, so four 1 GiB buckets
+cross where 338 tensors of a 1.5B model would. Each pair's name carries its bucket's manifest
+(written by the plugin from a validated request), from which this loader cuts the views again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from skyrl_backends.weight_sync.chunks import unpack
+from skyrl_backends.weight_sync.manifest import BucketManifest
 from skyrl_backends.weight_sync.replay import ReplayedLoad
 
 logger = logging.getLogger(__name__)
 
 LOADER = f"{__name__}.load_weights"
 SERVER_ARG = "custom_weight_loader"
+BUCKET_PREFIX = "skyrl.bucket:"  # a pair's name that carries its bucket's manifest (JSON)
 _replayed: weakref.WeakKeyDictionary[torch.nn.Module, ReplayedLoad] = weakref.WeakKeyDictionary()
+# The views cut from the last update's buckets, by each pair's name and buffer address.
+_last_views: tuple[list[tuple[str, int]], list[tuple[str, torch.Tensor]]] | None = None
+
+
+def bucket_pairs(buckets: list[tuple[BucketManifest, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs that carry whole buckets to :func:`load_weights`."""
+    return [(BUCKET_PREFIX + json.dumps(manifest.to_json(), separators=(",", ":")), buffer)
+            for manifest, buffer in buckets]
 
 
 def load_weights(model: torch.nn.Module, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
@@ -30,10 +47,26 @@ def load_weights(model: torch.nn.Module, named_tensors: list[tuple[str, torch.Te
     if replayed is None:
         replayed = _replayed[model] = ReplayedLoad(lambda: _tensors_of(model))
     refused_before = replayed.refused
-    replayed.load(named_tensors, model.load_weights)
+    replayed.load(_views(named_tensors), model.load_weights)
     if replayed.refused is not None and replayed.refused != refused_before:
         logger.warning("skyrl: this model's weight load is not replayed (%s); each update runs it in full",
                        replayed.refused)
+
+
+def _views(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the buckets, as views (the same view objects while a bucket is the same)."""
+    global _last_views
+    key = [(name, buffer.data_ptr()) for name, buffer in named_tensors]
+    if _last_views is not None and _last_views[0] == key:
+        return _last_views[1]
+    views = []
+    for name, buffer in named_tensors:
+        if not name.startswith(BUCKET_PREFIX):
+            views.append((name, buffer))
+            continue
+        views.extend(unpack(BucketManifest.from_trusted_json(json.loads(name[len(BUCKET_PREFIX):])), buffer))
+    _last_views = (key, views)
+    return views
 
 
 def _tensors_of(model: torch.nn.Module) -> Iterator[torch.Tensor]:
