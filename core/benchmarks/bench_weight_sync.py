@@ -392,11 +392,25 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
                     times[label].append(time.perf_counter() - t0)
             for label, _, baseline, compare in paths:
                 rows.append({"strategy": label, "times": times[label], "baseline": baseline, "compare": compare})
-            return {"backend": backend, "version": engine_version(backend)}
+            return {"backend": backend, "version": engine_version(backend), "replayed_loads": await _replayed_loads(engine)}
         finally:
             for sender in senders:
                 sender.close()
             await engine.teardown()
+
+
+async def _replayed_loads(engine: Any) -> Any:
+    """The vLLM workers' counts of recorded and replayed loads (skyrl_backends.weight_sync.replay):
+    whether the syncs above replayed the engine's load. SGLang's scheduler logs it instead."""
+    worker_call = getattr(engine.impl, "_worker_call", None)
+    if worker_call is None:
+        return None
+    try:
+        counts = await worker_call("skyrl_replayed_loads")
+    except Exception as exc:  # a plugin without the call
+        return repr(exc)
+    print(f"# replayed loads, per worker: {counts}")
+    return counts
 
 
 def engine_version(backend: str) -> str | None:

@@ -28,12 +28,15 @@ check can see that; the engines' ``load_weights`` of unquantized models do not.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+logger = logging.getLogger(__name__)
 
 NamedTensors = Sequence[tuple[str, torch.Tensor]]
 _aten = torch.ops.aten
@@ -175,8 +178,12 @@ class ReplayedLoad:
         if self.refused is None and not recorder.copies:
             self.refused = "the load made no copies"
         if self.refused is not None:
+            logger.warning("skyrl: this weight load is not replayed (%s); every update of these %d tensors runs it "
+                           "in full", self.refused, len(named))
             self._refused_sources = sources
             return False
+        logger.info("skyrl: weight load of %d tensors recorded (%d copies, %d fills); replayed from the next update",
+                    len(named), len(recorder.copies), len(recorder.fills))
         self._refused_sources = None
         destinations, origins = (list(side) for side in zip(*recorder.copies, strict=True))
         self._recording = _Recording(sources, owners, destinations, origins, recorder.fills)

@@ -22,16 +22,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from skyrl_backends.weight_sync import replay
 from skyrl_backends.weight_sync.chunks import unpack
 from skyrl_backends.weight_sync.manifest import BucketManifest
-from skyrl_backends.weight_sync.replay import ReplayedLoad
-
-logger = logging.getLogger(__name__)
 
 LOADER = f"{__name__}.load_weights"
 SERVER_ARG = "custom_weight_loader"
 BUCKET_PREFIX = "skyrl.bucket:"  # a pair's name that carries its bucket's manifest (JSON)
-_replayed: weakref.WeakKeyDictionary[torch.nn.Module, ReplayedLoad] = weakref.WeakKeyDictionary()
+_replayed: weakref.WeakKeyDictionary[torch.nn.Module, replay.ReplayedLoad] = weakref.WeakKeyDictionary()
 # The views cut from the last update's buckets, by each pair's name and buffer address.
 _last_views: tuple[list[tuple[str, int]], list[tuple[str, torch.Tensor]]] | None = None
 
@@ -45,12 +43,10 @@ def bucket_pairs(buckets: list[tuple[BucketManifest, torch.Tensor]]) -> list[tup
 def load_weights(model: torch.nn.Module, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
     replayed = _replayed.get(model)
     if replayed is None:
-        replayed = _replayed[model] = ReplayedLoad(lambda: _tensors_of(model))
-    refused_before = replayed.refused
+        # Whether the load is replayed, or why not, is said even where SGLang logs only errors.
+        logging.getLogger(replay.__name__).setLevel(logging.INFO)
+        replayed = _replayed[model] = replay.ReplayedLoad(lambda: _tensors_of(model))
     replayed.load(_views(named_tensors), model.load_weights)
-    if replayed.refused is not None and replayed.refused != refused_before:
-        logger.warning("skyrl: this model's weight load is not replayed (%s); each update runs it in full",
-                       replayed.refused)
 
 
 def _views(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
