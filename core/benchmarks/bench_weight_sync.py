@@ -392,7 +392,8 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
                     times[label].append(time.perf_counter() - t0)
             for label, _, baseline, compare in paths:
                 rows.append({"strategy": label, "times": times[label], "baseline": baseline, "compare": compare})
-            return {"backend": backend, "version": engine_version(backend), "replayed_loads": await _replayed_loads(engine)}
+            return {"backend": backend, "version": engine_version(backend),
+                    "replayed_loads": await _replayed_loads(engine)}
         finally:
             for sender in senders:
                 sender.close()
