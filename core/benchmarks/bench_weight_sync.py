@@ -379,6 +379,9 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
 
                 paths.append((f"{backend}: skyrl {strategy}", ours, own_label, None))
             paths.append((own_label, await _own_path(backend, engine, weights), None, None))
+            if backend == "sglang":
+                paths.append((f"{backend}: update_weights_from_tensor of no tensors (its floor)",
+                              _sglang_request_floor(engine), None, None))
             for _, fn, _, _ in paths:
                 for _ in range(warmup):
                     await fn()
@@ -398,6 +401,23 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
             for sender in senders:
                 sender.close()
             await engine.teardown()
+
+
+def _sglang_request_floor(engine: Any):
+    """SGLang's own update request carrying no tensors: what any update through it costs at least
+    (the request's way to the scheduler and back, the cache flush), whatever the load."""
+    from sglang.srt.managers import io_struct
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    impl = engine.impl
+
+    async def run() -> None:
+        obj = io_struct.UpdateWeightsFromTensorReqInput(
+            serialized_named_tensors=[MultiprocessingSerializer.serialize([]) for _ in range(impl.tp_size)],
+            load_format=None, flush_cache=True)
+        success, message = await impl._on_loop(impl._update_in_session(impl.tm.update_weights_from_tensor, obj))
+        assert success, message
+    return run
 
 
 async def _replayed_loads(engine: Any) -> Any:
