@@ -95,3 +95,13 @@ def test_a_size_other_than_the_opened_buckets_is_refused_and_other_senders_are_l
     shares.get("b" * 16, 5, "h0", 64, "where", opener)
     shares.keep_only({"b" * 16})
     assert shares.generation("a" * 16) is None and shares.generation("b" * 16) == 5
+
+
+def test_only_buckets_kept_for_a_generation_are_replayable():
+    """keeps_buffers: a request's buffers are the same memory at every update only if every bucket's
+    handle names its sender and generation (what the engines' replayed load needs)."""
+    assert not cuda_ipc.keeps_buffers(_request())  # an unnamed handle: a buffer of one update
+    assert cuda_ipc.keeps_buffers(_request(sender="ab" * 8, generation=3))
+    assert not cuda_ipc.keeps_buffers(_request(sender="ab" * 8))
+    shared = WeightUpdateRequest(["w"], ["float32"], [(128,)], "shared_memory", {"buckets": []})
+    assert not cuda_ipc.keeps_buffers(shared)
