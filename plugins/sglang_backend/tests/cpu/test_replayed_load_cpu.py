@@ -33,9 +33,8 @@ def test_sglangs_own_loader_is_recorded_once_then_replayed_exactly(model_dir, ca
     import skyrl_backends as sb
     import torch
     from safetensors.torch import load_file
-    from skyrl_backends.weight_sync.chunks import iter_weight_chunks, pack_into
-
     from skyrl_backend_sglang import replayed_load
+    from skyrl_backends.weight_sync.chunks import iter_weight_chunks, pack_into
 
     engine = sb.create_engine("sglang", model=model_dir, **ENGINE_OPTIONS,
                               engine_init_kwargs={"custom_weight_loader": [replayed_load.LOADER]})
