@@ -223,3 +223,12 @@ def test_forget_lets_go_of_the_received_memory() -> None:
     assert replayed.load(send.named, model.load_weights) is False
     assert replayed.recorded == 2
     assert_loaded(model, send.named)
+
+
+def test_replaying_is_on_unless_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from skyrl_backends.weight_sync import replay
+
+    monkeypatch.delenv(replay.ENV, raising=False)
+    assert replay.enabled()
+    monkeypatch.setenv(replay.ENV, "0")
+    assert not replay.enabled()

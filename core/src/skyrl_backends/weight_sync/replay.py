@@ -22,13 +22,16 @@ running the load. A load is replayed only if everything it changed it changed by
 * no two writes touch the same bytes (their order would matter).
 
 Otherwise it says why (:attr:`ReplayedLoad.refused`) and the engine's own load runs every time, as
-before. A load whose code branches on the values it loads is not replayable in this sense, and no
-check can see that; the engines' ``load_weights`` of unquantized models do not.
+before. Two things no check here can see: a load whose code branches on the values it loads, and one
+that writes parameters outside torch's operators (a kernel launched on raw pointers). The engines'
+``load_weights`` of unquantized models do neither; for any other, ``SKYRL_REPLAY_LOADS=0`` in the
+engine's environment turns replaying off (:func:`enabled`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 logger = logging.getLogger(__name__)
+ENV = "SKYRL_REPLAY_LOADS"
 
 NamedTensors = Sequence[tuple[str, torch.Tensor]]
 _aten = torch.ops.aten
@@ -44,6 +48,11 @@ _FILLS = (_aten.fill_.Scalar, _aten.zero_.default)
 # What a received tensor must still be for a recorded load to stand for its load: its name, where
 # its memory is, and how it is viewed.
 _SourceKey = tuple[tuple[str, int, torch.dtype, tuple[int, ...], tuple[int, ...]], ...]
+
+
+def enabled() -> bool:
+    """Whether engines replay their loads (``SKYRL_REPLAY_LOADS``, on unless set to ``0``)."""
+    return os.environ.get(ENV, "1") != "0"
 
 
 def _storage_ptr(tensor: torch.Tensor) -> int:

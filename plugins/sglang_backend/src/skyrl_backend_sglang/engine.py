@@ -595,11 +595,12 @@ class SGLangEngine:
     def _load_format(self, request: WeightUpdateRequest) -> str | None:
         """The scheduler's loader for ``request``: the replayed load for buckets of a sender in this
         process that it keeps (the scheduler opens the same memory every time), else SGLang's own."""
+        from skyrl_backends.weight_sync import replay
         from skyrl_backends.weight_sync.cuda_ipc import from_this_process, keeps_buffers
 
         from skyrl_backend_sglang import replayed_load
 
-        if not self.cpu and from_this_process(request) and keeps_buffers(request):
+        if not self.cpu and replay.enabled() and from_this_process(request) and keeps_buffers(request):
             return replayed_load.LOADER
         return None
 

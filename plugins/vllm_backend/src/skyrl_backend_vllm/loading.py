@@ -76,14 +76,13 @@ class ServedModelLoader:
         """GPU: what loads ``request``'s tensors in place. Tensors in buffers their sender keeps
         (colocated CUDA IPC) are the same memory at every update, so the load is recorded once and
         then replayed as one fused copy (:mod:`skyrl_backends.weight_sync.replay`)."""
+        from skyrl_backends.weight_sync import replay
         from skyrl_backends.weight_sync.cuda_ipc import keeps_buffers
 
-        if not keeps_buffers(request):
+        if not keeps_buffers(request) or not replay.enabled():
             return self.load_in_place
         if self._replayed is None:
-            from skyrl_backends.weight_sync.replay import ReplayedLoad
-
-            self._replayed = ReplayedLoad(self._model_tensors)
+            self._replayed = replay.ReplayedLoad(self._model_tensors)
         replayed = self._replayed
         return lambda named: replayed.load(named, self.load_in_place)
 
