@@ -123,6 +123,28 @@ def test_a_parameter_given_new_storage_is_recorded_again() -> None:
     assert_loaded(model, send.named)  # the new storage got the values, not the old one
 
 
+def test_a_buffer_the_load_does_not_write_may_change_between_loads() -> None:
+    model, send = FusedModel(), SendBuffer()
+    replayed = ReplayedLoad(model.owners)
+    send.fill(0)
+    replayed.load(send.named, model.load_weights)
+    model.steps = torch.ones(1)  # e.g. a cache an engine rebuilds during a forward pass
+    send.fill(1)
+    assert replayed.load(send.named, model.load_weights) is True
+    assert_loaded(model, send.named)
+
+
+def test_a_parameter_replaced_by_a_new_one_is_recorded_again() -> None:
+    model, send = FusedModel(), SendBuffer()
+    replayed = ReplayedLoad(model.owners)
+    send.fill(0)
+    replayed.load(send.named, model.load_weights)
+    model.norm = torch.nn.Parameter(torch.zeros(HIDDEN))  # a new object, not new storage for the old one
+    send.fill(1)
+    assert replayed.load(send.named, model.load_weights) is False
+    assert_loaded(model, send.named)
+
+
 class Converting(FusedModel):
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
         super().load_weights([(n, t.to(torch.float64).to(torch.float32)) for n, t in named])

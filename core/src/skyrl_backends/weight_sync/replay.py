@@ -79,7 +79,7 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 @dataclass
 class _Recording:
     sources: _SourceKey
-    owners: tuple[int, ...]  # the storages of the parameters and buffers, as recorded
+    written: frozenset[int]  # the storages the copies and fills write into, all owned when recorded
     destinations: list[torch.Tensor]
     origins: list[torch.Tensor]
     fills: list[tuple[torch.Tensor, float | int | bool]]
@@ -153,8 +153,9 @@ class _CopyRecorder(TorchDispatchMode):
 class ReplayedLoad:
     """One engine's load, replayed while the received tensors and the parameters stay put.
 
-    ``owners`` returns the model's parameters and buffers (called at every load: a parameter that
-    got new storage since the recording makes the load run, and be recorded, again)."""
+    ``owners`` returns the model's parameters and buffers (called at every load: a parameter the
+    recording writes into that got new storage since makes the load run, and be recorded, again;
+    a buffer the load does not write may change as it likes)."""
 
     def __init__(self, owners: Callable[[], Iterable[torch.Tensor]]) -> None:
         self._owners = owners
@@ -169,9 +170,11 @@ class ReplayedLoad:
         run ``load(named)`` (recording it). Returns whether it replayed. The tensors of ``named`` must
         live in memory that stays valid as long as they keep their addresses (the caller's promise)."""
         sources = _source_key(named)
-        owners = tuple(_storage_ptr(t) for t in self._owners())
+        owners = {_storage_ptr(t) for t in self._owners()}
         recording = self._recording
-        if recording is not None and recording.sources == sources and recording.owners == owners:
+        # Every storage the recording writes into must still be a parameter's or buffer's: one the
+        # engine replaced since is kept alive by the recording alone, and writing it would be lost.
+        if recording is not None and recording.sources == sources and recording.written <= owners:
             recording.replay()
             self.replayed += 1
             return True
@@ -195,7 +198,8 @@ class ReplayedLoad:
                     len(named), len(recorder.copies), len(recorder.fills))
         self._refused_sources = None
         destinations, origins = (list(side) for side in zip(*recorder.copies, strict=True))
-        self._recording = _Recording(sources, owners, destinations, origins, recorder.fills)
+        written = frozenset(_storage_ptr(d) for d, _ in [*recorder.copies, *recorder.fills])
+        self._recording = _Recording(sources, written, destinations, origins, recorder.fills)
         return False
 
     def forget(self) -> None:
