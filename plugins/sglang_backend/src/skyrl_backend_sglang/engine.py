@@ -138,14 +138,17 @@ class SGLangEngine:
         from sglang.srt.server_args import ServerArgs
 
         # ServerArgs is a dataclass in 0.5.17 and a msgspec Struct in 0.5.23; both have a signature.
-        check_server_arg_names(set(config.engine_init_kwargs), set(inspect.signature(ServerArgs).parameters))
+        server_arg_names = set(inspect.signature(ServerArgs).parameters)
+        check_server_arg_names(set(config.engine_init_kwargs), server_arg_names)
         kwargs = engine_kwargs(config)
         if self.cpu:
             for key, value in CPU_DEFAULTS.items():
                 kwargs.setdefault(key, value)
-        else:  # colocated CUDA IPC updates are loaded by a replayed copy
-            from skyrl_backend_sglang import replayed_load
+        from skyrl_backend_sglang import replayed_load
 
+        # Colocated CUDA IPC updates are loaded by a replayed copy, where SGLang takes custom loaders.
+        self._replays_loads = not self.cpu and replayed_load.SERVER_ARG in server_arg_names
+        if self._replays_loads:
             replayed_load.register(kwargs)
         from transformers import AutoTokenizer
 
@@ -600,7 +603,7 @@ class SGLangEngine:
 
         from skyrl_backend_sglang import replayed_load
 
-        if not self.cpu and replay.enabled() and from_this_process(request) and keeps_buffers(request):
+        if self._replays_loads and replay.enabled() and from_this_process(request) and keeps_buffers(request):
             return replayed_load.LOADER
         return None
 
