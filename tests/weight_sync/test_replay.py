@@ -112,37 +112,32 @@ def test_a_partial_update_is_its_own_recording() -> None:
         torch.testing.assert_close(param.detach(), dict(expected.named_parameters())[name].detach(), msg=name)
 
 
-def test_a_parameter_given_new_storage_is_recorded_again() -> None:
-    model, send = FusedModel(), SendBuffer()
-    replayed = ReplayedLoad(model.owners)
-    send.fill(0)
-    replayed.load(send.named, model.load_weights)
-    model.o_proj.data = torch.zeros(HIDDEN, HIDDEN)  # an engine that reallocated a parameter
-    send.fill(1)
-    assert replayed.load(send.named, model.load_weights) is False
-    assert_loaded(model, send.named)  # the new storage got the values, not the old one
+def reallocate_a_parameter(model: FusedModel) -> None:
+    model.o_proj.data = torch.zeros(HIDDEN, HIDDEN)  # an engine that gave a parameter new storage
 
 
-def test_a_buffer_the_load_does_not_write_may_change_between_loads() -> None:
-    model, send = FusedModel(), SendBuffer()
-    replayed = ReplayedLoad(model.owners)
-    send.fill(0)
-    replayed.load(send.named, model.load_weights)
+def rebuild_a_buffer(model: FusedModel) -> None:
     model.steps = torch.ones(1)  # e.g. a cache an engine rebuilds during a forward pass
-    send.fill(1)
-    assert replayed.load(send.named, model.load_weights) is True
-    assert_loaded(model, send.named)
 
 
-def test_a_parameter_replaced_by_a_new_one_is_recorded_again() -> None:
+def replace_a_parameter(model: FusedModel) -> None:
+    model.norm = torch.nn.Parameter(torch.zeros(HIDDEN))  # a new object, not new storage for the old one
+
+
+@pytest.mark.parametrize(("change", "replays"), [
+    (reallocate_a_parameter, False),  # the recording would write the old storage
+    (rebuild_a_buffer, True),  # the load does not write it
+    (replace_a_parameter, False),
+])
+def test_what_the_engine_changed_since_the_recording_decides_whether_it_is_replayed(change, replays) -> None:
     model, send = FusedModel(), SendBuffer()
     replayed = ReplayedLoad(model.owners)
     send.fill(0)
     replayed.load(send.named, model.load_weights)
-    model.norm = torch.nn.Parameter(torch.zeros(HIDDEN))  # a new object, not new storage for the old one
+    change(model)
     send.fill(1)
-    assert replayed.load(send.named, model.load_weights) is False
-    assert_loaded(model, send.named)
+    assert replayed.load(send.named, model.load_weights) is replays
+    assert_loaded(model, send.named)  # the model's tensors now got the values, not the ones recorded
 
 
 class Converting(FusedModel):

@@ -25,7 +25,7 @@ def _replay_the_served_architecture(worker, checkpoint_path: str) -> dict:
     import torch
     from safetensors.torch import load_file
     from skyrl_backends.weight_sync.chunks import iter_weight_chunks, pack_into, unpack
-    from skyrl_backends.weight_sync.replay import ReplayedLoad
+    from skyrl_backends.weight_sync.replay import ReplayedLoad, parameters_and_buffers
     from vllm.model_executor.model_loader.utils import initialize_model
 
     # A prefix of its own: the served model's attention layers are registered under theirs.
@@ -33,7 +33,7 @@ def _replay_the_served_architecture(worker, checkpoint_path: str) -> dict:
     checkpoint = load_file(checkpoint_path)
     chunks = list(iter_weight_chunks(checkpoint, bucket_bytes=1 << 16))  # several buckets
     named = [pair for chunk in chunks for pair in unpack(chunk.manifest, chunk.buffer)]
-    replayed = ReplayedLoad(lambda: [*model.parameters(), *model.buffers()])
+    replayed = ReplayedLoad(lambda: parameters_and_buffers(model))
     steps = []
     for step in range(3):
         generator = torch.Generator().manual_seed(step)

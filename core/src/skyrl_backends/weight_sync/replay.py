@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,12 @@ _SourceKey = tuple[tuple[str, int, torch.dtype, tuple[int, ...], tuple[int, ...]
 def enabled() -> bool:
     """Whether engines replay their loads (``SKYRL_REPLAY_LOADS``, on unless set to ``0``)."""
     return os.environ.get(ENV, "1") != "0"
+
+
+def parameters_and_buffers(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """What a model's load may write: the ``owners`` of a :class:`ReplayedLoad` of ``model``."""
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 def _storage_ptr(tensor: torch.Tensor) -> int:

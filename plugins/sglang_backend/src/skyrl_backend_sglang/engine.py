@@ -573,14 +573,15 @@ class SGLangEngine:
         if request.strategy != "broadcast":
             from sglang.srt.utils import MultiprocessingSerializer
 
+            load_format = self._load_format(request)
             if request.strategy == "cuda_ipc":
                 # Opening handles and queueing device copies takes milliseconds: done inline.
-                named = self._received_tensors(request)
+                named = self._received_tensors(request, whole_buckets=load_format is not None)
             else:
                 named = await asyncio.to_thread(self._received_tensors, request)
             obj: Any = io_struct.UpdateWeightsFromTensorReqInput(
                 serialized_named_tensors=[MultiprocessingSerializer.serialize(named) for _ in range(self.tp_size)],
-                load_format=self._load_format(request), flush_cache=flush_now, **labelled)
+                load_format=load_format, flush_cache=flush_now, **labelled)
             call = self.tm.update_weights_from_tensor
         else:
             if self._weight_group is None:
@@ -607,10 +608,11 @@ class SGLangEngine:
             return replayed_load.LOADER
         return None
 
-    def _received_tensors(self, request: WeightUpdateRequest) -> list[tuple[str, Any]]:
+    def _received_tensors(self, request: WeightUpdateRequest, whole_buckets: bool = False) -> list[tuple[str, Any]]:
         """The update's tensors, owned by this process: SGLang re-shares them with its scheduler
         (CUDA IPC or shared memory), which cannot re-export memory this process only maps (a shared
-        memory buffer or another process's CUDA IPC handle), so received tensors are copied once."""
+        memory buffer or another process's CUDA IPC handle), so received tensors are copied once.
+        ``whole_buckets``: a sender's own buckets as ``replayed_load`` pairs, for its loader only."""
         if request.strategy == "tensors":
             return list(zip(request.names, request.payload))
         from skyrl_backends.weight_sync import receive_named_tensors
@@ -620,7 +622,7 @@ class SGLangEngine:
         if request.strategy == "cuda_ipc" and from_this_process(request):
             # The trainer's sender lives in this process: its buckets are ours to share onwards, one
             # CUDA allocation per bucket that the scheduler opens once and finds again next step.
-            if self._load_format(request) is not None:
+            if whole_buckets:
                 from skyrl_backends.weight_sync.cuda_ipc import own_buckets
 
                 from skyrl_backend_sglang import replayed_load

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ def load_weights(model: torch.nn.Module, named_tensors: list[tuple[str, torch.Te
     if replayed is None:
         # Whether the load is replayed, or why not, is said even where SGLang logs only errors.
         logging.getLogger(replay.__name__).setLevel(logging.INFO)
-        replayed = _replayed[model] = replay.ReplayedLoad(lambda: _tensors_of(model))
+        replayed = _replayed[model] = replay.ReplayedLoad(lambda: replay.parameters_and_buffers(model))
     replayed.load(_views(named_tensors), model.load_weights)
 
 
@@ -63,11 +62,6 @@ def _views(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tor
         views.extend(unpack(BucketManifest.from_trusted_json(json.loads(name[len(BUCKET_PREFIX):])), buffer))
     _last_views = (key, views)
     return views
-
-
-def _tensors_of(model: torch.nn.Module) -> Iterator[torch.Tensor]:
-    yield from model.parameters()
-    yield from model.buffers()
 
 
 def register(kwargs: dict[str, Any]) -> None:

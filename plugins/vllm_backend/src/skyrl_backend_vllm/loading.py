@@ -82,7 +82,7 @@ class ServedModelLoader:
         if not keeps_buffers(request) or not replay.enabled():
             return self.load_in_place
         if self._replayed is None:
-            self._replayed = replay.ReplayedLoad(self._model_tensors)
+            self._replayed = replay.ReplayedLoad(lambda: replay.parameters_and_buffers(self._model()))
         replayed = self._replayed
         return lambda named: replayed.load(named, self.load_in_place)
 
@@ -91,11 +91,6 @@ class ServedModelLoader:
         if replayed is None:
             return {"recorded": 0, "replayed": 0, "refused": None}
         return {"recorded": replayed.recorded, "replayed": replayed.replayed, "refused": replayed.refused}
-
-    def _model_tensors(self) -> Iterator[torch.Tensor]:
-        model = self._model()
-        yield from model.parameters()
-        yield from model.buffers()
 
     def _reload_on_cpu(self, named: NamedTensors) -> None:
         previous = self._updated
