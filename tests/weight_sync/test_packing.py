@@ -168,3 +168,23 @@ def test_tied_weights_of_a_module_are_sent_once_under_the_first_name():
     assert names == ["embed.weight"]
     # a plain state dict is sent as given: the caller chose those names
     assert [n for n, _ in named_tensors(Tied().state_dict())] == ["embed.weight", "head.weight"]
+
+
+def test_a_shared_submodule_and_a_shared_buffer_are_sent_once_under_their_first_names():
+    import torch
+    from skyrl_backends.weight_sync.chunks import named_tensors
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = torch.nn.Linear(3, 3)
+            self.first = block
+            self.second = block  # the same module under two names: its parameters are aliases
+            scale = torch.ones(3)
+            self.register_buffer("scale", scale)
+            self.inner = torch.nn.Module()
+            self.inner.register_buffer("scale", scale)  # the same buffer again
+            self.inner.register_buffer("own", torch.zeros(2))
+            self.inner.register_buffer("scratch", torch.zeros(2), persistent=False)  # not in the state dict
+
+    assert [name for name, _ in named_tensors(Shared())] == ["scale", "first.weight", "first.bias", "inner.own"]

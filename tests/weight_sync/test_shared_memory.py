@@ -54,6 +54,42 @@ def test_segments_are_reused_for_the_same_layout_and_unlinked_on_close():
     assert "does not exist" in info.value.problems["payload.buckets[0].segment"]
 
 
+def test_a_repeated_layout_reuses_the_views_but_every_segment_is_checked_again():
+    from multiprocessing import shared_memory
+
+    weights = _weights()
+    with SharedMemorySender() as sender:
+        request = _send(sender, weights)
+        first = list(receive_named_tensors(request, device="cpu"))
+        again = list(receive_named_tensors(_send(sender, weights), device="cpu"))
+        assert all(a[1] is b[1] for a, b in zip(first, again, strict=True))  # the views made last time
+
+        # The segment replaced under the same name (another inode): its new bytes are read, not the
+        # old mapping's.
+        name = request.payload["buckets"][0]["segment"]
+        nbytes = request.payload["buckets"][0]["nbytes"]
+        shared_memory.SharedMemory(name=name).unlink()
+        replacement = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        try:
+            replacement.buf[:nbytes] = bytes(range(256)) * (nbytes // 256) + bytes(nbytes % 256)
+            got = dict(receive_named_tensors(request, device="cpu"))
+            entry = request.payload["buckets"][0]["tensors"][0]
+            expected = torch.frombuffer(bytearray(replacement.buf[entry["offset"]:nbytes]), dtype=torch.uint8)
+            assert torch.equal(got[entry["name"]].reshape(-1).view(torch.uint8),
+                               expected[:got[entry["name"]].numel() * got[entry["name"]].element_size()])
+
+            # ... and one cut short is refused, though the layout is the one remembered.
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+            os.ftruncate(fd, 1)
+            os.close(fd)
+            with pytest.raises(WeightUpdateError) as info:
+                receive_named_tensors(request, device="cpu")
+            assert "truncated" in info.value.problems["payload.buckets[0].segment"]
+        finally:
+            replacement.close()
+            replacement.unlink()
+
+
 def test_truncated_segment_is_refused_before_anything_is_yielded():
     with SharedMemorySender() as sender:
         request = _send(sender, _weights())

@@ -393,7 +393,7 @@ class WeightUpdateRequest:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        self.shapes = [tuple(int(d) for d in s) for s in self.shapes]
+        self.shapes = [tuple(map(int, s)) for s in self.shapes]
         if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
             raise ConfigError(
                 "names/dtypes/shapes",

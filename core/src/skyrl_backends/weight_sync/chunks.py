@@ -62,11 +62,23 @@ def _without_tied_aliases(module: torch.nn.Module,
     Aliases are read from the module's structure (a parameter or buffer registered under several
     names keeps its first), not from storage addresses: the parameters of a model sharded across
     ranks (FSDP2) are shards whose addresses differ from rank to rank, and every rank must drop the
-    same names."""
-    first = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
-    every = ({name for name, _ in module.named_parameters(remove_duplicate=False)}
-             | {name for name, _ in module.named_buffers(remove_duplicate=False)})
-    return [(name, tensor) for name, tensor in state.items() if name in first or name not in every]
+    same names. One walk over each kind (a sync of a 300-tensor model walks it at every step)."""
+    aliases = (_later_names(module.named_parameters(remove_duplicate=False))
+               | _later_names(module.named_buffers(remove_duplicate=False)))
+    return [(name, tensor) for name, tensor in state.items() if name not in aliases]
+
+
+def _later_names(named: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """The names under which a tensor is met again after its first name, in the module's order (the
+    order ``remove_duplicate=True`` keeps the first of)."""
+    seen: set[int] = set()
+    later: set[str] = set()
+    for name, tensor in named:  # the tensors stay alive during the walk, so ids are unique
+        if id(tensor) in seen:
+            later.add(name)
+        else:
+            seen.add(id(tensor))
+    return later
 
 
 def resolve_dtype_for(dtype_for: DtypeFor) -> Callable[[str, torch.Tensor], torch.dtype]:

@@ -33,6 +33,7 @@ from skyrl_backends.weight_sync.chunks import (
     plan,
     unpack,
 )
+from skyrl_backends.weight_sync.layout_memo import LayoutMemo
 from skyrl_backends.weight_sync.manifest import BucketManifest, parse_buckets
 
 STRATEGY = "shared_memory"
@@ -89,8 +90,7 @@ class SharedMemorySender:
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
         buffers = self.allocate(layout)  # first: new segments come with a new packer
-        self._packer.pack(buffers, layout)
-        return self.payload(layout)
+        return self._payload(self._packer.pack(buffers, layout))
 
     @property
     def copied(self) -> int:
@@ -123,8 +123,12 @@ class SharedMemorySender:
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
         """The request payload describing ``layout`` in the allocated segments."""
-        return {"buckets": [{"segment": segment.name, **manifest.to_json()}
-                            for segment, manifest in zip(self._segments, layout.buckets, strict=True)]}
+        return self._payload(self._packer.prepare(self.allocate(layout), layout))
+
+    def _payload(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+        # The manifests' JSON is the packer's, kept while the layout and the segments stay.
+        return {"buckets": [{"segment": segment.name, **manifest}
+                            for segment, manifest in zip(self._segments, manifests, strict=True)]}
 
     def close(self) -> None:
         self._packer = Packer()  # its views into the segments would keep them mapped
@@ -209,14 +213,28 @@ def forget_mappings_except(names: set[str]) -> None:
         del _mapped[name]
 
 
+# The last update's layout and views: a trainer reuses its segments from step to step, and a request
+# with the same layout into the same mappings gets the views made last time (each segment is still
+# opened by name and checked against its inode and size at every update).
+_memo = LayoutMemo()
+
+
 def receive(request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
     """Map and validate every bucket first, then return an iterator of views into the segments.
 
     The views are valid while the engine applies the update (the sender keeps the segments until it
     is acknowledged); an engine must copy them into its parameters, never keep them."""
+    if _memo.matches(request):
+        buckets = request.payload["buckets"]
+        buffers = [_map(raw["segment"], raw["nbytes"], f"payload.buckets[{b}]") for b, raw in enumerate(buckets)]
+        pairs = _memo.views(buffers)
+        if pairs is not None:
+            return iter(pairs)
     staged: list[tuple[BucketManifest, torch.Tensor]] = []
-    buckets = parse_buckets(request, extra_fields=("segment",))
-    for b, (manifest, raw) in enumerate(buckets):
+    parsed = parse_buckets(request, extra_fields=("segment",))
+    for b, (manifest, raw) in enumerate(parsed):
         staged.append((manifest, _map(raw["segment"], manifest.nbytes, f"payload.buckets[{b}]")))
-    forget_mappings_except({raw["segment"] for _, raw in buckets})  # segments of older layouts
-    return (pair for manifest, buffer in staged for pair in unpack(manifest, buffer))
+    forget_mappings_except({raw["segment"] for _, raw in parsed})  # segments of older layouts
+    pairs = [pair for manifest, buffer in staged for pair in unpack(manifest, buffer)]
+    _memo.remember(request, [buffer for _, buffer in staged], pairs)
+    return iter(pairs)
