@@ -120,19 +120,26 @@ async def test_update_during_native_pause_applies_to_the_resumed_requests(engine
 
 
 async def test_an_update_pauses_vllm_only_while_requests_run(engine, checkpoint, monkeypatch):
-    # vLLM's pause_generation sleeps 20 ms whatever is running; an update with nothing in flight
-    # needs no pause (new requests wait for it), one under running requests does (their steps and
-    # the new weights' label must not interleave).
+    # An update with nothing in flight needs no pause (new requests wait for it); one under running
+    # requests does (their steps and the new weights' label must not interleave), and it pauses
+    # vLLM's scheduler in mode keep without AsyncLLM.pause_generation's fixed 20 ms sleep.
     import asyncio
 
     llm = engine.impl._engine
-    pauses: list[str] = []
+    pauses: list[str] = []  # the scheduler's pauses, by mode
+    sleeping_pauses: list[str] = []  # AsyncLLM.pause_generation, which ends in the sleep
+    real_scheduler_pause = llm.engine_core.pause_scheduler_async
     real_pause = llm.pause_generation
 
-    async def counted_pause(**kwargs):
+    async def counted_scheduler_pause(**kwargs):
         pauses.append(kwargs.get("mode", "abort"))
+        await real_scheduler_pause(**kwargs)
+
+    async def counted_pause(**kwargs):
+        sleeping_pauses.append(kwargs.get("mode", "abort"))
         await real_pause(**kwargs)
 
+    monkeypatch.setattr(llm.engine_core, "pause_scheduler_async", counted_scheduler_pause)
     monkeypatch.setattr(llm, "pause_generation", counted_pause)
     base = await greedy(engine)
     version = engine.weight_version
@@ -144,7 +151,7 @@ async def test_an_update_pauses_vllm_only_while_requests_run(engine, checkpoint,
         task = asyncio.create_task(engine.generate(PROMPTS[:1], params))
         await _wait_for_progress(engine, task)
         await engine.update_weights_from_tensors(list(checkpoint.items()))
-        assert pauses == ["keep"]
+        assert pauses == ["keep"] and sleeping_pauses == []
         out = (await task)[0]
     finally:
         await engine.update_weights_from_tensors(list(checkpoint.items()))

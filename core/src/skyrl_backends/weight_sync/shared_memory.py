@@ -219,6 +219,11 @@ def forget_mappings_except(names: set[str]) -> None:
 _memo = LayoutMemo()
 
 
+def forget_layout() -> None:
+    """Drop the remembered layout (and its views): the next update is validated from scratch."""
+    _memo.forget()
+
+
 def receive(request: WeightUpdateRequest) -> Iterator[tuple[str, torch.Tensor]]:
     """Map and validate every bucket first, then return an iterator of views into the segments.
 
