@@ -94,6 +94,7 @@ async def own_step(trainer: RLTrainer, own: OwnCalls, step: int) -> dict[str, An
         metrics[key] = time.perf_counter() - t0
         return result
 
+    await trainer.resolve_compute_dtype()  # the same forward precision as the skyrl side
     if trainer.colocate:
         await timed("wake_kv_cache_s", own.wake_up(["kv_cache"]))
     generator = OwnGenerator(own, lambda: trainer.policy_version)

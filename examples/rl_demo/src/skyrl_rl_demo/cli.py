@@ -13,7 +13,7 @@ from skyrl_backends.engine_options import parse_engine_option
 from skyrl_backends.errors import ConfigError
 
 from skyrl_rl_demo.metrics import WINDOW
-from skyrl_rl_demo.trainer import TrainerConfig, train
+from skyrl_rl_demo.trainer import COMPUTE_DTYPES, TrainerConfig, train
 
 
 def _engine_option(text: str) -> tuple[str, Any]:
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "tensors", "shared_memory", "cuda_ipc"],
                    help="auto: CUDA IPC for a GPU trainer, else shared memory, when the engines support it")
     p.add_argument("--trainer-device", default=defaults.trainer_device, help="device of the trainer's model")
+    p.add_argument("--trainer-compute-dtype", choices=COMPUTE_DTYPES, default=defaults.trainer_compute_dtype,
+                   help="dtype of the trainer's forward: the one the engine serves its weights in (autocast; "
+                        "weights and optimizer stay float32), or float32")
     p.add_argument("--engine-option", type=_engine_option, action="append", default=[], metavar="KEY=VALUE",
                    help=f"generator config option for the engine: {ENGINE_OPTION_HELP}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         colocate=not (args.no_colocate or args.async_rollouts), sleep_level=args.sleep_level,
         num_engines=args.num_engines, weight_sync=args.weight_sync, trainer_device=args.trainer_device,
         engine_options=dict(args.engine_option), async_rollouts=args.async_rollouts,
-        max_staleness=args.max_staleness)
+        max_staleness=args.max_staleness, trainer_compute_dtype=args.trainer_compute_dtype)
     summary = asyncio.run(train(config, progress=not args.no_progress))
     print(format_summary(summary, args.out))
     return 0
@@ -104,7 +107,8 @@ def format_summary(s: dict[str, Any], out_dir: str) -> str:
                      f"clipped ratio), dropped: {s.get('dropped_token_fraction_max', 0):.1%}; training waited "
                      f"{s.get('generation_wait_s_mean', 0):.3f}s per step for generation")
     lines.append(f"  engine vs trainer log-probabilities (on-policy tokens): max |diff| "
-                 f"{s.get('logprob_abs_diff_max', float('nan')):.2e}")
+                 f"{s.get('logprob_abs_diff_max', float('nan')):.2e} (the trainer computes in "
+                 f"{s.get('trainer_compute_dtype', 'float32')})")
     lines.append(f"  wrote {out_dir}/metrics.csv, {out_dir}/reward_curve.png, {out_dir}/summary.json")
     return "\n".join(lines)
 

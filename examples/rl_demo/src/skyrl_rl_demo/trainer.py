@@ -16,7 +16,11 @@ parameter, so each step checks the sync end to end. Without ``colocate`` steps 1
 skipped; the sync still happens every step.
 
 Before its update the trainer recomputes, teacher-forced, the log-probabilities of the tokens the
-engine sampled; both hold the same weights then, so they must agree (``logprob_abs_diff_max``).
+engine sampled; both hold the same weights then, so they must agree (``logprob_abs_diff_max``). The
+trainer keeps its weights and optimizer in float32 and, by default, computes its forward in the
+dtype the engine serves (``trainer_compute_dtype="engine"``: autocast): an engine in bfloat16 holds
+the trainer's weights rounded to bfloat16, and a float32 forward of the unrounded weights would
+differ from it by far more than kernels do (docs/demo.md).
 
 Asynchronous mode (``async_rollouts``, ``--async``): the engine generates step t+1's rollout while the
 trainer trains on step t's, and the new weights reach the engine while that generation runs (an
@@ -58,6 +62,8 @@ from skyrl_rl_demo.metrics import MetricsCSV, summarize
 from skyrl_rl_demo.plots import plot_reward_curve
 from skyrl_rl_demo.weight_transfer import WeightSync, choose_strategy
 
+COMPUTE_DTYPES = ("engine", "float32")
+
 
 @dataclass
 class TrainerConfig:
@@ -86,11 +92,17 @@ class TrainerConfig:
     engine_options: dict[str, Any] = field(default_factory=dict)
     async_rollouts: bool = False  # generate step t+1 while training on step t (see the module docstring)
     max_staleness: int = 1  # tokens more versions behind the trained policy than this are dropped
+    # The dtype of the trainer's forward: "engine" (the dtype the engine serves its weights in) or
+    # "float32". Weights and optimizer state stay float32 either way.
+    trainer_compute_dtype: str = "engine"
 
     def __post_init__(self) -> None:
         if self.async_rollouts and self.colocate:
             raise ValueError("async_rollouts needs colocate=False: the engine generates while the trainer trains, "
                              "so it cannot sleep then")
+        if self.trainer_compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"trainer_compute_dtype must be one of {list(COMPUTE_DTYPES)}, got "
+                             f"{self.trainer_compute_dtype!r}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         for name in ("steps", "prompts_per_step", "turns", "max_generate_length", "num_engines"):
@@ -136,6 +148,7 @@ class RLTrainer:
         self.colocate = config.colocate and self.sleep_level is not None
         self.last_rollout: RolloutBatch | None = None
         self.policy_version = 0  # updates applied to the trainer's policy (= versions pushed to the engines)
+        self.compute_dtype: torch.dtype | None = None  # of the forward; from the engine at the first step
         self._next_rollout: asyncio.Future[RolloutBatch] | None = None
 
     @property
@@ -175,6 +188,7 @@ class RLTrainer:
     async def train_step(self, step: int) -> dict[str, Any]:
         """One step (generate, update, sync), or with ``async_rollouts`` one step of the overlapped
         schedule; returns its metrics."""
+        await self.resolve_compute_dtype()
         if self.config.async_rollouts:
             return await self.async_train_step(step)
         started = time.perf_counter()
@@ -226,6 +240,22 @@ class RLTrainer:
         metrics["step_s"] = time.perf_counter() - started
         return metrics
 
+    async def resolve_compute_dtype(self) -> None:
+        """Settle the dtype of the trainer's forward (asks the engine which dtype it serves);
+        ``train_step`` does it first, and :meth:`update` needs it done."""
+        if self.compute_dtype is not None:
+            return
+        if self.config.trainer_compute_dtype == "float32":
+            self.compute_dtype = torch.float32
+            return
+        self.compute_dtype = served_dtype(await self.engine.weight_specs())
+
+    def _forward_precision(self) -> Any:
+        """Autocast to the compute dtype (nothing to do in float32)."""
+        if self.compute_dtype is None:
+            raise RuntimeError("call resolve_compute_dtype() before update()")
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     def update(self, rollout: RolloutBatch) -> dict[str, float]:
         """One GRPO step on the trainer's model (policy version ``policy_version`` becomes the next)."""
         states = rollout.states
@@ -236,8 +266,9 @@ class RLTrainer:
         loss_mask = packed.loss_mask - masks.dropped
         returns = torch.tensor([s.total_reward for s in states], dtype=torch.float32)
         advantages = grpo.group_advantages(returns, self.config.group_size).to(self.device)
-        logprobs, entropy = grpo.token_logprobs(self.policy, packed.input_ids, packed.attention_mask,
-                                                with_entropy=True)
+        with self._forward_precision():
+            logprobs, entropy = grpo.token_logprobs(self.policy, packed.input_ids, packed.attention_mask,
+                                                    with_entropy=True)
         with torch.no_grad():
             # Tokens the engine sampled with the weights the trainer holds now: the two must agree.
             diff = ((logprobs - packed.rollout_logprobs).abs() * masks.on_policy).max()
@@ -261,6 +292,18 @@ class RLTrainer:
             await asyncio.gather(self._next_rollout, return_exceptions=True)
         self.weight_sync.close()
         await self.client.teardown()
+
+
+def served_dtype(specs: dict[str, Any]) -> torch.dtype:
+    """The dtype most of an engine's weights are served in (by element count), from its
+    ``weight_specs``."""
+    counts: dict[str, int] = {}
+    for spec in specs.values():
+        numel = 1
+        for d in spec.shape:
+            numel *= d
+        counts[spec.dtype] = counts.get(spec.dtype, 0) + numel
+    return getattr(torch, max(counts, key=counts.get)) if counts else torch.float32
 
 
 def rollout_metrics(rollout: RolloutBatch) -> dict[str, Any]:
@@ -335,6 +378,7 @@ async def train(config: TrainerConfig, progress: bool = True,
         await trainer.close()
     summary = summarize(csv.rows)
     summary.update(backend=config.backend, seed=config.seed, sleep_level=trainer.sleep_level,
+                   trainer_compute_dtype=str(trainer.compute_dtype).removeprefix("torch."),
                    colocate=trainer.colocate, weight_sync=trainer.weight_sync.strategy, wall_s=time.perf_counter() - wall_started,
                    schedule="async" if config.async_rollouts else "sync",
                    steps_per_s=len(csv.rows) / loop_s,
