@@ -101,3 +101,17 @@ class DoublePlugin:
     @hookimpl
     def skyrl_backends_create_engine(self, config: Any) -> ArithmeticEngineDouble:
         return ArithmeticEngineDouble(config)
+
+
+class PrefixCachingEngineDouble(ArithmeticEngineDouble):
+    """The arithmetic double with a prefix cache to reset (the reset is only recorded)."""
+
+    @hookimpl
+    async def skyrl_backends_reset_prefix_cache(self) -> None:
+        self.calls.append(("reset_prefix_cache", None))
+
+
+class PrefixCachingDoublePlugin(DoublePlugin):
+    @hookimpl
+    def skyrl_backends_create_engine(self, config: Any) -> PrefixCachingEngineDouble:
+        return PrefixCachingEngineDouble(config)

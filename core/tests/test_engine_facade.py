@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import skyrl_backends as sb
-from doubles import DOUBLE_CAPABILITIES, DoublePlugin
+from doubles import DOUBLE_CAPABILITIES, DoublePlugin, PrefixCachingDoublePlugin
 from skyrl_backends import (
     EngineAsleepError,
     EngineClosedError,
@@ -271,6 +271,22 @@ def test_absent_capability_calls_are_rejected_with_its_name(tmp_path):
             run(engine.generate([[1]], {"logprobs": 1}))
     finally:
         sb.unregister_backend("bare")
+
+
+@pytest.mark.parametrize("sleep_clears", [False, True])
+def test_sleep_resets_the_prefix_cache_first_unless_the_backend_s_sleep_clears_it(tmp_path, sleep_clears):
+    import dataclasses
+
+    caps = dataclasses.replace(DOUBLE_CAPABILITIES, prefix_caching=True, sleep_clears_prefix_cache=sleep_clears)
+    sb.register_backend(PrefixCachingDoublePlugin("cached", caps), "cached")
+    try:
+        engine = sb.create_engine("cached", model=str(tmp_path))
+        run(engine.sleep(level=1))
+        calls = [name for name, _ in engine.impl.calls]
+        assert calls == (["sleep"] if sleep_clears else ["reset_prefix_cache", "sleep"])
+        run(engine.teardown())
+    finally:
+        sb.unregister_backend("cached")
 
 
 def test_declared_capability_without_its_hooks_fails_validation(tmp_path):

@@ -51,7 +51,10 @@ class Capabilities:
 
     ``sleep_levels`` empty means no sleep. ``discards_weights_at_level`` is the lowest sleep level
     at which weights are dropped (the engine must then receive weights before generating again);
-    None means weights always survive sleep.
+    None means weights always survive sleep. ``sleep_clears_prefix_cache``: the backend's sleep hook
+    leaves no prefix-cache entry behind (an entry kept across a sleep would point into KV memory that
+    the wake gives back uninitialised, vLLM issue 17103); without it the facade resets the prefix
+    cache before every sleep, one more call to the engine.
 
     Pausing (docs/weight-sync.md, "Pause modes"). ``native_pause``: the engine freezes in-flight
     requests with their caches (pause mode ``keep``). ``pause_modes``: the other modes (``abort``,
@@ -67,6 +70,7 @@ class Capabilities:
     sleep_levels: tuple[int, ...] = ()
     discards_weights_at_level: int | None = None
     sleep_tags: bool = False
+    sleep_clears_prefix_cache: bool = False
     lora: bool = False
     lora_from_tensors: tuple[str, ...] = ()
     top_logprobs: bool = False

@@ -427,7 +427,9 @@ class InferenceEngine:
         """Release memory: ``tags`` among ``"weights"`` and ``"kv_cache"`` (None: both).
 
         In-flight requests are aborted (their callers get partial output) and drained first, and the
-        prefix cache is reset, so no stale cache survives a wake (vLLM issue #17103)."""
+        prefix cache is reset (by the facade, unless the backend's sleep does it itself:
+        ``Capabilities.sleep_clears_prefix_cache``), so no stale cache survives a wake (vLLM issue
+        #17103)."""
         self._check_open()
         declared = self.capabilities
         caps.require(declared, caps.sleep_level(level), self.backend,
@@ -450,7 +452,7 @@ class InferenceEngine:
                 raise EngineStateError(
                     f"{len(self._inflight)} request(s) still running after {drain_timeout}s; "
                     "sleep refused. Abort them or raise drain_timeout.") from None
-        if caps.PREFIX_CACHING(declared):
+        if caps.PREFIX_CACHING(declared) and not declared.sleep_clears_prefix_cache:
             await self._call("skyrl_backends_reset_prefix_cache")
         await self._call("skyrl_backends_sleep", tags=tag_list, level=level)
         self._asleep.update(tag_list)

@@ -52,6 +52,7 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         sleep_levels=() if cpu else (1, 2),
         discards_weights_at_level=None if cpu else 1,
         sleep_tags=not cpu,
+        sleep_clears_prefix_cache=not cpu,  # the sleep hook flushes the radix cache before releasing
         lora=not cpu,
         # SGLang's own in-memory loading; the tensors arrive in this process, so not by broadcast
         # (which SGLang's scheduler receives itself, for base weights only).

@@ -54,6 +54,9 @@ def skyrl_backends_capabilities(config: GeneratorConfig | None) -> Capabilities:
         # vLLM's sleep releases everything at once; waking up may be done tag by tag (the facade
         # allows wake_up(tags) whenever sleep is declared).
         sleep_tags=False,
+        # vLLM's engine core pauses its scheduler with its caches cleared when it sleeps at level 1
+        # or 2 (EngineCore.sleep in 0.26 and 0.32), prefix cache included.
+        sleep_clears_prefix_cache=sleeps,
         lora=True,
         # Adapters from tensors arrive like weights (by the same strategies) and are loaded by vLLM
         # from a folder the workers write (skyrl_backend_vllm.adapters).

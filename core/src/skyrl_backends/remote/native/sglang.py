@@ -103,6 +103,7 @@ def describe(http: ServerHTTP, wait_ready_s: float, same_host: bool) -> ServerIn
         # SGLang has no sleep levels: releasing the weights always discards them.
         discards_weights_at_level=1 if sleeps else None,
         sleep_tags=sleeps,
+        sleep_clears_prefix_cache=sleeps,  # the sleep hook flushes first (SGLang releases only when idle)
         lora=bool(args.get("enable_lora")),
         top_logprobs=True,
         max_top_logprobs=MAX_TOP_LOGPROBS,

@@ -152,6 +152,9 @@ def _capabilities(model: Mapping[str, Any], config: Mapping[str, Any], env: Mapp
         sleep_levels=(1, 2) if sleeps else (),
         discards_weights_at_level=2 if sleeps else None,
         sleep_tags=False,
+        # The server's engine core clears its caches, prefix cache included, when it sleeps at
+        # level 1 or 2 (EngineCore.sleep in vLLM 0.26 and 0.32).
+        sleep_clears_prefix_cache=sleeps,
         lora=config.get("lora_config") is not None and runtime_lora,
         top_logprobs=True,
         max_top_logprobs=int(model.get("max_logprobs", 20)) - 1,  # one is asked for on top (Translation)
