@@ -27,7 +27,6 @@ import asyncio
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from skyrl_backends.testing.provenance import measured_commit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "core" / "benchmarks"))
 from engine_own_calls import own_calls  # noqa: E402
+from turns import against_baseline  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,14 +77,6 @@ class RunningRequest:
         self.stopping = True
         if self.task is not None:
             await self.task
-
-
-def summary(times: list[float], base: list[float]) -> dict[str, Any]:
-    return {"median_ms": round(statistics.median(times) * 1e3, 3),
-            "base_median_ms": round(statistics.median(base) * 1e3, 3),
-            "ratio_of_medians": round(statistics.median(base) / statistics.median(times), 4),
-            "paired": round(statistics.median(b / t for t, b in zip(times, base, strict=True)), 4),
-            "times_ms": [round(t * 1e3, 3) for t in times], "base_times_ms": [round(b * 1e3, 3) for b in base]}
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,7 +142,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "commit": measured_commit(), "hardware": describe_hardware(), "vllm": vllm.__version__,
             "model": os.path.basename(os.path.normpath(args.model)), "dtype": impl.served_dtype,
             "repeats": args.repeats,
-            "cases": {name: summary(plugin, own_case) for name, (plugin, own_case) in times.items()}}
+            "cases": {name: against_baseline(plugin, own_case) for name, (plugin, own_case) in times.items()}}
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -509,8 +509,21 @@ class SGLangEngine:
         # retract (their caches are dropped and rebuilt under the weights current at resume).
         # abort: SGLang aborts every request and holds new ones.
         sglang_mode = "abort" if mode == "abort" else ("retract" if recompute else "in_place")
+        if sglang_mode == "abort":
+            await self._on_loop(self._abort_until_idle())
         await self._on_loop(self.tm.pause_generation(PauseGenerationReqInput(mode=sglang_mode)))
         self._pause_mode = sglang_mode
+
+    async def _abort_until_idle(self) -> None:
+        """Abort every request and wait until none holds SGLang's model-update lock. SGLang's own
+        abort pause aborts them too, then looks at that lock once a second: under running requests it
+        returned a whole second after they had ended. Waited for here at a 2 ms grain, its first look
+        finds the lock free."""
+        await self._abort(None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLUSH_WAIT_S
+        while await self.tm.model_update_lock.is_locked() and loop.time() < deadline:
+            await asyncio.sleep(0.002)
 
     @hookimpl
     async def skyrl_backends_resume_generation(self) -> None:

@@ -141,6 +141,38 @@ def test_abort_returns_partial_output(engine):
     assert 0 < len(out.token_ids) < 400 and len(out.logprobs) == len(out.token_ids)
 
 
+def test_an_abort_pause_under_a_running_request_finds_sglang_idle(engine, monkeypatch):
+    # SGLang's own abort pause checks once a second whether requests still hold its model-update
+    # lock: entered while one runs, it returned a second after the request had ended. The plugin
+    # aborts and waits first, so SGLang's pause starts with the lock free.
+    tm = engine.impl.tm
+    locked_at_entry: list[bool] = []
+    real_pause = tm.pause_generation
+
+    async def watched_pause(obj):
+        locked_at_entry.append(await tm.model_update_lock.is_locked())
+        return await real_pause(obj)
+
+    monkeypatch.setattr(tm, "pause_generation", watched_pause)
+
+    async def scenario():
+        params = {"max_generate_length": 400, "temperature": 0.0, "ignore_eos": True}
+        task = asyncio.create_task(engine.generate([PROMPTS[0]], params, request_ids=["running"]))
+        state = tm.rid_to_state
+        for _ in range(400):  # until SGLang has produced some tokens
+            await asyncio.sleep(0.05)
+            if "running" in state and len(getattr(state["running"], "output_ids", [])) >= 3:
+                break
+        await engine.pause_generation("abort")
+        out = await task
+        await engine.resume_generation()
+        return out
+
+    out = run(scenario())[0]
+    assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 400
+    assert locked_at_entry == [False]
+
+
 def test_pause_holds_requests_and_resume_finishes_them(engine):
     expected = greedy(engine, PROMPTS[:1], max_generate_length=40)[0].token_ids
 

@@ -353,6 +353,15 @@ class SGLangServerEngine(ServerEngine):
     @hookimpl
     async def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
         sglang_mode = "abort" if mode == "abort" else ("retract" if recompute else "in_place")
+        if sglang_mode == "abort" and self._inflight:
+            # SGLang's abort pause aborts every request, then checks once a second whether any still
+            # runs: under running requests it answers a second after they ended. Ours are aborted
+            # and awaited first, at a 2 ms grain (others' requests on the server still cost it that).
+            await self.abort_on_server(None)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _RETIRE_WAIT_S
+            while self._inflight and loop.time() < deadline:
+                await asyncio.sleep(0.002)
         await self._post("/pause_generation", {"mode": sglang_mode})
         self._pause_mode = sglang_mode
 
