@@ -103,6 +103,16 @@ def test_after_a_level_2_sleep_the_engine_refuses_to_generate_until_synced(model
     asyncio.run(scenario())
 
 
+def test_the_engine_dtype_is_the_one_most_of_its_weights_are_served_in():
+    from skyrl_backends.types import TensorSpec
+    from skyrl_rl_demo.trainer import engine_dtype
+
+    specs = {"embed": TensorSpec("embed", (512, 128), "bfloat16"), "norm": TensorSpec("norm", (128,), "float32"),
+             "gate": TensorSpec("gate", (1024,), "float32")}
+    assert engine_dtype(specs) == torch.bfloat16  # 65536 elements against 1152
+    assert engine_dtype({}) == torch.float32
+
+
 @pytest.fixture(scope="module")
 def bfloat16_model_dir(model_dir, tmp_path_factory):
     """The tiny model saved in bfloat16: the engine serves it in bfloat16, as a GPU engine would."""

@@ -248,7 +248,7 @@ class RLTrainer:
         if self.config.trainer_compute_dtype == "float32":
             self.compute_dtype = torch.float32
             return
-        self.compute_dtype = served_dtype(await self.engine.weight_specs())
+        self.compute_dtype = engine_dtype(await self.engine.weight_specs())
 
     def _forward_precision(self) -> Any:
         """Autocast to the compute dtype (nothing to do in float32)."""
@@ -294,7 +294,7 @@ class RLTrainer:
         await self.client.teardown()
 
 
-def served_dtype(specs: dict[str, Any]) -> torch.dtype:
+def engine_dtype(specs: dict[str, Any]) -> torch.dtype:
     """The dtype most of an engine's weights are served in (by element count), from its
     ``weight_specs``."""
     counts: dict[str, int] = {}
