@@ -180,7 +180,7 @@ def learning(rows: list[dict[str, Any]]) -> str:
     """The reward at both ends of the run, and the policy's entropy: a rise to about a third with the
     entropy near 0 is a policy that collapsed onto one answer (one digit of the task's three), not
     one that learned to read the prompt."""
-    summary = summarize(rows)  # the demo's own reward windows
+    summary = summarize(rows)  # the demo's own reward windows (the verdict is not printed here)
     w = summary["window"]
     entropy = [r["entropy"] for r in rows]
     return (f"reward over the run ({summary['steps']} steps, both sides): first {w} steps "

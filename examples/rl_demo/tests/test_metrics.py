@@ -18,6 +18,14 @@ def test_summary_compares_the_first_and_last_ten_steps():
     assert summarize(rows([0.0, 0.5, 1.0]))["learned"] is None  # too short to judge
 
 
+def test_a_run_that_ends_where_one_fixed_answer_would_has_not_learned():
+    # Three digits: always saying one of them earns a third, without reading the prompt.
+    collapsed = summarize(rows([0.02] * 10 + [0.33] * 10), fixed_answer_reward=1 / 3)
+    assert collapsed["reward_last"] >= 2 * collapsed["reward_first"] and collapsed["learned"] is False
+    assert summarize(rows([0.02] * 10 + [0.33] * 10))["learned"] is True  # the doubling alone says yes
+    assert summarize(rows([0.01] * 10 + [0.7] * 10), fixed_answer_reward=1 / 3)["learned"] is True
+
+
 def test_metrics_csv_header_from_first_row_and_rows_kept(tmp_path):
     csv_file = MetricsCSV(tmp_path / "m.csv")
     csv_file.write({"step": 1, "reward_mean": 0.123456789})

@@ -12,7 +12,7 @@ from skyrl_backends.engine_options import HELP as ENGINE_OPTION_HELP
 from skyrl_backends.engine_options import parse_engine_option
 from skyrl_backends.errors import ConfigError
 
-from skyrl_rl_demo.metrics import WINDOW
+from skyrl_rl_demo.metrics import WINDOW, learned_bar
 from skyrl_rl_demo.trainer import COMPUTE_DTYPES, TrainerConfig, train
 
 
@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 def format_summary(s: dict[str, Any], out_dir: str) -> str:
     w = s["window"]
     ratio = "inf" if math.isinf(s["reward_ratio"]) else f"{s['reward_ratio']:.1f}x"
-    verdict = {True: "learned", False: "did NOT learn (last-window reward < 2x the first)",
+    fixed = s.get("fixed_answer_reward")
+    if s["learned"] is False and fixed is not None and s["reward_last"] >= 2 * s["reward_first"]:
+        why = (f"the last-window reward is not above {learned_bar(fixed):.2f}: one fixed answer earns "
+               f"{fixed:.2f} without reading the prompt")
+    else:
+        why = "last-window reward < 2x the first"
+    verdict = {True: "learned", False: f"did NOT learn ({why})",
                None: f"too short to judge (needs {2 * WINDOW} steps)"}[s["learned"]]
     cycle = (f"colocated, sleep level {s['sleep_level']}" if s["colocate"] else "not colocated (no sleep/wake)")
     schedule = ("asynchronous: step t+1 generated while step t trains" if s["schedule"] == "async"

@@ -43,11 +43,23 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW) -> dict[str, Any]:
-    """Reward and accuracy at both ends of the run, and the mean cost of each phase of a step."""
+def learned_bar(fixed_answer_reward: float) -> float:
+    """The last window's reward a run must reach to count as learned, beyond doubling its first: a
+    tenth of the way from what one fixed answer earns (a policy that collapsed onto one digit, without
+    reading the prompt) to a perfect score."""
+    return fixed_answer_reward + 0.1 * (1.0 - fixed_answer_reward)
+
+
+def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW,
+              fixed_answer_reward: float | None = None) -> dict[str, Any]:
+    """Reward and accuracy at both ends of the run, and the mean cost of each phase of a step.
+
+    ``fixed_answer_reward``: what always giving the same answer earns (for the demo's task, one over
+    the number of digits it asks for); a run counts as learned only above :func:`learned_bar` of it."""
     rewards = [r["reward_mean"] for r in rows]
     w = min(window, max(1, len(rows) // 2))
     first, last = mean(rewards[:w]), mean(rewards[-w:])
+    above_fixed = fixed_answer_reward is None or last >= learned_bar(fixed_answer_reward)
     summary: dict[str, Any] = {
         "steps": len(rows),
         "window": w,
@@ -57,7 +69,8 @@ def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW) -> dict[str,
         "exact_first": mean([r["exact_rate"] for r in rows[:w]]),
         "exact_last": mean([r["exact_rate"] for r in rows[-w:]]),
         # Judged only over two full windows; a shorter run says nothing either way.
-        "learned": bool(last >= 2 * first and last > first) if len(rows) >= 2 * window else None,
+        "learned": bool(last >= 2 * first and last > first and above_fixed) if len(rows) >= 2 * window else None,
+        "fixed_answer_reward": fixed_answer_reward,
     }
     for key in ("generation_tokens_per_s", "generation_s", "update_s", "weight_sync_s", "sleep_s",
                 "wake_kv_cache_s", "wake_weights_s", "step_s", "logprob_abs_diff_max", "generation_wait_s",

@@ -376,7 +376,7 @@ async def train(config: TrainerConfig, progress: bool = True,
     finally:
         csv.close()
         await trainer.close()
-    summary = summarize(csv.rows)
+    summary = summarize(csv.rows, fixed_answer_reward=1.0 / len(config.digits))
     summary.update(backend=config.backend, seed=config.seed, sleep_level=trainer.sleep_level,
                    trainer_compute_dtype=str(trainer.compute_dtype).removeprefix("torch."),
                    colocate=trainer.colocate, weight_sync=trainer.weight_sync.strategy, wall_s=time.perf_counter() - wall_started,
