@@ -129,3 +129,36 @@ def test_the_remote_protocol_is_a_checked_config_field():
         GeneratorConfig(remote_inference_engine_protocol="triton")
     with pytest.raises(ConfigError, match="sglang"):
         connect_engine("127.0.0.1:1", dialect="triton")
+
+
+def test_an_sglang_server_abort_pause_ends_its_requests_before_asking_sglang_to_pause():
+    # SGLang's own abort pause re-checks its lock once a second: the driver aborts and awaits its
+    # requests first. A test double stands in for the HTTP server (routing logic only).
+    import asyncio
+
+    engine = object.__new__(sglang_server.SGLangServerEngine)
+    engine._inflight = {"r1", "r2"}
+    engine._pause_mode = None
+    calls: list[str] = []
+
+    async def abort_on_server(request_ids):
+        calls.append(f"abort {request_ids}")
+
+        async def requests_end():  # the streams come back a little later
+            await asyncio.sleep(0.01)
+            engine._inflight.clear()
+        asyncio.get_running_loop().create_task(requests_end())
+
+    async def post(path, body=None, params=None):
+        calls.append(f"{path} {body} inflight={sorted(engine._inflight)}")
+
+    engine.abort_on_server = abort_on_server
+    engine._post = post
+    asyncio.run(engine.skyrl_backends_pause_generation(mode="abort", recompute=False))
+    assert calls == ["abort None", "/pause_generation {'mode': 'abort'} inflight=[]"]
+    assert engine._pause_mode == "abort"
+
+    calls.clear()
+    engine._inflight = {"r3"}
+    asyncio.run(engine.skyrl_backends_pause_generation(mode="keep", recompute=False))
+    assert calls == ["/pause_generation {'mode': 'in_place'} inflight=['r3']"]  # kept, not aborted
