@@ -7,6 +7,9 @@ throughout (restarted when it ends), so every update lands while a request runs.
     pause    the plugin's pause in mode keep and its resume (``skyrl_backends_pause_generation``)
              against ``AsyncLLM.pause_generation(mode="keep", clear_cache=False)`` and
              ``resume_generation`` called directly (vLLM's own, which ends in a fixed 20 ms sleep)
+    abort    the facade's ``pause_generation("abort")`` and resume (the running request ends; the
+             pause returns once its caller has the partial output) against vLLM's
+             ``pause_generation(mode="abort", clear_cache=False)`` and ``resume_generation``
     update   a whole update through the facade (``update_weights_from_tensors``: the plugin pauses,
              loads, labels the version, resumes) against the same update written by hand on vLLM's
              calls: ``pause_generation(mode="keep")``, the load through ``collective_rpc``
@@ -101,6 +104,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await llm.pause_generation(mode="keep", clear_cache=False)
         await llm.resume_generation()
 
+    async def plugin_abort() -> None:  # returns once the aborted request's caller has its output
+        await engine.pause_generation("abort")
+        await engine.resume_generation()
+
+    async def own_abort() -> None:
+        await llm.pause_generation(mode="abort", clear_cache=False)
+        await llm.resume_generation()
+
     async def plugin_update() -> None:
         await engine.update_weights_from_tensors(pairs)
 
@@ -114,7 +125,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             await llm.resume_generation()
 
-    cases = {"pause": (plugin_pause, own_pause), "update": (plugin_update, own_update)}
+    cases = {"pause": (plugin_pause, own_pause), "abort": (plugin_abort, own_abort),
+             "update": (plugin_update, own_update)}
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cases}
     try:
         request.start()

@@ -160,6 +160,32 @@ async def test_an_update_pauses_vllm_only_while_requests_run(engine, checkpoint,
         assert set(out.token_versions.per_token()) == {version + 1, version + 2}
 
 
+async def test_an_abort_pause_ends_the_running_request_without_vllm_s_sleeping_pause(engine, monkeypatch):
+    # The facade returns once the aborted request's caller has its partial output (what
+    # AsyncLLM.pause_generation's closing 20 ms sleep approximates); the plugin pauses the scheduler.
+    import asyncio
+
+    llm = engine.impl._engine
+    sleeping_pauses: list[str] = []
+    real_pause = llm.pause_generation
+
+    async def counted_pause(**kwargs):
+        sleeping_pauses.append(kwargs.get("mode", "abort"))
+        await real_pause(**kwargs)
+
+    monkeypatch.setattr(llm, "pause_generation", counted_pause)
+    params = {"max_generate_length": 300, "temperature": 0, "ignore_eos": True}
+    task = asyncio.create_task(engine.generate(PROMPTS[:1], params))
+    await _wait_for_progress(engine, task)
+    await engine.pause_generation("abort")
+    try:
+        out = (await task)[0]
+    finally:
+        await engine.resume_generation()
+    assert out.finish_reason == "abort" and 0 < len(out.token_ids) < 300
+    assert sleeping_pauses == []
+
+
 # -- with LoRA enabled ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj.weight",   # a LoRA-wrapped layer
                                   "model.layers.1.self_attn.v_proj.weight",   # a shard of wrapped qkv_proj

@@ -24,10 +24,10 @@ vLLM's per-token version stamps are exact. Every request carries a ``cache_salt`
 version it was submitted under, so no request admitted after an update matches a cached block
 computed with older weights, while requests kept across the update keep their own blocks.
 
-Pause modes: ``keep`` is vLLM's pause in mode ``keep`` (its scheduler's pause, without the fixed
-20 ms that ``AsyncLLM.pause_generation`` adds: :func:`pause_keeping`), with ``clear_cache=True`` when
+Pause modes: ``keep`` and ``abort`` are vLLM's (its scheduler's pause, without the fixed 20 ms that
+``AsyncLLM.pause_generation`` adds: :func:`pause_scheduler`), keep with ``clear_cache=True`` when
 the kept requests are to be recomputed (vLLM then preempts them, and they are prefilled again under
-the weights current at resume); ``abort`` is vLLM's own. vLLM's ``wait`` finishes only the requests
+the weights current at resume). vLLM's ``wait`` finishes only the requests
 already running (queued ones stay queued until resume), so the facade's ``wait``, which lets every
 admitted request finish, is used instead.
 """
@@ -355,10 +355,7 @@ class VLLMEngine:
         # "keep": in-flight requests stay scheduled-but-frozen with their KV caches and continue on
         # resume. Clearing the cache (recompute) preempts them: vLLM prefills each again, prompt and
         # tokens so far, under the weights current when it resumes. "abort": vLLM ends every request.
-        if mode == "keep":
-            await pause_keeping(self._engine, clear_cache=recompute)
-        else:
-            await self._engine.pause_generation(mode=mode, clear_cache=recompute)
+        await pause_scheduler(self._engine, mode, clear_cache=recompute)
         self._pause_mode = mode
 
     @hookimpl
@@ -400,7 +397,7 @@ class VLLMEngine:
         pause_here = self._pause_mode is None and not self._asleep and bool(self._inflight)
         async with self._updates.updating(version):
             if pause_here:
-                await pause_keeping(self._engine, clear_cache=False)
+                await pause_scheduler(self._engine, "keep", clear_cache=False)
             try:
                 await self._load_weights(request)
                 if self._labels:
@@ -553,22 +550,23 @@ class VLLMEngine:
         await asyncio.to_thread(_reap, self._processes)
 
 
-async def pause_keeping(engine: Any, clear_cache: bool) -> None:
-    """vLLM's pause in mode ``keep``: the running requests stay where they are until resume.
+async def pause_scheduler(engine: Any, mode: str, clear_cache: bool) -> None:
+    """vLLM's pause in ``mode`` (``keep``: the running requests stay where they are until resume;
+    ``abort``: they end), without the fixed 20 ms that ``AsyncLLM.pause_generation`` adds.
 
-    ``AsyncLLM.pause_generation`` pauses the engine core's scheduler and then sleeps a fixed 20 ms,
-    so that the outputs of requests that *end* at the pause (modes abort and wait) reach their
-    callers before it returns (vLLM's comment: for ordering, not correctness). In mode keep no
-    request ends, and under asynchronous RL every update under running requests would freeze them
-    all for those 20 ms. So the scheduler is paused directly, where the engine core's client has the
-    call (vLLM 0.26 and 0.32 do); tokens keep their versions, which the engine core stamps at each
-    step (:mod:`skyrl_backend_vllm.versions`). With ``clear_cache`` vLLM also clears its multimodal
-    cache on the way, so that case keeps vLLM's own call."""
-    pause_scheduler = getattr(getattr(engine, "engine_core", None), "pause_scheduler_async", None)
-    if clear_cache or pause_scheduler is None:
-        await engine.pause_generation(mode="keep", clear_cache=clear_cache)
+    ``pause_generation`` pauses the engine core's scheduler and then sleeps 20 ms so that the outputs
+    of requests that end at the pause reach their callers before it returns (vLLM's comment: for
+    ordering, not correctness). In mode keep no request ends, and under asynchronous RL every update
+    under running requests froze them all for those 20 ms; in mode abort the facade returns only
+    once the callers have their requests' ends anyway. So the scheduler is paused directly, where the
+    engine core's client has the call (vLLM 0.26 and 0.32 do); tokens keep their versions, which the
+    engine core stamps at each step (:mod:`skyrl_backend_vllm.versions`). With ``clear_cache`` vLLM
+    also clears its multimodal cache on the way, so that case keeps vLLM's own call."""
+    pause = getattr(getattr(engine, "engine_core", None), "pause_scheduler_async", None)
+    if clear_cache or pause is None:
+        await engine.pause_generation(mode=mode, clear_cache=clear_cache)
         return
-    await pause_scheduler(mode="keep", clear_cache=False)
+    await pause(mode=mode, clear_cache=False)
 
 
 async def _with_worker_errors(call: Any) -> Any:
