@@ -42,6 +42,10 @@
 #   async-rl:ENGINE           examples/rl_demo/benchmarks/bench_async.py: the RL demo on ENGINE, trainer on
 #                             the GPU, synchronous vs asynchronous steps/s at equal reward ->
 #                             $OUT/ENGINE-async-rl.json (ASYNC_RL_ARGS adds options, e.g. "--steps 80")
+#   pause:ENGINE              pausing under a decoding request through skyrl vs the engine's own calls, the tiny
+#                             model: vllm plugins/vllm_backend/benchmarks/bench_update_under_load.py (keep, abort,
+#                             a whole update), sglang plugins/sglang_backend/benchmarks/bench_pause.py (abort,
+#                             keep) -> $OUT/ENGINE-pause-HHMMSS.json
 #   rl-model                  a random Qwen2.5-1.5B-shaped model with the test tokenizer's vocabulary, the
 #                             RL demo's task needs it (make_random_qwen.py --tokenizer-vocab) in /tmp/models
 #   rl-step:ENGINE            examples/rl_demo/benchmarks/bench_step.py (issue 23, P8): the demo's colocated
@@ -84,7 +88,7 @@ WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [server-conformance]=480 [generate]=200
                   [weight-sync]=400 [wake-cycle]=300 [colocated]=150
                   [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
-                  [trainer-side]=400 [rl-model]=120 [rl-step]=540)
+                  [trainer-side]=400 [rl-model]=120 [rl-step]=540 [pause]=200)
 
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
@@ -224,6 +228,18 @@ generate() {  # ENGINE SECONDS
         --output "$OUT/$1-generate-$(date -u +%H%M%S).json"
 }
 
+pause_bench() {  # ENGINE SECONDS
+    local out="$OUT/$1-pause-$(date -u +%H%M%S).json"
+    case $1 in
+        vllm) bounded "$2" python3 scripts/gpu/with_engine_defaults.py \
+            plugins/vllm_backend/benchmarks/bench_update_under_load.py --model $TINY --gpu-memory-utilization 0.3 \
+            --output "$out" ;;
+        sglang) bounded "$2" python3 plugins/sglang_backend/benchmarks/bench_pause.py --model $TINY --device cuda \
+            --max-model-len 1024 --engine-kwargs "{$SGLANG_KERNELS}" --output "$out" ;;
+        *) log "no pause benchmark for $1"; return 1 ;;
+    esac
+}
+
 run_step() {  # STEP[:ENGINE][@SECONDS]
     local spec=$1 name engine seconds
     seconds=${spec#*@}; [ "$seconds" = "$spec" ] && seconds=
@@ -261,6 +277,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_async.py \
             --backend "$engine" --model $TINY --trainer-device cuda --steps 40 --repeats 2 \
             --engine-option gpu_memory_utilization=0.3 ${ASYNC_RL_ARGS:-} --json "$OUT/$engine-async-rl.json" ;;
+        pause) engine_env "$engine" && pause_bench "$engine" "$seconds" ;;
         rl-model) core_env && bounded "$seconds" python3 scripts/gpu/make_random_qwen.py "$RL_MODEL" --tokenizer-vocab ;;
         rl-step) engine_env "$engine" && PYTHONPATH=$PYTHONPATH:$REPO/examples/rl_demo/src bounded "$seconds" \
             python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_step.py \
