@@ -384,6 +384,7 @@ async def train(config: TrainerConfig, progress: bool = True,
                    steps_per_s=len(csv.rows) / loop_s,
                    config={k: v for k, v in dataclasses.asdict(config).items()})
     plot_reward_curve(csv.rows, out / "reward_curve.png",
-                      title=f"Say the digit: GRPO on the tiny model ({config.backend} backend, seed {config.seed})")
+                      title=f"Say the digit: GRPO on {Path(config.model).name} "
+                            f"({config.backend} backend, seed {config.seed})")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
