@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -299,10 +300,7 @@ def engine_dtype(specs: dict[str, Any]) -> torch.dtype:
     ``weight_specs``."""
     counts: dict[str, int] = {}
     for spec in specs.values():
-        numel = 1
-        for d in spec.shape:
-            numel *= d
-        counts[spec.dtype] = counts.get(spec.dtype, 0) + numel
+        counts[spec.dtype] = counts.get(spec.dtype, 0) + math.prod(spec.shape)
     return getattr(torch, max(counts, key=counts.get)) if counts else torch.float32
 
 

@@ -342,13 +342,17 @@ class SGLangServerEngine(ServerEngine):
             # A paused scheduler retires nothing: let it step until the aborted requests came back.
             await self._post("/continue_generation", {})
             try:
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + _RETIRE_WAIT_S
-                wanted = set(self._inflight) if request_ids is None else set(request_ids)
-                while wanted & self._inflight and loop.time() < deadline:
-                    await asyncio.sleep(0.002)
+                await self._until_returned(set(self._inflight) if request_ids is None else set(request_ids))
             finally:
                 await self._post("/pause_generation", {"mode": self._pause_mode})
+
+    async def _until_returned(self, request_ids: set[str] | None) -> None:
+        """Wait until none of ``request_ids`` (None: no request at all) is in flight here any more,
+        looking every 2 ms, for at most ``_RETIRE_WAIT_S``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RETIRE_WAIT_S
+        while (self._inflight if request_ids is None else request_ids & self._inflight) and loop.time() < deadline:
+            await asyncio.sleep(0.002)
 
     @hookimpl
     async def skyrl_backends_pause_generation(self, mode: str, recompute: bool) -> None:
@@ -358,10 +362,7 @@ class SGLangServerEngine(ServerEngine):
             # runs: under running requests it answers a second after they ended. Ours are aborted
             # and awaited first, at a 2 ms grain (others' requests on the server still cost it that).
             await self.abort_on_server(None)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + _RETIRE_WAIT_S
-            while self._inflight and loop.time() < deadline:
-                await asyncio.sleep(0.002)
+            await self._until_returned(None)
         await self._post("/pause_generation", {"mode": sglang_mode})
         self._pause_mode = sglang_mode
 
