@@ -20,5 +20,5 @@ ENGINE_SERVERS_KEEP_ALIVE_S = 5.0
 @pytest.mark.parametrize("client", [HttpTransport("http://127.0.0.1:1"), ServerHTTP("http://127.0.0.1:1")],
                          ids=["engine-api", "engine-server"])
 def test_idle_connections_expire_before_the_servers_close_them(client):
-    expiry = client._limits.keepalive_expiry
+    expiry = client._http.limits.keepalive_expiry
     assert expiry is not None and expiry < min(HTTPSettings().keep_alive_timeout_s, ENGINE_SERVERS_KEEP_ALIVE_S)

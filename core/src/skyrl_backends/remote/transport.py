@@ -34,6 +34,7 @@ except ImportError as exc:  # the trainer's side of remote engines is an extra
 
 from skyrl_backends.errors import EngineDeadError
 from skyrl_backends.remote import wire
+from skyrl_backends.remote.http_clients import HttpClients
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60.0
@@ -41,11 +42,6 @@ DEFAULT_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 5.0
 _BUSY_RETRY_S = 1.0  # the guard's Retry-After
-# A client must drop an idle keep-alive connection before the server does: servers close theirs
-# after 5 s (uvicorn's default, under `skyrl-backends serve`, `vllm serve` and SGLang's server), and a
-# request sent on a connection the server is closing at that moment fails with a read error, which
-# a generation cannot safely repeat (the server may have received it). httpx's own expiry is 5 s too.
-IDLE_CONNECTION_EXPIRY_S = 2.0
 # What a broken connection or an unresponsive server looks like to httpx (retried with the same key).
 _RETRYABLE = (httpx.TransportError,)
 
@@ -72,38 +68,20 @@ class HttpTransport:
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=heartbeat_timeout_s,
-                                      write=heartbeat_timeout_s, pool=None)
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                    keepalive_expiry=IDLE_CONNECTION_EXPIRY_S)
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http = HttpClients(api_key, connect_timeout_s, heartbeat_timeout_s, max_connections)
 
     def __repr__(self) -> str:
         return f"<HttpTransport {self.base_url}>"
 
-    # -- clients ----------------------------------------------------------------------------------------
-    def _async_client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            # A client's connections belong to the loop that opened them: a caller on another loop
-            # (asyncio.run per step, say) gets a client of its own.
-            self._client = httpx.AsyncClient(headers=self._headers, timeout=self._timeout, limits=self._limits)
-            self._loop = loop
-        return self._client
-
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.aclose()
+        await self._http.aclose()
 
     # -- calls ------------------------------------------------------------------------------------------
     def get_sync(self, path: str, wait_ready_s: float = 0.0) -> Any:
         """A GET from synchronous code (connecting happens in ``create_engine``), waiting up to
         ``wait_ready_s`` for a server that is starting or still loading its engine."""
         deadline = time.monotonic() + wait_ready_s
-        with httpx.Client(headers=self._headers, timeout=self._timeout) as client:
+        with self._http.synchronous() as client:
             attempt = 0
             while True:
                 try:
@@ -116,7 +94,7 @@ class HttpTransport:
                     time.sleep(self._backoff(attempt) if time.monotonic() >= deadline else 0.2)
 
     def post_sync(self, path: str, body: dict[str, Any]) -> Any:
-        with httpx.Client(headers=self._headers, timeout=self._timeout) as client:
+        with self._http.synchronous() as client:
             try:
                 return self._decode(client.post(self.base_url + path, content=wire.dumps(body),
                                                 headers={"Content-Type": "application/json"}))
@@ -127,7 +105,7 @@ class HttpTransport:
         attempt = 0
         while True:
             try:
-                return self._decode(await self._async_client().get(self.base_url + path))
+                return self._decode(await self._http.for_this_loop().get(self.base_url + path))
             except (_Loading, *_RETRYABLE) as exc:
                 attempt += 1
                 if attempt > self.retries:
@@ -178,7 +156,7 @@ class HttpTransport:
     async def _stream_once(self, path: str, content: bytes, key: str, start: int) -> AsyncIterator[dict[str, Any]]:
         headers = {"Accept": wire.NDJSON, "Content-Type": "application/json", wire.IDEMPOTENCY_HEADER: key,
                    wire.RESUME_HEADER: str(start)}
-        client = self._async_client()
+        client = self._http.for_this_loop()
         async with client.stream("POST", self.base_url + path, content=content, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -215,5 +193,5 @@ class HttpTransport:
                                f"is it running and reachable?")
 
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_HEARTBEAT_TIMEOUT_S", "DEFAULT_RETRIES", "IDLE_CONNECTION_EXPIRY_S",
+__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_HEARTBEAT_TIMEOUT_S", "DEFAULT_RETRIES",
            "HttpTransport"]

@@ -25,7 +25,7 @@ except ImportError as exc:  # the trainer's side of remote engines is an extra
         from exc
 
 from skyrl_backends.errors import EngineDeadError
-from skyrl_backends.remote.transport import IDLE_CONNECTION_EXPIRY_S
+from skyrl_backends.remote.http_clients import HttpClients
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # Generations run for minutes, and these servers send nothing until a non-streamed one ends.
@@ -68,35 +68,20 @@ class ServerHTTP:
                  retries: int = DEFAULT_RETRIES, max_connections: int = 1024) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s, pool=None)
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                    keepalive_expiry=IDLE_CONNECTION_EXPIRY_S)
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http = HttpClients(api_key, connect_timeout_s, read_timeout_s, max_connections)
 
     def __repr__(self) -> str:
         return f"<ServerHTTP {self.base_url}>"
 
-    def _async_client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            # A client's connections belong to the loop that opened them.
-            self._client = httpx.AsyncClient(headers=self._headers, timeout=self._timeout, limits=self._limits)
-            self._loop = loop
-        return self._client
-
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.aclose()
+        await self._http.aclose()
 
     # -- synchronous (while an engine is being connected) ----------------------------------------------
     def wait_ready(self, path: str, wait_ready_s: float) -> None:
         """Until ``GET path`` answers 200 (a server still loading its model answers 503 or not at all)."""
         deadline = time.monotonic() + wait_ready_s
         last: str = "no answer"
-        with httpx.Client(headers=self._headers, timeout=self._timeout) as client:
+        with self._http.synchronous() as client:
             while True:
                 try:
                     response = client.get(self.base_url + path)
@@ -112,7 +97,7 @@ class ServerHTTP:
 
     def request_sync(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                      json_body: Any = None) -> ServerAnswer:
-        with httpx.Client(headers=self._headers, timeout=self._timeout) as client:
+        with self._http.synchronous() as client:
             try:
                 response = client.request(method, self.base_url + path, params=params, json=json_body)
             except httpx.TransportError as exc:
@@ -126,7 +111,7 @@ class ServerHTTP:
         attempt = 0
         while True:
             try:
-                response = await self._async_client().request(method, self.base_url + path, params=params,
+                response = await self._http.for_this_loop().request(method, self.base_url + path, params=params,
                                                               json=json_body)
                 return _answer(response)
             except _NOT_SENT as exc:
@@ -143,7 +128,7 @@ class ServerHTTP:
         attempt = 0
         while True:
             try:
-                async with self._async_client().stream("POST", self.base_url + path, json=json_body) as response:
+                async with self._http.for_this_loop().stream("POST", self.base_url + path, json=json_body) as response:
                     if response.status_code != 200:
                         await response.aread()
                         yield _answer(response)
