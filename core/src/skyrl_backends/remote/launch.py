@@ -20,22 +20,15 @@ from typing import Any
 
 from skyrl_backends.errors import BackendLoadError
 from skyrl_backends.remote import wire
+from skyrl_backends.remote.child_process import (
+    DEFAULT_START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    kill_session_leftovers,
+    log_tail,
+)
 from skyrl_backends.remote.connect import API_KEY_ENV, connect_engine
 from skyrl_backends.remote.engine import RemoteEngine
 from skyrl_backends.remote.transport import httpx
-
-DEFAULT_START_TIMEOUT_S = 600.0
-_STOP_TIMEOUT_S = 30.0
-
-
-def kill_session_leftovers(process: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the session of ``process``, started with ``start_new_session=True``
-    and ended: a server's own children (a vLLM engine core and its workers) outlive it when it was
-    killed rather than stopped."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class ServerProcess:
@@ -92,10 +85,7 @@ class ServerProcess:
                                                    f"{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 30 s) and what is left of its process
@@ -105,7 +95,7 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(_STOP_TIMEOUT_S)
+                self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -22,7 +22,7 @@ _EXPORTS = {
     "WeightChunk": "chunks", "iter_weight_chunks": "chunks", "named_tensors": "chunks",
     "DEFAULT_BUCKET_BYTES": "chunks",
     "SharedMemorySender": "shared_memory", "CudaIpcSender": "cuda_ipc", "BroadcastSender": "broadcast",
-    "sync_weights": "sync", "make_sender": "sync", "connect_broadcast": "sync", "STRATEGIES": "sync",
+    "sync_weights": "sync", "connect_broadcast": "sync", "make_sender": "senders", "STRATEGIES": "senders",
     "sync_lora_adapter": "adapters",
     "request_to_json": "manifest", "request_from_json": "manifest",
 }

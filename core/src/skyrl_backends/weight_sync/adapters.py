@@ -22,7 +22,8 @@ from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import TensorSpec
 from skyrl_backends.weight_sync import sharded, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, named_tensors, plan
-from skyrl_backends.weight_sync.sync import _ENGINE_DTYPES, Delivery, Targets, _as_list, deliver
+from skyrl_backends.weight_sync.engines import ENGINE_DTYPES, Delivery, Targets, as_list
+from skyrl_backends.weight_sync.sync import deliver
 
 Adapter = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -41,7 +42,7 @@ def adapter_of(model: Any, adapter_name: str | None = None) -> tuple[dict[str, t
 
 async def sync_lora_adapter(targets: Targets, lora_name: str, adapter: Adapter, lora_config: Any = None,
                             strategy: str = shared_memory.STRATEGY, *, sender: Any = None,
-                            bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
+                            bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = ENGINE_DTYPES,
                             pinned: bool = False) -> list[int]:
     """Load (or replace) the LoRA adapter ``lora_name`` in every engine of ``targets`` from tensors;
     returns the adapter's version in each target (a client counts as one), stamped on the
@@ -53,7 +54,7 @@ async def sync_lora_adapter(targets: Targets, lora_name: str, adapter: Adapter, 
     Tensors travel in the dtype each engine holds the adapted layers in, unless ``dtype_for`` says
     otherwise. ``strategy`` and ``sender`` are those of :func:`~skyrl_backends.weight_sync.sync_weights`
     (a broadcast sender from ``connect_broadcast`` serves base weights and adapters alike)."""
-    engines = _as_list(targets)
+    engines = as_list(targets)
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
     if hasattr(adapter, "peft_config"):
@@ -70,7 +71,7 @@ async def sync_lora_adapter(targets: Targets, lora_name: str, adapter: Adapter, 
         raise WeightUpdateError({"adapter": "the adapter's tensors are sharded across ranks; gather them first "
                                             "(DTensor.full_tensor() on every rank; adapters are small), then send "
                                             "from one rank"})
-    if dtype_for == _ENGINE_DTYPES:
+    if dtype_for == ENGINE_DTYPES:
         specs = await engines[0].weight_specs()
         by_name = {s.name: s for s in (specs.values() if isinstance(specs, Mapping) else specs)
                    if isinstance(s, TensorSpec)}

@@ -50,9 +50,18 @@ import torch.distributed as dist
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
-from skyrl_backends.weight_sync.chunks import PackPlan, copy_all, view
+from skyrl_backends.weight_sync.chunks import PackPlan, copy_all, plan, view
+from skyrl_backends.weight_sync.engines import (
+    ENGINE_DTYPES,
+    apply_all,
+    as_list,
+    engine_dtypes,
+    validate_all,
+    versions_of,
+)
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, BucketManifest, TensorEntry, plan_buckets
 from skyrl_backends.weight_sync.ranks import TrainerRanks, error_value, raise_posted_error
+from skyrl_backends.weight_sync.senders import make_sender
 
 STRATEGIES: tuple[str, ...] = (shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
 ROWS, WHOLE, FULL = "rows", "whole", "full"
@@ -312,19 +321,17 @@ def _plan_message(layout: PackPlan, mode: str, segments: list[str]) -> dict[str,
 
 async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: int, dtype_for: Any, sender: Any,
                 same_machine: bool, check_finite: bool) -> list[int]:
-    from skyrl_backends.weight_sync import sync
-
     ranks = model.ranks
     own_sender = False
     published = False
     try:
-        engines = sync._as_list(targets) if targets is not None else []
+        engines = as_list(targets) if targets is not None else []
         if not engines:
             raise WeightUpdateError({"targets": "the sending rank (rank 0 of the trainer's group) must pass the "
                                                 "engines"})
-        if dtype_for == sync._ENGINE_DTYPES:
-            dtype_for = await sync._engine_dtypes(engines)
-        layout = sync.plan([(t.name, t.tensor) for t in model.tensors.values()], bucket_bytes, dtype_for)
+        if dtype_for == ENGINE_DTYPES:
+            dtype_for = await engine_dtypes(engines)
+        layout = plan([(t.name, t.tensor) for t in model.tensors.values()], bucket_bytes, dtype_for)
         if strategy == broadcast.STRATEGY:
             if not isinstance(sender, broadcast.BroadcastSender):
                 raise WeightUpdateError(
@@ -332,7 +339,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
                                "sending rank"})
         else:
             own_sender = sender is None
-            sender = sender or sync.make_sender(strategy)
+            sender = sender or make_sender(strategy)
             if sender.strategy != strategy:
                 raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
         assembler = Assembler(model, layout.buckets)
@@ -340,33 +347,33 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             direct = same_machine
             buffers = sender.allocate(layout)
             request = _request(layout, strategy, sender.payload(layout), check_finite)
-            await sync._validate(engines, request)
+            await validate_all(engines, request)
             ranks.publish("plan", _plan_message(layout, "segments" if direct else "gather", sender.segment_names))
             published = True
             await asyncio.to_thread(_fill_segments, assembler, buffers, direct)
-            versions = sync._versions(engines, await sync._apply(engines, request))
+            versions = versions_of(engines, await apply_all(engines, request))
         elif strategy == cuda_ipc.STRATEGY:
             buffers = sender.allocate(layout)
             manifests = [b.to_json() for b in layout.buckets]
-            await sync._validate(engines, _request(layout, strategy, {"buckets": manifests}, check_finite))
+            await validate_all(engines, _request(layout, strategy, {"buckets": manifests}, check_finite))
             ranks.publish("plan", _plan_message(layout, "gather", []))
             published = True
             await asyncio.to_thread(_gather_all, assembler, buffers, sender.device)
             request = _request(layout, strategy, sender.share(manifests), check_finite)
-            versions = sync._versions(engines, await sync._apply(engines, request))
+            versions = versions_of(engines, await apply_all(engines, request))
         else:
             direct = same_machine and sender.device.type == "cpu"
             ring = sender.ring(layout, shared=direct)
             request = _request(layout, strategy, sender.payload(layout), check_finite)
             # Every engine takes part in every broadcast: all validate before the first byte moves.
-            await sync._validate(engines, request)
+            await validate_all(engines, request)
             ranks.publish("plan", _plan_message(layout, "ring" if direct else "gather",
                                                 sender.ring_segment_names if direct else []))
             published = True
             fill = _ring_filler(assembler, direct)
             results = await asyncio.gather(asyncio.to_thread(sender.send_assembled, layout, ring, fill),
                                            *(e.update_named_weights(request) for e in engines))
-            versions = sync._versions(engines, results[1:])
+            versions = versions_of(engines, results[1:])
     except BaseException as exc:
         # The other ranks wait for the plan, then for the result: give them this error instead.
         ranks.publish("result" if published else "plan", error_value(exc))

@@ -15,8 +15,7 @@ each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says oth
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,49 +23,27 @@ import torch
 from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
-from skyrl_backends.types import TensorSpec, WeightUpdateRequest
-from skyrl_backends.weight_sync import broadcast, cuda_ipc, sharded, shared_memory
+from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync import broadcast, sharded, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, named_tensors, plan
+from skyrl_backends.weight_sync.engines import (
+    BASE_WEIGHTS,
+    ENGINE_DTYPES,
+    Delivery,
+    Targets,
+    apply_all,
+    as_list,
+    engine_dtypes,
+    pool_of,
+    validate_all,
+    versions_of,
+)
 from skyrl_backends.weight_sync.ranks import DEFAULT_TIMEOUT_S as DEFAULT_RANKS_TIMEOUT_S
-
-STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
-_ENGINE_DTYPES = "engine"
-Targets = Engine | Sequence[Engine]
-
-
-def _as_list(targets: Targets) -> list[Engine]:
-    if isinstance(targets, Sequence) and not isinstance(targets, (str, bytes)):
-        return list(targets)
-    return [targets]
-
-
-def _pool(target: Engine) -> list[Engine] | None:
-    """The engines of a client (an object with an ``engines`` list), else None."""
-    engines = getattr(target, "engines", None)
-    return list(engines) if isinstance(engines, (list, tuple)) else None
-
-
-async def _engine_dtypes(targets: list[Engine]) -> dict[str, str]:
-    specs = await targets[0].weight_specs()
-    values = specs.values() if isinstance(specs, Mapping) else specs
-    return {s.name: s.dtype for s in values if isinstance(s, TensorSpec)}
-
-
-def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
-    """A reusable sender for a colocated strategy. Keep it across steps: it reuses its buffers (and
-    so the engines' mappings and opened handles). For broadcast use :func:`connect_broadcast`."""
-    if strategy == shared_memory.STRATEGY:
-        return shared_memory.SharedMemorySender()
-    if strategy == cuda_ipc.STRATEGY:
-        return cuda_ipc.CudaIpcSender(device)
-    if strategy == broadcast.STRATEGY:
-        raise WeightUpdateError({"strategy": "broadcast needs a process group: create its sender with "
-                                             "`await connect_broadcast(engines, ...)`"})
-    raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(STRATEGIES)}"})
+from skyrl_backends.weight_sync.senders import make_sender
 
 
 def _num_ranks(target: Engine) -> int:
-    pool = _pool(target)
+    pool = pool_of(target)
     if pool is not None:
         return sum(_num_ranks(e) for e in pool)
     sizes = getattr(target, "parallel_sizes", None)
@@ -94,10 +71,10 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
     a bucket while the next arrives; engine memory stays at two buckets and the last copy overlaps
     nothing but one bucket, but a failed transfer leaves the engine refusing to generate until a
     complete update arrives)."""
-    engines = _as_list(targets)
+    engines = as_list(targets)
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    members = [m for e in engines for m in (_pool(e) or [e])]
+    members = [m for e in engines for m in (pool_of(e) or [e])]
     native = sorted({m.backend for m in members if not receives_packed_broadcast(m.capabilities)})
     if layout is None:  # streamed updates are applied bucket by bucket, so they travel packed
         layout = "packed" if apply == "streamed" or not (native or backend == "gloo") else "per_tensor"
@@ -112,7 +89,7 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
     offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
     joins = []
     for engine, offset in zip(engines, offsets, strict=False):
-        pool = _pool(engine)
+        pool = pool_of(engine)
         if pool is None:
             joins.append(engine.init_weight_update_communicator(sender.init_info(offset)))
         else:  # a client: one init info per engine of its pool, consecutive ranks
@@ -126,7 +103,7 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
 
 
 async def sync_weights(targets: Targets | None, weights: Weights, strategy: str = shared_memory.STRATEGY, *,
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = _ENGINE_DTYPES,
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor | str = ENGINE_DTYPES,
                        sender: Any = None, check_finite: bool = False, group: Any = None,
                        timeout_s: float = DEFAULT_RANKS_TIMEOUT_S) -> list[int]:
     """Push ``weights`` (a module, a state dict or ``(name, tensor)`` pairs) into every engine of
@@ -154,26 +131,14 @@ async def sync_weights(targets: Targets | None, weights: Weights, strategy: str 
         return await sharded.sync_sharded(targets, pairs, strategy, bucket_bytes=bucket_bytes, dtype_for=dtype_for,
                                           sender=sender, group=group, timeout_s=timeout_s,
                                           check_finite=check_finite)
-    engines = _as_list(targets) if targets is not None else []
+    engines = as_list(targets) if targets is not None else []
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
-    if dtype_for == _ENGINE_DTYPES:
-        dtype_for = await _engine_dtypes(engines)
+    if dtype_for == ENGINE_DTYPES:
+        dtype_for = await engine_dtypes(engines)
     layout = plan(pairs, bucket_bytes, dtype_for)
-    return _versions(engines, await deliver(engines, layout, strategy, sender, BASE_WEIGHTS,
-                                            check_finite=check_finite))
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What every engine does with an update's request: check it, then apply it (returning a version)."""
-
-    validate: Callable[[Engine, WeightUpdateRequest], Awaitable[None]]
-    apply: Callable[[Engine, WeightUpdateRequest], Awaitable[Any]]
-
-
-BASE_WEIGHTS = Delivery(lambda engine, request: engine.validate_weight_update(request),
-                        lambda engine, request: engine.update_named_weights(request))
+    return versions_of(engines, await deliver(engines, layout, strategy, sender, BASE_WEIGHTS,
+                                              check_finite=check_finite))
 
 
 async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender: Any,
@@ -185,7 +150,7 @@ async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender
         tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors,
                                       check_finite=check_finite)
-        return await _apply(engines, request, delivery)
+        return await apply_all(engines, request, delivery)
     if strategy == broadcast.STRATEGY:
         if not isinstance(sender, broadcast.BroadcastSender):
             raise WeightUpdateError(
@@ -198,20 +163,10 @@ async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender
     try:
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout),
                                       check_finite=check_finite)
-        return await _apply(engines, request, delivery)
+        return await apply_all(engines, request, delivery)
     finally:
         if own_sender:
             sender.close()
-
-
-async def _validate(engines: list[Engine], request: WeightUpdateRequest, delivery: Delivery = BASE_WEIGHTS) -> None:
-    for engine in engines:
-        await delivery.validate(engine, request)
-
-
-async def _apply(engines: list[Engine], request: WeightUpdateRequest, delivery: Delivery = BASE_WEIGHTS) -> list[Any]:
-    await _validate(engines, request, delivery)
-    return list(await asyncio.gather(*(delivery.apply(e, request) for e in engines)))
 
 
 async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender,
@@ -220,20 +175,7 @@ async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.
                                   sender.payload(layout), check_finite=check_finite)
     # Every engine must take part in every broadcast: check them all before the first byte moves,
     # since an engine that refuses would leave the others waiting until the group's timeout.
-    await _validate(engines, request, delivery)
+    await validate_all(engines, request, delivery)
     results = await asyncio.gather(asyncio.to_thread(sender.send, layout),
                                    *(delivery.apply(e, request) for e in engines))
     return list(results[1:])
-
-
-def _versions(targets: list[Engine], results: Sequence[Any]) -> list[int]:
-    """One weight version per engine: a client's result stands for its pool, whose engines report
-    their own versions."""
-    versions: list[int] = []
-    for target, result in zip(targets, results, strict=False):
-        pool = _pool(target)
-        if pool is not None and all(isinstance(getattr(e, "weight_version", None), int) for e in pool):
-            versions.extend(e.weight_version for e in pool)
-        else:
-            versions.extend(int(v) for v in (result if isinstance(result, (list, tuple)) else [result]))
-    return versions

@@ -29,10 +29,13 @@ from typing import Any
 from skyrl_backends.checkpoint import served_dtype
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import BackendLoadError, ConfigError
-from skyrl_backends.remote.launch import kill_session_leftovers
+from skyrl_backends.remote.child_process import (
+    DEFAULT_START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    kill_session_leftovers,
+    log_tail,
+)
 
-DEFAULT_START_TIMEOUT_S = 600.0
-_STOP_TIMEOUT_S = 30.0
 PROTOCOLS = ("vllm", "sglang")
 # SGLang's CPU path cannot size its KV cache from device memory (as the sglang backend sets it).
 SGLANG_CPU_FLAGS = ["--attention-backend", "torch_native", "--max-total-tokens", "16384", "--disable-cuda-graph",
@@ -211,10 +214,7 @@ class NativeServer:
                                                                   f"{self.process.returncode}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """SIGTERM to the server's process group, SIGKILL after 30 s; then its files are removed."""
@@ -224,7 +224,7 @@ class NativeServer:
             except ProcessLookupError:
                 pass
             try:
-                self.process.wait(_STOP_TIMEOUT_S)
+                self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()

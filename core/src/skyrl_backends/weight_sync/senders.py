@@ -1,0 +1,26 @@
+"""The trainer's senders, made by strategy name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
+
+STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
+
+
+def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
+    """A reusable sender for a colocated strategy. Keep it across steps: it reuses its buffers (and
+    so the engines' mappings and opened handles). For broadcast use
+    :func:`~skyrl_backends.weight_sync.connect_broadcast`."""
+    if strategy == shared_memory.STRATEGY:
+        return shared_memory.SharedMemorySender()
+    if strategy == cuda_ipc.STRATEGY:
+        return cuda_ipc.CudaIpcSender(device)
+    if strategy == broadcast.STRATEGY:
+        raise WeightUpdateError({"strategy": "broadcast needs a process group: create its sender with "
+                                             "`await connect_broadcast(engines, ...)`"})
+    raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(STRATEGIES)}"})
