@@ -22,7 +22,9 @@ Only this module (and ``skyrl-backends serve --ray``) imports ray; ``pip install
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +48,10 @@ from skyrl_backends.types import (
 )
 
 DEFAULT_START_TIMEOUT_S = 300.0
+# Between attempts to restart an engine whose new actor was lost with a failing node.
+_RESTART_RETRY_S = 1.0
+
+logger = logging.getLogger(__name__)
 
 # Errors meaning "the actor is gone or cannot be reached", as opposed to an error the engine raised.
 _ACTOR_FAILURES: tuple[type[BaseException], ...] = tuple(
@@ -155,6 +161,21 @@ class RayWrappedInferenceEngine:
         return self.engine.engine_version()
 
 
+class PlacementLease:
+    """A placement group created for engines, held by each engine placed in it and removed when the
+    last of them is torn down, so that a torn-down pool leaves the cluster's CPUs and GPUs free. A
+    restarted engine takes over its predecessor's hold."""
+
+    def __init__(self, group: PlacementGroup, holders: int) -> None:
+        self.group = group
+        self.holders = holders
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            ray.util.remove_placement_group(self.group)
+
+
 @dataclass
 class RayEngineProxy:
     """The engine API over a :class:`RayWrappedInferenceEngine` actor handle."""
@@ -173,8 +194,9 @@ class RayEngineProxy:
     node_id: str | None = None
     # How the actor was started (backend, model, engine options, resources): what a restart repeats.
     spawn: dict[str, Any] | None = None
-    # The placement group created for this engine alone (by a restart), removed at teardown.
-    own_placement_group: Any = None
+    # This engine's hold on a placement group created for engines (by create_ray_engines or a restart),
+    # which goes when its last engine is torn down.
+    lease: PlacementLease | None = None
     # The placement group and bundle the actor was scheduled on (a restart goes back to the bundle).
     placement: tuple[Any, int] | None = None
 
@@ -300,8 +322,9 @@ class RayEngineProxy:
             await self._call("teardown")
         finally:
             ray.kill(self.actor, no_restart=True)
-            if self.own_placement_group is not None:
-                ray.util.remove_placement_group(self.own_placement_group)
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                lease.release()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -370,8 +393,10 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
     try:
         proxies = [RayEngineProxy.from_actor(actor, f"ray-engine-{i}", start_timeout_s, spawn)
                    for i, actor in enumerate(actors)]
+        lease = PlacementLease(group, len(proxies)) if own_group else None
         for proxy, index in zip(proxies, indices, strict=True):
             proxy.placement = (group, index)
+            proxy.lease = lease
         return proxies
     except BaseException:
         for actor in actors:
@@ -379,6 +404,13 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
         if own_group:
             ray.util.remove_placement_group(group)
         raise
+
+
+def _died_with_its_node(exc: BaseException) -> bool:
+    """Whether an actor failed to start because of the system (its node or process died) rather
+    than its engine's own start-up raising, which would only fail again."""
+    cause = exc.__cause__ if isinstance(exc, EngineDeadError) else exc
+    return isinstance(cause, ray.exceptions.ActorDiedError) and not cause.actor_init_failed
 
 
 def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
@@ -395,25 +427,38 @@ def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT
     spawn = lost.spawn
     with contextlib.suppress(Exception):  # a dead actor: make sure Ray does not bring it back as well
         ray.kill(lost.actor, no_restart=True)
-    own_group = lost.own_placement_group
+    lease = lost.lease
     if lost.placement is not None:
         group, index = lost.placement
     else:
         group, index = engine_placement_group(1, spawn["num_gpus"], spawn["num_cpus"], timeout_s=start_timeout_s), 0
-        own_group = group
+        lease = PlacementLease(group, 1)
     options = {"num_cpus": spawn["num_cpus"], "num_gpus": spawn["num_gpus"], "max_restarts": 0,
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=group,
                                                                         placement_group_bundle_index=index),
                **spawn["actor_options"]}
-    actor = ray.remote(RayWrappedInferenceEngine).options(**options).remote(
-        spawn["backend"], spawn["model"], dict(spawn["engine_options"]))
-    try:
-        proxy = RayEngineProxy.from_actor(actor, name or lost.name, start_timeout_s, spawn)
-    except BaseException:
-        ray.kill(actor, no_restart=True)
-        if own_group is not None and own_group is not lost.own_placement_group:
-            ray.util.remove_placement_group(own_group)
-        raise
+    deadline = time.monotonic() + start_timeout_s
+    while True:
+        actor = ray.remote(RayWrappedInferenceEngine).options(**options).remote(
+            spawn["backend"], spawn["model"], dict(spawn["engine_options"]))
+        try:
+            proxy = RayEngineProxy.from_actor(actor, name or lost.name, max(1.0, deadline - time.monotonic()), spawn)
+            break
+        except BaseException as exc:
+            ray.kill(actor, no_restart=True)
+            # Right after a node dies, Ray still counts it alive (until it misses enough health
+            # checks) and schedules the new actor into the bundle there, where it dies unstarted.
+            # Once Ray has marked the node dead it moves the bundle to a live node: try again until then.
+            if _died_with_its_node(exc) and time.monotonic() + _RESTART_RETRY_S < deadline:
+                logger.warning("restarting %s: the new actor was lost before it started (its node is "
+                               "failing); trying again", name or lost.name)
+                time.sleep(_RESTART_RETRY_S)
+                continue
+            if lease is not None and lease is not lost.lease:
+                lease.release()
+            raise
     proxy.placement = (group, index)
-    proxy.own_placement_group = own_group
+    proxy.lease = lease
+    if lease is lost.lease:
+        lost.lease = None  # the lost engine's teardown must not release the group its successor uses
     return proxy

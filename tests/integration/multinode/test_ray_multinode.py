@@ -15,12 +15,14 @@ The scenario, one test because each step needs the state the previous one left:
    over; no request is lost);
 4. ``EngineRecovery`` restarts the lost engine on a live node, gives it the current weights over a
    gloo group of its own and puts it back in rotation under its id;
-5. the next broadcast reaches both engines again.
+5. the next broadcast reaches both engines again;
+6. tearing the pool down removes its placement group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 
@@ -31,6 +33,7 @@ torch = pytest.importorskip("torch")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 from skyrl_backends.client import EngineRecovery, InferenceEngineClient  # noqa: E402
+from skyrl_backends.errors import EngineDeadError  # noqa: E402
 from skyrl_backends.ray_wrapper import create_ray_engines, restart_ray_engine  # noqa: E402
 from skyrl_backends.weight_sync import connect_broadcast, sync_weights  # noqa: E402
 
@@ -88,6 +91,10 @@ def oracle(model, weights) -> list[list[int]]:
     return outputs
 
 
+def _group_state(group) -> str:
+    return ray.util.placement_group_table(group)["state"]
+
+
 async def _until(condition, what: str, timeout_s: float = 120.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not condition():
@@ -107,6 +114,7 @@ def test_engines_on_other_nodes_survive_losing_a_node(cluster, model_dir, traine
     expected_first, expected_second = oracle(trainer_model, first), oracle(trainer_model, second)
     victim = engines[1]
     victim_node = next(n for n in nodes if n.node_id == victim.node_id)
+    group = engines[0].placement[0]
 
     async def scenario():
         client = InferenceEngineClient(engines, max_failovers=3)
@@ -167,5 +175,34 @@ def test_engines_on_other_nodes_survive_losing_a_node(cluster, model_dir, traine
         for engine in client.engines:
             assert (await engine.generate(PROMPTS, GREEDY)).response_ids == expected_second
         await client.teardown()
+        # 6. The pool's placement group goes with its last engine: the nodes' CPUs are free again.
+        assert _group_state(group) == "REMOVED"
 
     asyncio.run(scenario())
+
+
+def test_an_engine_restarted_as_its_node_dies_starts_on_a_live_node(cluster, model_dir):
+    """A restart that comes before Ray has noticed the node's death (it waits for missed health
+    checks) is scheduled into the bundle still on that node, where the new actor dies unstarted;
+    ``restart_ray_engine`` tries again until Ray has moved the bundle to a live node."""
+    sim, nodes = cluster
+    spare = sim.add_node(num_cpus=1, include_dashboard=False)  # room for the restart, whatever ran before
+    sim.wait_for_nodes()
+    [engine] = create_ray_engines(1, "transformers", model_dir, num_cpus_per_engine=1, start_timeout_s=600,
+                                  dtype="float32")
+    node = next(n for n in [*nodes, spare] if n.node_id == engine.node_id)
+    sim.remove_node(node, False)
+    replacement = restart_ray_engine(engine, start_timeout_s=600)  # at once: the node is not yet marked dead
+    group = replacement.placement[0]
+    try:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert replacement.node_id in alive and replacement.node_id != engine.node_id
+        out = asyncio.run(replacement.generate(PROMPTS[:1], GREEDY))
+        assert len(out.response_ids[0]) == MAX_TOKENS
+        # The lost engine's teardown (its actor is dead) leaves its successor's placement group alone.
+        with contextlib.suppress(EngineDeadError):
+            asyncio.run(engine.teardown())
+        assert _group_state(group) == "CREATED"
+    finally:
+        asyncio.run(replacement.teardown())
+    assert _group_state(group) == "REMOVED"
