@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from skyrl_backends import capabilities as caps
 from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
@@ -75,6 +76,12 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     members = [m for e in engines for m in (pool_of(e) or [e])]
+    # Every engine must be able to join before any starts to: an engine that joins waits for the
+    # whole group, and would stay stuck in a group that never forms, refusing the trainer's next one.
+    for member in members:
+        if member.capabilities is not None:
+            caps.require(member.capabilities, caps.weight_sync(broadcast.STRATEGY), member.backend,
+                         "connect_broadcast checks every engine before any joins the group")
     native = sorted({m.backend for m in members if not receives_packed_broadcast(m.capabilities)})
     if layout is None:  # streamed updates are applied bucket by bucket, so they travel packed
         layout = "packed" if apply == "streamed" or not (native or backend == "gloo") else "per_tensor"
