@@ -48,8 +48,9 @@ from skyrl_backends.types import (
 )
 
 DEFAULT_START_TIMEOUT_S = 300.0
-# Between attempts to restart an engine whose new actor was lost with a failing node.
-_RESTART_RETRY_S = 1.0
+# How often, and how long, a restart asks Ray whether the lost engine's node is marked dead.
+_NODE_DEATH_POLL_S = 0.5
+_NODE_DEATH_WAIT_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -406,11 +407,20 @@ def create_ray_engines(num_engines: int, backend: str, model: str | os.PathLike[
         raise
 
 
-def _died_with_its_node(exc: BaseException) -> bool:
+def _lost_by_the_system(exc: BaseException) -> bool:
     """Whether an actor failed to start because of the system (its node or process died) rather
     than its engine's own start-up raising, which would only fail again."""
     cause = exc.__cause__ if isinstance(exc, EngineDeadError) else exc
     return isinstance(cause, ray.exceptions.ActorDiedError) and not cause.actor_init_failed
+
+
+def _until_marked_dead(node_id: str, deadline: float) -> bool:
+    """Wait until Ray marks ``node_id`` dead (True), or until ``deadline`` (False)."""
+    while any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes()):
+        if time.monotonic() + _NODE_DEATH_POLL_S >= deadline:
+            return False
+        time.sleep(_NODE_DEATH_POLL_S)
+    return True
 
 
 def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
@@ -438,6 +448,7 @@ def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT
                                                                         placement_group_bundle_index=index),
                **spawn["actor_options"]}
     deadline = time.monotonic() + start_timeout_s
+    retried = False
     while True:
         actor = ray.remote(RayWrappedInferenceEngine).options(**options).remote(
             spawn["backend"], spawn["model"], dict(spawn["engine_options"]))
@@ -448,11 +459,14 @@ def restart_ray_engine(lost: RayEngineProxy, *, start_timeout_s: float = DEFAULT
             ray.kill(actor, no_restart=True)
             # Right after a node dies, Ray still counts it alive (until it misses enough health
             # checks) and schedules the new actor into the bundle there, where it dies unstarted.
-            # Once Ray has marked the node dead it moves the bundle to a live node: try again until then.
-            if _died_with_its_node(exc) and time.monotonic() + _RESTART_RETRY_S < deadline:
-                logger.warning("restarting %s: the new actor was lost before it started (its node is "
-                               "failing); trying again", name or lost.name)
-                time.sleep(_RESTART_RETRY_S)
+            # Once Ray has marked the node dead it moves the bundle to a live node: try once more then.
+            # Ray fails such an actor once it has marked the node dead, so the lost engine's node is
+            # dead by now (or within moments); if it is alive, the failure was something else.
+            if (not retried and lost.node_id is not None and _lost_by_the_system(exc)
+                    and _until_marked_dead(lost.node_id, min(deadline, time.monotonic() + _NODE_DEATH_WAIT_S))):
+                logger.warning("restarting %s: the new actor was lost with the dead node %s before it "
+                               "started; starting it again", name or lost.name, lost.node_id)
+                retried = True
                 continue
             if lease is not None and lease is not lost.lease:
                 lease.release()
