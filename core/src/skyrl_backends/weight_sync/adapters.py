@@ -19,10 +19,9 @@ import torch
 
 from skyrl_backends import lora
 from skyrl_backends.errors import WeightUpdateError
-from skyrl_backends.types import TensorSpec
 from skyrl_backends.weight_sync import sharded, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, named_tensors, plan
-from skyrl_backends.weight_sync.engines import ENGINE_DTYPES, Delivery, Targets, as_list
+from skyrl_backends.weight_sync.engines import ENGINE_DTYPES, Delivery, Targets, as_list, engine_specs
 from skyrl_backends.weight_sync.sync import deliver
 
 Adapter = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -72,10 +71,7 @@ async def sync_lora_adapter(targets: Targets, lora_name: str, adapter: Adapter, 
                                             "(DTensor.full_tensor() on every rank; adapters are small), then send "
                                             "from one rank"})
     if dtype_for == ENGINE_DTYPES:
-        specs = await engines[0].weight_specs()
-        by_name = {s.name: s for s in (specs.values() if isinstance(specs, Mapping) else specs)
-                   if isinstance(s, TensorSpec)}
-        dtype_for = lora.adapter_dtypes([name for name, _ in pairs], by_name)
+        dtype_for = lora.adapter_dtypes([name for name, _ in pairs], await engine_specs(engines))
     layout = plan(pairs, bucket_bytes, dtype_for)
     delivery = Delivery(
         lambda engine, request: engine.validate_lora_adapter_from_tensors(lora_name, config, request),

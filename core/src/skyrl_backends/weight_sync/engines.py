@@ -34,11 +34,16 @@ def pool_of(target: Engine) -> list[Engine] | None:
     return list(engines) if isinstance(engines, (list, tuple)) else None
 
 
-async def engine_dtypes(targets: list[Engine]) -> dict[str, str]:
-    """Each weight's dtype in the first engine (every engine of one update holds the same model)."""
+async def engine_specs(targets: list[Engine]) -> dict[str, TensorSpec]:
+    """The first engine's weight specs by name (every engine of one update holds the same model)."""
     specs = await targets[0].weight_specs()
     values = specs.values() if isinstance(specs, Mapping) else specs
-    return {s.name: s.dtype for s in values if isinstance(s, TensorSpec)}
+    return {s.name: s for s in values if isinstance(s, TensorSpec)}
+
+
+async def engine_dtypes(targets: list[Engine]) -> dict[str, str]:
+    """Each weight's dtype in the first engine."""
+    return {name: spec.dtype for name, spec in (await engine_specs(targets)).items()}
 
 
 @dataclass(frozen=True)
