@@ -24,6 +24,9 @@ def test_a_run_that_ends_where_one_fixed_answer_would_has_not_learned():
     assert collapsed["reward_last"] >= 2 * collapsed["reward_first"] and collapsed["learned"] is False
     assert summarize(rows([0.02] * 10 + [0.33] * 10))["learned"] is True  # the doubling alone says yes
     assert summarize(rows([0.01] * 10 + [0.7] * 10), fixed_answer_reward=1 / 3)["learned"] is True
+    assert collapsed["failed_test"] == "fixed_answer"
+    assert summarize(rows([0.3] * 10 + [0.4] * 10), fixed_answer_reward=1 / 3)["failed_test"] == "doubling"
+    assert summarize(rows([0.0] * 20), fixed_answer_reward=1 / 3)["failed_test"] == "doubling"  # 0 is not 2x 0
 
 
 def test_metrics_csv_header_from_first_row_and_rows_kept(tmp_path):

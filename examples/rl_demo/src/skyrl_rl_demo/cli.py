@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 def format_summary(s: dict[str, Any], out_dir: str) -> str:
     w = s["window"]
     ratio = "inf" if math.isinf(s["reward_ratio"]) else f"{s['reward_ratio']:.1f}x"
-    fixed = s.get("fixed_answer_reward")
-    if s["learned"] is False and fixed is not None and s["reward_last"] >= 2 * s["reward_first"]:
+    if s["failed_test"] == "fixed_answer":
+        fixed = s["fixed_answer_reward"]
         why = (f"the last-window reward is not above {learned_bar(fixed):.2f}: one fixed answer earns "
                f"{fixed:.2f} without reading the prompt")
     else:

@@ -59,7 +59,9 @@ def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW,
     rewards = [r["reward_mean"] for r in rows]
     w = min(window, max(1, len(rows) // 2))
     first, last = mean(rewards[:w]), mean(rewards[-w:])
+    doubled = last >= 2 * first and last > first
     above_fixed = fixed_answer_reward is None or last >= learned_bar(fixed_answer_reward)
+    judged = len(rows) >= 2 * window  # over two full windows; a shorter run says nothing either way
     summary: dict[str, Any] = {
         "steps": len(rows),
         "window": w,
@@ -68,8 +70,11 @@ def summarize(rows: Sequence[dict[str, Any]], window: int = WINDOW,
         "reward_ratio": last / first if first > 0 else math.inf,
         "exact_first": mean([r["exact_rate"] for r in rows[:w]]),
         "exact_last": mean([r["exact_rate"] for r in rows[-w:]]),
-        # Judged only over two full windows; a shorter run says nothing either way.
-        "learned": bool(last >= 2 * first and last > first and above_fixed) if len(rows) >= 2 * window else None,
+        "learned": doubled and above_fixed if judged else None,
+        # Which test a judged run failed: "doubling" (the last window's reward is not twice the
+        # first's) or "fixed_answer" (it is, but not above what one fixed answer earns, learned_bar).
+        "failed_test": (None if not judged or (doubled and above_fixed)
+                        else "doubling" if not doubled else "fixed_answer"),
         "fixed_answer_reward": fixed_answer_reward,
     }
     for key in ("generation_tokens_per_s", "generation_s", "update_s", "weight_sync_s", "sleep_s",
