@@ -34,8 +34,9 @@ and in one of two ways of applying them, chosen by the trainer (``apply`` in the
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +52,9 @@ from skyrl_backends.weight_sync.nccl_transport import INIT_INFO_KEY, check_match
 STRATEGY = "broadcast"
 BACKENDS = ("gloo", "nccl")
 DEFAULT_TIMEOUT_S = 300.0
+# How long an abandoned group's joins are waited for once its store is down (they fail within a
+# second or so; an engine call that hangs regardless is let go).
+ABANDON_GRACE_S = 30.0
 # What the engine does with one bucket's (name, tensor) pairs; the tensors are views into a ring
 # buffer that the next-but-one bucket overwrites, so the engine copies them before it returns.
 LoadBucket = Callable[[list[tuple[str, torch.Tensor]]], None]
@@ -89,6 +93,11 @@ def new_group(store: dist.Store, rank: int, world_size: int, backend: str, group
     raise WeightUpdateError({"backend": f"got {backend!r}; expected one of {list(BACKENDS)}"})
 
 
+def _abandoned_key(group_name: str) -> str:
+    """The store key saying the trainer gave up on the group (:meth:`BroadcastSender.abandon`)."""
+    return f"skyrl_abandoned/{group_name}"
+
+
 def _local_host(master_addr: str) -> str:
     # gloo binds to the address that reaches the master; on one machine that is the loopback.
     return "127.0.0.1" if master_addr in ("127.0.0.1", "localhost", "::1") else ""
@@ -112,10 +121,21 @@ class BroadcastReceiver:
         self._ring: list[torch.Tensor] = []  # the two bucket-sized buffers of streamed updates
         self._ring_memo = LayoutMemo()  # the last streamed layout: bucket sizes and views into the ring
         timeout_s = float(info.extra.get("timeout_s", DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
-        self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
-        self.group = new_group(self.store, self.rank, info.world_size, info.backend, info.group_name,
-                               _local_host(info.master_addr), timeout_s)
+        try:
+            self.store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+            if self.store.check([_abandoned_key(info.group_name)]):
+                reason = self.store.get(_abandoned_key(info.group_name)).decode(errors="replace")
+                raise WeightUpdateError({"init_info": f"the trainer abandoned group {info.group_name!r} before "
+                                                      f"this engine joined: {reason}"})
+            self.group = new_group(self.store, self.rank, info.world_size, info.backend, info.group_name,
+                                   _local_host(info.master_addr), timeout_s)
+        except dist.DistError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightUpdateError({"init_info": (
+                f"group {info.group_name!r} at {info.master_addr}:{info.master_port} did not form ({first_line}). "
+                f"The trainer abandons a group when another engine fails to join it (its error says why); "
+                f"otherwise check that the trainer is up and reachable at that address")}) from None
 
     @property
     def staging_bytes(self) -> int:
@@ -269,9 +289,13 @@ class BroadcastSender:
         self.group_name = group_name
         self.device = torch.device(device)
         self.timeout_s = timeout_s
-        self.store = dist.TCPStore(master_addr, master_port, world_size, is_master=True,
-                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-        self.master_port = self.store.port
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # The store's server is kept apart from the client this rank joins through, so that
+        # abandon() can take it down while a join (this rank's or an engine's) is blocked in it.
+        self._server: Any = dist.TCPStore(master_addr, master_port, world_size, is_master=True, timeout=timeout,
+                                          wait_for_workers=False)
+        self.master_port = self._server.port
+        self.store: Any = dist.TCPStore(master_addr, self.master_port, world_size, is_master=False, timeout=timeout)
         self.group: Any = None
         self._buffers: list[torch.Tensor] = []
         self._packer = Packer()
@@ -292,6 +316,48 @@ class BroadcastSender:
         """Blocks until every engine rank has joined."""
         self.group = new_group(self.store, 0, self.world_size, self.backend, self.group_name,
                                _local_host(self.master_addr), self.timeout_s)
+
+    async def join_with(self, engine_joins: Sequence[Awaitable[Any]]) -> None:
+        """Join (in a thread) while the engines join (``engine_joins``: their
+        ``init_weight_update_communicator`` calls). The first failure abandons the group: every rank
+        still waiting for it is released at once instead of at the group's timeout, and that first
+        failure is raised."""
+        tasks = [asyncio.ensure_future(asyncio.to_thread(self.join)), *map(asyncio.ensure_future, engine_joins)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException as exc:
+            reason = ("the trainer's call was cancelled" if isinstance(exc, asyncio.CancelledError)
+                      else f"another member failed to join: {type(exc).__name__}: {exc}")
+            self.abandon(reason[:2000])
+            # Released ranks fail within about a second; an engine call that does not return
+            # (a hung server) is not waited for beyond the grace period.
+            _, pending = await asyncio.wait(tasks, timeout=ABANDON_GRACE_S)
+            for task in pending:
+                task.cancel()
+            for task in tasks:  # retrieved, so that the released ranks' errors are not reported as lost
+                if task.done() and not task.cancelled():
+                    task.exception()
+            raise
+
+    def abandon(self, reason: str = "another member failed to join") -> None:
+        """Give up on the group before it forms: every rank waiting for it (this one's :meth:`join`,
+        engines joining through skyrl's receiver or natively) fails within about a second instead of
+        at the timeout, and the engines are free for the trainer's next group. The sender cannot be
+        used afterwards.
+
+        The store's server is taken down, which closes every waiting rank's connection, and a new
+        one on the same port says the group was abandoned (and why) to a receiver that connects
+        later: a client that found no server would retry until the timeout."""
+        if self._server is None:
+            return
+        self.group = None
+        self._server = None  # the only reference: its connections close now
+        try:
+            self._server = dist.TCPStore(self.master_addr, self.master_port, self.world_size, is_master=True,
+                                         timeout=datetime.timedelta(seconds=self.timeout_s), wait_for_workers=False)
+            self._server.set(_abandoned_key(self.group_name), reason)
+        except dist.DistError:
+            self._server = None  # the port was taken meanwhile: a late receiver waits out its timeout
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
         check_broadcast_modes(self.layout, self.apply)  # both are attributes a trainer may change between updates
@@ -386,3 +452,4 @@ class BroadcastSender:
         self._buffers = []
         self._release_shared_ring()
         self.store = None
+        self._server = None

@@ -105,7 +105,8 @@ async def connect_broadcast(targets: Targets, *, master_addr: str = "127.0.0.1",
                 infos.append(sender.init_info(next_offset))
                 next_offset += _num_ranks(member)
             joins.append(engine.init_weight_update_communicator(infos))
-    await asyncio.gather(asyncio.to_thread(sender.join), *joins)
+    # One engine failing to join abandons the group, releasing the others (and this rank) at once.
+    await sender.join_with(joins)
     return sender
 
 

@@ -129,9 +129,14 @@ class SkyRLTrainerWeightTransferEngine(TrainerWeightTransferEngine[SkyRLTrainerI
         sender = BroadcastSender(info.world_size, info.master_address, info.master_port, group_backend,
                                  info.group_name, device, info.timeout_s, layout, info.apply)
         # The server's engines join inside init_weight_transfer_engine while rank 0 joins here; an
-        # init the server refuses (a bad world size, say) is raised instead of waiting for the group.
-        _run_beside(lambda: self.client.init_weight_transfer_engine(init_info_to_json(sender.init_info(1))),
-                    sender.join)
+        # init the server refuses (a bad world size, say) is raised instead of waiting for the group,
+        # and the group is abandoned so that the server's workers still joining are released too.
+        try:
+            _run_beside(lambda: self.client.init_weight_transfer_engine(init_info_to_json(sender.init_info(1))),
+                        sender.join)
+        except BaseException:
+            sender.abandon()
+            raise
         self.sender = sender
 
     def send_weights(self) -> None:
@@ -171,9 +176,10 @@ def _dtype_for(dtype: str | None) -> Any:
 
 def _run_beside(call: Any, local: Any) -> None:
     """Run ``call`` (the server's side of a collective step, over HTTP) and ``local`` (this rank's
-    side) at once, and raise the first failure as soon as it happens: the other side then waits for
-    a peer that will not come, until the group's timeout, in a daemon thread (as vLLM's own trainer
-    engines leave it; the group cannot be used again)."""
+    side) at once, and raise the first failure as soon as it happens: the other side, in a daemon
+    thread, waits for a peer that will not come until the caller abandons the group (joining) or
+    until the group's timeout (an update; the group cannot be used again, as vLLM's own trainer
+    engines leave it)."""
     futures = [_in_daemon_thread(call), _in_daemon_thread(local)]
     done, _ = wait(futures, return_when=FIRST_EXCEPTION)
     for future in futures:
