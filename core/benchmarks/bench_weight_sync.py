@@ -341,7 +341,8 @@ def write_model_folder(shape: str, weights: dict[str, torch.Tensor], folder: str
 async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.Tensor], bucket_bytes: int,
                             repeats: int, warmup: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sync into a real engine through skyrl (warm sender, and an adopting sender where the strategy
-    has one) and by the engine's own path, in turns; returns the engine's version and options."""
+    has one) and by the engine's own path, in turns, one phase per sender; returns the engine's
+    version and options."""
     import skyrl_backends as sb
     from skyrl_backends.weight_sync import make_sender, sync_weights
 
@@ -357,7 +358,12 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
                 # The vLLM plugin's tensors then cross through its weight-transfer engine (skyrl's
                 # shared memory or CUDA IPC), not vLLM's per-tensor handles: not the engine's own path.
                 own_label = f"{backend}: tensors, {engine.impl.weight_path} path (b, not vLLM's own)"
-            paths = []
+            own = await _own_path(backend, engine, weights)
+            # One phase per skyrl sender, each in turns with the engine's own path: a trainer keeps one
+            # sender, and two taking turns into one engine make it open the other's handles again and
+            # record its load again at every update (the engine keeps the last sender's only), which
+            # is what no training run pays (docs/benchmarks.md, 2026-12-05 sixth session).
+            phases: list[list[tuple[str, Any, str | None, str | None]]] = []
             if strategy != "tensors":
                 sender = make_sender(strategy)
                 adopter = make_sender(strategy)
@@ -370,31 +376,32 @@ async def bench_real_engine(backend: str, shape: str, weights: dict[str, torch.T
                 async def ours_adopted() -> None:
                     await sync_weights(engine, adopted, strategy, bucket_bytes=bucket_bytes, sender=adopter)
 
-                paths += [(f"{backend}: skyrl {strategy}", ours, own_label, None),
-                          (f"{backend}: skyrl {strategy}, adopted", ours_adopted, own_label,
-                           f"{backend}: skyrl {strategy}")]
+                own_beside_adopted = f"{own_label}, beside adopted"
+                phases += [[(f"{backend}: skyrl {strategy}", ours, own_label, None), (own_label, own, None, None)],
+                           [(f"{backend}: skyrl {strategy}, adopted", ours_adopted, own_beside_adopted, None),
+                            (own_beside_adopted, own, None, None)]]
             else:  # the backend declares no faster strategy here
                 async def ours() -> None:
                     await sync_weights(engine, weights, strategy, bucket_bytes=bucket_bytes)
 
-                paths.append((f"{backend}: skyrl {strategy}", ours, own_label, None))
-            paths.append((own_label, await _own_path(backend, engine, weights), None, None))
+                phases.append([(f"{backend}: skyrl {strategy}", ours, own_label, None), (own_label, own, None, None)])
             if backend == "sglang":
-                paths.append((f"{backend}: update_weights_from_tensor of no tensors (its floor)",
-                              _sglang_request_floor(engine), None, None))
-            for _, fn, _, _ in paths:
-                for _ in range(warmup):
-                    await fn()
-            times: dict[str, list[float]] = {label: [] for label, *_ in paths}
-            for _ in range(repeats):  # in turns, as the process-level cases
-                for label, fn, _, _ in paths:
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    await fn()
-                    torch.cuda.synchronize()
-                    times[label].append(time.perf_counter() - t0)
-            for label, _, baseline, compare in paths:
-                rows.append({"strategy": label, "times": times[label], "baseline": baseline, "compare": compare})
+                phases[0].append((f"{backend}: update_weights_from_tensor of no tensors (its floor)",
+                                  _sglang_request_floor(engine), None, None))
+            for paths in phases:
+                for _, fn, _, _ in paths:
+                    for _ in range(warmup):
+                        await fn()
+                times: dict[str, list[float]] = {label: [] for label, *_ in paths}
+                for _ in range(repeats):  # in turns, as the process-level cases
+                    for label, fn, _, _ in paths:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        await fn()
+                        torch.cuda.synchronize()
+                        times[label].append(time.perf_counter() - t0)
+                for label, _, baseline, compare in paths:
+                    rows.append({"strategy": label, "times": times[label], "baseline": baseline, "compare": compare})
             return {"backend": backend, "version": engine_version(backend),
                     "replayed_loads": await _replayed_loads(engine)}
         finally:

@@ -235,7 +235,7 @@ pause_bench() {  # ENGINE SECONDS
             plugins/vllm_backend/benchmarks/bench_update_under_load.py --model $TINY --gpu-memory-utilization 0.3 \
             --output "$out" ;;
         sglang) bounded "$2" python3 plugins/sglang_backend/benchmarks/bench_pause.py --model $TINY --device cuda \
-            --max-model-len 1024 --engine-kwargs "{$SGLANG_KERNELS}" --output "$out" ;;
+            --dtype bfloat16 --max-model-len 1024 --engine-kwargs "{$SGLANG_KERNELS}" --output "$out" ;;
         *) log "no pause benchmark for $1"; return 1 ;;
     esac
 }

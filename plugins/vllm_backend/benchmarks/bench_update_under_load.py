@@ -120,8 +120,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await own.sync(pairs, flush_cache=False)
             # A hand-written loop labels its own counter; this one relabels the facade's current
-            # version, so the facade's check of the running request's labels still holds.
-            await llm.update_weight_version(str(engine.weight_version))
+            # version, so the facade's check of the running request's labels still holds. Releases
+            # without per-token versions (0.26, the GPU build) have no label to set, as in the plugin.
+            if hasattr(llm, "update_weight_version"):
+                await llm.update_weight_version(str(engine.weight_version))
         finally:
             await llm.resume_generation()
 
