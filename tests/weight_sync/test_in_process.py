@@ -96,3 +96,33 @@ def test_chunks_of_a_real_model_cover_its_parameters(model_dir):
     got = {name: t for chunk in chunks for name, t in chunk.views()}
     assert got.keys() == state.keys()
     assert all(torch.equal(got[n], state[n].to(torch.bfloat16)) for n in state)
+
+
+def test_a_second_sync_without_a_kept_sender_is_warned_about_once(model_dir, caplog, monkeypatch):
+    """Each sync that makes its own sender allocates and fills new buffers that the engine maps and
+    validates anew; the second such sync of a process says to keep one (once), a kept sender never."""
+    from skyrl_backends.weight_sync import sync as sync_module
+
+    monkeypatch.setattr(sync_module, "_syncs_without_a_kept_sender", 0)
+
+    async def scenario():
+        engine = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        try:
+            sender = make_sender("shared_memory")
+            try:
+                for seed in (1, 2):
+                    await sync_weights(engine, _noisy(engine, seed), "shared_memory", sender=sender)
+            finally:
+                sender.close()
+            assert not [r for r in caplog.records if "keep one across syncs" in r.getMessage()]
+            await sync_weights(engine, _noisy(engine, 3), "shared_memory")  # a one-off sync: not warned
+            assert not [r for r in caplog.records if "keep one across syncs" in r.getMessage()]
+            for seed in (4, 5):
+                await sync_weights(engine, _noisy(engine, seed), "shared_memory")
+        finally:
+            await engine.teardown()
+
+    with caplog.at_level("WARNING", logger="skyrl_backends.weight_sync.sync"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "keep one across syncs" in r.getMessage()]
+    assert len(warnings) == 1 and "make_sender('shared_memory')" in warnings[0]

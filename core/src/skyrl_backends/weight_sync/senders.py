@@ -10,6 +10,8 @@ from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
 
 STRATEGIES: tuple[str, ...] = ("tensors", shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
+# The strategies whose sender make_sender makes, and that a trainer keeps across syncs.
+KEPT_SENDER_STRATEGIES: tuple[str, ...] = (shared_memory.STRATEGY, cuda_ipc.STRATEGY)
 
 
 def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:

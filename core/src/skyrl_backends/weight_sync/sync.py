@@ -2,7 +2,8 @@
 
 ::
 
-    versions = await sync_weights(engines, model, strategy="shared_memory")
+    sender = make_sender("shared_memory")  # kept across steps: buffers and engine-side state reused
+    versions = await sync_weights(engines, model, strategy="shared_memory", sender=sender)
 
 ``engines`` is one engine or a list of them: anything implementing
 :class:`skyrl_backends.protocols.Engine` (an :class:`~skyrl_backends.InferenceEngine`, a Ray proxy,
@@ -15,6 +16,7 @@ each engine holds (read from its ``weight_specs``) unless ``dtype_for`` says oth
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +42,24 @@ from skyrl_backends.weight_sync.engines import (
     versions_of,
 )
 from skyrl_backends.weight_sync.ranks import DEFAULT_TIMEOUT_S as DEFAULT_RANKS_TIMEOUT_S
-from skyrl_backends.weight_sync.senders import make_sender
+from skyrl_backends.weight_sync.senders import KEPT_SENDER_STRATEGIES, make_sender
+
+logger = logging.getLogger(__name__)
+# Syncs so far that made their own sender (and closed it after): the second one is warned about.
+_syncs_without_a_kept_sender = 0
+
+
+def _note_sender_made_per_sync(strategy: str) -> None:
+    """Warn once per process when a trainer syncs a second time without a kept sender: every such
+    sync allocates and fills new buffers, and the engines open them and validate (CUDA IPC: also
+    record their load) anew, instead of reusing what the last update left."""
+    global _syncs_without_a_kept_sender
+    _syncs_without_a_kept_sender += 1
+    if _syncs_without_a_kept_sender == 2:
+        logger.warning("sync_weights made a new %r sender for this sync, as for an earlier one: keep one across "
+                       "syncs (sender = make_sender(%r); sync_weights(..., sender=sender)), so that its buffers "
+                       "and the engines' opened handles and validated layout are reused (docs/weight-sync.md)",
+                       strategy, strategy)
 
 
 def _num_ranks(target: Engine) -> int:
@@ -142,6 +161,8 @@ async def sync_weights(targets: Targets | None, weights: Weights, strategy: str 
     engines = as_list(targets) if targets is not None else []
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
+    if sender is None and strategy in KEPT_SENDER_STRATEGIES:
+        _note_sender_made_per_sync(strategy)
     if dtype_for == ENGINE_DTYPES:
         dtype_for = await engine_dtypes(engines)
     layout = plan(pairs, bucket_bytes, dtype_for)
