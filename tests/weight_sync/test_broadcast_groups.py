@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import threading
 import time
 from typing import Any
@@ -149,3 +150,24 @@ def test_a_receiver_waiting_in_an_abandoned_group_or_arriving_after_fails_at_onc
         BroadcastReceiver(sender.init_info(2), "cpu")
     assert time.perf_counter() - started < 10
     sender.close()
+
+
+def test_an_abandoned_group_frees_its_port_for_the_next_group(model_dir):
+    """A trainer that names its port (vLLM's RL API and many launchers do) forms the next group on the
+    same port right after connect_broadcast gave up on the first."""
+    async def scenario():
+        engine = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        try:
+            with socket.socket() as probe:  # a free port, named explicitly below
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            with pytest.raises(WeightUpdateError, match="cannot join"):
+                await connect_broadcast([engine, FailingJoinEngine(engine, delay_s=0.5)], backend="gloo",
+                                        master_port=port, timeout_s=60, group_name="first")
+            sender = await asyncio.wait_for(connect_broadcast(engine, backend="gloo", master_port=port, timeout_s=60,
+                                                              group_name="second"), 15)
+            sender.close()
+        finally:
+            await engine.teardown()
+
+    asyncio.run(scenario())

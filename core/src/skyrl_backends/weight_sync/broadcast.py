@@ -337,6 +337,7 @@ class BroadcastSender:
             for task in tasks:  # retrieved, so that the released ranks' errors are not reported as lost
                 if task.done() and not task.cancelled():
                     task.exception()
+            self.close()  # every join has ended: the port is free for the trainer's next group
             raise
 
     def abandon(self, reason: str = "another member failed to join") -> None:
@@ -347,7 +348,7 @@ class BroadcastSender:
 
         The store's server is taken down, which closes every waiting rank's connection, and a new
         one on the same port says the group was abandoned (and why) to a receiver that connects
-        later: a client that found no server would retry until the timeout."""
+        later (a client that found no server would retry until the timeout), until :meth:`close`."""
         if self._server is None:
             return
         self.group = None
