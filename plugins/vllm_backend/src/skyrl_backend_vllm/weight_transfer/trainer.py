@@ -135,7 +135,10 @@ class SkyRLTrainerWeightTransferEngine(TrainerWeightTransferEngine[SkyRLTrainerI
             _run_beside(lambda: self.client.init_weight_transfer_engine(init_info_to_json(sender.init_info(1))),
                         sender.join)
         except BaseException:
+            # The server's call has ended (or this rank's join did, at its timeout): no rank is still
+            # to arrive, so the port is freed at once too, for a trainer that names it and retries.
             sender.abandon()
+            sender.close()
             raise
         self.sender = sender
 
