@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import torch
 from skyrl_backends.errors import EngineClosedError, UnsupportedCapabilityError, WeightUpdateError
 from skyrl_backends.types import ParallelSizes
 from skyrl_backends.weight_sync import BroadcastSender, connect_broadcast, sync_weights
-from skyrl_backends.weight_sync.broadcast import BroadcastReceiver
+from skyrl_backends.weight_sync.broadcast import BroadcastReceiver, new_group
 
 
 class NoBroadcastEngine:
@@ -149,6 +150,28 @@ def test_a_receiver_waiting_in_an_abandoned_group_or_arriving_after_fails_at_onc
     with pytest.raises(WeightUpdateError, match="rank 2 is gone"):
         BroadcastReceiver(sender.init_info(2), "cpu")
     assert time.perf_counter() - started < 10
+
+    # A rank that reached the marker store before its key was set (a narrow window, wider on a
+    # loaded machine) waits in it like in any rendezvous: putting the marker up again releases it.
+    slipped: dict[str, Any] = {}
+
+    def wait_in_the_marker() -> None:
+        store = torch.distributed.TCPStore("127.0.0.1", sender.master_port, 3, is_master=False,
+                                           timeout=datetime.timedelta(seconds=60))
+        started = time.perf_counter()
+        try:
+            new_group(store, 1, 3, "gloo", "given_up", "127.0.0.1", 60)
+        except torch.distributed.DistError as exc:
+            slipped["error"] = exc
+        slipped["waited_s"] = time.perf_counter() - started
+
+    waiting = threading.Thread(target=wait_in_the_marker, daemon=True)
+    waiting.start()
+    time.sleep(1.5)
+    assert waiting.is_alive()
+    sender.abandon("rank 2 is gone (test)")
+    waiting.join(20)
+    assert not waiting.is_alive() and "error" in slipped and slipped["waited_s"] < 15
     sender.close()
 
 

@@ -55,6 +55,8 @@ DEFAULT_TIMEOUT_S = 300.0
 # How long an abandoned group's joins are waited for once its store is down (they fail within a
 # second or so; an engine call that hangs regardless is let go).
 ABANDON_GRACE_S = 30.0
+# How often an abandoned group's marker store is put up again while joins are still running.
+MARKER_RENEWAL_S = 2.0
 # What the engine does with one bucket's (name, tensor) pairs; the tensors are views into a ring
 # buffer that the next-but-one bucket overwrites, so the engine copies them before it returns.
 LoadBucket = Callable[[list[tuple[str, torch.Tensor]]], None]
@@ -329,9 +331,16 @@ class BroadcastSender:
             reason = ("the trainer's call was cancelled" if isinstance(exc, asyncio.CancelledError)
                       else f"another member failed to join: {type(exc).__name__}: {exc}")
             self.abandon(reason[:2000])
-            # Released ranks fail within about a second; an engine call that does not return
-            # (a hung server) is not waited for beyond the grace period.
-            _, pending = await asyncio.wait(tasks, timeout=ABANDON_GRACE_S)
+            # Released ranks fail within about a second. A rank that connected to the marker store
+            # before its key was set waits in it: the marker is put up again every few seconds
+            # while a join is still running, which releases it. An engine call that does not
+            # return (a hung server) is not waited for beyond the grace period.
+            pending = set(tasks)
+            deadline = asyncio.get_running_loop().time() + ABANDON_GRACE_S
+            while pending and (left := deadline - asyncio.get_running_loop().time()) > 0:
+                _, pending = await asyncio.wait(pending, timeout=min(MARKER_RENEWAL_S, left))
+                if pending:
+                    self.abandon(reason[:2000])
             for task in pending:
                 task.cancel()
             for task in tasks:  # retrieved, so that the released ranks' errors are not reported as lost
@@ -348,8 +357,10 @@ class BroadcastSender:
 
         The store's server is taken down, which closes every waiting rank's connection, and a new
         one on the same port says the group was abandoned (and why) to a receiver that connects
-        later (a client that found no server would retry until the timeout), until :meth:`close`."""
-        if self._server is None:
+        later (a client that found no server would retry until the timeout), until :meth:`close`.
+        Calling it again puts that marker up anew, releasing a rank that connected to it before
+        its key was set."""
+        if self.store is None:  # closed: nothing to abandon, and the port is not ours any more
             return
         self.group = None
         self._server = None  # the only reference: its connections close now
