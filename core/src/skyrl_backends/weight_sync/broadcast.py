@@ -460,6 +460,8 @@ class BroadcastSender:
         self._shared_ring = []
 
     def close(self) -> None:
+        """Let go of the group and take the store's server down: a rank still waiting in it (a group
+        that never formed) fails within about a second."""
         self.group = None
         self._buffers = []
         self._release_shared_ring()

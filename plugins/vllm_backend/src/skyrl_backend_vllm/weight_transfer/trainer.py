@@ -130,14 +130,14 @@ class SkyRLTrainerWeightTransferEngine(TrainerWeightTransferEngine[SkyRLTrainerI
                                  info.group_name, device, info.timeout_s, layout, info.apply)
         # The server's engines join inside init_weight_transfer_engine while rank 0 joins here; an
         # init the server refuses (a bad world size, say) is raised instead of waiting for the group,
-        # and the group is abandoned so that the server's workers still joining are released too.
+        # and the group is given up so that the server's workers still joining are released too.
         try:
             _run_beside(lambda: self.client.init_weight_transfer_engine(init_info_to_json(sender.init_info(1))),
                         sender.join)
         except BaseException:
-            # The server's call has ended (or this rank's join did, at its timeout): no rank is still
-            # to arrive, so the port is freed at once too, for a trainer that names it and retries.
-            sender.abandon()
+            # The server's call has ended (or this rank's join did, at its timeout), so no rank is
+            # still to arrive: closing takes the store's server down, which ends every wait in it
+            # within a second and frees the port for a trainer that names it and retries.
             sender.close()
             raise
         self.sender = sender
