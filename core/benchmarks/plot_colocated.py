@@ -1,0 +1,92 @@
+"""Draw where a colocated sync's time goes, from ``bench_weight_sync.py --json`` runs (not a test).
+
+One panel per model shape found in the files; per case (the copy floor, the warm CUDA IPC sync, the
+adopted one) a bar of the pooled median time, split into the parts the benchmark records: the
+trainer's pack (plan and write), the engine's receive (validate, open, view), its apply (one fused
+copy), and the rest (the request's way to the engine process and back, the Python around it). The
+parts are medians of each run's median, pooled by their median, so they add up to the total only
+approximately; the rest is what the total leaves, never below zero.
+
+    python core/benchmarks/plot_colocated.py docs/benchmark-results/2026-12-05-f/colocated-*.json \
+        --out docs/images/colocated_sync_59c64f2.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from typing import Any
+
+CASES = ("(a) device-to-device copy", "cuda_ipc (warm: buffers reused)", "cuda_ipc, adopted (nothing packed)")
+SHORT = {CASES[0]: "copy floor", CASES[1]: "CUDA IPC, warm", CASES[2]: "CUDA IPC, adopted"}
+PARTS = (("pack_s", "trainer: pack"), ("receive_s", "engine: receive"), ("apply_s", "engine: apply"))
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per case: the pooled median total (ms) and the median of each part's per-run medians (ms)."""
+    times: dict[str, list[float]] = defaultdict(list)
+    parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for row in run["rows"]:
+            if row["strategy"] not in CASES:
+                continue
+            times[row["strategy"]] += row["times"]
+            for key, value in (row.get("parts") or {}).items():
+                parts[row["strategy"]][key].append(value)
+    return {case: {"total": 1e3 * statistics.median(times[case]),
+                   **{key: 1e3 * statistics.median(values) for key, values in parts[case].items()}}
+            for case in CASES if times[case]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_shape: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in args.files:
+        run = json.load(open(path))
+        by_shape[run["args"]["shape"]].append(run)
+    commits = sorted({str(r.get("commit")) for runs in by_shape.values() for r in runs})
+    fig, axes = plt.subplots(len(by_shape), 1, figsize=(8, 1.9 * len(by_shape) + 0.9), squeeze=False)
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c8c8c8")
+    for ax, (shape, runs) in zip(axes[:, 0], sorted(by_shape.items()), strict=True):
+        cases = pooled(runs)
+        labels = list(cases)
+        for y, case in enumerate(labels):
+            values = cases[case]
+            left = 0.0
+            segments = [(values.get(key, 0.0), name) for key, name in PARTS]
+            segments.append((max(values["total"] - sum(v for v, _ in segments), 0.0), "rest: request crossing, Python"))
+            if case == CASES[0]:
+                segments = [(values["total"], "device copy")]
+            for (width, name), color in zip(segments, colors if case != CASES[0] else ("#8172b3",), strict=False):
+                ax.barh(y, width, left=left, color=color, label=name)
+                left += width
+            ax.text(values["total"] + 0.1, y, f"{values['total']:.2f} ms", va="center", fontsize=8)
+        ax.set_yticks(range(len(labels)), [SHORT[c] for c in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{shape}: {runs[0]['nbytes'] / 1e9:.2f} GB, {runs[0]['ntensors']} tensors, "
+                     f"{len(runs)} calls pooled", fontsize=9)
+        ax.set_xlim(0, max(v["total"] for v in cases.values()) * 1.18)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[-1, 0].set_xlabel("milliseconds per sync (median)", fontsize=8)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    unique = dict(zip(names, handles, strict=True))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"Colocated weight sync on {runs[0]['hardware'].split('; ')[-1]}, commit {', '.join(commits)}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(args.out, dpi=130)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
