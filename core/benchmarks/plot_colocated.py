@@ -22,6 +22,8 @@ from typing import Any
 CASES = ("(a) device-to-device copy", "cuda_ipc (warm: buffers reused)", "cuda_ipc, adopted (nothing packed)")
 SHORT = {CASES[0]: "copy floor", CASES[1]: "CUDA IPC, warm", CASES[2]: "CUDA IPC, adopted"}
 PARTS = (("pack_s", "trainer: pack"), ("receive_s", "engine: receive"), ("apply_s", "engine: apply"))
+PART_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c8c8c8")  # the three parts, then the rest
+FLOOR_COLOR = "#8172b3"
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -56,18 +58,20 @@ def main() -> None:
         by_shape[run["args"]["shape"]].append(run)
     commits = sorted({str(r.get("commit")) for runs in by_shape.values() for r in runs})
     fig, axes = plt.subplots(len(by_shape), 1, figsize=(8, 1.9 * len(by_shape) + 0.9), squeeze=False)
-    colors = ("#4c72b0", "#dd8452", "#55a868", "#c8c8c8")
     for ax, (shape, runs) in zip(axes[:, 0], sorted(by_shape.items()), strict=True):
         cases = pooled(runs)
         labels = list(cases)
         for y, case in enumerate(labels):
             values = cases[case]
+            if case == CASES[0]:  # the floor is one copy, no parts
+                segments, palette = [(values["total"], "device copy")], (FLOOR_COLOR,)
+            else:
+                segments = [(values.get(key, 0.0), name) for key, name in PARTS]
+                segments.append((max(values["total"] - sum(v for v, _ in segments), 0.0),
+                                 "rest: request crossing, Python"))
+                palette = PART_COLORS
             left = 0.0
-            segments = [(values.get(key, 0.0), name) for key, name in PARTS]
-            segments.append((max(values["total"] - sum(v for v, _ in segments), 0.0), "rest: request crossing, Python"))
-            if case == CASES[0]:
-                segments = [(values["total"], "device copy")]
-            for (width, name), color in zip(segments, colors if case != CASES[0] else ("#8172b3",), strict=False):
+            for (width, name), color in zip(segments, palette, strict=True):
                 ax.barh(y, width, left=left, color=color, label=name)
                 left += width
             ax.text(values["total"] + 0.1, y, f"{values['total']:.2f} ms", va="center", fontsize=8)

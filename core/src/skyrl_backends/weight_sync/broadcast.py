@@ -329,8 +329,8 @@ class BroadcastSender:
             await asyncio.gather(*tasks)
         except BaseException as exc:
             reason = ("the trainer's call was cancelled" if isinstance(exc, asyncio.CancelledError)
-                      else f"another member failed to join: {type(exc).__name__}: {exc}")
-            self.abandon(reason[:2000])
+                      else f"another member failed to join: {type(exc).__name__}: {exc}")[:2000]
+            self.abandon(reason)
             # Released ranks fail within about a second. A rank that connected to the marker store
             # before its key was set waits in it: the marker is put up again every few seconds
             # while a join is still running, which releases it. An engine call that does not
@@ -340,7 +340,7 @@ class BroadcastSender:
             while pending and (left := deadline - asyncio.get_running_loop().time()) > 0:
                 _, pending = await asyncio.wait(pending, timeout=min(MARKER_RENEWAL_S, left))
                 if pending:
-                    self.abandon(reason[:2000])
+                    self.abandon(reason)
             for task in pending:
                 task.cancel()
             for task in tasks:  # retrieved, so that the released ranks' errors are not reported as lost

@@ -26,3 +26,13 @@ def make_sender(strategy: str, device: torch.device | str | None = None) -> Any:
         raise WeightUpdateError({"strategy": "broadcast needs a process group: create its sender with "
                                              "`await connect_broadcast(engines, ...)`"})
     raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(STRATEGIES)}"})
+
+
+def sender_for(strategy: str, sender: Any = None) -> Any:
+    """``sender`` when it sends by ``strategy`` (else a WeightUpdateError naming both), or a new
+    sender for ``strategy`` when none is given (the caller then closes it)."""
+    if sender is None:
+        return make_sender(strategy)
+    if sender.strategy != strategy:
+        raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
+    return sender

@@ -61,7 +61,7 @@ from skyrl_backends.weight_sync.engines import (
 )
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, BucketManifest, TensorEntry, plan_buckets
 from skyrl_backends.weight_sync.ranks import TrainerRanks, error_value, raise_posted_error
-from skyrl_backends.weight_sync.senders import make_sender
+from skyrl_backends.weight_sync.senders import sender_for
 
 STRATEGIES: tuple[str, ...] = (shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadcast.STRATEGY)
 ROWS, WHOLE, FULL = "rows", "whole", "full"
@@ -339,9 +339,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
                                "sending rank"})
         else:
             own_sender = sender is None
-            sender = sender or make_sender(strategy)
-            if sender.strategy != strategy:
-                raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
+            sender = sender_for(strategy, sender)
         assembler = Assembler(model, layout.buckets)
         if strategy == shared_memory.STRATEGY:
             direct = same_machine

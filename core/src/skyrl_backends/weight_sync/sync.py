@@ -42,7 +42,7 @@ from skyrl_backends.weight_sync.engines import (
     versions_of,
 )
 from skyrl_backends.weight_sync.ranks import DEFAULT_TIMEOUT_S as DEFAULT_RANKS_TIMEOUT_S
-from skyrl_backends.weight_sync.senders import KEPT_SENDER_STRATEGIES, make_sender
+from skyrl_backends.weight_sync.senders import KEPT_SENDER_STRATEGIES, sender_for
 
 logger = logging.getLogger(__name__)
 # Syncs so far that made their own sender (and closed it after): the second one is warned about.
@@ -186,9 +186,7 @@ async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender
                 {"sender": "broadcast needs the group: pass sender=await connect_broadcast(engines)"})
         return await _broadcast(engines, layout, sender, delivery, check_finite)
     own_sender = sender is None
-    sender = sender or make_sender(strategy)
-    if sender.strategy != strategy:
-        raise WeightUpdateError({"sender": f"is a {sender.strategy!r} sender but strategy is {strategy!r}"})
+    sender = sender_for(strategy, sender)
     try:
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout),
                                       check_finite=check_finite)
