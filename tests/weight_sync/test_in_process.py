@@ -126,3 +126,18 @@ def test_a_second_sync_without_a_kept_sender_is_warned_about_once(model_dir, cap
         asyncio.run(scenario())
     warnings = [r.getMessage() for r in caplog.records if "keep one across syncs" in r.getMessage()]
     assert len(warnings) == 1 and "make_sender('shared_memory')" in warnings[0]
+
+
+def test_a_sender_of_another_strategy_is_refused_naming_both(model_dir):
+    async def scenario():
+        engine = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        sender = make_sender("shared_memory")
+        try:
+            with pytest.raises(WeightUpdateError, match="'shared_memory' sender but strategy is 'cuda_ipc'"):
+                await sync_weights(engine, _noisy(engine, 1), "cuda_ipc", sender=sender)
+            assert engine.weight_version == 0
+        finally:
+            sender.close()
+            await engine.teardown()
+
+    asyncio.run(scenario())
