@@ -131,7 +131,9 @@ async def timed_step(trainer: RLTrainer, own: OwnCalls, side: str, step: int) ->
     return metrics
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, keep: Any = lambda result: None) -> dict[str, Any]:
+    """The run's steps; ``keep`` gets the result so far after every pair, so that a run stopped by
+    its time limit on the GPU machine still leaves the pairs it finished."""
     config = TrainerConfig(model=args.model, backend=args.backend, steps=2 * (args.pairs + args.warmup),
                            seed=args.seed, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                            learning_rate=args.lr, entropy_coef=args.entropy_coef, colocate=not args.no_colocate,
@@ -140,6 +142,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         own = own_calls(args.backend, trainer.engine.impl)
         rows: list[dict[str, Any]] = []
+        result = {"rows": rows, "colocate": trainer.colocate, "sleep_level": trainer.sleep_level,
+                  "weight_sync": trainer.weight_sync.strategy, "engine_version": engine_version(args.backend)}
         for pair in range(args.warmup + args.pairs):
             order = SIDES if pair % 2 == 0 else tuple(reversed(SIDES))
             for side in order:
@@ -150,8 +154,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             print(f"pair {pair + 1}/{args.warmup + args.pairs}{' (warm-up)' if pair < args.warmup else ''}: "
                   + ", ".join(f"{m['side']} {m['step_s'] * 1e3:.0f} ms (reward {m['reward_mean']:.2f})" for m in last),
                   flush=True)
-        return {"rows": rows, "colocate": trainer.colocate, "sleep_level": trainer.sleep_level,
-                "weight_sync": trainer.weight_sync.strategy, "engine_version": engine_version(args.backend)}
+            keep(result)
+        return result
     finally:
         await trainer.close()
 
@@ -164,6 +168,8 @@ def pairs_of(rows: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
 
 def table(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
     """Per phase and for the step: medians (ms) of each side, skyrl / own of the medians, paired."""
+    if not pairs:
+        return ["no counted pairs (the run stopped within its warm-up)"]
     lines = [f"{'phase':<16}{'skyrl':>10}{'own':>10}{'skyrl/own (medians)':>22}{'paired':>10}"]
     for key in (*PHASES, "step_s"):
         if key not in pairs[0]["skyrl"] or key not in pairs[0]["own"]:
@@ -243,16 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    result = asyncio.run(bench(args))
+    result = asyncio.run(bench(args, keep=lambda so_far: write_json(so_far, args)))
     report(result, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "benchmark": "rl_step", "backend": args.backend, "model_shape": model_shape(args.model),
-            "trainer_device": args.trainer_device, "learning_rate": args.lr, "entropy_coef": args.entropy_coef,
-            "commit": measured_commit(ROOT),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **result}, indent=1) + "\n")
     return 0
+
+
+def write_json(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """The run's steps so far with what they were measured on (rewritten after every pair)."""
+    if not args.json:
+        return
+    Path(args.json).write_text(json.dumps({
+        "benchmark": "rl_step", "backend": args.backend, "model_shape": model_shape(args.model),
+        "trainer_device": args.trainer_device, "learning_rate": args.lr, "entropy_coef": args.entropy_coef,
+        "commit": measured_commit(ROOT),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **result}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,11 @@ def test_the_learning_line_shows_a_collapse_as_entropy_near_zero(bench_step):
     line = bench_step.learning(collapsed)
     assert "first 10 steps 0.000, last 10 steps 0.330" in line
     assert line.endswith("policy entropy 1.18 -> 0.00 nats")  # (2 x 5.9) / 10 over the first window
+
+
+def test_a_run_stopped_within_its_warmup_says_so_instead_of_failing(bench_step):
+    # The JSON is rewritten after every pair, so a run cut short by its time limit can be pooled or
+    # printed with no counted pair yet.
+    pairs = bench_step.pairs_of([_row("skyrl", 9.0, warmup=True), _row("own", 9.0, warmup=True)])
+    assert pairs == []
+    assert bench_step.table(pairs) == ["no counted pairs (the run stopped within its warm-up)"]
