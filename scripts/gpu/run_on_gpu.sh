@@ -31,6 +31,10 @@
 #   colocated                 the same benchmark's colocated cases without an engine (copy floor, warm and
 #                             adopted CUDA IPC; core only, nothing staged) -> $OUT/colocated-HHMMSS.json;
 #                             pool the JSON of several calls with core/benchmarks/pool_weight_sync.py
+#   apply-copy                core/benchmarks/bench_apply_copy.py: ways to copy a received update into the
+#                             engine's parameters (one foreach copy, a copy per tensor, split by size)
+#                             against one copy of the same bytes (core only) -> $OUT/apply-copy-HHMMSS.json;
+#                             APPLY_COPY_ARGS adds options, e.g. "--split-bytes 4194304"
 #   weight-sync-tests[:ENGINE] tests/weight_sync/test_gpu.py with ENGINE on the path (without ENGINE: the
 #                             core only, engine tests skipped; PYTEST_ARGS adds pytest options, e.g.
 #                             "-k other_gpu"); SKYRL_ENGINE_DEFAULTS, if set, replaces the engine defaults below
@@ -86,7 +90,7 @@ export SKYRL_ENGINE_DEFAULTS=${SKYRL_ENGINE_DEFAULTS:-"{\"vllm\": {\"engine_init
 
 WHEELS=
 declare -A LIMIT=([probe]=60 [stage]=60 [model]=120 [conformance]=330 [server-conformance]=480 [generate]=200
-                  [weight-sync]=400 [wake-cycle]=300 [colocated]=150
+                  [weight-sync]=400 [wake-cycle]=300 [colocated]=150 [apply-copy]=60
                   [weight-sync-tests]=200 [broadcast]=150 [diagnose]=300 [consistency]=540 [async-rl]=540
                   [trainer-side]=400 [rl-model]=120 [rl-step]=540 [pause]=200)
 
@@ -265,6 +269,8 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         colocated) core_env && bounded "$seconds" python3 core/benchmarks/bench_weight_sync.py --mode gpu \
             --shape qwen2.5-1.5b --skip broadcast,streamed,per_tensor,raw ${WEIGHT_SYNC_ARGS:-} \
             --json "$OUT/colocated-$(date -u +%H%M%S).json" ;;
+        apply-copy) core_env && bounded "$seconds" python3 core/benchmarks/bench_apply_copy.py --shape qwen2.5-1.5b \
+            ${APPLY_COPY_ARGS:-} --json "$OUT/apply-copy-$(date -u +%H%M%S).json" ;;
         weight-sync-tests) { if [ -n "$engine" ]; then engine_env "$engine"; else core_env; fi; } \
             && bounded "$seconds" python3 scripts/gpu/with_engine_defaults.py \
             -m pytest -p no:cacheprovider -q -s -rA tests/weight_sync/test_gpu.py ${PYTEST_ARGS:-} ;;

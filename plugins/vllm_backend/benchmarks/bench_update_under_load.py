@@ -13,7 +13,11 @@ throughout (restarted when it ends), so every update lands while a request runs.
     update   a whole update through the facade (``update_weights_from_tensors``: the plugin pauses,
              loads, labels the version, resumes) against the same update written by hand on vLLM's
              calls: ``pause_generation(mode="keep")``, the load through ``collective_rpc``
-             (``core/benchmarks/engine_own_calls.py``), ``update_weight_version``, ``resume_generation``
+             (``core/benchmarks/engine_own_calls.py``), ``update_weight_version``, ``resume_generation``.
+             Where the plugin cannot label tokens with versions (vLLM 0.26, capability
+             ``token_versions`` false) no request may span an update: the facade waits for the
+             running request to end first, and the hand-written update pauses in vLLM's mode
+             ``wait``, which does the same (the JSON's ``update_pause_mode``)
 
 Printed: the median milliseconds of each, the ratio of medians and the median of paired ratios
 (each plugin run against the baseline run just before it). ``--output`` writes every timing as JSON
@@ -115,8 +119,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     async def plugin_update() -> None:
         await engine.update_weights_from_tensors(pairs)
 
+    # Without per-token versions the facade lets no request span an update (it waits for them to
+    # end); vLLM's own pause in mode wait is the same update written by hand.
+    update_pause_mode = "keep" if engine.capabilities.token_versions else "wait"
+
     async def own_update() -> None:
-        await llm.pause_generation(mode="keep", clear_cache=False)
+        await llm.pause_generation(mode=update_pause_mode, clear_cache=False)
         try:
             await own.sync(pairs, flush_cache=False)
             # A hand-written loop labels its own counter; this one relabels the facade's current
@@ -155,7 +163,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": measured_commit(), "hardware": describe_hardware(), "vllm": vllm.__version__,
             "model": os.path.basename(os.path.normpath(args.model)), "dtype": impl.served_dtype,
-            "repeats": args.repeats,
+            "repeats": args.repeats, "update_pause_mode": update_pause_mode,
             "cases": {name: against_baseline(plugin, own_case) for name, (plugin, own_case) in times.items()}}
 
 
@@ -167,6 +175,9 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{name:8}{row['median_ms']:>11.2f}{row['base_median_ms']:>13.2f}{row['ratio_of_medians']:>22.3f}"
               f"{row['paired']:>9.3f}")
     print("(above 1: the plugin takes less time than vLLM's own calls)")
+    if result.get("update_pause_mode") == "wait":
+        print("update: this vLLM labels no token with its weight version, so both sides wait for the running "
+              "request to end (vLLM's own: pause_generation(mode='wait'))")
 
 
 def main() -> None:
