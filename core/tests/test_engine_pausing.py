@@ -212,7 +212,7 @@ def test_aborting_a_request_waiting_at_the_gate_returns_it_empty(tmp_path):
     assert [c[1] for c in engine.impl.calls if c[0] == "generate"] == [["b"]]
 
 
-def test_an_update_on_a_backend_that_does_not_label_waits_for_requests_in_flight(tmp_path):
+def test_an_update_on_a_backend_that_does_not_label_waits_for_requests_in_flight(tmp_path, caplog):
     engine = make_engine(tmp_path)
 
     async def scenario():
@@ -224,11 +224,37 @@ def test_an_update_on_a_backend_that_does_not_label_waits_for_requests_in_flight
         assert await updating == 1
         return (await running)[0], (await later)[0]
 
-    running, later = asyncio.run(scenario())
+    with caplog.at_level("INFO", logger="skyrl_backends.engine"):
+        running, later = asyncio.run(scenario())
     names = [c[0] if c[0] != "generate" else c[1][0] for c in engine.impl.calls]
     assert names.index("update") > names.index("r") and names.index("later") > names.index("update")
     assert running.token_versions == TokenVersions.uniform(40, 0)
     assert later.token_versions == TokenVersions.uniform(3, 1)
+    # The trainer is told why its update stood still, and how to keep requests running instead.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "waits for the 1 request(s) in flight" in warnings[0]
+    assert "InferenceEngineClient" in warnings[0] and "'token_versions'" in warnings[0]
+    assert any("weight update 1 waited" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+
+
+def test_the_warning_that_updates_wait_for_requests_comes_once_per_engine(tmp_path, caplog):
+    engine = make_engine(tmp_path)
+
+    async def one_update_under_a_request(rid: str) -> None:
+        running = asyncio.create_task(engine.generate([[1]], {"max_generate_length": 20}, request_ids=[rid]))
+        await until_produced(engine, rid, 2)
+        await engine.update_named_weights(update())
+        await running
+
+    async def scenario():
+        await one_update_under_a_request("first")
+        await one_update_under_a_request("second")
+        await engine.update_named_weights(update())  # nothing in flight: nothing to wait for
+
+    with caplog.at_level("INFO", logger="skyrl_backends.engine"):
+        asyncio.run(scenario())
+    assert engine.weight_version == 3
+    assert [r.levelname for r in caplog.records if "in flight" in r.getMessage()] == ["WARNING", "INFO", "INFO"]
 
 
 def test_an_update_under_a_keep_pause_of_a_backend_that_does_not_label_is_refused(tmp_path):

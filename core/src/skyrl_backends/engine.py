@@ -105,6 +105,7 @@ class InferenceEngine:
         self._pause: tuple[str, bool] | None = None  # (mode, recompute) while paused
         self._gate = AdmissionGate()
         self._updates = 0  # names the gate holds of updates waiting for in-flight requests
+        self._told_update_waits = False  # the once-per-engine warning that updates wait for requests
         self._applying: int | None = None  # the version an update being applied becomes
         self._inflight: dict[str, asyncio.Event] = {}
         self._loras: dict[str, str] = {}
@@ -552,10 +553,26 @@ class InferenceEngine:
         holder = f"update-{self._updates}"
         self._gate.close(holder)
         try:
+            self._tell_update_waits(len(self._inflight))
+            started = time.monotonic()
             await self._drain(None)
+            logger.info("weight update %d waited %.2f s for the requests in flight to end", self._updates,
+                        time.monotonic() - started)
             return await self._apply_update(request)
         finally:
             self._gate.open(holder)
+
+    def _tell_update_waits(self, in_flight: int) -> None:
+        """Say once per engine why an update stands still: a rollout of thousands of tokens holds
+        every update for as long, which looks like a hang to a trainer that did not expect it."""
+        if self._told_update_waits:
+            return
+        self._told_update_waits = True
+        logger.warning(
+            "backend %r labels no token with its weight version (capability 'token_versions'), so this weight "
+            "update waits for the %d request(s) in flight to end, as will every update that finds requests running. "
+            "To keep requests running across updates, update through InferenceEngineClient (it aborts and "
+            "continues them), or pause_generation('abort') before updating.", self.backend, in_flight)
 
     async def _apply_update(self, request: WeightUpdateRequest) -> int:
         self._applying = self.weight_version + 1
