@@ -160,6 +160,54 @@ async def test_an_update_pauses_vllm_only_while_requests_run(engine, checkpoint,
         assert set(out.token_versions.per_token()) == {version + 1, version + 2}
 
 
+async def test_an_idle_update_sends_the_prefix_cache_reset_with_the_load(engine, checkpoint, monkeypatch):
+    # With no request running (and none admitted until the update ends) the reset that frees the old
+    # weights' cached blocks goes out while the load runs, not one round trip after it; a refused
+    # load still lets it finish and raises the load's own error, the weights and version unchanged.
+    import asyncio
+
+    import torch
+    from skyrl_backends.weight_sync import sync_weights
+
+    impl, llm = engine.impl, engine.impl._engine
+    events: list[str] = []
+    real_load, real_reset = impl._load_weights, llm.reset_prefix_cache
+
+    async def load(request):
+        events.append("load begins")
+        await asyncio.sleep(0.05)  # long enough for the reset to be sent if it goes out with the load
+        try:
+            await real_load(request)
+        finally:
+            events.append("load ends")
+
+    async def reset(*args, **kwargs):
+        events.append("reset begins")
+        result = await real_reset(*args, **kwargs)
+        events.append("reset ends")
+        return result
+
+    monkeypatch.setattr(impl, "_load_weights", load)
+    monkeypatch.setattr(llm, "reset_prefix_cache", reset)
+    base = await greedy(engine)
+    version = engine.weight_version
+    try:
+        await engine.update_weights_from_tensors(perturbed(checkpoint, ["lm_head.weight"]))
+        assert events.index("reset begins") < events.index("load ends")
+        assert set(events) == {"load begins", "load ends", "reset begins", "reset ends"}
+        assert await greedy(engine) != base
+
+        events.clear()
+        poisoned = {**checkpoint, "lm_head.weight": torch.full_like(checkpoint["lm_head.weight"], float("nan"))}
+        with pytest.raises(WeightUpdateError, match="lm_head.weight"):  # refused by the workers' check
+            await sync_weights(engine, poisoned, "shared_memory", check_finite=True)
+        assert events.count("reset ends") == 1 and events.count("load ends") == 1
+        assert engine.weight_version == version + 1
+    finally:
+        await engine.update_weights_from_tensors(list(checkpoint.items()))
+    assert await greedy(engine) == base
+
+
 async def test_an_abort_pause_ends_the_running_request_without_vllm_s_sleeping_pause(engine, monkeypatch):
     # The facade returns once the aborted request's caller has its partial output (what
     # AsyncLLM.pause_generation's closing 20 ms sleep approximates); the plugin pauses the scheduler.

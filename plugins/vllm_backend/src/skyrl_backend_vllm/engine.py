@@ -396,12 +396,16 @@ class VLLMEngine:
         # (``wait_idle``).
         pause_here = self._pause_mode is None and not self._asleep and bool(self._inflight)
         async with self._updates.updating(version):
+            if not self._inflight:
+                # No request runs, and none starts until the update ends (``wait_idle``): every cached
+                # block is the old weights', whether the reset runs before the load or after it. So it
+                # goes out with the load instead of one round trip to the engine core after it.
+                await _together(self._load_and_label(request, version), self._engine.reset_prefix_cache())
+                return
             if pause_here:
                 await pause_scheduler(self._engine, "keep", clear_cache=False)
             try:
-                await self._load_weights(request)
-                if self._labels:
-                    await self._engine.update_weight_version(str(version))
+                await self._load_and_label(request, version)
             finally:
                 if pause_here:
                     await self._engine.resume_generation()
@@ -409,6 +413,11 @@ class VLLMEngine:
                 # Frees the old weights' blocks; the version in every request's cache salt is what
                 # keeps later requests from matching them while kept requests still hold some.
                 await self._engine.reset_prefix_cache()
+
+    async def _load_and_label(self, request: WeightUpdateRequest, version: int) -> None:
+        await self._load_weights(request)
+        if self._labels:
+            await self._engine.update_weight_version(str(version))
 
     async def _load_weights(self, request: WeightUpdateRequest) -> None:
         if self._weight_updates is not None:  # vLLM's weight-transfer API
@@ -567,6 +576,15 @@ async def pause_scheduler(engine: Any, mode: str, clear_cache: bool) -> None:
         await engine.pause_generation(mode=mode, clear_cache=clear_cache)
         return
     await pause(mode=mode, clear_cache=False)
+
+
+async def _together(first: Any, second: Any) -> None:
+    """Await both, each to its end (neither is left running when the other fails); raise the
+    first one's error, else the second's."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _with_worker_errors(call: Any) -> Any:
