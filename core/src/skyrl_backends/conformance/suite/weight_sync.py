@@ -29,6 +29,11 @@ class WeightSyncTests(ConformanceTestBase):
     def test_update_changes_output_and_restore_is_exact(self, conformance: ConformanceHarness) -> None:
         engine = conformance.engine
         prompts = conformance.reference.prompts(3, seed=61)
+        if capabilities.PREFIX_CACHING(engine.capabilities):
+            # The restored run below finds the cache the update emptied; the original one must too.
+            # From the cache earlier tests left, SGLang's CPU path gave the same weights log-probabilities
+            # differing in their last bits (an Intel Xeon host, 2026-12-05): the two runs must start alike.
+            conformance.run(engine.reset_prefix_cache())
         original = conformance.greedy(prompts, 16, logprobs=0)
         version = engine.weight_version
         new_version = conformance.push_weights(perturbed(conformance))
