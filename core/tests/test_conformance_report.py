@@ -119,8 +119,9 @@ def test_parity_reports_must_be_unique(tmp_path: Path) -> None:
 
     for name in ("a.json", "b.json"):
         (tmp_path / name).write_text(json.dumps(report("transformers-cpu", LoRA="pass")))
-    with pytest.raises(ValueError, match="several reports"):
+    with pytest.raises(ValueError, match="several reports") as refused:
         parity.load_reports([tmp_path / "a.json", tmp_path / "b.json"])
+    assert str(tmp_path / "a.json") in str(refused.value) and str(tmp_path / "b.json") in str(refused.value)
 
 
 def test_cli_runs_the_shipped_suite_module() -> None:

@@ -56,16 +56,20 @@ against `vllm serve`, with vLLM's own client code).
 
 def load_reports(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     reports = []
+    files: dict[str, list[str]] = {}  # the files of each column, to name them when one has several
     for path in paths:
         data = json.loads(Path(path).read_text())
         for key in ("column", "features", "engine_version", "hardware", "date"):
             if key not in data:
                 raise ValueError(f"{path}: not a conformance report (no {key!r})")
         reports.append(data)
-    columns = [r["column"] for r in reports]
-    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+        files.setdefault(data["column"], []).append(str(path))
+    # A suite run by hand writes its default report beside the one `make test` writes under another
+    # name: say which files, so the stale one can be removed.
+    duplicates = {column: names for column, names in sorted(files.items()) if len(names) > 1}
     if duplicates:
-        raise ValueError(f"several reports for column(s) {duplicates}; keep one report per backend and hardware")
+        raise ValueError(f"several reports for column(s) {sorted(duplicates)} ({duplicates}); keep one report per "
+                         f"backend and hardware: remove the stale file(s)")
     return sorted(reports, key=_column_rank)
 
 
