@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_weight_sync import SHAPES, hardware, qwen2_specs  # noqa: E402
+from bench_weight_sync import SHAPES, hardware, paired, qwen2_specs, sync  # noqa: E402
 from skyrl_backends.testing.provenance import measured_commit  # noqa: E402
 from skyrl_backends.weight_sync.chunks import plan, unpack  # noqa: E402
 
@@ -60,7 +60,7 @@ def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage
           split_bytes: int) -> dict[str, Callable[[], None]]:
     floor_target = torch.empty_like(storage)
     large = [i for i, t in enumerate(origins) if t.numel() * t.element_size() >= split_bytes]
-    small = [i for i in range(len(origins)) if i not in set(large)]
+    small = sorted(set(range(len(origins))) - set(large))
 
     def floor() -> None:
         floor_target.copy_(storage, non_blocking=True)
@@ -81,11 +81,6 @@ def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage
     return {"floor": floor, "foreach": foreach, "per_tensor": per_tensor, "split": split}
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     destinations, origins, storage = received_views(args.shape, dtype, args.device, args.bucket_bytes)
@@ -98,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
             for d in destinations:
                 d.zero_()
             fns[name]()
-            synchronize(args.device)
+            sync(args.device)
             # Compared as bytes: random bytes read as floats hold NaNs, which compare unequal.
             if not all(torch.equal(d.reshape(-1).view(torch.uint8), o.reshape(-1).view(torch.uint8))
                        for d, o in zip(destinations, origins, strict=True)):
@@ -106,10 +101,10 @@ def run(args: argparse.Namespace) -> dict:
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(args.repeats):  # in turns
             for name, fn in fns.items():
-                synchronize(args.device)
+                sync(args.device)
                 start = time.perf_counter()
                 fn()
-                synchronize(args.device)
+                sync(args.device)
                 times[name].append(time.perf_counter() - start)
     return {"benchmark": "apply_copy", "shape": args.shape, "dtype": args.dtype, "device": args.device,
             "ntensors": len(origins), "nbytes": int(storage.numel()), "split_bytes": args.split_bytes,
@@ -119,8 +114,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def ratios(times: list[float], base: list[float]) -> tuple[float, float]:
-    return (statistics.median(times) / statistics.median(base),
-            statistics.median(t / b for t, b in zip(times, base, strict=True)))
+    """Against ``base``: the ratio of medians and the median of the rounds' ratios."""
+    return statistics.median(times) / statistics.median(base), paired(times, base)
 
 
 def report(result: dict) -> None:

@@ -68,8 +68,8 @@ def load_reports(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     # name: say which files, so the stale one can be removed.
     duplicates = {column: names for column, names in sorted(files.items()) if len(names) > 1}
     if duplicates:
-        raise ValueError(f"several reports for column(s) {sorted(duplicates)} ({duplicates}); keep one report per "
-                         f"backend and hardware: remove the stale file(s)")
+        raise ValueError(f"several reports for column(s) {duplicates}; keep one report per backend and hardware: "
+                         f"remove the stale file(s)")
     return sorted(reports, key=_column_rank)
 
 
