@@ -3,14 +3,16 @@ engine's parameters (issue 23, P2; a benchmark, not a test).
 
 An engine that received a packed update holds each tensor as a view into a bucket and must copy it
 into its own parameter. The replayed load (``skyrl_backends.weight_sync.replay``) and the GPU
-benchmark's engine process queue those copies as one ``torch._foreach_copy_``; on an H100 that
-apply took 3.0 ms against a 2.2 ms copy of the same bytes in one piece. This times, in turns, for
+benchmark's engine process queued those copies as one ``torch._foreach_copy_`` until
+``chunks.copy_all`` split them by size; on an H100 that fused apply took 3.0 ms against a 2.2 ms
+copy of the same bytes in one piece. This times, in turns, for
 the parameters of a Qwen2.5 shape in separate allocations (as an engine holds them):
 
     floor      one copy of all the bytes between two buffers (nothing per tensor)
     foreach    ``torch._foreach_copy_`` over every (parameter, view) pair
     per_tensor one ``Tensor.copy_`` per pair, queued on the stream
-    split      ``copy_`` for the tensors of at least ``--split-bytes``, one ``_foreach_copy_`` for the rest
+    split      ``chunks.copy_all``: ``copy_`` for the tensors of at least ``--split-bytes``, one
+               ``_foreach_copy_`` for the rest (what the replayed load and the senders' pack do)
 
 Printed: the median milliseconds of each, and each against the floor and against ``foreach``
 (medians; paired, the median of the rounds' ratios).
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_weight_sync import SHAPES, hardware, paired, qwen2_specs, sync  # noqa: E402
 from skyrl_backends.testing.provenance import measured_commit  # noqa: E402
-from skyrl_backends.weight_sync.chunks import plan, unpack  # noqa: E402
+from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, copy_all, plan, unpack  # noqa: E402
 
 
 def received_views(shape: str, dtype: torch.dtype, device: str, bucket_bytes: int
@@ -59,8 +61,6 @@ def received_views(shape: str, dtype: torch.dtype, device: str, bucket_bytes: in
 def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage: torch.Tensor,
           split_bytes: int) -> dict[str, Callable[[], None]]:
     floor_target = torch.empty_like(storage)
-    large = [i for i, t in enumerate(origins) if t.numel() * t.element_size() >= split_bytes]
-    small = sorted(set(range(len(origins))) - set(large))
 
     def floor() -> None:
         floor_target.copy_(storage, non_blocking=True)
@@ -72,11 +72,8 @@ def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage
         for destination, origin in zip(destinations, origins, strict=True):
             destination.copy_(origin, non_blocking=True)
 
-    def split() -> None:
-        for i in large:
-            destinations[i].copy_(origins[i], non_blocking=True)
-        if small:
-            torch._foreach_copy_([destinations[i] for i in small], [origins[i] for i in small], non_blocking=True)
+    def split() -> None:  # what the replayed load and the senders' pack do
+        copy_all(destinations, origins, split_bytes)
 
     return {"floor": floor, "foreach": foreach, "per_tensor": per_tensor, "split": split}
 
@@ -137,8 +134,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bucket-bytes", type=int, default=1 << 30)
-    parser.add_argument("--split-bytes", type=int, default=1 << 20,
-                        help="tensors of at least this many bytes get their own copy in the 'split' way")
+    parser.add_argument("--split-bytes", type=int, default=COPY_ALONE_BYTES,
+                        help="tensors of at least this many bytes get their own copy in the 'split' way "
+                             "(default: chunks.COPY_ALONE_BYTES, what the replayed load uses)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None, help="write every timing here")

@@ -15,6 +15,8 @@ GPU mode (``--mode gpu``)::
     cuda_ipc        vs (a) device-to-device copy of the same bytes  [engine process on the same GPU]
     cuda_ipc, adopted: the trainer's tensors live in the sender's buckets (``CudaIpcSender.adopt``),
                     so nothing is packed; vs (a) and, paired, vs the warm cuda_ipc sync
+    cuda_ipc, adopted, fused apply: the same, the engine applying with one fused copy of every
+                    tensor instead of ``chunks.copy_all`` (a copy per large tensor); paired vs adopted
     broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
 
 (CPU mode has the same adopted case over shared memory.) Every ratio is printed twice: of the medians,
@@ -66,7 +68,7 @@ from skyrl_backends.testing.provenance import measured_commit
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, SharedMemorySender, load_named_tensors, make_receiver
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
-from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, copy_all, plan
 from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
 
 # name: (hidden, layers, intermediate, vocab, heads, kv_heads, tied embeddings)
@@ -149,11 +151,14 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
             communicator = communicators.get(msg.get("slot"))
             first_load: list[float] = []
 
-            def load(named: list[tuple[str, torch.Tensor]]) -> None:
+            # As an engine that loads by name in bulk (the replayed load): copy_all, a copy per large
+            # tensor and one fused copy of the rest; "fused": one fused copy of everything, as before
+            alone_bytes = None if msg.get("apply") == "fused" else COPY_ALONE_BYTES
+
+            def load(named: list[tuple[str, torch.Tensor]], alone_bytes: int | None = alone_bytes) -> None:
                 first_load[:] = first_load or [time.perf_counter()]
-                with torch.no_grad():  # one fused copy, as an engine that loads by name in bulk would
-                    torch._foreach_copy_([params[name] for name, _ in named], [t for _, t in named],
-                                         non_blocking=True)
+                with torch.no_grad():
+                    copy_all([params[name] for name, _ in named], [t for _, t in named], alone_bytes)
 
             t0 = time.perf_counter()
             load_named_tensors(request, device, load, communicator=communicator)
@@ -230,9 +235,10 @@ def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case
 
 def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor], bucket_bytes: int,
                    label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False,
-                   compare: str | None = None) -> Case:
+                   compare: str | None = None, apply: str = "copy_all") -> Case:
     """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
-    A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold)."""
+    A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold).
+    ``apply="fused"`` has the engine apply with one fused copy of every tensor instead of ``copy_all``."""
     parts: dict[str, list[float]] = {"pack_s": [], "receive_s": [], "apply_s": []}
     kept = None if fresh_sender else make_sender()
 
@@ -244,7 +250,7 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
         parts["pack_s"].append(time.perf_counter() - t0)
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, sender.strategy, payload,
                                       check_finite=check_finite)
-        reply = engine.call(op="update", request=request_to_json(request))
+        reply = engine.call(op="update", request=request_to_json(request), apply=apply)
         parts["receive_s"].append(reply["receive_s"])
         parts["apply_s"].append(reply["apply_s"])
         if fresh_sender:
@@ -598,8 +604,13 @@ def main() -> None:
                 engines.append(adopting)
                 adopter = make()
                 adopted = adopter.adopt(dict(weights), args.bucket_bytes)  # a copy of the weights, in the buckets
+                adopted_label = f"{warm.split()[0]}, adopted (nothing packed)"
+                cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes, adopted_label,
+                                            copy_label, compare=warm))
+                # The same sync applied as before copy_all split its copies by size: one fused copy.
                 cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes,
-                                            f"{warm.split()[0]}, adopted (nothing packed)", copy_label, compare=warm))
+                                            f"{adopted_label}, fused apply", copy_label, compare=adopted_label,
+                                            apply="fused"))
             if not gpu:
                 if "cold" not in skip:  # its own engine: its mappings would evict the warm case's
                     cold = EngineProcess(args.shape, args.dtype, device, args.threads)

@@ -9,7 +9,7 @@ import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import iter_weight_chunks, request_from_json, request_to_json
-from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.chunks import copy_all, plan
 from skyrl_backends.weight_sync.manifest import ALIGNMENT, parse_buckets, plan_buckets
 
 
@@ -72,6 +72,21 @@ def _request(buckets, names=("a", "b"), dtypes=("float32", "float32"), shapes=((
 def _good_bucket():
     return {"nbytes": 256 + 12, "tensors": [{"name": "a", "dtype": "float32", "shape": [2, 2], "offset": 0},
                                             {"name": "b", "dtype": "float32", "shape": [3], "offset": 256}]}
+
+
+@pytest.mark.parametrize("alone_bytes", [None, 1, 64, 1 << 40])
+def test_copy_all_copies_and_converts_every_tensor_whichever_way_it_groups_them(alone_bytes):
+    # Large tensors get a copy each, the rest one fused copy: every destination must end up holding
+    # its source, converted to its dtype, and strided destinations (a slice of a fused parameter) too.
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(s, generator=g) for s in [(4, 8), (3,), (16, 16), (1,), (5, 7)]]
+    fused = torch.zeros(10, 7, dtype=torch.bfloat16)
+    destinations = [torch.zeros(4, 8), torch.zeros(3, dtype=torch.float64), torch.zeros(16, 16, dtype=torch.bfloat16),
+                    torch.zeros(1), fused[::2]]
+    copy_all(destinations, sources, alone_bytes)
+    for destination, source in zip(destinations, sources, strict=True):
+        assert torch.equal(destination, source.to(destination.dtype))
+    assert fused[1::2].eq(0).all()  # the rows between the slice's stay untouched
 
 
 def test_parse_buckets_accepts_a_consistent_payload():

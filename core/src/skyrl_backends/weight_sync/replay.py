@@ -10,8 +10,9 @@ same views of the same memory every time, and the engine's load makes the same c
 :class:`ReplayedLoad` runs the engine's load once under a dispatch mode that sees every aten
 operation, keeps the ``copy_`` calls it made (the destination views into parameters and the source
 views into the received tensors), and from then on, while the received tensors and the parameters'
-storages are the ones it recorded, queues those copies as one ``torch._foreach_copy_`` instead of
-running the load. A load is replayed only if everything it changed it changed by those copies:
+storages are the ones it recorded, queues those copies (``chunks.copy_all``: a copy per large tensor,
+one fused copy of the small ones) instead of running the load. A load is replayed only if
+everything it changed it changed by those copies:
 
 * every ``copy_`` reads from a received tensor's memory and writes into a parameter's or buffer's
   storage (a ``copy_`` from anything computed on the way, a dtype conversion or a concatenation,
@@ -38,6 +39,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from skyrl_backends.weight_sync.chunks import copy_all
 
 logger = logging.getLogger(__name__)
 ENV = "SKYRL_REPLAY_LOADS"
@@ -92,7 +95,7 @@ class _Recording:
 
     def replay(self) -> None:
         with torch.no_grad():
-            torch._foreach_copy_(self.destinations, self.origins, non_blocking=True)
+            copy_all(self.destinations, self.origins)
             for destination, value in self.fills:
                 destination.fill_(value)
 
