@@ -3,7 +3,9 @@
 side over every timed run of every call, their ratio, and the paired ratio (each plugin run against
 the engine's own run just before it) pooled over all runs, with each call's own figures beside them.
 Runs that differ in commit, engine version, model, shape of the workload or engine options are
-refused: pool like with like (eager and CUDA-graph runs are two rows).
+refused: pool like with like (eager and CUDA-graph runs are two rows). Runs at two commits whose
+difference changed no measured code may be pooled with ``--commits-alike A,B``: the files that differ
+between them (``git diff --name-only``) are printed with the row, for the reader to judge.
 
     python core/benchmarks/pool_generate.py out/call1/vllm-generate-*.json out/call2/vllm-generate-*.json
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 from typing import Any
 
 # What must agree between the runs pooled into one row.
@@ -20,13 +23,16 @@ SAME = ("commit", "vllm", "sglang", "model", "dtype", "prompts", "prompt_len", "
         "engine_kwargs")
 
 
-def load(paths: list[str], same: tuple[str, ...] = SAME) -> list[dict[str, Any]]:
-    """The result files, refused unless every run agrees on each key of ``same``."""
+def load(paths: list[str], same: tuple[str, ...] = SAME, commits_alike: set[str] = frozenset()
+         ) -> list[dict[str, Any]]:
+    """The result files, refused unless every run agrees on each key of ``same`` (a commit among
+    ``commits_alike`` counts as any other of them)."""
     runs = [json.load(open(p)) for p in paths]
     if not runs:
         raise SystemExit("no result files given")
     for key in same:
-        values = {json.dumps(r.get(key), sort_keys=True) for r in runs}
+        values = {json.dumps("alike" if key == "commit" and r.get(key) in commits_alike else r.get(key),
+                             sort_keys=True) for r in runs}
         if len(values) > 1:
             raise SystemExit(f"the runs differ in {key} ({sorted(values)}): pool runs of one setting only")
     return runs
@@ -49,12 +55,22 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+")
+    parser.add_argument("--commits-alike", default="",
+                        help="A,B: pool runs of these commits as one (their differing files are printed)")
     args = parser.parse_args()
-    runs = load(args.files)
+    alike = [c for c in args.commits_alike.split(",") if c]
+    if len(alike) == 1:
+        raise SystemExit("--commits-alike needs two commits or more")
+    runs = load(args.files, commits_alike=set(alike))
     pooled = pool(runs)
     first = runs[0]
     engine = "vllm" if "vllm" in first else "sglang"
-    print(f"{engine} {first[engine]}, commit {first.get('commit')}, {first['model']} ({first['dtype']}), "
+    commits = sorted({str(r.get("commit")) for r in runs})
+    if len(commits) > 1:
+        changed = subprocess.run(["git", "diff", "--name-only", *alike[:1], *alike[-1:]], capture_output=True,
+                                 text=True, check=True).stdout.split()
+        print(f"commits {', '.join(commits)} pooled as one; files that differ: {', '.join(changed) or 'none'}")
+    print(f"{engine} {first[engine]}, commit {'/'.join(commits)}, {first['model']} ({first['dtype']}), "
           f"{first['prompts']} prompts x {first['prompt_len']} -> {first['max_tokens']} tokens, "
           f"engine options {json.dumps(first['engine_kwargs'])}; {pooled['calls']} calls, {pooled['runs']} runs")
     print("| side | median tok/s (per call) | plugin / own: medians / paired |")

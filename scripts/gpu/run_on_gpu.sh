@@ -16,7 +16,8 @@
 #                             launch_server) driven through its HTTP API -> $OUT/ENGINE-server.json (the
 #                             parity table's ENGINE-server column; the vllm one also runs on CPU in CI)
 #   generate:ENGINE           generation benchmark, plugin vs the engine's own API -> $OUT/ENGINE-generate-HHMMSS.json
-#                             (GENERATE_REPEATS timed runs of each side, default 7; GENERATE_ENGINE_KWARGS
+#                             (GENERATE_REPEATS timed runs of each side, default 7; GENERATE_ARGS adds options,
+#                             e.g. "--decompose" for sglang; GENERATE_ENGINE_KWARGS
 #                             replaces the engine_init_kwargs, e.g. '{}' for vLLM with CUDA graphs)
 #   diagnose:ENGINE           diagnose_logprobs.py with the conformance options -> $OUT/ENGINE-logprobs.json;
 #                             for vllm also with the V1 model runner -> $OUT/vllm-logprobs-v1.json
@@ -228,7 +229,7 @@ generate() {  # ENGINE SECONDS
     esac
     kwargs=${GENERATE_ENGINE_KWARGS:-$kwargs}  # e.g. '{}' for vLLM with torch.compile and CUDA graphs
     bounded "$2" python3 "$bench" --model "$MODEL15" --prompts 256 --prompt-len 128 --max-tokens 128 --dtype bfloat16 \
-        --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --repeats "${GENERATE_REPEATS:-7}" \
+        --gpu-memory-utilization 0.5 --engine-kwargs "$kwargs" --repeats "${GENERATE_REPEATS:-7}" ${GENERATE_ARGS:-} \
         --output "$OUT/$1-generate-$(date -u +%H%M%S).json"
 }
 

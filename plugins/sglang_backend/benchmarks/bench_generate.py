@@ -7,6 +7,8 @@ server arguments, memory and warm-up and only the plugin's own work differs: val
 translation of canonical parameters, request bookkeeping, the thread hand-off and canonical
 completions. Runs alternate (baseline, plugin, baseline, ...) so drifting machine load hits both; the
 best of ``--repeats`` runs of each side is compared. One process, one run (not a timed test).
+``--decompose`` adds a third side to the turns: ``async_generate`` with the arguments the plugin
+builds, which splits a gap into SGLang's cost of those arguments and the plugin's own Python.
 
     # GPU (the issue's setting: 256 prompts x 128 new tokens); SGLang 0.5.17 build of the GPU machine
     python bench_generate.py --model /tmp/models/qwen2.5-1.5b-random --prompts 256 --max-tokens 128 \\
@@ -52,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-kwargs", default="{}", help="JSON for engine_init_kwargs (SGLang ServerArgs)")
     parser.add_argument("--logprobs", type=int, default=None,
                         help="also request log-probabilities (0: chosen token, N: top N) on both sides")
+    parser.add_argument("--decompose", action="store_true",
+                        help="a third side in the turns: sglang.Engine called with the plugin's own arguments")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -75,12 +79,35 @@ async def run_native(engine: Any, prompts: list[list[int]], args: argparse.Names
     return await engine.impl.loop.call(call())
 
 
-async def run_plugin(engine: Any, prompts: list[list[int]], args: argparse.Namespace) -> int:
+def plugin_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"max_generate_length": args.max_tokens, "temperature": 1.0, "ignore_eos": True}
     if args.logprobs is not None:
         params["logprobs"] = args.logprobs
-    out = await engine.generate(prompts, params)
+    return params
+
+
+async def run_plugin(engine: Any, prompts: list[list[int]], args: argparse.Namespace) -> int:
+    out = await engine.generate(prompts, plugin_params(args))
     return sum(len(c.token_ids) for c in out)
+
+
+async def run_native_as_plugin(engine: Any, prompts: list[list[int]], args: argparse.Namespace) -> int:
+    """``--decompose``: ``async_generate`` with the very arguments the plugin passes (its translated
+    sampling parameters, request ids, cache salt), and nothing of the plugin's own work around the
+    call: against the baseline it is what SGLang does differently with the plugin's arguments, against
+    the plugin what the plugin's Python costs."""
+    from skyrl_backends.sampling import SamplingParams
+    from skyrl_backend_sglang.translation import translate_sampling
+
+    impl = engine.impl
+    plan = translate_sampling(SamplingParams.from_dict(plugin_params(args)))
+    rids = [f"bench-{os.urandom(8).hex()}" for _ in prompts]
+
+    async def call() -> int:
+        outs = await impl.engine.async_generate(**impl._request_kwargs(rids, prompts, plan, None))
+        return sum(len(o["output_ids"]) for o in outs)
+
+    return await impl.loop.call(call())
 
 
 async def timed(coro: Any) -> tuple[int, float]:
@@ -106,11 +133,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await run_native(engine, prompts[:8], args)  # warm-up, both paths
         await run_plugin(engine, prompts[:8], args)
-        native, plugin = [], []
+        if args.decompose:
+            await run_native_as_plugin(engine, prompts[:8], args)
+        native, plugin, as_plugin = [], [], []
         for _ in range(args.repeats):
             tokens, seconds = await timed(run_native(engine, prompts, args))
             assert tokens == expected, f"native generated {tokens} tokens, expected {expected}"
             native.append(tokens / seconds)
+            if args.decompose:
+                tokens, seconds = await timed(run_native_as_plugin(engine, prompts, args))
+                assert tokens == expected, f"native with the plugin's arguments generated {tokens} tokens"
+                as_plugin.append(tokens / seconds)
             tokens, seconds = await timed(run_plugin(engine, prompts, args))
             assert tokens == expected, f"plugin generated {tokens} tokens, expected {expected}"
             plugin.append(tokens / seconds)
@@ -125,6 +158,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens, "logprobs": args.logprobs, "engine_kwargs": json.loads(args.engine_kwargs),
         "engine_start_s": round(start_s, 1),
         "native_tok_s": [round(x, 1) for x in native], "plugin_tok_s": [round(x, 1) for x in plugin],
+        **({"native_as_plugin_tok_s": [round(x, 1) for x in as_plugin],
+            "ratio_as_plugin_paired_median": round(statistics.median(a / n for a, n in zip(as_plugin, native,
+                                                                                           strict=True)), 4)}
+           if as_plugin else {}),
         "native_best": round(max(native), 1), "plugin_best": round(max(plugin), 1),
         "ratio_best": round(max(plugin) / max(native), 4),
         "ratio_median": round(statistics.median(plugin) / statistics.median(native), 4),
@@ -139,6 +176,10 @@ def print_table(result: dict[str, Any]) -> None:
           f"-> {result['max_tokens']} new tokens, logprobs={result['logprobs']}")
     print(f"{'':28}{'best tok/s':>12}   runs")
     print(f"{'sglang.Engine directly':28}{result['native_best']:>12.1f}   {result['native_tok_s']}")
+    if "native_as_plugin_tok_s" in result:
+        runs = result["native_as_plugin_tok_s"]
+        print(f"{'  with the plugin arguments':28}{max(runs):>12.1f}   {runs}  (paired vs directly: "
+              f"{result['ratio_as_plugin_paired_median']:.3f})")
     print(f"{'skyrl sglang plugin':28}{result['plugin_best']:>12.1f}   {result['plugin_tok_s']}")
     verdict = "meets" if result["ratio_best"] >= TARGET else "MISSES"
     print(f"plugin / native: {result['ratio_best']:.3f} best, {result['ratio_median']:.3f} median, "
