@@ -96,8 +96,8 @@ async def run_native_as_plugin(engine: Any, prompts: list[list[int]], args: argp
     sampling parameters, request ids, cache salt), and nothing of the plugin's own work around the
     call: against the baseline it is what SGLang does differently with the plugin's arguments, against
     the plugin what the plugin's Python costs."""
-    from skyrl_backends.sampling import SamplingParams
     from skyrl_backend_sglang.translation import translate_sampling
+    from skyrl_backends.sampling import SamplingParams
 
     impl = engine.impl
     plan = translate_sampling(SamplingParams.from_dict(plugin_params(args)))
