@@ -20,7 +20,7 @@ from typing import Any
 
 # What must agree between the runs pooled into one row.
 SAME = ("commit", "vllm", "sglang", "model", "dtype", "prompts", "prompt_len", "max_tokens", "logprobs",
-        "engine_kwargs")
+        "engine_kwargs", "plugin_text")
 
 
 def load(paths: list[str], same: tuple[str, ...] = SAME, commits_alike: set[str] = frozenset()

@@ -67,6 +67,7 @@ def test_every_canonical_sampling_parameter_has_a_check() -> None:
         "stop": "test_stop_strings", "stop_token_ids": "test_stop_token_ids_end_output",
         "min_new_tokens": "test_min_new_tokens_defers_stop", "ignore_eos": "test_eos_stops_unless_ignored",
         "seed": "test_seed_reproduces", "n": "test_n_samples",
+        "detokenize": "test_detokenize_off_returns_the_same_ids_without_text",
     }
     assert set(checked_by) == set(SamplingParams.field_names())
     assert set(checked_by.values()) <= set(standard_tests(BackendConformanceSuite))

@@ -24,6 +24,7 @@ INVALID = [
     ("stop_token_ids", [-1], "non-negative integer"),
     ("min_new_tokens", -1, "integer >= 0"),
     ("ignore_eos", "yes", "true or false"),
+    ("detokenize", 0, "true (completions carry their text) or false (token ids only)"),
     ("seed", -5, "None or an integer in [0, 9223372036854775807]"),
     ("seed", 2**64, "None or an integer in [0, 9223372036854775807]"),  # overflowed torch's generator
     ("n", 0, "integer >= 1"),

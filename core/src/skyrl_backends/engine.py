@@ -216,6 +216,8 @@ class InferenceEngine:
                 completion.token_versions = self._versions(completion.token_versions, len(completion.token_ids),
                                                            version, f"the completion of {rid}")
                 completion.lora_version = lora_version
+                if not params.detokenize:  # the contract, whether or not the backend skipped decoding
+                    completion.text = None
             completions.extend(output)
         return GenerateOutput(_sample_major(completions, len(request), params.n))
 
@@ -312,6 +314,8 @@ class InferenceEngine:
                                       lambda given, count, what: self._versions(given, count, version, what))
                 if chunk.completion is not None:
                     chunk.completion.lora_version = lora_version
+                    if not request.sampling_params.detokenize:
+                        chunk.completion.text = None
                 yield chunk
             streams.check_complete(self.backend)
         finally:

@@ -21,6 +21,10 @@ Semantics shared by every backend (the conformance suite checks them):
   plus the top ``N`` alternatives.
 * ``seed`` makes sampling reproducible per sequence, whatever else is in the batch. With ``n > 1``
   sample ``j`` of a prompt uses ``seed + j``.
+* ``detokenize=False`` returns completions without their text (``text`` is None), for callers that
+  use the token ids only (as vLLM's ``SamplingParams.detokenize``): decoding every response costs
+  milliseconds of Python per batch. Token ids, log-probabilities and stop handling are unchanged
+  (stop strings are still matched on the decoded text inside the backend).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     n: int = 1
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so params stay hashable.
@@ -112,6 +117,8 @@ class SamplingParams:
                 f"at most max_generate_length ({self.max_generate_length})")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "true or false")
+        if not isinstance(self.detokenize, bool):
+            fail("detokenize", "true (completions carry their text) or false (token ids only)")
         if not _is_int(self.n) or self.n < 1:
             fail("n", "an integer >= 1")
         if self.n > limits.max_n():

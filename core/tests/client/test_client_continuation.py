@@ -54,3 +54,15 @@ def test_without_a_decoder_texts_are_joined():
     state.absorb(Completion([3, 4], "abort", text="ab"))
     state.absorb(Completion([5, 6], "length", text="cd"))
     assert state.result().text == "abcd"
+
+
+def test_detokenize_off_matches_stop_strings_across_the_seam_but_returns_no_text():
+    prompt = [3, 4, 5]
+    full = run_rule(prompt, 30)
+    stop = decode(full)[9:12]
+    state = Continuation(prompt, SamplingParams(max_generate_length=30, stop=(stop,), detokenize=False))
+    state.absorb(Completion(full[:10], "abort"))
+    state.absorb(Completion(full[10:], "length"))
+    out = state.result(decode)
+    assert out.token_ids == full[:12] and (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.text is None

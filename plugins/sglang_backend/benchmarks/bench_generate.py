@@ -9,6 +9,8 @@ completions. Runs alternate (baseline, plugin, baseline, ...) so drifting machin
 best of ``--repeats`` runs of each side is compared. One process, one run (not a timed test).
 ``--decompose`` adds a third side to the turns: ``async_generate`` with the arguments the plugin
 builds, which splits a gap into SGLang's cost of those arguments and the plugin's own Python.
+The plugin returns each response's text by default, which the baseline (SGLang in token-in/out
+mode) never makes; ``--no-text`` asks it for token ids only (``detokenize=False``): like with like.
 
     # GPU (the setting: 256 prompts x 128 new tokens); SGLang 0.5.17 build of the GPU machine
     python bench_generate.py --model /tmp/models/qwen2.5-1.5b-random --prompts 256 --max-tokens 128 \\
@@ -54,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-kwargs", default="{}", help="JSON for engine_init_kwargs (SGLang ServerArgs)")
     parser.add_argument("--logprobs", type=int, default=None,
                         help="also request log-probabilities (0: chosen token, N: top N) on both sides")
+    parser.add_argument("--no-text", action="store_true",
+                        help="the plugin returns token ids only (detokenize=False), as the baseline does: SGLang "
+                             "runs with skip_tokenizer_init, so async_generate returns no text")
     parser.add_argument("--decompose", action="store_true",
                         help="a third side in the turns: sglang.Engine called with the plugin's own arguments")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
@@ -83,6 +88,8 @@ def plugin_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"max_generate_length": args.max_tokens, "temperature": 1.0, "ignore_eos": True}
     if args.logprobs is not None:
         params["logprobs"] = args.logprobs
+    if args.no_text:
+        params["detokenize"] = False
     return params
 
 
@@ -156,6 +163,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "hardware": describe_hardware(), "sglang": version, "model": os.path.basename(os.path.normpath(args.model)),
         "dtype": args.dtype, "device": args.device, "prompts": args.prompts, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "logprobs": args.logprobs, "engine_kwargs": json.loads(args.engine_kwargs),
+        "plugin_text": not args.no_text,
         "engine_start_s": round(start_s, 1),
         "native_tok_s": [round(x, 1) for x in native], "plugin_tok_s": [round(x, 1) for x in plugin],
         **({"native_as_plugin_tok_s": [round(x, 1) for x in as_plugin],

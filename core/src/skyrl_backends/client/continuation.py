@@ -117,6 +117,8 @@ class Continuation:
                 text = _truncate_after(text, stop_reason)
         else:
             text = None if any(t is None for t in self.texts) else "".join(self.texts)  # type: ignore[arg-type]
+        if not self.params.detokenize:  # stop strings were matched on decoded text; none is returned
+            text = None
         return Completion(token_ids=list(tokens), finish_reason=finish,  # type: ignore[arg-type]
                           logprobs=logprobs, top_logprobs=top, text=text, stop_reason=stop_reason,
                           request_id=self.request_id, token_versions=versions)

@@ -416,7 +416,7 @@ class SGLangEngine:
             finish_reason=finish,  # type: ignore[arg-type]
             logprobs=logprobs if plan.return_logprob else None,
             top_logprobs=top if plan.top_logprobs_num else None,
-            text=result.text if result.text is not None else self._decode(tokens),
+            text=(result.text if result.text is not None else self._decode(tokens)) if params.detokenize else None,
             stop_reason=stop_reason,
             request_id=rid,
             token_versions=self._versions(result, len(tokens)),

@@ -363,7 +363,7 @@ class TransformersEngine:
             finish_reason=s.finish_reason or "abort",  # type: ignore[arg-type]
             logprobs=s.logprobs if params.logprobs is not None else None,
             top_logprobs=s.top_logprobs if params.logprobs else None,
-            text=s.text if s.text is not None else self._decode(s.tokens),
+            text=(s.text if s.text is not None else self._decode(s.tokens)) if params.detokenize else None,
             stop_reason=s.stop_reason,
             request_id=s.request_id,
             token_versions=TokenVersions.from_per_token(s.versions),

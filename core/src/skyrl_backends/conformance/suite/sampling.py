@@ -203,6 +203,17 @@ class SamplingParamsTests(ConformanceTestBase):
         assert zero.logprobs is not None and len(zero.logprobs) == len(zero.token_ids)
         assert not zero.top_logprobs, "logprobs=0 asks for the chosen token only"
 
+    @feature("Token ids only (detokenize=False)")
+    def test_detokenize_off_returns_the_same_ids_without_text(self, conformance: ConformanceHarness) -> None:
+        prompts = conformance.reference.prompts(2, seed=19)
+        with_text = conformance.greedy(prompts, 6, logprobs=0)
+        ids_only = conformance.greedy(prompts, 6, logprobs=0, detokenize=False)
+        assert [c.text for c in ids_only] == [None, None], "detokenize=False returns no text"
+        assert all(isinstance(c.text, str) for c in with_text), "text is returned by default"
+        assert ids_only.response_ids == with_text.response_ids
+        assert [c.finish_reason for c in ids_only] == [c.finish_reason for c in with_text]
+        assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in ids_only)
+
     def test_unknown_parameter_is_rejected(self, conformance: ConformanceHarness) -> None:
         with pytest.raises(SamplingParamsError, match="temprature"):
             conformance.generate([[1, 2]], {"temprature": 0.5})
