@@ -59,15 +59,15 @@ def main() -> None:
                         help="A,B: pool runs of these commits as one (their differing files are printed)")
     args = parser.parse_args()
     alike = [c for c in args.commits_alike.split(",") if c]
-    if len(alike) == 1:
-        raise SystemExit("--commits-alike needs two commits or more")
+    if len(alike) not in (0, 2):  # the printed difference is of exactly these two
+        raise SystemExit("--commits-alike takes two commits: A,B")
     runs = load(args.files, commits_alike=set(alike))
     pooled = pool(runs)
     first = runs[0]
     engine = "vllm" if "vllm" in first else "sglang"
     commits = sorted({str(r.get("commit")) for r in runs})
     if len(commits) > 1:
-        changed = subprocess.run(["git", "diff", "--name-only", *alike[:1], *alike[-1:]], capture_output=True,
+        changed = subprocess.run(["git", "diff", "--name-only", *alike], capture_output=True,
                                  text=True, check=True).stdout.split()
         print(f"commits {', '.join(commits)} pooled as one; files that differ: {', '.join(changed) or 'none'}")
     print(f"{engine} {first[engine]}, commit {'/'.join(commits)}, {first['model']} ({first['dtype']}), "
