@@ -17,12 +17,14 @@ test-conformance-example: $(TF_ENV)/.ready $(MODEL)/.skyrl_tiny_model
 		--conformance-report $(CONFORMANCE_OUT)/minimal.json
 	$(TF_ENV)/bin/skyrl-backends conformance minimal --model $(MODEL) -k "max_length or abort_one"
 
-# Every report this make run produced (transformers, the example, and vLLM's CPU build and its own
-# server when test-vllm and conformance-vllm-server ran the suite) must agree with the committed table.
+# Every report this make run produced (transformers, the example, vLLM's CPU build and its own server
+# when test-vllm and conformance-vllm-server ran the suite, SGLang's CPU path when
+# conformance-sglang-cpu did) must agree with the committed table. Without waiting for a report's
+# target, the check would read the last run's file, or, in a clean clone, skip that column.
 # Secondary expansion lets the rule wait for those, whose fragments are read after this one.
 .SECONDEXPANSION:
 test-parity-table: test-conformance test-conformance-example \
-		$$(filter test-vllm conformance-vllm-server,$$(EXTRA_TESTS))
+		$$(filter test-vllm conformance-vllm-server conformance-sglang-cpu,$$(EXTRA_TESTS))
 	$(TF_ENV)/bin/python -m skyrl_backends.conformance.parity check $(PARITY_TABLE) $(wildcard $(PARITY_DIR)/*.json) \
 		--fresh $(wildcard $(CONFORMANCE_OUT)/*.json)
 
