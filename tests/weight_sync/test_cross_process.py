@@ -19,6 +19,7 @@ from skyrl_backends.remote import RemoteEngine, ServerProcess, connect_engine
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, connect_broadcast, sync_weights
 from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.manifest import spelled_out
 
 PROMPTS = [[5, 6, 7, 8], [100, 42, 17]]
 MAX_TOKENS = 8
@@ -190,12 +191,25 @@ def _offset_out_of_range(payload):
     payload["buckets"][-1]["tensors"][-1]["offset"] = payload["buckets"][-1]["nbytes"]
 
 
-@pytest.mark.parametrize("mutate, offender, words", [
-    (_last_segment_missing, "payload.buckets[{last}].segment", "does not exist"),
-    (_last_segment_truncated, "payload.buckets[{last}].segment", "truncated"),
-    (_offset_out_of_range, "{last_tensor}", "outside its bucket"),
+def _plan_of_other_buckets(payload):
+    payload["plan"]["bucket_bytes"] *= 4
+
+
+def _last_planned_bucket_resized(payload):
+    payload["buckets"][-1]["nbytes"] += 1 << 20
+
+
+# The sender's planned payload (manifests derived by the engine from payload.plan), or spelled out
+# (every bucket's manifest written in the request, which these hostile payloads edit)
+@pytest.mark.parametrize("mutate, offender, words, planned", [
+    (_last_segment_missing, "payload.buckets[{last}].segment", "does not exist", False),
+    (_last_segment_truncated, "payload.buckets[{last}].segment", "truncated", False),
+    (_offset_out_of_range, "{last_tensor}", "outside its bucket", False),
+    (_last_segment_missing, "payload.buckets[{last}].segment", "does not exist", True),
+    (_plan_of_other_buckets, "payload.buckets", "payload.plan gives", True),
+    (_last_planned_bucket_resized, "payload.buckets[{last}].nbytes", "payload.plan gives", True),
 ])
-def test_transfer_failing_midway_changes_nothing(engines, trainer_model, backend, mutate, offender, words):
+def test_transfer_failing_midway_changes_nothing(engines, trainer_model, backend, mutate, offender, words, planned):
     """Every bucket but the last is fine: the engine must still apply none of them."""
     served, update = perturbed(trainer_model, seed=4), perturbed(trainer_model, seed=5)
     engine = engines[0]
@@ -208,12 +222,13 @@ def test_transfer_failing_midway_changes_nothing(engines, trainer_model, backend
             layout = plan(update, SMALL_BUCKETS)
             good = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "shared_memory",
                                        sender.write(layout))
-            assert len(good.payload["buckets"]) >= 3
+            assert ("plan" in good.payload) and len(good.payload["buckets"]) >= 3
+            good = good if planned else spelled_out(good)
             bad = _tamper(good, mutate)
             with pytest.raises(Exception) as info:
                 await engine.update_named_weights(bad)
         name = offender.format(last=len(good.payload["buckets"]) - 1,
-                               last_tensor=good.payload["buckets"][-1]["tensors"][-1]["name"])
+                               last_tensor=spelled_out(good).payload["buckets"][-1]["tensors"][-1]["name"])
         assert name in str(info.value) and words in str(info.value)
         tokens_after, stamped = await greedy(engine)
         assert tokens_after == tokens_before == oracle_greedy(trainer_model, served)

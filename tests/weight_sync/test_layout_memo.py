@@ -42,3 +42,19 @@ def test_any_change_of_layout_is_not_a_match() -> None:
         assert not memo.matches(other)
     memo.forget()
     assert not memo.matches(request)
+
+
+def test_a_planned_layout_matches_only_the_same_plan() -> None:
+    memo = LayoutMemo(volatile=("ipc",))
+    layout = plan({"w": torch.zeros(8, 8), "b": torch.zeros(8)}, bucket_bytes=1024)
+
+    def planned(alignment: int, ipc: str = "a") -> WeightUpdateRequest:
+        payload = layout.payload([{"ipc": {"handle": ipc}, "nbytes": b.nbytes} for b in layout.buckets])
+        payload["plan"]["alignment"] = alignment
+        return WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "cuda_ipc", payload)
+
+    memo.remember(planned(256), [None], [])
+    assert memo.matches(planned(256, ipc="b"))
+    # The same buckets' JSON under another plan puts the tensors elsewhere: not the remembered layout
+    assert not memo.matches(planned(512))
+    assert not memo.matches(_request())

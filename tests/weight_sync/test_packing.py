@@ -10,7 +10,7 @@ from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import iter_weight_chunks, request_from_json, request_to_json
 from skyrl_backends.weight_sync.chunks import copy_all, plan
-from skyrl_backends.weight_sync.manifest import ALIGNMENT, parse_buckets, plan_buckets
+from skyrl_backends.weight_sync.manifest import ALIGNMENT, parse_buckets, plan_buckets, spelled_out
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -203,3 +203,53 @@ def test_a_shared_submodule_and_a_shared_buffer_are_sent_once_under_their_first_
             self.inner.register_buffer("scratch", torch.zeros(2), persistent=False)  # not in the state dict
 
     assert [name for name, _ in named_tensors(Shared())] == ["scale", "first.weight", "first.bias", "inner.own"]
+
+
+# -- the planned payload: the plan instead of the manifests ------------------------------------
+def _planned(bucket_bytes: int = 1024) -> WeightUpdateRequest:
+    layout = plan(_state_dict(), bucket_bytes)
+    return WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
+                               layout.payload([{"nbytes": b.nbytes} for b in layout.buckets]))
+
+
+def test_a_planned_payload_gives_the_senders_manifests_in_less_json():
+    layout = plan(_state_dict(), 1024)
+    request = _planned()
+    assert [manifest for manifest, _ in parse_buckets(request)] == layout.buckets
+    explicit = spelled_out(request)
+    assert "plan" not in explicit.payload
+    assert [manifest for manifest, _ in parse_buckets(explicit)] == layout.buckets
+    # The same layout, every tensor described once (at the request's top level) instead of twice
+    assert len(json.dumps(request_to_json(request))) < 0.6 * len(json.dumps(request_to_json(explicit)))
+    back = request_from_json(json.loads(json.dumps(request_to_json(request))))
+    assert [manifest for manifest, _ in parse_buckets(back)] == layout.buckets
+
+
+@pytest.mark.parametrize("mutate, offender, words", [
+    (lambda p: p["plan"].update(bucket_bytes=0), "payload.plan.bucket_bytes", "integer in [1,"),
+    (lambda p: p["plan"].update(bucket_bytes="1024"), "payload.plan.bucket_bytes", "integer in [1,"),
+    (lambda p: p["plan"].update(alignment=100), "payload.plan.alignment", "power of two"),
+    (lambda p: p["plan"].update(order="reversed"), "payload.plan", "unknown field(s) ['order']"),
+    (lambda p: p.update(plan=[1024]), "payload.plan", "expected an object"),
+    (lambda p: p["plan"].update(bucket_bytes=1 << 20), "payload.buckets", "payload.plan gives 1"),
+    (lambda p: p["buckets"].pop(), "payload.buckets", "payload.plan gives"),
+    (lambda p: p["buckets"][1].update(nbytes=p["buckets"][1]["nbytes"] + 1), "payload.buckets[1].nbytes",
+     "payload.plan gives this bucket"),
+    (lambda p: p["buckets"][0].pop("nbytes"), "payload.buckets[0]", "missing field(s) ['nbytes']"),
+    (lambda p: p["buckets"][0].update(tensors=[]), "payload.buckets[0].tensors", "send the plan or the tensors"),
+])
+def test_a_planned_payload_names_every_problem(mutate, offender, words):
+    request = _planned()
+    mutate(request.payload)
+    with pytest.raises(WeightUpdateError) as info:
+        parse_buckets(request)
+    assert offender in info.value.problems, info.value.problems
+    assert words in info.value.problems[offender]
+
+
+def test_a_planned_payload_refuses_a_negative_dimension_by_name():
+    request = _planned()
+    request.shapes[0] = (-10, 8)
+    with pytest.raises(WeightUpdateError) as info:
+        parse_buckets(request)
+    assert "non-negative" in info.value.problems[request.names[0]]

@@ -13,6 +13,7 @@ from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightSyncInitInfo, WeightUpdateRequest
 from skyrl_backends.weight_sync import SharedMemorySender, make_receiver, receive_named_tensors
 from skyrl_backends.weight_sync.chunks import plan
+from skyrl_backends.weight_sync.manifest import spelled_out
 
 
 def _weights() -> dict[str, torch.Tensor]:
@@ -73,7 +74,7 @@ def test_a_repeated_layout_reuses_the_views_but_every_segment_is_checked_again()
         try:
             replacement.buf[:nbytes] = bytes(range(256)) * (nbytes // 256) + bytes(nbytes % 256)
             got = dict(receive_named_tensors(request, device="cpu"))
-            entry = request.payload["buckets"][0]["tensors"][0]
+            entry = spelled_out(request).payload["buckets"][0]["tensors"][0]
             expected = torch.frombuffer(bytearray(replacement.buf[entry["offset"]:nbytes]), dtype=torch.uint8)
             assert torch.equal(got[entry["name"]].reshape(-1).view(torch.uint8),
                                expected[:got[entry["name"]].numel() * got[entry["name"]].element_size()])
@@ -92,7 +93,7 @@ def test_a_repeated_layout_reuses_the_views_but_every_segment_is_checked_again()
 
 def test_truncated_segment_is_refused_before_anything_is_yielded():
     with SharedMemorySender() as sender:
-        request = _send(sender, _weights())
+        request = spelled_out(_send(sender, _weights()))
         bad = copy.deepcopy(request.payload)
         bad["buckets"][-1]["nbytes"] += 1 << 20  # the manifest claims more bytes than the segment holds
         tampered = WeightUpdateRequest(request.names, request.dtypes, request.shapes, "shared_memory", bad)
@@ -104,7 +105,7 @@ def test_truncated_segment_is_refused_before_anything_is_yielded():
 
 def test_offset_out_of_range_names_the_tensor():
     with SharedMemorySender() as sender:
-        request = _send(sender, _weights())
+        request = spelled_out(_send(sender, _weights()))
         bad = copy.deepcopy(request.payload)
         entry = bad["buckets"][0]["tensors"][0]
         entry["offset"] = bad["buckets"][0]["nbytes"]

@@ -16,7 +16,7 @@ import torch
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync.delivery import dtype_name as _dtype_name
-from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, BucketManifest, plan_buckets
+from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, PLAN_FIELD, BucketManifest, plan_buckets, plan_json
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB
 DtypeFor = None | str | torch.dtype | Mapping[str, Any] | Callable[[str, torch.Tensor], Any]
@@ -122,6 +122,13 @@ class PackPlan:
     dtypes: list[str]
     shapes: list[tuple[int, ...]]
     buckets: list[BucketManifest]
+    bucket_bytes: int  # what planned ``buckets`` (plan_buckets, default alignment)
+
+    def payload(self, buckets: list[dict[str, Any]]) -> dict[str, Any]:
+        """A request payload of this layout in its planned form (the receiver derives the manifests
+        from the plan, see skyrl_backends.weight_sync.manifest): ``buckets`` are each bucket's
+        strategy fields with its ``nbytes``, as :meth:`Packer.prepare` returns them, extended."""
+        return {PLAN_FIELD: plan_json(self.bucket_bytes), "buckets": buckets}
 
 
 def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor = None) -> PackPlan:
@@ -132,7 +139,8 @@ def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: 
         names.append(name)
         dtypes.append(_dtype_name(target(name, tensor)))
         shapes.append(tuple(tensor.shape))
-    return PackPlan(dict(pairs), names, dtypes, shapes, _buckets_of(names, dtypes, shapes, bucket_bytes))
+    return PackPlan(dict(pairs), names, dtypes, shapes, _buckets_of(names, dtypes, shapes, bucket_bytes),
+                    bucket_bytes)
 
 
 # The buckets planned last time, handed out again (the same objects) for the same tensors: a training
@@ -201,7 +209,7 @@ def copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor],
 
 class Packer:
     """Packs each update's layout into a sender's fixed buffers, keeping the destination views and
-    the manifests' JSON while the layout and the buffers stay the same (every step of a training run):
+    the buckets' JSON while the layout and the buffers stay the same (every step of a training run):
     rebuilding 300+ views and dicts each time costs milliseconds of Python, more than the copy itself
     on a GPU. The returned dicts are shared between updates: read them, do not change them.
 
@@ -216,7 +224,7 @@ class Packer:
         self.copied = 0
 
     def pack(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
-        """Pack every bucket of ``layout`` into its buffer; returns the manifests' JSON."""
+        """Pack every bucket of ``layout`` into its buffer; returns the buckets' JSON (as :meth:`prepare`)."""
         self.prepare(buffers, layout)
         self.copied = 0
         for index in range(len(layout.buckets)):
@@ -224,12 +232,13 @@ class Packer:
         return self._json
 
     def prepare(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
-        """Make (or keep) the destination views of ``layout`` in ``buffers`` (one per bucket)."""
+        """Make (or keep) the destination views of ``layout`` in ``buffers`` (one per bucket). Returns
+        each bucket's JSON for a planned payload (:meth:`PackPlan.payload`): its size, no manifest."""
         key = (tuple(b.data_ptr() for b in buffers), tuple(layout.buckets))
         if key != self._key:
             self._destinations = [[view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
                                   for buffer, manifest in zip(buffers, layout.buckets, strict=True)]
-            self._json = [manifest.to_json() for manifest in layout.buckets]
+            self._json = [{"nbytes": manifest.nbytes} for manifest in layout.buckets]
             self._key = key
         return self._json
 

@@ -267,8 +267,8 @@ class CudaIpcSender:
         self._packer = Packer()
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
-        manifests = self._packer.pack(self.allocate(layout), layout)
-        return self.share(manifests)
+        buckets = self._packer.pack(self.allocate(layout), layout)
+        return self.share(layout, buckets)
 
     @property
     def copied(self) -> int:
@@ -298,8 +298,9 @@ class CudaIpcSender:
             self._handles = None
         return self._buffers
 
-    def share(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
-        """The payload for the allocated buffers, once written (``manifests``: each bucket's JSON)."""
+    def share(self, layout: PackPlan, buckets: list[dict[str, Any]]) -> dict[str, Any]:
+        """The payload for the allocated buffers, once written (``buckets``: each bucket's JSON, as
+        the packer returns it)."""
         # The engine reads on its own stream: every copy must be finished before the handles are used.
         torch.cuda.current_stream(self.device).synchronize()
         if self._handles is None:
@@ -310,7 +311,7 @@ class CudaIpcSender:
             for handle, buffer in zip(self._handles, self._buffers, strict=True):
                 if handle:
                     _own_buffers[_own_key(handle)] = buffer
-        return {"buckets": [{"ipc": h, **m} for h, m in zip(self._handles, manifests, strict=True)]}
+        return layout.payload([{"ipc": h, **m} for h, m in zip(self._handles, buckets, strict=True)])
 
     def close(self) -> None:
         self._buffers = []

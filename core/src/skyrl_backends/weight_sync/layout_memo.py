@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from skyrl_backends.types import WeightUpdateRequest
+from skyrl_backends.weight_sync.manifest import PLAN_FIELD
 
 
 @dataclass
@@ -23,6 +24,7 @@ class _Remembered:
     names: list[str]
     dtypes: list[str]
     shapes: list[tuple[int, ...]]
+    plan: Any  # the payload's plan (manifest.PLAN_FIELD), None for spelled-out manifests
     buckets: list[Any]  # the payload's buckets without their volatile fields, as received
     addresses: list[int | None]  # data_ptr of each bucket's buffer
     views: Any  # what the receiver made of the layout: its (name, view) pairs, grouped as it needs them
@@ -39,10 +41,11 @@ class LayoutMemo:
     def matches(self, request: WeightUpdateRequest) -> bool:
         """Whether ``request`` has exactly the layout validated last time."""
         last = self._last
-        buckets = request.payload.get("buckets") if isinstance(request.payload, dict) else None
+        payload = request.payload if isinstance(request.payload, dict) else {}
+        buckets = payload.get("buckets")
         return (last is not None and isinstance(buckets, list) and list(request.names) == last.names
                 and list(request.dtypes) == last.dtypes and [tuple(s) for s in request.shapes] == last.shapes
-                and self._layout(buckets) == last.buckets)
+                and payload.get(PLAN_FIELD) == last.plan and self._layout(buckets) == last.buckets)
 
     def views(self, buffers: Sequence[torch.Tensor | None]) -> Any:
         """The remembered views, if ``buffers`` are the remembered ones (call after :meth:`matches`);
@@ -55,7 +58,8 @@ class LayoutMemo:
     def remember(self, request: WeightUpdateRequest, buffers: Sequence[torch.Tensor | None], views: Any) -> None:
         """Called with a request that passed validation and the views made for it."""
         self._last = _Remembered(list(request.names), list(request.dtypes), [tuple(s) for s in request.shapes],
-                                 self._layout(request.payload["buckets"]), _addresses(buffers), views)
+                                 request.payload.get(PLAN_FIELD), self._layout(request.payload["buckets"]),
+                                 _addresses(buffers), views)
 
     def forget(self) -> None:
         self._last = None

@@ -2,11 +2,14 @@
 
 A non-``"tensors"`` :class:`~skyrl_backends.types.WeightUpdateRequest` carries a JSON-able
 ``payload``: a list of *buckets*, each one contiguous byte buffer holding several tensors, described
-by a manifest of ``(name, dtype, shape, offset)``. Where the bytes live depends on the strategy (a
-shared-memory segment, a CUDA IPC handle, the next ``broadcast`` of the process group); the manifest
-is the same for all of them. Nothing here is ever unpickled: requests are plain JSON values and every
-field is checked (types, dtype allow-list, bounds, overlaps, agreement with the request's top-level
-names, dtypes and shapes that the engine facade validated) before a byte is interpreted.
+by a manifest of ``(name, dtype, shape, offset)``, or, from a sender that planned its buckets with
+:func:`plan_buckets` (every sender of this package), by that plan (``payload["plan"]``), from which
+the receiver derives the same manifests out of the request's own names, dtypes and shapes. Where
+the bytes live depends on the strategy (a shared-memory segment, a CUDA IPC handle, the next
+``broadcast`` of the process group); the manifest is the same for all of them. Nothing here is
+ever unpickled: requests are plain JSON values and every field is checked (types, dtype allow-list,
+bounds, overlaps, agreement with the request's top-level names, dtypes and shapes that the engine
+facade validated) before a byte is interpreted.
 
 This module does not import torch, so a server can validate a request before handing it on.
 """
@@ -130,6 +133,57 @@ def plan_buckets(specs: list[tuple[str, str, tuple[int, ...]]], bucket_bytes: in
     return buckets
 
 
+# A planned payload names how its buckets were planned instead of describing every tensor again:
+# {"plan": {"bucket_bytes": N, "alignment": A}, "buckets": [{"nbytes": n, ...}, ...]}. The receiver
+# plans the same buckets from the request's names, dtypes and shapes (validated once, at the top
+# level). A 1.5B model's request is a sixth of the JSON of its spelled-out form, and encoding,
+# sending and decoding that JSON at every step cost more than a GPU's copy of its buckets' bytes.
+PLAN_FIELD = "plan"
+MAX_ALIGNMENT = 1 << 16
+
+
+def plan_json(bucket_bytes: int, alignment: int = ALIGNMENT) -> dict[str, int]:
+    """The ``payload["plan"]`` of buckets planned by :func:`plan_buckets` with these arguments."""
+    return {"bucket_bytes": bucket_bytes, "alignment": alignment}
+
+
+def planned_buckets(request: WeightUpdateRequest, plan: Any) -> list[BucketManifest]:
+    """The manifests that ``plan`` (a ``payload["plan"]``) gives for the request's tensors."""
+    if not isinstance(plan, Mapping):
+        raise WeightUpdateError({"payload.plan": f"expected an object with bucket_bytes and alignment, got "
+                                                 f"{type(plan).__name__}"})
+    problems = {}
+    bucket_bytes, alignment = plan.get("bucket_bytes"), plan.get("alignment", ALIGNMENT)
+    if not _is_int(bucket_bytes) or not 0 < bucket_bytes <= MAX_BUCKET_BYTES:
+        problems["payload.plan.bucket_bytes"] = f"got {bucket_bytes!r}; expected an integer in [1, {MAX_BUCKET_BYTES}]"
+    if not _is_int(alignment) or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+        problems["payload.plan.alignment"] = f"got {alignment!r}; expected a power of two up to {MAX_ALIGNMENT}"
+    unknown = sorted(set(plan) - {"bucket_bytes", "alignment"})
+    if unknown:
+        problems["payload.plan"] = f"unknown field(s) {unknown}; a plan has bucket_bytes and alignment"
+    for name, shape in zip(request.names, request.shapes, strict=True):
+        if not all(_is_int(d) and d >= 0 for d in shape):
+            problems[name] = f"shape must be a list of non-negative integers, got {list(shape)!r}"
+    if problems:
+        raise WeightUpdateError(problems)
+    return plan_buckets(list(zip(request.names, request.dtypes, request.shapes, strict=True)), bucket_bytes,
+                        alignment)
+
+
+def spelled_out(request: WeightUpdateRequest) -> WeightUpdateRequest:
+    """``request`` with every bucket's manifest written out (a planned payload without its plan),
+    for a reader that wants the manifests, or a test that edits one; other requests as they are."""
+    payload = request.payload
+    if not isinstance(payload, Mapping) or PLAN_FIELD not in payload:
+        return request
+    manifests = planned_buckets(request, payload[PLAN_FIELD])
+    buckets = [{**bucket, **manifest.to_json()} for bucket, manifest in zip(payload["buckets"], manifests,
+                                                                            strict=True)]
+    rest = {k: v for k, v in payload.items() if k != PLAN_FIELD}
+    return WeightUpdateRequest(request.names, request.dtypes, request.shapes, request.strategy,
+                               {**rest, "buckets": buckets}, check_finite=request.check_finite)
+
+
 # -- validation of what arrives ----------------------------------------------------------------
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -142,13 +196,17 @@ def parse_buckets(request: WeightUpdateRequest,
     Raises :class:`WeightUpdateError` naming every problem: a field of the wrong type, a dtype off the
     allow-list, a negative dimension, a tensor outside its bucket or overlapping another, a tensor
     missing from the payload or one the request did not declare, or a payload entry whose dtype or
-    shape disagrees with the validated top-level request. ``extra_fields`` are strategy-specific
-    keys each bucket must carry (checked for presence only; the strategy checks their values)."""
+    shape disagrees with the validated top-level request. A planned payload's manifests are derived
+    from its plan (:func:`planned_buckets`); its buckets must be as many and as large as planned.
+    ``extra_fields`` are strategy-specific keys each bucket must carry (checked for presence only;
+    the strategy checks their values)."""
     problems: dict[str, str] = {}
     payload = request.payload
     if not isinstance(payload, Mapping) or not isinstance(payload.get("buckets"), list):
         raise WeightUpdateError({"payload": f"expected an object with a 'buckets' list for strategy "
                                             f"{request.strategy!r}, got {type(payload).__name__}"})
+    if PLAN_FIELD in payload:
+        return _parse_planned(request, payload["buckets"], payload[PLAN_FIELD], extra_fields)
     delivered: list[TensorEntry] = []  # every well-formed entry of every bucket, in order
     seen: set[str] = set()
     result: list[tuple[BucketManifest, dict[str, Any]]] = []
@@ -186,6 +244,37 @@ def parse_buckets(request: WeightUpdateRequest,
     # the declared ones (the one rule for every strategy, skyrl_backends.weight_sync.delivery).
     for name, why in mismatches(request, [(e.name, e.dtype, e.shape) for e in delivered]).items():
         problems.setdefault(name, why)
+    if problems:
+        raise WeightUpdateError(problems)
+    return result
+
+
+def _parse_planned(request: WeightUpdateRequest, buckets: list[Any], plan: Any,
+                   extra_fields: tuple[str, ...]) -> list[tuple[BucketManifest, dict[str, Any]]]:
+    # Planned from the declared tensors (unique names, as WeightUpdateRequest ensures): every one is
+    # delivered once, as declared, and no two overlap.
+    manifests = planned_buckets(request, plan)
+    problems: dict[str, str] = {}
+    if len(buckets) != len(manifests):
+        problems["payload.buckets"] = (f"has {len(buckets)} bucket(s), but payload.plan gives {len(manifests)} for "
+                                       f"the declared tensors; send the buckets of that plan")
+        raise WeightUpdateError(problems)
+    result: list[tuple[BucketManifest, dict[str, Any]]] = []
+    for b, (bucket, manifest) in enumerate(zip(buckets, manifests, strict=True)):
+        where = f"payload.buckets[{b}]"
+        if not isinstance(bucket, Mapping):
+            problems[where] = f"expected an object, got {type(bucket).__name__}"
+            continue
+        missing = [k for k in ("nbytes", *extra_fields) if k not in bucket]
+        if missing:
+            problems[where] = f"missing field(s) {missing}"
+            continue
+        if "tensors" in bucket:
+            problems[f"{where}.tensors"] = "a planned payload's buckets list no tensors; send the plan or the tensors"
+        nbytes = bucket["nbytes"]
+        if not _is_int(nbytes) or nbytes != manifest.nbytes:
+            problems[f"{where}.nbytes"] = f"got {nbytes!r}, but payload.plan gives this bucket {manifest.nbytes} bytes"
+        result.append((manifest, dict(bucket)))
     if problems:
         raise WeightUpdateError(problems)
     return result

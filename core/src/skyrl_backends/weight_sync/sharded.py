@@ -352,12 +352,12 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             versions = versions_of(engines, await apply_all(engines, request))
         elif strategy == cuda_ipc.STRATEGY:
             buffers = sender.allocate(layout)
-            manifests = [b.to_json() for b in layout.buckets]
-            await validate_all(engines, _request(layout, strategy, {"buckets": manifests}, check_finite))
+            buckets = [{"nbytes": b.nbytes} for b in layout.buckets]
+            await validate_all(engines, _request(layout, strategy, layout.payload(buckets), check_finite))
             ranks.publish("plan", _plan_message(layout, "gather", []))
             published = True
             await asyncio.to_thread(_gather_all, assembler, buffers, sender.device)
-            request = _request(layout, strategy, sender.share(manifests), check_finite)
+            request = _request(layout, strategy, sender.share(layout, buckets), check_finite)
             versions = versions_of(engines, await apply_all(engines, request))
         else:
             direct = same_machine and sender.device.type == "cpu"

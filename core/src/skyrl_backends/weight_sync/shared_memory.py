@@ -90,7 +90,7 @@ class SharedMemorySender:
 
     def write(self, layout: PackPlan) -> dict[str, Any]:
         buffers = self.allocate(layout)  # first: new segments come with a new packer
-        return self._payload(self._packer.pack(buffers, layout))
+        return self._payload(layout, self._packer.pack(buffers, layout))
 
     @property
     def copied(self) -> int:
@@ -123,12 +123,12 @@ class SharedMemorySender:
 
     def payload(self, layout: PackPlan) -> dict[str, Any]:
         """The request payload describing ``layout`` in the allocated segments."""
-        return self._payload(self._packer.prepare(self.allocate(layout), layout))
+        return self._payload(layout, self._packer.prepare(self.allocate(layout), layout))
 
-    def _payload(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
-        # The manifests' JSON is the packer's, kept while the layout and the segments stay.
-        return {"buckets": [{"segment": segment.name, **manifest}
-                            for segment, manifest in zip(self._segments, manifests, strict=True)]}
+    def _payload(self, layout: PackPlan, buckets: list[dict[str, Any]]) -> dict[str, Any]:
+        # The buckets' JSON is the packer's, kept while the layout and the segments stay.
+        return layout.payload([{"segment": segment.name, **bucket}
+                               for segment, bucket in zip(self._segments, buckets, strict=True)])
 
     def close(self) -> None:
         self._packer = Packer()  # its views into the segments would keep them mapped
