@@ -216,6 +216,8 @@ def test_a_planned_payload_gives_the_senders_manifests_in_less_json():
     layout = plan(_state_dict(), 1024)
     request = _planned()
     assert [manifest for manifest, _ in parse_buckets(request)] == layout.buckets
+    # Planned once per layout: the sender's own manifest objects again, what the layout caches compare
+    assert all(a is b for (a, _), b in zip(parse_buckets(request), layout.buckets, strict=True))
     explicit = spelled_out(request)
     assert "plan" not in explicit.payload
     assert [manifest for manifest, _ in parse_buckets(explicit)] == layout.buckets

@@ -16,7 +16,7 @@ import torch
 
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync.delivery import dtype_name as _dtype_name
-from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, PLAN_FIELD, BucketManifest, plan_buckets, plan_json
+from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, PLAN_FIELD, BucketManifest, plan_json, planned_once
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB
 DtypeFor = None | str | torch.dtype | Mapping[str, Any] | Callable[[str, torch.Tensor], Any]
@@ -139,26 +139,8 @@ def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: 
         names.append(name)
         dtypes.append(_dtype_name(target(name, tensor)))
         shapes.append(tuple(tensor.shape))
-    return PackPlan(dict(pairs), names, dtypes, shapes, _buckets_of(names, dtypes, shapes, bucket_bytes),
+    return PackPlan(dict(pairs), names, dtypes, shapes, planned_once(names, dtypes, shapes, bucket_bytes),
                     bucket_bytes)
-
-
-# The buckets planned last time, handed out again (the same objects) for the same tensors: a training
-# run plans the same layout at every step, and the senders' and receivers' caches compare layouts,
-# which is quickest when they are the very objects seen before. One tuple, replaced whole, so that
-# threads planning at once never see one layout's key with another's buckets.
-_last_buckets: tuple[tuple[Any, ...], list[BucketManifest]] | None = None
-
-
-def _buckets_of(names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]],
-                bucket_bytes: int) -> list[BucketManifest]:
-    global _last_buckets
-    key = (bucket_bytes, names, dtypes, shapes)
-    last = _last_buckets
-    if last is None or last[0] != key:
-        last = _last_buckets = ((bucket_bytes, list(names), list(dtypes), list(shapes)),
-                                plan_buckets(list(zip(names, dtypes, shapes, strict=True)), bucket_bytes))
-    return list(last[1])
 
 
 def view(buffer: torch.Tensor, offset: int, dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -133,6 +133,27 @@ def plan_buckets(specs: list[tuple[str, str, tuple[int, ...]]], bucket_bytes: in
     return buckets
 
 
+# The buckets planned last time, handed out again (the same objects) for the same tensors: a training
+# run plans the same layout at every step, on the sender's side and, for a planned payload, on the
+# receiver's, and the caches of both compare layouts, which is quickest when they are the very
+# objects seen before. One tuple, replaced whole, so that threads planning at once never see one
+# layout's key with another's buckets.
+_last_planned: tuple[tuple[Any, ...], list[BucketManifest]] | None = None
+
+
+def planned_once(names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]], bucket_bytes: int,
+                 alignment: int = ALIGNMENT) -> list[BucketManifest]:
+    """:func:`plan_buckets` of these tensors, the same manifest objects as last time for the same
+    arguments (a new list: the caller may change the list, never the manifests)."""
+    global _last_planned
+    key = (bucket_bytes, alignment, list(names), list(dtypes), [tuple(s) for s in shapes])
+    last = _last_planned
+    if last is None or last[0] != key:
+        last = _last_planned = (key, plan_buckets(list(zip(names, dtypes, shapes, strict=True)), bucket_bytes,
+                                                  alignment))
+    return list(last[1])
+
+
 # A planned payload names how its buckets were planned instead of describing every tensor again:
 # {"plan": {"bucket_bytes": N, "alignment": A}, "buckets": [{"nbytes": n, ...}, ...]}. The receiver
 # plans the same buckets from the request's names, dtypes and shapes (validated once, at the top
@@ -166,8 +187,7 @@ def planned_buckets(request: WeightUpdateRequest, plan: Any) -> list[BucketManif
             problems[name] = f"shape must be a list of non-negative integers, got {list(shape)!r}"
     if problems:
         raise WeightUpdateError(problems)
-    return plan_buckets(list(zip(request.names, request.dtypes, request.shapes, strict=True)), bucket_bytes,
-                        alignment)
+    return planned_once(request.names, request.dtypes, request.shapes, bucket_bytes, alignment)
 
 
 def spelled_out(request: WeightUpdateRequest) -> WeightUpdateRequest:

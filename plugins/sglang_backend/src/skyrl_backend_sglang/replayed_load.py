@@ -33,10 +33,19 @@ _replayed: weakref.WeakKeyDictionary[torch.nn.Module, replay.ReplayedLoad] = wea
 _last_views: tuple[list[tuple[str, int]], list[tuple[str, torch.Tensor]]] | None = None
 
 
+# The names written for the last update's manifests: the same layout (the same manifest objects,
+# see skyrl_backends.weight_sync.manifest.planned_once) at every step gets the same names.
+_last_names: tuple[tuple[BucketManifest, ...], list[str]] | None = None
+
+
 def bucket_pairs(buckets: list[tuple[BucketManifest, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs that carry whole buckets to :func:`load_weights`."""
-    return [(BUCKET_PREFIX + json.dumps(manifest.to_json(), separators=(",", ":")), buffer)
-            for manifest, buffer in buckets]
+    global _last_names
+    manifests = tuple(manifest for manifest, _ in buckets)
+    if _last_names is None or _last_names[0] != manifests:
+        _last_names = (manifests, [BUCKET_PREFIX + json.dumps(manifest.to_json(), separators=(",", ":"))
+                                   for manifest in manifests])
+    return list(zip(_last_names[1], (buffer for _, buffer in buckets), strict=True))
 
 
 def load_weights(model: torch.nn.Module, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
