@@ -138,7 +138,8 @@ class VLLMEngine:
 
         async def one(prompt: list[int], request_id: str) -> Completion:
             if not stop:
-                return await self._generate_one(prompt, plain, request_id, lora_request, params.logprobs)
+                return await self._generate_one(prompt, plain, request_id, lora_request, params.logprobs,
+                                                decode=params.detokenize)
             if params.min_new_tokens == 0 and not self._ends_mid_character(prompt):
                 return await self._generate_one(prompt, native_stop, request_id, lora_request, params.logprobs,
                                                 vllm_text=True)
@@ -150,7 +151,9 @@ class VLLMEngine:
         return GenerateOutput(list(completions))
 
     async def _generate_one(self, prompt: list[int], vllm_params: Any, request_id: str, lora_request: Any,
-                            top_n: int | None, vllm_text: bool = False) -> Completion:
+                            top_n: int | None, vllm_text: bool = False, decode: bool = True) -> Completion:
+        """One prompt to its completion; ``decode=False`` leaves the text out (the caller asked for
+        token ids only, ``detokenize=False``; the facade returns no text then)."""
         await self._updates.wait_idle()  # submitted on settled weights, under their cache salt
         if request_id in self._aborted:  # aborted before it was submitted
             self._aborted.pop(request_id, None)
@@ -169,7 +172,9 @@ class VLLMEngine:
             return outputs.empty_aborted(request_id, top_n)
         completion = outputs.to_completion(final.outputs[0], request_id, top_n)
         completion.token_versions = self._versions(final.outputs[0], len(completion.token_ids), mark)
-        if not vllm_text or completion.finish_reason != "stop" or not isinstance(completion.stop_reason, str):
+        if not decode:
+            completion.text = None
+        elif not vllm_text or completion.finish_reason != "stop" or not isinstance(completion.stop_reason, str):
             completion.text = self._decode(completion.token_ids)
         return completion
 
