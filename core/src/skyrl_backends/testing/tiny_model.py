@@ -45,6 +45,10 @@ LORA_DIR = "lora"
 
 
 def build_tokenizer(out_dir: Path) -> None:
+    # A deterministic BPE merge order: with several threads the trained vocabulary can differ from
+    # run to run (the GPU's random models got 512 ids in one call and 513 in the next). Read when
+    # the tokenizers library first starts its thread pool, so before any parallel use in the process.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -114,7 +118,6 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, 
     if marker.exists() and marker.read_text().strip() == built:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # a deterministic BPE merge order
     build_tokenizer(out)
     build_model(out, seed, model_vocab_size(out), tied=tied)
     if with_lora and not tied:
