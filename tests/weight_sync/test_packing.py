@@ -141,7 +141,8 @@ def test_request_json_round_trip_through_text():
 
 @pytest.mark.parametrize("field, value", [
     ("wire_version", 99), ("strategy", "pickle"), ("names", [1, 2]), ("dtypes", ["float32", "object"]),
-    ("shapes", [[2, 2], [-1]]), ("names", ["a", "a"]), ("check_finite", "yes"), ("check_finite", 1),
+    ("shapes", [[2, 2], [-1]]), ("shapes", [[2, 2], [True]]), ("shapes", [[2, 2.0], [1]]), ("shapes", [[2, 2], 1]),
+    ("shapes", [(2, 2), [1]]), ("names", ["a", "a"]), ("check_finite", "yes"), ("check_finite", 1),
 ])
 def test_request_from_json_rejects_bad_top_level_fields(field, value):
     obj = request_to_json(_request([_good_bucket()], strategy="shared_memory"))

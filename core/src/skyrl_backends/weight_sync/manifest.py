@@ -369,6 +369,18 @@ def request_to_json(request: WeightUpdateRequest) -> dict[str, Any]:
             "check_finite": request.check_finite}
 
 
+def _are_json_shapes(shapes: list[Any]) -> bool:
+    # Plain loops, no call per dimension: a model's request has hundreds of shapes, checked at every
+    # update (JSON numbers are plain ints, so a type check is exact; it also refuses bools).
+    for shape in shapes:
+        if type(shape) is not list:
+            return False
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                return False
+    return True
+
+
 def request_from_json(obj: Any) -> WeightUpdateRequest:
     """Rebuild a request from :func:`request_to_json`'s output (e.g. parsed from an HTTP body), checking
     the top-level fields; the payload is checked by the receiver (:func:`parse_buckets`)."""
@@ -385,8 +397,7 @@ def request_from_json(obj: Any) -> WeightUpdateRequest:
         problems["names"] = "must be a list of non-empty strings"
     if not isinstance(dtypes, list) or not all(d in DTYPE_ITEMSIZE for d in dtypes):
         problems["dtypes"] = f"must be a list of dtype names among {sorted(DTYPE_ITEMSIZE)}"
-    if not isinstance(shapes, list) or not all(
-            isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in shapes):
+    if not isinstance(shapes, list) or not _are_json_shapes(shapes):
         problems["shapes"] = "must be a list of shapes, each a list of non-negative integers"
     check_finite = obj.get("check_finite", False)  # optional: absent from requests of older senders
     if not isinstance(check_finite, bool):
