@@ -249,3 +249,20 @@ def test_replaying_is_on_unless_the_environment_turns_it_off(monkeypatch: pytest
     assert replay.enabled()
     monkeypatch.setenv(replay.ENV, "0")
     assert not replay.enabled()
+
+
+def test_the_owners_of_a_model_are_every_parameter_and_buffer_of_every_submodule() -> None:
+    from skyrl_backends.weight_sync.replay import parameters_and_buffers
+
+    model = torch.nn.Module()
+    model.body = FusedModel()
+    model.head = torch.nn.Linear(HIDDEN, 2)
+    model.head.weight = model.body.o_proj  # tied: one parameter under two names
+    model.again = model.body  # one module under two names
+    model.register_module("empty", None)  # a None submodule, and below a None parameter and buffer
+    model.body.register_parameter("none", None)
+    model.body.register_buffer("nothing", None)
+    model.head.register_buffer("scale", torch.ones(2))
+    expected = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    owners = parameters_and_buffers(model)
+    assert {id(t) for t in owners} == expected and len(expected) == 6

