@@ -171,22 +171,35 @@ def copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor],
     """Copy (and convert) every source into its destination, queued on the current stream: tensors of
     at least ``alone_bytes`` bytes one copy each, the others in one fused multi-tensor copy (all of
     them fused where ``alone_bytes`` is None)."""
-    if alone_bytes is not None:
-        small_destinations, small_sources = [], []
+    CopyPlan(destinations, sources, alone_bytes).run()
+
+
+class CopyPlan:
+    """:func:`copy_all`'s split of the same copies, made once: a replayed load runs the same copies at
+    every update, and sizing 340 tensors again each time is Python it need not spend."""
+
+    def __init__(self, destinations: list[torch.Tensor], sources: list[torch.Tensor],
+                 alone_bytes: int | None = COPY_ALONE_BYTES) -> None:
+        self.alone: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.fused_destinations: list[torch.Tensor] = []
+        self.fused_sources: list[torch.Tensor] = []
         for destination, source in zip(destinations, sources, strict=True):
-            if destination.numel() * destination.element_size() >= alone_bytes:
-                destination.copy_(source, non_blocking=True)
+            if alone_bytes is not None and destination.numel() * destination.element_size() >= alone_bytes:
+                self.alone.append((destination, source))
             else:
-                small_destinations.append(destination)
-                small_sources.append(source)
-        destinations, sources = small_destinations, small_sources
-    if not destinations:
-        return
-    try:
-        torch._foreach_copy_(destinations, sources, non_blocking=True)
-    except (AttributeError, RuntimeError, TypeError):  # older torch, or mixed devices
-        for destination, source in zip(destinations, sources, strict=True):
+                self.fused_destinations.append(destination)
+                self.fused_sources.append(source)
+
+    def run(self) -> None:
+        for destination, source in self.alone:
             destination.copy_(source, non_blocking=True)
+        if not self.fused_destinations:
+            return
+        try:
+            torch._foreach_copy_(self.fused_destinations, self.fused_sources, non_blocking=True)
+        except (AttributeError, RuntimeError, TypeError):  # older torch, or mixed devices
+            for destination, source in zip(self.fused_destinations, self.fused_sources, strict=True):
+                destination.copy_(source, non_blocking=True)
 
 
 class Packer:

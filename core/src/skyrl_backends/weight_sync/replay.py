@@ -10,9 +10,9 @@ same views of the same memory every time, and the engine's load makes the same c
 :class:`ReplayedLoad` runs the engine's load once under a dispatch mode that sees every aten
 operation, keeps the ``copy_`` calls it made (the destination views into parameters and the source
 views into the received tensors), and from then on, while the received tensors and the parameters'
-storages are the ones it recorded, queues those copies (``chunks.copy_all``: a copy per large tensor,
-one fused copy of the small ones) instead of running the load. A load is replayed only if
-everything it changed it changed by those copies:
+storages are the ones it recorded, queues those copies (a ``chunks.CopyPlan``, split once as
+``copy_all`` splits: a copy per large tensor, one fused copy of the small ones) instead of running
+the load. A load is replayed only if everything it changed it changed by those copies:
 
 * every ``copy_`` reads from a received tensor's memory and writes into a parameter's or buffer's
   storage (a ``copy_`` from anything computed on the way, a dtype conversion or a concatenation,
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from skyrl_backends.weight_sync.chunks import copy_all
+from skyrl_backends.weight_sync.chunks import CopyPlan
 
 logger = logging.getLogger(__name__)
 ENV = "SKYRL_REPLAY_LOADS"
@@ -104,13 +104,12 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 class _Recording:
     sources: _SourceKey
     written: frozenset[int]  # the storages the copies and fills write into, all owned when recorded
-    destinations: list[torch.Tensor]
-    origins: list[torch.Tensor]
+    copies: CopyPlan  # the recorded copies: destination views into parameters, source views into received tensors
     fills: list[tuple[torch.Tensor, float | int | bool]]
 
     def replay(self) -> None:
         with torch.no_grad():
-            copy_all(self.destinations, self.origins)
+            self.copies.run()
             for destination, value in self.fills:
                 destination.fill_(value)
 
@@ -223,7 +222,7 @@ class ReplayedLoad:
         self._refused_sources = None
         destinations, origins = (list(side) for side in zip(*recorder.copies, strict=True))
         written = frozenset(_storage_ptr(d) for d, _ in [*recorder.copies, *recorder.fills])
-        self._recording = _Recording(sources, written, destinations, origins, recorder.fills)
+        self._recording = _Recording(sources, written, CopyPlan(destinations, origins), recorder.fills)
         return False
 
     def forget(self) -> None:
