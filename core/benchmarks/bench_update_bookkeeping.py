@@ -10,8 +10,12 @@ shared memory (the steps CUDA IPC shares, but for its handles, run the same code
 Two cases, taking turns: **warm** (a kept sender and the engine's memo of the last layout: every
 step of a training run after the first) and **cold** (a new sender and a forgotten memo: the first
 update of a layout). Printed: the median milliseconds of each step in each case and the cold/warm
-ratio. The request crosses the boundary as JSON (``request_to_json``, what the HTTP server and the
-benchmarks' engine processes exchange) and as a pickle (what a Ray actor call sends).
+ratio. The last step applies the received views once more as an engine's replayed load does
+(``weight_sync.replay``, what the vLLM and SGLang plugins run on a colocated update): warm, the
+recorded copies replayed; cold, the load run and recorded (the memo of the views forgotten, the
+views are new, so the recording does not stand for them). The request crosses the boundary as
+JSON (``request_to_json``, what the HTTP server and the benchmarks' engine processes exchange) and
+as a pickle (what a Ray actor call sends).
 
     python core/benchmarks/bench_update_bookkeeping.py --shape qwen2.5-1.5b
 """
@@ -35,12 +39,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_weight_sync import SHAPES, hardware, qwen2_specs  # noqa: E402
 from skyrl_backends.testing.provenance import measured_commit  # noqa: E402
 from skyrl_backends.types import WeightUpdateRequest  # noqa: E402
-from skyrl_backends.weight_sync import SharedMemorySender, load_named_tensors, shared_memory  # noqa: E402
+from skyrl_backends.weight_sync import (  # noqa: E402
+    SharedMemorySender,
+    load_named_tensors,
+    receive_named_tensors,
+    replay,
+    shared_memory,
+)
 from skyrl_backends.weight_sync.chunks import named_tensors, plan  # noqa: E402
 from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json  # noqa: E402
 
 STEPS = ("named_tensors(module)", "plan", "write", "request", "to JSON and back", "pickle and back",
-         "receive and view")
+         "receive and view", "replayed load")
 
 
 def small_model(shape: str) -> torch.nn.Module:
@@ -59,7 +69,7 @@ def small_model(shape: str) -> torch.nn.Module:
 
 
 def one_update(model: torch.nn.Module, sender: SharedMemorySender, params: dict[str, torch.Tensor],
-               times: dict[str, list[float]]) -> None:
+               replayed: replay.ReplayedLoad, times: dict[str, list[float]]) -> None:
     def timed(step: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
         result = fn()
@@ -78,6 +88,14 @@ def one_update(model: torch.nn.Module, sender: SharedMemorySender, params: dict[
         torch._foreach_copy_([params[name] for name, _ in named], [t for _, t in named])
 
     timed("receive and view", lambda: load_named_tensors(received, "cpu", load))
+    views = list(receive_named_tensors(received, "cpu"))  # the same views again (the receiver's memo)
+
+    def load_by_name(named: list[tuple[str, torch.Tensor]]) -> None:  # as a model's load_weights
+        with torch.no_grad():
+            for name, tensor in named:
+                params[name].copy_(tensor)
+
+    timed("replayed load", lambda: replayed.load(views, load_by_name))
 
 
 def main() -> None:
@@ -87,18 +105,20 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every timing here")
     args = parser.parse_args()
     model = small_model(args.shape)
-    params = {name: torch.zeros_like(t) for name, t in model.state_dict().items()}
+    engine_model = small_model(args.shape).requires_grad_(False)  # the engine's parameters, in a module
+    params = dict(engine_model.named_parameters())
+    replayed = replay.ReplayedLoad(lambda: replay.parameters_and_buffers(engine_model))
     kept = SharedMemorySender()
     cases: dict[str, dict[str, list[float]]] = {case: {step: [] for step in STEPS} for case in ("warm", "cold")}
     try:
-        one_update(model, kept, params, {step: [] for step in STEPS})  # the first update: the memos fill
+        one_update(model, kept, params, replayed, {step: [] for step in STEPS})  # the first: the memos fill
         for _ in range(args.repeats):
-            one_update(model, kept, params, cases["warm"])
+            one_update(model, kept, params, replayed, cases["warm"])
             shared_memory.forget_layout()
             with SharedMemorySender() as fresh:
-                one_update(model, fresh, params, cases["cold"])
+                one_update(model, fresh, params, replayed, cases["cold"])
             shared_memory.forget_layout()
-            one_update(model, kept, params, {step: [] for step in STEPS})  # warm again, untimed
+            one_update(model, kept, params, replayed, {step: [] for step in STEPS})  # warm again, untimed
     finally:
         kept.close()
     medians = {case: {step: statistics.median(ts) * 1e3 for step, ts in steps.items()} for case, steps in cases.items()}
