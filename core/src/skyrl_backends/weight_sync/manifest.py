@@ -183,8 +183,10 @@ def planned_buckets(request: WeightUpdateRequest, plan: Any) -> list[BucketManif
     if unknown:
         problems["payload.plan"] = f"unknown field(s) {unknown}; a plan has bucket_bytes and alignment"
     for name, shape in zip(request.names, request.shapes, strict=True):
-        if not all(_is_int(d) and d >= 0 for d in shape):
-            problems[name] = f"shape must be a list of non-negative integers, got {list(shape)!r}"
+        for dim in shape:  # integers already (WeightUpdateRequest makes them so); a plain loop, per update
+            if dim < 0:
+                problems[name] = f"shape must be a list of non-negative integers, got {list(shape)!r}"
+                break
     if problems:
         raise WeightUpdateError(problems)
     return planned_once(request.names, request.dtypes, request.shapes, bucket_bytes, alignment)
