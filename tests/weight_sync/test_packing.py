@@ -209,8 +209,7 @@ def test_a_shared_submodule_and_a_shared_buffer_are_sent_once_under_their_first_
 # -- the planned payload: the plan instead of the manifests ------------------------------------
 def _planned(bucket_bytes: int = 1024) -> WeightUpdateRequest:
     layout = plan(_state_dict(), bucket_bytes)
-    return WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
-                               layout.payload([{"nbytes": b.nbytes} for b in layout.buckets]))
+    return WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", layout.payload())
 
 
 def test_a_planned_payload_gives_the_senders_manifests_in_less_json():

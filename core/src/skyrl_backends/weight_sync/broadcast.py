@@ -374,7 +374,7 @@ class BroadcastSender:
     def payload(self, layout: PackPlan) -> dict[str, Any]:
         check_broadcast_modes(self.layout, self.apply)  # both are attributes a trainer may change between updates
         return {"group_name": self.group_name, "layout": self.layout, "apply": self.apply,
-                **layout.payload([{"nbytes": b.nbytes} for b in layout.buckets])}
+                **layout.payload()}
 
     def send(self, layout: PackPlan) -> None:
         """Pack and broadcast every bucket in order (blocking). Two buffers of the largest bucket

@@ -124,11 +124,16 @@ class PackPlan:
     buckets: list[BucketManifest]
     bucket_bytes: int  # what planned ``buckets`` (plan_buckets, default alignment)
 
-    def payload(self, buckets: list[dict[str, Any]]) -> dict[str, Any]:
+    def bucket_sizes(self) -> list[dict[str, Any]]:
+        """Each bucket's JSON in a planned payload before the strategy adds its fields: its size."""
+        return [{"nbytes": manifest.nbytes} for manifest in self.buckets]
+
+    def payload(self, buckets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """A request payload of this layout in its planned form (the receiver derives the manifests
-        from the plan, see skyrl_backends.weight_sync.manifest): ``buckets`` are each bucket's
-        strategy fields with its ``nbytes``, as :meth:`Packer.prepare` returns them, extended."""
-        return {PLAN_FIELD: plan_json(self.bucket_bytes), "buckets": buckets}
+        from the plan, see skyrl_backends.weight_sync.manifest): ``buckets`` are :meth:`bucket_sizes`
+        with each strategy's fields added (those alone where None)."""
+        return {PLAN_FIELD: plan_json(self.bucket_bytes),
+                "buckets": self.bucket_sizes() if buckets is None else buckets}
 
 
 def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor = None) -> PackPlan:
@@ -233,7 +238,7 @@ class Packer:
         if key != self._key:
             self._destinations = [[view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
                                   for buffer, manifest in zip(buffers, layout.buckets, strict=True)]
-            self._json = [{"nbytes": manifest.nbytes} for manifest in layout.buckets]
+            self._json = layout.bucket_sizes()
             self._key = key
         return self._json
 

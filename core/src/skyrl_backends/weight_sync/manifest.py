@@ -146,9 +146,10 @@ def planned_once(names: list[str], dtypes: list[str], shapes: list[tuple[int, ..
     """:func:`plan_buckets` of these tensors, the same manifest objects as last time for the same
     arguments (a new list: the caller may change the list, never the manifests)."""
     global _last_planned
-    key = (bucket_bytes, alignment, list(names), list(dtypes), [tuple(s) for s in shapes])
     last = _last_planned
-    if last is None or last[0] != key:
+    # Compared as given (no copies on the way: this runs at every update); kept as copies
+    if last is None or last[0] != (bucket_bytes, alignment, names, dtypes, shapes):
+        key = (bucket_bytes, alignment, list(names), list(dtypes), [tuple(s) for s in shapes])
         last = _last_planned = (key, plan_buckets(list(zip(names, dtypes, shapes, strict=True)), bucket_bytes,
                                                   alignment))
     return list(last[1])

@@ -352,7 +352,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             versions = versions_of(engines, await apply_all(engines, request))
         elif strategy == cuda_ipc.STRATEGY:
             buffers = sender.allocate(layout)
-            buckets = [{"nbytes": b.nbytes} for b in layout.buckets]
+            buckets = layout.bucket_sizes()
             await validate_all(engines, _request(layout, strategy, layout.payload(buckets), check_finite))
             ranks.publish("plan", _plan_message(layout, "gather", []))
             published = True
