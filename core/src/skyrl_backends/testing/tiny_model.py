@@ -45,9 +45,8 @@ LORA_DIR = "lora"
 
 
 def build_tokenizer(out_dir: Path) -> None:
-    # A deterministic BPE merge order: with several threads the trained vocabulary can differ from
-    # run to run (the GPU's random models got 512 ids in one call and 513 in the next). Read when
-    # the tokenizers library first starts its thread pool, so before any parallel use in the process.
+    # A deterministic BPE merge order. Read when the tokenizers library first starts its thread pool,
+    # so before any parallel use in the process.
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -103,10 +102,15 @@ def build_lora(model_dir: Path, seed: int) -> None:
 
 def model_vocab_size(folder: Path) -> int:
     """The vocabulary of a model for the tokenizer built into ``folder``: every id the tokenizer
-    can produce, special tokens included, and at least ``VOCAB_SIZE``."""
-    from transformers import AutoTokenizer
+    can produce, special tokens included, and at least ``VOCAB_SIZE``.
 
-    return max(len(AutoTokenizer.from_pretrained(folder)), VOCAB_SIZE)
+    Read as the class :func:`build_tokenizer` saved, whatever else the folder holds: ``AutoTokenizer``
+    also reads a ``config.json`` there, and a model built into the same folder before (a GPU machine's
+    second ``rl-model`` step) made it load Qwen2's tokenizer class, one id longer (513 instead of 512),
+    so the same script gave models of two vocabularies."""
+    from transformers import PreTrainedTokenizerFast
+
+    return max(len(PreTrainedTokenizerFast.from_pretrained(folder)), VOCAB_SIZE)
 
 
 def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED, with_lora: bool = True,
