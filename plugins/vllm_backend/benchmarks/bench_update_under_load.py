@@ -158,7 +158,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     await fn()
                     times[name][side].append(time.perf_counter() - t0)
-            print(f"# round {r + 1}/{args.repeats} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - started
+            print(f"# round {r + 1}/{args.repeats} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
         await request.stop()
     finally:
         request.stopping = True
