@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,12 +19,7 @@ from typing import Any
 
 from skyrl_backends.errors import BackendLoadError
 from skyrl_backends.remote import wire
-from skyrl_backends.remote.child_process import (
-    DEFAULT_START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    kill_session_leftovers,
-    log_tail,
-)
+from skyrl_backends.remote.child_process import DEFAULT_START_TIMEOUT_S, log_tail, stop_child
 from skyrl_backends.remote.connect import API_KEY_ENV, connect_engine
 from skyrl_backends.remote.engine import RemoteEngine
 from skyrl_backends.remote.transport import httpx
@@ -92,14 +86,7 @@ class ServerProcess:
         session, and remove its files."""
         if self.process.stdin is not None and not self.process.stdin.closed:
             self.process.stdin.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        kill_session_leftovers(self.process)
+        stop_child(self.process, whole_session=False)
         if not self._log.closed:
             self._log.close()
         self._dir.cleanup()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,12 +28,7 @@ from typing import Any
 from skyrl_backends.checkpoint import served_dtype
 from skyrl_backends.config import GeneratorConfig
 from skyrl_backends.errors import BackendLoadError, ConfigError
-from skyrl_backends.remote.child_process import (
-    DEFAULT_START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    kill_session_leftovers,
-    log_tail,
-)
+from skyrl_backends.remote.child_process import DEFAULT_START_TIMEOUT_S, log_tail, stop_child
 
 PROTOCOLS = ("vllm", "sglang")
 # SGLang's CPU path cannot size its KV cache from device memory (as the sglang backend sets it).
@@ -218,17 +212,7 @@ class NativeServer:
 
     def stop(self) -> None:
         """SIGTERM to the server's process group, SIGKILL after 30 s; then its files are removed."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        kill_session_leftovers(self.process)
+        stop_child(self.process, whole_session=True)
         if not self._log.closed:
             self._log.close()
         self._dir.cleanup()
