@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,6 +134,34 @@ def test_vllms_trainer_engine_updates_the_served_weights(server, trainer_model, 
             p.div_(1.5)
     send_weights(server, scaled, strategy)
     assert complete(server)["token_ids"] == before
+
+
+def test_a_broadcast_init_that_cannot_complete_fails_and_frees_the_group_for_a_retry(server, trainer_model):
+    """A broadcast group that never forms (a world size one rank larger than the server's ranks and
+    the trainer) ends at the trainer's timeout, not the server's: the trainer closes its sender, which
+    takes its store down, so the server's ranks still joining are released too, and the named port is
+    free again. A retry on the same port then updates the weights (it would hang, or find the port
+    taken, were the first group left behind)."""
+    from skyrl_backends.remote.native.launch import free_port
+
+    port = free_port()
+    server_ranks = server.get("/get_world_size").json()["world_size"]
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the join's timeout, or the server's error, whichever comes first
+        WeightTransferTrainerFactory.trainer_init(
+            SkyRLTrainerInitInfo(strategy="broadcast", dtype="float32", rank=0, world_size=server_ranks + 2,
+                                 master_port=port, timeout_s=5.0),
+            client=HTTPVLLMWeightSyncClient(server.url), source=ModuleSource(trainer_model))
+    assert time.monotonic() - started < 120, "the failed init did not end near its 5 s timeout"
+    engine = WeightTransferTrainerFactory.trainer_init(
+        SkyRLTrainerInitInfo(strategy="broadcast", dtype="float32", rank=0, world_size=server_ranks + 1,
+                             master_port=port),
+        client=HTTPVLLMWeightSyncClient(server.url), source=ModuleSource(trainer_model))
+    try:
+        engine.send_weights()
+    finally:
+        engine.shutdown()
+    assert_greedy(trainer_model, complete(server)["token_ids"])
 
 
 def test_finish_weight_update_labels_the_version(server, trainer_model):
