@@ -132,7 +132,9 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
     raw_group = None
     conn.send_bytes(b'{"ready": true}')
     while True:
-        msg = json.loads(conn.recv_bytes())
+        raw = conn.recv_bytes()
+        arrived = time.perf_counter()  # the parse of an update is timed from here
+        msg = json.loads(raw)
         op = msg["op"]
         reply: dict[str, Any] = {"ok": True}
         if op == "stop":
@@ -148,6 +150,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
                                   300)
         elif op == "update":
             request = request_from_json(msg["request"])
+            parse_s = time.perf_counter() - arrived
             communicator = communicators.get(msg.get("slot"))
             first_load: list[float] = []
 
@@ -165,7 +168,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
             sync(device)
             # Atomic: receive, then apply. Streamed: the bucket copies overlap the transfer, so
             # "apply" runs from the first bucket's copy to the end.
-            reply.update(receive_s=first_load[0] - t0, apply_s=time.perf_counter() - first_load[0],
+            reply.update(parse_s=parse_s, receive_s=first_load[0] - t0, apply_s=time.perf_counter() - first_load[0],
                          staging_bytes=getattr(communicator, "staging_bytes", 0))
         elif op == "raw_receive":
             options = torch.distributed.BroadcastOptions()
@@ -238,8 +241,13 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
                    compare: str | None = None, apply: str = "copy_all") -> Case:
     """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
     A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold).
-    ``apply="fused"`` has the engine apply with one fused copy of every tensor instead of ``copy_all``."""
-    parts: dict[str, list[float]] = {"pack_s": [], "receive_s": [], "apply_s": []}
+    ``apply="fused"`` has the engine apply with one fused copy of every tensor instead of ``copy_all``.
+
+    Parts of each sync: the sender's ``pack`` (plan and write), ``encode`` (the request and its JSON),
+    the engine's ``parse`` (the JSON and ``request_from_json``), ``receive`` and ``apply``, and the
+    ``rest``: the pipe both ways, the processes' wake-ups and the reply."""
+    parts: dict[str, list[float]] = {name: [] for name in ("pack_s", "encode_s", "parse_s", "receive_s", "apply_s",
+                                                           "rest_s")}
     kept = None if fresh_sender else make_sender()
 
     def run() -> None:
@@ -247,12 +255,19 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
         t0 = time.perf_counter()
         layout = plan(weights, bucket_bytes)
         payload = sender.write(layout)
-        parts["pack_s"].append(time.perf_counter() - t0)
+        packed = time.perf_counter()
         request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, sender.strategy, payload,
                                       check_finite=check_finite)
-        reply = engine.call(op="update", request=request_to_json(request), apply=apply)
-        parts["receive_s"].append(reply["receive_s"])
-        parts["apply_s"].append(reply["apply_s"])
+        body = json.dumps({"op": "update", "request": request_to_json(request), "apply": apply}).encode()
+        encoded = time.perf_counter()
+        engine.conn.send_bytes(body)
+        reply = engine.reply()
+        total = time.perf_counter() - t0
+        measured = dict(pack_s=packed - t0, encode_s=encoded - packed, parse_s=reply["parse_s"],
+                        receive_s=reply["receive_s"], apply_s=reply["apply_s"])
+        for name, value in measured.items():
+            parts[name].append(value)
+        parts["rest_s"].append(total - sum(measured.values()))
         if fresh_sender:
             sender.close()
 

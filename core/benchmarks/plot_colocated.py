@@ -2,8 +2,8 @@
 
 One panel per model shape found in the files; per case (the copy floor, the warm CUDA IPC sync, the
 adopted one) a bar of the pooled median time, split into the parts the benchmark records: the
-trainer's pack (plan and write), the engine's receive (validate, open, view), its apply (one fused
-copy), and the rest (the request's way to the engine process and back, the Python around it). The
+trainer's pack (plan and write) and request JSON, the engine's parse of it, its receive (open,
+view) and apply, and the rest (the pipe both ways, the processes' wake-ups, the reply). The
 parts are medians of each run's median, pooled by their median, so they add up to the total only
 approximately; the rest is what the total leaves, never below zero.
 
@@ -21,8 +21,11 @@ from typing import Any
 
 CASES = ("(a) device-to-device copy", "cuda_ipc (warm: buffers reused)", "cuda_ipc, adopted (nothing packed)")
 SHORT = {CASES[0]: "copy floor", CASES[1]: "CUDA IPC, warm", CASES[2]: "CUDA IPC, adopted"}
-PARTS = (("pack_s", "trainer: pack"), ("receive_s", "engine: receive"), ("apply_s", "engine: apply"))
-PART_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c8c8c8")  # the three parts, then the rest
+# encode and parse are recorded since the third session of 2026-12-06; older runs have neither (drawn as 0, so
+# their time stays in the rest)
+PARTS = (("pack_s", "trainer: pack"), ("encode_s", "trainer: request JSON"), ("parse_s", "engine: parse"),
+         ("receive_s", "engine: receive"), ("apply_s", "engine: apply"))
+PART_COLORS = ("#4c72b0", "#937860", "#da8bc3", "#dd8452", "#55a868", "#c8c8c8")  # the parts, then the rest
 FLOOR_COLOR = "#8172b3"
 
 
@@ -72,6 +75,8 @@ def main() -> None:
                 palette = PART_COLORS
             left = 0.0
             for (width, name), color in zip(segments, palette, strict=True):
+                if width <= 0:  # a part an older run did not record: no bar, no legend entry
+                    continue
                 ax.barh(y, width, left=left, color=color, label=name)
                 left += width
             ax.text(values["total"] + 0.1, y, f"{values['total']:.2f} ms", va="center", fontsize=8)
