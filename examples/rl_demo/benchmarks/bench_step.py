@@ -212,8 +212,15 @@ def pool(paths: list[str]) -> None:
     print(f"{first['backend']}, {first['model_shape']}, commit {first['commit']}, {len(runs)} calls, "
           f"{len(pairs)} pairs; milliseconds")
     print("\n".join(table(pairs)))
+    # Each call's own step ratio beside the pooled one: calls whose steps took different times (a
+    # busier machine) can put the pooled ratio of medians above every call's, where the paired
+    # ratio, each step against the one beside it, is not moved.
     for run in runs:
-        print(f"  {run['date']}: {learning(run['rows'])}")
+        own = pairs_of(run["rows"])
+        if own:
+            ours, theirs = [p["skyrl"]["step_s"] for p in own], [p["own"]["step_s"] for p in own]
+            print(f"  {run['date']}: step {statistics.median(ours) / statistics.median(theirs):.3f} (medians), "
+                  f"{paired(ours, theirs):.3f} (paired); {learning(run['rows'])}")
 
 
 def model_shape(model: str) -> str:

@@ -5,6 +5,7 @@ one. The benchmark itself needs an engine with its own calls (vLLM or SGLang) an
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,25 @@ def test_a_run_stopped_within_its_warmup_says_so_instead_of_failing(bench_step):
     pairs = bench_step.pairs_of([_row("skyrl", 9.0, warmup=True), _row("own", 9.0, warmup=True)])
     assert pairs == []
     assert bench_step.table(pairs) == ["no counted pairs (the run stopped within its warm-up)"]
+
+
+def test_pooling_prints_each_calls_own_step_ratio_beside_the_pooled_one(bench_step, tmp_path, capsys):
+    # Two calls on machines of different speeds, skyrl quicker in both (by the medians of each call):
+    # pooled, each side's median falls between the calls, at their tails (ratio above 1), which
+    # each call's own line shows is not so.
+    def call(name: str, date: str, pairs: list[tuple[float, float]]) -> str:
+        rows = [row for ours, own in pairs for row in (_row("skyrl", ours), _row("own", own))]
+        path = tmp_path / name
+        path.write_text(json.dumps({"commit": "abc", "backend": "sglang", "engine_version": "1",
+                                    "model_shape": "qwen2", "colocate": True, "trainer_device": "cuda",
+                                    "date": date, "rows": rows}))
+        return str(path)
+
+    slow = call("slow.json", "first", [(0.50, 0.52)] * 3)
+    fast = call("fast.json", "second", [(0.33, 0.35), (0.34, 0.36), (0.45, 0.37)])
+    bench_step.pool([slow, fast])
+    out = capsys.readouterr().out
+    step = next(line for line in out.splitlines() if line.startswith("step"))
+    assert step.split()[3] == "1.067"  # pooled medians (0.45 + 0.50) / 2 over (0.37 + 0.52) / 2
+    assert "first: step 0.962 (medians), 0.962 (paired)" in out
+    assert "second: step 0.944 (medians), 0.944 (paired)" in out
