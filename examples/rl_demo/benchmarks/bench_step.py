@@ -207,7 +207,8 @@ def pool(paths: list[str]) -> None:
     """Pool ``--json`` results of several machine calls (one commit, backend and model)."""
     runs = load_runs(paths, same=("commit", "backend", "engine_version", "model_shape", "colocate",
                                       "trainer_device"))
-    pairs = [p for run in runs for p in pairs_of(run["rows"])]
+    per_call = [pairs_of(run["rows"]) for run in runs]
+    pairs = [p for own in per_call for p in own]
     first = runs[0]
     print(f"{first['backend']}, {first['model_shape']}, commit {first['commit']}, {len(runs)} calls, "
           f"{len(pairs)} pairs; milliseconds")
@@ -215,12 +216,13 @@ def pool(paths: list[str]) -> None:
     # Each call's own step ratio beside the pooled one: calls whose steps took different times (a
     # busier machine) can put the pooled ratio of medians above every call's, where the paired
     # ratio, each step against the one beside it, is not moved.
-    for run in runs:
-        own = pairs_of(run["rows"])
+    for run, own in zip(runs, per_call, strict=True):
+        step = ""
         if own:
             ours, theirs = [p["skyrl"]["step_s"] for p in own], [p["own"]["step_s"] for p in own]
-            print(f"  {run['date']}: step {statistics.median(ours) / statistics.median(theirs):.3f} (medians), "
-                  f"{paired(ours, theirs):.3f} (paired); {learning(run['rows'])}")
+            step = (f"step {statistics.median(ours) / statistics.median(theirs):.3f} (medians), "
+                    f"{paired(ours, theirs):.3f} (paired); ")
+        print(f"  {run['date']}: {step}{learning(run['rows'])}")
 
 
 def model_shape(model: str) -> str:
