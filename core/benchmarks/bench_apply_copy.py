@@ -12,7 +12,11 @@ the parameters of a Qwen2.5 shape in separate allocations (as an engine holds th
     foreach    ``torch._foreach_copy_`` over every (parameter, view) pair
     per_tensor one ``Tensor.copy_`` per pair, queued on the stream
     split      ``chunks.copy_all``: ``copy_`` for the tensors of at least ``--split-bytes``, one
-               ``_foreach_copy_`` for the rest (what the replayed load and the senders' pack do)
+               ``_foreach_copy_`` for the rest (what the senders' pack does)
+    plan       the same copies as a ``chunks.CopyPlan`` made once (what the replayed load runs)
+    streamsN   that plan with its large copies spread over N CUDA streams (GPU only)
+    graph      that plan captured once in a CUDA graph and replayed (GPU only)
+    graph_streams2  both: the graph of the plan on two streams (GPU only)
 
 Printed: the median milliseconds of each, and each against the floor and against ``foreach``
 (medians; paired, the median of the rounds' ratios).
@@ -37,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_weight_sync import SHAPES, hardware, paired, qwen2_specs, sync  # noqa: E402
 from skyrl_backends.testing.provenance import measured_commit  # noqa: E402
-from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, copy_all, plan, unpack  # noqa: E402
+from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, CopyPlan, copy_all, plan, unpack  # noqa: E402
 
 
 def received_views(shape: str, dtype: torch.dtype, device: str, bucket_bytes: int
@@ -76,10 +80,17 @@ def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage
         for destination, origin in zip(destinations, origins, strict=True):
             destination.copy_(origin, non_blocking=True)
 
-    def split() -> None:  # what the replayed load and the senders' pack do
+    def split() -> None:  # what the senders' pack does
         copy_all(destinations, origins, split_bytes)
 
-    return {"floor": floor, "foreach": foreach, "per_tensor": per_tensor, "split": split}
+    ways = {"floor": floor, "foreach": foreach, "per_tensor": per_tensor, "split": split,
+            "plan": CopyPlan(destinations, origins, split_bytes).run}
+    if storage.is_cuda:  # the ways a GPU queues the plan's copies (CopyPlan's options)
+        ways.update({"streams2": CopyPlan(destinations, origins, split_bytes, streams=2).run,
+                     "streams4": CopyPlan(destinations, origins, split_bytes, streams=4).run,
+                     "graph": CopyPlan(destinations, origins, split_bytes, graph=True).run,
+                     "graph_streams2": CopyPlan(destinations, origins, split_bytes, streams=2, graph=True).run})
+    return ways
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         for fn in fns.values():  # warm-up, and each way must copy the same values
             for _ in range(args.warmup):
                 fn()
-        for name in ("foreach", "per_tensor", "split"):
+        for name in [n for n in fns if n != "floor"]:
             for d in destinations:
                 d.zero_()
             fns[name]()
@@ -123,11 +134,11 @@ def report(result: dict) -> None:
     print(f"# apply of one update, {result['shape']} ({result['ntensors']} tensors, {result['nbytes'] / 1e9:.3f} GB "
           f"{result['dtype']}), {result['device']}; {result['hardware']}; torch {result['torch']}; "
           f"commit {result['commit']}; {result['date']}; {len(times['floor'])} rounds in turns")
-    print(f"{'way':<12}{'median ms':>10}{'vs floor (medians / paired)':>30}{'vs foreach (medians / paired)':>32}")
+    print(f"{'way':<16}{'median ms':>10}{'vs floor (medians / paired)':>30}{'vs foreach (medians / paired)':>32}")
     for name, ts in times.items():
         floor = ratios(ts, times["floor"])
         foreach = ratios(ts, times["foreach"])
-        print(f"{name:<12}{statistics.median(ts) * 1e3:>10.3f}{f'{floor[0]:.3f} / {floor[1]:.3f}':>30}"
+        print(f"{name:<16}{statistics.median(ts) * 1e3:>10.3f}{f'{floor[0]:.3f} / {floor[1]:.3f}':>30}"
               f"{f'{foreach[0]:.3f} / {foreach[1]:.3f}':>32}")
 
 

@@ -17,6 +17,9 @@ GPU mode (``--mode gpu``)::
                     so nothing is packed; vs (a) and, paired, vs the warm cuda_ipc sync
     cuda_ipc, adopted, fused apply: the same, the engine applying with one fused copy of every
                     tensor instead of ``chunks.copy_all`` (a copy per large tensor); paired vs adopted
+    cuda_ipc, adopted, APPLY apply: with ``--apply``, the same with the engine's copies queued
+                    another way (``streams2``/``streams4``: spread over CUDA streams; ``graph``,
+                    ``graph_streams2``: replayed from a CUDA graph; ``chunks.CopyPlan``'s options)
     broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
 
 (CPU mode has the same adopted case over shared memory.) Every ratio is printed twice: of the medians,
@@ -68,7 +71,7 @@ from skyrl_backends.testing.provenance import measured_commit
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, SharedMemorySender, load_named_tensors, make_receiver
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
-from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, copy_all, plan
+from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, CopyPlan, plan
 from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
 
 # name: (hidden, layers, intermediate, vocab, heads, kv_heads, tied embeddings)
@@ -129,6 +132,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
     dtype = getattr(torch, dtype_name)
     params = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in qwen2_specs(shape)}
     communicators: dict[str, Any] = {}  # one broadcast group per layout under test
+    copy_plans: dict[str, tuple[tuple[int, ...], CopyPlan]] = {}  # per way of applying: the last plan
     raw_group = None
     conn.send_bytes(b'{"ready": true}')
     while True:
@@ -154,14 +158,16 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
             communicator = communicators.get(msg.get("slot"))
             first_load: list[float] = []
 
-            # As an engine that loads by name in bulk (the replayed load): copy_all, a copy per large
-            # tensor and one fused copy of the rest; "fused": one fused copy of everything, as before
-            alone_bytes = None if msg.get("apply") == "fused" else COPY_ALONE_BYTES
+            # As an engine that loads by name in bulk (the replayed load): the copies planned once
+            # for the same received views (copy_all's split: a copy per large tensor and one fused
+            # copy of the rest), queued the way the update's "apply" names ("fused": one fused copy
+            # of everything, as before copy_all).
+            apply = msg.get("apply", "copy_all")
 
-            def load(named: list[tuple[str, torch.Tensor]], alone_bytes: int | None = alone_bytes) -> None:
+            def load(named: list[tuple[str, torch.Tensor]], apply: str = apply) -> None:
                 first_load[:] = first_load or [time.perf_counter()]
                 with torch.no_grad():
-                    copy_all([params[name] for name, _ in named], [t for _, t in named], alone_bytes)
+                    planned_copies(copy_plans, apply, params, named).run()
 
             t0 = time.perf_counter()
             load_named_tensors(request, device, load, communicator=communicator)
@@ -179,6 +185,25 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
         elif op == "digest":
             reply["digest"] = digest(params)
         conn.send_bytes(json.dumps(reply).encode())
+
+
+# The ways the engine process queues an update's copies (``--apply``): CopyPlan's arguments.
+APPLY_WAYS: dict[str, dict[str, Any]] = {
+    "copy_all": {}, "fused": {"alone_bytes": None}, "streams2": {"streams": 2}, "streams4": {"streams": 4},
+    "graph": {"graph": True}, "graph_streams2": {"streams": 2, "graph": True}}
+
+
+def planned_copies(plans: dict[str, tuple[tuple[int, ...], CopyPlan]], apply: str, params: dict[str, torch.Tensor],
+                   named: list[tuple[str, torch.Tensor]]) -> CopyPlan:
+    """The copies of ``named`` into ``params``, planned once while the received tensors are the same
+    objects (a kept sender's update arrives as the same views every time, as a replayed load needs;
+    the plan holds them, so their ids are not reused)."""
+    key = tuple(id(t) for _, t in named)
+    known = plans.get(apply)
+    if known is None or known[0] != key:
+        known = plans[apply] = (key, CopyPlan([params[name] for name, _ in named], [t for _, t in named],
+                                              **{"alone_bytes": COPY_ALONE_BYTES, **APPLY_WAYS[apply]}))
+    return known[1]
 
 
 class EngineProcess:
@@ -578,6 +603,10 @@ def main() -> None:
                              "colocated,warm,adopted,cold,broadcast,streamed,per_tensor,raw,finite (warm: the "
                              "packing sender's cases and their engine; with it skipped the adopted sender holds the "
                              "weights themselves, so a 7B model fits an 80 GB GPU)")
+    parser.add_argument("--apply", default="fused",
+                        help="comma-separated ways for the adopted sync's engine to apply besides copy_all, each a "
+                             f"case of its own: {', '.join(w for w in APPLY_WAYS if w != 'copy_all')} (streams and "
+                             "graphs: GPU only; empty: none)")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the trainer and of each engine process (default: 1 on CPU, where "
@@ -588,6 +617,10 @@ def main() -> None:
     args.bucket_bytes = args.bucket_bytes or ((1 << 30) if gpu else (256 << 20))
     args.repeats = args.repeats or (20 if gpu else 5)
     skip = set(filter(None, args.skip.split(",")))
+    args.apply = list(filter(None, args.apply.split(",")))
+    unknown = [w for w in args.apply if w not in APPLY_WAYS or w == "copy_all"]
+    if unknown:
+        parser.error(f"--apply: unknown way(s) {unknown}; choose among {[w for w in APPLY_WAYS if w != 'copy_all']}")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA")
     device = "cuda:0" if gpu else "cpu"
@@ -630,10 +663,12 @@ def main() -> None:
                 adopted_label = f"{warm.split()[0]}, adopted (nothing packed)"
                 cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes, adopted_label,
                                             copy_label, compare=None if "warm" in skip else warm))
-                # The same sync applied as before copy_all split its copies by size: one fused copy.
-                cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes,
-                                            f"{adopted_label}, fused apply", copy_label, compare=adopted_label,
-                                            apply="fused"))
+                # The same sync applied other ways: "fused" as before copy_all split its copies by
+                # size (one fused copy), the others as CopyPlan's options queue them.
+                for apply in args.apply:
+                    cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes,
+                                                f"{adopted_label}, {apply} apply", copy_label, compare=adopted_label,
+                                                apply=apply))
             if not gpu:
                 if "cold" not in skip:  # its own engine: its mappings would evict the warm case's
                     cold = EngineProcess(args.shape, args.dtype, device, args.threads)

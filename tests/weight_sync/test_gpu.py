@@ -56,6 +56,30 @@ def _ask(pipe, request: WeightUpdateRequest):
     return json.loads(pipe.recv_bytes())
 
 
+@pytest.mark.parametrize("streams,graph", [(2, False), (4, False), (1, True), (2, True)])
+def test_copy_plan_on_streams_and_in_a_graph_copies_what_the_sources_hold_at_each_run(streams, graph):
+    from skyrl_backends.weight_sync.chunks import CopyPlan
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1024, 512), (7,), (2048, 256), (300, 1024), (16,), (512, 512)]
+    sources = [torch.randn(s, generator=g, device="cuda") for s in shapes]
+    destinations = [torch.zeros(s, device="cuda", dtype=torch.bfloat16 if i == 1 else torch.float32)
+                    for i, s in enumerate(shapes)]
+    copies = CopyPlan(destinations, sources, alone_bytes=1 << 16, streams=streams, graph=graph)
+    assert len(copies.lanes) == min(streams, 4) and copies.graph == graph
+    for step in range(3):
+        work = torch.cuda.Stream()
+        with torch.cuda.stream(work):  # the plan runs on whatever stream is current, ordered with it
+            for source in sources:
+                source.add_(1.0)  # queued before the copies: they must see it
+            copies.run()
+            for destination in destinations:
+                destination.mul_(2.0)  # queued after: it must see the copies' values
+        torch.cuda.synchronize()
+        for destination, source in zip(destinations, sources, strict=True):
+            assert torch.equal(destination, (source.to(destination.dtype) * 2.0)), f"step {step}"
+
+
 def test_cuda_ipc_within_one_process_hands_over_the_senders_buffers():
     # An engine in the trainer's own process (SGLang's Engine) cannot open its own process's handles.
     from skyrl_backends.weight_sync.receive import receive_named_tensors

@@ -141,3 +141,43 @@ def test_a_sender_of_another_strategy_is_refused_naming_both(model_dir):
             await engine.teardown()
 
     asyncio.run(scenario())
+
+
+def test_one_engine_is_not_asked_to_check_apart_and_still_refuses_a_bad_update_whole(model_dir):
+    """The engine's update checks everything before changing anything, so a sync into one engine
+    skips the separate check (a round trip for a Ray engine or a server); into several, each checks
+    first, so that one refusal leaves every engine as it was."""
+    async def scenario():
+        engines = [sb.create_engine("transformers", model=model_dir, dtype="float32") for _ in range(2)]
+        checks: list[int] = []
+        for index, engine in enumerate(engines):
+            check = engine.validate_weight_update
+
+            async def counted(request, check=check, index=index):
+                checks.append(index)
+                await check(request)
+
+            engine.validate_weight_update = counted
+        try:
+            sender = make_sender("shared_memory")
+            good = _noisy(engines[0], seed=31)
+            assert await sync_weights(engines[0], good, "shared_memory", sender=sender) == [1]
+            assert checks == []
+            before = {n: t.clone() for n, t in engines[0].impl.model.state_dict().items()}
+            bad = dict(_noisy(engines[0], seed=32))
+            name = next(iter(bad))
+            bad[name] = bad[name][..., :1]  # a wrong shape, last of nothing: the update is refused whole
+            with pytest.raises(WeightUpdateError) as info:
+                await sync_weights(engines[0], bad, "shared_memory", sender=sender)
+            assert name in info.value.problems
+            assert engines[0].weight_version == 1
+            after = engines[0].impl.model.state_dict()
+            assert all(torch.equal(after[n], before[n]) for n in before)
+            assert await sync_weights(engines, good, "shared_memory", sender=sender) == [2, 1]
+            assert sorted(checks) == [0, 1]
+            sender.close()
+        finally:
+            for engine in engines:
+                await engine.teardown()
+
+    asyncio.run(scenario())

@@ -9,7 +9,7 @@ import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import iter_weight_chunks, request_from_json, request_to_json
-from skyrl_backends.weight_sync.chunks import copy_all, plan
+from skyrl_backends.weight_sync.chunks import CopyPlan, _lanes, copy_all, plan
 from skyrl_backends.weight_sync.manifest import ALIGNMENT, parse_buckets, plan_buckets, spelled_out
 
 
@@ -87,6 +87,32 @@ def test_copy_all_copies_and_converts_every_tensor_whichever_way_it_groups_them(
     for destination, source in zip(destinations, sources, strict=True):
         assert torch.equal(destination, source.to(destination.dtype))
     assert fused[1::2].eq(0).all()  # the rows between the slice's stay untouched
+
+
+def test_copy_plan_deals_large_copies_into_lanes_of_about_equal_bytes_in_their_own_order():
+    pairs = [(torch.zeros(n), torch.zeros(n)) for n in (100, 10, 60, 50, 40, 5)]
+    lanes = _lanes(pairs, 3)
+    assert sorted(id(pair) for lane in lanes for pair in lane) == sorted(map(id, pairs))  # each pair once
+    assert [sum(d.numel() for d, _ in lane) for lane in lanes] == [100, 75, 90]  # largest first, to the lightest
+    position = {id(pair): i for i, pair in enumerate(pairs)}
+    for lane in lanes:  # kept in the pairs' order, as they were listed
+        assert [position[id(pair)] for pair in lane] == sorted(position[id(pair)] for pair in lane)
+    assert len(_lanes(pairs, 10)) == 6  # no empty lane
+    assert _lanes([], 4) == [[]]
+
+
+def test_copy_plan_on_a_cpu_ignores_streams_and_graph_and_copies_every_run():
+    sources = [torch.randn(300), torch.randn(3)]
+    destinations = [torch.zeros(300), torch.zeros(3, dtype=torch.float64)]
+    copies = CopyPlan(destinations, sources, alone_bytes=64, streams=4, graph=True)
+    assert len(copies.lanes) == 1 and not copies.graph
+    for _ in range(2):  # the plan is made once and run at every update, on the values of that moment
+        copies.run()
+        assert all(torch.equal(d, s.to(d.dtype)) for d, s in zip(destinations, sources, strict=True))
+        for source in sources:
+            source.add_(1)
+    with pytest.raises(ValueError, match="streams"):
+        CopyPlan(destinations, sources, streams=0)
 
 
 def test_parse_buckets_accepts_a_consistent_payload():

@@ -200,6 +200,7 @@ class RayEngineProxy:
     lease: PlacementLease | None = None
     # The placement group and bundle the actor was scheduled on (a restart goes back to the bundle).
     placement: tuple[Any, int] | None = None
+    _weight_specs: dict[str, TensorSpec] | None = None  # asked once (weight_specs)
 
     def __repr__(self) -> str:
         return f"<RayEngineProxy {self.name} backend={self.backend!r} pid={self.pid} node={self.node_id}>"
@@ -262,7 +263,11 @@ class RayEngineProxy:
         await self._call("wake_up", list(tags) if tags is not None else None)
 
     async def weight_specs(self) -> dict[str, TensorSpec]:
-        return await self._call("weight_specs")
+        """The engine's parameters, asked once: they do not change shape (``sync_weights`` reads
+        them at every sync, and each ask is a round trip to the actor)."""
+        if self._weight_specs is None:
+            self._weight_specs = await self._call("weight_specs")
+        return dict(self._weight_specs)
 
     async def validate_weight_update(self, request: WeightUpdateRequest) -> None:
         # Validation needs names, shapes and dtypes only: do not ship the tensors twice.

@@ -347,3 +347,27 @@ def test_ray_engines_colocated_on_the_trainers_placement_group(aio, ray_session,
         assert table["state"] == "CREATED"
     finally:
         remove_placement_group(trainer_group)
+
+
+def test_a_ray_engines_weight_specs_are_asked_of_its_actor_once(aio, request):
+    """``sync_weights`` reads the engines' weight specs at every sync: a Ray engine answers from what
+    it was told the first time, not with a round trip to its actor each time."""
+    if "ray" not in request.config.getoption("--client-placements").split(","):
+        pytest.skip("ray engines not chosen (--client-placements)")
+    proxy = request.getfixturevalue("ray_engines")[0]
+    asked: list[str] = []
+    call = proxy._call
+
+    async def counting(method, *args, **kwargs):
+        asked.append(method)
+        return await call(method, *args, **kwargs)
+
+    proxy._call = counting
+    try:
+        first = aio.run(proxy.weight_specs(), 60)
+        first.clear()  # a caller's copy: changing it changes nothing kept
+        second, third = aio.run(proxy.weight_specs(), 60), aio.run(proxy.weight_specs(), 60)
+    finally:
+        del proxy._call
+    assert second and second == third
+    assert asked.count("weight_specs") <= 1

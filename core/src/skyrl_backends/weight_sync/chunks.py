@@ -17,6 +17,7 @@ import torch
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync.delivery import dtype_name as _dtype_name
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, PLAN_FIELD, BucketManifest, plan_json, planned_once
+from skyrl_backends.weight_sync.module_tensors import module_tensors
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB
 DtypeFor = None | str | torch.dtype | Mapping[str, Any] | Callable[[str, torch.Tensor], Any]
@@ -37,48 +38,20 @@ def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs of a module (its state dict: parameters and persistent buffers, tied
-    weights once), a state dict, or an iterable of pairs. Tensors are referenced, not copied."""
+    weights once; :mod:`~skyrl_backends.weight_sync.module_tensors`), a state dict, or an iterable of
+    pairs. Tensors are referenced, not copied; those that require grad are detached."""
     if isinstance(weights, torch.nn.Module):
-        items: Iterable[tuple[str, Any]] = _without_tied_aliases(weights, weights.state_dict(keep_vars=False))
-    elif isinstance(weights, Mapping):
-        items = weights.items()
-    else:
-        items = weights
+        return module_tensors(weights)
+    items: Iterable[tuple[str, Any]] = weights.items() if isinstance(weights, Mapping) else weights
     pairs = []
     for name, tensor in items:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise WeightUpdateError({str(name): f"expected (str, torch.Tensor), got ({type(name).__name__}, "
                                                 f"{type(tensor).__name__})"})
-        pairs.append((name, tensor.detach()))
+        # A tensor that needs no grad is passed as it is: the same object at every sync of the same
+        # weights, which is what lets a sender see that an adopted tensor is still in place cheaply.
+        pairs.append((name, tensor.detach() if tensor.requires_grad else tensor))
     return pairs
-
-
-def _without_tied_aliases(module: torch.nn.Module,
-                          state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """A module's state dict lists a tied tensor under every name (``lm_head.weight`` beside
-    ``model.embed_tokens.weight``); engines that load tied checkpoints hold it once, under the first
-    name, and would reject the alias. Send each once.
-
-    Aliases are read from the module's structure (a parameter or buffer registered under several
-    names keeps its first), not from storage addresses: the parameters of a model sharded across
-    ranks (FSDP2) are shards whose addresses differ from rank to rank, and every rank must drop the
-    same names. One walk over each kind (a sync of a 300-tensor model walks it at every step)."""
-    aliases = (_later_names(module.named_parameters(remove_duplicate=False))
-               | _later_names(module.named_buffers(remove_duplicate=False)))
-    return [(name, tensor) for name, tensor in state.items() if name not in aliases]
-
-
-def _later_names(named: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """The names under which a tensor is met again after its first name, in the module's order (the
-    order ``remove_duplicate=True`` keeps the first of)."""
-    seen: set[int] = set()
-    later: set[str] = set()
-    for name, tensor in named:  # the tensors stay alive during the walk, so ids are unique
-        if id(tensor) in seen:
-            later.add(name)
-        else:
-            seen.add(id(tensor))
-    return later
 
 
 def resolve_dtype_for(dtype_for: DtypeFor) -> Callable[[str, torch.Tensor], torch.dtype]:
@@ -181,10 +154,21 @@ def copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor],
 
 class CopyPlan:
     """:func:`copy_all`'s split of the same copies, made once: a replayed load runs the same copies at
-    every update, and sizing 340 tensors again each time is Python it need not spend."""
+    every update, and sizing 340 tensors again each time is Python it need not spend.
+
+    Two ways to queue the same copies on a GPU, both off by default until measured to pay
+    (core/benchmarks/bench_apply_copy.py): ``streams`` spreads the copies of large tensors over that
+    many CUDA streams (the current one and side streams that start after the work queued before
+    and end before the work queued after), so one copy's ramp-down overlaps the next's start;
+    ``graph`` captures the copies once into a CUDA graph and replays it at every :meth:`run`, one
+    launch instead of one per tensor. A graph reads and writes the addresses it captured: use it
+    only while every tensor stays where it is (a replayed load's buffers and parameters do). On a
+    CPU both are ignored."""
 
     def __init__(self, destinations: list[torch.Tensor], sources: list[torch.Tensor],
-                 alone_bytes: int | None = COPY_ALONE_BYTES) -> None:
+                 alone_bytes: int | None = COPY_ALONE_BYTES, *, streams: int = 1, graph: bool = False) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, got {streams}")
         self.alone: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.fused_destinations: list[torch.Tensor] = []
         self.fused_sources: list[torch.Tensor] = []
@@ -194,10 +178,29 @@ class CopyPlan:
             else:
                 self.fused_destinations.append(destination)
                 self.fused_sources.append(source)
+        on_gpu = bool(destinations) and destinations[0].is_cuda
+        self.device = destinations[0].device if on_gpu else None
+        self.lanes = _lanes(self.alone, streams if on_gpu else 1)
+        self._side_streams: list[torch.cuda.Stream] = []
+        self.graph = graph and on_gpu
+        self._graph: torch.cuda.CUDAGraph | None = None
 
     def run(self) -> None:
-        for destination, source in self.alone:
-            destination.copy_(source, non_blocking=True)
+        if not self.graph:
+            self._queue()
+            return
+        if self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(self.device), torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+                self._queue()
+        self._graph.replay()
+
+    def _queue(self) -> None:
+        if len(self.lanes) > 1:
+            self._queue_on_streams()
+        else:
+            for destination, source in self.alone:
+                destination.copy_(source, non_blocking=True)
         if not self.fused_destinations:
             return
         try:
@@ -205,6 +208,42 @@ class CopyPlan:
         except (AttributeError, RuntimeError, TypeError):  # older torch, or mixed devices
             for destination, source in zip(self.fused_destinations, self.fused_sources, strict=True):
                 destination.copy_(source, non_blocking=True)
+
+    def _queue_on_streams(self) -> None:
+        # The first lane runs on the current stream; each other lane on a side stream that waits for
+        # what the current stream queued before and that the current stream waits for in turn, so
+        # the copies are ordered like any other work of the current stream. Nothing is allocated
+        # here, so the caching allocator needs no record_stream.
+        current = torch.cuda.current_stream(self.device)
+        if len(self._side_streams) != len(self.lanes) - 1:
+            self._side_streams = [torch.cuda.Stream(self.device) for _ in self.lanes[1:]]
+        ready = current.record_event()
+        done = []
+        for side, lane in zip(self._side_streams, self.lanes[1:], strict=True):
+            side.wait_event(ready)
+            with torch.cuda.stream(side):
+                for destination, source in lane:
+                    destination.copy_(source, non_blocking=True)
+            done.append(side.record_event())
+        for destination, source in self.lanes[0]:
+            destination.copy_(source, non_blocking=True)
+        for event in done:
+            current.wait_event(event)
+
+
+def _lanes(pairs: list[tuple[torch.Tensor, torch.Tensor]], count: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``pairs`` dealt into at most ``count`` lanes of about equal bytes (largest first, each to the
+    lightest lane), each lane in the pairs' own order."""
+    count = max(1, min(count, len(pairs)))
+    if count == 1:
+        return [list(pairs)]
+    load = [0] * count
+    lane_of = {}
+    for index in sorted(range(len(pairs)), key=lambda i: -pairs[i][0].numel() * pairs[i][0].element_size()):
+        lane = load.index(min(load))
+        lane_of[index] = lane
+        load[lane] += pairs[index][0].numel() * pairs[index][0].element_size()
+    return [[pair for i, pair in enumerate(pairs) if lane_of[i] == lane] for lane in range(count)]
 
 
 class Packer:
@@ -220,6 +259,7 @@ class Packer:
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._destinations: list[list[torch.Tensor]] = []
+        self._places: list[list[tuple[int, torch.dtype, torch.Size]]] = []  # the destinations' _place
         self._json: list[dict[str, Any]] = []
         self.copied = 0
 
@@ -238,6 +278,7 @@ class Packer:
         if key != self._key:
             self._destinations = [[view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
                                   for buffer, manifest in zip(buffers, layout.buckets, strict=True)]
+            self._places = [[_place(d) for d in destinations] for destinations in self._destinations]
             self._json = layout.bucket_sizes()
             self._key = key
         return self._json
@@ -249,15 +290,21 @@ class Packer:
     def pack_bucket(self, index: int, layout: PackPlan) -> None:
         """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`), but for those
         already in place."""
+        tensors = [layout.tensors[entry.name] for entry in layout.buckets[index].tensors]
+        if [_place(t) for t in tensors] == self._places[index] and all(t.is_contiguous() for t in tensors):
+            return  # every tensor lives at its place already (adopted): one comparison of the bucket
         destinations, sources = [], []
-        for destination, entry in zip(self._destinations[index], layout.buckets[index].tensors, strict=True):
-            source = layout.tensors[entry.name]
+        for destination, source in zip(self._destinations[index], tensors, strict=True):
             if not in_place(source, destination):
                 destinations.append(destination)
                 sources.append(source)
         if destinations:
             copy_all(destinations, sources)
         self.copied += len(destinations)
+
+
+def _place(tensor: torch.Tensor) -> tuple[int, torch.dtype, torch.Size]:
+    return tensor.data_ptr(), tensor.dtype, tensor.shape
 
 
 def in_place(tensor: torch.Tensor, destination: torch.Tensor) -> bool:
