@@ -105,10 +105,45 @@ def qwen2_specs(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
+# name: (hidden, layers, experts, expert intermediate, vocab, heads, kv_heads, head_dim): the first
+# layers of a Qwen3 MoE checkpoint (Qwen3-30B-A3B's dimensions, 6 of its 48 layers), whose thousands
+# of expert tensors make every per-tensor cost of a sync show.
+MOE_SHAPES = {
+    "qwen3-30b-a3b-6l": (2048, 6, 128, 768, 151936, 32, 4, 128),
+}
+
+
+def moe_specs(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a Qwen3 MoE checkpoint, in checkpoint order."""
+    hidden, layers, experts, inter, vocab, heads, kv_heads, head_dim = MOE_SHAPES[shape]
+    specs = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (hidden,)),
+                  (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+                  (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                  (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                  (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+                  (p + "self_attn.q_norm.weight", (head_dim,)), (p + "self_attn.k_norm.weight", (head_dim,)),
+                  (p + "mlp.gate.weight", (experts, hidden))]
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            specs += [(q + "gate_proj.weight", (inter, hidden)), (q + "up_proj.weight", (inter, hidden)),
+                      (q + "down_proj.weight", (hidden, inter))]
+        specs.append((p + "post_attention_layernorm.weight", (hidden,)))
+    specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return specs
+
+
+def tensor_specs(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The names and shapes of ``shape``'s checkpoint: a Qwen2 (SHAPES) or a Qwen3 MoE (MOE_SHAPES)."""
+    return moe_specs(shape) if shape in MOE_SHAPES else qwen2_specs(shape)
+
+
 def random_weights(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     return {name: torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype)
-            for name, s in qwen2_specs(shape)}
+            for name, s in tensor_specs(shape)}
 
 
 def sync(device: str) -> None:
@@ -130,7 +165,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     dtype = getattr(torch, dtype_name)
-    params = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in qwen2_specs(shape)}
+    params = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in tensor_specs(shape)}
     communicators: dict[str, Any] = {}  # one broadcast group per layout under test
     copy_plans: dict[str, tuple[tuple[int, ...], CopyPlan]] = {}  # per way of applying: the last plan
     raw_group = None
@@ -178,7 +213,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
                          staging_bytes=getattr(communicator, "staging_bytes", 0))
         elif op == "raw_receive":
             options = torch.distributed.BroadcastOptions()
-            works = [raw_group.broadcast([params[name]], options) for name, _ in qwen2_specs(shape)]
+            works = [raw_group.broadcast([params[name]], options) for name, _ in tensor_specs(shape)]
             for work in works:
                 work.wait()
             sync(device)
@@ -590,7 +625,7 @@ def report(rows: list[dict[str, Any]], nbytes: int, args: argparse.Namespace, nt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+    parser.add_argument("--shape", choices=sorted(SHAPES | MOE_SHAPES), default=None,
                         help="default: qwen2.5-0.5b on CPU, qwen2.5-1.5b on GPU")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bucket-bytes", type=int, default=None, help="default: 256 MiB on CPU, 1 GiB on GPU")
@@ -621,6 +656,8 @@ def main() -> None:
     unknown = [w for w in args.apply if w not in APPLY_WAYS or w == "copy_all"]
     if unknown:
         parser.error(f"--apply: unknown way(s) {unknown}; choose among {[w for w in APPLY_WAYS if w != 'copy_all']}")
+    if args.engine != "none" and args.shape in MOE_SHAPES:
+        parser.error(f"--engine builds a Qwen2 model for the engine; {args.shape} is a MoE shape (no engine)")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA")
     device = "cuda:0" if gpu else "cpu"
