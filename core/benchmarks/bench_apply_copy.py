@@ -13,10 +13,10 @@ the parameters of a Qwen2.5 shape (or a Qwen3 MoE one, ``qwen3-30b-a3b-6l``: 2,3
     per_tensor one ``Tensor.copy_`` per pair, queued on the stream
     split      ``chunks.copy_all``: ``copy_`` for the tensors of at least ``--split-bytes``, one
                ``_foreach_copy_`` for the rest (what the senders' pack does)
-    plan       the same copies as a ``chunks.CopyPlan`` made once (what the replayed load runs)
+    plan       the same copies as a ``chunks.CopyPlan`` made once, run from Python
     streamsN   that plan with its large copies spread over N CUDA streams (GPU only)
     graph      that plan captured once in a CUDA graph and replayed (GPU only)
-    graph_streams2  both: the graph of the plan on two streams (GPU only)
+    graph_streamsN  both: the graph of the plan on N streams (GPU only; N=2: the replayed load's way)
 
 Printed: the median milliseconds of each, and each against the floor and against ``foreach``
 (medians; paired, the median of the rounds' ratios).
@@ -89,7 +89,8 @@ def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage
         ways.update({"streams2": CopyPlan(destinations, origins, split_bytes, streams=2).run,
                      "streams4": CopyPlan(destinations, origins, split_bytes, streams=4).run,
                      "graph": CopyPlan(destinations, origins, split_bytes, graph=True).run,
-                     "graph_streams2": CopyPlan(destinations, origins, split_bytes, streams=2, graph=True).run})
+                     "graph_streams2": CopyPlan(destinations, origins, split_bytes, streams=2, graph=True).run,
+                     "graph_streams4": CopyPlan(destinations, origins, split_bytes, streams=4, graph=True).run})
     return ways
 
 

@@ -15,11 +15,12 @@ GPU mode (``--mode gpu``)::
     cuda_ipc        vs (a) device-to-device copy of the same bytes  [engine process on the same GPU]
     cuda_ipc, adopted: the trainer's tensors live in the sender's buckets (``CudaIpcSender.adopt``),
                     so nothing is packed; vs (a) and, paired, vs the warm cuda_ipc sync
-    cuda_ipc, adopted, fused apply: the same, the engine applying with one fused copy of every
-                    tensor instead of ``chunks.copy_all`` (a copy per large tensor); paired vs adopted
-    cuda_ipc, adopted, APPLY apply: with ``--apply``, the same with the engine's copies queued
-                    another way (``streams2``/``streams4``: spread over CUDA streams; ``graph``,
-                    ``graph_streams2``: replayed from a CUDA graph; ``chunks.CopyPlan``'s options)
+    cuda_ipc, adopted, APPLY apply: (``--apply``, default ``copy_all,fused``) the same with the
+                    engine's copies queued another way than the replayed load's (a CUDA graph, the
+                    large copies on two streams, ``replay.copy_options``): ``copy_all``, a copy per
+                    large tensor from Python; ``fused``, one fused copy of every tensor;
+                    ``streams2``/``streams4``, spread over CUDA streams; ``graph``, ``graph_streams2``,
+                    ``graph_streams4``, from a CUDA graph (``chunks.CopyPlan``'s options); paired vs adopted
     broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
 
 (CPU mode has the same adopted case over shared memory.) Every ratio is printed twice: of the medians,
@@ -73,6 +74,7 @@ from skyrl_backends.weight_sync import CudaIpcSender, SharedMemorySender, load_n
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
 from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, CopyPlan, plan
 from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
+from skyrl_backends.weight_sync.replay import copy_options
 
 # name: (hidden, layers, intermediate, vocab, heads, kv_heads, tied embeddings)
 SHAPES = {
@@ -195,9 +197,10 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
 
             # As an engine that loads by name in bulk (the replayed load): the copies planned once
             # for the same received views (copy_all's split: a copy per large tensor and one fused
-            # copy of the rest), queued the way the update's "apply" names ("fused": one fused copy
-            # of everything, as before copy_all).
-            apply = msg.get("apply", "copy_all")
+            # copy of the rest), queued the way the update's "apply" names ("replayed": as the
+            # replayed load does; "copy_all": one by one from Python; "fused": one fused copy of
+            # everything, as before copy_all).
+            apply = msg.get("apply", "replayed")
 
             def load(named: list[tuple[str, torch.Tensor]], apply: str = apply) -> None:
                 first_load[:] = first_load or [time.perf_counter()]
@@ -223,9 +226,11 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
 
 
 # The ways the engine process queues an update's copies (``--apply``): CopyPlan's arguments.
+# "replayed" (every case's default): as an engine's replayed load queues them (replay.copy_options).
 APPLY_WAYS: dict[str, dict[str, Any]] = {
-    "copy_all": {}, "fused": {"alone_bytes": None}, "streams2": {"streams": 2}, "streams4": {"streams": 4},
-    "graph": {"graph": True}, "graph_streams2": {"streams": 2, "graph": True}}
+    "replayed": copy_options(), "copy_all": {}, "fused": {"alone_bytes": None}, "streams2": {"streams": 2},
+    "streams4": {"streams": 4}, "graph": {"graph": True}, "graph_streams2": {"streams": 2, "graph": True},
+    "graph_streams4": {"streams": 4, "graph": True}}
 
 
 def planned_copies(plans: dict[str, tuple[tuple[int, ...], CopyPlan]], apply: str, params: dict[str, torch.Tensor],
@@ -298,10 +303,10 @@ def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case
 
 def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor], bucket_bytes: int,
                    label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False,
-                   compare: str | None = None, apply: str = "copy_all") -> Case:
+                   compare: str | None = None, apply: str = "replayed") -> Case:
     """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
     A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold).
-    ``apply="fused"`` has the engine apply with one fused copy of every tensor instead of ``copy_all``.
+    ``apply`` names how the engine queues its copies (APPLY_WAYS; default as a replayed load does).
 
     Parts of each sync: the sender's ``pack`` (plan and write), ``encode`` (the request and its JSON),
     the engine's ``parse`` (the JSON and ``request_from_json``), ``receive`` and ``apply``, and the
@@ -638,10 +643,10 @@ def main() -> None:
                              "colocated,warm,adopted,cold,broadcast,streamed,per_tensor,raw,finite (warm: the "
                              "packing sender's cases and their engine; with it skipped the adopted sender holds the "
                              "weights themselves, so a 7B model fits an 80 GB GPU)")
-    parser.add_argument("--apply", default="fused",
-                        help="comma-separated ways for the adopted sync's engine to apply besides copy_all, each a "
-                             f"case of its own: {', '.join(w for w in APPLY_WAYS if w != 'copy_all')} (streams and "
-                             "graphs: GPU only; empty: none)")
+    parser.add_argument("--apply", default="copy_all,fused",
+                        help="comma-separated ways for the adopted sync's engine to apply besides the replayed "
+                             f"load's, each a case of its own: {', '.join(w for w in APPLY_WAYS if w != 'replayed')} "
+                             "(streams and graphs: GPU only; empty: none)")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the trainer and of each engine process (default: 1 on CPU, where "
@@ -653,9 +658,9 @@ def main() -> None:
     args.repeats = args.repeats or (20 if gpu else 5)
     skip = set(filter(None, args.skip.split(",")))
     args.apply = list(filter(None, args.apply.split(",")))
-    unknown = [w for w in args.apply if w not in APPLY_WAYS or w == "copy_all"]
+    unknown = [w for w in args.apply if w not in APPLY_WAYS or w == "replayed"]
     if unknown:
-        parser.error(f"--apply: unknown way(s) {unknown}; choose among {[w for w in APPLY_WAYS if w != 'copy_all']}")
+        parser.error(f"--apply: unknown way(s) {unknown}; choose among {[w for w in APPLY_WAYS if w != 'replayed']}")
     if args.engine != "none" and args.shape in MOE_SHAPES:
         parser.error(f"--engine builds a Qwen2 model for the engine; {args.shape} is a MoE shape (no engine)")
     if gpu and not torch.cuda.is_available():

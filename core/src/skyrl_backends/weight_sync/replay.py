@@ -11,8 +11,8 @@ same views of the same memory every time, and the engine's load makes the same c
 operation, keeps the ``copy_`` calls it made (the destination views into parameters and the source
 views into the received tensors), and from then on, while the received tensors and the parameters'
 storages are the ones it recorded, queues those copies (a ``chunks.CopyPlan``, split once as
-``copy_all`` splits: a copy per large tensor, one fused copy of the small ones) instead of running
-the load. A load is replayed only if everything it changed it changed by those copies:
+``copy_all`` splits: a copy per large tensor, one fused copy of the small ones; on a GPU captured
+once in a CUDA graph and replayed, :func:`copy_options`) instead of running the load. A load is replayed only if everything it changed it changed by those copies:
 
 * every ``copy_`` reads from a received tensor's memory and writes into a parameter's or buffer's
   storage (a ``copy_`` from anything computed on the way, a dtype conversion or a concatenation,
@@ -56,6 +56,21 @@ _SourceKey = tuple[tuple[str, int, torch.dtype, tuple[int, ...], tuple[int, ...]
 def enabled() -> bool:
     """Whether engines replay their loads (``SKYRL_REPLAY_LOADS``, on unless set to ``0``)."""
     return os.environ.get(ENV, "1") != "0"
+
+
+GRAPHS_ENV = "SKYRL_REPLAY_GRAPHS"
+
+
+def copy_options() -> dict[str, Any]:
+    """How a replayed load queues its copies on a GPU (``chunks.CopyPlan``'s options): captured once
+    in a CUDA graph, the large copies spread over two streams. The copies are the same at every
+    update into the same memory, which is what a graph needs, and a copy launched from Python for
+    each of thousands of tensors (a MoE model's experts) keeps the GPU waiting. On an H100
+    (core/benchmarks/bench_apply_copy.py, docs/benchmarks.md "2026-12-06 (fourth session)") this
+    applied a 1.5B model in 1.07x the time of one copy of its bytes (a copy each from Python: 1.26x)
+    and the 2,361 tensors of a 6-layer Qwen3-30B-A3B shape in 1.35x (2.33x). ``SKYRL_REPLAY_GRAPHS=0``
+    in the engine's environment queues them one by one from Python instead."""
+    return {"streams": 2, "graph": True} if os.environ.get(GRAPHS_ENV, "1") != "0" else {}
 
 
 def parameters_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -222,7 +237,8 @@ class ReplayedLoad:
         self._refused_sources = None
         destinations, origins = (list(side) for side in zip(*recorder.copies, strict=True))
         written = frozenset(_storage_ptr(d) for d, _ in [*recorder.copies, *recorder.fills])
-        self._recording = _Recording(sources, written, CopyPlan(destinations, origins), recorder.fills)
+        self._recording = _Recording(sources, written, CopyPlan(destinations, origins, **copy_options()),
+                                     recorder.fills)
         return False
 
     def forget(self) -> None:
