@@ -73,7 +73,7 @@ from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import CudaIpcSender, SharedMemorySender, load_named_tensors, make_receiver
 from skyrl_backends.weight_sync.broadcast import BroadcastSender, new_group
 from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, CopyPlan, plan
-from skyrl_backends.weight_sync.manifest import request_from_json, request_to_json
+from skyrl_backends.weight_sync.layout_refs import ReceivedLayouts, SentLayouts
 from skyrl_backends.weight_sync.replay import copy_options
 
 # name: (hidden, layers, intermediate, vocab, heads, kv_heads, tied embeddings)
@@ -169,6 +169,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
     dtype = getattr(torch, dtype_name)
     params = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in tensor_specs(shape)}
     communicators: dict[str, Any] = {}  # one broadcast group per layout under test
+    layouts = ReceivedLayouts()  # as a server keeps them: each layout sent in full once, then by id
     copy_plans: dict[str, tuple[tuple[int, ...], CopyPlan]] = {}  # per way of applying: the last plan
     raw_group = None
     conn.send_bytes(b'{"ready": true}')
@@ -190,7 +191,7 @@ def engine_main(conn: Any, shape: str, dtype_name: str, device: str, threads: in
             raw_group = new_group(store, 1, 2, msg["backend"], "raw", "127.0.0.1" if msg["addr"] == "127.0.0.1" else "",
                                   300)
         elif op == "update":
-            request = request_from_json(msg["request"])
+            request = layouts.from_json(msg["request"])
             parse_s = time.perf_counter() - arrived
             communicator = communicators.get(msg.get("slot"))
             first_load: list[float] = []
@@ -253,9 +254,22 @@ class EngineProcess:
         self.process = ctx.Process(target=engine_main, args=(child, shape, dtype, device, threads), daemon=True)
         self.process.start()
         json.loads(self.conn.recv_bytes())
+        self.layouts = SentLayouts()
+        self.pending_layout = ""
 
     def send(self, **msg: Any) -> None:
         self.conn.send_bytes(json.dumps(msg).encode())
+
+    def request_json(self, request: WeightUpdateRequest) -> dict[str, Any]:
+        """``request`` as this engine is sent it: its layout in full until the engine took it, then
+        by id (layout_refs); the engine process never refuses an id it was sent, so the first
+        successful reply marks it taken."""
+        body, layout_id = self.layouts.to_json(request)
+        self.pending_layout = layout_id
+        return body
+
+    def took_layout(self) -> None:
+        self.layouts.taken(self.pending_layout)
 
     def reply(self) -> dict[str, Any]:
         return json.loads(self.conn.recv_bytes())
@@ -309,7 +323,8 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
     ``apply`` names how the engine queues its copies (APPLY_WAYS; default as a replayed load does).
 
     Parts of each sync: the sender's ``pack`` (plan and write), ``encode`` (the request and its JSON),
-    the engine's ``parse`` (the JSON and ``request_from_json``), ``receive`` and ``apply``, and the
+    the engine's ``parse`` (the JSON and the request: by id after the first, ``layout_refs``),
+    ``receive`` and ``apply``, and the
     ``rest``: the pipe both ways, the processes' wake-ups and the reply."""
     parts: dict[str, list[float]] = {name: [] for name in ("pack_s", "encode_s", "parse_s", "receive_s", "apply_s",
                                                            "rest_s")}
@@ -321,12 +336,12 @@ def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.
         layout = plan(weights, bucket_bytes)
         payload = sender.write(layout)
         packed = time.perf_counter()
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, sender.strategy, payload,
-                                      check_finite=check_finite)
-        body = json.dumps({"op": "update", "request": request_to_json(request), "apply": apply}).encode()
+        request = layout.request(sender.strategy, payload, check_finite)
+        body = json.dumps({"op": "update", "request": engine.request_json(request), "apply": apply}).encode()
         encoded = time.perf_counter()
         engine.conn.send_bytes(body)
         reply = engine.reply()
+        engine.took_layout()
         total = time.perf_counter() - t0
         measured = dict(pack_s=packed - t0, encode_s=encoded - packed, parse_s=reply["parse_s"],
                         receive_s=reply["receive_s"], apply_s=reply["apply_s"])
@@ -351,11 +366,11 @@ def broadcast_case(engine: EngineProcess, weights: dict[str, torch.Tensor], back
 
     def run() -> None:
         layout = plan(weights, bucket_bytes)
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast", sender.payload(layout),
-                                      check_finite=check_finite)
-        engine.send(op="update", request=request_to_json(request), slot=slot)
+        request = layout.request("broadcast", sender.payload(layout), check_finite)
+        engine.send(op="update", request=engine.request_json(request), slot=slot)
         sender.send(layout)
         case.staging[:] = [engine.reply()["staging_bytes"]]
+        engine.took_layout()
 
     case = Case(label, run, baseline, close=sender.close)
     return case

@@ -496,3 +496,48 @@ def test_check_finite_is_honoured_by_the_servers_engine(served, remote, model_di
     assert list(info.value.problems) == [victim] and "NaN" in info.value.problems[victim]
     assert served.engine.weight_version == before == remote.weight_version
     assert run(remote.generate(PROMPTS, GREEDY)).response_ids == reference
+
+
+def test_a_layout_crosses_in_full_once_then_by_id_and_again_in_full_when_the_server_forgot_it(served, remote,
+                                                                                           model_dir):
+    """A sync's names, dtypes and shapes travel once; later syncs name them by id. A server that no
+    longer keeps the id (here: sent more other layouts than it keeps) refuses it by name, changes
+    nothing, and the sync goes through in full at once."""
+    from skyrl_backends.weight_sync import make_sender, sync_weights
+    from skyrl_backends.weight_sync.layout_refs import KEPT, LAYOUT_FIELD
+
+    bodies: list[dict] = []
+    transport = remote._dialect.transport
+    call = transport.call
+
+    async def recording(path, body, key):
+        if "request" in body:
+            bodies.append(body["request"])
+        return await call(path, body, key)
+
+    transport.call = recording
+    names = list(run(remote.weight_specs()))
+    weights = dict(_original(model_dir, names))
+    sender = make_sender("shared_memory")
+    try:
+        for _ in range(3):
+            before = served.engine.weight_version
+            run(sync_weights(remote, weights, "shared_memory", sender=sender))
+            assert served.engine.weight_version == before + 1
+        assert [("names" in b, LAYOUT_FIELD in b) for b in bodies] == [(True, True), (False, True), (False, True)]
+        assert len({b[LAYOUT_FIELD] for b in bodies}) == 1
+        assert len(json.dumps(bodies[1])) < len(json.dumps(bodies[0])) / 2
+        for count in range(1, KEPT + 1):  # other layouts (each a part of the model), until the first is gone
+            part = WeightUpdateRequest(names[:count], ["float32"] * count,
+                                       [tuple(weights[n].shape) for n in names[:count]], "shared_memory")
+            run(remote.validate_weight_update(part))
+        bodies.clear()
+        before = served.engine.weight_version
+        run(sync_weights(remote, weights, "shared_memory", sender=sender))
+        assert served.engine.weight_version == before + 1
+        assert [("names" in b) for b in bodies] == [False, True]  # refused by id, then sent in full
+        reference = served.run(served.engine.generate(PROMPTS, GREEDY)).response_ids
+        assert run(remote.generate(PROMPTS, GREEDY)).response_ids == reference
+    finally:
+        transport.call = call
+        sender.close()

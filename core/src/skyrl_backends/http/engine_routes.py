@@ -42,7 +42,7 @@ import hashlib
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,6 +55,8 @@ from skyrl_backends.http.engine_operations import Operation, OperationLog
 from skyrl_backends.http.guards import guard_app
 from skyrl_backends.http.settings import HTTPSettings
 from skyrl_backends.remote import same_host, wire
+from skyrl_backends.weight_sync.layout_refs import INFO_FIELD as LAYOUTS_INFO_FIELD
+from skyrl_backends.weight_sync.layout_refs import ReceivedLayouts
 from skyrl_backends.weight_sync.manifest import request_from_json
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,8 @@ _RESULTS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _bind(method: Callable[..., Any], name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+def _bind(method: Callable[..., Any], name: str, arguments: dict[str, Any],
+          decoders: Mapping[str, Callable[[Any], Any]] = _DECODERS) -> dict[str, Any]:
     """``arguments`` checked against ``method``'s signature (an unknown or missing one is a 400 naming
     it) and decoded."""
     parameters = inspect.signature(method).parameters
@@ -89,7 +92,7 @@ def _bind(method: Callable[..., Any], name: str, arguments: dict[str, Any]) -> d
         if key not in parameters and not takes_any:
             accepted = [p for p in parameters if parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
             raise ConfigError(key, f"is not an argument of {name} on this server; it takes {accepted}")
-    decoded = {key: (_DECODERS[key](value) if key in _DECODERS else value) for key, value in arguments.items()}
+    decoded = {key: (decoders[key](value) if key in decoders else value) for key, value in arguments.items()}
     try:
         inspect.signature(method).bind(**decoded)
     except TypeError as exc:
@@ -152,6 +155,9 @@ class EngineRoutes:
         self.log = log
         self.index = index
         self.count = count
+        # The weight-update layouts this engine was sent in full: later requests may name them by id.
+        self.layouts = ReceivedLayouts()
+        self._decoders = {**_DECODERS, "request": self.layouts.from_json}
 
     # -- reads ----------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -161,7 +167,8 @@ class EngineRoutes:
                 "engine_version": engine.engine_version(), "distribution": getattr(engine, "distribution", None),
                 "model": getattr(config, "model", None), "capabilities": wire.capabilities_to_json(engine.capabilities),
                 "parallel_sizes": _sizes(engine.parallel_sizes()), "config": wire.config_to_json(config),
-                "engine_index": self.index, "num_engines": self.count, "state": await engine_state(engine)}
+                "engine_index": self.index, "num_engines": self.count, "state": await engine_state(engine),
+                LAYOUTS_INFO_FIELD: self.layouts.kept}
 
     async def health(self) -> Response:
         state = await engine_state(self.engine)
@@ -206,7 +213,7 @@ class EngineRoutes:
         if operation == "abort":
             return self._abort(arguments)
         method = getattr(engine, operation)
-        kwargs = _bind(method, operation, arguments)
+        kwargs = _bind(method, operation, arguments, self._decoders)
         encode = _RESULTS.get(operation, lambda result: None)
 
         async def run(op: Operation) -> None:

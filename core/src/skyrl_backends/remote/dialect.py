@@ -18,7 +18,7 @@ from typing import Any
 
 from skyrl_backends.capabilities import Capabilities
 from skyrl_backends.config import GeneratorConfig
-from skyrl_backends.errors import ConfigError, RemoteEngineError
+from skyrl_backends.errors import ConfigError, RemoteEngineError, WeightUpdateError
 from skyrl_backends.remote import wire
 from skyrl_backends.remote.transport import HttpTransport
 from skyrl_backends.types import (
@@ -30,6 +30,8 @@ from skyrl_backends.types import (
     WeightSyncInitInfo,
     WeightUpdateRequest,
 )
+from skyrl_backends.weight_sync.layout_refs import INFO_FIELD as LAYOUTS_INFO_FIELD
+from skyrl_backends.weight_sync.layout_refs import SentLayouts
 from skyrl_backends.weight_sync.manifest import request_to_json
 
 
@@ -147,6 +149,9 @@ class SkyRLDialect(WireDialect):
 
     def __init__(self, transport: HttpTransport) -> None:
         self.transport = transport
+        # What the server keeps of the weight-update layouts it was sent (None: a server that keeps
+        # none, every request in full); set by describe.
+        self._layouts: SentLayouts | None = None
 
     def describe(self, wait_ready_s: float) -> ServerDescription:
         url = self.transport.base_url
@@ -166,6 +171,7 @@ class SkyRLDialect(WireDialect):
                                                               f"{info.get('wire_version')}; this side speaks "
                                                               f"{wire.WIRE_VERSION}: install matching skyrl-backends "
                                                               f"versions")
+        self._layouts = SentLayouts() if info.get(LAYOUTS_INFO_FIELD) else None
         return ServerDescription(
             backend=info["backend"], capabilities=wire.capabilities_from_json(info["capabilities"]),
             parallel_sizes=wire.parallel_sizes_from_json(info.get("parallel_sizes", {})),
@@ -202,8 +208,30 @@ class SkyRLDialect(WireDialect):
         return RemoteState.from_json(event.get("state"))
 
     async def call(self, method: str, arguments: dict[str, Any], key: str) -> tuple[Any, RemoteState]:
-        body = {name: _encode_argument(name, value) for name, value in arguments.items()}
-        event = await self.transport.call(wire.POST_OPERATIONS[method], body, key)
+        request = arguments.get("request")
+        if self._layouts is None or not isinstance(request, WeightUpdateRequest):
+            body = {name: _encode_argument(name, value) for name, value in arguments.items()}
+            return self._result(await self.transport.call(wire.POST_OPERATIONS[method], body, key))
+        # A weight update's layout goes in full once, then by id (layout_refs); a server that no
+        # longer knows the id (it restarted) refuses it by name, before applying anything, and gets
+        # the request in full again at once, under a key of its own.
+        for attempt in range(2):
+            encoded, layout_id = self._layouts.to_json(request)
+            body = {name: encoded if name == "request" else _encode_argument(name, value)
+                    for name, value in arguments.items()}
+            try:
+                event = await self.transport.call(wire.POST_OPERATIONS[method], body,
+                                                  key if attempt == 0 else f"{key}-in-full")
+            except WeightUpdateError as exc:
+                if self._layouts.refused(layout_id, exc) and attempt == 0:
+                    continue
+                raise
+            self._layouts.taken(layout_id)
+            return self._result(event)
+        raise AssertionError("unreachable: the second attempt sends the layout in full")
+
+    @staticmethod
+    def _result(event: dict[str, Any]) -> tuple[Any, RemoteState]:
         return event.get("result"), RemoteState.from_json(event.get("state"))
 
     async def weight_specs(self) -> dict[str, TensorSpec]:

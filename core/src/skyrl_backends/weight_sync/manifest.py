@@ -364,11 +364,16 @@ def weight_update_error_from_text(text: str) -> WeightUpdateError | None:
 # -- whole requests as JSON ---------------------------------------------------------------------
 def request_to_json(request: WeightUpdateRequest) -> dict[str, Any]:
     """A JSON-able form of a request whose bytes travel out of band (every strategy but "tensors")."""
+    return {**envelope_to_json(request), "names": list(request.names), "dtypes": list(request.dtypes),
+            "shapes": [list(s) for s in request.shapes]}
+
+
+def envelope_to_json(request: WeightUpdateRequest) -> dict[str, Any]:
+    """:func:`request_to_json` without the layout (names, dtypes, shapes)."""
     if request.strategy not in TRANSPORT_STRATEGIES:
         raise WeightUpdateError({"strategy": f"{request.strategy!r} cannot cross a process boundary; use one of "
                                              f"{list(TRANSPORT_STRATEGIES)}"})
-    return {"wire_version": WIRE_VERSION, "names": list(request.names), "dtypes": list(request.dtypes),
-            "shapes": [list(s) for s in request.shapes], "strategy": request.strategy, "payload": request.payload,
+    return {"wire_version": WIRE_VERSION, "strategy": request.strategy, "payload": request.payload,
             "check_finite": request.check_finite}
 
 
@@ -384,9 +389,8 @@ def _are_json_shapes(shapes: list[Any]) -> bool:
     return True
 
 
-def request_from_json(obj: Any) -> WeightUpdateRequest:
-    """Rebuild a request from :func:`request_to_json`'s output (e.g. parsed from an HTTP body), checking
-    the top-level fields; the payload is checked by the receiver (:func:`parse_buckets`)."""
+def check_envelope(obj: Any) -> tuple[str, bool]:
+    """A JSON request's fields besides its layout, checked: its strategy and ``check_finite``."""
     if not isinstance(obj, Mapping):
         raise WeightUpdateError({"request": f"expected a JSON object, got {type(obj).__name__}"})
     if obj.get("wire_version") != WIRE_VERSION:
@@ -394,6 +398,16 @@ def request_from_json(obj: Any) -> WeightUpdateRequest:
     strategy = obj.get("strategy")
     if strategy not in TRANSPORT_STRATEGIES:
         raise WeightUpdateError({"strategy": f"got {strategy!r}; expected one of {list(TRANSPORT_STRATEGIES)}"})
+    check_finite = obj.get("check_finite", False)  # optional: absent from requests of older senders
+    if not isinstance(check_finite, bool):
+        raise WeightUpdateError({"check_finite": f"must be true or false, got {check_finite!r}"})
+    return strategy, check_finite
+
+
+def request_from_json(obj: Any) -> WeightUpdateRequest:
+    """Rebuild a request from :func:`request_to_json`'s output (e.g. parsed from an HTTP body), checking
+    the top-level fields; the payload is checked by the receiver (:func:`parse_buckets`)."""
+    strategy, check_finite = check_envelope(obj)
     names, dtypes, shapes = obj.get("names"), obj.get("dtypes"), obj.get("shapes")
     problems: dict[str, str] = {}
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -402,9 +416,6 @@ def request_from_json(obj: Any) -> WeightUpdateRequest:
         problems["dtypes"] = f"must be a list of dtype names among {sorted(DTYPE_ITEMSIZE)}"
     if not isinstance(shapes, list) or not _are_json_shapes(shapes):
         problems["shapes"] = "must be a list of shapes, each a list of non-negative integers"
-    check_finite = obj.get("check_finite", False)  # optional: absent from requests of older senders
-    if not isinstance(check_finite, bool):
-        problems["check_finite"] = f"must be true or false, got {check_finite!r}"
     if problems:
         raise WeightUpdateError(problems)
     from skyrl_backends.errors import ConfigError

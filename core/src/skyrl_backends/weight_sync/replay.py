@@ -12,7 +12,8 @@ operation, keeps the ``copy_`` calls it made (the destination views into paramet
 views into the received tensors), and from then on, while the received tensors and the parameters'
 storages are the ones it recorded, queues those copies (a ``chunks.CopyPlan``, split once as
 ``copy_all`` splits: a copy per large tensor, one fused copy of the small ones; on a GPU captured
-once in a CUDA graph and replayed, :func:`copy_options`) instead of running the load. A load is replayed only if everything it changed it changed by those copies:
+once in a CUDA graph and replayed, :func:`copy_options`) instead of running the load. A load is
+replayed only if everything it changed it changed by those copies:
 
 * every ``copy_`` reads from a received tensor's memory and writes into a parameter's or buffer's
   storage (a ``copy_`` from anything computed on the way, a dtype conversion or a concatenation,

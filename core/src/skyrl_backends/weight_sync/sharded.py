@@ -384,8 +384,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
 
 
 def _request(layout: PackPlan, strategy: str, payload: Any, check_finite: bool) -> WeightUpdateRequest:
-    return WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, payload,
-                               check_finite=check_finite)
+    return layout.request(strategy, payload, check_finite)
 
 
 def _fill_segments(assembler: Assembler, buffers: list[torch.Tensor], direct: bool) -> None:

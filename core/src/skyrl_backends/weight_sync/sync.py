@@ -26,7 +26,6 @@ from skyrl_backends import capabilities as caps
 from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
-from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import broadcast, sharded, shared_memory
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, named_tensors, plan
 from skyrl_backends.weight_sync.engines import (
@@ -177,8 +176,7 @@ async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender
     closed before returning."""
     if strategy == "tensors":
         tensors = [layout.tensors[n].to(getattr(torch, d)) for n, d in zip(layout.names, layout.dtypes, strict=False)]
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "tensors", tensors,
-                                      check_finite=check_finite)
+        request = layout.request("tensors", tensors, check_finite)
         return await apply_all(engines, request, delivery)
     if strategy == broadcast.STRATEGY:
         if not isinstance(sender, broadcast.BroadcastSender):
@@ -188,8 +186,7 @@ async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender
     own_sender = sender is None
     sender = sender_for(strategy, sender)
     try:
-        request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, strategy, sender.write(layout),
-                                      check_finite=check_finite)
+        request = layout.request(strategy, sender.write(layout), check_finite)
         return await apply_all(engines, request, delivery)
     finally:
         if own_sender:
@@ -198,8 +195,7 @@ async def deliver(engines: list[Engine], layout: PackPlan, strategy: str, sender
 
 async def _broadcast(engines: list[Engine], layout: PackPlan, sender: broadcast.BroadcastSender,
                      delivery: Delivery, check_finite: bool) -> list[Any]:
-    request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, broadcast.STRATEGY,
-                                  sender.payload(layout), check_finite=check_finite)
+    request = layout.request(broadcast.STRATEGY, sender.payload(layout), check_finite)
     # Every engine must take part in every broadcast: check them all before the first byte moves,
     # since an engine that refuses would leave the others waiting until the group's timeout.
     await validate_all(engines, request, delivery)

@@ -33,7 +33,6 @@ from typing import Any, ClassVar, Self
 
 import torch
 from skyrl_backends.errors import WeightUpdateError
-from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, plan
 from skyrl_backends.weight_sync.manifest import TRANSPORT_STRATEGIES
 from skyrl_backends.weight_sync.phases import BACKEND, init_info_to_json, update_info_to_json
@@ -153,13 +152,11 @@ class SkyRLTrainerWeightTransferEngine(TrainerWeightTransferEngine[SkyRLTrainerI
         layout = plan(pairs, info.bucket_bytes, _dtype_for(info.dtype))
         self.client.start_weight_update()
         if info.strategy == "broadcast":
-            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, "broadcast",
-                                          self.sender.payload(layout))
+            request = layout.request("broadcast", self.sender.payload(layout))
             _run_beside(lambda: self.client.update_weights(update_info_to_json(request)),
                         lambda: self.sender.send(layout))
         else:
-            request = WeightUpdateRequest(layout.names, layout.dtypes, layout.shapes, info.strategy,
-                                          self.sender.write(layout))
+            request = layout.request(info.strategy, self.sender.write(layout))
             self.client.update_weights(update_info_to_json(request))
         self.client.finish_weight_update()
 
