@@ -56,7 +56,7 @@ def _ask(pipe, request: WeightUpdateRequest):
     return json.loads(pipe.recv_bytes())
 
 
-@pytest.mark.parametrize("streams,graph", [(2, False), (4, False), (1, True), (2, True)])
+@pytest.mark.parametrize("streams,graph", [(2, False), (4, False), (1, True), (2, True), (4, True)])
 def test_copy_plan_on_streams_and_in_a_graph_copies_what_the_sources_hold_at_each_run(streams, graph):
     from skyrl_backends.weight_sync.chunks import CopyPlan
 

@@ -9,6 +9,7 @@ IPC handle, one shared-memory segment or one collective moves many tensors at on
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +99,10 @@ class PackPlan:
     shapes: list[tuple[int, ...]]
     buckets: list[BucketManifest]
     bucket_bytes: int  # what planned ``buckets`` (plan_buckets, default alignment)
+    # Where each tensor is, by the order of ``names``: address, dtype, shape, contiguous. Read once
+    # here, with the dtypes and shapes, so that a sender sees in one comparison per bucket that an
+    # adopted model's tensors are all in place.
+    places: list[tuple[int, torch.dtype, torch.Size, bool]]
 
     def bucket_sizes(self) -> list[dict[str, Any]]:
         """Each bucket's JSON in a planned payload before the strategy adds its fields: its size."""
@@ -137,16 +142,18 @@ def _checked_layout(layout: PackPlan) -> WeightUpdateRequest:
 
 def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor = None) -> PackPlan:
     pairs = named_tensors(weights)
-    # Comprehensions, not one loop of appends: a MoE model plans thousands of tensors at every sync.
+    # Comprehensions, not one loop of appends, and each tensor's attributes read once: a MoE model
+    # plans thousands of tensors at every sync.
+    places = [(tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.is_contiguous()) for _, tensor in pairs]
     names = [name for name, _ in pairs]
     if dtype_for is None:
-        dtypes = [_dtype_name(tensor.dtype) for _, tensor in pairs]
+        dtypes = [_dtype_name(place[1]) for place in places]
     else:
         target = resolve_dtype_for(dtype_for)
         dtypes = [_dtype_name(target(name, tensor)) for name, tensor in pairs]
-    shapes = [tuple(tensor.shape) for _, tensor in pairs]
+    shapes = [tuple(place[2]) for place in places]
     return PackPlan(dict(pairs), names, dtypes, shapes, planned_once(names, dtypes, shapes, bucket_bytes),
-                    bucket_bytes)
+                    bucket_bytes, places)
 
 
 def view(buffer: torch.Tensor, offset: int, dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -287,7 +294,8 @@ class Packer:
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._destinations: list[list[torch.Tensor]] = []
-        self._places: list[list[tuple[int, torch.dtype, torch.Size]]] = []  # the destinations' _place
+        self._places: list[list[tuple[int, torch.dtype, torch.Size, bool]]] = []  # as PackPlan.places
+        self._ranges: list[tuple[int, int]] = []  # each bucket's tensors in the layout's order
         self._json: list[dict[str, Any]] = []
         self.copied = 0
 
@@ -306,7 +314,11 @@ class Packer:
         if key != self._key:
             self._destinations = [[view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
                                   for buffer, manifest in zip(buffers, layout.buckets, strict=True)]
-            self._places = [[_place(d) for d in destinations] for destinations in self._destinations]
+            self._places = [[(d.data_ptr(), d.dtype, d.shape, True) for d in destinations]
+                            for destinations in self._destinations]
+            # Buckets hold consecutive tensors of the layout's order: bucket i is names[start:end].
+            starts = list(itertools.accumulate((len(m.tensors) for m in layout.buckets), initial=0))
+            self._ranges = list(itertools.pairwise(starts))
             self._json = layout.bucket_sizes()
             self._key = key
         return self._json
@@ -318,9 +330,10 @@ class Packer:
     def pack_bucket(self, index: int, layout: PackPlan) -> None:
         """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`), but for those
         already in place."""
-        tensors = [layout.tensors[entry.name] for entry in layout.buckets[index].tensors]
-        if [_place(t) for t in tensors] == self._places[index] and all(t.is_contiguous() for t in tensors):
+        start, end = self._ranges[index]
+        if layout.places[start:end] == self._places[index]:
             return  # every tensor lives at its place already (adopted): one comparison of the bucket
+        tensors = [layout.tensors[entry.name] for entry in layout.buckets[index].tensors]
         destinations, sources = [], []
         for destination, source in zip(self._destinations[index], tensors, strict=True):
             if not in_place(source, destination):
@@ -329,10 +342,6 @@ class Packer:
         if destinations:
             copy_all(destinations, sources)
         self.copied += len(destinations)
-
-
-def _place(tensor: torch.Tensor) -> tuple[int, torch.dtype, torch.Size]:
-    return tensor.data_ptr(), tensor.dtype, tensor.shape
 
 
 def in_place(tensor: torch.Tensor, destination: torch.Tensor) -> bool:

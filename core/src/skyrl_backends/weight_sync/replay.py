@@ -64,14 +64,15 @@ GRAPHS_ENV = "SKYRL_REPLAY_GRAPHS"
 
 def copy_options() -> dict[str, Any]:
     """How a replayed load queues its copies on a GPU (``chunks.CopyPlan``'s options): captured once
-    in a CUDA graph, the large copies spread over two streams. The copies are the same at every
+    in a CUDA graph, the large copies spread over four streams. The copies are the same at every
     update into the same memory, which is what a graph needs, and a copy launched from Python for
     each of thousands of tensors (a MoE model's experts) keeps the GPU waiting. On an H100
     (core/benchmarks/bench_apply_copy.py, docs/benchmarks.md "2026-12-06 (fourth session)") this
-    applied a 1.5B model in 1.07x the time of one copy of its bytes (a copy each from Python: 1.26x)
-    and the 2,361 tensors of a 6-layer Qwen3-30B-A3B shape in 1.35x (2.33x). ``SKYRL_REPLAY_GRAPHS=0``
-    in the engine's environment queues them one by one from Python instead."""
-    return {"streams": 2, "graph": True} if os.environ.get(GRAPHS_ENV, "1") != "0" else {}
+    applied the 2,361 tensors of a 6-layer Qwen3-30B-A3B shape in 1.16x the time of one copy of
+    their bytes (a copy each from Python: 2.54x; two streams: 1.35x) and a 1.5B model in about the
+    time of that copy. ``SKYRL_REPLAY_GRAPHS=0`` in the engine's environment queues them one by one
+    from Python instead."""
+    return {"streams": 4, "graph": True} if os.environ.get(GRAPHS_ENV, "1") != "0" else {}
 
 
 def parameters_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
