@@ -1,7 +1,8 @@
 """Draw where a colocated sync's time goes, from ``bench_weight_sync.py --json`` runs (not a test).
 
-One panel per model shape found in the files; per case (the copy floor, the warm CUDA IPC sync, the
-adopted one) a bar of the pooled median time, split into the parts the benchmark records: the
+One panel per model shape and commit found in the files; per case (the copy floor, the warm CUDA
+IPC sync, the adopted one, and where recorded the adopted one applied by a copy per tensor from
+Python, ``--apply copy_all``) a bar of the pooled median time, split into the parts the benchmark records: the
 trainer's pack (plan and write) and request JSON, the engine's parse of it, its receive (open,
 view) and apply, and the rest (the pipe both ways, the processes' wake-ups, the reply). The
 parts are medians of each run's median, pooled by their median, so they add up to the total only
@@ -19,8 +20,10 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-CASES = ("(a) device-to-device copy", "cuda_ipc (warm: buffers reused)", "cuda_ipc, adopted (nothing packed)")
-SHORT = {CASES[0]: "copy floor", CASES[1]: "CUDA IPC, warm", CASES[2]: "CUDA IPC, adopted"}
+CASES = ("(a) device-to-device copy", "cuda_ipc (warm: buffers reused)", "cuda_ipc, adopted (nothing packed)",
+         "cuda_ipc, adopted (nothing packed), copy_all apply")
+SHORT = {CASES[0]: "copy floor", CASES[1]: "CUDA IPC, warm", CASES[2]: "CUDA IPC, adopted",
+         CASES[3]: "adopted, a copy each\nfrom Python"}
 # encode and parse are recorded since the third session of 2026-12-06; older runs have neither (drawn as 0, so
 # their time stays in the rest)
 PARTS = (("pack_s", "trainer: pack"), ("encode_s", "trainer: request JSON"), ("parse_s", "engine: parse"),
@@ -55,13 +58,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_shape: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_panel: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for path in args.files:
         run = json.load(open(path))
-        by_shape[run["args"]["shape"]].append(run)
-    commits = sorted({str(r.get("commit")) for runs in by_shape.values() for r in runs})
-    fig, axes = plt.subplots(len(by_shape), 1, figsize=(8, 1.9 * len(by_shape) + 0.9), squeeze=False)
-    for ax, (shape, runs) in zip(axes[:, 0], sorted(by_shape.items()), strict=True):
+        by_panel[(run["args"]["shape"], str(run.get("commit")))].append(run)
+    commits = sorted({commit for _, commit in by_panel})
+    fig, axes = plt.subplots(len(by_panel), 1, figsize=(8, 1.9 * len(by_panel) + 0.9), squeeze=False)
+    for ax, ((shape, commit), runs) in zip(axes[:, 0], by_panel.items(), strict=True):  # in the files' order
         cases = pooled(runs)
         labels = list(cases)
         for y, case in enumerate(labels):
@@ -82,8 +85,8 @@ def main() -> None:
             ax.text(values["total"] + 0.1, y, f"{values['total']:.2f} ms", va="center", fontsize=8)
         ax.set_yticks(range(len(labels)), [SHORT[c] for c in labels], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{shape}: {runs[0]['nbytes'] / 1e9:.2f} GB, {runs[0]['ntensors']} tensors, "
-                     f"{len(runs)} calls pooled", fontsize=9)
+        ax.set_title(f"{shape} at {commit}: {runs[0]['nbytes'] / 1e9:.2f} GB, {runs[0]['ntensors']} tensors, "
+                     f"{len(runs)} runs pooled", fontsize=9)
         ax.set_xlim(0, max(v["total"] for v in cases.values()) * 1.18)
         ax.tick_params(axis="x", labelsize=8)
     axes[-1, 0].set_xlabel("milliseconds per sync (median)", fontsize=8)
