@@ -122,6 +122,15 @@ def test_a_module_with_a_state_dict_of_its_own_is_walked_every_time():
     assert model not in memo._remembered
 
 
+def test_a_module_with_a_state_dict_hook_is_walked_every_time():
+    model = Model()
+    module_tensors(model)
+    assert model in memo._remembered
+    add_state_dict_hook(model)
+    assert described(module_tensors(model)) == fresh_walk(model)
+    assert model not in memo._remembered  # forgotten: the hook may answer differently next time
+
+
 def test_the_remembered_walk_goes_with_its_module():
     gc.collect()  # earlier tests' models go first, so that only this one goes below
     model = Model()

@@ -9,7 +9,7 @@ none of them (an optimizer writes into the parameters; ``param.data = ...`` keep
 object, and the tensors are detached afresh at every call, so they show its current ``.data``).
 
 Modules whose state dict is not the plain walk (a ``state_dict``, ``_save_to_state_dict`` or
-``get_extra_state`` of their own) are walked every time.
+``get_extra_state`` of their own, or a state-dict hook) are walked every time.
 """
 
 from __future__ import annotations
@@ -55,9 +55,12 @@ class _Walk:
 
 
 def _plain_state_dict(module: _Module) -> bool:
+    # A state-dict hook may give other tensors at each call (FSDP's, say, by a setting of its own):
+    # a module with one is walked every time, as is one whose class writes its state dict itself.
     cls = type(module)
     return (cls.state_dict is _Module.state_dict and cls._save_to_state_dict is _Module._save_to_state_dict
-            and cls.get_extra_state is _Module.get_extra_state)
+            and cls.get_extra_state is _Module.get_extra_state and not module._state_dict_hooks
+            and not module._state_dict_pre_hooks)
 
 
 def _marks(modules: list[_Module]) -> list[tuple[Any, ...]]:
