@@ -215,20 +215,22 @@ class SkyRLDialect(WireDialect):
         # A weight update's layout goes in full once, then by id (layout_refs); a server that no
         # longer knows the id (it restarted) refuses it by name, before applying anything, and gets
         # the request in full again at once, under a key of its own.
-        for attempt in range(2):
-            encoded, layout_id = self._layouts.to_json(request)
-            body = {name: encoded if name == "request" else _encode_argument(name, value)
-                    for name, value in arguments.items()}
-            try:
-                event = await self.transport.call(wire.POST_OPERATIONS[method], body,
-                                                  key if attempt == 0 else f"{key}-in-full")
-            except WeightUpdateError as exc:
-                if self._layouts.refused(layout_id, exc) and attempt == 0:
-                    continue
+        encoded, layout_id = self._layouts.to_json(request)
+        try:
+            event = await self._post_request(method, arguments, encoded, key)
+        except WeightUpdateError as exc:
+            if not self._layouts.refused(layout_id, exc):
                 raise
-            self._layouts.taken(layout_id)
-            return self._result(event)
-        raise AssertionError("unreachable: the second attempt sends the layout in full")
+            encoded, layout_id = self._layouts.to_json(request)  # in full now
+            event = await self._post_request(method, arguments, encoded, f"{key}-in-full")
+        self._layouts.taken(layout_id)
+        return self._result(event)
+
+    async def _post_request(self, method: str, arguments: dict[str, Any], encoded: dict[str, Any],
+                            key: str) -> dict[str, Any]:
+        body = {name: encoded if name == "request" else _encode_argument(name, value)
+                for name, value in arguments.items()}
+        return await self.transport.call(wire.POST_OPERATIONS[method], body, key)
 
     @staticmethod
     def _result(event: dict[str, Any]) -> tuple[Any, RemoteState]:
