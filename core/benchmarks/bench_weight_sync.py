@@ -17,7 +17,7 @@ GPU mode (``--mode gpu``)::
                     so nothing is packed; vs (a) and, paired, vs the warm cuda_ipc sync
     cuda_ipc, adopted, APPLY apply: (``--apply``, default ``copy_all,fused``) the same with the
                     engine's copies queued another way than the replayed load's (a CUDA graph, the
-                    large copies on two streams, ``replay.copy_options``): ``copy_all``, a copy per
+                    large copies on four streams, ``replay.copy_options``): ``copy_all``, a copy per
                     large tensor from Python; ``fused``, one fused copy of every tensor;
                     ``streams2``/``streams4``, spread over CUDA streams; ``graph``, ``graph_streams2``,
                     ``graph_streams4``, from a CUDA graph (``chunks.CopyPlan``'s options); paired vs adopted

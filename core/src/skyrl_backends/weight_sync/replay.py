@@ -69,9 +69,9 @@ def copy_options() -> dict[str, Any]:
     each of thousands of tensors (a MoE model's experts) keeps the GPU waiting. On an H100
     (core/benchmarks/bench_apply_copy.py, docs/benchmarks.md "2026-12-06 (fourth session)") this
     applied the 2,361 tensors of a 6-layer Qwen3-30B-A3B shape in 1.16x the time of one copy of
-    their bytes (a copy each from Python: 2.54x; two streams: 1.35x) and a 1.5B model in about the
-    time of that copy. ``SKYRL_REPLAY_GRAPHS=0`` in the engine's environment queues them one by one
-    from Python instead."""
+    their bytes (a copy each from Python: 2.38x; two streams: 1.35x) and a 1.5B model in 1.03x
+    (1.26x). ``SKYRL_REPLAY_GRAPHS=0`` in the engine's environment queues them one by one from
+    Python instead."""
     return {"streams": 4, "graph": True} if os.environ.get(GRAPHS_ENV, "1") != "0" else {}
 
 
