@@ -58,6 +58,17 @@ def test_dtype_for_mapping_converts_only_named_tensors():
     assert dtypes["embed.weight"] == "float16" and dtypes["layer.0.weight"] == "float32" and dtypes["step"] == "int64"
 
 
+def test_dtype_for_mapping_takes_dtypes_or_their_names_and_names_a_bad_one():
+    sd = _state_dict()
+    layout = plan(sd, dtype_for={"embed.weight": torch.bfloat16, "layer.0.weight": "float16", "nothing": "float32"})
+    dtypes = dict(zip(layout.names, layout.dtypes, strict=True))
+    assert dtypes == {"embed.weight": "bfloat16", "layer.0.weight": "float16", "layer.0.bias": "float32",
+                      "layer.1.weight": "float32", "big.weight": "float32", "step": "int64"}
+    with pytest.raises(WeightUpdateError) as info:
+        plan(sd, dtype_for={"embed.weight": "float64x"})
+    assert "float64x" in info.value.problems["dtype"]
+
+
 def test_bad_bucket_size_and_dtype_are_rejected():
     with pytest.raises(WeightUpdateError, match="bucket_bytes"):
         plan_buckets([("a", "float32", (2,))], 0)

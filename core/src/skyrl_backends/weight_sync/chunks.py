@@ -140,6 +140,17 @@ def _checked_layout(layout: PackPlan) -> WeightUpdateRequest:
     return last[1]
 
 
+def _dtype_names(dtype_for: Mapping[str, Any]) -> Mapping[str, str]:
+    """A ``dtype_for`` mapping as dtype names, each value checked as :func:`to_torch_dtype` checks it:
+    the distinct values once, not a conversion per name (a MoE model maps thousands of names)."""
+    values = set(dtype_for.values())
+    for value in values:
+        to_torch_dtype(value)
+    if all(isinstance(value, str) for value in values):
+        return dtype_for
+    return {name: value if isinstance(value, str) else _dtype_name(value) for name, value in dtype_for.items()}
+
+
 def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor = None) -> PackPlan:
     pairs = named_tensors(weights)
     # Comprehensions, not one loop of appends, and each tensor's attributes read once: a MoE model
@@ -148,6 +159,9 @@ def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: 
     names = [name for name, _ in pairs]
     if dtype_for is None:
         dtypes = [_dtype_name(place[1]) for place in places]
+    elif isinstance(dtype_for, Mapping):  # sync_weights' default: the engine's dtype of each name
+        by_name = _dtype_names(dtype_for)
+        dtypes = [by_name.get(name) or _dtype_name(place[1]) for name, place in zip(names, places, strict=True)]
     else:
         target = resolve_dtype_for(dtype_for)
         dtypes = [_dtype_name(target(name, tensor)) for name, tensor in pairs]
