@@ -56,6 +56,9 @@
 #   rl-step:ENGINE            examples/rl_demo/benchmarks/bench_step.py (issue 23, P8): the demo's colocated
 #                             step through skyrl vs the same step on ENGINE's own calls, that model, trainer
 #                             on the GPU -> $OUT/ENGINE-rl-step-HHMMSS.json (RL_STEP_ARGS adds options)
+#   bundle                    every result in $OUT so far (all but logs and earlier bundles) into one
+#                             $OUT/results-HHMMSS.tgz, the files removed: a call of many steps then
+#                             brings all of them back within the device tool's 8 files (make it last)
 #
 # ENGINE is vllm or sglang (the builds of ../shared/gpu/stage.py); engine steps unpack the staged
 # parts once into /tmp/ENGINEsite. Nothing is installed: the project runs from its source folders, and
@@ -290,8 +293,20 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
             python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_step.py \
             --backend "$engine" --model "$RL_MODEL" --trainer-device cuda --engine-option gpu_memory_utilization=0.3 \
             ${RL_STEP_ARGS:-} --json "$OUT/$engine-rl-step-$(date -u +%H%M%S).json" ;;
+        bundle) bundle_results ;;
         *) log "unknown step $name"; return 2 ;;
     esac
+}
+
+bundle_results() {  # $OUT's results but logs and bundles -> one $OUT/results-HHMMSS.tgz
+    local files archive
+    mapfile -t files < <(cd "$OUT" && find . -mindepth 1 -maxdepth 3 -type f ! -name '*.log' ! -name log \
+        ! -name 'results-*.tgz' -printf '%P\n' | sort)
+    if [ ${#files[@]} -eq 0 ]; then log "bundle: no results to bundle"; return 0; fi
+    archive="results-$(date -u +%H%M%S).tgz"
+    [ -e "$OUT/$archive" ] && archive="results-$(date -u +%H%M%S)-${#files[@]}-$RANDOM.tgz"  # one a second
+    tar -czf "$OUT/$archive" -C "$OUT" "${files[@]}" && (cd "$OUT" && rm -f "${files[@]}") || return 1
+    log "bundled ${#files[@]} result(s) into $archive: ${files[*]}"
 }
 
 main() {

@@ -69,6 +69,28 @@ def test_run_script_is_valid_bash_and_rejects_an_unknown_step(tmp_path: Path) ->
     assert "unknown step no-such-step" in (tmp_path / "log").read_text()
 
 
+def test_bundle_packs_every_result_but_the_logs_into_one_archive(tmp_path: Path) -> None:
+    import tarfile
+
+    (tmp_path / "consistency").mkdir()
+    results = {"colocated-081020.json": "{}", "vllm-weight-sync-081706.json": "[1]", "consistency/vllm-gpu-bf16.json": "2"}
+    for name, text in results.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "call-3.log").write_text("a call's own log")
+    result = subprocess.run(["bash", str(SCRIPTS / "run_on_gpu.sh"), "bundle"], cwd=REPO,
+                            env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    archives = sorted(tmp_path.glob("results-*.tgz"))
+    assert len(archives) == 1
+    with tarfile.open(archives[0]) as archive:
+        assert {m.name: archive.extractfile(m).read().decode() for m in archive.getmembers() if m.isfile()} == results
+    assert not any((tmp_path / name).exists() for name in results)
+    assert (tmp_path / "call-3.log").exists() and "bundled 3 result(s)" in (tmp_path / "log").read_text()
+    again = subprocess.run(["bash", str(SCRIPTS / "run_on_gpu.sh"), "bundle"], cwd=REPO,
+                           env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True)
+    assert again.returncode == 0 and len(list(tmp_path.glob("results-*.tgz"))) == 1  # nothing new: no second
+
+
 def test_random_model_for_the_rl_step_has_the_tokenizers_vocabulary(tmp_path: Path) -> None:
     """`run_on_gpu.sh rl-model`'s model (one layer here): the demo's digits must be ids the model can
     say, so its vocabulary is the test tokenizer's, its embeddings tied as in the shape."""
