@@ -73,7 +73,8 @@ def test_bundle_packs_every_result_but_the_logs_into_one_archive(tmp_path: Path)
     import tarfile
 
     (tmp_path / "consistency").mkdir()
-    results = {"colocated-081020.json": "{}", "vllm-weight-sync-081706.json": "[1]", "consistency/vllm-gpu-bf16.json": "2"}
+    results = {"colocated-081020.json": "{}", "vllm-weight-sync-081706.json": "[1]",
+               "consistency/vllm-gpu-bf16.json": "2"}
     for name, text in results.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "call-3.log").write_text("a call's own log")
