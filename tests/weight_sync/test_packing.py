@@ -126,6 +126,23 @@ def test_copy_plan_on_a_cpu_ignores_streams_and_graph_and_copies_every_run():
         CopyPlan(destinations, sources, streams=0)
 
 
+def test_copy_plan_whose_graph_cannot_be_captured_queues_its_copies_from_python(caplog):
+    # On this CPU build a CUDA graph cannot even be made: the capture fails as one would on a GPU
+    # that refuses it, and the copies must still all happen, now and at every later run.
+    sources = [torch.randn(300), torch.randn(3)]
+    destinations = [torch.zeros(300), torch.zeros(3)]
+    copies = CopyPlan(destinations, sources, alone_bytes=64)
+    copies.graph, copies.device = True, None  # as a GPU plan would be
+    with caplog.at_level("WARNING"):
+        copies.run()
+    assert "could not be captured in a CUDA graph" in caplog.text and not copies.graph
+    assert all(torch.equal(d, s) for d, s in zip(destinations, sources, strict=True))
+    for source in sources:
+        source.add_(1)
+    copies.run()
+    assert all(torch.equal(d, s) for d, s in zip(destinations, sources, strict=True))
+
+
 def test_parse_buckets_accepts_a_consistent_payload():
     [(manifest, raw)] = parse_buckets(_request([_good_bucket()]))
     assert [e.name for e in manifest.tensors] == ["a", "b"] and manifest.nbytes == 268

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync.delivery import dtype_name as _dtype_name
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, PLAN_FIELD, BucketManifest, plan_json, planned_once
 from skyrl_backends.weight_sync.module_tensors import module_tensors
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB
 DtypeFor = None | str | torch.dtype | Mapping[str, Any] | Callable[[str, torch.Tensor], Any]
@@ -235,14 +238,26 @@ class CopyPlan:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     def run(self) -> None:
-        if not self.graph:
-            self._queue()
-            return
+        if self.graph and self._graph is None:
+            self._capture()
         if self._graph is None:
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.device(self.device), torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+            self._queue()
+        else:
+            self._graph.replay()
+
+    def _capture(self) -> None:
+        # A capture only records (nothing runs), so a capture that fails leaves every copy to do: the
+        # plan then queues them from Python, now and from then on, rather than failing the update.
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._queue()
-        self._graph.replay()
+        except RuntimeError as exc:
+            logger.warning("skyrl: %d weight copies could not be captured in a CUDA graph (%s); they are queued "
+                           "from Python instead", len(self.alone) + len(self.fused_destinations), exc)
+            self.graph = False
+            return
+        self._graph = graph
 
     def _queue(self) -> None:
         if len(self.lanes) > 1:
