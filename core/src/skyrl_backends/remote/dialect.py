@@ -210,26 +210,24 @@ class SkyRLDialect(WireDialect):
     async def call(self, method: str, arguments: dict[str, Any], key: str) -> tuple[Any, RemoteState]:
         request = arguments.get("request")
         if self._layouts is None or not isinstance(request, WeightUpdateRequest):
-            body = {name: _encode_argument(name, value) for name, value in arguments.items()}
-            return self._result(await self.transport.call(wire.POST_OPERATIONS[method], body, key))
+            return self._result(await self._post(method, arguments, key))
         # A weight update's layout goes in full once, then by id (layout_refs); a server that no
         # longer knows the id (it restarted) refuses it by name, before applying anything, and gets
         # the request in full again at once, under a key of its own.
         encoded, layout_id = self._layouts.to_json(request)
         try:
-            event = await self._post_request(method, arguments, encoded, key)
+            event = await self._post(method, {**arguments, "request": encoded}, key)
         except WeightUpdateError as exc:
             if not self._layouts.refused(layout_id, exc):
                 raise
             encoded, layout_id = self._layouts.to_json(request)  # in full now
-            event = await self._post_request(method, arguments, encoded, f"{key}-in-full")
+            event = await self._post(method, {**arguments, "request": encoded}, f"{key}-in-full")
         self._layouts.taken(layout_id)
         return self._result(event)
 
-    async def _post_request(self, method: str, arguments: dict[str, Any], encoded: dict[str, Any],
-                            key: str) -> dict[str, Any]:
-        body = {name: encoded if name == "request" else _encode_argument(name, value)
-                for name, value in arguments.items()}
+    async def _post(self, method: str, arguments: dict[str, Any], key: str) -> dict[str, Any]:
+        """The call's arguments as JSON (a request encoded already passes as it is), posted."""
+        body = {name: _encode_argument(name, value) for name, value in arguments.items()}
         return await self.transport.call(wire.POST_OPERATIONS[method], body, key)
 
     @staticmethod

@@ -317,8 +317,9 @@ class Packer:
     on a GPU. The returned dicts are shared between updates: read them, do not change them.
 
     A tensor that already lives at its place in the buffers (a trainer whose parameters were adopted
-    by the sender, :func:`adopt`) is not copied: packing such a model costs a pointer comparison per
-    tensor. ``copied`` counts the tensors the last :meth:`pack` did copy."""
+    by the sender, :func:`adopt`) is not copied: packing such a model costs one comparison of each
+    bucket's :attr:`PackPlan.places` with its destinations'. ``copied`` counts the tensors the last
+    :meth:`pack` did copy."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
@@ -360,23 +361,18 @@ class Packer:
         """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`), but for those
         already in place."""
         start, end = self._ranges[index]
-        if layout.places[start:end] == self._places[index]:
+        places, wanted = layout.places[start:end], self._places[index]
+        if places == wanted:
             return  # every tensor lives at its place already (adopted): one comparison of the bucket
-        tensors = [layout.tensors[entry.name] for entry in layout.buckets[index].tensors]
         destinations, sources = [], []
-        for destination, source in zip(self._destinations[index], tensors, strict=True):
-            if not in_place(source, destination):
+        for destination, entry, place, want in zip(self._destinations[index], layout.buckets[index].tensors, places,
+                                                   wanted, strict=True):
+            if place != want:  # not the destination's very bytes: address, dtype, shape, contiguous
                 destinations.append(destination)
-                sources.append(source)
+                sources.append(layout.tensors[entry.name])
         if destinations:
             copy_all(destinations, sources)
         self.copied += len(destinations)
-
-
-def in_place(tensor: torch.Tensor, destination: torch.Tensor) -> bool:
-    """Whether ``tensor`` is ``destination``'s very bytes: same address, dtype and shape, contiguous."""
-    return (tensor.data_ptr() == destination.data_ptr() and tensor.dtype == destination.dtype
-            and tensor.shape == destination.shape and tensor.is_contiguous())
 
 
 def adopt(weights: Weights, buffers: list[torch.Tensor], layout: PackPlan, packer: Packer) -> dict[str, torch.Tensor]:

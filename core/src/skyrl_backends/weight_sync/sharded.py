@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from skyrl_backends.errors import WeightUpdateError
-from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync import broadcast, cuda_ipc, shared_memory
 from skyrl_backends.weight_sync.chunks import PackPlan, copy_all, plan, view
 from skyrl_backends.weight_sync.engines import (
@@ -344,7 +343,7 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
         if strategy == shared_memory.STRATEGY:
             direct = same_machine
             buffers = sender.allocate(layout)
-            request = _request(layout, strategy, sender.payload(layout), check_finite)
+            request = layout.request(strategy, sender.payload(layout), check_finite)
             await validate_all(engines, request)
             ranks.publish("plan", _plan_message(layout, "segments" if direct else "gather", sender.segment_names))
             published = True
@@ -353,16 +352,16 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
         elif strategy == cuda_ipc.STRATEGY:
             buffers = sender.allocate(layout)
             buckets = layout.bucket_sizes()
-            await validate_all(engines, _request(layout, strategy, layout.payload(buckets), check_finite))
+            await validate_all(engines, layout.request(strategy, layout.payload(buckets), check_finite))
             ranks.publish("plan", _plan_message(layout, "gather", []))
             published = True
             await asyncio.to_thread(_gather_all, assembler, buffers, sender.device)
-            request = _request(layout, strategy, sender.share(layout, buckets), check_finite)
+            request = layout.request(strategy, sender.share(layout, buckets), check_finite)
             versions = versions_of(engines, await apply_all(engines, request))
         else:
             direct = same_machine and sender.device.type == "cpu"
             ring = sender.ring(layout, shared=direct)
-            request = _request(layout, strategy, sender.payload(layout), check_finite)
+            request = layout.request(strategy, sender.payload(layout), check_finite)
             # Every engine takes part in every broadcast: all validate before the first byte moves.
             await validate_all(engines, request)
             ranks.publish("plan", _plan_message(layout, "ring" if direct else "gather",
@@ -381,10 +380,6 @@ async def _send(targets: Any, model: ShardedModel, strategy: str, bucket_bytes: 
             sender.close()
     ranks.publish("result", {"versions": versions})
     return versions
-
-
-def _request(layout: PackPlan, strategy: str, payload: Any, check_finite: bool) -> WeightUpdateRequest:
-    return layout.request(strategy, payload, check_finite)
 
 
 def _fill_segments(assembler: Assembler, buffers: list[torch.Tensor], direct: bool) -> None:
