@@ -5,8 +5,9 @@ An engine that received a packed update holds each tensor as a view into a bucke
 into its own parameter. The replayed load (``skyrl_backends.weight_sync.replay``) and the GPU
 benchmark's engine process queued those copies as one ``torch._foreach_copy_`` until
 ``chunks.copy_all`` split them by size; on an H100 that fused apply took 3.0 ms against a 2.2 ms
-copy of the same bytes in one piece. This times, in turns, for
-the parameters of a Qwen2.5 shape (or a Qwen3 MoE one, ``qwen3-30b-a3b-6l``: 2,361 tensors) in separate allocations (as an engine holds them):
+copy of the same bytes in one piece. This times, in turns, for the parameters of a Qwen2.5 shape
+(or a Qwen3 MoE one, ``qwen3-30b-a3b-6l``: 2,361 tensors) in separate allocations (as an engine
+holds them):
 
     floor      one copy of all the bytes between two buffers (nothing per tensor)
     foreach    ``torch._foreach_copy_`` over every (parameter, view) pair
@@ -16,7 +17,7 @@ the parameters of a Qwen2.5 shape (or a Qwen3 MoE one, ``qwen3-30b-a3b-6l``: 2,3
     plan       the same copies as a ``chunks.CopyPlan`` made once, run from Python
     streamsN   that plan with its large copies spread over N CUDA streams (GPU only)
     graph      that plan captured once in a CUDA graph and replayed (GPU only)
-    graph_streamsN  both: the graph of the plan on N streams (GPU only; N=2: the replayed load's way)
+    graph_streamsN  both: the graph of the plan on N streams (GPU only; N=4: the replayed load's way)
 
 Printed: the median milliseconds of each, and each against the floor and against ``foreach``
 (medians; paired, the median of the rounds' ratios).
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_weight_sync import MOE_SHAPES, SHAPES, hardware, paired, sync, tensor_specs  # noqa: E402
+from bench_weight_sync import APPLY_WAYS, MOE_SHAPES, SHAPES, hardware, paired, sync, tensor_specs  # noqa: E402
 from skyrl_backends.testing.provenance import measured_commit  # noqa: E402
 from skyrl_backends.weight_sync.chunks import COPY_ALONE_BYTES, CopyPlan, copy_all, plan, unpack  # noqa: E402
 
@@ -85,12 +86,9 @@ def cases(destinations: list[torch.Tensor], origins: list[torch.Tensor], storage
 
     ways = {"floor": floor, "foreach": foreach, "per_tensor": per_tensor, "split": split,
             "plan": CopyPlan(destinations, origins, split_bytes).run}
-    if storage.is_cuda:  # the ways a GPU queues the plan's copies (CopyPlan's options)
-        ways.update({"streams2": CopyPlan(destinations, origins, split_bytes, streams=2).run,
-                     "streams4": CopyPlan(destinations, origins, split_bytes, streams=4).run,
-                     "graph": CopyPlan(destinations, origins, split_bytes, graph=True).run,
-                     "graph_streams2": CopyPlan(destinations, origins, split_bytes, streams=2, graph=True).run,
-                     "graph_streams4": CopyPlan(destinations, origins, split_bytes, streams=4, graph=True).run})
+    if storage.is_cuda:  # the ways a GPU queues the plan's copies (CopyPlan's options), as the sync benchmark's
+        ways.update({name: CopyPlan(destinations, origins, split_bytes, **options).run
+                     for name, options in APPLY_WAYS.items() if name.startswith(("streams", "graph"))})
     return ways
 
 

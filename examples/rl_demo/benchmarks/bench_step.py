@@ -174,12 +174,22 @@ def table(pairs: list[dict[str, dict[str, Any]]]) -> list[str]:
     for key in (*PHASES, "step_s"):
         if key not in pairs[0]["skyrl"] or key not in pairs[0]["own"]:
             continue
-        ours = [p["skyrl"][key] for p in pairs]
-        theirs = [p["own"][key] for p in pairs]
-        medians = statistics.median(ours) / statistics.median(theirs)
+        ours, theirs = sides(pairs, key)
+        medians, paired_ratio = ratios(pairs, key)
         lines.append(f"{key.removesuffix('_s'):<16}{statistics.median(ours) * 1e3:>10.1f}"
-                     f"{statistics.median(theirs) * 1e3:>10.1f}{medians:>22.3f}{paired(ours, theirs):>10.3f}")
+                     f"{statistics.median(theirs) * 1e3:>10.1f}{medians:>22.3f}{paired_ratio:>10.3f}")
     return lines
+
+
+def sides(pairs: list[dict[str, dict[str, Any]]], key: str) -> tuple[list[float], list[float]]:
+    """``key``'s times through skyrl and through the engine's own calls, pair by pair."""
+    return [p["skyrl"][key] for p in pairs], [p["own"][key] for p in pairs]
+
+
+def ratios(pairs: list[dict[str, dict[str, Any]]], key: str) -> tuple[float, float]:
+    """skyrl / own for ``key``: the ratio of the medians, and the median of each pair's ratio."""
+    ours, theirs = sides(pairs, key)
+    return statistics.median(ours) / statistics.median(theirs), paired(ours, theirs)
 
 
 def learning(rows: list[dict[str, Any]]) -> str:
@@ -219,9 +229,8 @@ def pool(paths: list[str]) -> None:
     for run, own in zip(runs, per_call, strict=True):
         step = ""
         if own:
-            ours, theirs = [p["skyrl"]["step_s"] for p in own], [p["own"]["step_s"] for p in own]
-            step = (f"step {statistics.median(ours) / statistics.median(theirs):.3f} (medians), "
-                    f"{paired(ours, theirs):.3f} (paired); ")
+            medians, paired_ratio = ratios(own, "step_s")
+            step = f"step {medians:.3f} (medians), {paired_ratio:.3f} (paired); "
         print(f"  {run['date']}: {step}{learning(run['rows'])}")
 
 
