@@ -21,6 +21,10 @@ GPU mode (``--mode gpu``)::
                     large tensor from Python; ``fused``, one fused copy of every tensor;
                     ``streams2``/``streams4``, spread over CUDA streams; ``graph``, ``graph_streams2``,
                     ``graph_streams4``, from a CUDA graph (``chunks.CopyPlan``'s options); paired vs adopted
+    cuda_ipc, adopted module: the same weights as the parameters of a module (nested submodules by
+                    name, parameters that require grad, as a trainer holds them), adopted and synced as
+                    the module (its state-dict walk remembered, the detached tensors checked): what
+                    ``sync_weights(engines, model, sender=...)`` plans at every step; paired vs adopted
     broadcast/nccl  vs (c) raw NCCL broadcast of the same tensors   [engine process on GPU 1; needs 2 GPUs]
 
 (CPU mode has the same adopted case over shared memory.) Every ratio is printed twice: of the medians,
@@ -146,6 +150,21 @@ def random_weights(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -
     g = torch.Generator(device=device).manual_seed(seed)
     return {name: torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype)
             for name, s in tensor_specs(shape)}
+
+
+def as_module(weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose state dict is ``weights``: a submodule per dotted prefix, each tensor a parameter
+    (requiring grad, as a trainer's) sharing the tensor's storage."""
+    root = torch.nn.Module()
+    for name, tensor in weights.items():
+        *path, leaf = name.split(".")
+        owner = root
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, torch.nn.Module())
+            owner = owner._modules[part]
+        owner.register_parameter(leaf, torch.nn.Parameter(tensor))
+    return root
 
 
 def sync(device: str) -> None:
@@ -315,8 +334,8 @@ def copy_case(weights: dict[str, torch.Tensor], device: str, label: str) -> Case
     return Case(label, run)
 
 
-def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor], bucket_bytes: int,
-                   label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False,
+def colocated_case(engine: EngineProcess, make_sender, weights: dict[str, torch.Tensor] | torch.nn.Module,
+                   bucket_bytes: int, label: str, baseline: str, fresh_sender: bool = False, check_finite: bool = False,
                    compare: str | None = None, apply: str = "replayed") -> Case:
     """Full sync: pack into the transport's buffers, one request, engine receives and applies, ack.
     A kept sender reuses its buffers (warm); ``fresh_sender`` makes a new one every time (cold).
@@ -655,7 +674,8 @@ def main() -> None:
                         help="GPU: also sync into a real engine and compare with its own update path")
     parser.add_argument("--skip", default="",
                         help="comma-separated cases to skip: "
-                             "colocated,warm,adopted,cold,broadcast,streamed,per_tensor,raw,finite (warm: the "
+                             "colocated,warm,adopted,module,cold,broadcast,streamed,per_tensor,raw,finite "
+                             "(module: not run without warm; warm: the "
                              "packing sender's cases and their engine; with it skipped the adopted sender holds the "
                              "weights themselves, so a 7B model fits an 80 GB GPU)")
     parser.add_argument("--apply", default="copy_all,fused",
@@ -720,6 +740,17 @@ def main() -> None:
                 adopted_label = f"{warm.split()[0]}, adopted (nothing packed)"
                 cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes, adopted_label,
                                             copy_label, compare=None if "warm" in skip else warm))
+                if "module" not in skip and "warm" not in skip:
+                    # Its own engine and sender, as above; the module's parameters start as the weights'
+                    # copies and move into that sender's buckets.
+                    module_engine = EngineProcess(args.shape, args.dtype, device, args.threads)
+                    engines.append(module_engine)
+                    module_adopter = make()
+                    model = as_module({name: tensor.clone() for name, tensor in weights.items()})
+                    module_adopter.adopt(model, args.bucket_bytes)
+                    cases.append(colocated_case(module_engine, lambda: module_adopter, model, args.bucket_bytes,
+                                                f"{warm.split()[0]}, adopted module (nothing packed)", copy_label,
+                                                compare=adopted_label))
                 # The same sync applied other ways: "fused" as before copy_all split its copies by
                 # size (one fused copy), the others as CopyPlan's options queue them.
                 for apply in args.apply:

@@ -28,13 +28,15 @@ class Model(torch.nn.Module):
         self.head = torch.nn.Linear(4, 8, bias=False)
 
 
-def fresh_walk(module: torch.nn.Module) -> list[tuple[str, int, tuple[int, ...], torch.dtype]]:
-    return [(name, t.data_ptr(), tuple(t.shape), t.dtype)
-            for name, t in without_tied_aliases(module, module.state_dict())]
+Described = list[tuple[str, int, tuple[int, ...], tuple[int, ...], torch.dtype]]
 
 
-def described(pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, int, tuple[int, ...], torch.dtype]]:
-    return [(name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in pairs]
+def fresh_walk(module: torch.nn.Module) -> Described:
+    return described(without_tied_aliases(module, module.state_dict()))
+
+
+def described(pairs: list[tuple[str, torch.Tensor]]) -> Described:
+    return [(name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for name, t in pairs]
 
 
 def change_data(m: Model) -> None:
@@ -43,6 +45,23 @@ def change_data(m: Model) -> None:
 
 def change_shape(m: Model) -> None:
     m.head.weight.data = torch.randn(3, 4)
+
+
+# The same bytes seen otherwise: a detached tensor kept from the last call would still point at them.
+def view_in_another_shape(m: Model) -> None:
+    m.head.weight.data = m.head.weight.data.view(4, 8)
+
+
+def transpose(m: Model) -> None:
+    m.blocks[0].proj.weight.data = m.blocks[0].proj.weight.data.t()
+
+
+def reinterpret_dtype(m: Model) -> None:
+    m.blocks[0].scale.data = m.blocks[0].scale.data.view(torch.int32)  # a buffer: no grad to refuse it
+
+
+def narrow(m: Model) -> None:
+    m.blocks[1].norm.weight.data = m.blocks[1].norm.weight.data[1:]
 
 
 def replace_parameter(m: Model) -> None:
@@ -81,7 +100,8 @@ def add_state_dict_hook(m: Model) -> None:
     m.blocks[1]._register_state_dict_hook(drop_scales)
 
 
-@pytest.mark.parametrize("change", [change_data, change_shape, replace_parameter, delete_parameter, add_buffer,
+@pytest.mark.parametrize("change", [change_data, change_shape, view_in_another_shape, transpose, reinterpret_dtype,
+                                    narrow, replace_parameter, delete_parameter, add_buffer,
                                     make_buffer_non_persistent, replace_submodule, append_submodule,
                                     tie_head_to_embedding, add_state_dict_hook])
 def test_a_change_to_the_modules_tensors_shows_at_the_next_call(change):
@@ -93,6 +113,19 @@ def test_a_change_to_the_modules_tensors_shows_at_the_next_call(change):
     change(model)
     assert described(module_tensors(model)) == fresh_walk(model)
     assert described(module_tensors(model)) != described(first)
+
+
+def test_the_detached_tensors_are_kept_while_they_still_are_their_parameters_data():
+    model = Model()
+    first = dict(module_tensors(model))
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)  # training writes in place: nothing to detach again
+    again = dict(module_tensors(model))
+    assert all(again[name] is first[name] for name in first)
+    change_data(model)
+    after = dict(module_tensors(model))
+    assert after["blocks.0.proj.weight"] is not first["blocks.0.proj.weight"]
+    assert after["blocks.0.proj.weight"].data_ptr() == model.blocks[0].proj.weight.data_ptr()
 
 
 def test_the_tensors_are_detached_views_of_the_parameters_not_copies():

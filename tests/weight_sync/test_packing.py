@@ -309,3 +309,22 @@ def test_a_planned_payload_refuses_a_negative_dimension_by_name():
     with pytest.raises(WeightUpdateError) as info:
         parse_buckets(request)
     assert "non-negative" in info.value.problems[request.names[0]]
+
+
+@pytest.mark.parametrize("weights, named", [({"a": torch.ones(2), 7: torch.ones(2)}, "7"),
+                                            ([("a", torch.ones(2)), ("b", [1.0, 2.0])], "b"),
+                                            ([("a", torch.ones(2)), ("b", torch.ones(2), "extra")], "('b'"),
+                                            ([("a", torch.ones(2)), "bc"], "bc")])
+def test_weights_that_are_not_named_tensors_are_refused_by_the_first_offender(weights, named):
+    with pytest.raises(WeightUpdateError) as refused:
+        plan(weights)
+    assert any(key.startswith(named) for key in refused.value.problems), refused.value.problems
+
+
+def test_tensors_needing_grad_are_detached_and_the_others_passed_as_they_are():
+    kept, trained = torch.ones(3), torch.nn.Parameter(torch.ones(2))
+    layout = plan({"kept": kept, "trained": trained})
+    assert layout.tensors["kept"] is kept
+    assert not layout.tensors["trained"].requires_grad
+    assert layout.tensors["trained"].data_ptr() == trained.data_ptr()
+    assert plan([]).names == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,16 +49,42 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     pairs. Tensors are referenced, not copied; those that require grad are detached."""
     if isinstance(weights, torch.nn.Module):
         return module_tensors(weights)
-    items: Iterable[tuple[str, Any]] = weights.items() if isinstance(weights, Mapping) else weights
-    pairs = []
-    for name, tensor in items:
+    names, tensors = _named_columns(weights)
+    return list(zip(names, tensors, strict=True))
+
+
+def _named_columns(weights: Weights) -> tuple[list[str], list[torch.Tensor]]:
+    """:func:`named_tensors` as two lists, names and tensors, checked and detached by C-level loops
+    (``map``) rather than a Python loop per tensor: a sync runs this over every tensor at every step."""
+    if isinstance(weights, torch.nn.Module):
+        pairs: Any = module_tensors(weights)  # checked and detached already
+        return [name for name, _ in pairs], [tensor for _, tensor in pairs]
+    pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+    try:
+        names, tensors = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [])
+    except (TypeError, ValueError):
+        names = tensors = []  # not all pairs: the check below names the first that is not
+    if len(names) != len(pairs) or not all(map(isinstance, names, itertools.repeat(str))) or not all(
+            map(isinstance, tensors, itertools.repeat(torch.Tensor))):
+        _raise_first_unnamed(pairs)
+    if any(map(_REQUIRES_GRAD, tensors)):
+        # A tensor that needs no grad is passed as it is: the same object at every sync of the same
+        # weights, which is what lets a sender see that an adopted tensor is still in place cheaply.
+        tensors = [tensor.detach() if tensor.requires_grad else tensor for tensor in tensors]
+    return names, tensors
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+
+
+def _raise_first_unnamed(pairs: list[Any]) -> None:
+    for pair in pairs:
+        name, tensor = pair if isinstance(pair, tuple | list) and len(pair) == 2 else (pair, None)
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise WeightUpdateError({str(name): f"expected (str, torch.Tensor), got ({type(name).__name__}, "
                                                 f"{type(tensor).__name__})"})
-        # A tensor that needs no grad is passed as it is: the same object at every sync of the same
-        # weights, which is what lets a sender see that an adopted tensor is still in place cheaply.
-        pairs.append((name, tensor.detach() if tensor.requires_grad else tensor))
-    return pairs
 
 
 def resolve_dtype_for(dtype_for: DtypeFor) -> Callable[[str, torch.Tensor], torch.dtype]:
@@ -155,22 +182,24 @@ def _dtype_names(dtype_for: Mapping[str, Any]) -> Mapping[str, str]:
 
 
 def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor = None) -> PackPlan:
-    pairs = named_tensors(weights)
-    # Comprehensions, not one loop of appends, and each tensor's attributes read once: a MoE model
-    # plans thousands of tensors at every sync.
-    places = [(tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.is_contiguous()) for _, tensor in pairs]
-    names = [name for name, _ in pairs]
+    names, tensors = _named_columns(weights)
+    # Column by column, each tensor's attributes read once by C-level loops (``map``): a sync plans
+    # every tensor at every step (thousands for a MoE model). Shapes stay ``torch.Size``, a tuple.
+    own_dtypes = list(map(_DTYPE, tensors))
+    shapes: list[Any] = list(map(_SHAPE, tensors))
+    places = list(zip(map(torch.Tensor.data_ptr, tensors), own_dtypes, shapes, map(torch.Tensor.is_contiguous, tensors),
+                      strict=True))
+    dtype_names = {dtype: _dtype_name(dtype) for dtype in set(own_dtypes)}
     if dtype_for is None:
-        dtypes = [_dtype_name(place[1]) for place in places]
+        dtypes = list(map(dtype_names.__getitem__, own_dtypes))
     elif isinstance(dtype_for, Mapping):  # sync_weights' default: the engine's dtype of each name
         by_name = _dtype_names(dtype_for)
-        dtypes = [by_name.get(name) or _dtype_name(place[1]) for name, place in zip(names, places, strict=True)]
+        dtypes = [by_name.get(name) or dtype_names[own] for name, own in zip(names, own_dtypes, strict=True)]
     else:
         target = resolve_dtype_for(dtype_for)
-        dtypes = [_dtype_name(target(name, tensor)) for name, tensor in pairs]
-    shapes = [tuple(place[2]) for place in places]
-    return PackPlan(dict(pairs), names, dtypes, shapes, planned_once(names, dtypes, shapes, bucket_bytes),
-                    bucket_bytes, places)
+        dtypes = [_dtype_name(target(name, tensor)) for name, tensor in zip(names, tensors, strict=True)]
+    return PackPlan(dict(zip(names, tensors, strict=True)), names, dtypes, shapes,
+                    planned_once(names, dtypes, shapes, bucket_bytes), bucket_bytes, places)
 
 
 def view(buffer: torch.Tensor, offset: int, dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -5,8 +5,14 @@ every submodule: 1.5 ms of Python for a 28-layer model on a CI core, more than t
 on a GPU. What the walk returns depends only on each submodule's registered parameters, buffers and
 children (by identity), its non-persistent buffer names and its state-dict hooks; :func:`module_tensors`
 remembers those beside the result and walks again only when one of them changed. Training changes
-none of them (an optimizer writes into the parameters; ``param.data = ...`` keeps the parameter
-object, and the tensors are detached afresh at every call, so they show its current ``.data``).
+none of them (an optimizer writes into the parameters). ``param.data = ...`` keeps the parameter
+object but gives it other data: the detached tensors handed out are kept too, and each is handed out
+again only while it still is its parameter's data (same storage, offset, shape, strides and dtype),
+else all are detached afresh.
+
+Both checks run as C-level loops over flat lists (``map``), not Python loops per module or tensor:
+for a 28-layer model they take a tenth of the walk's time, and detaching 338 tensors anew cost more
+than checking them.
 
 Modules whose state dict is not the plain walk (a ``state_dict``, ``_save_to_state_dict`` or
 ``get_extra_state`` of their own, or a state-dict hook) are walked every time.
@@ -14,6 +20,8 @@ Modules whose state dict is not the plain walk (a ``state_dict``, ``_save_to_sta
 
 from __future__ import annotations
 
+import itertools
+import operator
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -36,7 +44,7 @@ def module_tensors(module: _Module) -> list[tuple[str, torch.Tensor]]:
             _remembered[module] = walk
         else:
             _remembered.pop(module, None)
-    return [(name, tensor.detach()) for name, tensor in walk.pairs]
+    return walk.detached()
 
 
 class _Walk:
@@ -49,9 +57,37 @@ class _Walk:
         self.submodules = submodules[1:]  # not the root: the entry must not keep its key alive
         self.marks = _marks(submodules)
         self._alive = [v for m in submodules for v in (*m._parameters.values(), *m._buffers.values())]
+        self._tensors = [tensor for _, tensor in self.pairs]
+        self._detached: list[tuple[str, torch.Tensor]] = []
+        self._dtypes: list[torch.dtype] = []
 
     def still_describes(self, module: _Module) -> bool:
         return _marks([module, *self.submodules]) == self.marks
+
+    def detached(self) -> list[tuple[str, torch.Tensor]]:
+        """The pairs with each tensor detached: those of the last call while every tensor still is
+        its live tensor's data (``is_set_to``: storage, offset, shape, strides; and the dtype, which
+        ``is_set_to`` does not compare), else detached afresh."""
+        dtypes = list(map(_DTYPE, self._tensors))
+        kept = self._detached
+        if not kept or dtypes != self._dtypes or not _all_set_to(_second(kept), self._tensors):
+            kept = self._detached = [(name, tensor.detach()) for name, tensor in self.pairs]
+            self._dtypes = dtypes
+        return list(kept)
+
+
+def _all_set_to(tensors: Iterable[torch.Tensor], others: list[torch.Tensor]) -> bool:
+    try:
+        return all(map(torch.Tensor.is_set_to, tensors, others))
+    except (NotImplementedError, RuntimeError):  # a tensor kind without the op (meta, some subclasses)
+        return False
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _second(pairs: list[tuple[str, torch.Tensor]]) -> Iterable[torch.Tensor]:
+    return map(operator.itemgetter(1), pairs)
 
 
 def _plain_state_dict(module: _Module) -> bool:
@@ -63,14 +99,27 @@ def _plain_state_dict(module: _Module) -> bool:
             and not module._state_dict_pre_hooks)
 
 
+_STATE = operator.attrgetter("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                            "_state_dict_hooks", "_state_dict_pre_hooks")
+
+
 def _marks(modules: list[_Module]) -> list[tuple[Any, ...]]:
-    # Per module, one flat tuple: the names and then the ids of its parameters, of its buffers, of
-    # its children (None between the groups), its non-persistent buffers' names and its number of
-    # state-dict hooks. Ids, not the objects: comparing tensors with == would compare their values;
-    # the walk keeps every object it marked alive, so an id cannot be taken by a newer object.
-    return [(*m._parameters, *map(id, m._parameters.values()), None, *m._buffers, *map(id, m._buffers.values()),
-             None, *m._modules, *map(id, m._modules.values()), None, *m._non_persistent_buffers_set,
-             len(m._state_dict_hooks) + len(m._state_dict_pre_hooks)) for m in modules]
+    # Everything the walk read, as flat tuples over all modules in order: per kind (parameters,
+    # buffers, children), each module's count, then every name, then every object's id; each module's
+    # non-persistent buffer names (count, names) and its number of state-dict hooks. Ids, not the
+    # objects: comparing tensors with == would compare their values; the walk keeps every object it
+    # marked alive, so an id cannot be taken by a newer object. The counts keep module boundaries:
+    # a parameter moved to the next module changes them. Built by map and chain (no Python loop per
+    # module): this runs at every sync.
+    parameters, buffers, children, non_persistent, hooks, pre_hooks = zip(*map(_STATE, modules), strict=True) \
+        if modules else ((),) * 6
+    marks: list[tuple[Any, ...]] = []
+    for dicts in (parameters, buffers, children):
+        marks += [tuple(map(len, dicts)), tuple(itertools.chain.from_iterable(dicts)),
+                  tuple(map(id, itertools.chain.from_iterable(map(dict.values, dicts))))]
+    marks += [tuple(map(len, non_persistent)), tuple(itertools.chain.from_iterable(non_persistent)),
+              tuple(map(len, hooks)), tuple(map(len, pre_hooks))]
+    return marks
 
 
 def without_tied_aliases(module: _Module, state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
