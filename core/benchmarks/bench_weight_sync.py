@@ -675,9 +675,9 @@ def main() -> None:
     parser.add_argument("--skip", default="",
                         help="comma-separated cases to skip: "
                              "colocated,warm,adopted,module,cold,broadcast,streamed,per_tensor,raw,finite "
-                             "(module: not run without warm; warm: the "
+                             "(warm: the "
                              "packing sender's cases and their engine; with it skipped the adopted sender holds the "
-                             "weights themselves, so a 7B model fits an 80 GB GPU)")
+                             "weights themselves, so a 7B model fits an 80 GB GPU with module skipped too)")
     parser.add_argument("--apply", default="copy_all,fused",
                         help="comma-separated ways for the adopted sync's engine to apply besides the replayed "
                              f"load's, each a case of its own: {', '.join(w for w in APPLY_WAYS if w != 'replayed')} "
@@ -740,7 +740,7 @@ def main() -> None:
                 adopted_label = f"{warm.split()[0]}, adopted (nothing packed)"
                 cases.append(colocated_case(adopting, lambda: adopter, adopted, args.bucket_bytes, adopted_label,
                                             copy_label, compare=None if "warm" in skip else warm))
-                if "module" not in skip and "warm" not in skip:
+                if "module" not in skip:
                     # Its own engine and sender, as above; the module's parameters start as the weights'
                     # copies and move into that sender's buckets.
                     module_engine = EngineProcess(args.shape, args.dtype, device, args.threads)
