@@ -675,9 +675,8 @@ def main() -> None:
     parser.add_argument("--skip", default="",
                         help="comma-separated cases to skip: "
                              "colocated,warm,adopted,module,cold,broadcast,streamed,per_tensor,raw,finite "
-                             "(warm: the "
-                             "packing sender's cases and their engine; with it skipped the adopted sender holds the "
-                             "weights themselves, so a 7B model fits an 80 GB GPU with module skipped too)")
+                             "(warm: the packing sender's cases and their engine; with it skipped the adopted sender "
+                             "holds the weights themselves, so a 7B model fits an 80 GB GPU with module skipped too)")
     parser.add_argument("--apply", default="copy_all,fused",
                         help="comma-separated ways for the adopted sync's engine to apply besides the replayed "
                              f"load's, each a case of its own: {', '.join(w for w in APPLY_WAYS if w != 'replayed')} "

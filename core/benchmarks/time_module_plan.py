@@ -45,7 +45,8 @@ def parts(shape: str, device: str) -> dict[str, float]:
                        for name, size in tensor_specs(shape)})
     named_tensors(model)
     walk = memo._remembered[model]
-    tensors = [tensor for _, tensor in walk.pairs]
+    # The walk's live tensors (older commits kept them as pairs).
+    tensors = walk.tensors if hasattr(walk, "tensors") else [tensor for _, tensor in walk.pairs]
     detached = [tensor.detach() for tensor in tensors]
     rows = {
         "tensors": len(tensors),

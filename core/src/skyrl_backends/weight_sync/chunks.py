@@ -22,7 +22,7 @@ from skyrl_backends.errors import ConfigError, WeightUpdateError
 from skyrl_backends.types import WeightUpdateRequest
 from skyrl_backends.weight_sync.delivery import dtype_name as _dtype_name
 from skyrl_backends.weight_sync.manifest import DTYPE_ITEMSIZE, PLAN_FIELD, BucketManifest, plan_json, planned_once
-from skyrl_backends.weight_sync.module_tensors import module_tensors
+from skyrl_backends.weight_sync.module_tensors import module_columns, module_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,16 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     pairs. Tensors are referenced, not copied; those that require grad are detached."""
     if isinstance(weights, torch.nn.Module):
         return module_tensors(weights)
-    names, tensors = _named_columns(weights)
+    names, tensors = named_columns(weights)
     return list(zip(names, tensors, strict=True))
 
 
-def _named_columns(weights: Weights) -> tuple[list[str], list[torch.Tensor]]:
+def named_columns(weights: Weights) -> tuple[list[str], list[torch.Tensor]]:
     """:func:`named_tensors` as two lists, names and tensors, checked and detached by C-level loops
-    (``map``) rather than a Python loop per tensor: a sync runs this over every tensor at every step."""
+    (``map``) rather than a Python loop per tensor: a sync runs this over every tensor at every step.
+    :func:`plan_named` plans them without checking them again."""
     if isinstance(weights, torch.nn.Module):
-        pairs: Any = module_tensors(weights)  # checked and detached already
-        return [name for name, _ in pairs], [tensor for _, tensor in pairs]
+        return module_columns(weights)
     pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
     try:
         names, tensors = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [])
@@ -182,7 +182,12 @@ def _dtype_names(dtype_for: Mapping[str, Any]) -> Mapping[str, str]:
 
 
 def plan(weights: Weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype_for: DtypeFor = None) -> PackPlan:
-    names, tensors = _named_columns(weights)
+    return plan_named(*named_columns(weights), bucket_bytes, dtype_for)
+
+
+def plan_named(names: list[str], tensors: list[torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+               dtype_for: DtypeFor = None) -> PackPlan:
+    """:func:`plan` of the columns :func:`named_columns` gave (checked and detached there, not again)."""
     # Column by column, each tensor's attributes read once by C-level loops (``map``): a sync plans
     # every tensor at every step (thousands for a MoE model). Shapes stay ``torch.Size``, a tuple.
     own_dtypes = list(map(_DTYPE, tensors))

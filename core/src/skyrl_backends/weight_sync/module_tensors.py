@@ -38,6 +38,13 @@ _remembered: weakref.WeakKeyDictionary[_Module, _Walk] = weakref.WeakKeyDictiona
 def module_tensors(module: _Module) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of ``module``'s state dict (parameters and persistent buffers), a tensor
     tied under several names once, under its first; detached, not copied."""
+    names, tensors = module_columns(module)
+    return list(zip(names, tensors, strict=True))
+
+
+def module_columns(module: _Module) -> tuple[list[str], list[torch.Tensor]]:
+    """:func:`module_tensors` as two new lists, the names and the detached tensors (what a plan reads
+    column by column, without splitting pairs at every sync)."""
     walk = _remembered.get(module)
     if walk is None or not walk.still_describes(module):
         walk = _Walk(module)
@@ -45,39 +52,39 @@ def module_tensors(module: _Module) -> list[tuple[str, torch.Tensor]]:
             _remembered[module] = walk
         else:
             _remembered.pop(module, None)
-    return walk.detached()
+    return list(walk.names), walk.detached()
 
 
 class _Walk:
     """One walk of a module: the state dict's live tensors, and the marks of everything it read."""
 
     def __init__(self, module: _Module) -> None:
-        self.pairs = without_tied_aliases(module, module.state_dict(keep_vars=True))
+        pairs = without_tied_aliases(module, module.state_dict(keep_vars=True))
+        self.names = [name for name, _ in pairs]
+        self.tensors = [tensor for _, tensor in pairs]
         submodules = list(module.modules())
         self.memorable = all(_plain_state_dict(m) for m in submodules)
         self.submodules = submodules[1:]  # not the root: the entry must not keep its key alive
         self.marks = _marks(submodules)
         self._alive = [v for m in submodules for v in (*m._parameters.values(), *m._buffers.values())]
-        self._tensors = [tensor for _, tensor in self.pairs]
-        self._detached: list[tuple[str, torch.Tensor]] = []
-        self._dtypes: list[torch.dtype] = []
+        self._detached: list[torch.Tensor] = []  # handed out last, in the order of ``tensors``
+        self._dtypes: list[torch.dtype] = []  # the tensors' dtypes when they were detached
 
     def still_describes(self, module: _Module) -> bool:
         return _marks([module, *self.submodules]) == self.marks
 
-    def detached(self) -> list[tuple[str, torch.Tensor]]:
-        """The pairs with each tensor detached: those of the last call while every tensor still is
-        its live tensor's data (``is_set_to``: storage, offset, shape, strides; and the dtype, which
-        ``is_set_to`` does not compare), else detached afresh."""
-        dtypes = list(map(_DTYPE, self._tensors))
-        kept = self._detached
-        if not kept or dtypes != self._dtypes or not _all_set_to(_second(kept), self._tensors):
-            kept = self._detached = [(name, tensor.detach()) for name, tensor in self.pairs]
+    def detached(self) -> list[torch.Tensor]:
+        """Each tensor detached: those of the last call while every one still is its live tensor's
+        data (``is_set_to``: storage, offset, shape, strides; and the dtype, which ``is_set_to`` does
+        not compare), else detached afresh. A new list."""
+        dtypes = list(map(_DTYPE, self.tensors))
+        if not self._detached or dtypes != self._dtypes or not _all_set_to(self._detached, self.tensors):
+            self._detached = [tensor.detach() for tensor in self.tensors]
             self._dtypes = dtypes
-        return list(kept)
+        return list(self._detached)
 
 
-def _all_set_to(tensors: Iterable[torch.Tensor], others: list[torch.Tensor]) -> bool:
+def _all_set_to(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> bool:
     try:
         return all(map(torch.Tensor.is_set_to, tensors, others))
     except (NotImplementedError, RuntimeError):  # a tensor kind without the op (meta, some subclasses)
@@ -85,10 +92,6 @@ def _all_set_to(tensors: Iterable[torch.Tensor], others: list[torch.Tensor]) -> 
 
 
 _DTYPE = operator.attrgetter("dtype")
-
-
-def _second(pairs: list[tuple[str, torch.Tensor]]) -> Iterable[torch.Tensor]:
-    return map(operator.itemgetter(1), pairs)
 
 
 def _plain_state_dict(module: _Module) -> bool:

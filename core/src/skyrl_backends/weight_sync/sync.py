@@ -27,7 +27,14 @@ from skyrl_backends.capabilities import receives_packed_broadcast
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.protocols import Engine
 from skyrl_backends.weight_sync import broadcast, sharded, shared_memory
-from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, PackPlan, Weights, named_tensors, plan
+from skyrl_backends.weight_sync.chunks import (
+    DEFAULT_BUCKET_BYTES,
+    DtypeFor,
+    PackPlan,
+    Weights,
+    named_columns,
+    plan_named,
+)
 from skyrl_backends.weight_sync.engines import (
     BASE_WEIGHTS,
     ENGINE_DTYPES,
@@ -152,7 +159,8 @@ async def sync_weights(targets: Targets | None, weights: Weights, strategy: str 
     broadcast sender), the others may pass None. Every rank returns the same versions or raises the
     same error; ranks that call differently fail at once, and a rank that does not call makes the
     others fail after ``timeout_s`` (:mod:`skyrl_backends.weight_sync.sharded`)."""
-    pairs = named_tensors(weights)
+    names, tensors = named_columns(weights)  # checked once: the plan below takes them as they are
+    pairs = list(zip(names, tensors, strict=True))
     if group is not None or sharded.is_sharded(pairs):
         return await sharded.sync_sharded(targets, pairs, strategy, bucket_bytes=bucket_bytes, dtype_for=dtype_for,
                                           sender=sender, group=group, timeout_s=timeout_s,
@@ -164,7 +172,7 @@ async def sync_weights(targets: Targets | None, weights: Weights, strategy: str 
         _note_sender_made_per_sync(strategy)
     if dtype_for == ENGINE_DTYPES:
         dtype_for = await engine_dtypes(engines)
-    layout = plan(pairs, bucket_bytes, dtype_for)
+    layout = plan_named(names, tensors, bucket_bytes, dtype_for)
     return versions_of(engines, await deliver(engines, layout, strategy, sender, BASE_WEIGHTS,
                                               check_finite=check_finite))
 
