@@ -83,6 +83,35 @@ def test_adopted_mappings_are_synced_through_the_returned_views():
         assert sender.copied == 2 and torch.equal(got["a"], views["a"])
 
 
+def test_an_adopted_tensor_viewed_otherwise_in_place_is_refused_by_name_and_nothing_is_written():
+    weights = {"a": torch.arange(16.0).reshape(4, 4), "b": torch.arange(4.0)}
+    with SharedMemorySender() as sender:
+        views = sender.adopt(weights, bucket_bytes=256)
+        views["b"].add_(1)  # trained in place: still adopted
+        views["a"].t_()  # same address, dtype and shape; no longer contiguous
+        replaced = {**views, "b": torch.full((4,), 7.0)}  # left the buckets: would be copied
+        layout = plan(replaced, 256)
+        with pytest.raises(WeightUpdateError) as info:
+            sender.write(layout)
+        assert set(info.value.problems) == {"a"} and "adopt" in info.value.problems["a"]
+        # Refused before any copy: the adopted tensors (and the buckets they live in) are as they were.
+        assert torch.equal(views["a"], torch.arange(16.0).reshape(4, 4).t())
+        assert torch.equal(views["b"], torch.arange(4.0) + 1)
+        views["a"].t_()
+        got = _sync(sender, views, bucket_bytes=256)  # viewed as adopted again: synced, nothing copied
+        assert sender.copied == 0 and torch.equal(got["a"], torch.arange(16.0).reshape(4, 4))
+
+
+def test_adopted_tensors_synced_in_another_order_are_refused():
+    weights = {"a": torch.zeros(8), "b": torch.ones(8)}
+    with SharedMemorySender() as sender:
+        views = sender.adopt(weights, bucket_bytes=256)
+        with pytest.raises(WeightUpdateError) as info:  # the same bucket size, the places swapped
+            sender.write(plan({"b": views["b"], "a": views["a"]}, 256))
+        assert set(info.value.problems) == {"a", "b"}
+        assert torch.equal(views["a"], torch.zeros(8)) and torch.equal(views["b"], torch.ones(8))
+
+
 def test_adopting_refuses_a_conversion_and_names_the_tensor():
     with SharedMemorySender() as sender, pytest.raises(WeightUpdateError) as info:
         sender.adopt({"a": torch.zeros(4), "b": torch.zeros(4, dtype=torch.bfloat16)}, dtype_for="bfloat16")

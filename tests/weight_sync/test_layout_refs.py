@@ -39,6 +39,22 @@ def test_a_layout_is_sent_in_full_until_taken_then_by_id_and_rebuilt_the_same():
     assert other_id != layout_id and other["names"] == ["a", "c"]
 
 
+def test_the_same_lists_changed_in_place_are_a_new_layout_and_a_layout_sent_again_keeps_its_id():
+    sent = SentLayouts()
+    request = _request()
+    first, layout_id = sent.to_json(request)
+    sent.taken(layout_id)
+    assert sent.to_json(request)[1] == layout_id
+    request.names[1] = "c"  # the very lists the last request named, changed since
+    changed, changed_id = sent.to_json(request)
+    assert changed_id != layout_id and changed["names"] == ["a", "c"]
+    sent.taken(changed_id)
+    again, again_id = sent.to_json(_request())  # the first layout once more: known, taken, by id
+    assert again_id == layout_id and "names" not in again
+    request.shapes[0] = (3, 2)
+    assert sent.to_json(request)[0]["shapes"] == [[3, 2], [2, 3]]
+
+
 def test_an_id_the_receiver_does_not_keep_is_refused_by_name_and_sent_in_full_again():
     sent = SentLayouts()
     body, layout_id = sent.to_json(_request())

@@ -259,6 +259,7 @@ def test_the_owners_of_a_model_are_every_parameter_and_buffer_of_every_submodule
     model.head = torch.nn.Linear(HIDDEN, 2)
     model.head.weight = model.body.o_proj  # tied: one parameter under two names
     model.again = model.body  # one module under two names
+    model.body.add_module("outer", model)  # a module inside itself
     model.register_module("empty", None)  # a None submodule, and below a None parameter and buffer
     model.body.register_parameter("none", None)
     model.body.register_buffer("nothing", None)
@@ -266,3 +267,17 @@ def test_the_owners_of_a_model_are_every_parameter_and_buffer_of_every_submodule
     expected = {id(t) for t in [*model.parameters(), *model.buffers()]}
     owners = parameters_and_buffers(model)
     assert {id(t) for t in owners} == expected and len(expected) == 6
+
+
+def test_the_owners_are_found_in_registrations_kept_in_mappings_that_are_not_dicts() -> None:
+    import collections
+
+    from skyrl_backends.weight_sync.replay import parameters_and_buffers
+
+    model = torch.nn.Module()
+    model.head = torch.nn.Linear(HIDDEN, 2)
+    model.head.register_buffer("scale", torch.ones(2))
+    # A framework may keep a module's registrations in a mapping of its own (no dict subclass).
+    object.__setattr__(model.head, "_buffers", collections.UserDict(model.head._buffers))
+    expected = {id(model.head.weight), id(model.head.bias), id(model.head._buffers["scale"])}
+    assert {id(t) for t in parameters_and_buffers(model)} == expected

@@ -9,6 +9,7 @@ IPC handle, one shared-memory segment or one collective moves many tensors at on
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import operator
@@ -59,14 +60,19 @@ def named_columns(weights: Weights) -> tuple[list[str], list[torch.Tensor]]:
     :func:`plan_named` plans them without checking them again."""
     if isinstance(weights, torch.nn.Module):
         return module_columns(weights)
-    pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
-    try:
-        names, tensors = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [])
-    except (TypeError, ValueError):
-        names = tensors = []  # not all pairs: the check below names the first that is not
-    if len(names) != len(pairs) or not all(map(isinstance, names, itertools.repeat(str))) or not all(
+    if isinstance(weights, Mapping):  # its keys and values are the columns: no pair is built
+        names, tensors = list(weights), list(weights.values())
+        unpaired = False
+    else:
+        pairs = list(weights)
+        try:
+            names, tensors = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [])
+        except (TypeError, ValueError):
+            names = tensors = []  # not all pairs: the check below names the first that is not
+        unpaired = len(names) != len(pairs)
+    if unpaired or not all(map(isinstance, names, itertools.repeat(str))) or not all(
             map(isinstance, tensors, itertools.repeat(torch.Tensor))):
-        _raise_first_unnamed(pairs)
+        _raise_first_unnamed(list(weights.items()) if isinstance(weights, Mapping) else pairs)
     if any(map(_REQUIRES_GRAD, tensors)):
         # A tensor that needs no grad is passed as it is: the same object at every sync of the same
         # weights, which is what lets a sender see that an adopted tensor is still in place cheaply.
@@ -123,16 +129,23 @@ class WeightChunk:
 class PackPlan:
     """Everything a sender needs before moving bytes: the tensors, their target dtypes, the buckets."""
 
-    tensors: dict[str, torch.Tensor]
+    sources: list[torch.Tensor]  # the tensors, by the order of ``names``
     names: list[str]
     dtypes: list[str]
     shapes: list[tuple[int, ...]]
     buckets: list[BucketManifest]
     bucket_bytes: int  # what planned ``buckets`` (plan_buckets, default alignment)
-    # Where each tensor is, by the order of ``names``: address, dtype, shape, contiguous. Read once
-    # here, with the dtypes and shapes, so that a sender sees in one comparison per bucket that an
-    # adopted model's tensors are all in place.
-    places: list[tuple[int, torch.dtype, torch.Size, bool]]
+    # Where each tensor is, by the order of ``names`` (with ``shapes``): its address, its own dtype and
+    # whether it is contiguous. Read once here, column by column, so that a sender sees in a few
+    # list comparisons per bucket that an adopted model's tensors are all in place.
+    addresses: list[int]
+    own_dtypes: list[torch.dtype]
+    contiguous: list[bool]
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors by name (built when first asked: an adopted model's sync never needs it)."""
+        return dict(zip(self.names, self.sources, strict=True))
 
     def bucket_sizes(self) -> list[dict[str, Any]]:
         """Each bucket's JSON in a planned payload before the strategy adds its fields: its size."""
@@ -192,8 +205,8 @@ def plan_named(names: list[str], tensors: list[torch.Tensor], bucket_bytes: int 
     # every tensor at every step (thousands for a MoE model). Shapes stay ``torch.Size``, a tuple.
     own_dtypes = list(map(_DTYPE, tensors))
     shapes: list[Any] = list(map(_SHAPE, tensors))
-    places = list(zip(map(torch.Tensor.data_ptr, tensors), own_dtypes, shapes, map(torch.Tensor.is_contiguous, tensors),
-                      strict=True))
+    addresses = list(map(torch.Tensor.data_ptr, tensors))
+    contiguous = list(map(torch.Tensor.is_contiguous, tensors))
     dtype_names = {dtype: _dtype_name(dtype) for dtype in set(own_dtypes)}
     if dtype_for is None:
         dtypes = list(map(dtype_names.__getitem__, own_dtypes))
@@ -203,8 +216,8 @@ def plan_named(names: list[str], tensors: list[torch.Tensor], bucket_bytes: int 
     else:
         target = resolve_dtype_for(dtype_for)
         dtypes = [_dtype_name(target(name, tensor)) for name, tensor in zip(names, tensors, strict=True)]
-    return PackPlan(dict(zip(names, tensors, strict=True)), names, dtypes, shapes,
-                    planned_once(names, dtypes, shapes, bucket_bytes), bucket_bytes, places)
+    return PackPlan(tensors, names, dtypes, shapes, planned_once(names, dtypes, shapes, bucket_bytes), bucket_bytes,
+                    addresses, own_dtypes, contiguous)
 
 
 def view(buffer: torch.Tensor, offset: int, dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -351,24 +364,30 @@ class Packer:
     on a GPU. The returned dicts are shared between updates: read them, do not change them.
 
     A tensor that already lives at its place in the buffers (a trainer whose parameters were adopted
-    by the sender, :func:`adopt`) is not copied: packing such a model costs one comparison of each
-    bucket's :attr:`PackPlan.places` with its destinations'. ``copied`` counts the tensors the last
-    :meth:`pack` did copy."""
+    by the sender, :func:`adopt`) is not copied: packing such a model costs a comparison of each
+    bucket's columns of :class:`PackPlan` (addresses, own dtypes, shapes) with its destinations'.
+    ``copied`` counts the tensors the last :meth:`pack` did copy."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._destinations: list[list[torch.Tensor]] = []
-        self._places: list[list[tuple[int, torch.dtype, torch.Size, bool]]] = []  # as PackPlan.places
+        # Each bucket's destinations as PackPlan's columns: addresses, dtypes, shapes.
+        self._wanted: list[tuple[list[int], list[torch.dtype], list[torch.Size]]] = []
         self._ranges: list[tuple[int, int]] = []  # each bucket's tensors in the layout's order
         self._json: list[dict[str, Any]] = []
         self.copied = 0
 
     def pack(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
-        """Pack every bucket of ``layout`` into its buffer; returns the buckets' JSON (as :meth:`prepare`)."""
+        """Pack every bucket of ``layout`` into its buffer; returns the buckets' JSON (as :meth:`prepare`).
+        Refused before anything is copied if a tensor to copy lives in ``buffers`` (see
+        :func:`_refuse_sources_in`)."""
         self.prepare(buffers, layout)
+        copies = [self._copies(index, layout) for index in range(len(layout.buckets))]
+        if any(positions for _, _, positions in copies):
+            _refuse_sources_in(buffers, layout, [at for _, _, positions in copies for at in positions])
         self.copied = 0
-        for index in range(len(layout.buckets)):
-            self.pack_bucket(index, layout)
+        for destinations, sources, _ in copies:
+            self._copy(destinations, sources)
         return self._json
 
     def prepare(self, buffers: list[torch.Tensor], layout: PackPlan) -> list[dict[str, Any]]:
@@ -378,8 +397,8 @@ class Packer:
         if key != self._key:
             self._destinations = [[view(buffer, e.offset, e.dtype, e.shape) for e in manifest.tensors]
                                   for buffer, manifest in zip(buffers, layout.buckets, strict=True)]
-            self._places = [[(d.data_ptr(), d.dtype, d.shape, True) for d in destinations]
-                            for destinations in self._destinations]
+            self._wanted = [([d.data_ptr() for d in destinations], [d.dtype for d in destinations],
+                             [d.shape for d in destinations]) for destinations in self._destinations]
             # Buckets hold consecutive tensors of the layout's order: bucket i is names[start:end].
             starts = list(itertools.accumulate((len(m.tensors) for m in layout.buckets), initial=0))
             self._ranges = list(itertools.pairwise(starts))
@@ -394,19 +413,52 @@ class Packer:
     def pack_bucket(self, index: int, layout: PackPlan) -> None:
         """Copy bucket ``index``'s tensors into its buffer (after :meth:`prepare`), but for those
         already in place."""
+        destinations, sources, _ = self._copies(index, layout)
+        self._copy(destinations, sources)
+
+    def _copies(self, index: int, layout: PackPlan) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """The copies bucket ``index`` needs: destinations, sources and the sources' positions in the
+        layout (none if every tensor is in place)."""
         start, end = self._ranges[index]
-        places, wanted = layout.places[start:end], self._places[index]
-        if places == wanted:
-            return  # every tensor lives at its place already (adopted): one comparison of the bucket
-        destinations, sources = [], []
-        for destination, entry, place, want in zip(self._destinations[index], layout.buckets[index].tensors, places,
-                                                   wanted, strict=True):
-            if place != want:  # not the destination's very bytes: address, dtype, shape, contiguous
+        addresses, dtypes, shapes = self._wanted[index]
+        # Column by column (C-level list comparisons, no tuple per tensor): every tensor lives at its
+        # place already (adopted) when its address, dtype and shape are its destination's and it is
+        # contiguous.
+        if (layout.addresses[start:end] == addresses and layout.own_dtypes[start:end] == dtypes
+                and layout.shapes[start:end] == shapes and all(layout.contiguous[start:end])):
+            return [], [], []
+        destinations, sources, positions = [], [], []
+        for i, destination in enumerate(self._destinations[index]):
+            at = start + i
+            if not (layout.addresses[at] == addresses[i] and layout.own_dtypes[at] == dtypes[i]
+                    and layout.shapes[at] == shapes[i] and layout.contiguous[at]):  # not the very bytes
                 destinations.append(destination)
-                sources.append(layout.tensors[entry.name])
+                sources.append(layout.sources[at])
+                positions.append(at)
+        return destinations, sources, positions
+
+    def _copy(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         if destinations:
             copy_all(destinations, sources)
         self.copied += len(destinations)
+
+
+def _refuse_sources_in(buffers: list[torch.Tensor], layout: PackPlan, positions: list[int]) -> None:
+    """Refuse copies that read a sender's own buffers (the tensors at ``positions`` of ``layout``,
+    which are not at their places). A tensor there (an adopted tensor transposed in place, or
+    adopted tensors synced in another order of the same bucket sizes) shares its bytes with the
+    trainer's adopted tensors: writing it into the buffers would change those tensors, and could
+    read bytes another copy has just written."""
+    # By address: a tensor that starts inside a buffer is a view of it (live allocations are apart).
+    spans = [(buffer.data_ptr(), buffer.data_ptr() + buffer.numel()) for buffer in buffers if buffer.numel()]
+    problems = {layout.names[at]: (
+        "is a view of this sender's send buffers, but not its own place in this layout (its address, dtype, "
+        "shape or strides differ: transposed or reshaped in place, or synced in another order than adopted); "
+        "copying it would overwrite the trainer's adopted tensors. Sync the tensors adopt returned as they are, "
+        "or adopt the weights again into a new sender")
+        for at in positions if any(start <= layout.addresses[at] < end for start, end in spans)}
+    if problems:
+        raise WeightUpdateError(problems)
 
 
 def adopt(weights: Weights, buffers: list[torch.Tensor], layout: PackPlan, packer: Packer) -> dict[str, torch.Tensor]:

@@ -43,8 +43,10 @@ class LayoutMemo:
         last = self._last
         payload = request.payload if isinstance(request.payload, dict) else {}
         buckets = payload.get("buckets")
-        return (last is not None and isinstance(buckets, list) and list(request.names) == last.names
-                and list(request.dtypes) == last.dtypes and [tuple(s) for s in request.shapes] == last.shapes
+        # Compared as lists with no copies: a layout named by id (layout_refs) arrives as the very
+        # lists (and shape tuples) remembered here, so each element compares by identity first.
+        return (last is not None and isinstance(buckets, list) and _as_list(request.names) == last.names
+                and _as_list(request.dtypes) == last.dtypes and _as_list(request.shapes) == last.shapes
                 and payload.get(PLAN_FIELD) == last.plan and self._layout(buckets) == last.buckets)
 
     def views(self, buffers: Sequence[torch.Tensor | None]) -> Any:
@@ -57,7 +59,9 @@ class LayoutMemo:
 
     def remember(self, request: WeightUpdateRequest, buffers: Sequence[torch.Tensor | None], views: Any) -> None:
         """Called with a request that passed validation and the views made for it."""
-        self._last = _Remembered(list(request.names), list(request.dtypes), [tuple(s) for s in request.shapes],
+        # Shapes are tuples (WeightUpdateRequest makes them so): the copy keeps those very objects.
+        self._last = _Remembered(list(request.names), list(request.dtypes),
+                                 [s if type(s) is tuple else tuple(s) for s in request.shapes],
                                  request.payload.get(PLAN_FIELD), self._layout(request.payload["buckets"]),
                                  _addresses(buffers), views)
 
@@ -69,6 +73,10 @@ class LayoutMemo:
             return list(buckets)
         return [{k: v for k, v in b.items() if k not in self._volatile} if isinstance(b, dict) else b
                 for b in buckets]
+
+
+def _as_list(values: Sequence[Any]) -> list[Any]:
+    return values if isinstance(values, list) else list(values)
 
 
 def _addresses(buffers: Sequence[torch.Tensor | None]) -> list[int | None]:

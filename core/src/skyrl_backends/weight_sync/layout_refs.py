@@ -46,10 +46,18 @@ class SentLayouts:
         self._ids: OrderedDict[_Layout, str] = OrderedDict()
         self._taken: set[str] = set()
         self._remembered = remembered  # layouts this side names (a trainer has one or two)
+        # The layout sent last, as lists of its names, dtypes and shapes, and its id: a trainer sends
+        # the same layout at every step, as the very lists (PackPlan.request), which compare element
+        # by element by identity first, where a lookup would build and hash tuples of every shape.
+        self._last: tuple[list[str], list[str], list[Any], str] | None = None
 
     def to_json(self, request: WeightUpdateRequest) -> tuple[dict[str, Any], str]:
         """``request`` as JSON, by id if the receiver has taken its layout, else in full with its id;
         and the id."""
+        last = self._last
+        if (last is not None and last[3] in self._taken and _as_list(request.names) == last[0]
+                and _as_list(request.dtypes) == last[1] and _as_list(request.shapes) == last[2]):
+            return envelope_to_json(request) | {LAYOUT_FIELD: last[3]}, last[3]
         layout = (tuple(request.names), tuple(request.dtypes), tuple(request.shapes))
         layout_id = self._ids.get(layout)
         if layout_id is None:
@@ -58,6 +66,7 @@ class SentLayouts:
                 self._taken.discard(self._ids.popitem(last=False)[1])
         else:
             self._ids.move_to_end(layout)
+        self._last = (list(layout[0]), list(layout[1]), list(layout[2]), layout_id)
         if layout_id in self._taken:
             return envelope_to_json(request) | {LAYOUT_FIELD: layout_id}, layout_id
         return request_to_json(request) | {LAYOUT_FIELD: layout_id}, layout_id
@@ -73,6 +82,10 @@ class SentLayouts:
             return False
         self._taken.discard(layout_id)
         return True
+
+
+def _as_list(values: Any) -> list[Any]:
+    return values if isinstance(values, list) else list(values)
 
 
 def refused_layout(exc: BaseException) -> bool:

@@ -32,7 +32,10 @@ engine's environment turns replaying off (:func:`enabled`).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -79,21 +82,34 @@ def parameters_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     """What a model's load may write: the ``owners`` of a :class:`ReplayedLoad` of ``model``, every
     parameter and buffer of every submodule (a shared one maybe more than once).
 
-    Read at every replayed update, so it walks the modules' own dicts: ``model.parameters()`` builds
-    every parameter's dotted name on the way, five times the walk's time for a 340-tensor model
-    (0.67 against 0.11 ms on the CI's CPU), which the update would spend on names it never reads."""
-    tensors: list[torch.Tensor] = []
-    seen: set[int] = set()
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:  # a module registered under two names (or inside itself)
-            continue
-        seen.add(id(module))
-        tensors.extend(t for t in module._parameters.values() if t is not None)
-        tensors.extend(t for t in module._buffers.values() if t is not None)
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return tensors
+    Read at every replayed update, so it walks the modules' own dicts, level by level, with C-level
+    loops (``map``) over each level's dicts: ``model.parameters()`` builds every parameter's dotted
+    name on the way, which the update would spend on names it never reads, and a Python loop per
+    module with a generator per dict cost 0.3 ms for a 340-tensor model on a CI CPU."""
+    try:
+        return _walk(model, dict.values)
+    except TypeError:  # a module keeps its registrations in a mapping that is not a dict
+        return _walk(model, operator.methodcaller("values"))
+
+
+def _walk(model: torch.nn.Module, values: Callable[[Any], Iterable[Any]]) -> list[torch.Tensor]:
+    modules = [model]
+    seen = {id(model)}
+    level = [model]
+    while level:
+        # Each module once: one registered under two names (or inside itself) is seen already.
+        level = [m for m in _chain(map(values, map(_MODULES, level)))
+                 if m is not None and not (id(m) in seen or seen.add(id(m)))]
+        modules += level
+    tensors = _chain((_chain(map(values, map(_PARAMETERS, modules))), _chain(map(values, map(_BUFFERS, modules)))))
+    return list(filter(_NOT_NONE, tensors))
+
+
+_chain = itertools.chain.from_iterable
+_MODULES = operator.attrgetter("_modules")
+_PARAMETERS = operator.attrgetter("_parameters")
+_BUFFERS = operator.attrgetter("_buffers")
+_NOT_NONE = functools.partial(operator.is_not, None)
 
 
 def _storage_ptr(tensor: torch.Tensor) -> int:
