@@ -37,6 +37,7 @@ rows besides the strategy's own buffers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import socket
@@ -68,8 +69,13 @@ ROWS, WHOLE, FULL = "rows", "whole", "full"
 
 def is_sharded(pairs: Sequence[tuple[str, torch.Tensor]]) -> bool:
     """Whether any tensor is a DTensor (a model sharded across ranks)."""
+    return any_sharded([t for _, t in pairs])
+
+
+def any_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    """:func:`is_sharded` of a column of tensors, by a C-level loop (a sync asks at every step)."""
     dtensor = _dtensor_class()
-    return dtensor is not None and any(isinstance(t, dtensor) for _, t in pairs)
+    return dtensor is not None and any(map(isinstance, tensors, itertools.repeat(dtensor)))
 
 
 def _dtensor_class() -> type | None:
