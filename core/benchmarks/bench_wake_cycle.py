@@ -22,6 +22,11 @@ whole cycle, the median of each side and skyrl's time over the engine's (goal: t
 as a ratio of medians and paired (the median of each round's ratio; the two sides take turns).
 ``--json`` writes every timing with the commit, the hardware and the versions.
 
+``--swap-sync`` gives each side the other's sync (skyrl's cycle with the engine's own update, the
+engine's cycle with ``sync_weights``), to tell whether a phase after the sync is slower because of the
+sync's state (buffers it keeps open, a recorded load) or because of the calls around it: vLLM's KV
+cache has woken up to 1.8x slower in skyrl's cycle on some hosts (docs/benchmarks.md, P4).
+
     python core/benchmarks/bench_wake_cycle.py --engine vllm --shape qwen2.5-1.5b --json out.json
     python core/benchmarks/bench_wake_cycle.py pool call1/vllm-wake-cycle-*.json call2/vllm-wake-cycle-*.json
 """
@@ -133,6 +138,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             ours, close_sender = skyrl_cycle(engine, weights, level, args.bucket_bytes)
             # vLLM's sleep has emptied its prefix cache already; SGLang's update flushes it by default.
             own = own_cycle(own_calls(args.engine, engine.impl), weights, level, flush_cache=args.engine == "sglang")
+            if args.swap_sync:  # each cycle with the other's sync (see the module's docstring)
+                ours["sync"], own["sync"] = own["sync"], ours["sync"]
             sides = {"skyrl": ours, "own": own}
             rounds: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
             for i in range(args.warmup + args.repeats):
@@ -175,9 +182,12 @@ def pool(paths: list[str]) -> None:
     the medians over every round of every call, the per-call medians, and the paired ratio over all
     rounds."""
     runs = load_runs(paths, same=("commit", "engine", "engine_version", "shape", "level"))
+    if len({bool(run.get("swap_sync")) for run in runs}) > 1:  # absent: a run from before --swap-sync
+        raise SystemExit("the runs differ in swap_sync: pool runs of one setting only")
     first = runs[0]
+    swapped = ", each side with the other's sync" if first.get("swap_sync") else ""
     print(f"{first['engine']} {first['engine_version']}, {first['shape']}, sleep level {first['level']}, "
-          f"commit {first['commit']}, {len(runs)} calls; milliseconds")
+          f"commit {first['commit']}, {len(runs)} calls{swapped}; milliseconds")
     print("| phase | skyrl: median (per call) | own: median (per call) | skyrl / own: medians / paired |")
     print("| --- | --- | --- | --- |")
     for name in (*PHASES, "cycle"):
@@ -203,6 +213,8 @@ def main() -> None:
     parser.add_argument("--bucket-bytes", type=int, default=1 << 30)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     parser.add_argument("--json", help="write every timing here")
+    parser.add_argument("--swap-sync", action="store_true",
+                        help="each side syncs the other's way (skyrl's cycle with the engine's own update, and back)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_wake_cycle needs a GPU: sleep and wake are GPU memory operations")
@@ -211,7 +223,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "wake_cycle", "engine": args.engine, "engine_version": result["version"],
-                       "shape": args.shape, "level": result["level"], "commit": commit(),
+                       "shape": args.shape, "level": result["level"], "swap_sync": args.swap_sync,
+                       "commit": commit(),
                        "hardware": hardware("gpu"), "torch": torch.__version__,
                        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        "rows": rows}, f, indent=1)

@@ -66,3 +66,28 @@ def test_the_commit_of_a_checkout_is_its_head(monkeypatch, tmp_path):
     assert measured_commit(tmp_path) == head
     (tmp_path / "f").write_text("y")
     assert measured_commit(tmp_path) == f"{head}-dirty"
+
+
+def _wake_cycle_run(tmp_path: Path, name: str, **fields) -> str:
+    phases = ("sleep", "wake_weights", "sync", "wake_kv_cache", "first_token", "cycle")
+    result = {"benchmark": "wake_cycle", "engine": "vllm", "engine_version": "0.26.0", "shape": "s", "level": 2,
+              "commit": "abc1234", "rows": [{"phase": p, "skyrl": [1.0, 2.0], "own": [2.0, 2.0]} for p in phases],
+              **fields}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_wake_cycles_with_swapped_syncs_are_pooled_apart(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_wake_cycle", BENCHMARKS / "bench_wake_cycle.py")
+    wake_cycle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wake_cycle)
+    before = _wake_cycle_run(tmp_path, "before")  # written before the option existed: its own sync
+    unswapped, swapped = (_wake_cycle_run(tmp_path, name, swap_sync=value)
+                          for name, value in (("plain", False), ("swapped", True)))
+    wake_cycle.pool([before, unswapped])
+    assert "2 calls; milliseconds" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="swap_sync"):
+        wake_cycle.pool([unswapped, swapped])
+    wake_cycle.pool([swapped, swapped])
+    assert "each side with the other's sync" in capsys.readouterr().out
