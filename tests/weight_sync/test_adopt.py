@@ -102,6 +102,22 @@ def test_an_adopted_tensor_viewed_otherwise_in_place_is_refused_by_name_and_noth
         assert sender.copied == 0 and torch.equal(got["a"], torch.arange(16.0).reshape(4, 4))
 
 
+def test_a_tensor_inside_any_of_several_buffers_is_found_and_one_outside_them_is_copied():
+    weights = {name: torch.arange(16.0).reshape(4, 4) + i for i, name in enumerate("abcd")}
+    with SharedMemorySender() as sender:
+        views = sender.adopt(weights, bucket_bytes=64)  # a bucket (a segment) per tensor
+        assert len(sender.allocate(plan(views, 64))) == 4
+        for name in "abcd":  # each bucket's tensor transposed in place is found in its own buffer
+            views[name].t_()
+            with pytest.raises(WeightUpdateError) as info:
+                sender.write(plan(views, 64))
+            assert set(info.value.problems) == {name}
+            views[name].t_()
+        outside = {**views, "c": torch.full((4, 4), 5.0)}
+        got = _sync(sender, outside, bucket_bytes=64)
+        assert sender.copied == 1 and torch.equal(got["c"], torch.full((4, 4), 5.0))
+
+
 def test_adopted_tensors_synced_in_another_order_are_refused():
     weights = {"a": torch.zeros(8), "b": torch.ones(8)}
     with SharedMemorySender() as sender:

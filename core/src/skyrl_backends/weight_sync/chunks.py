@@ -8,6 +8,7 @@ IPC handle, one shared-memory segment or one collective moves many tensors at on
 
 from __future__ import annotations
 
+import bisect
 import copy
 import functools
 import itertools
@@ -450,15 +451,21 @@ def _refuse_sources_in(buffers: list[torch.Tensor], layout: PackPlan, positions:
     trainer's adopted tensors: writing it into the buffers would change those tensors, and could
     read bytes another copy has just written."""
     # By address: a tensor that starts inside a buffer is a view of it (live allocations are apart).
-    spans = [(buffer.data_ptr(), buffer.data_ptr() + buffer.numel()) for buffer in buffers if buffer.numel()]
-    problems = {layout.names[at]: (
-        "is a view of this sender's send buffers, but not its own place in this layout (its address, dtype, "
-        "shape or strides differ: transposed or reshaped in place, or synced in another order than adopted); "
-        "copying it would overwrite the trainer's adopted tensors. Sync the tensors adopt returned as they are, "
-        "or adopt the weights again into a new sender")
-        for at in positions if any(start <= layout.addresses[at] < end for start, end in spans)}
-    if problems:
-        raise WeightUpdateError(problems)
+    # A packing sender copies every tensor at every sync, so the common case (none inside) is one
+    # comparison per tensor against the buffers' overall range, and a search among them after that.
+    spans = sorted((buffer.data_ptr(), buffer.data_ptr() + buffer.numel()) for buffer in buffers if buffer.numel())
+    if not spans:
+        return
+    starts = [start for start, _ in spans]
+    low, high = starts[0], max(end for _, end in spans)
+    inside = [at for at in positions if low <= layout.addresses[at] < high
+              and layout.addresses[at] < spans[bisect.bisect_right(starts, layout.addresses[at]) - 1][1]]
+    if inside:
+        raise WeightUpdateError({layout.names[at]: (
+            "is a view of this sender's send buffers, but not its own place in this layout (its address, dtype, "
+            "shape or strides differ: transposed or reshaped in place, or synced in another order than adopted); "
+            "copying it would overwrite the trainer's adopted tensors. Sync the tensors adopt returned as they "
+            "are, or adopt the weights again into a new sender") for at in inside})
 
 
 def adopt(weights: Weights, buffers: list[torch.Tensor], layout: PackPlan, packer: Packer) -> dict[str, torch.Tensor]:
