@@ -172,3 +172,30 @@ def test_lora_adapter_from_tensors_into_engine_processes(engines, adapters, stra
                 sender.close()
 
     asyncio.run(scenario())
+
+
+def test_a_peft_models_active_adapter_is_synced_with_its_own_config(engines, adapters, model_dir, lora_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_dir)
+    _, oracle = adapters["first"]
+
+    async def scenario():
+        await sync_weights(engines, adapters["base"], "shared_memory")
+        versions = await sync_lora_adapter(engines, "from-peft-model", model)  # no config: the model's own
+        assert versions == [1] * len(engines)
+        for engine in engines:
+            assert (await _adapted(engine, "from-peft-model"))[0] == oracle
+        with pytest.raises(WeightUpdateError) as info:
+            await sync_lora_adapter(engines, "from-peft-model", _NamedAdapter(model, "missing"))
+        assert "adapter_name" in info.value.problems
+
+    asyncio.run(scenario())
+
+
+class _NamedAdapter:
+    """A PEFT model whose active adapter is ``name`` (one it does not have, to be refused by name)."""
+
+    def __init__(self, model, name: str) -> None:
+        self.peft_config, self.active_adapter = model.peft_config, name

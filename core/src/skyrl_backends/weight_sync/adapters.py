@@ -20,7 +20,7 @@ import torch
 from skyrl_backends import lora
 from skyrl_backends.errors import WeightUpdateError
 from skyrl_backends.weight_sync import sharded, shared_memory
-from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, named_tensors, plan
+from skyrl_backends.weight_sync.chunks import DEFAULT_BUCKET_BYTES, DtypeFor, named_columns, plan_named
 from skyrl_backends.weight_sync.engines import ENGINE_DTYPES, Delivery, Targets, as_list, engine_specs
 from skyrl_backends.weight_sync.sync import deliver
 
@@ -57,22 +57,22 @@ async def sync_lora_adapter(targets: Targets, lora_name: str, adapter: Adapter, 
     if not engines:
         raise WeightUpdateError({"targets": "no engine given"})
     if hasattr(adapter, "peft_config"):
-        tensors, config_of_model = adapter_of(adapter)
-        pairs = list(tensors.items())
+        by_name, config_of_model = adapter_of(adapter)
+        names, tensors = named_columns(by_name)
         config = lora.config_to_json(lora_config) if lora_config is not None else config_of_model
     else:
         if lora_config is None:
             raise WeightUpdateError({"lora_config": "give the adapter's PEFT LoraConfig (or its JSON) with its "
                                                     "tensors"})
-        pairs = named_tensors(adapter)
+        names, tensors = named_columns(adapter)  # checked once: plan_named below takes them as they are
         config = lora.config_to_json(lora_config)
-    if sharded.is_sharded(pairs):
+    if sharded.is_sharded(tensors):
         raise WeightUpdateError({"adapter": "the adapter's tensors are sharded across ranks; gather them first "
                                             "(DTensor.full_tensor() on every rank; adapters are small), then send "
                                             "from one rank"})
     if dtype_for == ENGINE_DTYPES:
-        dtype_for = lora.adapter_dtypes([name for name, _ in pairs], await engine_specs(engines))
-    layout = plan(pairs, bucket_bytes, dtype_for)
+        dtype_for = lora.adapter_dtypes(names, await engine_specs(engines))
+    layout = plan_named(names, tensors, bucket_bytes, dtype_for)
     delivery = Delivery(
         lambda engine, request: engine.validate_lora_adapter_from_tensors(lora_name, config, request),
         lambda engine, request: engine.load_lora_adapter_from_tensors(lora_name, config, request, pinned))

@@ -67,13 +67,9 @@ STRATEGIES: tuple[str, ...] = (shared_memory.STRATEGY, cuda_ipc.STRATEGY, broadc
 ROWS, WHOLE, FULL = "rows", "whole", "full"
 
 
-def is_sharded(pairs: Sequence[tuple[str, torch.Tensor]]) -> bool:
-    """Whether any tensor is a DTensor (a model sharded across ranks)."""
-    return any_sharded([t for _, t in pairs])
-
-
-def any_sharded(tensors: Sequence[torch.Tensor]) -> bool:
-    """:func:`is_sharded` of a column of tensors, by a C-level loop (a sync asks at every step)."""
+def is_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any tensor is a DTensor (a model sharded across ranks); a C-level loop, as a sync asks
+    at every step."""
     dtensor = _dtensor_class()
     return dtensor is not None and any(map(isinstance, tensors, itertools.repeat(dtensor)))
 

@@ -160,7 +160,7 @@ async def sync_weights(targets: Targets | None, weights: Weights, strategy: str 
     same error; ranks that call differently fail at once, and a rank that does not call makes the
     others fail after ``timeout_s`` (:mod:`skyrl_backends.weight_sync.sharded`)."""
     names, tensors = named_columns(weights)  # checked once: the plan below takes them as they are
-    if group is not None or sharded.any_sharded(tensors):
+    if group is not None or sharded.is_sharded(tensors):
         return await sharded.sync_sharded(targets, list(zip(names, tensors, strict=True)), strategy,
                                           bucket_bytes=bucket_bytes, dtype_for=dtype_for, sender=sender, group=group,
                                           timeout_s=timeout_s, check_finite=check_finite)
