@@ -181,3 +181,31 @@ def test_one_engine_is_not_asked_to_check_apart_and_still_refuses_a_bad_update_w
                 await engine.teardown()
 
     asyncio.run(scenario())
+
+
+def test_adopted_weights_synced_in_another_order_are_refused_and_the_engine_keeps_its_weights(model_dir):
+    """Adopted tensors live in the sender's buffers: synced under another layout of the same buffer
+    sizes (here, the names in reverse order), copying them into their new places would overwrite the
+    trainer's own tensors. The sync is refused by name before any byte moves; the trainer's tensors,
+    the engine's weights and its version stay as they were, and the adopted order syncs again."""
+    async def scenario():
+        engine = sb.create_engine("transformers", model=model_dir, dtype="float32")
+        try:
+            sender = make_sender("shared_memory")
+            views = sender.adopt(_noisy(engine, seed=1), bucket_bytes=1 << 30)  # one buffer for all
+            assert await sync_weights(engine, views, "shared_memory", sender=sender, bucket_bytes=1 << 30) == [1]
+            before = await _greedy(engine)
+            trainer_before = {name: tensor.clone() for name, tensor in views.items()}
+            with pytest.raises(WeightUpdateError) as info:
+                await sync_weights(engine, dict(reversed(views.items())), "shared_memory", sender=sender,
+                                   bucket_bytes=1 << 30)
+            assert "adopt" in next(iter(info.value.problems.values()))
+            assert all(torch.equal(views[name], trainer_before[name]) for name in views)
+            assert await _greedy(engine) == before and engine.weight_version == 1
+            assert await sync_weights(engine, views, "shared_memory", sender=sender, bucket_bytes=1 << 30) == [2]
+            assert (await _greedy(engine))[0] == before[0]
+            sender.close()
+        finally:
+            await engine.teardown()
+
+    asyncio.run(scenario())
