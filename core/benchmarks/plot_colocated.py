@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -52,19 +53,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+")
     parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--by-folder", action="store_true",
+                        help="a panel per folder too (runs of one commit on two machines, one folder each)")
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_panel: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_panel: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for path in args.files:
         run = json.load(open(path))
-        by_panel[(run["args"]["shape"], str(run.get("commit")))].append(run)
-    commits = sorted({commit for _, commit in by_panel})
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path))) if args.by_folder else ""
+        by_panel[(run["args"]["shape"], str(run.get("commit")), folder)].append(run)
+    commits = sorted({commit for _, commit, _ in by_panel})
     fig, axes = plt.subplots(len(by_panel), 1, figsize=(8, 1.9 * len(by_panel) + 0.9), squeeze=False)
-    for ax, ((shape, commit), runs) in zip(axes[:, 0], by_panel.items(), strict=True):  # in the files' order
+    for ax, ((shape, commit, folder), runs) in zip(axes[:, 0], by_panel.items(), strict=True):  # the files' order
         cases = pooled(runs)
         labels = list(cases)
         for y, case in enumerate(labels):
@@ -85,10 +89,14 @@ def main() -> None:
             ax.text(values["total"] + 0.1, y, f"{values['total']:.2f} ms", va="center", fontsize=8)
         ax.set_yticks(range(len(labels)), [SHORT[c] for c in labels], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{shape} at {commit}: {runs[0]['nbytes'] / 1e9:.2f} GB, {runs[0]['ntensors']} tensors, "
+        where = f" ({folder})" if folder else ""
+        ax.set_title(f"{shape} at {commit}{where}: {runs[0]['nbytes'] / 1e9:.2f} GB, {runs[0]['ntensors']} tensors, "
                      f"{len(runs)} runs pooled", fontsize=9)
         ax.set_xlim(0, max(v["total"] for v in cases.values()) * 1.18)
         ax.tick_params(axis="x", labelsize=8)
+    widest = max(ax.get_xlim()[1] for ax in axes[:, 0])
+    for ax in axes[:, 0]:  # one scale for every panel, so that the panels compare by eye
+        ax.set_xlim(0, widest)
     axes[-1, 0].set_xlabel("milliseconds per sync (median)", fontsize=8)
     handles, names = axes[0, 0].get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
