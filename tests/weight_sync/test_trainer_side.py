@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,36 @@ class _NamedAdapter:
 
     def __init__(self, model, name: str) -> None:
         self.peft_config, self.active_adapter = model.peft_config, name
+
+
+# A process of its own: a DTensor needs a default process group, which the test process must not keep.
+_SHARDED_ADAPTER = """
+import asyncio, os, socket
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from skyrl_backends.errors import WeightUpdateError
+from skyrl_backends.weight_sync import sync_lora_adapter
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (1,))
+adapter = {"base_model.model.layers.0.q_proj.lora_A.weight": distribute_tensor(torch.zeros(4, 8), mesh, [Shard(0)])}
+try:
+    # No engine is asked anything before the refusal: a bare object stands for one.
+    asyncio.run(sync_lora_adapter([object()], "a", adapter, {"r": 4}))
+except WeightUpdateError as exc:
+    print("refused", sorted(exc.problems), exc.problems["adapter"])
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_adapter_is_refused_before_any_engine_is_asked():
+    done = subprocess.run([sys.executable, "-c", _SHARDED_ADAPTER], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused ['adapter']" in done.stdout and "gather them first" in done.stdout
