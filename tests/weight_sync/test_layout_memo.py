@@ -28,6 +28,9 @@ def test_same_layout_in_the_same_buffers_reuses_the_views() -> None:
     again = _request(ipc="b")  # another share of the same buffers: only the volatile field differs
     assert memo.matches(again) and memo.views(buffers) is pairs
     assert memo.views([torch.zeros(512, dtype=torch.uint8)]) is None  # other buffers
+    as_tuples = WeightUpdateRequest(tuple(again.names), tuple(again.dtypes), tuple(again.shapes), again.strategy,
+                                    again.payload)
+    assert memo.matches(as_tuples)  # the same layout given as tuples (the request keeps lists)
 
 
 def test_any_change_of_layout_is_not_a_match() -> None:

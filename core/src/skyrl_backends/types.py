@@ -393,6 +393,10 @@ class WeightUpdateRequest:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
+        # Lists, whatever sequence was given: receivers compare a request's layout with a kept one as
+        # lists (layout_refs, layout_memo). A list given is kept as it is (no copy).
+        self.names = self.names if isinstance(self.names, list) else list(self.names)
+        self.dtypes = self.dtypes if isinstance(self.dtypes, list) else list(self.dtypes)
         self.shapes = [tuple(map(int, s)) for s in self.shapes]
         if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
             raise ConfigError(

@@ -43,10 +43,11 @@ class LayoutMemo:
         last = self._last
         payload = request.payload if isinstance(request.payload, dict) else {}
         buckets = payload.get("buckets")
-        # Compared as lists with no copies: a layout named by id (layout_refs) arrives as the very
-        # lists (and shape tuples) remembered here, so each element compares by identity first.
-        return (last is not None and isinstance(buckets, list) and _as_list(request.names) == last.names
-                and _as_list(request.dtypes) == last.dtypes and _as_list(request.shapes) == last.shapes
+        # Compared as lists (WeightUpdateRequest keeps them so) with no copies: a layout named by id
+        # (layout_refs) arrives as the very lists (and shape tuples) remembered here, so each element
+        # compares by identity first.
+        return (last is not None and isinstance(buckets, list) and request.names == last.names
+                and request.dtypes == last.dtypes and request.shapes == last.shapes
                 and payload.get(PLAN_FIELD) == last.plan and self._layout(buckets) == last.buckets)
 
     def views(self, buffers: Sequence[torch.Tensor | None]) -> Any:
@@ -73,10 +74,6 @@ class LayoutMemo:
             return list(buckets)
         return [{k: v for k, v in b.items() if k not in self._volatile} if isinstance(b, dict) else b
                 for b in buckets]
-
-
-def _as_list(values: Sequence[Any]) -> list[Any]:
-    return values if isinstance(values, list) else list(values)
 
 
 def _addresses(buffers: Sequence[torch.Tensor | None]) -> list[int | None]:

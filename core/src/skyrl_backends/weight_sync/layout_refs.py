@@ -55,8 +55,8 @@ class SentLayouts:
         """``request`` as JSON, by id if the receiver has taken its layout, else in full with its id;
         and the id."""
         last = self._last
-        if (last is not None and last[3] in self._taken and _as_list(request.names) == last[0]
-                and _as_list(request.dtypes) == last[1] and _as_list(request.shapes) == last[2]):
+        if (last is not None and last[3] in self._taken and request.names == last[0]
+                and request.dtypes == last[1] and request.shapes == last[2]):  # lists (WeightUpdateRequest)
             return envelope_to_json(request) | {LAYOUT_FIELD: last[3]}, last[3]
         layout = (tuple(request.names), tuple(request.dtypes), tuple(request.shapes))
         layout_id = self._ids.get(layout)
@@ -82,10 +82,6 @@ class SentLayouts:
             return False
         self._taken.discard(layout_id)
         return True
-
-
-def _as_list(values: Any) -> list[Any]:
-    return values if isinstance(values, list) else list(values)
 
 
 def refused_layout(exc: BaseException) -> bool:
