@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_weight_sync import SHAPES, hardware, qwen2_specs  # noqa: E402
+from bench_weight_sync import SHAPES, as_module, hardware, qwen2_specs  # noqa: E402
 from skyrl_backends.testing.provenance import measured_commit  # noqa: E402
 from skyrl_backends.types import WeightUpdateRequest  # noqa: E402
 from skyrl_backends.weight_sync import (  # noqa: E402
@@ -55,17 +55,8 @@ STEPS = ("named_tensors(module)", "plan", "write", "request", "to JSON and back"
 
 def small_model(shape: str) -> torch.nn.Module:
     """A module with the shape's parameter names, each at most 8 elements a side."""
-    model = torch.nn.Module()
-    for name, dims in qwen2_specs(shape):
-        *path, leaf = name.split(".")
-        module = model
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, torch.nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros(tuple(min(d, 8) for d in dims),
-                                                                       dtype=torch.bfloat16)))
-    return model
+    return as_module({name: torch.zeros(tuple(min(d, 8) for d in dims), dtype=torch.bfloat16)
+                      for name, dims in qwen2_specs(shape)})
 
 
 def one_update(model: torch.nn.Module, sender: SharedMemorySender, params: dict[str, torch.Tensor],
