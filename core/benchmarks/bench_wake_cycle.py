@@ -22,10 +22,11 @@ whole cycle, the median of each side and skyrl's time over the engine's (goal: t
 as a ratio of medians and paired (the median of each round's ratio; the two sides take turns).
 ``--json`` writes every timing with the commit, the hardware and the versions.
 
-``--swap-sync`` gives each side the other's sync (skyrl's cycle with the engine's own update, the
-engine's cycle with ``sync_weights``), to tell whether a phase after the sync is slower because of the
-sync's state (buffers it keeps open, a recorded load) or because of the calls around it: vLLM's KV
-cache has woken up to 1.8x slower in skyrl's cycle on some hosts (docs/benchmarks.md, P4).
+``--kv-wake-delay-ms MS`` waits MS (not timed) before the KV cache wakes, on both sides. On some
+H100 hosts vLLM's KV-cache wake ends about 100 ms after the sleep began whatever ran in between, so
+skyrl's cycle, whose sync is the shorter, waits longer in that phase (docs/benchmarks.md, P4): with
+a delay that makes both sides reach the wake that late, the two wakes should take alike if the wait
+is the time since the sleep, and not if it is state that skyrl's sync leaves behind.
 
     python core/benchmarks/bench_wake_cycle.py --engine vllm --shape qwen2.5-1.5b --json out.json
     python core/benchmarks/bench_wake_cycle.py pool call1/vllm-wake-cycle-*.json call2/vllm-wake-cycle-*.json
@@ -61,6 +62,7 @@ from engine_own_calls import OwnCalls, own_calls  # noqa: E402
 from pool_generate import load as load_runs  # noqa: E402  (one setting per pool)
 
 PHASES = ("sleep", "wake_weights", "sync", "wake_kv_cache", "first_token")
+UNTIL_KV_AWAKE = "sleep start to KV cache awake"  # a derived row of the pooled table
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 Phase = Callable[[], Awaitable[Any]]
 
@@ -109,10 +111,13 @@ def own_cycle(own: OwnCalls, weights: dict[str, torch.Tensor], level: int, flush
     }
 
 
-async def run_cycle(phases: dict[str, Phase]) -> dict[str, float]:
-    """One cycle, each phase timed to the end of its GPU work."""
+async def run_cycle(phases: dict[str, Phase], kv_wake_delay_s: float = 0.0) -> dict[str, float]:
+    """One cycle, each phase timed to the end of its GPU work; ``kv_wake_delay_s`` is waited, untimed,
+    before the KV cache wakes (``--kv-wake-delay-ms``)."""
     times = {}
     for name in PHASES:
+        if name == "wake_kv_cache" and kv_wake_delay_s:
+            await asyncio.sleep(kv_wake_delay_s)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         await phases[name]()
@@ -138,14 +143,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             ours, close_sender = skyrl_cycle(engine, weights, level, args.bucket_bytes)
             # vLLM's sleep has emptied its prefix cache already; SGLang's update flushes it by default.
             own = own_cycle(own_calls(args.engine, engine.impl), weights, level, flush_cache=args.engine == "sglang")
-            if args.swap_sync:  # each cycle with the other's sync (see the module's docstring)
-                ours["sync"], own["sync"] = own["sync"], ours["sync"]
             sides = {"skyrl": ours, "own": own}
             rounds: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
             for i in range(args.warmup + args.repeats):
                 order = list(sides) if i % 2 == 0 else list(reversed(sides))  # alternate who goes first
                 for side in order:
-                    times = await run_cycle(sides[side])
+                    times = await run_cycle(sides[side], args.kv_wake_delay_ms / 1e3)
                     if i >= args.warmup:
                         rounds[side].append(times)
                 print(f"round {i + 1}/{args.warmup + args.repeats}"
@@ -182,16 +185,17 @@ def pool(paths: list[str]) -> None:
     the medians over every round of every call, the per-call medians, and the paired ratio over all
     rounds."""
     runs = load_runs(paths, same=("commit", "engine", "engine_version", "shape", "level"))
-    if len({bool(run.get("swap_sync")) for run in runs}) > 1:  # absent: a run from before --swap-sync
-        raise SystemExit("the runs differ in swap_sync: pool runs of one setting only")
+    if len({run.get("kv_wake_delay_ms", 0) for run in runs}) > 1:  # absent: a run from before the option
+        raise SystemExit("the runs differ in kv_wake_delay_ms: pool runs of one setting only")
     first = runs[0]
-    swapped = ", each side with the other's sync" if first.get("swap_sync") else ""
+    delay = first.get("kv_wake_delay_ms", 0)
+    delayed = f", the KV cache woken {delay:g} ms later (untimed)" if delay else ""
     print(f"{first['engine']} {first['engine_version']}, {first['shape']}, sleep level {first['level']}, "
-          f"commit {first['commit']}, {len(runs)} calls{swapped}; milliseconds")
+          f"commit {first['commit']}, {len(runs)} calls{delayed}; milliseconds")
     print("| phase | skyrl: median (per call) | own: median (per call) | skyrl / own: medians / paired |")
     print("| --- | --- | --- | --- |")
-    for name in (*PHASES, "cycle"):
-        rows = [next(r for r in run["rows"] if r["phase"] == name) for run in runs]
+    for name in (*PHASES, "cycle", UNTIL_KV_AWAKE):
+        rows = [phase_rows(run, name) for run in runs]
         ours = [t for r in rows for t in r["skyrl"]]
         own = [t for r in rows for t in r["own"]]
         per_call = [(statistics.median(r["skyrl"]) * 1e3, statistics.median(r["own"]) * 1e3) for r in rows]
@@ -200,6 +204,17 @@ def pool(paths: list[str]) -> None:
               f"{statistics.median(own) * 1e3:.1f} ({', '.join(f'{b:.1f}' for _, b in per_call)}) | "
               f"{statistics.median(ours) / statistics.median(own):.3f} / {paired(ours, own):.3f} |")
 
+
+def phase_rows(run: dict[str, Any], name: str) -> dict[str, list[float]]:
+    """One run's times of a phase per side, round by round; ``UNTIL_KV_AWAKE`` is derived: the time
+    from the start of the sleep to the end of the KV cache's wake (the delay excluded), which is what
+    a wake that waits for the sleep to settle keeps constant."""
+    by_phase = {row["phase"]: row for row in run["rows"]}
+    if name != UNTIL_KV_AWAKE:
+        return by_phase[name]
+    upto = PHASES[:PHASES.index("wake_kv_cache") + 1]
+    return {side: [sum(times) for times in zip(*(by_phase[p][side] for p in upto), strict=True)]
+            for side in ("skyrl", "own")}
 
 def main() -> None:
     if sys.argv[1:2] == ["pool"]:
@@ -213,8 +228,8 @@ def main() -> None:
     parser.add_argument("--bucket-bytes", type=int, default=1 << 30)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     parser.add_argument("--json", help="write every timing here")
-    parser.add_argument("--swap-sync", action="store_true",
-                        help="each side syncs the other's way (skyrl's cycle with the engine's own update, and back)")
+    parser.add_argument("--kv-wake-delay-ms", type=float, default=0.0,
+                        help="wait this long (untimed) before the KV cache wakes, on both sides")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_wake_cycle needs a GPU: sleep and wake are GPU memory operations")
@@ -223,7 +238,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "wake_cycle", "engine": args.engine, "engine_version": result["version"],
-                       "shape": args.shape, "level": result["level"], "swap_sync": args.swap_sync,
+                       "shape": args.shape, "level": result["level"], "kv_wake_delay_ms": args.kv_wake_delay_ms,
                        "commit": commit(),
                        "hardware": hardware("gpu"), "torch": torch.__version__,
                        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

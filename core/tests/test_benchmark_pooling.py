@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,16 +80,51 @@ def _wake_cycle_run(tmp_path: Path, name: str, **fields) -> str:
     return str(path)
 
 
-def test_wake_cycles_with_swapped_syncs_are_pooled_apart(tmp_path, capsys):
+def _wake_cycle_module():
     spec = importlib.util.spec_from_file_location("bench_wake_cycle", BENCHMARKS / "bench_wake_cycle.py")
     wake_cycle = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wake_cycle)
-    before = _wake_cycle_run(tmp_path, "before")  # written before the option existed: its own sync
-    unswapped, swapped = (_wake_cycle_run(tmp_path, name, swap_sync=value)
-                          for name, value in (("plain", False), ("swapped", True)))
-    wake_cycle.pool([before, unswapped])
+    return wake_cycle
+
+
+def test_wake_cycles_with_a_kv_wake_delay_are_pooled_apart(tmp_path, capsys):
+    wake_cycle = _wake_cycle_module()
+    before = _wake_cycle_run(tmp_path, "before")  # written before the option existed: no delay
+    plain, delayed = (_wake_cycle_run(tmp_path, name, kv_wake_delay_ms=value)
+                      for name, value in (("plain", 0.0), ("delayed", 60.0)))
+    wake_cycle.pool([before, plain])
     assert "2 calls; milliseconds" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="swap_sync"):
-        wake_cycle.pool([unswapped, swapped])
-    wake_cycle.pool([swapped, swapped])
-    assert "each side with the other's sync" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="kv_wake_delay_ms"):
+        wake_cycle.pool([plain, delayed])
+    wake_cycle.pool([delayed, delayed])
+    assert "the KV cache woken 60 ms later (untimed)" in capsys.readouterr().out
+
+
+def test_the_pooled_wake_cycle_adds_the_time_from_sleep_to_kv_cache_awake(tmp_path, capsys):
+    """The derived row sums, round by round, the phases up to the KV cache's wake (not the first
+    token): the time a wake that waits for the sleep to settle keeps constant."""
+    skyrl = {"sleep": [0.001, 0.002], "wake_weights": [0.010, 0.020], "sync": [0.1, 0.2],
+             "wake_kv_cache": [0.3, 0.4], "first_token": [5.0, 5.0]}
+    rows = [{"phase": p, "skyrl": t, "own": [2 * x for x in t]} for p, t in skyrl.items()]
+    rows.append({"phase": "cycle", "skyrl": [1.0, 1.0], "own": [1.0, 1.0]})
+    path = _wake_cycle_run(tmp_path, "run", rows=rows)
+    _wake_cycle_module().pool([path])
+    # rounds of 411 and 622 ms: their median 516.5; the engine's side twice each
+    assert "| sleep start to KV cache awake | 516.5 (516.5) | 1033.0 (1033.0) | 0.500 / 0.500 |" \
+        in capsys.readouterr().out
+
+
+def test_the_kv_wake_delay_is_waited_before_that_wake_and_not_timed(monkeypatch):
+    wake_cycle = _wake_cycle_module()
+    monkeypatch.setattr(wake_cycle.torch.cuda, "synchronize", lambda: None)  # no GPU work to wait for here
+    started: dict[str, float] = {}
+
+    def phase(name):
+        async def run():
+            started[name] = time.perf_counter()
+        return run
+
+    times = asyncio.run(wake_cycle.run_cycle({name: phase(name) for name in wake_cycle.PHASES}, 0.2))
+    assert started["wake_kv_cache"] - started["sync"] >= 0.2  # the delay comes right before the KV wake
+    assert started["sync"] - started["sleep"] < 0.1 and started["first_token"] - started["wake_kv_cache"] < 0.1
+    assert times["wake_kv_cache"] < 0.1 and times["cycle"] < 0.1  # and is timed in no phase
