@@ -55,7 +55,9 @@
 #                             RL demo's task needs it (make_random_qwen.py --tokenizer-vocab) in /tmp/models
 #   rl-step:ENGINE            examples/rl_demo/benchmarks/bench_step.py (issue 23, P8): the demo's colocated
 #                             step through skyrl vs the same step on ENGINE's own calls, that model, trainer
-#                             on the GPU -> $OUT/ENGINE-rl-step-HHMMSS.json (RL_STEP_ARGS adds options)
+#                             on the GPU -> $OUT/ENGINE-rl-step-HHMMSS.json; RL_STEP_ARGS adds options, and
+#                             when unset is "--lr 5e-6 --entropy-coef 0.1" (that model learns the task with them; at the
+#                             demo's defaults its policy collapses early)
 #   bundle                    every result in $OUT so far (all but logs and earlier bundles) into one
 #                             $OUT/results-HHMMSS.tgz, the files removed: a call of many steps then
 #                             brings all of them back within the device tool's 8 files (make it last)
@@ -76,6 +78,7 @@ ASSETS=$(cd "${ASSETS:-.}" && pwd)
 OUT=${OUT:-$REPO/out/gpu}
 MODEL15=/tmp/models/qwen2.5-1.5b-random
 RL_MODEL=/tmp/models/qwen2.5-1.5b-random-rl
+RL_STEP_LEARNING="--lr 5e-6 --entropy-coef 0.1"  # rl-step's learning settings for that model
 TINY=/tmp/tiny-model
 mkdir -p "$OUT"
 [ -z "${SKYRL_COMMIT:-}" ] && [ -f "$REPO/COMMIT" ] && SKYRL_COMMIT=$(cat "$REPO/COMMIT")
@@ -292,7 +295,7 @@ run_step() {  # STEP[:ENGINE][@SECONDS]
         rl-step) engine_env "$engine" && PYTHONPATH=$PYTHONPATH:$REPO/examples/rl_demo/src bounded "$seconds" \
             python3 scripts/gpu/with_engine_defaults.py examples/rl_demo/benchmarks/bench_step.py \
             --backend "$engine" --model "$RL_MODEL" --trainer-device cuda --engine-option gpu_memory_utilization=0.3 \
-            ${RL_STEP_ARGS:-} --json "$OUT/$engine-rl-step-$(date -u +%H%M%S).json" ;;
+            ${RL_STEP_ARGS-$RL_STEP_LEARNING} --json "$OUT/$engine-rl-step-$(date -u +%H%M%S).json" ;;
         bundle) bundle_results ;;
         *) log "unknown step $name"; return 2 ;;
     esac
