@@ -216,6 +216,7 @@ def phase_rows(run: dict[str, Any], name: str) -> dict[str, list[float]]:
     return {side: [sum(times) for times in zip(*(by_phase[p][side] for p in upto), strict=True)]
             for side in ("skyrl", "own")}
 
+
 def main() -> None:
     if sys.argv[1:2] == ["pool"]:
         pool(sys.argv[2:])
